@@ -1,0 +1,55 @@
+# Loupe's two front doors: `make demo` and `make test`. Both set up everything they need,
+# idempotently: uv (in ~/.cache/loupe/tools), the locked virtual environment (.venv, from uv's
+# cache in ~/.cache/uv), Java and Maven if missing (Debian), and the Kafka jars (~/.cache/loupe).
+
+SHELL := /bin/bash
+UV_VERSION := 0.13.8
+TOOLS := $(HOME)/.cache/loupe/tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loupe-installed
+
+.PHONY: setup demo test lint format kafka-jars java bench clean
+
+setup: $(STAMP) kafka-jars
+
+$(UV):
+	@echo "==> installing uv $(UV_VERSION) into $(TOOLS)"
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	@echo "==> syncing $(VENV) with uv.lock"
+	$(UV) sync --frozen --extra dev
+	@touch $@
+
+java:
+	@if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "==> installing Java and Maven (Debian packages)"; \
+	    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven; \
+	  else \
+	    echo "Java 17+ and Maven are needed for the local Kafka broker; install them (e.g. apt-get install openjdk-17-jre-headless maven)" >&2; exit 1; \
+	  fi; \
+	fi
+
+kafka-jars: $(STAMP) java
+	@$(PY) -c "from consumers.kafka_broker import provision_jars; print('==> Kafka jars in', provision_jars())"
+
+demo: setup
+	$(VENV)/bin/loupe demo
+
+test: setup
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

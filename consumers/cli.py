@@ -1,0 +1,114 @@
+"""The ``loupe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from consumers.errors import LoupeError
+from consumers.settings import Settings
+
+log = logging.getLogger("loupe")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    # kafka-python narrates every connection at INFO; keep its warnings only.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.kafka_broker import LocalKafkaBroker, answers_metadata
+
+    state_dir = args.state_dir or settings.state_dir / "kafka"
+    broker = LocalKafkaBroker(state_dir=state_dir)
+    if args.kafka_command == "start":
+        state = broker.start(port=args.port)
+        print(f"Kafka {state.kafka_version} running (pid {state.pid})")
+        print(f"  bootstrap servers: {state.bootstrap_servers}")
+        print(f"  state directory:   {state.state_dir}")
+        print(f"  broker log:        {broker.log_file}")
+        print(f"  use it:            export LOUPE_BOOTSTRAP_SERVERS={state.bootstrap_servers}")
+        return 0
+    if args.kafka_command == "stop":
+        stopped = broker.stop()
+        print("Kafka stopped" if stopped else f"no Kafka broker running from {state_dir}")
+        return 0
+    state = broker.running_state()
+    if state is None:
+        print(f"Kafka: not running (state directory {state_dir})")
+        return 3
+    healthy = answers_metadata(state.bootstrap_servers)
+    print(f"Kafka {state.kafka_version}: {'running' if healthy else 'NOT ANSWERING'}")
+    print(f"  pid {state.pid}, bootstrap servers {state.bootstrap_servers}")
+    print(f"  state directory {state.state_dir}")
+    return 0 if healthy else 1
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.kafka_broker import LocalKafkaBroker
+
+    broker = LocalKafkaBroker(state_dir=settings.state_dir / "demo" / "kafka")
+    broker.stop()  # a broker left over from an interrupted demo
+    print("==> starting the local Kafka broker")
+    state = broker.start()
+    try:
+        print(f"    Kafka {state.kafka_version} is up on {state.bootstrap_servers}")
+        print(
+            "loupe demo: the jewelry-catalog demo is not built yet (issue 6): the encoder, the\n"
+            "ingest and search consumers and the report are still missing. Stopping the stack.",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        broker.stop()
+        print("==> local Kafka broker stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loupe",
+        description="Loupe: event-driven visual product search (Kafka, fused encoder, Qdrant).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    kafka = commands.add_parser("kafka", help="run a local single-node Kafka broker (KRaft)")
+    kafka.add_argument("kafka_command", choices=["start", "stop", "status"])
+    kafka.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the broker keeps its config, data, log and pid "
+        "(default: $LOUPE_STATE_DIR/kafka, i.e. ~/.local/state/loupe/kafka)",
+    )
+    kafka.add_argument(
+        "--port", type=int, default=None, help="broker port on 127.0.0.1 (default: a free one)"
+    )
+    kafka.set_defaults(handler=_cmd_kafka)
+
+    demo = commands.add_parser("demo", help="the end-to-end demo on the real jewelry catalog")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        settings = Settings()
+        return int(args.handler(args, settings))
+    except LoupeError as exc:
+        print(f"loupe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""A real, single-node Apache Kafka broker (KRaft) on loopback, for laptops, tests and CI.
+
+Nothing ships a Kafka distribution here, so the broker's jars come from Maven Central through
+`deploy/kafka/pom.xml`, once, into a cache outside the clone (``~/.cache/loupe/kafka``). Each
+broker keeps everything it owns (``server.properties``, data, log, pid, ``state.json``) in one
+state directory, so ``loupe kafka stop`` and ``status`` find it again from another process.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from consumers.errors import LoupeError
+
+log = logging.getLogger(__name__)
+
+KAFKA_VERSION = "4.1.2"
+POM_PATH = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "kafka"
+DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "loupe" / "kafka"
+
+
+class BrokerError(LoupeError):
+    """The local Kafka broker could not be provisioned, started, reached or stopped."""
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    """What a running broker left in ``state.json``: enough for another process to find it."""
+
+    pid: int
+    bootstrap_servers: str
+    controller_port: int
+    state_dir: str
+    kafka_version: str
+    started_at: float
+
+
+def _require_tool(name: str, purpose: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise BrokerError(
+            f"`{name}` is not on PATH; it is needed to {purpose}. "
+            "Install a Java 17+ JDK and Maven (Debian: `apt-get install openjdk-17-jdk-headless "
+            "maven`) and try again."
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise jar provisioning between processes (two test sessions, a test and a user)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def provision_jars(cache_dir: Path = DEFAULT_CACHE_DIR, pom: Path = POM_PATH) -> Path:
+    """Return the directory holding the broker's jars, downloading them once if needed."""
+    libs = cache_dir / KAFKA_VERSION / "libs"
+    marker = libs / ".complete"
+    if marker.exists():
+        return libs
+    with _file_lock(cache_dir / f"{KAFKA_VERSION}.lock"):
+        if marker.exists():
+            return libs
+        mvn = _require_tool("mvn", "download Apache Kafka's jars from Maven Central")
+        staging = libs.with_name("libs.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("downloading Apache Kafka %s jars into %s (once)", KAFKA_VERSION, libs)
+        started = time.monotonic()
+        result = subprocess.run(
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={staging}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            tail = (result.stdout + result.stderr)[-2000:]
+            raise BrokerError(
+                f"Maven could not fetch Kafka's jars (exit {result.returncode}); is Maven Central "
+                f"reachable? Last output:\n{tail}"
+            )
+        shutil.rmtree(libs, ignore_errors=True)
+        staging.rename(libs)
+        marker.touch()
+        log.info("Kafka jars ready in %.1f s", time.monotonic() - started)
+    return libs
+
+
+def free_loopback_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise BrokerError(
+                f"port {port} on 127.0.0.1 is already in use ({exc.strerror}); stop whatever "
+                "listens there (`ss -ltnp 'sport = :{port}'`) or choose another port with --port"
+            ) from exc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+_LOG4J2_PROPERTIES = """\
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log_file}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.file.ref = file
+logger.server.name = kafka.server.KafkaRaftServer
+logger.server.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+def _server_properties(data_dir: Path, broker_port: int, controller_port: int) -> str:
+    # Single node, both roles, replication 1: a development broker, not a production one.
+    return f"""\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{broker_port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={data_dir}
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+log.retention.hours=24
+"""
+
+
+class LocalKafkaBroker:
+    """One broker process and the state directory it lives in.
+
+    ``start()`` provisions jars, writes the configuration, formats storage, launches the broker
+    in its own session (so it outlives the ``loupe kafka start`` command) and waits until it
+    answers a metadata request. ``stop()`` sends SIGTERM and kills only if it will not exit.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path = DEFAULT_STATE_DIR,
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+        heap: str = "512m",
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.cache_dir = Path(cache_dir)
+        self.heap = heap
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "broker.log"
+
+    def read_state(self) -> BrokerState | None:
+        try:
+            return BrokerState(**json.loads(self.state_file.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            raise BrokerError(f"{self.state_file} is corrupt ({exc}); delete it") from exc
+
+    def running_state(self) -> BrokerState | None:
+        """The state of a broker whose process is alive, or None."""
+        state = self.read_state()
+        if state is not None and _pid_alive(state.pid):
+            return state
+        return None
+
+    def start(self, port: int | None = None, timeout_s: float = 90.0) -> BrokerState:
+        existing = self.running_state()
+        if existing is not None:
+            raise BrokerError(
+                f"a broker from {self.state_dir} is already running (pid {existing.pid}, "
+                f"{existing.bootstrap_servers}); `loupe kafka stop` it first"
+            )
+        java = _require_tool("java", "run the Kafka broker")
+        libs = provision_jars(self.cache_dir)
+        if port is not None:
+            _check_port_free(port)
+        broker_port = port or free_loopback_port()
+        controller_port = free_loopback_port()
+
+        # A fresh data directory every start: this broker is for development and tests.
+        data_dir = self.state_dir / "data"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        properties = self.state_dir / "server.properties"
+        properties.write_text(_server_properties(data_dir, broker_port, controller_port))
+        log4j = self.state_dir / "log4j2.properties"
+        log4j.write_text(_LOG4J2_PROPERTIES.format(log_file=self.log_file))
+
+        classpath = f"{libs}/*"
+        jvm = [java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC"]
+        jvm += ["-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}"]
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        format_args = ["format", "-t", cluster_id, "-c", str(properties)]
+        fmt = subprocess.run(
+            [*jvm, "-cp", classpath, "kafka.tools.StorageTool", *format_args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if fmt.returncode != 0:
+            raise BrokerError(
+                f"formatting Kafka storage failed:\n{(fmt.stdout + fmt.stderr)[-2000:]}"
+            )
+
+        started_at = time.time()
+        with self.log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                [*jvm, "-cp", classpath, "kafka.Kafka", str(properties)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        state = BrokerState(
+            pid=proc.pid,
+            bootstrap_servers=f"127.0.0.1:{broker_port}",
+            controller_port=controller_port,
+            state_dir=str(self.state_dir),
+            kafka_version=KAFKA_VERSION,
+            started_at=started_at,
+        )
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+        try:
+            self._wait_ready(state, proc, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "Kafka %s ready on %s in %.1f s (pid %d, state in %s)",
+            KAFKA_VERSION,
+            state.bootstrap_servers,
+            time.time() - started_at,
+            proc.pid,
+            self.state_dir,
+        )
+        return state
+
+    def _wait_ready(self, state: BrokerState, proc: subprocess.Popen, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.1
+        while True:
+            if proc.poll() is not None:
+                raise BrokerError(
+                    f"the broker exited with status {proc.returncode} during start-up; "
+                    f"last lines of {self.log_file}:\n{self._log_tail()}"
+                )
+            if answers_metadata(state.bootstrap_servers):
+                return
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"the broker did not answer on {state.bootstrap_servers} within {timeout_s:.0f}"
+                    f" s; last lines of {self.log_file}:\n{self._log_tail()}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no log written)"
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the broker; True if one was running. SIGTERM first, SIGKILL only on timeout."""
+        state = self.read_state()
+        if state is None or not _pid_alive(state.pid):
+            self.state_file.unlink(missing_ok=True)
+            return False
+        os.kill(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _pid_alive(state.pid):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "broker pid %d ignored SIGTERM for %.0f s; killing", state.pid, timeout_s
+                )
+                os.kill(state.pid, signal.SIGKILL)
+                while _pid_alive(state.pid):
+                    time.sleep(0.05)
+                break
+            time.sleep(0.1)
+        self.state_file.unlink(missing_ok=True)
+        return True
+
+
+def answers_metadata(bootstrap_servers: str, timeout_s: float = 2.0) -> bool:
+    """True if a broker at ``bootstrap_servers`` answers a metadata request now."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaConfigurationError, KafkaError
+
+    host, _, port = bootstrap_servers.split(",")[0].rpartition(":")
+    try:
+        # A plain TCP connect first: cheap, and kafka-python logs refused connections as errors.
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError:
+        return False
+    timeout_ms = int(timeout_s * 1000)
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers,
+            request_timeout_ms=timeout_ms,
+            bootstrap_timeout_ms=timeout_ms,
+            client_id="loupe-probe",
+        )
+    except KafkaConfigurationError:
+        raise  # a bug in this probe, not "broker not up yet"
+    except (KafkaError, OSError):
+        return False
+    try:
+        admin.describe_cluster()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        admin.close()

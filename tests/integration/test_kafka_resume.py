@@ -1,0 +1,98 @@
+"""Proof that the broker is real: keyed idempotent produce, grouped consume, exact resume."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = 1000
+PARTITIONS = 4
+
+
+def _consumer(bootstrap_servers: str, topic: str, group_id: str) -> KafkaConsumer:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=37,  # odd on purpose: batches straddle the commit points
+    )
+    consumer.subscribe([topic])
+    return consumer
+
+
+def test_group_resumes_exactly_after_committed_offsets(bootstrap_servers, make_topic, group_id):
+    topic = make_topic("resume", partitions=PARTITIONS)
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+    assert producer.config["enable_idempotence"], "kafka-python 3 should default to idempotence"
+    futures = [
+        producer.send(topic, key=f"product-{i % 97}".encode(), value=str(i).encode())
+        for i in range(MESSAGES)
+    ]
+    producer.flush()
+    written = {}
+    for i, future in enumerate(futures):
+        meta = future.get(timeout=30)
+        written[(meta.partition, meta.offset)] = i
+    producer.close()
+    assert len(written) == MESSAGES
+    assert len({p for p, _ in written}) == PARTITIONS, "keys should spread over all partitions"
+
+    # First consumer: processes some messages, commits only what it processed (not the whole
+    # fetched batch), then goes away midway.
+    first = _consumer(bootstrap_servers, topic, group_id)
+    processed: dict[tuple[int, int], int] = {}
+    committed: dict[int, int] = {}
+    deadline = time.monotonic() + 60
+    while len(processed) < MESSAGES // 2:
+        assert time.monotonic() < deadline, "first consumer made no progress"
+        for tp, records in first.poll(timeout_ms=1000).items():
+            # Process only the first two thirds of each batch; the rest is fetched, not done.
+            done = records[: max(1, 2 * len(records) // 3)]
+            for record in done:
+                processed[(tp.partition, record.offset)] = int(record.value)
+            next_offset = done[-1].offset + 1
+            first.commit({tp: OffsetAndMetadata(next_offset, "", -1)})
+            committed[tp.partition] = next_offset
+            # Rewind to the first unprocessed message, as a consumer that abandons work must.
+            first.seek(tp, next_offset)
+    first.close(autocommit=False)
+
+    # A new consumer in the same group starts exactly at the committed offsets.
+    second = _consumer(bootstrap_servers, topic, group_id)
+    resumed: dict[tuple[int, int], int] = {}
+    first_seen: dict[int, int] = {}
+    deadline = time.monotonic() + 60
+    while len(processed) + len(resumed) < MESSAGES:
+        assert time.monotonic() < deadline, f"stuck at {len(processed) + len(resumed)} messages"
+        for tp, records in second.poll(timeout_ms=1000).items():
+            for record in records:
+                first_seen.setdefault(tp.partition, record.offset)
+                resumed[(tp.partition, record.offset)] = int(record.value)
+        second.commit()
+    for partition in range(PARTITIONS):
+        assert (
+            second.committed(TopicPartition(topic, partition))
+            == max(o for p, o in written if p == partition) + 1
+        )
+    second.close()
+
+    # Exactly where the first left off, per partition: no gap, nothing seen twice.
+    for partition, offset in committed.items():
+        assert first_seen.get(partition, offset) == offset, (
+            f"partition {partition}: resumed at {first_seen.get(partition)}, committed {offset}"
+        )
+    assert not processed.keys() & resumed.keys(), "a message was delivered again past a commit"
+    assert processed | resumed == written, "some message was lost or altered"
+    per_partition = defaultdict(list)
+    for p, o in sorted(resumed):
+        per_partition[p].append(o)
+    for offsets in per_partition.values():
+        assert offsets == list(range(offsets[0], offsets[0] + len(offsets))), "a gap in a partition"
