@@ -50,6 +50,21 @@ def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if healthy else 1
 
 
+def _cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas import export
+
+    if args.check:
+        stale = export.drifted()
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run `loupe schemas export`", file=sys.stderr)
+            return 1
+        print(f"JSON Schemas in {export.JSON_DIR} match the models")
+        return 0
+    for path in export.export():
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.kafka_broker import LocalKafkaBroker
 
@@ -91,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=None, help="broker port on 127.0.0.1 (default: a free one)"
     )
     kafka.set_defaults(handler=_cmd_kafka)
+
+    schemas = commands.add_parser("schemas", help="the event contracts' JSON Schemas")
+    schemas.add_argument("schemas_command", choices=["export"])
+    schemas.add_argument(
+        "--check", action="store_true", help="only check that the committed files are current"
+    )
+    schemas.set_defaults(handler=_cmd_schemas)
 
     demo = commands.add_parser("demo", help="the end-to-end demo on the real jewelry catalog")
     demo.set_defaults(handler=_cmd_demo)
