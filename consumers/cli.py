@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from consumers import embed_cli
 from consumers.errors import LoupeError
 from consumers.settings import Settings
 
@@ -20,6 +21,10 @@ def _configure_logging(verbose: bool) -> None:
     )
     # kafka-python narrates every connection at INFO; keep its warnings only.
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # transformers draws a progress bar for every weight load; the CLI says what it loads.
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="only check that the committed files are current"
     )
     schemas.set_defaults(handler=_cmd_schemas)
+
+    embed_cli.add_parser(commands)
 
     demo = commands.add_parser("demo", help="the end-to-end demo on the real jewelry catalog")
     demo.set_defaults(handler=_cmd_demo)

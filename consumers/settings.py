@@ -7,10 +7,13 @@ passes what each part needs through constructors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from encoders.fused import ModelProfile
 
 
 def _default_state_dir() -> Path:
@@ -42,6 +45,22 @@ class Settings(BaseSettings):
     deadletter_topic: str = "loupe.deadletter.v1"
     group_id: str = "loupe"
 
+    # The model (encoders/). Defaults are the offline profile from DESIGN.md.
+    image_backbone: str = "efficientnet-lite0"
+    text_backbone: str = "all-minilm-l6-v2"
+    image_weights: str | None = None  # a file, or "random"; None: the backbone's own source
+    text_weights: str | None = None
+    fusion_checkpoint: Path | None = None
+    image_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    image_fit: Literal["pad", "center_crop", "squash"] = "pad"
+    max_text_tokens: int = Field(default=128, ge=8, le=512)
+    device: str = "auto"
+    encode_batch_size: int = Field(default=32, ge=1, le=1024)
+    decode_workers: int = Field(default=2, ge=1, le=64)
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=64 * 64)
+    allow_model_download: bool = False  # never fetch weights at run time unless asked
+
     def kafka_client_config(self) -> dict[str, Any]:
         """Connection and security options shared by every kafka-python client."""
         config: dict[str, Any] = {
@@ -58,6 +77,26 @@ class Settings(BaseSettings):
             if value is not None:
                 config[name] = str(value)
         return config
+
+    def model_profile(self) -> ModelProfile:
+        from encoders.fused import ModelProfile
+
+        return ModelProfile(
+            image_backbone=self.image_backbone,
+            text_backbone=self.text_backbone,
+            image_weights=self.image_weights,
+            text_weights=self.text_weights,
+            fusion_checkpoint=self.fusion_checkpoint,
+            image_weight=self.image_weight,
+            fit=self.image_fit,
+            max_text_tokens=self.max_text_tokens,
+            device=self.device,
+            batch_size=self.encode_batch_size,
+            decode_workers=self.decode_workers,
+            max_image_bytes=self.max_image_bytes,
+            max_image_pixels=self.max_image_pixels,
+            allow_download=self.allow_model_download,
+        )
 
     def describe(self) -> dict[str, Any]:
         """The effective settings for the start-up log; SecretStr fields print masked."""

@@ -41,6 +41,8 @@ class ModelProfile:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     batch_size: int = 32
     decode_workers: int = 2  # threads decoding images (Pillow releases the GIL)
+    max_image_bytes: int = DecodeLimits.max_image_bytes
+    max_image_pixels: int = DecodeLimits.max_image_pixels
     allow_download: bool = False  # never on by default: no model hub at run time
 
 
@@ -153,6 +155,7 @@ class FusedEncoder:
             fusion,
             device=pick_device(profile.device),
             fit=profile.fit,
+            limits=DecodeLimits(profile.max_image_bytes, profile.max_image_pixels),
             batch_size=profile.batch_size,
             decode_workers=profile.decode_workers,
         )

@@ -68,10 +68,14 @@ class AttentionFusion(nn.Module):
         d = config.token_dim
         self.head_dim = d // config.n_heads
         self.position = nn.Parameter(torch.zeros(config.n_tokens, d))  # which group a token is
-        self.w_q = nn.Linear(d, d, bias=False)
-        self.w_k = nn.Linear(d, d, bias=False)
-        self.w_v = nn.Linear(d, d, bias=False)
-        self.w_o = nn.Linear(d, d, bias=False)
+        # A fixed seed: the untrained module must hash the same on every start, or the model
+        # version (and with it the index collection) would change on each restart.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.w_q = nn.Linear(d, d, bias=False)
+            self.w_k = nn.Linear(d, d, bias=False)
+            self.w_v = nn.Linear(d, d, bias=False)
+            self.w_o = nn.Linear(d, d, bias=False)
         nn.init.zeros_(self.w_o.weight)  # identity at initialisation
 
     def concat(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,12 @@ def decode_image(
             ErrorCode.IMAGE_INVALID,
             f"not a JPEG, PNG or WebP image (starts with {data[:8]!r})",
         ) from None
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, far above ours
+        raise ImageRejected(
+            ErrorCode.IMAGE_TOO_LARGE, f"decompression bomb refused ({exc})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected(ErrorCode.IMAGE_INVALID, f"unreadable image header ({exc})") from None
     if media_type is not None:
         expected = FORMAT_OF_MEDIA_TYPE.get(media_type)
         if expected != image.format:
