@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     image_fit: Literal["pad", "center_crop", "squash"] = "pad"
     max_text_tokens: int = Field(default=128, ge=8, le=512)
     device: str = "auto"
-    encode_batch_size: int = Field(default=32, ge=1, le=1024)
+    encode_batch_size: int | None = Field(default=None, ge=1, le=1024)  # None: by device
     decode_workers: int = Field(default=2, ge=1, le=64)
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=64 * 64)

@@ -39,7 +39,9 @@ class ModelProfile:
     fit: Fit = "pad"  # how a photo becomes a square; see bench/preprocess.py
     max_text_tokens: int = MAX_TEXT_TOKENS
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    batch_size: int = 32
+    batch_size: int | None = (
+        None  # None: 16 on a CPU (cache-bound, see bench/encode.py), 128 on a GPU
+    )
     decode_workers: int = 2  # threads decoding images (Pillow releases the GIL)
     max_image_bytes: int = DecodeLimits.max_image_bytes
     max_image_pixels: int = DecodeLimits.max_image_pixels
@@ -149,14 +151,16 @@ class FusedEncoder:
             fusion = AttentionFusion(
                 FusionConfig(image.dim, text.dim, image_weight=profile.image_weight)
             )
+        device = pick_device(profile.device)
+        batch_size = profile.batch_size or (128 if device.type == "cuda" else 16)
         return cls(
             image,
             text,
             fusion,
-            device=pick_device(profile.device),
+            device=device,
             fit=profile.fit,
             limits=DecodeLimits(profile.max_image_bytes, profile.max_image_pixels),
-            batch_size=profile.batch_size,
+            batch_size=batch_size,
             decode_workers=profile.decode_workers,
         )
 
