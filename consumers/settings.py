@@ -45,6 +45,30 @@ class Settings(BaseSettings):
     deadletter_topic: str = "loupe.deadletter.v1"
     group_id: str = "loupe"
 
+    # Consuming.
+    max_poll_records: int = Field(default=64, ge=1, le=10_000)
+    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+    poll_timeout_ms: int = Field(default=500, ge=10)
+
+    # The index: embedded Qdrant under state_dir unless a server URL is given.
+    index_path: Path | None = None
+    index_url: str | None = None
+    index_api_key: SecretStr | None = None
+    index_prefix: str = "loupe"
+
+    # Metrics and health endpoint.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+
+    # Fetching image URLs: where Loupe may connect, and how much it may cost.
+    fetch_connect_timeout_s: float = Field(default=3.0, gt=0)
+    fetch_read_timeout_s: float = Field(default=5.0, gt=0)
+    fetch_total_timeout_s: float = Field(default=10.0, gt=0)
+    fetch_max_redirects: int = Field(default=3, ge=0, le=10)
+    fetch_allow_loopback: bool = False  # local demos and tests only
+    fetch_allow_private: bool = False
+    fetch_workers: int = Field(default=8, ge=1, le=64)
+
     # The model (encoders/). Defaults are the offline profile from DESIGN.md.
     image_backbone: str = "efficientnet-lite0"
     text_backbone: str = "all-minilm-l6-v2"
@@ -97,6 +121,24 @@ class Settings(BaseSettings):
             max_image_pixels=self.max_image_pixels,
             allow_download=self.allow_model_download,
         )
+
+    def fetch_policy(self):
+        from consumers.image_fetch import FetchPolicy
+
+        return FetchPolicy(
+            connect_timeout_s=self.fetch_connect_timeout_s,
+            read_timeout_s=self.fetch_read_timeout_s,
+            total_timeout_s=self.fetch_total_timeout_s,
+            max_image_bytes=self.max_image_bytes,
+            max_redirects=self.fetch_max_redirects,
+            allow_loopback=self.fetch_allow_loopback,
+            allow_private=self.fetch_allow_private,
+        )
+
+    def resolved_index_path(self) -> Path | None:
+        if self.index_url:
+            return None
+        return self.index_path or self.state_dir / "index"
 
     def describe(self) -> dict[str, Any]:
         """The effective settings for the start-up log; SecretStr fields print masked."""

@@ -1,0 +1,302 @@
+"""The vector index: Qdrant, embedded (``path=``) or a server (``url=``), behind a small interface.
+
+One collection per model version (vectors from different models are not comparable), with the
+named vectors ``image``, ``text`` and ``fused`` (cosine), and an alias ``<prefix>`` pointing at
+the live collection so a re-index can switch atomically. Point ids derive from
+(merchant_id, product_id), so a replayed event rewrites the same point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from consumers.errors import IndexUnavailable
+from schemas.search import SearchFilters
+
+log = logging.getLogger(__name__)
+
+POINT_NAMESPACE = uuid.UUID("5b1f3c52-4c1e-4f57-9d0f-6c6f75706531")  # Loupe's own namespace
+VIEWS = ("image", "text", "fused")
+FILTER_KEYWORDS = ("merchant_id", "category", "subcategory", "material", "currency")
+
+
+def point_id(merchant_id: str, product_id: str) -> str:
+    """Deterministic and unambiguous (a JSON pair, so "a/b"+"c" differs from "a"+"b/c")."""
+    return str(uuid.uuid5(POINT_NAMESPACE, json.dumps([merchant_id, product_id])))
+
+
+@dataclass(frozen=True)
+class IndexPoint:
+    merchant_id: str
+    product_id: str
+    vectors: Mapping[str, np.ndarray]
+    payload: Mapping[str, Any]
+    version: int | None = None
+
+    @property
+    def id(self) -> str:
+        return point_id(self.merchant_id, self.product_id)
+
+
+@dataclass(frozen=True)
+class IndexHit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class VectorIndex(Protocol):
+    """What the consumers need from an index; a second backend implements just this."""
+
+    def ensure_collection(self, dims: Mapping[str, int]) -> None: ...
+    def stored_versions(self, ids: Sequence[str]) -> dict[str, int | None]: ...
+    def upsert(self, points: Sequence[IndexPoint]) -> None: ...
+    def delete(self, ids: Sequence[str]) -> None: ...
+    def search(
+        self,
+        view: str,
+        vector: np.ndarray,
+        *,
+        top_k: int,
+        merchant_id: str | None,
+        filters: SearchFilters,
+        with_vectors: Sequence[str] = (),
+    ) -> list[IndexHit]: ...
+    def count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def collection_name(prefix: str, model_version: str) -> str:
+    name = f"{prefix}__{model_version}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:255]
+
+
+class QdrantIndex:
+    """``VectorIndex`` over qdrant-client. Every write waits until Qdrant has applied it."""
+
+    def __init__(
+        self,
+        *,
+        model_version: str,
+        path: str | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        prefix: str = "loupe",
+        timeout_s: int = 10,
+    ) -> None:
+        from qdrant_client import QdrantClient
+
+        if (path is None) == (url is None):
+            raise ValueError("give exactly one of path (embedded Qdrant) or url (a server)")
+        self.embedded = path is not None
+        self.alias = prefix
+        self.collection = collection_name(prefix, model_version)
+        self.model_version = model_version
+        try:
+            if path is not None:
+                self.client = QdrantClient(path=path)
+            else:
+                self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout_s)
+        except (RuntimeError, OSError, ValueError) as exc:  # e.g. a path locked by another process
+            raise IndexUnavailable(f"cannot open Qdrant at {path or url}: {exc}") from exc
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        """Run one client call; any failure to reach or use Qdrant is IndexUnavailable (retry)."""
+        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+        try:
+            return fn(*args, **kwargs)
+        except UnexpectedResponse as exc:
+            if exc.status_code is not None and 400 <= exc.status_code < 500:
+                raise  # our request is wrong: a bug, not an outage
+            raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
+        except (ResponseHandlingException, ConnectionError, TimeoutError, OSError) as exc:
+            raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
+        except RuntimeError as exc:  # the embedded client raises this once closed
+            raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
+
+    def ensure_collection(self, dims: Mapping[str, int]) -> None:
+        from qdrant_client import models
+
+        if not self._call("collection_exists", self.client.collection_exists, self.collection):
+            log.info("creating collection %s (%s)", self.collection, dict(dims))
+            self._call(
+                "create_collection",
+                self.client.create_collection,
+                self.collection,
+                vectors_config={
+                    view: models.VectorParams(size=int(dims[view]), distance=models.Distance.COSINE)
+                    for view in VIEWS
+                },
+            )
+            if not self.embedded:  # embedded Qdrant ignores payload indexes (and warns)
+                for key in FILTER_KEYWORDS:
+                    self._call(
+                        "create_payload_index",
+                        self.client.create_payload_index,
+                        self.collection,
+                        key,
+                        models.PayloadSchemaType.KEYWORD,
+                    )
+                self._call(
+                    "create_payload_index",
+                    self.client.create_payload_index,
+                    self.collection,
+                    "price",
+                    models.PayloadSchemaType.FLOAT,
+                )
+        aliases = self._call("get_aliases", self.client.get_aliases).aliases
+        live = {a.alias_name: a.collection_name for a in aliases}.get(self.alias)
+        if live != self.collection:
+            log.info("alias %s -> %s (was %s)", self.alias, self.collection, live)
+            operations = []
+            if live is not None:
+                operations.append(
+                    models.DeleteAliasOperation(
+                        delete_alias=models.DeleteAlias(alias_name=self.alias)
+                    )
+                )
+            operations.append(
+                models.CreateAliasOperation(
+                    create_alias=models.CreateAlias(
+                        collection_name=self.collection, alias_name=self.alias
+                    )
+                )
+            )
+            self._call(
+                "update_collection_aliases",
+                self.client.update_collection_aliases,
+                change_aliases_operations=operations,
+            )
+
+    def stored_versions(self, ids: Sequence[str]) -> dict[str, int | None]:
+        if not ids:
+            return {}
+        records = self._call(
+            "retrieve",
+            self.client.retrieve,
+            self.collection,
+            ids=list(ids),
+            with_payload=["version"],
+            with_vectors=False,
+        )
+        return {str(r.id): (r.payload or {}).get("version") for r in records}
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        from qdrant_client import models
+
+        if not points:
+            return
+        structs = [
+            models.PointStruct(
+                id=p.id,
+                vector={view: vec.astype(np.float32).tolist() for view, vec in p.vectors.items()},
+                payload=dict(p.payload),
+            )
+            for p in points
+        ]
+        self._call("upsert", self.client.upsert, self.collection, points=structs, wait=True)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        from qdrant_client import models
+
+        if not ids:
+            return
+        self._call(
+            "delete",
+            self.client.delete,
+            self.collection,
+            points_selector=models.PointIdsList(points=list(ids)),
+            wait=True,
+        )
+
+    def search(
+        self,
+        view: str,
+        vector: np.ndarray,
+        *,
+        top_k: int,
+        merchant_id: str | None,
+        filters: SearchFilters,
+        with_vectors: Sequence[str] = (),
+    ) -> list[IndexHit]:
+        if view not in VIEWS:
+            raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+        response = self._call(
+            "query_points",
+            self.client.query_points,
+            self.collection,
+            query=vector.astype(np.float32).tolist(),
+            using=view,
+            query_filter=build_filter(merchant_id, filters),
+            limit=top_k,
+            with_payload=True,
+            with_vectors=list(with_vectors) or False,
+        )
+        hits = []
+        for point in response.points:
+            stored = point.vector if isinstance(point.vector, dict) else {}
+            hits.append(
+                IndexHit(
+                    id=str(point.id),
+                    score=float(point.score),
+                    payload=dict(point.payload or {}),
+                    vectors={k: np.asarray(v, dtype=np.float32) for k, v in stored.items()},
+                )
+            )
+        return hits
+
+    def count(self) -> int:
+        return int(self._call("count", self.client.count, self.collection, exact=True).count)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def build_filter(merchant_id: str | None, filters: SearchFilters):
+    """Merchant scope and the request's filters as one Qdrant filter (None when empty)."""
+    from qdrant_client import models
+
+    must: list[Any] = []
+    if merchant_id is not None:
+        must.append(
+            models.FieldCondition(key="merchant_id", match=models.MatchValue(value=merchant_id))
+        )
+    for key in ("category", "subcategory", "material"):
+        values = getattr(filters, key)
+        if values:
+            must.append(
+                models.FieldCondition(
+                    key=key, match=models.MatchAny(any=[v.lower() for v in values])
+                )
+            )
+    if filters.price_min is not None or filters.price_max is not None:
+        must.append(
+            models.FieldCondition(
+                key="price", range=models.Range(gte=filters.price_min, lte=filters.price_max)
+            )
+        )
+    if filters.currency is not None:
+        must.append(
+            models.FieldCondition(key="currency", match=models.MatchValue(value=filters.currency))
+        )
+    for key, value in filters.attributes.items():
+        if isinstance(value, bool | str) or float(value).is_integer():
+            match = models.MatchValue(value=value if not isinstance(value, float) else int(value))
+            must.append(models.FieldCondition(key=f"attributes.{key}", match=match))
+        else:
+            must.append(
+                models.FieldCondition(
+                    key=f"attributes.{key}", range=models.Range(gte=value, lte=value)
+                )
+            )
+    return models.Filter(must=must) if must else None

@@ -1,0 +1,301 @@
+"""The ingest consumer: product events in, points in the index, offsets committed after.
+
+Per batch: parse, fetch or decode photos concurrently, encode on the model's device, drop events
+older than what is indexed, upsert and delete (waiting until Qdrant applied them), dead-letter
+what cannot be processed (waiting for the broker's acknowledgement), then commit. A transient
+failure (index or broker) is retried with capped backoff while the consumer stays in its group;
+on shutdown mid-retry the batch is abandoned uncommitted and replays idempotently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from consumers.errors import ImageFetchError, IndexUnavailable
+from consumers.image_fetch import ImageFetcher
+from consumers.index import IndexPoint, VectorIndex, point_id
+from consumers.kafka_io import (
+    TRANSIENT_KAFKA,
+    Abandoned,
+    Backoff,
+    Publisher,
+    commit_batch,
+    rewind,
+    update_lag,
+)
+from consumers.metrics import LoupeMetrics
+from encoders.fused import EncodeInput, FusedEncoder, compose_product_text
+from schemas.errors import InvalidEvent
+from schemas.products import ProductDeleted, ProductUpserted, parse_product_event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    record: Any
+    event: ProductUpserted | ProductDeleted
+    image: bytes | None = None
+    media_type: str | None = None
+
+
+class Indexer:
+    """Wires one Kafka consumer, a publisher, the index, the encoder and the image fetcher."""
+
+    def __init__(
+        self,
+        *,
+        consumer: KafkaConsumer,
+        publisher: Publisher,
+        index: VectorIndex,
+        encoder: FusedEncoder,
+        fetcher: ImageFetcher,
+        metrics: LoupeMetrics,
+        topic: str,
+        encode_lock: Callable[[], Any] | None = None,
+        poll_timeout_ms: int = 500,
+        fetch_workers: int = 8,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.publisher = publisher
+        self.index = index
+        self.encoder = encoder
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.topic = topic
+        self.encode_lock = encode_lock
+        self.poll_timeout_ms = poll_timeout_ms
+        self.backoff = backoff or Backoff()
+        self.stop_event = threading.Event()
+        self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
+        self._committed: dict[TopicPartition, int] = {}
+
+    def run(self) -> None:
+        log.info("ingest consumer running on %s", self.topic)
+        while not self.stop_event.is_set():
+            self.process_once()
+        self.close()
+
+    def close(self) -> None:
+        self._fetch_pool.shutdown(wait=True)
+        self.consumer.close(autocommit=False)
+
+    def process_once(self) -> int:
+        """Poll one batch and process it fully; returns how many records it committed."""
+        polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+        records = [r for batch in polled.values() for r in batch]
+        if not records:
+            update_lag(self.consumer, self.metrics)
+            return 0
+        self.metrics.batch_size.labels(role="ingest").observe(len(records))
+        try:
+            self._process(records)
+        except Abandoned as exc:
+            log.warning("batch of %d abandoned, not committed: %s", len(records), exc)
+            rewind(self.consumer, records)
+            return 0
+        with self.metrics.timer("commit"):
+            self._retry(
+                "commit",
+                lambda: commit_batch(self.consumer, records, self._committed),
+                TRANSIENT_KAFKA,
+            )
+        update_lag(self.consumer, self.metrics)
+        self.metrics.index_points.set(self._retry("count", self.index.count, (IndexUnavailable,)))
+        return len(records)
+
+    # --- stages ---------------------------------------------------------------------------
+
+    def _process(self, records: list[Any]) -> None:
+        latest: dict[str, _Pending] = {}
+        with self.metrics.timer("parse"):
+            for record in records:
+                try:
+                    event = parse_product_event(record.value)
+                except InvalidEvent as exc:
+                    self._dead_letter(record, exc.code, str(exc), "parse")
+                    continue
+                key = point_id(event.merchant_id, event.product_id)
+                previous = latest.get(key)
+                if previous is not None and _newer(previous.event, event):
+                    self._count("stale")
+                    continue
+                if previous is not None:
+                    self._count("stale")  # superseded within the batch: the later event wins
+                latest[key] = _Pending(record, event)
+        upserts = [p for p in latest.values() if isinstance(p.event, ProductUpserted)]
+        deletes = [p for p in latest.values() if isinstance(p.event, ProductDeleted)]
+        upserts = self._fetch_images(upserts)
+        points = self._encode(upserts)
+        self._write(points, deletes)
+        with self.metrics.timer("publish"):
+            self._retry("dead-letter publish", self.publisher.flush, TRANSIENT_KAFKA)
+
+    def _fetch_images(self, pending: list[_Pending]) -> list[_Pending]:
+        def load(item: _Pending) -> _Pending | ImageFetchError:
+            image = item.event.image
+            if image.data is not None:
+                item.image, item.media_type = image.decoded(), image.media_type
+                return item
+            try:
+                item.image, item.media_type = self.fetcher.fetch(image.url or "")
+            except ImageFetchError as exc:
+                return exc
+            return item
+
+        ready = []
+        with self.metrics.timer("fetch"):
+            for item, result in zip(pending, self._fetch_pool.map(load, pending), strict=True):
+                if isinstance(result, ImageFetchError):
+                    self._dead_letter(item.record, result.code, str(result), "fetch")
+                else:
+                    ready.append(item)
+        return ready
+
+    def _encode(self, pending: list[_Pending]) -> list[tuple[_Pending, IndexPoint]]:
+        if not pending:
+            return []
+        inputs = [
+            EncodeInput(
+                image=p.image,
+                media_type=p.media_type,
+                text=compose_product_text(p.event.title, p.event.attributes, p.event.description),
+            )
+            for p in pending
+        ]
+        with self.metrics.timer("encode"):
+            if self.encode_lock is not None:
+                with self.encode_lock():
+                    results = self.encoder.encode_products(inputs)
+            else:
+                results = self.encoder.encode_products(inputs)
+        points = []
+        now = datetime.now(UTC).isoformat()
+        for item, result in zip(pending, results, strict=True):
+            if not result.ok:
+                self._dead_letter(item.record, result.error.code, str(result.error), "decode")
+                continue
+            event = item.event
+            points.append(
+                (
+                    item,
+                    IndexPoint(
+                        merchant_id=event.merchant_id,
+                        product_id=event.product_id,
+                        vectors=result.vectors,
+                        version=event.version,
+                        payload=_payload(event, self.encoder.model_version, now),
+                    ),
+                )
+            )
+        return points
+
+    def _write(self, points: list[tuple[_Pending, IndexPoint]], deletes: list[_Pending]) -> None:
+        ids = [p.id for _, p in points] + [
+            point_id(d.event.merchant_id, d.event.product_id) for d in deletes
+        ]
+        if not ids:
+            return
+        with self.metrics.timer("index_write"):
+            stored = self._retry(
+                "read versions", lambda: self.index.stored_versions(ids), (IndexUnavailable,)
+            )
+            fresh = []
+            for item, point in points:
+                if _older_than_stored(point.version, stored.get(point.id)):
+                    self._count("stale")
+                else:
+                    fresh.append((item, point))
+            to_delete = []
+            for item in deletes:
+                pid = point_id(item.event.merchant_id, item.event.product_id)
+                if _older_than_stored(item.event.version, stored.get(pid)):
+                    self._count("stale")
+                else:
+                    to_delete.append(pid)
+            self._retry(
+                "upsert", lambda: self.index.upsert([p for _, p in fresh]), (IndexUnavailable,)
+            )
+            self._retry("delete", lambda: self.index.delete(to_delete), (IndexUnavailable,))
+        for _ in fresh:
+            self._count("indexed")
+        for _ in to_delete:
+            self._count("deleted")
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _retry(self, what: str, fn, transient):
+        stage = "index_write" if transient == (IndexUnavailable,) else "publish"
+        return self.backoff.retry(
+            what,
+            fn,
+            transient,
+            should_stop=self.stop_event.is_set,
+            keep_alive=self._keep_alive,
+            on_retry=lambda: self.metrics.retries.labels(stage=stage).inc(),
+        )
+
+    def _keep_alive(self) -> None:
+        """Poll with every partition paused: heartbeats and max_poll_interval stay satisfied."""
+        assigned = self.consumer.assignment()
+        self.consumer.pause(*assigned)
+        try:
+            extra = self.consumer.poll(timeout_ms=0)
+            if any(extra.values()):
+                raise RuntimeError("a paused consumer returned records")  # would be lost
+        finally:
+            self.consumer.resume(*self.consumer.paused())
+
+    def _dead_letter(self, record: Any, code, message: str, stage) -> None:
+        self.publisher.dead_letter(record, code, message, stage)
+        self._count("dead_lettered")
+
+    def _count(self, outcome: str) -> None:
+        self.metrics.events.labels(topic=self.topic, outcome=outcome).inc()
+
+
+def _payload(event: ProductUpserted, model_version: str, indexed_at: str) -> dict[str, Any]:
+    attributes = dict(event.attributes)
+
+    def keyword(name: str) -> str | None:
+        value = attributes.get(name)
+        return value.lower() if isinstance(value, str) else None
+
+    return {
+        "merchant_id": event.merchant_id,
+        "product_id": event.product_id,
+        "title": event.title,
+        "description": event.description[:500],
+        "attributes": attributes,
+        "category": keyword("category"),
+        "subcategory": keyword("subcategory"),
+        "material": keyword("material"),
+        "price": event.price.as_float() if event.price else None,
+        "price_amount": event.price.amount if event.price else None,
+        "currency": event.price.currency if event.price else None,
+        "image_url": event.image.url,
+        "version": event.version,
+        "model_version": model_version,
+        "event_id": event.event_id,
+        "indexed_at": indexed_at,
+    }
+
+
+def _newer(a: ProductUpserted | ProductDeleted, b: ProductUpserted | ProductDeleted) -> bool:
+    """True if ``a`` (seen earlier in the batch) must win over ``b`` (seen later)."""
+    return a.version is not None and b.version is not None and a.version > b.version
+
+
+def _older_than_stored(incoming: int | None, stored: int | None) -> bool:
+    # Equal versions re-apply (an idempotent replay); unversioned events follow Kafka's order.
+    return incoming is not None and stored is not None and incoming < stored

@@ -1,0 +1,183 @@
+"""Kafka plumbing shared by both consumers: clients, acknowledged sends, dead letters, commits."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from consumers.metrics import LoupeMetrics
+from consumers.settings import Settings
+from schemas.deadletter import Stage, deadletter_headers
+from schemas.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+def make_consumer(settings: Settings, topic: str, group_id: str, **overrides: Any) -> KafkaConsumer:
+    config = {
+        **settings.kafka_client_config(),
+        "group_id": group_id,
+        "enable_auto_commit": False,  # offsets move only after the side effect
+        "auto_offset_reset": "earliest",
+        "max_poll_records": settings.max_poll_records,
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+        "fetch_max_bytes": 52_428_800,
+        "max_partition_fetch_bytes": 2 * 1024 * 1024,
+        "client_id": f"loupe-{group_id}",
+        **overrides,
+    }
+    consumer = KafkaConsumer(**config)
+    consumer.subscribe([topic])
+    return consumer
+
+
+def make_producer(settings: Settings) -> KafkaProducer:
+    return KafkaProducer(
+        **settings.kafka_client_config(),
+        acks="all",
+        linger_ms=5,
+        max_request_size=2 * 1024 * 1024,
+        client_id="loupe-producer",
+    )
+
+
+class Backoff:
+    """Capped exponential backoff that keeps the consumer in its group while it waits."""
+
+    def __init__(self, initial_s: float = 0.2, cap_s: float = 10.0) -> None:
+        self.initial_s = initial_s
+        self.cap_s = cap_s
+
+    def retry(
+        self,
+        what: str,
+        fn: Callable[[], Any],
+        transient: tuple[type[BaseException], ...],
+        *,
+        should_stop: Callable[[], bool],
+        keep_alive: Callable[[], None] = lambda: None,
+        on_retry: Callable[[], None] = lambda: None,
+    ) -> Any:
+        delay = self.initial_s
+        while True:
+            try:
+                return fn()
+            except transient as exc:
+                if should_stop():
+                    raise Abandoned(f"{what}: stopping while retrying ({exc})") from exc
+                on_retry()
+                log.warning("%s failed, retrying in %.1f s: %s", what, delay, exc)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not should_stop():
+                    keep_alive()
+                    time.sleep(min(0.2, delay))
+                delay = min(delay * 2, self.cap_s)
+
+
+class Abandoned(Exception):
+    """A batch left unfinished (shutdown or lost partitions): nothing of it is committed."""
+
+
+class Publisher:
+    """Sends that count only once the broker acknowledged them (acks=all)."""
+
+    def __init__(
+        self, producer: KafkaProducer, deadletter_topic: str, metrics: LoupeMetrics
+    ) -> None:
+        self.producer = producer
+        self.deadletter_topic = deadletter_topic
+        self.metrics = metrics
+        self._pending: list[Any] = []
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> None:
+        self._pending.append(self.producer.send(topic, key=key, value=value, headers=list(headers)))
+
+    def dead_letter(self, record: Any, code: ErrorCode, message: str, stage: Stage) -> None:
+        headers = deadletter_headers(
+            record.headers or [],
+            code=code,
+            message=message,
+            stage=stage,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        log.warning(
+            "dead-letter %s[%d]@%d %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            code,
+            message,
+        )
+        self.send(self.deadletter_topic, record.key, record.value, headers)
+        self.metrics.dead_letters.labels(reason=code.value).inc()
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait for every pending send's acknowledgement; raises KafkaError on failure."""
+        pending, self._pending = self._pending, []
+        self.producer.flush(timeout=timeout_s)
+        for future in pending:
+            future.get(timeout=timeout_s)
+
+
+def commit_batch(
+    consumer: KafkaConsumer, records: Sequence[Any], committed: dict[TopicPartition, int]
+) -> None:
+    """Commit the offset after the last record of each partition; offsets only ever increase."""
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        next_offset = record.offset + 1
+        if next_offset > offsets.get(tp, OffsetAndMetadata(-1, "", -1)).offset:
+            offsets[tp] = OffsetAndMetadata(next_offset, "", -1)
+    for tp, meta in offsets.items():
+        if meta.offset < committed.get(tp, -1):
+            raise RuntimeError(
+                f"refusing to commit {tp} backwards: {meta.offset} < {committed[tp]}"
+            )
+    if offsets:
+        consumer.commit(offsets)
+        for tp, meta in offsets.items():
+            committed[tp] = meta.offset
+
+
+def update_lag(consumer: KafkaConsumer, metrics: LoupeMetrics) -> None:
+    """Lag per assigned partition: the end offset minus our position."""
+    try:
+        assigned = list(consumer.assignment())
+        if not assigned:
+            return
+        ends = consumer.end_offsets(assigned)
+        for tp in assigned:
+            lag = max(0, ends.get(tp, 0) - consumer.position(tp))
+            metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+    except KafkaError as exc:
+        log.debug("lag not updated: %s", exc)
+
+
+def rewind(consumer: KafkaConsumer, records: Sequence[Any]) -> None:
+    """Seek back to the first record of each partition so an abandoned batch is re-read."""
+    first: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        first[tp] = min(first.get(tp, record.offset), record.offset)
+    assigned = consumer.assignment()
+    for tp, offset in first.items():
+        if tp in assigned:
+            consumer.seek(tp, offset)
+
+
+TRANSIENT_KAFKA = (KafkaError,)

@@ -1,0 +1,141 @@
+"""Every Prometheus metric Loupe exports, in one place, plus the /metrics /healthz /readyz server.
+
+Base units (seconds), counters end in ``_total``, label values come from closed sets created up
+front (no product or request ids in labels). Tests pass their own ``CollectorRegistry``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from schemas.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+
+STAGES = ("parse", "fetch", "encode", "index_write", "search", "publish", "commit")
+OUTCOMES = ("indexed", "deleted", "stale", "dead_lettered", "answered", "answered_error")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class LoupeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "loupe_events_total",
+            "Events consumed, by topic and outcome",
+            ["topic", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "loupe_dead_letters_total",
+            "Events sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "loupe_retries_total", "Transient failures retried, by stage", ["stage"], registry=r
+        )
+        self.batch_size = Histogram(
+            "loupe_batch_size",
+            "Records per processed batch, by role",
+            ["role"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "loupe_stage_seconds",
+            "Time per pipeline stage and batch",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "loupe_search_request_latency_seconds",
+            "From a search request's occurred_at to its response being acknowledged",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "loupe_consumer_lag",
+            "Records behind the partition's end",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.index_points = Gauge("loupe_index_points", "Points in the live collection", registry=r)
+        self.model_info = Gauge(
+            "loupe_model_info",
+            "The model in use (value 1)",
+            ["model_version", "device"],
+            registry=r,
+        )
+        for reason in ErrorCode:
+            self.dead_letters.labels(reason=reason.value)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
+
+    def timer(self, stage: str):
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        return self.stage_seconds.labels(stage=stage).time()
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (it can do its job)."""
+
+    def __init__(
+        self,
+        metrics: LoupeMetrics,
+        ready: Callable[[], tuple[bool, str]],
+        host: str = "127.0.0.1",
+        port: int = 9400,
+    ) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b"ok\n")
+                elif path == "/readyz":
+                    ok, detail = ready()
+                    self._send(200 if ok else 503, (detail + "\n").encode())
+                else:
+                    self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _send(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args) -> None:
+                log.debug("http: " + format, *args)
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,249 @@
+"""The search consumer: every request gets exactly one visible answer, then its offset commits.
+
+A request is encoded (photo, text or both), searched in the view that fits (image only ->
+``image``, text only -> ``text``, both -> ``fused``) within the merchant scope and filters, and
+answered on ``reply_to`` or the default response topic, keyed and correlated by ``request_id``.
+A request that cannot be served is answered with ``status: "error"`` and also dead-lettered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from consumers.errors import ImageFetchError, IndexUnavailable
+from consumers.image_fetch import ImageFetcher
+from consumers.index import IndexHit, VectorIndex
+from consumers.kafka_io import (
+    TRANSIENT_KAFKA,
+    Abandoned,
+    Backoff,
+    Publisher,
+    commit_batch,
+    rewind,
+    update_lag,
+)
+from consumers.metrics import LoupeMetrics
+from encoders.fused import EncodeInput, FusedEncoder
+from schemas.common import Price
+from schemas.errors import ErrorCode, InvalidEvent
+from schemas.search import (
+    CORRELATION_HEADER,
+    HitScores,
+    SearchCompleted,
+    SearchError,
+    SearchHit,
+    SearchRequested,
+    parse_search_request,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SearchService:
+    def __init__(
+        self,
+        *,
+        consumer: KafkaConsumer,
+        publisher: Publisher,
+        index: VectorIndex,
+        encoder: FusedEncoder,
+        fetcher: ImageFetcher,
+        metrics: LoupeMetrics,
+        topic: str,
+        response_topic: str,
+        encode_lock: Callable[[], Any] | None = None,
+        poll_timeout_ms: int = 200,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.publisher = publisher
+        self.index = index
+        self.encoder = encoder
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.topic = topic
+        self.response_topic = response_topic
+        self.encode_lock = encode_lock
+        self.poll_timeout_ms = poll_timeout_ms
+        self.backoff = backoff or Backoff()
+        self.stop_event = threading.Event()
+        self._committed: dict[TopicPartition, int] = {}
+
+    def run(self) -> None:
+        log.info("search consumer running on %s", self.topic)
+        while not self.stop_event.is_set():
+            self.process_once()
+        self.consumer.close(autocommit=False)
+
+    def process_once(self) -> int:
+        polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+        records = [r for batch in polled.values() for r in batch]
+        if not records:
+            update_lag(self.consumer, self.metrics)
+            return 0
+        self.metrics.batch_size.labels(role="search").observe(len(records))
+        try:
+            answered = [self._answer(record) for record in records]
+            with self.metrics.timer("publish"):
+                self._retry("publish responses", self.publisher.flush, TRANSIENT_KAFKA)
+        except Abandoned as exc:
+            log.warning("search batch abandoned, not committed: %s", exc)
+            rewind(self.consumer, records)
+            return 0
+        now = time.time()
+        for request in answered:
+            if request is not None:
+                self.metrics.request_latency.observe(
+                    max(0.0, now - request.occurred_at.timestamp())
+                )
+        with self.metrics.timer("commit"):
+            self._retry(
+                "commit",
+                lambda: commit_batch(self.consumer, records, self._committed),
+                TRANSIENT_KAFKA,
+            )
+        update_lag(self.consumer, self.metrics)
+        return len(records)
+
+    def _answer(self, record: Any) -> SearchRequested | None:
+        started = time.perf_counter()
+        try:
+            request = parse_search_request(record.value)
+        except InvalidEvent as exc:
+            # No trustworthy request_id or reply_to: answer on the default topic under the key.
+            request_id = (record.key or b"").decode("utf-8", "replace")[:128] or "unknown"
+            self._respond_error(record, request_id, None, exc.code, str(exc), "parse", started)
+            return None
+        try:
+            hits = self._search(request)
+        except (ImageFetchError, _EncodeFailed) as exc:
+            stage = "fetch" if isinstance(exc, ImageFetchError) else "decode"
+            self._respond_error(
+                record, request.request_id, request.reply_to, exc.code, str(exc), stage, started
+            )
+            return request
+        self._respond(
+            request.request_id,
+            request.reply_to,
+            SearchCompleted(
+                request_id=request.request_id,
+                status="ok",
+                hits=hits,
+                model_version=self.encoder.model_version,
+                took_ms=(time.perf_counter() - started) * 1000,
+                completed_at=datetime.now(UTC),
+            ),
+        )
+        self.metrics.events.labels(topic=self.topic, outcome="answered").inc()
+        return request
+
+    def _search(self, request: SearchRequested) -> list[SearchHit]:
+        image, media_type = None, None
+        if request.image is not None:
+            with self.metrics.timer("fetch"):
+                if request.image.data is not None:
+                    image, media_type = request.image.decoded(), request.image.media_type
+                else:
+                    image, media_type = self.fetcher.fetch(request.image.url or "")
+        item = EncodeInput(image=image, media_type=media_type, text=request.text)
+        with self.metrics.timer("encode"):
+            if self.encode_lock is not None:
+                with self.encode_lock():
+                    encoded = self.encoder.encode_queries([item])[0]
+            else:
+                encoded = self.encoder.encode_queries([item])[0]
+        if not encoded.ok:
+            raise _EncodeFailed(encoded.error.code, str(encoded.error))
+        query = encoded.vectors
+        view = "fused" if "fused" in query else ("image" if "image" in query else "text")
+        other_views = [v for v in query if v != view]
+        with self.metrics.timer("search"):
+            found = self._retry(
+                "search",
+                lambda: self.index.search(
+                    view,
+                    query[view],
+                    top_k=request.top_k,
+                    merchant_id=request.merchant_id,
+                    filters=request.filters,
+                    with_vectors=other_views,
+                ),
+                (IndexUnavailable,),
+            )
+        return [_hit(h, view, query) for h in found]
+
+    def _respond(self, request_id: str, reply_to: str | None, response: SearchCompleted) -> None:
+        self.publisher.send(
+            reply_to or self.response_topic,
+            request_id.encode(),
+            response.model_dump_json().encode(),
+            [(CORRELATION_HEADER, request_id.encode())],
+        )
+
+    def _respond_error(
+        self, record, request_id, reply_to, code: ErrorCode, message: str, stage, started: float
+    ) -> None:
+        self._respond(
+            request_id,
+            reply_to,
+            SearchCompleted(
+                request_id=request_id if _printable_id(request_id) else "unknown",
+                status="error",
+                error=SearchError(code=code, message=message[:1000]),
+                model_version=self.encoder.model_version,
+                took_ms=(time.perf_counter() - started) * 1000,
+                completed_at=datetime.now(UTC),
+            ),
+        )
+        self.publisher.dead_letter(record, code, message, stage)
+        self.metrics.events.labels(topic=self.topic, outcome="answered_error").inc()
+
+    def _retry(self, what: str, fn, transient):
+        return self.backoff.retry(
+            what,
+            fn,
+            transient,
+            should_stop=self.stop_event.is_set,
+            on_retry=lambda: self.metrics.retries.labels(stage="search").inc(),
+        )
+
+
+class _EncodeFailed(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _printable_id(value: str) -> bool:
+    return 0 < len(value) <= 128 and all(" " <= c <= "~" for c in value) and value == value.strip()
+
+
+def _hit(hit: IndexHit, view: str, query: dict[str, np.ndarray]) -> SearchHit:
+    scores: dict[str, float | None] = {"image": None, "text": None, "fused": None}
+    scores[view] = hit.score
+    for other, vector in hit.vectors.items():
+        if other in query:
+            scores[other] = float(np.dot(query[other], vector))
+    payload = hit.payload
+    price = None
+    if payload.get("price_amount") and payload.get("currency"):
+        price = Price(amount=payload["price_amount"], currency=payload["currency"])
+    return SearchHit(
+        product_id=payload["product_id"],
+        merchant_id=payload["merchant_id"],
+        score=hit.score,
+        scores=HitScores(**scores),
+        title=payload.get("title", ""),
+        image_url=payload.get("image_url"),
+        attributes=payload.get("attributes") or {},
+        price=price,
+    )

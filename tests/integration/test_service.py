@@ -1,0 +1,414 @@
+"""Ingest and search through the real Kafka broker into embedded Qdrant, with real photos."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from consumers.image_fetch import FetchPolicy, ImageFetcher
+from consumers.index import QdrantIndex, point_id
+from consumers.ingest import Indexer
+from consumers.jewelry import load_catalog, phone_photo
+from consumers.kafka_io import Publisher, make_consumer, make_producer
+from consumers.metrics import LoupeMetrics
+from consumers.search_service import SearchService
+from consumers.settings import Settings
+from encoders.fused import FusedEncoder
+from schemas.deadletter import DeadLetter
+from schemas.search import CORRELATION_HEADER, parse_search_response
+
+pytestmark = pytest.mark.integration
+
+MERCHANT = "giva"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    model = FusedEncoder.from_profile(Settings().model_profile())
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog()[::20]  # 12 products, two of each category
+
+
+class _Photos(BaseHTTPRequestHandler):
+    """A merchant CDN stand-in on loopback: photos, a 404, a slow one, an HTML page."""
+
+    photos: ClassVar[dict[str, bytes]] = {}
+
+    def do_GET(self) -> None:
+        name = self.path.lstrip("/")
+        if name == "slow.jpg":
+            time.sleep(3)
+        if name == "page.jpg":
+            return self._send(200, b"<html>hi</html>", "text/html")
+        if name == "huge.jpg":
+            return self._send(200, b"\xff" * (3 * 1024 * 1024), "image/jpeg")
+        if name in self.photos:
+            return self._send(200, self.photos[name], "image/jpeg")
+        return self._send(404, b"missing", "text/plain")
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def cdn(catalog):
+    _Photos.photos = {p.image_path.name: p.image_path.read_bytes() for p in catalog}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Photos)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _resolver(host, port, type=0):
+    """A stub for one made-up name that must be refused; it never connects anywhere."""
+    if host == "metadata.loupe.test":
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
+    return socket.getaddrinfo(host, port, type=type)
+
+
+@pytest.fixture
+def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
+    topics = {
+        "products": make_topic("products", partitions=3),
+        "requests": make_topic("requests", partitions=2),
+        "responses": make_topic("responses"),
+        "deadletter": make_topic("deadletter"),
+    }
+    settings = Settings(bootstrap_servers=bootstrap_servers, max_poll_records=50)
+    metrics = LoupeMetrics()
+    index = QdrantIndex(model_version=encoder.model_version, path=str(tmp_path / "index"))
+    index.ensure_collection(encoder.dims)
+    fetcher = ImageFetcher(
+        FetchPolicy(
+            allow_loopback=True,
+            total_timeout_s=2,
+            read_timeout_s=1,
+            max_image_bytes=2 * 1024 * 1024,
+        ),
+        resolver=_resolver,
+    )
+    producer = make_producer(settings)
+    publisher = Publisher(producer, topics["deadletter"], metrics)
+    indexer = Indexer(
+        consumer=make_consumer(settings, topics["products"], group_id + "-ingest"),
+        publisher=publisher,
+        index=index,
+        encoder=encoder,
+        fetcher=fetcher,
+        metrics=metrics,
+        topic=topics["products"],
+    )
+    searcher = SearchService(
+        consumer=make_consumer(settings, topics["requests"], group_id + "-search"),
+        publisher=Publisher(producer, topics["deadletter"], metrics),
+        index=index,
+        encoder=encoder,
+        fetcher=fetcher,
+        metrics=metrics,
+        topic=topics["requests"],
+        response_topic=topics["responses"],
+    )
+    yield {
+        "topics": topics,
+        "metrics": metrics,
+        "index": index,
+        "indexer": indexer,
+        "searcher": searcher,
+        "settings": settings,
+        "bootstrap": bootstrap_servers,
+    }
+    indexer.close()
+    searcher.consumer.close(autocommit=False)
+    producer.close()
+    index.close()
+
+
+def _event(product, version=1, cdn=None, inline=False, **override) -> dict:
+    image = (
+        {
+            "data": base64.b64encode(product.image_path.read_bytes()).decode(),
+            "media_type": "image/jpeg",
+        }
+        if inline
+        else {"url": f"{cdn}/{product.image_path.name}"}
+    )
+    body = {
+        "type": "product.upserted",
+        "event_id": uuid.uuid4().hex,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "merchant_id": MERCHANT,
+        "product_id": product.product_id,
+        "title": product.title,
+        "description": product.description,
+        "attributes": product.attributes(),
+        "price": {"amount": product.price_inr, "currency": "INR"},
+        "image": image,
+        "version": version,
+    }
+    body.update(override)
+    return body
+
+
+def _send(bootstrap, topic, values, key=lambda v: None):
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for value in values:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        k = key(value)
+        producer.send(topic, key=k.encode() if k else None, value=raw)
+    producer.flush()
+    producer.close()
+
+
+def _drain(worker, expected: int, timeout_s: float = 120) -> int:
+    done, deadline = 0, time.monotonic() + timeout_s
+    while done < expected:
+        assert time.monotonic() < deadline, f"processed {done} of {expected} records"
+        done += worker.process_once()
+    return done
+
+
+def _read_all(bootstrap, topic, expected: int, timeout_s: float = 30):
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    records, deadline = [], time.monotonic() + timeout_s
+    while len(records) < expected and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            records.extend(batch)
+    # Anything beyond the expected count would be a duplicate answer: look a little longer.
+    for batch in consumer.poll(timeout_ms=1000).values():
+        records.extend(batch)
+    consumer.close()
+    return records
+
+
+def _product_key(value):
+    return (
+        None
+        if isinstance(value, bytes)
+        else f"{value.get('merchant_id')}/{value.get('product_id')}"
+    )
+
+
+def test_ingest_search_poison_replay_update_delete(service, catalog, cdn):
+    bootstrap, topics, index = service["bootstrap"], service["topics"], service["index"]
+    events = [_event(p, cdn=cdn, inline=i % 3 == 0) for i, p in enumerate(catalog)]
+    poison = [
+        b"{not json",
+        json.dumps({**events[0], "product_id": ""}).encode(),  # contract violation
+        _event(
+            catalog[1],
+            product_id="bad-inline",
+            image={
+                "data": base64.b64encode(b"definitely not a jpeg").decode(),
+                "media_type": "image/jpeg",
+            },
+        ),
+        _event(catalog[1], product_id="url-404", image={"url": f"{cdn}/missing.jpg"}),
+        _event(catalog[1], product_id="url-slow", image={"url": f"{cdn}/slow.jpg"}),
+        _event(catalog[1], product_id="url-huge", image={"url": f"{cdn}/huge.jpg"}),
+        _event(catalog[1], product_id="url-html", image={"url": f"{cdn}/page.jpg"}),
+        _event(
+            catalog[1],
+            product_id="url-metadata",
+            image={"url": "http://metadata.loupe.test/latest/meta-data"},
+        ),
+    ]
+    _send(
+        bootstrap,
+        topics["products"],
+        poison[:4] + events[:6] + poison[4:] + events[6:],
+        key=_product_key,
+    )
+    _drain(service["indexer"], len(events) + len(poison))
+
+    assert index.count() == len(events)
+    point = index.client.retrieve(
+        index.collection, ids=[point_id(MERCHANT, catalog[0].product_id)], with_payload=True
+    )[0]
+    assert point.payload["title"] == catalog[0].title
+    assert point.payload["category"] == catalog[0].category
+    assert point.payload["model_version"] == service["indexer"].encoder.model_version
+    assert point.payload["version"] == 1
+
+    letters = [
+        DeadLetter.from_record(r.key, r.value, r.headers)
+        for r in _read_all(bootstrap, topics["deadletter"], len(poison))
+    ]
+    assert len(letters) == len(poison)
+    codes = [(letter.error_code.value, letter.stage) for letter in letters]
+    assert sorted(codes) == sorted(
+        [
+            ("invalid_json", "parse"),
+            ("invalid_event", "parse"),
+            ("image_invalid", "decode"),
+            ("image_fetch_failed", "fetch"),
+            ("image_fetch_failed", "fetch"),
+            ("image_too_large", "fetch"),
+            ("image_invalid", "fetch"),
+            ("image_forbidden", "fetch"),
+        ]
+    )  # sorted: order across partitions is not defined
+    by_code = {letter.error_code.value: letter for letter in letters}
+    assert by_code["invalid_json"].value == b"{not json", "the original bytes are kept"
+    assert by_code["invalid_json"].source_topic == topics["products"]
+    assert "169.254.169.254 is link-local" in by_code["image_forbidden"].error_message
+
+    # Replay: the same events again leave the same points.
+    _send(bootstrap, topics["products"], events, key=_product_key)
+    _drain(service["indexer"], len(events))
+    assert index.count() == len(events)
+
+    # Update, stale version, delete.
+    target = catalog[2]
+    _send(
+        bootstrap,
+        topics["products"],
+        [
+            _event(target, version=5, cdn=cdn, title="Renamed Bangle"),
+            _event(target, version=4, cdn=cdn, title="Older Name"),
+        ],
+        key=_product_key,
+    )
+    _drain(service["indexer"], 2)
+    stored = index.client.retrieve(
+        index.collection, ids=[point_id(MERCHANT, target.product_id)], with_payload=True
+    )[0]
+    assert (stored.payload["title"], stored.payload["version"]) == ("Renamed Bangle", 5)
+    _send(
+        bootstrap,
+        topics["products"],
+        [_event(target, version=3, cdn=cdn, title="Late")],
+        key=_product_key,
+    )
+    _drain(service["indexer"], 1)
+    stored = index.client.retrieve(
+        index.collection, ids=[point_id(MERCHANT, target.product_id)], with_payload=True
+    )[0]
+    assert stored.payload["title"] == "Renamed Bangle", "an older event must not overwrite"
+    gone = catalog[3]
+    _send(
+        bootstrap,
+        topics["products"],
+        [
+            {
+                "type": "product.deleted",
+                "event_id": "del-1",
+                "occurred_at": datetime.now(UTC).isoformat(),
+                "merchant_id": MERCHANT,
+                "product_id": gone.product_id,
+                "version": 9,
+            }
+        ],
+        key=_product_key,
+    )
+    _drain(service["indexer"], 1)
+    assert index.count() == len(events) - 1
+    assert not index.client.retrieve(index.collection, ids=[point_id(MERCHANT, gone.product_id)])
+
+    # Metrics moved with the events.
+    sample = service["metrics"].registry.get_sample_value
+    assert sample("loupe_events_total", {"topic": topics["products"], "outcome": "indexed"}) >= 24
+    assert sample("loupe_events_total", {"topic": topics["products"], "outcome": "stale"}) >= 1
+    assert sample("loupe_dead_letters_total", {"reason": "image_fetch_failed"}) == 2
+
+    # --- search ---------------------------------------------------------------------------
+    photo_of = catalog[4]
+    shopper_photo = phone_photo(photo_of.image_path.read_bytes(), seed=7)
+    now = datetime.now(UTC).isoformat()
+    reply_topic = topics["responses"]
+
+    def request(rid, **body):
+        return {"type": "search.requested", "request_id": rid, "occurred_at": now, **body}
+
+    requests = [
+        request(
+            "r-photo",
+            image={"data": base64.b64encode(shopper_photo).decode(), "media_type": "image/jpeg"},
+            top_k=5,
+        ),
+        request("r-text", text=f"{catalog[6].title}", top_k=3),
+        request(
+            "r-both",
+            image={"url": f"{cdn}/{catalog[5].image_path.name}"},
+            text=catalog[5].title,
+            top_k=3,
+        ),
+        request(
+            "r-filter",
+            text="diamond jewellery",
+            top_k=10,
+            filters={"category": ["ring"], "price_max": 1e12},
+        ),
+        request("r-other-merchant", text="ring", merchant_id="someone-else"),
+        request("r-404", image={"url": f"{cdn}/nope.jpg"}),
+    ]
+    raw_requests = [json.dumps(r).encode() for r in requests] + [b"\x00garbage"]
+    _send(
+        bootstrap,
+        topics["requests"],
+        raw_requests,
+        key=lambda v: json.loads(v)["request_id"] if v[:1] == b"{" else "r-garbage",
+    )
+    _drain(service["searcher"], len(raw_requests))
+
+    records = _read_all(bootstrap, reply_topic, len(raw_requests))
+    responses = {}
+    for record in records:
+        response = parse_search_response(record.value)
+        assert response.request_id not in responses, "exactly one answer per request"
+        assert record.key == response.request_id.encode()
+        assert dict(record.headers)[CORRELATION_HEADER] == response.request_id.encode()
+        responses[response.request_id] = response
+    assert set(responses) == {r["request_id"] for r in requests} | {"r-garbage"}
+
+    photo = responses["r-photo"]
+    assert photo.status == "ok" and photo.hits[0].product_id == photo_of.product_id
+    assert photo.hits[0].scores.image == photo.hits[0].score and photo.hits[0].scores.text is None
+    text = responses["r-text"]
+    assert text.hits[0].product_id == catalog[6].product_id
+    both = responses["r-both"]
+    assert both.hits[0].product_id == catalog[5].product_id
+    top = both.hits[0].scores
+    assert None not in (top.image, top.text, top.fused)
+    assert abs(top.fused - (0.5 * top.image + 0.5 * top.text)) < 1e-3, "untrained fusion"
+    assert {h.attributes["category"] for h in responses["r-filter"].hits} == {"ring"}
+    assert responses["r-filter"].hits, "rings exist in the catalog sample"
+    assert responses["r-other-merchant"].hits == []
+    assert responses["r-404"].status == "error"
+    assert responses["r-404"].error.code == "image_fetch_failed"
+    assert responses["r-garbage"].error.code == "invalid_json"
+    search_letters = _read_all(bootstrap, topics["deadletter"], len(poison) + 2)
+    assert len(search_letters) == len(poison) + 2
+    assert service["metrics"].registry.get_sample_value(
+        "loupe_search_request_latency_seconds_count"
+    ) == len(requests)
