@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from consumers import embed_cli
+from consumers import embed_cli, serve_cli
 from consumers.errors import LoupeError
 from consumers.settings import Settings
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.set_defaults(handler=_cmd_schemas)
 
     embed_cli.add_parser(commands)
+    serve_cli.add_parsers(commands)
 
     demo = commands.add_parser("demo", help="the end-to-end demo on the real jewelry catalog")
     demo.set_defaults(handler=_cmd_demo)

@@ -33,6 +33,7 @@ from consumers.kafka_io import (
     update_lag,
 )
 from consumers.metrics import LoupeMetrics
+from encoders.batching import iter_batch
 from encoders.fused import EncodeInput, FusedEncoder, compose_product_text
 from schemas.errors import InvalidEvent
 from schemas.products import ProductDeleted, ProductUpserted, parse_product_event
@@ -173,12 +174,15 @@ class Indexer:
             )
             for p in pending
         ]
+        results = []
         with self.metrics.timer("encode"):
-            if self.encode_lock is not None:
-                with self.encode_lock():
-                    results = self.encoder.encode_products(inputs)
-            else:
-                results = self.encoder.encode_products(inputs)
+            # One micro-batch at a time, so a search sharing the model waits at most one.
+            for chunk in iter_batch(inputs, self.encoder.batch_size):
+                if self.encode_lock is not None:
+                    with self.encode_lock():
+                        results.extend(self.encoder.encode_products(chunk))
+                else:
+                    results.extend(self.encoder.encode_products(chunk))
         points = []
         now = datetime.now(UTC).isoformat()
         for item, result in zip(pending, results, strict=True):

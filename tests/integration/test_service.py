@@ -412,3 +412,80 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn):
     assert service["metrics"].registry.get_sample_value(
         "loupe_search_request_latency_seconds_count"
     ) == len(requests)
+
+
+class _FlakyIndex:
+    """The real index behind a switch: while ``down``, writes fail like an unreachable server."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.down = True
+        self.attempts = 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def upsert(self, points):
+        from consumers.errors import IndexUnavailable
+
+        self.attempts += 1
+        if self.down:
+            raise IndexUnavailable("connection refused (test)")
+        return self.real.upsert(points)
+
+
+def _committed(service, group_suffix="-ingest"):
+    from kafka.structs import TopicPartition
+
+    consumer = service["indexer"].consumer
+    topic = service["topics"]["products"]
+    return {p: consumer.committed(TopicPartition(topic, p)) for p in range(3)}
+
+
+def test_index_outage_is_retried_without_committing(service, catalog, cdn):
+    from consumers.kafka_io import Backoff
+
+    indexer = service["indexer"]
+    flaky = _FlakyIndex(service["index"])
+    indexer.index = flaky
+    indexer.backoff = Backoff(initial_s=0.05, cap_s=0.2)
+    _send(
+        service["bootstrap"],
+        service["topics"]["products"],
+        [_event(p, cdn=cdn) for p in catalog[:3]],
+        key=_product_key,
+    )
+
+    # The index comes back after a few failed attempts: the batch is applied, then committed.
+    def recover():
+        while flaky.attempts < 4:
+            time.sleep(0.02)
+        flaky.down = False
+
+    threading.Thread(target=recover, daemon=True).start()
+    _drain(indexer, 3)
+    assert flaky.attempts >= 5
+    assert service["index"].count() == 3
+    assert sum(v or 0 for v in _committed(service).values()) == 3
+    assert (
+        service["metrics"].registry.get_sample_value(
+            "loupe_retries_total", {"stage": "index_write"}
+        )
+        >= 4
+    )
+
+    # Shutdown during an outage: the batch is abandoned and nothing more is committed.
+    flaky.down = True
+    before = _committed(service)
+    _send(
+        service["bootstrap"],
+        service["topics"]["products"],
+        [_event(p, cdn=cdn, version=2) for p in catalog[3:5]],
+        key=_product_key,
+    )
+    threading.Timer(1.0, indexer.stop_event.set).start()
+    deadline = time.monotonic() + 30
+    while not indexer.stop_event.is_set() and time.monotonic() < deadline:
+        assert indexer.process_once() == 0
+    assert _committed(service) == before
+    assert service["index"].count() == 3

@@ -1,0 +1,193 @@
+"""One object wires the service: the only place real parts are built from ``Settings``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from consumers.image_fetch import ImageFetcher
+from consumers.index import QdrantIndex
+from consumers.ingest import Indexer
+from consumers.kafka_broker import answers_metadata
+from consumers.kafka_io import Publisher, make_consumer, make_producer
+from consumers.metrics import HealthServer, LoupeMetrics
+from consumers.search_service import SearchService
+from consumers.settings import Settings
+from encoders.fused import FusedEncoder
+
+log = logging.getLogger(__name__)
+
+
+class EncoderGate:
+    """One model, two roles: a waiting search request goes before the next ingest micro-batch."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._searches_waiting = 0
+
+    @contextlib.contextmanager
+    def search(self) -> Iterator[None]:
+        with self._cond:
+            self._searches_waiting += 1
+            while self._busy:
+                self._cond.wait()
+            self._searches_waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def ingest(self) -> Iterator[None]:
+        with self._cond:
+            while self._busy or self._searches_waiting:
+                self._cond.wait()
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+def ensure_topics(settings: Settings, partitions: int = 3) -> None:
+    """Create Loupe's topics if missing (a development convenience; production provisions)."""
+    admin = KafkaAdminClient(**settings.kafka_client_config(), client_id="loupe-admin")
+    try:
+        existing = set(admin.list_topics())
+        wanted = [
+            settings.products_topic,
+            settings.search_requests_topic,
+            settings.search_responses_topic,
+            settings.deadletter_topic,
+        ]
+        missing = [
+            NewTopic(t, num_partitions=partitions, replication_factor=1)
+            for t in wanted
+            if t not in existing
+        ]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(missing)
+            log.info("created topics %s", [t.name for t in missing])
+    finally:
+        admin.close()
+
+
+class LoupeService:
+    def __init__(self, settings: Settings, role: str = "all") -> None:
+        if role not in ("ingest", "search", "all"):
+            raise ValueError(f"role must be ingest, search or all; got {role!r}")
+        self.settings = settings
+        self.role = role
+        self.metrics = LoupeMetrics()
+        log.info("loading the model (%s + %s)", settings.image_backbone, settings.text_backbone)
+        self.encoder = FusedEncoder.from_profile(settings.model_profile())
+        self.metrics.model_info.labels(
+            model_version=self.encoder.model_version, device=str(self.encoder.device)
+        ).set(1)
+        path = settings.resolved_index_path()
+        self.index = QdrantIndex(
+            model_version=self.encoder.model_version,
+            path=str(path) if path else None,
+            url=settings.index_url,
+            api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
+            prefix=settings.index_prefix,
+        )
+        self.index.ensure_collection(self.encoder.dims)
+        self.producer = make_producer(settings)
+        fetcher = ImageFetcher(settings.fetch_policy())
+        gate = EncoderGate()
+        self.workers: list[Indexer | SearchService] = []
+        if role in ("ingest", "all"):
+            self.workers.append(
+                Indexer(
+                    consumer=make_consumer(
+                        settings, settings.products_topic, settings.group_id + ".ingest"
+                    ),
+                    publisher=Publisher(self.producer, settings.deadletter_topic, self.metrics),
+                    index=self.index,
+                    encoder=self.encoder,
+                    fetcher=fetcher,
+                    metrics=self.metrics,
+                    topic=settings.products_topic,
+                    encode_lock=gate.ingest,
+                    poll_timeout_ms=settings.poll_timeout_ms,
+                    fetch_workers=settings.fetch_workers,
+                )
+            )
+        if role in ("search", "all"):
+            self.workers.append(
+                SearchService(
+                    consumer=make_consumer(
+                        settings, settings.search_requests_topic, settings.group_id + ".search"
+                    ),
+                    publisher=Publisher(self.producer, settings.deadletter_topic, self.metrics),
+                    index=self.index,
+                    encoder=self.encoder,
+                    fetcher=fetcher,
+                    metrics=self.metrics,
+                    topic=settings.search_requests_topic,
+                    response_topic=settings.search_responses_topic,
+                    encode_lock=gate.search,
+                )
+            )
+        self.health = HealthServer(
+            self.metrics, self.ready, settings.metrics_host, settings.metrics_port
+        )
+
+    def ready(self) -> tuple[bool, str]:
+        problems = []
+        if not answers_metadata(self.settings.bootstrap_servers.split(",")[0], timeout_s=1.0):
+            problems.append("broker unreachable")
+        try:
+            self.index.count()
+        except Exception as exc:
+            problems.append(f"index: {exc}")
+        return (not problems, "ready" if not problems else "; ".join(problems))
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop_event.set()
+
+    def run(self) -> None:
+        self.health.start()
+        log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.health.port)
+        threads = [threading.Thread(target=w.run, name=type(w).__name__) for w in self.workers]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(timeout=0.5)
+        finally:
+            self.stop()
+            for thread in threads:
+                thread.join()
+            self.producer.close()
+            self.index.close()
+            self.encoder.close()
+            self.health.stop()
+            log.info("stopped cleanly")
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum, _frame) -> None:
+            log.info(
+                "received %s: finishing the batch in flight, then stopping",
+                signal.Signals(signum).name,
+            )
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
