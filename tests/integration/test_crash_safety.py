@@ -1,0 +1,131 @@
+"""``loupe serve`` killed with SIGKILL mid-stream and restarted: no product lost, none doubled.
+SIGTERM drains: the process exits 0 with everything it consumed committed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.errors import CoordinatorNotAvailableError
+
+from consumers.index import QdrantIndex
+from consumers.jewelry import load_catalog
+from consumers.settings import Settings
+from encoders.fused import FusedEncoder
+
+pytestmark = pytest.mark.integration
+
+PRODUCTS = 48
+
+
+def _committed(bootstrap: str, group: str) -> int:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    except CoordinatorNotAvailableError:
+        return 0  # the group has not joined yet
+    finally:
+        admin.close()
+    return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+
+
+def _serve(env: dict[str, str], log_path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumers.cli", "serve", "--role", "ingest"],
+        env=env,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for(condition, what: str, timeout_s: float, proc: subprocess.Popen, log_path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"loupe serve exited ({proc.returncode}) while waiting for {what}:\n"
+                + log_path.read_text()[-3000:]
+            )
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
+    bootstrap_servers, make_topic, group_id, tmp_path
+):
+    topic = make_topic("products", partitions=3)
+    env = {
+        **os.environ,
+        "LOUPE_BOOTSTRAP_SERVERS": bootstrap_servers,
+        "LOUPE_STATE_DIR": str(tmp_path / "state"),
+        "LOUPE_PRODUCTS_TOPIC": topic,
+        "LOUPE_DEADLETTER_TOPIC": make_topic("deadletter"),
+        "LOUPE_SEARCH_REQUESTS_TOPIC": make_topic("requests"),
+        "LOUPE_SEARCH_RESPONSES_TOPIC": make_topic("responses"),
+        "LOUPE_GROUP_ID": group_id,
+        "LOUPE_METRICS_PORT": "0",
+        "LOUPE_MAX_POLL_RECORDS": "8",  # small batches: the kill lands between commits
+        "HF_HUB_OFFLINE": "1",
+    }
+    catalog = load_catalog()
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers)
+    for i in range(PRODUCTS):
+        product = catalog[i % len(catalog)]
+        body = {
+            "type": "product.upserted",
+            "event_id": f"e{i}",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "merchant_id": "m",
+            "product_id": f"p{i}",
+            "title": product.title,
+            "attributes": product.attributes(),
+            "image": {
+                "data": base64.b64encode(product.image_path.read_bytes()).decode(),
+                "media_type": "image/jpeg",
+            },
+        }
+        producer.send(topic, key=f"m/p{i}".encode(), value=json.dumps(body).encode())
+    producer.flush()
+    producer.close()
+
+    group = group_id + ".ingest"
+    log_path = tmp_path / "serve.log"
+    first = _serve(env, log_path)
+    _wait_for(
+        lambda: _committed(bootstrap_servers, group) >= 8, "a first commit", 120, first, log_path
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    at_kill = _committed(bootstrap_servers, group)
+    assert at_kill < PRODUCTS, "the kill should land mid-stream"
+
+    second = _serve(env, log_path)
+    _wait_for(
+        lambda: _committed(bootstrap_servers, group) == PRODUCTS,
+        "all commits",
+        180,
+        second,
+        log_path,
+    )
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    assert "stopped cleanly" in log_path.read_text()
+
+    encoder_version = FusedEncoder.from_profile(Settings().model_profile()).model_version
+    index = QdrantIndex(model_version=encoder_version, path=str(tmp_path / "state" / "index"))
+    try:
+        assert index.count() == PRODUCTS
+        records, _ = index.client.scroll(index.collection, limit=1000, with_payload=["product_id"])
+        assert sorted(r.payload["product_id"] for r in records) == sorted(
+            f"p{i}" for i in range(PRODUCTS)
+        )
+    finally:
+        index.close()
