@@ -10,7 +10,6 @@ on shutdown mid-retry the batch is abandoned uncommitted and replays idempotentl
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,21 +17,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaConsumer
-from kafka.structs import TopicPartition
 
 from consumers.errors import ImageFetchError, IndexUnavailable
 from consumers.image_fetch import ImageFetcher
 from consumers.index import IndexPoint, VectorIndex, point_id
-from consumers.kafka_io import (
-    TRANSIENT_KAFKA,
-    Abandoned,
-    Backoff,
-    Publisher,
-    commit_batch,
-    rewind,
-    update_lag,
-)
+from consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
 from consumers.metrics import LoupeMetrics
+from consumers.worker import BatchWorker
 from encoders.batching import iter_batch
 from encoders.fused import EncodeInput, FusedEncoder, compose_product_text
 from schemas.errors import InvalidEvent
@@ -49,8 +40,10 @@ class _Pending:
     media_type: str | None = None
 
 
-class Indexer:
+class Indexer(BatchWorker):
     """Wires one Kafka consumer, a publisher, the index, the encoder and the image fetcher."""
+
+    role = "ingest"
 
     def __init__(
         self,
@@ -67,57 +60,30 @@ class Indexer:
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
     ) -> None:
-        self.consumer = consumer
-        self.publisher = publisher
+        super().__init__(
+            consumer=consumer,
+            publisher=publisher,
+            metrics=metrics,
+            topic=topic,
+            poll_timeout_ms=poll_timeout_ms,
+            backoff=backoff,
+        )
         self.index = index
         self.encoder = encoder
         self.fetcher = fetcher
-        self.metrics = metrics
-        self.topic = topic
         self.encode_lock = encode_lock
-        self.poll_timeout_ms = poll_timeout_ms
-        self.backoff = backoff or Backoff()
-        self.stop_event = threading.Event()
         self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
-        self._committed: dict[TopicPartition, int] = {}
-
-    def run(self) -> None:
-        log.info("ingest consumer running on %s", self.topic)
-        while not self.stop_event.is_set():
-            self.process_once()
-        self.close()
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
-        self.consumer.close(autocommit=False)
+        super().close()
 
-    def process_once(self) -> int:
-        """Poll one batch and process it fully; returns how many records it committed."""
-        polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
-        records = [r for batch in polled.values() for r in batch]
-        if not records:
-            update_lag(self.consumer, self.metrics)
-            return 0
-        self.metrics.batch_size.labels(role="ingest").observe(len(records))
-        try:
-            self._process(records)
-        except Abandoned as exc:
-            log.warning("batch of %d abandoned, not committed: %s", len(records), exc)
-            rewind(self.consumer, records)
-            return 0
-        with self.metrics.timer("commit"):
-            self._retry(
-                "commit",
-                lambda: commit_batch(self.consumer, records, self._committed),
-                TRANSIENT_KAFKA,
-            )
-        update_lag(self.consumer, self.metrics)
+    def after_commit(self, records: list[Any]) -> None:
         self.metrics.index_points.set(self._retry("count", self.index.count, (IndexUnavailable,)))
-        return len(records)
 
     # --- stages ---------------------------------------------------------------------------
 
-    def _process(self, records: list[Any]) -> None:
+    def handle(self, records: list[Any]) -> None:
         latest: dict[str, _Pending] = {}
         with self.metrics.timer("parse"):
             for record in records:
@@ -240,25 +206,7 @@ class Indexer:
 
     def _retry(self, what: str, fn, transient):
         stage = "index_write" if transient == (IndexUnavailable,) else "publish"
-        return self.backoff.retry(
-            what,
-            fn,
-            transient,
-            should_stop=self.stop_event.is_set,
-            keep_alive=self._keep_alive,
-            on_retry=lambda: self.metrics.retries.labels(stage=stage).inc(),
-        )
-
-    def _keep_alive(self) -> None:
-        """Poll with every partition paused: heartbeats and max_poll_interval stay satisfied."""
-        assigned = self.consumer.assignment()
-        self.consumer.pause(*assigned)
-        try:
-            extra = self.consumer.poll(timeout_ms=0)
-            if any(extra.values()):
-                raise RuntimeError("a paused consumer returned records")  # would be lost
-        finally:
-            self.consumer.resume(*self.consumer.paused())
+        return self.retry(what, fn, transient, stage=stage)
 
     def _dead_letter(self, record: Any, code, message: str, stage) -> None:
         self.publisher.dead_letter(record, code, message, stage)

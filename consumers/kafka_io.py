@@ -19,7 +19,8 @@ from schemas.errors import ErrorCode
 log = logging.getLogger(__name__)
 
 
-def make_consumer(settings: Settings, topic: str, group_id: str, **overrides: Any) -> KafkaConsumer:
+def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> KafkaConsumer:
+    """A consumer in ``group_id`` with auto-commit off; the worker subscribes it."""
     config = {
         **settings.kafka_client_config(),
         "group_id": group_id,
@@ -32,9 +33,7 @@ def make_consumer(settings: Settings, topic: str, group_id: str, **overrides: An
         "client_id": f"loupe-{group_id}",
         **overrides,
     }
-    consumer = KafkaConsumer(**config)
-    consumer.subscribe([topic])
-    return consumer
+    return KafkaConsumer(**config)
 
 
 def make_producer(settings: Settings) -> KafkaProducer:

@@ -9,7 +9,6 @@ A request that cannot be served is answered with ``status: "error"`` and also de
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,21 +16,13 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer
-from kafka.structs import TopicPartition
 
 from consumers.errors import ImageFetchError, IndexUnavailable
 from consumers.image_fetch import ImageFetcher
 from consumers.index import IndexHit, VectorIndex
-from consumers.kafka_io import (
-    TRANSIENT_KAFKA,
-    Abandoned,
-    Backoff,
-    Publisher,
-    commit_batch,
-    rewind,
-    update_lag,
-)
+from consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
 from consumers.metrics import LoupeMetrics
+from consumers.worker import BatchWorker
 from encoders.fused import EncodeInput, FusedEncoder
 from schemas.common import Price
 from schemas.errors import ErrorCode, InvalidEvent
@@ -48,7 +39,9 @@ from schemas.search import (
 log = logging.getLogger(__name__)
 
 
-class SearchService:
+class SearchService(BatchWorker):
+    role = "search"
+
     def __init__(
         self,
         *,
@@ -64,55 +57,31 @@ class SearchService:
         poll_timeout_ms: int = 200,
         backoff: Backoff | None = None,
     ) -> None:
-        self.consumer = consumer
-        self.publisher = publisher
+        super().__init__(
+            consumer=consumer,
+            publisher=publisher,
+            metrics=metrics,
+            topic=topic,
+            poll_timeout_ms=poll_timeout_ms,
+            backoff=backoff,
+        )
         self.index = index
         self.encoder = encoder
         self.fetcher = fetcher
-        self.metrics = metrics
-        self.topic = topic
         self.response_topic = response_topic
         self.encode_lock = encode_lock
-        self.poll_timeout_ms = poll_timeout_ms
-        self.backoff = backoff or Backoff()
-        self.stop_event = threading.Event()
-        self._committed: dict[TopicPartition, int] = {}
+        self._answered: list[SearchRequested] = []
 
-    def run(self) -> None:
-        log.info("search consumer running on %s", self.topic)
-        while not self.stop_event.is_set():
-            self.process_once()
-        self.consumer.close(autocommit=False)
+    def handle(self, records: list[Any]) -> None:
+        """Answer every request of the batch; done once the broker acknowledged the answers."""
+        self._answered = [r for r in (self._answer(record) for record in records) if r]
+        with self.metrics.timer("publish"):
+            self.retry("publish responses", self.publisher.flush, TRANSIENT_KAFKA)
 
-    def process_once(self) -> int:
-        polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
-        records = [r for batch in polled.values() for r in batch]
-        if not records:
-            update_lag(self.consumer, self.metrics)
-            return 0
-        self.metrics.batch_size.labels(role="search").observe(len(records))
-        try:
-            answered = [self._answer(record) for record in records]
-            with self.metrics.timer("publish"):
-                self._retry("publish responses", self.publisher.flush, TRANSIENT_KAFKA)
-        except Abandoned as exc:
-            log.warning("search batch abandoned, not committed: %s", exc)
-            rewind(self.consumer, records)
-            return 0
+    def after_commit(self, records: list[Any]) -> None:
         now = time.time()
-        for request in answered:
-            if request is not None:
-                self.metrics.request_latency.observe(
-                    max(0.0, now - request.occurred_at.timestamp())
-                )
-        with self.metrics.timer("commit"):
-            self._retry(
-                "commit",
-                lambda: commit_batch(self.consumer, records, self._committed),
-                TRANSIENT_KAFKA,
-            )
-        update_lag(self.consumer, self.metrics)
-        return len(records)
+        for request in self._answered:
+            self.metrics.request_latency.observe(max(0.0, now - request.occurred_at.timestamp()))
 
     def _answer(self, record: Any) -> SearchRequested | None:
         started = time.perf_counter()
@@ -208,13 +177,7 @@ class SearchService:
         self.metrics.events.labels(topic=self.topic, outcome="answered_error").inc()
 
     def _retry(self, what: str, fn, transient):
-        return self.backoff.retry(
-            what,
-            fn,
-            transient,
-            should_stop=self.stop_event.is_set,
-            on_retry=lambda: self.metrics.retries.labels(stage="search").inc(),
-        )
+        return self.retry(what, fn, transient, stage="search")
 
 
 class _EncodeFailed(Exception):

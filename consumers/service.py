@@ -110,37 +110,33 @@ class LoupeService:
         fetcher = ImageFetcher(settings.fetch_policy())
         gate = EncoderGate()
         self.workers: list[Indexer | SearchService] = []
+        shared = {
+            "index": self.index,
+            "encoder": self.encoder,
+            "fetcher": fetcher,
+            "metrics": self.metrics,
+        }
         if role in ("ingest", "all"):
             self.workers.append(
                 Indexer(
-                    consumer=make_consumer(
-                        settings, settings.products_topic, settings.group_id + ".ingest"
-                    ),
+                    consumer=make_consumer(settings, settings.group_id + ".ingest"),
                     publisher=Publisher(self.producer, settings.deadletter_topic, self.metrics),
-                    index=self.index,
-                    encoder=self.encoder,
-                    fetcher=fetcher,
-                    metrics=self.metrics,
                     topic=settings.products_topic,
                     encode_lock=gate.ingest,
                     poll_timeout_ms=settings.poll_timeout_ms,
                     fetch_workers=settings.fetch_workers,
+                    **shared,
                 )
             )
         if role in ("search", "all"):
             self.workers.append(
                 SearchService(
-                    consumer=make_consumer(
-                        settings, settings.search_requests_topic, settings.group_id + ".search"
-                    ),
+                    consumer=make_consumer(settings, settings.group_id + ".search"),
                     publisher=Publisher(self.producer, settings.deadletter_topic, self.metrics),
-                    index=self.index,
-                    encoder=self.encoder,
-                    fetcher=fetcher,
-                    metrics=self.metrics,
                     topic=settings.search_requests_topic,
                     response_topic=settings.search_responses_topic,
                     encode_lock=gate.search,
+                    **shared,
                 )
             )
         self.health = HealthServer(

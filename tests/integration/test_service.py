@@ -115,7 +115,7 @@ def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
     producer = make_producer(settings)
     publisher = Publisher(producer, topics["deadletter"], metrics)
     indexer = Indexer(
-        consumer=make_consumer(settings, topics["products"], group_id + "-ingest"),
+        consumer=make_consumer(settings, group_id + "-ingest"),
         publisher=publisher,
         index=index,
         encoder=encoder,
@@ -124,7 +124,7 @@ def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
         topic=topics["products"],
     )
     searcher = SearchService(
-        consumer=make_consumer(settings, topics["requests"], group_id + "-search"),
+        consumer=make_consumer(settings, group_id + "-search"),
         publisher=Publisher(producer, topics["deadletter"], metrics),
         index=index,
         encoder=encoder,
