@@ -31,6 +31,8 @@ from schemas.products import ProductDeleted, ProductUpserted, parse_product_even
 
 log = logging.getLogger(__name__)
 
+FETCH_LOOKAHEAD = 2  # micro-batches fetched ahead of the one being encoded
+
 
 @dataclass
 class _Pending:
@@ -102,13 +104,15 @@ class Indexer(BatchWorker):
                 latest[key] = _Pending(record, event)
         upserts = [p for p in latest.values() if isinstance(p.event, ProductUpserted)]
         deletes = [p for p in latest.values() if isinstance(p.event, ProductDeleted)]
-        upserts = self._fetch_images(upserts)
-        points = self._encode(upserts)
+        points = self._fetch_and_encode(upserts)
         self._write(points, deletes)
         with self.metrics.timer("publish"):
             self._retry("dead-letter publish", self.publisher.flush, TRANSIENT_KAFKA)
 
-    def _fetch_images(self, pending: list[_Pending]) -> list[_Pending]:
+    def _fetch_and_encode(self, pending: list[_Pending]) -> list[tuple[_Pending, IndexPoint]]:
+        """Fetch photos concurrently and encode them as they arrive, micro-batch by micro-batch:
+        the fetch pool works ahead while the model runs, so neither waits for the other."""
+
         def load(item: _Pending) -> _Pending | ImageFetchError:
             image = item.event.image
             if image.data is not None:
@@ -120,14 +124,31 @@ class Indexer(BatchWorker):
                 return exc
             return item
 
-        ready = []
-        with self.metrics.timer("fetch"):
-            for item, result in zip(pending, self._fetch_pool.map(load, pending), strict=True):
-                if isinstance(result, ImageFetchError):
-                    self._dead_letter(item.record, result.code, str(result), "fetch")
-                else:
-                    ready.append(item)
-        return ready
+        # Fetch at most FETCH_LOOKAHEAD micro-batches ahead of the model: photos in memory stay
+        # bounded by (lookahead + 1) * micro-batch * max_image_bytes, whatever the poll size.
+        chunks = list(iter_batch(range(len(pending)), self.encoder.batch_size))
+        futures: dict[int, Any] = {}
+
+        def submit(chunk_index: int) -> None:
+            if chunk_index < len(chunks):
+                for i in chunks[chunk_index]:
+                    futures[i] = self._fetch_pool.submit(load, pending[i])
+
+        for ahead in range(FETCH_LOOKAHEAD + 1):
+            submit(ahead)
+        points: list[tuple[_Pending, IndexPoint]] = []
+        for index, chunk in enumerate(chunks):
+            submit(index + FETCH_LOOKAHEAD + 1)
+            ready = []
+            with self.metrics.timer("fetch"):  # time spent waiting for photos
+                for i in chunk:
+                    result = futures.pop(i).result()
+                    if isinstance(result, ImageFetchError):
+                        self._dead_letter(pending[i].record, result.code, str(result), "fetch")
+                    else:
+                        ready.append(pending[i])
+            points.extend(self._encode(ready))
+        return points
 
     def _encode(self, pending: list[_Pending]) -> list[tuple[_Pending, IndexPoint]]:
         if not pending:
@@ -140,15 +161,12 @@ class Indexer(BatchWorker):
             )
             for p in pending
         ]
-        results = []
         with self.metrics.timer("encode"):
-            # One micro-batch at a time, so a search sharing the model waits at most one.
-            for chunk in iter_batch(inputs, self.encoder.batch_size):
-                if self.encode_lock is not None:
-                    with self.encode_lock():
-                        results.extend(self.encoder.encode_products(chunk))
-                else:
-                    results.extend(self.encoder.encode_products(chunk))
+            if self.encode_lock is not None:
+                with self.encode_lock():
+                    results = self.encoder.encode_products(inputs)
+            else:
+                results = self.encoder.encode_products(inputs)
         points = []
         now = datetime.now(UTC).isoformat()
         for item, result in zip(pending, results, strict=True):

@@ -1,0 +1,106 @@
+"""What the service benchmarks share: a real broker, fresh topics, a loopback 'CDN', events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+
+from consumers.jewelry import CatalogProduct
+from consumers.kafka_broker import LocalKafkaBroker
+
+
+@contextlib.contextmanager
+def local_broker() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="loupe-bench-") as state:
+        broker = LocalKafkaBroker(state_dir=Path(state) / "kafka")
+        started = broker.start()
+        try:
+            yield started.bootstrap_servers
+        finally:
+            broker.stop()
+
+
+def create_topic(bootstrap: str, prefix: str, partitions: int = 3) -> str:
+    name = f"{prefix}.{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    admin.close()
+    return name
+
+
+@contextlib.contextmanager
+def photo_server(photos: dict[str, bytes]) -> Iterator[str]:
+    """Serves ``photos`` by name on 127.0.0.1 from another process, as a merchant's CDN would
+    (in-process, the server would compete with the consumer for the GIL)."""
+    with tempfile.TemporaryDirectory(prefix="loupe-cdn-") as root:
+        for name, data in photos.items():
+            (Path(root) / name).write_bytes(data)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                root,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+def product_event(product: CatalogProduct, image: dict, product_id: str | None = None) -> bytes:
+    return json.dumps(
+        {
+            "type": "product.upserted",
+            "event_id": uuid.uuid4().hex,
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "merchant_id": "giva",
+            "product_id": product_id or product.product_id,
+            "title": product.title,
+            "description": product.description,
+            "attributes": product.attributes(),
+            "price": {"amount": product.price_inr, "currency": "INR"}
+            if product.price_inr
+            else None,
+            "image": image,
+            "version": 1,
+        }
+    ).encode()
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values)
+    return {f"p{q}": float(np.percentile(array, q)) for q in (50, 95, 99)}
