@@ -1,0 +1,272 @@
+"""Search latency through Kafka: request produced -> response consumed, at a steady rate.
+
+The index holds the jewelry catalog (236 products) and, with ``--catalog 10k``, also
+Fashion-MNIST's 10,000 test images (Debian ``dataset-fashion-mnist``) as a second merchant, so
+the same jewelry queries run against a 10,246-point index. Queries rotate: a phone photo of a
+catalog product, text, photo + text. Prints p50/p95/p99 and where the time goes.
+
+    .venv/bin/python -m bench.search --catalog 236
+    .venv/bin/python -m bench.search --catalog 10k      # encodes Fashion-MNIST once (cached)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gzip
+import json
+import struct
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+
+from bench.harness import create_topic, local_broker, percentiles
+from consumers.image_fetch import FetchPolicy, ImageFetcher
+from consumers.index import IndexPoint, QdrantIndex
+from consumers.jewelry import load_catalog, phone_photo
+from consumers.kafka_io import Publisher, make_consumer, make_producer
+from consumers.metrics import LoupeMetrics
+from consumers.search_service import SearchService
+from consumers.settings import Settings
+from encoders.fused import EncodeInput, FusedEncoder, compose_product_text
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+CACHE = Path.home() / ".cache" / "loupe" / "bench"
+TEXT_QUERIES = [
+    "rose gold ring with diamonds",
+    "gold bangle",
+    "pearl earrings",
+    "silver pendant necklace",
+    "diamond bracelet",
+]
+
+
+def _fashion_points(encoder: FusedEncoder) -> list[IndexPoint]:
+    cache = CACHE / f"fashion-mnist-t10k.{encoder.model_version}.npz"
+    with gzip.open(FASHION / "t10k-labels-idx1-ubyte.gz") as handle:
+        labels = np.frombuffer(handle.read()[8:], np.uint8)
+    if not cache.exists():
+        with gzip.open(FASHION / "t10k-images-idx3-ubyte.gz") as handle:
+            raw = handle.read()
+        count, rows, cols = struct.unpack(">III", raw[4:16])
+        images = np.frombuffer(raw[16:], np.uint8).reshape(count, rows, cols)
+        from PIL import Image
+
+        def png(array: np.ndarray) -> bytes:
+            import io
+
+            out = io.BytesIO()
+            Image.fromarray(255 - array).save(out, "PNG")  # dark garment on white, like a shop
+            return out.getvalue()
+
+        print(f"encoding {count} Fashion-MNIST images once (cached in {cache})...", flush=True)
+        started = time.perf_counter()
+        image_vectors = np.stack(
+            [
+                r.vectors["image"]
+                for r in encoder.encode_queries([EncodeInput(image=png(a)) for a in images])
+            ]
+        )
+        print(f"  {count / (time.perf_counter() - started):.0f} images/s")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, image=image_vectors)
+    image_vectors = np.load(cache)["image"]
+    text_vectors = encoder.text_encoder.encode(FASHION_CLASSES).numpy()
+    with torch.inference_mode():
+        fused = encoder.fusion(
+            torch.from_numpy(image_vectors), torch.from_numpy(text_vectors[labels])
+        ).numpy()
+    return [
+        IndexPoint(
+            "fashion-mnist",
+            f"fm-{i}",
+            {"image": image_vectors[i], "text": text_vectors[label], "fused": fused[i]},
+            {
+                "merchant_id": "fashion-mnist",
+                "product_id": f"fm-{i}",
+                "title": FASHION_CLASSES[label],
+                "attributes": {},
+                "category": "apparel",
+            },
+        )
+        for i, label in enumerate(labels)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--catalog", choices=["236", "10k"], default="236")
+    parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    args = parser.parse_args()
+
+    catalog = load_catalog()
+    settings = Settings()
+    encoder = FusedEncoder.from_profile(settings.model_profile())
+    with local_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        index = QdrantIndex(model_version=encoder.model_version, path=f"{tmp}/index")
+        index.ensure_collection(encoder.dims)
+        items = [
+            EncodeInput(
+                p.image_path.read_bytes(),
+                "image/jpeg",
+                compose_product_text(p.title, p.attributes(), p.description),
+            )
+            for p in catalog
+        ]
+        points = [
+            IndexPoint(
+                "giva",
+                p.product_id,
+                r.vectors,
+                {
+                    "merchant_id": "giva",
+                    "product_id": p.product_id,
+                    "title": p.title,
+                    "attributes": p.attributes(),
+                    "category": p.category,
+                },
+            )
+            for p, r in zip(catalog, encoder.encode_products(items), strict=True)
+        ]
+        if args.catalog == "10k":
+            points += _fashion_points(encoder)
+        for start in range(0, len(points), 512):
+            index.upsert(points[start : start + 512])
+        print(f"index: {index.count()} points; model {encoder.model_version}; {encoder.device}")
+
+        run = Settings(bootstrap_servers=bootstrap)
+        requests_topic, responses_topic = (
+            create_topic(bootstrap, "req"),
+            create_topic(bootstrap, "resp", 1),
+        )
+        metrics = LoupeMetrics()
+        producer = make_producer(run)
+        service = SearchService(
+            consumer=make_consumer(run, "bench-search"),
+            publisher=Publisher(producer, create_topic(bootstrap, "dlq", 1), metrics),
+            index=index,
+            encoder=encoder,
+            fetcher=ImageFetcher(FetchPolicy()),
+            metrics=metrics,
+            topic=requests_topic,
+            response_topic=responses_topic,
+        )
+        worker = threading.Thread(target=service.run, daemon=True)
+        worker.start()
+
+        sent: dict[str, float] = {}
+        received: dict[str, float] = {}
+        reader = KafkaConsumer(
+            responses_topic,
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        stop_reading = threading.Event()
+
+        def read() -> None:
+            while not stop_reading.is_set():
+                for records in reader.poll(timeout_ms=100).values():
+                    for record in records:
+                        received.setdefault(record.key.decode(), time.perf_counter())
+
+        threading.Thread(target=read, daemon=True).start()
+        photos = [
+            base64.b64encode(phone_photo(p.image_path.read_bytes(), seed=i)).decode()
+            for i, p in enumerate(catalog[::12])
+        ]
+        client = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+        for warm in range(3):  # joins the group, warms the model
+            body = {
+                "type": "search.requested",
+                "request_id": f"warm-{warm}",
+                "occurred_at": datetime.now(UTC).isoformat(),
+                "text": "ring",
+            }
+            client.send(
+                requests_topic, key=body["request_id"].encode(), value=json.dumps(body).encode()
+            )
+        client.flush()
+        while len(received) < 3:
+            time.sleep(0.05)
+
+        total = int(args.rate * args.seconds)
+        kinds = {"photo": [], "text": [], "photo+text": []}
+        kind_of: dict[str, str] = {}
+        started = time.perf_counter()
+        for n in range(total):
+            due = started + n / args.rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+            kind = ("photo", "text", "photo+text")[n % 3]
+            body = {
+                "type": "search.requested",
+                "request_id": f"q{n}",
+                "occurred_at": datetime.now(UTC).isoformat(),
+                "top_k": 10,
+            }
+            if kind != "text":
+                body["image"] = {"data": photos[n % len(photos)], "media_type": "image/jpeg"}
+            if kind != "photo":
+                body["text"] = TEXT_QUERIES[n % len(TEXT_QUERIES)]
+            kind_of[body["request_id"]] = kind
+            sent[body["request_id"]] = time.perf_counter()
+            client.send(
+                requests_topic, key=body["request_id"].encode(), value=json.dumps(body).encode()
+            )
+            client.flush()
+        deadline = time.perf_counter() + 60
+        while sum(1 for rid in sent if rid in received) < total and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        stop_reading.set()
+        service.stop_event.set()
+        worker.join(10)
+        for rid, at in sent.items():
+            if rid in received:
+                kinds[kind_of[rid]].append((received[rid] - at) * 1000)
+        all_ms = [v for values in kinds.values() for v in values]
+        print(f"\n{total} requests at {args.rate}/s, {len(all_ms)} answered")
+        print(f"{'queries':<11} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+        for name, values in [("all", all_ms), *kinds.items()]:
+            if values:
+                p = percentiles(values)
+                cells = " ".join(f"{p[q]:>8.0f}" for q in ("p50", "p95", "p99"))
+                print(f"{name:<11} {len(values):>4} {cells}")
+        sample = metrics.registry.get_sample_value
+        answered = max(1, len(all_ms) + 3)  # + the warm-up requests
+
+        def mean_ms(stage: str) -> float:
+            return 1000 * (sample("loupe_stage_seconds_sum", {"stage": stage}) or 0) / answered
+
+        stages = ("parse", "fetch", "encode", "search", "publish", "commit")
+        print(
+            "service time per request by stage (mean ms): "
+            + ", ".join(f"{stage} {mean_ms(stage):.1f}" for stage in stages)
+        )
+        client.close()
+        producer.close()
+        index.close()
+    encoder.close()
+
+
+if __name__ == "__main__":
+    main()
