@@ -1,6 +1,7 @@
 # Loupe's two front doors: `make demo` and `make test`. Both set up everything they need,
 # idempotently: uv (in ~/.cache/loupe/tools), the locked virtual environment (.venv, from uv's
-# cache in ~/.cache/uv), Java and Maven if missing (Debian), and the Kafka jars (~/.cache/loupe).
+# cache in ~/.cache/uv), Java, Maven and Prometheus if missing (Debian), and the Kafka jars
+# (~/.cache/loupe).
 
 SHELL := /bin/bash
 UV_VERSION := 0.13.8
@@ -11,9 +12,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 GIVA := giva-databricks==0.1.2
 
-.PHONY: setup demo test lint format kafka-jars java bench clean
+.PHONY: setup demo test lint format kafka-jars java prometheus clean
 
-setup: $(STAMP) kafka-jars
+setup: $(STAMP) kafka-jars prometheus
 
 $(UV):
 	@echo "==> installing uv $(UV_VERSION) into $(TOOLS)"
@@ -34,6 +35,16 @@ java:
 	    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven; \
 	  else \
 	    echo "Java 17+ and Maven are needed for the local Kafka broker; install them (e.g. apt-get install openjdk-17-jre-headless maven)" >&2; exit 1; \
+	  fi; \
+	fi
+
+prometheus:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "==> installing Prometheus (Debian package; the monitoring tests run it)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else \
+	    echo "Prometheus and promtool are needed by the monitoring tests; install Debian's prometheus package" >&2; exit 1; \
 	  fi; \
 	fi
 

@@ -6,7 +6,9 @@ front (no product or request ids in labels). Tests pass their own ``CollectorReg
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,10 +84,43 @@ class LoupeMetrics:
             ["model_version", "device"],
             registry=r,
         )
+        self.device_memory_used = Gauge(
+            "loupe_device_memory_used_bytes",
+            "Memory the model's device has in use (CUDA: reserved by torch; CPU: process RSS)",
+            ["device"],
+            registry=r,
+        )
+        self.device_memory_total = Gauge(
+            "loupe_device_memory_total_bytes",
+            "Memory the model's device has",
+            ["device"],
+            registry=r,
+        )
+        for stage in ("index_write", "publish", "search"):
+            self.retries.labels(stage=stage)
         for reason in ErrorCode:
             self.dead_letters.labels(reason=reason.value)
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+
+    def sample_device_memory(self, device: str) -> None:
+        """Refresh the device memory gauges (called on each scrape)."""
+        import torch
+
+        if device.startswith("cuda") and torch.cuda.is_available():
+            index = torch.device(device).index or 0
+            used = torch.cuda.memory_reserved(index)
+            total = torch.cuda.get_device_properties(index).total_memory
+        else:
+            import resource
+
+            page = os.sysconf("SC_PAGE_SIZE")
+            used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            with contextlib.suppress(OSError, ValueError), open("/proc/self/statm") as statm:
+                used = int(statm.read().split()[1]) * page
+            total = os.sysconf("SC_PHYS_PAGES") * page
+        self.device_memory_used.labels(device=device).set(used)
+        self.device_memory_total.labels(device=device).set(total)
 
     def timer(self, stage: str):
         if stage not in STAGES:
@@ -102,6 +137,7 @@ class HealthServer:
         ready: Callable[[], tuple[bool, str]],
         host: str = "127.0.0.1",
         port: int = 9400,
+        on_scrape: Callable[[], None] = lambda: None,
     ) -> None:
         registry = metrics.registry
 
@@ -109,6 +145,7 @@ class HealthServer:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
+                    on_scrape()
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     self._send(200, b"ok\n")

@@ -139,8 +139,13 @@ class LoupeService:
                     **shared,
                 )
             )
+        device = str(self.encoder.device)
         self.health = HealthServer(
-            self.metrics, self.ready, settings.metrics_host, settings.metrics_port
+            self.metrics,
+            self.ready,
+            settings.metrics_host,
+            settings.metrics_port,
+            on_scrape=lambda: self.metrics.sample_device_memory(device),
         )
 
     def ready(self) -> tuple[bool, str]:
