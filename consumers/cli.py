@@ -71,23 +71,19 @@ def _cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers.kafka_broker import LocalKafkaBroker
+    import signal
 
-    broker = LocalKafkaBroker(state_dir=settings.state_dir / "demo" / "kafka")
-    broker.stop()  # a broker left over from an interrupted demo
-    print("==> starting the local Kafka broker")
-    state = broker.start()
-    try:
-        print(f"    Kafka {state.kafka_version} is up on {state.bootstrap_servers}")
-        print(
-            "loupe demo: the jewelry-catalog demo is not built yet (issue 6): the encoder, the\n"
-            "ingest and search consumers and the report are still missing. Stopping the stack.",
-            file=sys.stderr,
-        )
-        return 1
-    finally:
-        broker.stop()
-        print("==> local Kafka broker stopped")
+    from consumers.demo import run_demo
+
+    # SIGTERM unwinds like Ctrl-C, so the broker and the service are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return run_demo(
+        settings,
+        products=args.products,
+        queries=args.queries,
+        report=args.report,
+        keep_running=args.keep_running,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     embed_cli.add_parser(commands)
     serve_cli.add_parsers(commands)
 
-    demo = commands.add_parser("demo", help="the end-to-end demo on the real jewelry catalog")
+    demo = commands.add_parser(
+        "demo",
+        help="the end-to-end demo on the real jewelry catalog",
+        description="Starts Kafka and Loupe on this machine, publishes the jewelry catalog, sends "
+        "searches of every kind, prints the answers and writes an HTML report.",
+    )
+    demo.add_argument("--products", type=int, default=None, help="index only N products")
+    demo.add_argument("--queries", type=int, default=15, help="how many searches to send")
+    demo.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="HTML report path (default: $LOUPE_STATE_DIR/demo/report.html)",
+    )
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave Kafka and Loupe running after the report, until Ctrl-C",
+    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 

@@ -1,0 +1,353 @@
+"""``loupe demo``: the whole service on the real jewelry catalog, on this machine.
+
+It plays the merchant (publishes the catalog, most photos by URL from a loopback 'CDN', some
+inline) and the shoppers (phone-camera photos of products, text, photo + text, filters), then
+prints the answers and writes a self-contained HTML report.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import shutil
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+from consumers.demo_report import DemoQuery, render_report, thumbnail
+from consumers.jewelry import CatalogProduct, load_catalog, phone_photo
+from consumers.kafka_broker import LocalKafkaBroker, free_loopback_port
+from consumers.settings import Settings
+from schemas.search import parse_search_response
+
+SEARCH_RATE = 4.0  # requests per second the shoppers send
+TEXT_QUERIES = [
+    "rose gold ring with diamonds",
+    "pearl drop earrings",
+    "gold bangle for a wedding",
+    "silver pendant necklace",
+]
+
+
+class _CdnServer(ThreadingHTTPServer):
+    request_queue_size = 256  # socketserver's default of 5 drops concurrent connects
+    daemon_threads = True
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _step(number: int, total: int, text: str) -> None:
+    print(f"\n==> [{number}/{total}] {text}", flush=True)
+
+
+def _progress(done: int, total: int, started: float) -> None:
+    width = 30
+    filled = int(width * done / max(1, total))
+    rate = done / max(1e-6, time.perf_counter() - started)
+    bar = "#" * filled + "-" * (width - filled)
+    print(f"\r    [{bar}] {done}/{total} indexed ({rate:.1f}/s)", end="", flush=True)
+
+
+def _queries(catalog: list[CatalogProduct], count: int) -> list[DemoQuery]:
+    """A mix of every kind; photos are altered as a phone camera would, never catalog bytes."""
+    picks = catalog[7::19]
+    queries: list[DemoQuery] = []
+    kinds = ["photo", "text", "photo + text", "text + filters", "photo"]
+    for n in range(count):
+        kind = kinds[n % len(kinds)]
+        product = picks[n % len(picks)]
+        if kind == "photo":
+            queries.append(
+                DemoQuery(
+                    kind,
+                    f"a shopper's photo of '{product.title}'",
+                    photo=phone_photo(product.image_path.read_bytes(), seed=n),
+                    expected_product_id=product.product_id,
+                )
+            )
+        elif kind == "text":
+            queries.append(DemoQuery(kind, "text only", text=TEXT_QUERIES[n % len(TEXT_QUERIES)]))
+        elif kind == "photo + text":
+            queries.append(
+                DemoQuery(
+                    kind,
+                    f"a photo of '{product.title}' plus words",
+                    photo=phone_photo(product.image_path.read_bytes(), seed=100 + n),
+                    text=f"{product.material} {product.category}",
+                    expected_product_id=product.product_id,
+                )
+            )
+        else:
+            ceiling = float(np.median([float(p.price_inr) for p in catalog if p.price_inr]))
+            queries.append(
+                DemoQuery(
+                    kind,
+                    "rings under the median price",
+                    text="diamond ring",
+                    filters={"category": ["ring"], "price_max": ceiling},
+                )
+            )
+    return queries
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    products: int | None = None,
+    queries: int = 15,
+    report: Path | None = None,
+    keep_running: bool = False,
+    inline_every: int = 5,
+) -> int:
+    from kafka import KafkaProducer
+
+    from consumers.service import LoupeService, ensure_topics
+
+    total_steps = 6
+    started_at = time.perf_counter()
+    demo_dir = settings.state_dir / "demo"
+    report = report or demo_dir / "report.html"
+    broker = LocalKafkaBroker(state_dir=demo_dir / "kafka")
+    service: LoupeService | None = None
+    service_thread: threading.Thread | None = None
+    cdn: _CdnServer | None = None
+    try:
+        _step(1, total_steps, "the real jewelry catalog (PyPI giva-databricks)")
+        catalog = load_catalog()
+        chosen = (
+            catalog if products is None else catalog[:: max(1, len(catalog) // products)][:products]
+        )
+        photos_dir = chosen[0].image_path.parent.parent
+        print(f"    {len(chosen)} of {len(catalog)} products, photos in {photos_dir}")
+
+        _step(2, total_steps, "a local Apache Kafka broker")
+        broker.stop()  # one left over from an interrupted demo
+        state = broker.start()
+        where = f"{state.bootstrap_servers} (state in {broker.state_dir})"
+        print(f"    Kafka {state.kafka_version} on {where}")
+
+        _step(3, total_steps, "Loupe (ingest + search, embedded Qdrant)")
+        index_dir = demo_dir / "index"
+        shutil.rmtree(index_dir, ignore_errors=True)  # a fresh index: the demo counts from zero
+        metrics_port = settings.metrics_port or free_loopback_port()
+        run = settings.model_copy(
+            update={
+                "bootstrap_servers": state.bootstrap_servers,
+                "index_path": index_dir,
+                "fetch_allow_loopback": True,  # the demo's CDN is on this machine
+                "metrics_port": metrics_port,
+                "group_id": "loupe-demo",
+            }
+        )
+        ensure_topics(run)
+        service = LoupeService(run, role="all")
+        service_thread = threading.Thread(target=service.run, name="loupe", daemon=True)
+        service_thread.start()
+        metrics_url = f"http://127.0.0.1:{service.health.port}/metrics"
+        print(f"    model {service.encoder.model_version} on {service.encoder.device}")
+        print(f"    index in {index_dir}; metrics at {metrics_url}")
+
+        _step(4, total_steps, "the merchant publishes the catalog")
+        cdn = _CdnServer(
+            ("127.0.0.1", 0),
+            functools.partial(_QuietHandler, directory=str(chosen[0].image_path.parent.parent)),
+        )
+        threading.Thread(target=cdn.serve_forever, daemon=True).start()
+        cdn_url = f"http://127.0.0.1:{cdn.server_address[1]}"
+        producer = KafkaProducer(
+            bootstrap_servers=state.bootstrap_servers, linger_ms=5, max_request_size=2 * 1024 * 1024
+        )
+        now = datetime.now(UTC).isoformat()
+        inline = 0
+        for i, product in enumerate(chosen):
+            if i % inline_every == inline_every - 1:
+                image = {
+                    "data": base64.b64encode(product.image_path.read_bytes()).decode(),
+                    "media_type": "image/jpeg",
+                }
+                inline += 1
+            else:
+                relative = product.image_path.relative_to(product.image_path.parent.parent)
+                image = {"url": f"{cdn_url}/{relative.as_posix()}"}
+            event = {
+                "type": "product.upserted",
+                "event_id": f"demo-{i}",
+                "occurred_at": now,
+                "merchant_id": "giva",
+                "product_id": product.product_id,
+                "title": product.title,
+                "description": product.description,
+                "attributes": product.attributes(),
+                "price": {"amount": product.price_inr, "currency": "INR"}
+                if product.price_inr
+                else None,
+                "image": image,
+                "version": 1,
+            }
+            producer.send(
+                run.products_topic,
+                key=f"giva/{product.product_id}".encode(),
+                value=json.dumps(event).encode(),
+            )
+        producer.flush()
+        print(
+            f"    published {len(chosen)} product events ({len(chosen) - inline} by URL, "
+            f"{inline} inline)"
+        )
+        sample = service.metrics.registry.get_sample_value
+        ingest_started = time.perf_counter()
+        while True:
+            done = sum(
+                sample("loupe_events_total", {"topic": run.products_topic, "outcome": o}) or 0
+                for o in ("indexed", "dead_lettered", "stale")
+            )
+            _progress(int(done), len(chosen), ingest_started)
+            if done >= len(chosen):
+                break
+            if not service_thread.is_alive():
+                raise RuntimeError("the Loupe service stopped during ingest; see the log above")
+            time.sleep(0.3)
+        ingest_s = time.perf_counter() - ingest_started
+        print()
+        indexed = int(
+            sample("loupe_events_total", {"topic": run.products_topic, "outcome": "indexed"}) or 0
+        )
+
+        _step(5, total_steps, f"shoppers send {queries} searches")
+        asks = _queries(catalog, queries)
+        reader = _response_reader(state.bootstrap_servers, run.search_responses_topic)
+        sent_at: dict[str, float] = {}
+        sends_started = time.perf_counter()
+        for n, ask in enumerate(asks):
+            body: dict = {
+                "type": "search.requested",
+                "request_id": f"demo-q{n}",
+                "occurred_at": datetime.now(UTC).isoformat(),
+                "top_k": 5,
+                "filters": ask.filters,
+            }
+            if ask.photo:
+                body["image"] = {
+                    "data": base64.b64encode(ask.photo).decode(),
+                    "media_type": "image/jpeg",
+                }
+            if ask.text:
+                body["text"] = ask.text
+            # A steady rate, as shoppers arrive, so latency is the service's, not a queue's.
+            time.sleep(max(0.0, sends_started + n / SEARCH_RATE - time.perf_counter()))
+            sent_at[body["request_id"]] = time.perf_counter()
+            producer.send(
+                run.search_requests_topic,
+                key=body["request_id"].encode(),
+                value=json.dumps(body).encode(),
+            )
+            producer.flush()
+        producer.close()
+        deadline = time.perf_counter() + 120
+        by_id = {f"demo-q{n}": ask for n, ask in enumerate(asks)}
+        while any(a.response is None for a in asks) and time.perf_counter() < deadline:
+            for records in reader.poll(timeout_ms=200).values():
+                for record in records:
+                    ask = by_id.get(record.key.decode())
+                    if ask is not None and ask.response is None:
+                        ask.response = parse_search_response(record.value)
+                        ask.latency_ms = (time.perf_counter() - sent_at[record.key.decode()]) * 1000
+        reader.close()
+        answered = [a for a in asks if a.response is not None]
+        print(f"    {len(answered)}/{len(asks)} answered")
+
+        _step(6, total_steps, "results")
+        _print_table(asks)
+        latencies = [a.latency_ms for a in answered if a.latency_ms is not None]
+        p50, p95, p99 = (
+            (np.percentile(latencies, q) for q in (50, 95, 99)) if latencies else (0, 0, 0)
+        )
+        photo_asks = [a for a in asks if a.expected_product_id]
+        firsts = sum(1 for a in photo_asks if a.expected_rank() == 1)
+        summary = {
+            "products indexed": f"{indexed} / {len(chosen)}",
+            "ingest": f"{ingest_s:.1f} s ({indexed / max(ingest_s, 1e-6):.1f}/s)",
+            "searches answered": f"{len(answered)} / {len(asks)}",
+            "photo queries, own product first": f"{firsts} / {len(photo_asks)}",
+            "latency p50 / p95 / p99": f"{p50:.0f} / {p95:.0f} / {p99:.0f} ms",
+            "metrics": metrics_url,
+            "model": service.encoder.model_version,
+        }
+        thumbs = {p.product_id: thumbnail(p.image_path.read_bytes()) for p in catalog}
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(render_report(asks, thumbs, summary), encoding="utf-8")
+        print()
+        for label, value in summary.items():
+            print(f"    {label:<34} {value}")
+        print(f"\n    report: {report}")
+        print(f"    demo took {time.perf_counter() - started_at:.0f} s")
+
+        if keep_running:
+            print("\nLoupe keeps running (Ctrl-C to stop). Try:")
+            print(
+                f"    LOUPE_BOOTSTRAP_SERVERS={state.bootstrap_servers} "
+                ".venv/bin/loupe search --text 'gold ring' --top-k 5"
+            )
+            print(f"    curl -s {metrics_url} | grep ^loupe_events_total")
+            try:
+                while service_thread.is_alive():
+                    service_thread.join(1.0)
+            except KeyboardInterrupt:
+                print()
+        return 0 if len(answered) == len(asks) and indexed > 0 else 1
+    finally:
+        if service is not None:
+            service.stop()
+        if service_thread is not None:
+            service_thread.join(60)
+        if cdn is not None:
+            cdn.shutdown()
+        if broker.stop():
+            print("==> stopped Loupe and the local Kafka broker", flush=True)
+
+
+def _response_reader(bootstrap: str, topic: str):
+    """A consumer positioned at the response topic's current end, before anything is asked.
+    ``seek_to_end`` alone is lazy: answers written before the first poll would be skipped."""
+    from kafka import KafkaConsumer
+    from kafka.structs import TopicPartition
+
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or {0}]
+    reader.assign(partitions)
+    reader.seek_to_end(*partitions)
+    for partition in partitions:
+        reader.position(partition)  # resolves the end offset now
+    return reader
+
+
+def _print_table(asks: list[DemoQuery]) -> None:
+    for n, ask in enumerate(asks, start=1):
+        what = ask.text or ""
+        if ask.filters:
+            what += f" [{', '.join(f'{k}={v}' for k, v in ask.filters.items())}]"
+        print(f"\n    {n:>2}. {ask.kind}: {ask.description}" + (f" — {what}" if what else ""))
+        response = ask.response
+        if response is None:
+            print("        (no answer)")
+            continue
+        if response.status == "error":
+            print(f"        error {response.error.code}: {response.error.message}")
+            continue
+        for rank, hit in enumerate(response.hits[:3], start=1):
+            mark = (
+                "  <- the photographed product" if hit.product_id == ask.expected_product_id else ""
+            )
+            print(f"        #{rank} {hit.score:.3f}  {hit.title[:60]}{mark}")
+        if not response.hits:
+            print("        (no products match)")
+    sys.stdout.flush()

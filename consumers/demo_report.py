@@ -1,0 +1,118 @@
+"""The demo's HTML report: one self-contained file (thumbnails inlined as data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from schemas.search import SearchCompleted
+
+
+@dataclass
+class DemoQuery:
+    kind: str  # "photo", "text", "photo + text", "text + filters"
+    description: str
+    photo: bytes | None = None
+    text: str | None = None
+    filters: dict = field(default_factory=dict)
+    expected_product_id: str | None = None  # for photos of a catalog product
+    response: SearchCompleted | None = None
+    latency_ms: float | None = None
+
+    def expected_rank(self) -> int | None:
+        if self.response is None or self.expected_product_id is None:
+            return None
+        for rank, hit in enumerate(self.response.hits, start=1):
+            if hit.product_id == self.expected_product_id:
+                return rank
+        return None
+
+
+def thumbnail(data: bytes, side: int = 160) -> str:
+    """A small JPEG data URI of an image."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image.thumbnail((side, side))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1200px}
+h1{margin-bottom:.2rem} .muted{color:#666}
+.summary{display:flex;gap:2rem;flex-wrap:wrap;background:#f6f6f4;padding:1rem;border-radius:8px}
+.summary div b{display:block;font-size:1.4rem}
+.query{display:flex;gap:1.5rem;border-top:1px solid #ddd;padding:1.2rem 0;align-items:flex-start}
+.ask{width:190px;flex:none} .ask img{width:170px;border:1px solid #ccc;border-radius:6px}
+.hits{display:flex;gap:.8rem;flex-wrap:wrap}
+.hit{width:170px;font-size:.82rem} .hit img{width:160px;height:160px;object-fit:contain;
+  border:1px solid #e3e3e3;border-radius:6px;background:#fff}
+.hit.expected img{border:3px solid #2a9d4b}
+.scores{font-family:ui-monospace,monospace;color:#555} .kind{font-weight:600}
+.err{color:#b00020}
+"""
+
+
+def render_report(
+    queries: list[DemoQuery],
+    thumbnails: dict[str, str],
+    summary: dict[str, str],
+    title: str = "Loupe demo: visual search on a real jewelry catalog",
+) -> str:
+    """``thumbnails`` maps product_id to a data URI; ``summary`` is shown as label -> value."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p class='muted'>Each row is one search request sent through Kafka; the hits are the "
+        "top results Loupe returned, with the cosine similarity per view "
+        "(image / text / fused; '-' where the query had no such view).</p>",
+        "<div class='summary'>",
+    ]
+    for label, value in summary.items():
+        parts.append(f"<div>{html.escape(label)}<b>{html.escape(value)}</b></div>")
+    parts.append("</div>")
+    for query in queries:
+        parts.append("<div class='query'><div class='ask'>")
+        parts.append(f"<div class='kind'>{html.escape(query.kind)}</div>")
+        if query.photo:
+            parts.append(f"<img src='{thumbnail(query.photo, 340)}' alt='query photo'>")
+        if query.text:
+            parts.append(f"<p>&ldquo;{html.escape(query.text)}&rdquo;</p>")
+        if query.filters:
+            shown = ", ".join(f"{k}={v}" for k, v in query.filters.items())
+            parts.append(f"<p class='muted'>filters: {html.escape(shown)}</p>")
+        parts.append(f"<p class='muted'>{html.escape(query.description)}</p>")
+        if query.latency_ms is not None:
+            parts.append(f"<p class='muted'>answered in {query.latency_ms:.0f} ms</p>")
+        parts.append("</div><div class='hits'>")
+        response = query.response
+        if response is None:
+            parts.append("<p class='err'>no answer</p>")
+        elif response.status == "error":
+            message = f"{response.error.code}: {response.error.message}"
+            parts.append(f"<p class='err'>{html.escape(message)}</p>")
+        else:
+            for rank, hit in enumerate(response.hits[:5], start=1):
+                expected = " expected" if hit.product_id == query.expected_product_id else ""
+                scores = " / ".join(
+                    "-" if v is None else f"{v:.2f}"
+                    for v in (hit.scores.image, hit.scores.text, hit.scores.fused)
+                )
+                price = f"{hit.price.amount} {hit.price.currency}" if hit.price else ""
+                image = thumbnails.get(hit.product_id, "")
+                parts.append(
+                    f"<div class='hit{expected}'><img src='{image}' alt=''>"
+                    f"<div>#{rank} {html.escape(hit.title)}</div>"
+                    f"<div class='muted'>{html.escape(price)}</div>"
+                    f"<div class='scores'>{scores}</div></div>"
+                )
+            if not response.hits:
+                parts.append("<p class='muted'>no products match</p>")
+        parts.append("</div></div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,30 @@
+"""`loupe demo` in a reduced mode: it runs end to end and writes a report of answered queries."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from consumers.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_reduced_demo_writes_a_report_of_answered_queries(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOUPE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("LOUPE_METRICS_PORT", "0")
+    report = tmp_path / "report.html"
+    assert main(["demo", "--products", "24", "--queries", "5", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "products indexed                   24 / 24" in out
+    assert "searches answered                  5 / 5" in out
+    assert "==> stopped Loupe and the local Kafka broker" in out
+    html = report.read_text()
+    assert html.startswith("<!doctype html>")
+    assert html.count("class='query'") == 5
+    assert html.count("class='hit") >= 5, "answered queries show their hits"
+    assert "no answer" not in html
+    for kind in ("photo", "text", "photo + text", "text + filters"):
+        assert f"<div class='kind'>{kind}</div>" in html
+    assert not re.search(r"src='(?!data:)", html), "the report must be self-contained"
