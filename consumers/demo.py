@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.demo_report import DemoQuery, render_report, thumbnail
+from consumers.demo_report import DemoQuery, format_filters, render_report, thumbnail
 from consumers.jewelry import CatalogProduct, load_catalog, phone_photo
 from consumers.kafka_broker import LocalKafkaBroker, free_loopback_port
 from consumers.settings import Settings
@@ -87,13 +87,15 @@ def _queries(catalog: list[CatalogProduct], count: int) -> list[DemoQuery]:
                 )
             )
         else:
-            ceiling = float(np.median([float(p.price_inr) for p in catalog if p.price_inr]))
+            category = ("ring", "earring", "necklace", "bracelet")[n % 4]
+            prices = [float(p.price_inr) for p in catalog if p.category == category and p.price_inr]
+            ceiling = round(float(np.median(prices)), -2)
             queries.append(
                 DemoQuery(
                     kind,
-                    "rings under the median price",
-                    text="diamond ring",
-                    filters={"category": ["ring"], "price_max": ceiling},
+                    f"{category}s under {ceiling:.0f} INR (their median price)",
+                    text=f"diamond {category}",
+                    filters={"category": [category], "price_max": ceiling},
                 )
             )
     return queries
@@ -226,6 +228,25 @@ def run_demo(
         asks = _queries(catalog, queries)
         reader = _response_reader(state.bootstrap_servers, run.search_responses_topic)
         sent_at: dict[str, float] = {}
+        by_id = {f"demo-q{n}": ask for n, ask in enumerate(asks)}
+        stop_reading, all_answered = threading.Event(), threading.Event()
+
+        def read_answers() -> None:
+            # Reads while the shoppers are still asking: latency = answer seen - request sent.
+            while not stop_reading.is_set():
+                for records in reader.poll(timeout_ms=100).values():
+                    for record in records:
+                        key = record.key.decode()
+                        ask = by_id.get(key)
+                        if ask is not None and ask.response is None and key in sent_at:
+                            ask.response = parse_search_response(record.value)
+                            ask.latency_ms = (time.perf_counter() - sent_at[key]) * 1000
+                if all(a.response is not None for a in asks):
+                    all_answered.set()
+                    return
+
+        reading = threading.Thread(target=read_answers, name="answers", daemon=True)
+        reading.start()
         sends_started = time.perf_counter()
         for n, ask in enumerate(asks):
             body: dict = {
@@ -252,15 +273,9 @@ def run_demo(
             )
             producer.flush()
         producer.close()
-        deadline = time.perf_counter() + 120
-        by_id = {f"demo-q{n}": ask for n, ask in enumerate(asks)}
-        while any(a.response is None for a in asks) and time.perf_counter() < deadline:
-            for records in reader.poll(timeout_ms=200).values():
-                for record in records:
-                    ask = by_id.get(record.key.decode())
-                    if ask is not None and ask.response is None:
-                        ask.response = parse_search_response(record.value)
-                        ask.latency_ms = (time.perf_counter() - sent_at[record.key.decode()]) * 1000
+        all_answered.wait(120)
+        stop_reading.set()
+        reading.join(5)
         reader.close()
         answered = [a for a in asks if a.response is not None]
         print(f"    {len(answered)}/{len(asks)} answered")
@@ -334,7 +349,7 @@ def _print_table(asks: list[DemoQuery]) -> None:
     for n, ask in enumerate(asks, start=1):
         what = ask.text or ""
         if ask.filters:
-            what += f" [{', '.join(f'{k}={v}' for k, v in ask.filters.items())}]"
+            what += f" [{format_filters(ask.filters)}]"
         print(f"\n    {n:>2}. {ask.kind}: {ask.description}" + (f" — {what}" if what else ""))
         response = ask.response
         if response is None:

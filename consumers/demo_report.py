@@ -32,6 +32,12 @@ class DemoQuery:
         return None
 
 
+def format_filters(filters: dict) -> str:
+    return ", ".join(
+        f"{k} = {' or '.join(v) if isinstance(v, list) else f'{v:g}'}" for k, v in filters.items()
+    )
+
+
 def thumbnail(data: bytes, side: int = 160) -> str:
     """A small JPEG data URI of an image."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -84,7 +90,7 @@ def render_report(
         if query.text:
             parts.append(f"<p>&ldquo;{html.escape(query.text)}&rdquo;</p>")
         if query.filters:
-            shown = ", ".join(f"{k}={v}" for k, v in query.filters.items())
+            shown = format_filters(query.filters)
             parts.append(f"<p class='muted'>filters: {html.escape(shown)}</p>")
         parts.append(f"<p class='muted'>{html.escape(query.description)}</p>")
         if query.latency_ms is not None:
