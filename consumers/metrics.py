@@ -22,7 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, LoupeError
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,10 @@ class LoupeMetrics:
         return self.stage_seconds.labels(stage=stage).time()
 
 
+class MetricsPortUnavailable(LoupeError):
+    """The metrics/health port cannot be bound. Policy: stop, and say which port."""
+
+
 class HealthServer:
     """``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (it can do its job)."""
 
@@ -165,7 +169,13 @@ class HealthServer:
             def log_message(self, format: str, *args) -> None:
                 log.debug("http: " + format, *args)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise MetricsPortUnavailable(
+                f"cannot serve metrics on {host}:{port} ({exc.strerror}); stop what listens there "
+                "or set LOUPE_METRICS_PORT to another port (0 picks a free one)"
+            ) from exc
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
