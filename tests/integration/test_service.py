@@ -489,3 +489,41 @@ def test_index_outage_is_retried_without_committing(service, catalog, cdn):
         assert indexer.process_once() == 0
     assert _committed(service) == before
     assert service["index"].count() == 3
+
+
+def test_publish_and_search_commands(service, catalog, cdn, monkeypatch, tmp_path, capsys):
+    """`loupe publish FILE.jsonl` then `loupe search --image ...`, as a user runs them."""
+    from consumers.cli import main
+
+    topics = service["topics"]
+    monkeypatch.setenv("LOUPE_BOOTSTRAP_SERVERS", service["bootstrap"])
+    monkeypatch.setenv("LOUPE_PRODUCTS_TOPIC", topics["products"])
+    monkeypatch.setenv("LOUPE_SEARCH_REQUESTS_TOPIC", topics["requests"])
+    monkeypatch.setenv("LOUPE_SEARCH_RESPONSES_TOPIC", topics["responses"])
+    lines = [json.dumps(_event(p, cdn=cdn)) for p in catalog[:4]] + ['{"type": "product.upserted"}']
+    jsonl = tmp_path / "products.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    assert main(["publish", str(jsonl)]) == 1  # one invalid line: reported, not sent
+    out = capsys.readouterr()
+    assert "sent 4 product events and 0 search requests; 1 invalid lines skipped" in out.out
+    assert f"{jsonl}:5: not sent: invalid product event" in out.err
+    _drain(service["indexer"], 4)
+
+    searcher = service["searcher"]
+    worker = threading.Thread(target=searcher.run, daemon=True)
+    worker.start()
+    photo = tmp_path / "shopper.jpg"
+    photo.write_bytes(phone_photo(catalog[2].image_path.read_bytes(), seed=5))
+    try:
+        assert main(["search", "--image", str(photo), "--top-k", "3", "--timeout", "60"]) == 0
+        table = capsys.readouterr().out
+        assert "3 hits in" in table
+        first_row = table.splitlines()[2]
+        assert catalog[2].title in first_row, table
+        assert main(["search", "--text", "ring", "--filter", "category=ring", "--json"]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["status"] == "ok"
+        assert {h["attributes"]["category"] for h in answer["hits"]} <= {"ring"}
+    finally:
+        searcher.stop_event.set()
+        worker.join(30)

@@ -1,0 +1,54 @@
+"""The index layer without a server: ids, filters, and an unreachable server's error policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumers.index import build_filter, collection_name, point_id
+from schemas.search import SearchFilters
+
+
+def test_point_ids_are_deterministic_and_unambiguous():
+    assert point_id("giva", "R1") == point_id("giva", "R1")
+    assert point_id("a/b", "c") != point_id("a", "b/c")
+    assert point_id("giva", "R1") != point_id("other", "R1")
+
+
+def test_collection_names_are_safe():
+    assert collection_name("loupe", "m1 v2/x") == "loupe__m1_v2_x"
+
+
+def test_filters_become_qdrant_conditions():
+    flt = build_filter(
+        "giva",
+        SearchFilters(
+            category=["Ring", "earring"],
+            price_max=5000,
+            currency="INR",
+            attributes={"plating": "rose gold", "adjustable": True},
+        ),
+    )
+    conditions = {c.key: c for c in flt.must}
+    assert conditions["merchant_id"].match.value == "giva"
+    assert conditions["category"].match.any == ["ring", "earring"], "matched lower-case"
+    assert conditions["price"].range.lte == 5000 and conditions["price"].range.gte is None
+    assert conditions["currency"].match.value == "INR"
+    assert conditions["attributes.plating"].match.value == "rose gold"
+    assert conditions["attributes.adjustable"].match.value is True
+    assert build_filter(None, SearchFilters()) is None
+
+
+def test_an_unreachable_qdrant_server_is_index_unavailable():
+    """The retry policy's trigger: a server URL that refuses (a closed loopback port)."""
+    from consumers.errors import IndexUnavailable
+    from consumers.index import QdrantIndex
+    from consumers.kafka_broker import free_loopback_port
+
+    index = QdrantIndex(
+        model_version="m1", url=f"http://127.0.0.1:{free_loopback_port()}", timeout_s=2
+    )
+    with pytest.raises(IndexUnavailable, match="Qdrant count failed"):
+        index.count()
+    with pytest.raises(IndexUnavailable):
+        index.ensure_collection({"image": 4, "text": 3, "fused": 7})
+    index.close()
