@@ -11,14 +11,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
-from consumers.jewelry import CatalogProduct
+from consumers.jewelry import CatalogProduct, upserted_event
 from consumers.kafka_broker import LocalKafkaBroker
 
 
@@ -82,23 +81,7 @@ def photo_server(photos: dict[str, bytes]) -> Iterator[str]:
 
 
 def product_event(product: CatalogProduct, image: dict, product_id: str | None = None) -> bytes:
-    return json.dumps(
-        {
-            "type": "product.upserted",
-            "event_id": uuid.uuid4().hex,
-            "occurred_at": datetime.now(UTC).isoformat(),
-            "merchant_id": "giva",
-            "product_id": product_id or product.product_id,
-            "title": product.title,
-            "description": product.description,
-            "attributes": product.attributes(),
-            "price": {"amount": product.price_inr, "currency": "INR"}
-            if product.price_inr
-            else None,
-            "image": image,
-            "version": 1,
-        }
-    ).encode()
+    return json.dumps(upserted_event(product, image, product_id=product_id)).encode()
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from consumers.demo_report import DemoQuery, format_filters, render_report, thumbnail
-from consumers.jewelry import CatalogProduct, load_catalog, phone_photo
+from consumers.jewelry import CatalogProduct, load_catalog, phone_photo, upserted_event
 from consumers.kafka_broker import LocalKafkaBroker, free_loopback_port
 from consumers.settings import Settings
 from schemas.search import parse_search_response
@@ -168,7 +168,6 @@ def run_demo(
         producer = KafkaProducer(
             bootstrap_servers=state.bootstrap_servers, linger_ms=5, max_request_size=2 * 1024 * 1024
         )
-        now = datetime.now(UTC).isoformat()
         inline = 0
         for i, product in enumerate(chosen):
             if i % inline_every == inline_every - 1:
@@ -180,21 +179,7 @@ def run_demo(
             else:
                 relative = product.image_path.relative_to(product.image_path.parent.parent)
                 image = {"url": f"{cdn_url}/{relative.as_posix()}"}
-            event = {
-                "type": "product.upserted",
-                "event_id": f"demo-{i}",
-                "occurred_at": now,
-                "merchant_id": "giva",
-                "product_id": product.product_id,
-                "title": product.title,
-                "description": product.description,
-                "attributes": product.attributes(),
-                "price": {"amount": product.price_inr, "currency": "INR"}
-                if product.price_inr
-                else None,
-                "image": image,
-                "version": 1,
-            }
+            event = upserted_event(product, image, event_id=f"demo-{i}")
             producer.send(
                 run.products_topic,
                 key=f"giva/{product.product_id}".encode(),

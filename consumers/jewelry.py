@@ -12,7 +12,9 @@ import io
 import json
 import random
 import tarfile
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from PIL import Image, ImageEnhance, ImageFilter
@@ -46,6 +48,31 @@ class CatalogProduct:
             "material": self.material,
             "style": self.style,
         }
+
+
+def upserted_event(
+    product: CatalogProduct,
+    image: dict,
+    *,
+    merchant_id: str = "giva",
+    product_id: str | None = None,
+    event_id: str | None = None,
+    version: int = 1,
+) -> dict:
+    """A ``product.upserted`` event (v1 contract) for a catalog product, as a merchant sends it."""
+    return {
+        "type": "product.upserted",
+        "event_id": event_id or uuid.uuid4().hex,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "merchant_id": merchant_id,
+        "product_id": product_id or product.product_id,
+        "title": product.title,
+        "description": product.description,
+        "attributes": product.attributes(),
+        "price": {"amount": product.price_inr, "currency": "INR"} if product.price_inr else None,
+        "image": image,
+        "version": version,
+    }
 
 
 def _data_dir() -> Path:
