@@ -92,6 +92,21 @@ class LoupeService:
         self.settings = settings
         self.role = role
         self.metrics = LoupeMetrics()
+        # Bound first: a taken port fails in a second, not after the model has loaded.
+        self.health = HealthServer(
+            self.metrics,
+            self.ready,
+            settings.metrics_host,
+            settings.metrics_port,
+            on_scrape=self._sample_device_memory,
+        )
+        try:
+            self._build(settings, role)
+        except BaseException:
+            self._close_parts()
+            raise
+
+    def _build(self, settings: Settings, role: str) -> None:
         log.info("loading the model (%s + %s)", settings.image_backbone, settings.text_backbone)
         self.encoder = FusedEncoder.from_profile(settings.model_profile())
         self.metrics.model_info.labels(
@@ -139,16 +154,15 @@ class LoupeService:
                     **shared,
                 )
             )
-        device = str(self.encoder.device)
-        self.health = HealthServer(
-            self.metrics,
-            self.ready,
-            settings.metrics_host,
-            settings.metrics_port,
-            on_scrape=lambda: self.metrics.sample_device_memory(device),
-        )
+
+    def _sample_device_memory(self) -> None:
+        encoder = getattr(self, "encoder", None)
+        if encoder is not None:
+            self.metrics.sample_device_memory(str(encoder.device))
 
     def ready(self) -> tuple[bool, str]:
+        if not hasattr(self, "index"):
+            return False, "starting: loading the model"
         problems = []
         if not answers_metadata(self.settings.bootstrap_servers.split(",")[0], timeout_s=1.0):
             problems.append("broker unreachable")
@@ -176,11 +190,18 @@ class LoupeService:
             self.stop()
             for thread in threads:
                 thread.join()
-            self.producer.close()
-            self.index.close()
-            self.encoder.close()
-            self.health.stop()
+            self._close_parts()
             log.info("stopped cleanly")
+
+    def _close_parts(self) -> None:
+        """Close whatever was built (all of it after run, part of it if the build failed)."""
+        for worker in getattr(self, "workers", []):
+            worker.close()  # idempotent: KafkaConsumer.close returns early once closed
+        for name in ("producer", "index", "encoder"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.close()
+        self.health.stop()
 
     def install_signal_handlers(self) -> None:
         def handle(signum, _frame) -> None:
