@@ -68,6 +68,8 @@ class Backoff:
             try:
                 return fn()
             except transient as exc:
+                if getattr(exc, "retriable", True) is False:
+                    raise  # e.g. MessageSizeTooLarge, authorization: retrying cannot help
                 if should_stop():
                     raise Abandoned(f"{what}: stopping while retrying ({exc})") from exc
                 on_retry()
@@ -179,4 +181,5 @@ def rewind(consumer: KafkaConsumer, records: Sequence[Any]) -> None:
             consumer.seek(tp, offset)
 
 
+# Retried with backoff unless the error says it is not retriable (kafka-python's ``retriable``).
 TRANSIENT_KAFKA = (KafkaError,)

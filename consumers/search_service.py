@@ -71,6 +71,8 @@ class SearchService(BatchWorker):
         self.response_topic = response_topic
         self.encode_lock = encode_lock
         self._answered: list[SearchRequested] = []
+        self._known_topics: set[str] = set()
+        self._topics_checked_at = float("-inf")
 
     def handle(self, records: list[Any]) -> None:
         """Answer every request of the batch; done once the broker acknowledged the answers."""
@@ -92,6 +94,19 @@ class SearchService(BatchWorker):
             request_id = (record.key or b"").decode("utf-8", "replace")[:128] or "unknown"
             self._respond_error(record, request_id, None, exc.code, str(exc), "parse", started)
             return None
+        if request.reply_to is not None and not self._topic_exists(request.reply_to):
+            # Sending there would block until a metadata timeout, and again on every retry.
+            message = f"reply_to topic {request.reply_to!r} does not exist; answered here instead"
+            self._respond_error(
+                record,
+                request.request_id,
+                None,
+                ErrorCode.INVALID_EVENT,
+                message,
+                "publish",
+                started,
+            )
+            return request
         try:
             hits = self._search(request)
         except (ImageFetchError, _EncodeFailed) as exc:
@@ -154,9 +169,19 @@ class SearchService(BatchWorker):
         self.publisher.send(
             reply_to or self.response_topic,
             request_id.encode(),
-            response.model_dump_json().encode(),
+            fit_response(response),
             [(CORRELATION_HEADER, request_id.encode())],
         )
+
+    def _topic_exists(self, topic: str) -> bool:
+        """Known topics, refreshed from the cluster at most every TOPICS_REFRESH_S on a miss."""
+        if topic in self._known_topics:
+            return True
+        now = time.monotonic()
+        if now - self._topics_checked_at >= TOPICS_REFRESH_S:
+            self._known_topics = self.retry("list topics", self.consumer.topics, TRANSIENT_KAFKA)
+            self._topics_checked_at = now
+        return topic in self._known_topics
 
     def _respond_error(
         self, record, request_id, reply_to, code: ErrorCode, message: str, stage, started: float
@@ -178,6 +203,35 @@ class SearchService(BatchWorker):
 
     def _retry(self, what: str, fn, transient):
         return self.retry(what, fn, transient, stage="search")
+
+
+TOPICS_REFRESH_S = 10.0
+# Under Kafka's default 1 MiB message.max.bytes, with room for the key and headers.
+MAX_RESPONSE_BYTES = 900_000
+
+
+def fit_response(response: SearchCompleted, limit: int = MAX_RESPONSE_BYTES) -> bytes:
+    """The response as JSON, under ``limit`` bytes: a hit list with large attributes is sent
+    without attributes first, then without its lowest-ranked hits, never rejected by the broker."""
+    raw = response.model_dump_json().encode()
+    if len(raw) <= limit:
+        return raw
+    slim = response.model_copy(
+        update={"hits": [h.model_copy(update={"attributes": {}}) for h in response.hits]}
+    )
+    raw = slim.model_dump_json().encode()
+    hits = list(slim.hits)
+    while len(raw) > limit and hits:
+        hits.pop()
+        raw = slim.model_copy(update={"hits": hits}).model_dump_json().encode()
+    log.warning(
+        "response %s over %d bytes: sent without attributes and with %d of %d hits",
+        response.request_id,
+        limit,
+        len(hits),
+        len(response.hits),
+    )
+    return raw
 
 
 class _EncodeFailed(Exception):

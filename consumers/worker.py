@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import TopicPartition
 
 from consumers.kafka_io import (
@@ -98,12 +99,18 @@ class BatchWorker:
         # A rebalance during retries hands partitions to another instance, which re-reads them
         # from the last commit; replays are idempotent, so only what we still own is committed.
         owned = [r for r in records if TopicPartition(r.topic, r.partition) not in self.lost]
-        with self.metrics.timer("commit"):
-            self.retry(
-                "commit",
-                lambda: commit_batch(self.consumer, owned, self._committed),
-                TRANSIENT_KAFKA,
-            )
+        try:
+            with self.metrics.timer("commit"):
+                self.retry(
+                    "commit",
+                    lambda: commit_batch(self.consumer, owned, self._committed),
+                    TRANSIENT_KAFKA,
+                )
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            # The group moved on while we worked: the partitions' new owner re-reads from the
+            # last commit and replays are idempotent, so nothing is lost by not committing.
+            log.warning("%s commit refused after a rebalance (%s); not committed", self.role, exc)
+            return 0
         update_lag(self.consumer, self.metrics)
         self.after_commit(owned)
         return len(owned)

@@ -527,3 +527,40 @@ def test_publish_and_search_commands(service, catalog, cdn, monkeypatch, tmp_pat
     finally:
         searcher.stop_event.set()
         worker.join(30)
+
+
+def test_a_reply_to_topic_that_does_not_exist_does_not_jam_search(service):
+    topics = service["topics"]
+    now = datetime.now(UTC).isoformat()
+    requests = [
+        {
+            "type": "search.requested",
+            "request_id": "r-nowhere",
+            "occurred_at": now,
+            "text": "ring",
+            "reply_to": "no.such.topic",
+        },
+        {"type": "search.requested", "request_id": "r-next", "occurred_at": now, "text": "ring"},
+    ]
+    started = time.monotonic()
+    _send(
+        service["bootstrap"],
+        topics["requests"],
+        [json.dumps(r).encode() for r in requests],
+        key=lambda v: json.loads(v)["request_id"],
+    )
+    _drain(service["searcher"], 2, timeout_s=60)
+    assert time.monotonic() - started < 30, "must not wait for a metadata timeout"
+    answers = {
+        parse_search_response(r.value).request_id: parse_search_response(r.value)
+        for r in _read_all(service["bootstrap"], topics["responses"], 2)
+    }
+    assert answers["r-next"].status == "ok"
+    nowhere = answers["r-nowhere"]
+    assert nowhere.status == "error" and nowhere.error.code == "invalid_event"
+    assert "reply_to topic 'no.such.topic' does not exist" in nowhere.error.message
+    letters = _read_all(service["bootstrap"], topics["deadletter"], 1)
+    assert (
+        DeadLetter.from_record(letters[0].key, letters[0].value, letters[0].headers).stage
+        == "publish"
+    )
