@@ -184,5 +184,6 @@ class HealthServer:
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever: only if it runs
+            self.server.shutdown()
         self.server.server_close()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from consumers.errors import LoupeError
 from consumers.image_fetch import ImageFetcher
 from consumers.index import QdrantIndex
 from consumers.ingest import Indexer
@@ -61,6 +62,33 @@ class EncoderGate:
                 self._cond.notify_all()
 
 
+class TopicsMissing(LoupeError):
+    """Loupe's topics are not there. Policy: stop at start-up and say which and how to fix."""
+
+
+def required_topics(settings: Settings, role: str) -> list[str]:
+    topics = [settings.deadletter_topic]
+    if role in ("ingest", "all"):
+        topics.append(settings.products_topic)
+    if role in ("search", "all"):
+        topics += [settings.search_requests_topic, settings.search_responses_topic]
+    return topics
+
+
+def check_topics(settings: Settings, role: str) -> None:
+    admin = KafkaAdminClient(**settings.kafka_client_config(), client_id="loupe-admin")
+    try:
+        existing = set(admin.list_topics())
+    finally:
+        admin.close()
+    missing = [t for t in required_topics(settings, role) if t not in existing]
+    if missing:
+        raise TopicsMissing(
+            f"topics missing on {settings.bootstrap_servers}: {', '.join(missing)}; create them "
+            "(deploy/ does) or start with `loupe serve --create-topics` in development"
+        )
+
+
 def ensure_topics(settings: Settings, partitions: int = 3) -> None:
     """Create Loupe's topics if missing (a development convenience; production provisions)."""
     admin = KafkaAdminClient(**settings.kafka_client_config(), client_id="loupe-admin")
@@ -107,6 +135,7 @@ class LoupeService:
             raise
 
     def _build(self, settings: Settings, role: str) -> None:
+        check_topics(settings, role)  # before the model loads: a wrong topic name fails fast
         log.info("loading the model (%s + %s)", settings.image_backbone, settings.text_backbone)
         self.encoder = FusedEncoder.from_profile(settings.model_profile())
         self.metrics.model_info.labels(

@@ -96,3 +96,20 @@ def test_group_resumes_exactly_after_committed_offsets(bootstrap_servers, make_t
         per_partition[p].append(o)
     for offsets in per_partition.values():
         assert offsets == list(range(offsets[0], offsets[0] + len(offsets))), "a gap in a partition"
+
+
+def test_serve_refuses_to_start_without_its_topics(bootstrap_servers, make_topic):
+    from consumers.service import LoupeService, TopicsMissing
+    from consumers.settings import Settings
+
+    existing = make_topic("products")
+    settings = Settings(
+        bootstrap_servers=bootstrap_servers,
+        products_topic=existing,
+        deadletter_topic="loupe.no-such-deadletter",
+        metrics_port=0,
+    )
+    with pytest.raises(TopicsMissing, match=r"loupe\.no-such-deadletter") as info:
+        LoupeService(settings, role="ingest")
+    assert existing not in str(info.value)
+    assert "--create-topics" in str(info.value)
