@@ -103,7 +103,10 @@ class FusedEncoder:
         limits: DecodeLimits | None = None,
         batch_size: int = 32,
         decode_workers: int = 2,
+        batch_jpeg_decode: bool | None = None,
     ) -> None:
+        """``batch_jpeg_decode``: decode JPEGs with torchvision on the model's device (nvjpeg on
+        CUDA); None means "on CUDA only". On the CPU it exists to test that path."""
         if (
             fusion.config.image_dim != image_encoder.dim
             or fusion.config.text_dim != text_encoder.dim
@@ -115,6 +118,9 @@ class FusedEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = device
+        self.batch_jpeg_decode = (
+            device.type == "cuda" if batch_jpeg_decode is None else batch_jpeg_decode
+        )
         self.fit = fit
         self.limits = limits or DecodeLimits()
         self.batch_size = batch_size
@@ -241,8 +247,8 @@ class FusedEncoder:
     ) -> tuple[torch.Tensor, list[int]]:
         """Decode and preprocess every image of the batch; failures go into ``out``."""
         rows = [i for i, item in enumerate(batch) if item.image is not None]
-        if self.device.type == "cuda":
-            tensors = self._gpu_decode(batch, rows, out)
+        if self.batch_jpeg_decode:
+            tensors = self._batch_jpeg_decode(batch, rows)
         else:
             tensors = dict(
                 zip(
@@ -275,10 +281,11 @@ class FusedEncoder:
         except ImageRejected as exc:
             return exc
 
-    def _gpu_decode(
-        self, batch: list[EncodeInput], rows: list[int], out: list[Encoded]
+    def _batch_jpeg_decode(
+        self, batch: list[EncodeInput], rows: list[int]
     ) -> dict[int, torch.Tensor | ImageRejected]:
-        """JPEGs decode on the GPU (nvjpeg); others, and any it refuses, on the CPU."""
+        """JPEGs decode in one call on the model's device (nvjpeg on CUDA); other formats, and
+        any file the batch call refuses, go through the Pillow path item by item."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         results: dict[int, torch.Tensor | ImageRejected] = {}
