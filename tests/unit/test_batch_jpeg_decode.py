@@ -55,8 +55,8 @@ def test_batch_path_agrees_with_the_pillow_path_on_real_photos(encoders):
     a = np.stack([r.vectors["image"] for r in pillow.encode_queries(photos)])
     b = np.stack([r.vectors["image"] for r in batched.encode_queries(photos)])
     cosines = (a * b).sum(axis=1)
-    # Different JPEG decoders and Pillow's reduced-scale draft decode: close, not identical.
-    assert cosines.min() > 0.98, cosines
+    # Different JPEG decoders (and, for large photos, Pillow's draft decode): close, not equal.
+    assert cosines.min() > 0.995, cosines  # measured: min 0.9996 over all 236 photos
 
 
 def test_mixed_batch_falls_back_per_item(encoders):
