@@ -118,7 +118,7 @@ def run_demo(
     started_at = time.perf_counter()
     demo_dir = settings.state_dir / "demo"
     report = report or demo_dir / "report.html"
-    broker = LocalKafkaBroker(state_dir=demo_dir / "kafka")
+    broker = LocalKafkaBroker(state_dir=demo_dir / "kafka", die_with_parent=True)
     service: LoupeService | None = None
     service_thread: threading.Thread | None = None
     cdn: _CdnServer | None = None

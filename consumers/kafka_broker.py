@@ -202,10 +202,15 @@ class LocalKafkaBroker:
         state_dir: Path = DEFAULT_STATE_DIR,
         cache_dir: Path = DEFAULT_CACHE_DIR,
         heap: str = "512m",
+        die_with_parent: bool = False,
     ) -> None:
+        """``die_with_parent``: the broker gets SIGTERM when the process that started it dies,
+        even by SIGKILL (tests, the demo). ``loupe kafka start`` leaves it off: that broker must
+        outlive the command."""
         self.state_dir = Path(state_dir)
         self.cache_dir = Path(cache_dir)
         self.heap = heap
+        self.die_with_parent = die_with_parent
 
     @property
     def state_file(self) -> Path:
@@ -270,9 +275,17 @@ class LocalKafkaBroker:
             )
 
         started_at = time.time()
+        launcher = []
+        if self.die_with_parent:
+            # util-linux's setpriv sets PR_SET_PDEATHSIG and execs java in the same process.
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                log.warning("setpriv not found: the broker may outlive a killed parent")
+            else:
+                launcher = [setpriv, "--pdeathsig", "TERM", "--"]
         with self.log_file.open("ab") as out:
             proc = subprocess.Popen(
-                [*jvm, "-cp", classpath, "kafka.Kafka", str(properties)],
+                [*launcher, *jvm, "-cp", classpath, "kafka.Kafka", str(properties)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

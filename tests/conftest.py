@@ -22,7 +22,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSta
     if external:
         yield BrokerState(0, external, 0, "", "external", 0.0)
         return
-    broker = LocalKafkaBroker(state_dir=tmp_path_factory.mktemp("kafka"))
+    broker = LocalKafkaBroker(state_dir=tmp_path_factory.mktemp("kafka"), die_with_parent=True)
     state = broker.start()
     try:
         yield state

@@ -113,3 +113,34 @@ def test_serve_refuses_to_start_without_its_topics(bootstrap_servers, make_topic
         LoupeService(settings, role="ingest")
     assert existing not in str(info.value)
     assert "--create-topics" in str(info.value)
+
+
+def test_a_broker_started_for_a_process_dies_with_it(tmp_path):
+    """A SIGKILLed test run or demo must not leave a broker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from consumers.kafka_broker import LocalKafkaBroker\n"
+        f"broker = LocalKafkaBroker(state_dir=Path({str(tmp_path)!r}), die_with_parent=True)\n"
+        "state = broker.start()\n"
+        "print(state.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    broker_pid = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(broker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(broker_pid, signal.SIGKILL)
+    pytest.fail("the broker outlived the process that started it")
