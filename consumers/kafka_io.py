@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -94,7 +95,7 @@ class Publisher:
         self.producer = producer
         self.deadletter_topic = deadletter_topic
         self.metrics = metrics
-        self._pending: list[Any] = []
+        self._pending: list[tuple[_Outgoing, Any]] = []  # each record with its send's future
 
     def send(
         self,
@@ -103,7 +104,10 @@ class Publisher:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
     ) -> None:
-        self._pending.append(self.producer.send(topic, key=key, value=value, headers=list(headers)))
+        record = _Outgoing(topic, key, value, list(headers))
+        self._pending.append(
+            (record, self.producer.send(topic, key=key, value=value, headers=record.headers))
+        )
 
     def dead_letter(self, record: Any, code: ErrorCode, message: str, stage: Stage) -> None:
         headers = deadletter_headers(
@@ -127,11 +131,31 @@ class Publisher:
         self.metrics.dead_letters.labels(reason=code.value).inc()
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait for every pending send's acknowledgement; raises KafkaError on failure."""
-        pending, self._pending = self._pending, []
+        """Wait until the broker acknowledged every pending send. A send that failed is sent
+        again and the error raised, so the caller's retry waits for the new attempt: nothing
+        is dropped between a failure and the commit that follows a successful flush."""
         self.producer.flush(timeout=timeout_s)
-        for future in pending:
-            future.get(timeout=timeout_s)
+        pending, self._pending = self._pending, []
+        failed: list[_Outgoing] = []
+        first_error: KafkaError | None = None
+        for record, future in pending:
+            try:
+                future.get(timeout=timeout_s)
+            except KafkaError as exc:
+                failed.append(record)
+                first_error = first_error or exc
+        if first_error is not None:
+            for record in failed:
+                self.send(record.topic, record.key, record.value, record.headers)
+            raise first_error
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
 
 
 def commit_batch(
