@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from consumers.jewelry import load_catalog
-from encoders.fused import EncodeInput, FusedEncoder, ModelProfile, compose_product_text
+from consumers.jewelry import encode_input, load_catalog
+from encoders.fused import FusedEncoder, ModelProfile
 
 
 def main() -> int:
@@ -38,14 +38,7 @@ def main() -> int:
         {"text_backbone": "bert-base-uncased", "text_weights": "random"} if args.image_only else {}
     )
     catalog = load_catalog()[: args.products]
-    items = [
-        EncodeInput(
-            p.image_path.read_bytes(),
-            "image/jpeg",
-            compose_product_text(p.title, p.attributes(), p.description),
-        )
-        for p in catalog
-    ]
+    items = [encode_input(p) for p in catalog]
     results = {}
     for device in ("cpu", args.device):
         encoder = FusedEncoder.from_profile(ModelProfile(device=device, **text))

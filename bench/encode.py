@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from consumers.jewelry import load_catalog
-from encoders.fused import EncodeInput, FusedEncoder, ModelProfile, compose_product_text
+from consumers.jewelry import encode_input, load_catalog
+from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 
 
 def _timed(fn: Callable[[], object], sync: Callable[[], None], min_seconds: float) -> float:
@@ -117,14 +117,7 @@ def main() -> None:
     rows = []
     for size in sizes:
         products = [catalog[i % len(catalog)] for i in range(size)]
-        items = [
-            EncodeInput(
-                image=p.image_path.read_bytes(),
-                media_type="image/jpeg",
-                text=compose_product_text(p.title, p.attributes(), p.description),
-            )
-            for p in products
-        ]
+        items = [encode_input(p) for p in products]
         row = _measure(encoder, items, sync, args.min_seconds)
         rows.append(row)
         print(

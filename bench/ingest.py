@@ -22,7 +22,7 @@ from bench.harness import create_topic, local_broker, photo_server, product_even
 from consumers.image_fetch import FetchPolicy, ImageFetcher
 from consumers.index import IndexPoint, QdrantIndex
 from consumers.ingest import Indexer
-from consumers.jewelry import load_catalog
+from consumers.jewelry import encode_input, load_catalog
 from consumers.kafka_io import Publisher, make_consumer, make_producer
 from consumers.metrics import LoupeMetrics
 from consumers.settings import Settings
@@ -56,14 +56,7 @@ def main() -> None:
     )
 
     # 1. The encoder alone, on bytes in memory.
-    inputs = [
-        EncodeInput(
-            photos[p.image_path.name],
-            "image/jpeg",
-            compose_product_text(p.title, p.attributes(), p.description),
-        )
-        for p in products
-    ]
+    inputs = [encode_input(p) for p in products]
     encoder.encode_products(inputs[:8])  # warm-up
     started = time.perf_counter()
     encoder.encode_products(inputs)

@@ -29,12 +29,12 @@ from kafka import KafkaConsumer, KafkaProducer
 from bench.harness import create_topic, local_broker, percentiles
 from consumers.image_fetch import FetchPolicy, ImageFetcher
 from consumers.index import IndexPoint, QdrantIndex
-from consumers.jewelry import load_catalog, phone_photo
+from consumers.jewelry import encode_input, load_catalog, phone_photo
 from consumers.kafka_io import Publisher, make_consumer, make_producer
 from consumers.metrics import LoupeMetrics
 from consumers.search_service import SearchService
 from consumers.settings import Settings
-from encoders.fused import EncodeInput, FusedEncoder, compose_product_text
+from encoders.fused import EncodeInput, FusedEncoder
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
@@ -124,14 +124,7 @@ def main() -> None:
     with local_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         index = QdrantIndex(model_version=encoder.model_version, path=f"{tmp}/index")
         index.ensure_collection(encoder.dims)
-        items = [
-            EncodeInput(
-                p.image_path.read_bytes(),
-                "image/jpeg",
-                compose_product_text(p.title, p.attributes(), p.description),
-            )
-            for p in catalog
-        ]
+        items = [encode_input(p) for p in catalog]
         points = [
             IndexPoint(
                 "giva",

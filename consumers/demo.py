@@ -23,6 +23,7 @@ import numpy as np
 from consumers.demo_report import DemoQuery, format_filters, render_report, thumbnail
 from consumers.jewelry import CatalogProduct, load_catalog, phone_photo, upserted_event
 from consumers.kafka_broker import LocalKafkaBroker, free_loopback_port
+from consumers.kafka_io import make_producer, reader_at_end
 from consumers.settings import Settings
 from schemas.search import parse_search_response
 
@@ -110,8 +111,6 @@ def run_demo(
     keep_running: bool = False,
     inline_every: int = 5,
 ) -> int:
-    from kafka import KafkaProducer
-
     from consumers.service import LoupeService, ensure_topics
 
     total_steps = 6
@@ -165,9 +164,7 @@ def run_demo(
         )
         threading.Thread(target=cdn.serve_forever, daemon=True).start()
         cdn_url = f"http://127.0.0.1:{cdn.server_address[1]}"
-        producer = KafkaProducer(
-            bootstrap_servers=state.bootstrap_servers, linger_ms=5, max_request_size=2 * 1024 * 1024
-        )
+        producer = make_producer(run)
         inline = 0
         for i, product in enumerate(chosen):
             if i % inline_every == inline_every - 1:
@@ -211,7 +208,7 @@ def run_demo(
 
         _step(5, total_steps, f"shoppers send {queries} searches")
         asks = _queries(catalog, queries)
-        reader = _response_reader(state.bootstrap_servers, run.search_responses_topic)
+        reader = reader_at_end(run, run.search_responses_topic)
         sent_at: dict[str, float] = {}
         by_id = {f"demo-q{n}": ask for n, ask in enumerate(asks)}
         stop_reading, all_answered = threading.Event(), threading.Event()
@@ -313,21 +310,6 @@ def run_demo(
             cdn.shutdown()
         if broker.stop():
             print("==> stopped Loupe and the local Kafka broker", flush=True)
-
-
-def _response_reader(bootstrap: str, topic: str):
-    """A consumer positioned at the response topic's current end, before anything is asked.
-    ``seek_to_end`` alone is lazy: answers written before the first poll would be skipped."""
-    from kafka import KafkaConsumer
-    from kafka.structs import TopicPartition
-
-    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or {0}]
-    reader.assign(partitions)
-    reader.seek_to_end(*partitions)
-    for partition in partitions:
-        reader.position(partition)  # resolves the end offset now
-    return reader
 
 
 def _print_table(asks: list[DemoQuery]) -> None:

@@ -71,7 +71,7 @@ class VectorIndex(Protocol):
         filters: SearchFilters,
         with_vectors: Sequence[str] = (),
     ) -> list[IndexHit]: ...
-    def count(self) -> int: ...
+    def count(self, exact: bool = True) -> int: ...
     def close(self) -> None: ...
 
 
@@ -255,8 +255,8 @@ class QdrantIndex:
             )
         return hits
 
-    def count(self) -> int:
-        return int(self._call("count", self.client.count, self.collection, exact=True).count)
+    def count(self, exact: bool = True) -> int:
+        return int(self._call("count", self.client.count, self.collection, exact=exact).count)
 
     def close(self) -> None:
         self.client.close()

@@ -81,7 +81,9 @@ class Indexer(BatchWorker):
         super().close()
 
     def after_commit(self, records: list[Any]) -> None:
-        self.metrics.index_points.set(self._retry("count", self.index.count, (IndexUnavailable,)))
+        # Approximate: an exact count after every batch would be a full count on a server.
+        points = self._retry("count", lambda: self.index.count(exact=False), (IndexUnavailable,))
+        self.metrics.index_points.set(points)
 
     # --- stages ---------------------------------------------------------------------------
 

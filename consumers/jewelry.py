@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import random
 import tarfile
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageEnhance, ImageFilter
 
 from schemas.errors import LoupeError
+
+if TYPE_CHECKING:
+    from encoders.fused import EncodeInput
 
 GIVA_PACKAGE = "giva-databricks==0.1.2"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "giva"
@@ -156,8 +159,12 @@ def phone_photo(image_bytes: bytes, seed: int) -> bytes:
     return out.getvalue()
 
 
-def catalog_summary(products: list[CatalogProduct]) -> str:
-    counts: dict[str, int] = {}
-    for product in products:
-        counts[product.category] = counts.get(product.category, 0) + 1
-    return json.dumps(counts, sort_keys=True)
+def encode_input(product: CatalogProduct) -> EncodeInput:
+    """A catalog product as the fused model's input: its photo and its composed text."""
+    from encoders.fused import EncodeInput, compose_product_text  # torch: only when encoding
+
+    return EncodeInput(
+        image=product.image_path.read_bytes(),
+        media_type="image/jpeg",
+        text=compose_product_text(product.title, product.attributes(), product.description),
+    )

@@ -37,6 +37,21 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> KafkaC
     return KafkaConsumer(**config)
 
 
+def reader_at_end(settings: Settings, topic: str) -> KafkaConsumer:
+    """A group-less consumer of ``topic`` positioned at its current end, before anything is
+    asked. ``seek_to_end`` alone is lazy: answers written before the first poll would be
+    skipped, so each position is resolved now."""
+    reader = KafkaConsumer(
+        **settings.kafka_client_config(), group_id=None, enable_auto_commit=False
+    )
+    partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or {0}]
+    reader.assign(partitions)
+    reader.seek_to_end(*partitions)
+    for partition in partitions:
+        reader.position(partition)
+    return reader
+
+
 def make_producer(settings: Settings) -> KafkaProducer:
     return KafkaProducer(
         **settings.kafka_client_config(),

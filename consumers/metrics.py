@@ -6,7 +6,6 @@ front (no product or request ids in labels). Tests pass their own ``CollectorReg
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -115,9 +114,11 @@ class LoupeMetrics:
             import resource
 
             page = os.sysconf("SC_PAGE_SIZE")
-            used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            with contextlib.suppress(OSError, ValueError), open("/proc/self/statm") as statm:
-                used = int(statm.read().split()[1]) * page
+            try:
+                with open("/proc/self/statm") as statm:
+                    used = int(statm.read().split()[1]) * page  # resident pages now
+            except (OSError, ValueError, IndexError):
+                used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak
             total = os.sysconf("SC_PHYS_PAGES") * page
         self.device_memory_used.labels(device=device).set(used)
         self.device_memory_total.labels(device=device).set(total)

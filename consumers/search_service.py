@@ -24,7 +24,7 @@ from consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
 from consumers.metrics import LoupeMetrics
 from consumers.worker import BatchWorker
 from encoders.fused import EncodeInput, FusedEncoder
-from schemas.common import Price
+from schemas.common import Price, is_identifier
 from schemas.errors import ErrorCode, InvalidEvent
 from schemas.search import (
     CORRELATION_HEADER,
@@ -190,7 +190,7 @@ class SearchService(BatchWorker):
             request_id,
             reply_to,
             SearchCompleted(
-                request_id=request_id if _printable_id(request_id) else "unknown",
+                request_id=request_id if is_identifier(request_id) else "unknown",
                 status="error",
                 error=SearchError(code=code, message=message[:1000]),
                 model_version=self.encoder.model_version,
@@ -238,10 +238,6 @@ class _EncodeFailed(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _printable_id(value: str) -> bool:
-    return 0 < len(value) <= 128 and all(" " <= c <= "~" for c in value) and value == value.strip()
 
 
 def _hit(hit: IndexHit, view: str, query: dict[str, np.ndarray]) -> SearchHit:

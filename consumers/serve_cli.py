@@ -124,8 +124,7 @@ def _filters(pairs: list[str]) -> tuple[dict, str | None]:
 
 
 def _search(args: argparse.Namespace, settings: Settings) -> int:
-    from kafka import KafkaConsumer, KafkaProducer
-    from kafka.structs import TopicPartition
+    from consumers.kafka_io import make_producer, reader_at_end
 
     body: dict = {
         "type": "search.requested",
@@ -157,16 +156,8 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
     request = parse_search_request(raw)  # fail here, with the field named, not in the service
 
     # Listen from the current end of the response topic before asking.
-    consumer = KafkaConsumer(
-        **settings.kafka_client_config(), enable_auto_commit=False, group_id=None
-    )
-    partitions = consumer.partitions_for_topic(settings.search_responses_topic) or {0}
-    assigned = [TopicPartition(settings.search_responses_topic, p) for p in partitions]
-    consumer.assign(assigned)
-    consumer.seek_to_end(*assigned)
-    for tp in assigned:
-        consumer.position(tp)
-    producer = KafkaProducer(**settings.kafka_client_config(), acks="all")
+    consumer = reader_at_end(settings, settings.search_responses_topic)
+    producer = make_producer(settings)
     producer.send(settings.search_requests_topic, key=request.request_id.encode(), value=raw).get(
         30
     )

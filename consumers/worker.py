@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
@@ -27,6 +28,8 @@ from consumers.kafka_io import (
 from consumers.metrics import LoupeMetrics
 
 log = logging.getLogger(__name__)
+
+LAG_INTERVAL_S = 1.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -65,6 +68,7 @@ class BatchWorker:
         self.stop_event = threading.Event()
         self.lost: set[TopicPartition] = set()  # revoked while a batch was in flight
         self._committed: dict[TopicPartition, int] = {}
+        self._lag_updated_at = float("-inf")
         consumer.subscribe([topic], listener=_Rebalance(self))
 
     def handle(self, records: list[Any]) -> None:
@@ -87,7 +91,7 @@ class BatchWorker:
         polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
         records = [r for batch in polled.values() for r in batch]
         if not records:
-            update_lag(self.consumer, self.metrics)
+            self._update_lag()
             return 0
         self.metrics.batch_size.labels(role=self.role).observe(len(records))
         try:
@@ -111,9 +115,16 @@ class BatchWorker:
             # last commit and replays are idempotent, so nothing is lost by not committing.
             log.warning("%s commit refused after a rebalance (%s); not committed", self.role, exc)
             return 0
-        update_lag(self.consumer, self.metrics)
+        self._update_lag()
         self.after_commit(owned)
         return len(owned)
+
+    def _update_lag(self) -> None:
+        """Lag costs a request to the broker: at most once per LAG_INTERVAL_S, not per poll."""
+        now = time.monotonic()
+        if now - self._lag_updated_at >= LAG_INTERVAL_S:
+            update_lag(self.consumer, self.metrics)
+            self._lag_updated_at = now
 
     def after_commit(self, records: list[Any]) -> None:
         """Hook for bookkeeping once a batch is committed."""

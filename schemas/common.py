@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import math
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -67,6 +68,13 @@ PATTERN_HINTS = {
     AMOUNT_PATTERN: 'must be a decimal string such as "12999.00" (at most 4 decimals)',
     CURRENCY_PATTERN: 'must be an ISO 4217 code such as "INR"',
 }
+
+
+def is_identifier(value: str) -> bool:
+    """Whether ``value`` satisfies the contract's id rule (for ids taken from raw keys)."""
+    return 0 < len(value) <= MAX_ID_CHARS and re.fullmatch(_ID_PATTERN, value) is not None
+
+
 Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=_ID_PATTERN)
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumers.jewelry import load_catalog
+from bench.preprocess import loo_category_accuracy
+from consumers.jewelry import encode_input, load_catalog
 from encoders.fused import (
     EncodeInput,
     FusedEncoder,
@@ -29,12 +30,7 @@ def encoder():
     model.close()
 
 
-def _product(p) -> EncodeInput:
-    return EncodeInput(
-        image=p.image_path.read_bytes(),
-        media_type="image/jpeg",
-        text=compose_product_text(p.title, p.attributes(), p.description),
-    )
+_product = encode_input
 
 
 def test_products_get_three_unit_vectors_of_the_reported_sizes(encoder, catalog):
@@ -119,13 +115,6 @@ def test_product_text_puts_the_title_first():
     assert text == "Gold Ring. stone: ruby, pearl; weight g: 2. Nice."
 
 
-def _loo_category_accuracy(vectors: np.ndarray, labels: list[str]) -> float:
-    scores = vectors @ vectors.T
-    np.fill_diagonal(scores, -np.inf)
-    nearest = scores.argmax(axis=1)
-    return float(np.mean([labels[i] == labels[j] for i, j in enumerate(nearest)]))
-
-
 def test_pretrained_weights_beat_random_ones_by_a_wide_margin(encoder, catalog):
     """Image-only nearest neighbour by category, leave-one-out, on the 236 real photos."""
     labels = [p.category for p in catalog]
@@ -134,8 +123,8 @@ def test_pretrained_weights_beat_random_ones_by_a_wide_margin(encoder, catalog):
     random_model = FusedEncoder.from_profile(ModelProfile(image_weights="random"))
     random_vectors = np.stack([r.vectors["image"] for r in random_model.encode_queries(queries)])
     random_model.close()
-    accuracy = _loo_category_accuracy(pretrained, labels)
-    baseline = _loo_category_accuracy(random_vectors, labels)
+    accuracy = loo_category_accuracy(pretrained, labels)
+    baseline = loo_category_accuracy(random_vectors, labels)
     print(f"LOO category accuracy: pretrained {accuracy:.1%}, random {baseline:.1%}")
     assert accuracy >= 0.85
     # Random CNN features already sort white-backdrop silhouettes (about 70% here, chance is

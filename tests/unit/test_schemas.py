@@ -486,3 +486,19 @@ def test_dead_letter_message_is_bounded():
 def test_reading_a_record_that_is_not_a_dead_letter_says_so():
     with pytest.raises(ValueError, match="not a Loupe dead letter"):
         DeadLetter.from_record(b"k", b"v", [("loupe.error.code", b"invalid_json")])
+
+
+@pytest.mark.parametrize(
+    "value", ["r-1", "giva/RING 42", "", " lead", "tail ", "a\nb", "é", "x" * 129]
+)
+def test_is_identifier_agrees_with_the_contract(value):
+    from pydantic import TypeAdapter, ValidationError
+
+    from schemas.common import Identifier, is_identifier
+
+    try:
+        TypeAdapter(Identifier).validate_python(value)
+        valid = True
+    except ValidationError:
+        valid = False
+    assert is_identifier(value) is valid
