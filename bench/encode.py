@@ -7,6 +7,7 @@ the text tower alone. Reports the full/bare ratio and peak memory.
 
     .venv/bin/python -m bench.encode                 # CPU: batch sizes 1, 8, 32
     .venv/bin/python -m bench.encode --device cuda   # GPU: adds 128 and 256
+    .venv/bin/python -m bench.encode --precisions fp32,bf16   # precisions side by side
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _measure(
     image_items = [EncodeInput(image=item.image) for item in items]
     texts = [item.text or "" for item in items]
     pixels = torch.stack([encoder.preprocess(item) for item in items]).to(device)
-    if device.type == "cuda":
+    if encoder.acceleration.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     tokens = encoder.text_encoder.tokenize(texts, device)
 
@@ -86,11 +87,30 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default by device)")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="timing per measurement")
+    parser.add_argument(
+        "--precisions",
+        default="auto",
+        help="comma-separated: auto, fp32, bf16, fp16; each batch size runs each in turn",
+    )
+    parser.add_argument(
+        "--image-only",
+        action="store_true",
+        help="random BERT-base text tower (for a machine without the MiniLM package)",
+    )
     parser.add_argument("--json", help="also write results to this file")
     args = parser.parse_args()
+    text = (
+        {"text_backbone": "bert-base-uncased", "text_weights": "random"} if args.image_only else {}
+    )
 
     catalog = load_catalog()
-    encoder = FusedEncoder.from_profile(ModelProfile(device=args.device, batch_size=1024))
+    encoders = {
+        precision: FusedEncoder.from_profile(
+            ModelProfile(device=args.device, batch_size=1024, precision=precision, **text)
+        )
+        for precision in args.precisions.split(",")
+    }
+    encoder = next(iter(encoders.values()))
     device = encoder.device
     sizes = (
         [int(s) for s in args.batch_sizes.split(",")]
@@ -110,7 +130,8 @@ def main() -> None:
         f"model {encoder.model_version}"
     )
     header = (
-        f"{'batch':>5} {'products/s full':>16} {'products/s bare':>16} {'full/bare':>9} "
+        f"{'precision':<26} {'batch':>5} {'products/s full':>16} {'products/s bare':>16} "
+        f"{'full/bare':>9} "
         f"{'images/s full':>14} {'images/s bare':>14} {'texts/s':>8}"
     )
     print(header)
@@ -118,13 +139,17 @@ def main() -> None:
     for size in sizes:
         products = [catalog[i % len(catalog)] for i in range(size)]
         items = [encode_input(p) for p in products]
-        row = _measure(encoder, items, sync, args.min_seconds)
-        rows.append(row)
-        print(
-            f"{size:>5} {row['products_per_s_full']:>16.1f} {row['products_per_s_bare']:>16.1f} "
-            f"{row['full_over_bare']:>9.2f} {row['images_per_s_full']:>14.1f} "
-            f"{row['images_per_s_bare']:>14.1f} {row['texts_per_s']:>8.1f}"
-        )
+        for precision, encoder in encoders.items():
+            row = _measure(encoder, items, sync, args.min_seconds)
+            row["precision"] = precision
+            row["acceleration"] = encoder.acceleration.describe()
+            rows.append(row)
+            print(
+                f"{row['acceleration'][:26]:<26} {size:>5} {row['products_per_s_full']:>16.1f} "
+                f"{row['products_per_s_bare']:>16.1f} "
+                f"{row['full_over_bare']:>9.2f} {row['images_per_s_full']:>14.1f} "
+                f"{row['images_per_s_bare']:>14.1f} {row['texts_per_s']:>8.1f}"
+            )
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_rss_mib:.0f} MiB", end="")
     if device.type == "cuda":
@@ -142,7 +167,8 @@ def main() -> None:
                 handle,
                 indent=2,
             )
-    encoder.close()
+    for encoder in encoders.values():
+        encoder.close()
 
 
 if __name__ == "__main__":

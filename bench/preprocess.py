@@ -6,6 +6,7 @@
    nearest-neighbour category accuracy on the catalog.
 
     .venv/bin/python -m bench.preprocess
+    .venv/bin/python -m bench.preprocess --fits pad --precisions fp32,bf16   # precision's cost
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def loo_category_accuracy(vectors: np.ndarray, labels: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="use only the first N products")
+    parser.add_argument("--fits", default=",".join(FITS), help="comma-separated fits to compare")
+    parser.add_argument("--precisions", default="auto", help="comma-separated: fp32, bf16, ...")
     args = parser.parse_args()
     catalog = load_catalog()[: args.limit]
     losses = [foreground_loss(p.image_path) for p in catalog]
@@ -67,10 +70,14 @@ def main() -> None:
     catalog_bytes = [p.image_path.read_bytes() for p in catalog]
     query_bytes = [phone_photo(data, seed=i) for i, data in enumerate(catalog_bytes)]
     labels = [p.category for p in catalog]
-    print(f"\n{'fit':<12} {'top-1':>6} {'top-10':>7} {'MRR':>6} {'LOO category':>13} {'s':>6}")
-    for fit in FITS:
+    print(
+        f"\n{'fit':<12} {'precision':<9} {'top-1':>6} {'top-10':>7} {'MRR':>6} "
+        f"{'LOO category':>13} {'s':>6}"
+    )
+    runs = [(f, p) for f in args.fits.split(",") for p in args.precisions.split(",")]
+    for fit, precision in runs:
         started = time.perf_counter()
-        encoder = FusedEncoder.from_profile(ModelProfile(fit=fit))
+        encoder = FusedEncoder.from_profile(ModelProfile(fit=fit, precision=precision))
         index = np.stack(
             [
                 e.vectors["image"]
@@ -85,7 +92,8 @@ def main() -> None:
         )
         r = ranks(index, queries)
         print(
-            f"{fit:<12} {np.mean(r == 1):>6.1%} {np.mean(r <= 10):>7.1%} {np.mean(1 / r):>6.3f} "
+            f"{fit:<12} {precision:<9} {np.mean(r == 1):>6.1%} {np.mean(r <= 10):>7.1%} "
+            f"{np.mean(1 / r):>6.3f} "
             f"{loo_category_accuracy(index, labels):>13.1%} {time.perf_counter() - started:>6.1f}"
         )
         encoder.close()

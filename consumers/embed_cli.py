@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         encoder.close()
     if not args.json:
         print(f"model version: {encoder.model_version}")
-        print(f"device:        {encoder.device}")
+        print(f"device:        {encoder.device} ({encoder.acceleration.describe()})")
     failed = 0
     for label, result in zip(labels, results, strict=True):
         if args.json:

@@ -173,7 +173,9 @@ class Indexer(BatchWorker):
         now = datetime.now(UTC).isoformat()
         for item, result in zip(pending, results, strict=True):
             if not result.ok:
-                self._dead_letter(item.record, result.error.code, str(result.error), "decode")
+                self._dead_letter(
+                    item.record, result.error.code, str(result.error), result.error.stage
+                )
                 continue
             event = item.event
             points.append(

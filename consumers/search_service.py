@@ -23,6 +23,7 @@ from consumers.index import IndexHit, VectorIndex
 from consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
 from consumers.metrics import LoupeMetrics
 from consumers.worker import BatchWorker
+from encoders.errors import ItemRejected
 from encoders.fused import EncodeInput, FusedEncoder
 from schemas.common import Price, is_identifier
 from schemas.errors import ErrorCode, InvalidEvent
@@ -109,8 +110,8 @@ class SearchService(BatchWorker):
             return request
         try:
             hits = self._search(request)
-        except (ImageFetchError, _EncodeFailed) as exc:
-            stage = "fetch" if isinstance(exc, ImageFetchError) else "decode"
+        except (ImageFetchError, ItemRejected) as exc:
+            stage = "fetch" if isinstance(exc, ImageFetchError) else exc.stage
             self._respond_error(
                 record, request.request_id, request.reply_to, exc.code, str(exc), stage, started
             )
@@ -146,7 +147,7 @@ class SearchService(BatchWorker):
             else:
                 encoded = self.encoder.encode_queries([item])[0]
         if not encoded.ok:
-            raise _EncodeFailed(encoded.error.code, str(encoded.error))
+            raise encoded.error
         query = encoded.vectors
         view = "fused" if "fused" in query else ("image" if "image" in query else "text")
         other_views = [v for v in query if v != view]
@@ -232,12 +233,6 @@ def fit_response(response: SearchCompleted, limit: int = MAX_RESPONSE_BYTES) -> 
         len(response.hits),
     )
     return raw
-
-
-class _EncodeFailed(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _hit(hit: IndexHit, view: str, query: dict[str, np.ndarray]) -> SearchHit:

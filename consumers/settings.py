@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     image_fit: Literal["pad", "center_crop", "squash"] = "pad"
     max_text_tokens: int = Field(default=128, ge=8, le=512)
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA, else fp32
     encode_batch_size: int | None = Field(default=None, ge=1, le=1024)  # None: by device
     decode_workers: int = Field(default=2, ge=1, le=64)
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
@@ -117,6 +118,7 @@ class Settings(BaseSettings):
             fit=self.image_fit,
             max_text_tokens=self.max_text_tokens,
             device=self.device,
+            precision=self.precision,
             batch_size=self.encode_batch_size,
             decode_workers=self.decode_workers,
             max_image_bytes=self.max_image_bytes,

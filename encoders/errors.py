@@ -17,9 +17,29 @@ class WeightsNotFound(EncoderError, FileNotFoundError):
     """Weights are missing; the message says where Loupe looked and what to install."""
 
 
-class ImageRejected(LoupeError):
-    """This image cannot be used. Policy: dead-letter the item (or answer with an error)."""
+class ItemRejected(LoupeError):
+    """One item cannot be encoded; the rest of its batch can. Policy: dead-letter the item (or
+    answer the search with an error). ``stage`` says where it failed, for the dead letter."""
+
+    stage = "encode"
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ImageRejected(ItemRejected):
+    """This image cannot be used: unreadable, too large, not what it claims to be."""
+
+    stage = "decode"
+
+
+class VectorNotFinite(ItemRejected):
+    """The model made inf or NaN for this item (a numeric overflow, most likely under fp16).
+    Such a vector would poison every cosine it takes part in, so it never reaches the index."""
+
+    def __init__(self, views: list[str]) -> None:
+        super().__init__(
+            ErrorCode.ENCODER_FAILED,
+            f"the model produced a non-finite {'/'.join(views)} vector for this item",
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,14 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from encoders.batching import iter_batch
-from encoders.device import autocast_dtype, pick_device
-from encoders.errors import ImageRejected
+from encoders.device import Acceleration, Precision, pick_device, stack_on
+from encoders.errors import ImageRejected, ItemRejected, VectorNotFinite
 from encoders.fusion import AttentionFusion, FusionConfig, fusion_digest, load_fusion
 from encoders.image_towers import ImageEncoder
-from encoders.images import DecodeLimits, Fit, decode_image, fit_square, pil_to_uint8_tensor
+from encoders.images import (
+    DecodeLimits,
+    Fit,
+    decode_image,
+    decode_jpegs,
+    fit_square,
+    orient,
+    pil_to_uint8_tensor,
+    plain_jpeg_orientation,
+)
 from encoders.text_towers import MAX_TEXT_TOKENS, TextEncoder
 
 VIEWS = ("image", "text", "fused")
@@ -39,6 +46,7 @@ class ModelProfile:
     fit: Fit = "pad"  # how a photo becomes a square; see bench/preprocess.py
     max_text_tokens: int = MAX_TEXT_TOKENS
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere
     batch_size: int | None = (
         None  # None: 16 on a CPU (cache-bound, see bench/encode.py), 128 on a GPU
     )
@@ -62,7 +70,7 @@ class Encoded:
     """Per-view unit vectors that exist for an item, or why it could not be encoded."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
-    error: ImageRejected | None = None
+    error: ItemRejected | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,10 +111,10 @@ class FusedEncoder:
         limits: DecodeLimits | None = None,
         batch_size: int = 32,
         decode_workers: int = 2,
-        batch_jpeg_decode: bool | None = None,
+        acceleration: Acceleration | None = None,
     ) -> None:
-        """``batch_jpeg_decode``: decode JPEGs with torchvision on the model's device (nvjpeg on
-        CUDA); None means "on CUDA only". On the CPU it exists to test that path."""
+        """``acceleration``: None for the device's defaults (``Acceleration.for_device``); tests
+        switch single CUDA steps on for a CPU run."""
         if (
             fusion.config.image_dim != image_encoder.dim
             or fusion.config.text_dim != text_encoder.dim
@@ -117,18 +125,16 @@ class FusedEncoder:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.acceleration = acceleration or Acceleration.for_device(device)
+        self.acceleration.check(device)
         self.device = device
-        self.batch_jpeg_decode = (
-            device.type == "cuda" if batch_jpeg_decode is None else batch_jpeg_decode
-        )
         self.fit = fit
         self.limits = limits or DecodeLimits()
         self.batch_size = batch_size
-        self.amp_dtype = autocast_dtype(device)
         self.image_encoder = image_encoder.to(device).eval()
         self.text_encoder = text_encoder.to(device).eval()
         self.fusion = fusion.to(device).eval()
-        if device.type == "cuda":
+        if self.acceleration.channels_last:
             self.image_encoder = self.image_encoder.to(memory_format=torch.channels_last)
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, decode_workers), thread_name_prefix="decode"
@@ -158,6 +164,7 @@ class FusedEncoder:
                 FusionConfig(image.dim, text.dim, image_weight=profile.image_weight)
             )
         device = pick_device(profile.device)
+        acceleration = Acceleration.for_device(device, profile.precision)
         batch_size = profile.batch_size or (128 if device.type == "cuda" else 16)
         return cls(
             image,
@@ -168,6 +175,7 @@ class FusedEncoder:
             limits=DecodeLimits(profile.max_image_bytes, profile.max_image_pixels),
             batch_size=batch_size,
             decode_workers=profile.decode_workers,
+            acceleration=acceleration,
         )
 
     def close(self) -> None:
@@ -235,19 +243,24 @@ class FusedEncoder:
             array = vecs.float().cpu().numpy()
             for j, i in enumerate(rows):
                 out[i].vectors[view] = array[j]
+        for result in out:
+            bad = [v for v, vec in result.vectors.items() if not np.isfinite(vec).all()]
+            if bad:
+                result.vectors, result.error = {}, VectorNotFinite(bad)
         return out
 
     def _autocast(self):
-        if self.amp_dtype is None:
+        dtype = self.acceleration.amp_dtype
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _pixels(
         self, batch: list[EncodeInput], out: list[Encoded]
     ) -> tuple[torch.Tensor, list[int]]:
         """Decode and preprocess every image of the batch; failures go into ``out``."""
         rows = [i for i, item in enumerate(batch) if item.image is not None]
-        if self.batch_jpeg_decode:
+        if self.acceleration.batch_jpeg_decode:
             tensors = self._batch_jpeg_decode(batch, rows)
         else:
             tensors = dict(
@@ -266,13 +279,11 @@ class FusedEncoder:
                 good.append(i)
         if not good:
             return torch.empty(0), []
-        stacked = torch.stack([tensors[i] for i in good])  # (B, 3, S, S)
-        if self.device.type == "cuda":
-            if not stacked.is_cuda:
-                stacked = stacked.pin_memory().to(self.device, non_blocking=True)
+        stacked = stack_on(  # (B, 3, S, S)
+            [tensors[i] for i in good], self.device, pinned=self.acceleration.pinned_copies
+        )
+        if self.acceleration.channels_last:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
-        else:
-            stacked = stacked.to(self.device)
         return stacked, good
 
     def _try_preprocess(self, item: EncodeInput) -> torch.Tensor | ImageRejected:
@@ -286,50 +297,27 @@ class FusedEncoder:
     ) -> dict[int, torch.Tensor | ImageRejected]:
         """JPEGs decode in one call on the model's device (nvjpeg on CUDA); other formats, and
         any file the batch call refuses, go through the Pillow path item by item."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         results: dict[int, torch.Tensor | ImageRejected] = {}
-        jpeg_rows = []
+        jpegs: dict[int, int] = {}  # row -> EXIF orientation
         for i in rows:
-            item = batch[i]
-            if _is_plain_jpeg(item.image, self.limits):
-                jpeg_rows.append(i)
+            orientation = plain_jpeg_orientation(batch[i].image, self.limits)
+            if orientation is None:
+                results[i] = self._try_preprocess(batch[i])
             else:
-                results[i] = self._try_preprocess(item)
-        if jpeg_rows:
-            raw = [
-                torch.frombuffer(bytearray(batch[i].image), dtype=torch.uint8) for i in jpeg_rows
-            ]
+                jpegs[i] = orientation
+        if jpegs:
             try:
-                decoded = decode_jpeg(
-                    raw, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True
-                )
+                decoded = decode_jpegs([batch[i].image for i in jpegs], self.device)
             except RuntimeError:
-                decoded = [None] * len(jpeg_rows)  # one bad file fails the batch call: go per item
+                decoded = [None] * len(jpegs)  # one bad file fails the batch call: go per item
             side = self.image_encoder.input_side
-            for i, image in zip(jpeg_rows, decoded, strict=True):
+            for (i, orientation), image in zip(jpegs.items(), decoded, strict=True):
                 results[i] = (
-                    fit_square(image, side, self.fit)
+                    fit_square(orient(image, orientation), side, self.fit)
                     if image is not None
                     else self._try_preprocess(batch[i])
                 )
         return results
-
-
-def _is_plain_jpeg(data: bytes | None, limits: DecodeLimits) -> bool:
-    """A JPEG whose header passes the limits and is RGB or greyscale: safe for nvjpeg."""
-    if data is None or len(data) > limits.max_image_bytes or not data.startswith(b"\xff\xd8"):
-        return False
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG",)) as header:
-            width, height = header.size
-            return (
-                header.mode in ("RGB", "L")
-                and width * height <= limits.max_image_pixels
-                and min(width, height) >= limits.min_side_px
-            )
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return False  # the CPU path will say exactly what is wrong
 
 
 def _model_version(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -159,6 +160,61 @@ def fit_square(image: torch.Tensor, side: int, fit: Fit, fill: int = 255) -> tor
     if fit == "squash":
         return _resize(image, side, side)
     raise ValueError(f"unknown fit {fit!r}; expected 'pad', 'center_crop' or 'squash'")
+
+
+# EXIF orientation (1-8) as tensor operations on ``(..., H, W)``, the same transposes Pillow's
+# ``ImageOps.exif_transpose`` applies (tested against it): 1 is upright, 6 a phone held upright.
+_ORIENT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    1: lambda x: x,
+    2: lambda x: x.flip(-1),  # mirrored left-right
+    3: lambda x: x.flip(-2, -1),  # upside down
+    4: lambda x: x.flip(-2),  # mirrored top-bottom
+    5: lambda x: x.transpose(-2, -1),  # mirrored along the main diagonal
+    6: lambda x: torch.rot90(x, k=-1, dims=(-2, -1)),  # needs 90 degrees clockwise
+    7: lambda x: x.transpose(-2, -1).flip(-2, -1),  # mirrored along the anti-diagonal
+    8: lambda x: torch.rot90(x, k=1, dims=(-2, -1)),  # needs 90 degrees anticlockwise
+}
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Make a ``(C, H, W)`` tensor upright for an EXIF orientation; unknown values leave it."""
+    return _ORIENT.get(orientation, _ORIENT[1])(image).contiguous()
+
+
+def plain_jpeg_orientation(data: bytes | None, limits: DecodeLimits) -> int | None:
+    """For a JPEG that is safe to batch-decode, its EXIF orientation; otherwise None.
+
+    Safe means: within the byte, pixel and size limits, and RGB or greyscale (CMYK and the
+    rest take the Pillow path). Anything odd returns None: the Pillow path then says exactly
+    what is wrong with it.
+    """
+    if data is None or len(data) > limits.max_image_bytes or not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as header:
+            width, height = header.size
+            if (
+                header.mode not in ("RGB", "L")
+                or width * height > limits.max_image_pixels
+                or min(width, height) < limits.min_side_px
+            ):
+                return None
+            # Read where exif_transpose reads it (EXIF, else XMP), so both paths agree.
+            orientation = header.getexif().get(0x0112, 1)
+            return orientation if orientation in _ORIENT else 1
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def decode_jpegs(data: Sequence[bytes], device: torch.device) -> list[torch.Tensor]:
+    """Decode JPEGs in one call on ``device`` (nvjpeg on CUDA) to ``(3, H, W)`` uint8 tensors,
+    as stored: the caller applies ``orient``. Raises RuntimeError if any one fails."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = [torch.frombuffer(bytearray(item), dtype=torch.uint8) for item in data]
+    # torchvision applies EXIF orientation on the CPU but ignores the flag on CUDA
+    # (torchvision/io/image.py, decode_jpegs_cuda), so it is off here on every device.
+    return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
 
 
 def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
