@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoders.batching import iter_batch
+from encoders.batching import iter_batch, iter_budget
 from encoders.device import Acceleration, Precision, pick_device, stack_on
 from encoders.errors import ImageRejected, ItemRejected, VectorNotFinite
 from encoders.fusion import AttentionFusion, FusionConfig, fusion_digest, load_fusion
@@ -20,17 +20,21 @@ from encoders.image_towers import ImageEncoder
 from encoders.images import (
     DecodeLimits,
     Fit,
+    JpegHeader,
     decode_image,
     decode_jpegs,
     fit_square,
     orient,
     pil_to_uint8_tensor,
-    plain_jpeg_orientation,
+    plain_jpeg_header,
 )
 from encoders.text_towers import MAX_TEXT_TOKENS, TextEncoder
 
 VIEWS = ("image", "text", "fused")
 MAX_TEXT_CHARS = 4000  # cut before tokenising: the tokenizer's cost grows with the input
+# Pixels one batch-decode call may hold on the device (x3 bytes): 128 MP is 384 MB, ten 12-MP
+# phone photos. Without it, 128 photos at the 40-MP limit would ask for 15 GB at once.
+DEVICE_DECODE_PIXELS = 128_000_000
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,11 @@ class FusedEncoder:
         batch_size: int = 32,
         decode_workers: int = 2,
         acceleration: Acceleration | None = None,
+        device_decode_pixels: int = DEVICE_DECODE_PIXELS,
     ) -> None:
         """``acceleration``: None for the device's defaults (``Acceleration.for_device``); tests
-        switch single CUDA steps on for a CPU run."""
+        switch single CUDA steps on for a CPU run. ``device_decode_pixels`` bounds one batch
+        JPEG decode call."""
         if (
             fusion.config.image_dim != image_encoder.dim
             or fusion.config.text_dim != text_encoder.dim
@@ -125,6 +131,9 @@ class FusedEncoder:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if device_decode_pixels < 1:
+            raise ValueError(f"device_decode_pixels must be positive, got {device_decode_pixels}")
+        self.device_decode_pixels = device_decode_pixels
         self.acceleration = acceleration or Acceleration.for_device(device)
         self.acceleration.check(device)
         self.device = device
@@ -295,28 +304,29 @@ class FusedEncoder:
     def _batch_jpeg_decode(
         self, batch: list[EncodeInput], rows: list[int]
     ) -> dict[int, torch.Tensor | ImageRejected]:
-        """JPEGs decode in one call on the model's device (nvjpeg on CUDA); other formats, and
-        any file the batch call refuses, go through the Pillow path item by item."""
+        """JPEGs decode in calls of at most ``device_decode_pixels`` on the model's device (nvjpeg
+        on CUDA); other formats, and any call the decoder refuses, take the Pillow path."""
         results: dict[int, torch.Tensor | ImageRejected] = {}
-        jpegs: dict[int, int] = {}  # row -> EXIF orientation
+        jpegs: list[tuple[int, JpegHeader]] = []
         for i in rows:
-            orientation = plain_jpeg_orientation(batch[i].image, self.limits)
-            if orientation is None:
+            header = plain_jpeg_header(batch[i].image, self.limits)
+            if header is None:
                 results[i] = self._try_preprocess(batch[i])
             else:
-                jpegs[i] = orientation
-        if jpegs:
+                jpegs.append((i, header))
+        side = self.image_encoder.input_side
+        for chunk in iter_budget(jpegs, lambda job: job[1].pixels, self.device_decode_pixels):
             try:
-                decoded = decode_jpegs([batch[i].image for i in jpegs], self.device)
-            except RuntimeError:
-                decoded = [None] * len(jpegs)  # one bad file fails the batch call: go per item
-            side = self.image_encoder.input_side
-            for (i, orientation), image in zip(jpegs.items(), decoded, strict=True):
+                decoded = decode_jpegs([batch[i].image for i, _ in chunk], self.device)
+            except RuntimeError:  # one bad file (or no memory) fails the call: go per item
+                decoded = [None] * len(chunk)
+            for (i, header), image in zip(chunk, decoded, strict=True):
                 results[i] = (
-                    fit_square(orient(image, orientation), side, self.fit)
+                    fit_square(orient(image, header.orientation), side, self.fit)
                     if image is not None
                     else self._try_preprocess(batch[i])
                 )
+            del decoded  # full-size photos: free them before the next call decodes more
         return results
 
 

@@ -12,7 +12,7 @@ import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -181,8 +181,13 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return _ORIENT.get(orientation, _ORIENT[1])(image).contiguous()
 
 
-def plain_jpeg_orientation(data: bytes | None, limits: DecodeLimits) -> int | None:
-    """For a JPEG that is safe to batch-decode, its EXIF orientation; otherwise None.
+class JpegHeader(NamedTuple):
+    orientation: int  # EXIF orientation, 1-8 (1: upright)
+    pixels: int  # width x height: what decoding it will hold in memory, times 3 bytes
+
+
+def plain_jpeg_header(data: bytes | None, limits: DecodeLimits) -> JpegHeader | None:
+    """For a JPEG that is safe to batch-decode, what its header says; otherwise None.
 
     Safe means: within the byte, pixel and size limits, and RGB or greyscale (CMYK and the
     rest take the Pillow path). Anything odd returns None: the Pillow path then says exactly
@@ -201,7 +206,7 @@ def plain_jpeg_orientation(data: bytes | None, limits: DecodeLimits) -> int | No
                 return None
             # Read where exif_transpose reads it (EXIF, else XMP), so both paths agree.
             orientation = header.getexif().get(0x0112, 1)
-            return orientation if orientation in _ORIENT else 1
+            return JpegHeader(orientation if orientation in _ORIENT else 1, width * height)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
 

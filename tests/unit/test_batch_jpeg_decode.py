@@ -11,9 +11,10 @@ import torch
 from PIL import Image, ImageOps
 
 from consumers.jewelry import load_catalog
+from encoders import fused
 from encoders.device import Acceleration
 from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
-from encoders.images import DecodeLimits, orient, pil_to_uint8_tensor, plain_jpeg_orientation
+from encoders.images import DecodeLimits, orient, pil_to_uint8_tensor, plain_jpeg_header
 from schemas.errors import ErrorCode
 
 BATCH_DECODE_ONLY = Acceleration(
@@ -47,20 +48,25 @@ def _jpeg(image: Image.Image, orientation: int | None = None, **params) -> bytes
     return out.getvalue()
 
 
+def _orientation(data: bytes | None, limits: DecodeLimits) -> int | None:
+    header = plain_jpeg_header(data, limits)
+    return None if header is None else header.orientation
+
+
 def test_only_plain_jpegs_within_limits_take_the_batch_path():
     limits = DecodeLimits()
-    assert plain_jpeg_orientation(_jpeg(Image.new("RGB", (64, 64))), limits) == 1
-    assert plain_jpeg_orientation(_jpeg(Image.new("L", (64, 64))), limits) == 1
-    assert plain_jpeg_orientation(_jpeg(Image.new("RGB", (64, 32)), orientation=6), limits) == 6
-    assert plain_jpeg_orientation(_jpeg(Image.new("RGB", (64, 32)), orientation=42), limits) == 1
-    assert plain_jpeg_orientation(_jpeg(Image.new("CMYK", (64, 64))), limits) is None
+    assert _orientation(_jpeg(Image.new("RGB", (64, 64))), limits) == 1
+    assert _orientation(_jpeg(Image.new("L", (64, 64))), limits) == 1
+    assert _orientation(_jpeg(Image.new("RGB", (64, 32)), orientation=6), limits) == 6
+    assert _orientation(_jpeg(Image.new("RGB", (64, 32)), orientation=42), limits) == 1
+    assert _orientation(_jpeg(Image.new("CMYK", (64, 64))), limits) is None
     png = io.BytesIO()
     Image.new("RGB", (64, 64)).save(png, "PNG")
-    assert plain_jpeg_orientation(png.getvalue(), limits) is None
+    assert _orientation(png.getvalue(), limits) is None
     small = DecodeLimits(max_image_pixels=100)
-    assert plain_jpeg_orientation(_jpeg(Image.new("RGB", (64, 64))), small) is None
-    assert plain_jpeg_orientation(b"\xff\xd8 not really", limits) is None
-    assert plain_jpeg_orientation(None, limits) is None
+    assert _orientation(_jpeg(Image.new("RGB", (64, 64))), small) is None
+    assert _orientation(b"\xff\xd8 not really", limits) is None
+    assert _orientation(None, limits) is None
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -97,6 +103,40 @@ def test_batch_path_applies_exif_orientation_like_the_pillow_path(encoders):
     # The check can fail: each orientation's upright image differs from the stored one
     # (measured cosine to orientation 1: 0.94 to 0.986).
     assert (a[1:] @ a[0]).max() < 0.99
+
+
+def test_batch_decode_calls_stay_within_the_pixel_budget(encoders, monkeypatch):
+    pillow, _ = encoders
+    photos = [p.image_path.read_bytes() for p in load_catalog()[:6]]
+
+    def pixels(data: bytes) -> int:
+        width, height = Image.open(io.BytesIO(data)).size
+        return width * height
+
+    budget = max(pixels(p) for p in photos)  # at least one photo fits, not all of them
+    calls = []
+    real_decode = fused.decode_jpegs
+
+    def spy(data, device):
+        calls.append(sum(pixels(d) for d in data))
+        return real_decode(data, device)
+
+    monkeypatch.setattr(fused, "decode_jpegs", spy)
+    chunked = FusedEncoder(
+        pillow.image_encoder,
+        pillow.text_encoder,
+        pillow.fusion,
+        device=pillow.device,
+        batch_size=16,
+        acceleration=BATCH_DECODE_ONLY,
+        device_decode_pixels=budget,
+    )
+    items = [EncodeInput(image=p) for p in photos]
+    got = np.stack([r.vectors["image"] for r in chunked.encode_queries(items)])
+    chunked.close()
+    expected = np.stack([r.vectors["image"] for r in pillow.encode_queries(items)])
+    assert len(calls) > 1 and max(calls) <= budget
+    assert (got * expected).sum(axis=1).min() > 0.995
 
 
 def test_mixed_batch_falls_back_per_item(encoders):
