@@ -9,7 +9,7 @@ from pathlib import Path
 
 from consumers import embed_cli, serve_cli
 from consumers.errors import LoupeError
-from consumers.settings import Settings
+from consumers.settings import Settings, load_settings
 
 log = logging.getLogger("loupe")
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        settings = Settings()
+        settings = load_settings()
         return int(args.handler(args, settings))
     except LoupeError as exc:
         print(f"loupe: error: {exc}", file=sys.stderr)

@@ -2,7 +2,18 @@
 
 from schemas.errors import ErrorCode, InvalidEvent, LoupeError
 
-__all__ = ["ErrorCode", "ImageFetchError", "IndexUnavailable", "InvalidEvent", "LoupeError"]
+__all__ = [
+    "ConfigError",
+    "ErrorCode",
+    "ImageFetchError",
+    "IndexUnavailable",
+    "InvalidEvent",
+    "LoupeError",
+]
+
+
+class ConfigError(LoupeError):
+    """A ``LOUPE_*`` setting is invalid. Policy: stop at start-up, naming the variable."""
 
 
 class IndexUnavailable(LoupeError):

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from consumers.errors import ConfigError
 
 if TYPE_CHECKING:
     from encoders.fused import ModelProfile
@@ -147,3 +149,18 @@ class Settings(BaseSettings):
     def describe(self) -> dict[str, Any]:
         """The effective settings for the start-up log; SecretStr fields print masked."""
         return {name: str(value) for name, value in self.model_dump().items()}
+
+
+def load_settings() -> Settings:
+    """Read the environment once; a bad value raises ``ConfigError`` naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "LOUPE_" + "_".join(str(part) for part in error["loc"]).upper()
+            value = error.get("input")
+            secret = any(word in name for word in ("PASSWORD", "API_KEY"))
+            shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
+            problems.append(f"{name}: {error['msg']}{shown}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from encoders.errors import DeviceUnavailable
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,7 +24,10 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested != "auto":
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} was requested but CUDA is not available")
+            raise DeviceUnavailable(
+                f"device {requested!r} was requested but CUDA is not available here "
+                "(LOUPE_DEVICE=auto falls back to the CPU)"
+            )
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -47,7 +52,7 @@ def autocast_dtype(device: torch.device, precision: Precision = "auto") -> torch
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else None
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision bf16 was requested but {device} does not support bf16")
+        raise DeviceUnavailable(f"precision bf16 was requested but {device} does not support it")
     return _AMP_DTYPES[precision]
 
 

@@ -13,6 +13,10 @@ class UnknownBackbone(EncoderError, ValueError):
     """A backbone name that is not registered; the message lists the known ones."""
 
 
+class DeviceUnavailable(EncoderError, ValueError):
+    """The configured device or precision does not exist on this machine."""
+
+
 class WeightsNotFound(EncoderError, FileNotFoundError):
     """Weights are missing; the message says where Loupe looked and what to install."""
 

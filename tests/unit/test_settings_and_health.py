@@ -5,9 +5,14 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
+import torch
 
+from consumers.cli import main
+from consumers.errors import ConfigError
 from consumers.metrics import HealthServer, LoupeMetrics, MetricsPortUnavailable
-from consumers.settings import Settings
+from consumers.settings import Settings, load_settings
+from encoders.device import pick_device
+from encoders.errors import DeviceUnavailable
 
 
 def test_kafka_security_settings_pass_through(monkeypatch, tmp_path):
@@ -37,6 +42,31 @@ def test_invalid_settings_are_refused_with_the_name(monkeypatch):
     monkeypatch.setenv("LOUPE_IMAGE_WEIGHT", "1.5")
     with pytest.raises(ValueError, match="image_weight"):
         Settings()
+
+
+def test_the_cli_names_every_bad_variable_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("LOUPE_PRECISION", "fp8")
+    monkeypatch.setenv("LOUPE_MAX_POLL_RECORDS", "0")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    expected = "LOUPE_PRECISION: Input should be 'auto', 'fp32', 'bf16' or 'fp16' (got 'fp8')"
+    assert expected in message
+    assert "LOUPE_MAX_POLL_RECORDS" in message
+    assert main(["embed", "--text", "ring"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loupe: error: invalid settings: LOUPE_")
+    assert err.count("\n") == 1  # one line, no traceback
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
+def test_a_missing_cuda_device_is_a_clear_start_up_error(monkeypatch, capsys):
+    monkeypatch.setenv("LOUPE_DEVICE", "cuda")
+    assert main(["embed", "--text", "ring"]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda' was requested but CUDA is not available" in err
+    with pytest.raises(DeviceUnavailable):
+        pick_device("cuda")
 
 
 def test_health_endpoints_and_a_taken_port():
