@@ -84,6 +84,21 @@ def cdn(catalog):
     server.shutdown()
 
 
+@pytest.fixture
+def overflow_on_zebra(encoder):
+    """Fault injection into the real text tower: any text with the word "zebra" comes out as
+    NaN, as an fp16 overflow would. Everything else runs unchanged."""
+    zebra = encoder.text_encoder.tokenizer.convert_tokens_to_ids("zebra")
+
+    def hook(module, args, kwargs, out):
+        rows = (kwargs["input_ids"] == zebra).any(dim=1)  # (B,)
+        return out.masked_fill(rows[:, None], float("nan"))
+
+    handle = encoder.text_encoder.register_forward_hook(hook, with_kwargs=True)
+    yield "zebra"
+    handle.remove()
+
+
 def _resolver(host, port, type=0):
     """A stub for one made-up name that must be refused; it never connects anywhere."""
     if host == "metadata.loupe.test":
@@ -219,7 +234,7 @@ def _product_key(value):
     )
 
 
-def test_ingest_search_poison_replay_update_delete(service, catalog, cdn):
+def test_ingest_search_poison_replay_update_delete(service, catalog, cdn, overflow_on_zebra):
     bootstrap, topics, index = service["bootstrap"], service["topics"], service["index"]
     events = [_event(p, cdn=cdn, inline=i % 3 == 0) for i, p in enumerate(catalog)]
     poison = [
@@ -242,6 +257,7 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn):
             product_id="url-metadata",
             image={"url": "http://metadata.loupe.test/latest/meta-data"},
         ),
+        _event(catalog[1], cdn=cdn, product_id="nan-vector", title=f"{overflow_on_zebra} bangle"),
     ]
     _send(
         bootstrap,
@@ -276,6 +292,7 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn):
             ("image_too_large", "fetch"),
             ("image_invalid", "fetch"),
             ("image_forbidden", "fetch"),
+            ("encoder_failed", "encode"),
         ]
     )  # sorted: order across partitions is not defined
     by_code = {letter.error_code.value: letter for letter in letters}
@@ -371,6 +388,7 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn):
         ),
         request("r-other-merchant", text="ring", merchant_id="someone-else"),
         request("r-404", image={"url": f"{cdn}/nope.jpg"}),
+        request("r-nan", text=f"{overflow_on_zebra} ring"),
     ]
     raw_requests = [json.dumps(r).encode() for r in requests] + [b"\x00garbage"]
     _send(
@@ -407,8 +425,11 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn):
     assert responses["r-404"].status == "error"
     assert responses["r-404"].error.code == "image_fetch_failed"
     assert responses["r-garbage"].error.code == "invalid_json"
-    search_letters = _read_all(bootstrap, topics["deadletter"], len(poison) + 2)
-    assert len(search_letters) == len(poison) + 2
+    assert responses["r-nan"].error.code == "encoder_failed"
+    assert "non-finite text/fused" not in responses["r-nan"].error.message  # text-only query
+    assert "non-finite text vector" in responses["r-nan"].error.message
+    search_letters = _read_all(bootstrap, topics["deadletter"], len(poison) + 3)
+    assert len(search_letters) == len(poison) + 3
     assert service["metrics"].registry.get_sample_value(
         "loupe_search_request_latency_seconds_count"
     ) == len(requests)
