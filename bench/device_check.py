@@ -14,6 +14,8 @@
     .venv/bin/python -m bench.device_check --device cuda
     .venv/bin/python -m bench.device_check --device cuda --image-only   # without MiniLM weights
 
+On a lent machine with no registry, ``bench.device_bundle`` packs what it lacks first.
+
 ``--image-only`` is for a device machine that cannot receive the 90 MB text weights: the text
 tower then is BERT-base with random weights (the same on both devices), so the text and fused
 views still compare the two code paths.
