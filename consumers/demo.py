@@ -154,7 +154,11 @@ def run_demo(
         service_thread = threading.Thread(target=service.run, name="loupe", daemon=True)
         service_thread.start()
         metrics_url = f"http://127.0.0.1:{service.health.port}/metrics"
-        print(f"    model {service.encoder.model_version} on {service.encoder.device}")
+        encoder = service.encoder
+        print(
+            f"    model {encoder.model_version} on {encoder.device} "
+            f"({encoder.acceleration.describe()})"
+        )
         print(f"    index in {index_dir}; metrics at {metrics_url}")
 
         _step(4, total_steps, "the merchant publishes the catalog")

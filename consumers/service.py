@@ -138,6 +138,13 @@ class LoupeService:
         check_topics(settings, role)  # before the model loads: a wrong topic name fails fast
         log.info("loading the model (%s + %s)", settings.image_backbone, settings.text_backbone)
         self.encoder = FusedEncoder.from_profile(settings.model_profile())
+        log.info(
+            "model %s on %s (%s, micro-batch %d)",
+            self.encoder.model_version,
+            self.encoder.device,
+            self.encoder.acceleration.describe(),
+            self.encoder.batch_size,
+        )
         self.metrics.model_info.labels(
             model_version=self.encoder.model_version, device=str(self.encoder.device)
         ).set(1)
