@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench import encode
+from bench.encode import IMAGE_ONLY_TEXT
 from consumers.jewelry import encode_input, load_catalog
 from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 
@@ -85,9 +87,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="a folder for the JSON results")
     args = parser.parse_args()
 
-    text = (
-        {"text_backbone": "bert-base-uncased", "text_weights": "random"} if args.image_only else {}
-    )
+    text = IMAGE_ONLY_TEXT if args.image_only else {}
     items = _inputs(args.products)
     reference, described, rate = _encode(
         ModelProfile(device="cpu", precision="fp32", **text), items
@@ -126,8 +126,6 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "device_check.json").write_text(json.dumps(report, indent=2))
     if not args.skip_bench:
-        from bench import encode
-
         sys.argv = [
             "bench.encode",
             "--device",

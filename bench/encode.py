@@ -23,7 +23,11 @@ from collections.abc import Callable
 import torch
 
 from consumers.jewelry import encode_input, load_catalog
+from encoders.device import Acceleration
 from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+
+# For a machine without the MiniLM package: BERT-base with seeded random weights.
+IMAGE_ONLY_TEXT = {"text_backbone": "bert-base-uncased", "text_weights": "random"}
 
 
 def _timed(fn: Callable[[], object], sync: Callable[[], None], min_seconds: float) -> float:
@@ -99,19 +103,16 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write results to this file")
     args = parser.parse_args()
-    text = (
-        {"text_backbone": "bert-base-uncased", "text_weights": "random"} if args.image_only else {}
-    )
+    text = IMAGE_ONLY_TEXT if args.image_only else {}
 
     catalog = load_catalog()
-    encoders = {
-        precision: FusedEncoder.from_profile(
-            ModelProfile(device=args.device, batch_size=1024, precision=precision, **text)
-        )
+    base = FusedEncoder.from_profile(ModelProfile(device=args.device, batch_size=1024, **text))
+    device = base.device
+    encoders = {  # one set of towers, one encoder per precision
+        precision: base.with_options(acceleration=Acceleration.for_device(device, precision))
         for precision in args.precisions.split(",")
     }
     encoder = next(iter(encoders.values()))
-    device = encoder.device
     sizes = (
         [int(s) for s in args.batch_sizes.split(",")]
         if args.batch_sizes
@@ -167,7 +168,7 @@ def main() -> None:
                 handle,
                 indent=2,
             )
-    for encoder in encoders.values():
+    for encoder in [base, *encoders.values()]:
         encoder.close()
 
 

@@ -1,6 +1,6 @@
 """Errors raised by the service layer. Each has one policy, named in its docstring."""
 
-from schemas.errors import ErrorCode, InvalidEvent, LoupeError
+from schemas.errors import ErrorCode, InvalidEvent, ItemFailed, LoupeError
 
 __all__ = [
     "ConfigError",
@@ -8,6 +8,7 @@ __all__ = [
     "ImageFetchError",
     "IndexUnavailable",
     "InvalidEvent",
+    "ItemFailed",
     "LoupeError",
 ]
 
@@ -20,10 +21,8 @@ class IndexUnavailable(LoupeError):
     """Qdrant could not be reached or did not answer. Policy: retry with backoff, never skip."""
 
 
-class ImageFetchError(LoupeError):
+class ImageFetchError(ItemFailed):
     """An image URL could not be fetched (refused by policy, HTTP error, too big, too slow).
     Policy: dead-letter the event (or answer the search with an error)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    stage = "fetch"

@@ -146,7 +146,7 @@ class Indexer(BatchWorker):
                 for i in chunk:
                     result = futures.pop(i).result()
                     if isinstance(result, ImageFetchError):
-                        self._dead_letter(pending[i].record, result.code, str(result), "fetch")
+                        self._dead_letter(pending[i].record, result.code, str(result), result.stage)
                     else:
                         ready.append(pending[i])
             points.extend(self._encode(ready))

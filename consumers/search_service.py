@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer
 
-from consumers.errors import ImageFetchError, IndexUnavailable
+from consumers.errors import IndexUnavailable, ItemFailed
 from consumers.image_fetch import ImageFetcher
 from consumers.index import IndexHit, VectorIndex
 from consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
 from consumers.metrics import LoupeMetrics
 from consumers.worker import BatchWorker
-from encoders.errors import ItemRejected
 from encoders.fused import EncodeInput, FusedEncoder
 from schemas.common import Price, is_identifier
 from schemas.errors import ErrorCode, InvalidEvent
@@ -110,10 +109,9 @@ class SearchService(BatchWorker):
             return request
         try:
             hits = self._search(request)
-        except (ImageFetchError, ItemRejected) as exc:
-            stage = "fetch" if isinstance(exc, ImageFetchError) else exc.stage
+        except ItemFailed as exc:  # the photo could not be fetched, decoded or encoded
             self._respond_error(
-                record, request.request_id, request.reply_to, exc.code, str(exc), stage, started
+                record, request.request_id, request.reply_to, exc.code, str(exc), exc.stage, started
             )
             return request
         self._respond(

@@ -8,15 +8,16 @@ pinned host-to-device copy needs a real GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from encoders.errors import DeviceUnavailable
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION_OF = {dtype: name for name, dtype in _AMP_DTYPES.items()}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -81,7 +82,7 @@ class Acceleration:
             raise ValueError(f"pinned copies need a CUDA device, not {device}")
 
     def describe(self) -> str:
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        precision = _PRECISION_OF[self.amp_dtype]
         steps = [
             name
             for name, on in (
@@ -113,9 +114,8 @@ def stack_on(tensors: list[torch.Tensor], device: torch.device, *, pinned: bool)
     moved = host_batch.to(device, non_blocking=pinned)
     if len(on_host) == len(tensors):
         return moved
+    on_device = [j for j, t in enumerate(tensors) if t.device.type != "cpu"]
     batch = torch.empty((len(tensors), *tensors[0].shape), dtype=moved.dtype, device=device)
     batch[on_host] = moved
-    host = set(on_host)
-    on_device = [j for j in range(len(tensors)) if j not in host]
     batch[on_device] = torch.stack([tensors[j] for j in on_device])
     return batch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.errors import ErrorCode, LoupeError
+from schemas.errors import ErrorCode, ItemFailed, LoupeError
 
 
 class EncoderError(LoupeError):
@@ -21,24 +21,13 @@ class WeightsNotFound(EncoderError, FileNotFoundError):
     """Weights are missing; the message says where Loupe looked and what to install."""
 
 
-class ItemRejected(LoupeError):
-    """One item cannot be encoded; the rest of its batch can. Policy: dead-letter the item (or
-    answer the search with an error). ``stage`` says where it failed, for the dead letter."""
-
-    stage = "encode"
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ImageRejected(ItemRejected):
+class ImageRejected(ItemFailed):
     """This image cannot be used: unreadable, too large, not what it claims to be."""
 
     stage = "decode"
 
 
-class VectorNotFinite(ItemRejected):
+class VectorNotFinite(ItemFailed):
     """The model made inf or NaN for this item (a numeric overflow, most likely under fp16).
     Such a vector would poison every cosine it takes part in, so it never reaches the index."""
 

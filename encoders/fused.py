@@ -14,7 +14,7 @@ import torch
 
 from encoders.batching import iter_batch, iter_budget
 from encoders.device import Acceleration, Precision, pick_device, stack_on
-from encoders.errors import ImageRejected, ItemRejected, VectorNotFinite
+from encoders.errors import ImageRejected, VectorNotFinite
 from encoders.fusion import AttentionFusion, FusionConfig, fusion_digest, load_fusion
 from encoders.image_towers import ImageEncoder
 from encoders.images import (
@@ -29,6 +29,7 @@ from encoders.images import (
     plain_jpeg_header,
 )
 from encoders.text_towers import MAX_TEXT_TOKENS, TextEncoder
+from schemas.errors import ItemFailed
 
 VIEWS = ("image", "text", "fused")
 MAX_TEXT_CHARS = 4000  # cut before tokenising: the tokenizer's cost grows with the input
@@ -74,7 +75,7 @@ class Encoded:
     """Per-view unit vectors that exist for an item, or why it could not be encoded."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
-    error: ItemRejected | None = None
+    error: ItemFailed | None = None
 
     @property
     def ok(self) -> bool:
@@ -145,8 +146,9 @@ class FusedEncoder:
         self.fusion = fusion.to(device).eval()
         if self.acceleration.channels_last:
             self.image_encoder = self.image_encoder.to(memory_format=torch.channels_last)
+        self.decode_workers = max(1, decode_workers)
         self._pool = ThreadPoolExecutor(
-            max_workers=max(1, decode_workers), thread_name_prefix="decode"
+            max_workers=self.decode_workers, thread_name_prefix="decode"
         )
         self.dims = {
             "image": image_encoder.dim,
@@ -185,6 +187,29 @@ class FusedEncoder:
             batch_size=batch_size,
             decode_workers=profile.decode_workers,
             acceleration=acceleration,
+        )
+
+    def with_options(
+        self,
+        *,
+        acceleration: Acceleration | None = None,
+        batch_size: int | None = None,
+        device_decode_pixels: int | None = None,
+    ) -> FusedEncoder:
+        """Another encoder over the same towers (loaded once), with other batching or device
+        steps; unset options are copied. The towers are shared: a channels-last plan changes
+        their memory layout for both encoders, not their values."""
+        return FusedEncoder(
+            self.image_encoder,
+            self.text_encoder,
+            self.fusion,
+            device=self.device,
+            fit=self.fit,
+            limits=self.limits,
+            batch_size=batch_size or self.batch_size,
+            decode_workers=self.decode_workers,
+            acceleration=acceleration or self.acceleration,
+            device_decode_pixels=device_decode_pixels or self.device_decode_pixels,
         )
 
     def close(self) -> None:

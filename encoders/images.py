@@ -177,8 +177,9 @@ _ORIENT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Make a ``(C, H, W)`` tensor upright for an EXIF orientation; unknown values leave it."""
-    return _ORIENT.get(orientation, _ORIENT[1])(image).contiguous()
+    """Make a ``(C, H, W)`` tensor upright for an EXIF orientation; unknown values leave it.
+    Returns a view: ``fit_square`` copies it anyway, so a full-size copy here would be waste."""
+    return _ORIENT.get(orientation, _ORIENT[1])(image)
 
 
 class JpegHeader(NamedTuple):

@@ -32,6 +32,17 @@ class LoupeError(Exception):
     """Base class of every error Loupe raises on purpose."""
 
 
+class ItemFailed(LoupeError):
+    """One event or request cannot be processed; the rest of its batch can. Policy: dead-letter
+    it (or answer the search with an error). ``stage`` says where it failed, for the letter."""
+
+    stage = "encode"
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class InvalidEvent(LoupeError):
     """A Kafka value that does not satisfy the contract. Policy: dead-letter it, keep going.
 

@@ -25,17 +25,6 @@ def reference():
     model.close()
 
 
-def _sharing(reference: FusedEncoder, acceleration: Acceleration) -> FusedEncoder:
-    return FusedEncoder(
-        reference.image_encoder,
-        reference.text_encoder,
-        reference.fusion,
-        device=reference.device,
-        batch_size=16,
-        acceleration=acceleration,
-    )
-
-
 def test_defaults_follow_the_device():
     cpu = Acceleration.for_device(torch.device("cpu"))
     assert cpu == PLAIN
@@ -52,7 +41,7 @@ def test_pinned_copies_are_refused_without_cuda(reference):
         amp_dtype=None, channels_last=False, pinned_copies=True, batch_jpeg_decode=False
     )
     with pytest.raises(ValueError, match="pinned copies need a CUDA device"):
-        _sharing(reference, pinned)
+        reference.with_options(acceleration=pinned)
 
 
 def test_a_batch_mixing_host_and_device_tensors_lands_on_the_device():
@@ -79,7 +68,7 @@ def test_a_batch_mixing_host_and_device_tensors_lands_on_the_device():
 def test_the_cuda_steps_agree_with_fp32_on_real_products(reference, name, acceleration, min_cosine):
     items = [encode_input(p) for p in load_catalog()[::15]]
     expected = reference.encode_products(items)
-    fast = _sharing(reference, acceleration)
+    fast = reference.with_options(acceleration=acceleration)
     got = fast.encode_products(items)
     fast.close()
     for view in ("image", "text", "fused"):

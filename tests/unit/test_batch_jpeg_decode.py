@@ -25,14 +25,7 @@ BATCH_DECODE_ONLY = Acceleration(
 @pytest.fixture(scope="module")
 def encoders():
     pillow = FusedEncoder.from_profile(ModelProfile(batch_size=16))
-    batched = FusedEncoder(
-        pillow.image_encoder,
-        pillow.text_encoder,
-        pillow.fusion,
-        device=pillow.device,
-        batch_size=16,
-        acceleration=BATCH_DECODE_ONLY,
-    )
+    batched = pillow.with_options(acceleration=BATCH_DECODE_ONLY)
     yield pillow, batched
     pillow.close()
     batched.close()
@@ -122,15 +115,7 @@ def test_batch_decode_calls_stay_within_the_pixel_budget(encoders, monkeypatch):
         return real_decode(data, device)
 
     monkeypatch.setattr(fused, "decode_jpegs", spy)
-    chunked = FusedEncoder(
-        pillow.image_encoder,
-        pillow.text_encoder,
-        pillow.fusion,
-        device=pillow.device,
-        batch_size=16,
-        acceleration=BATCH_DECODE_ONLY,
-        device_decode_pixels=budget,
-    )
+    chunked = pillow.with_options(acceleration=BATCH_DECODE_ONLY, device_decode_pixels=budget)
     items = [EncodeInput(image=p) for p in photos]
     got = np.stack([r.vectors["image"] for r in chunked.encode_queries(items)])
     chunked.close()
