@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 GIVA := giva-databricks==0.1.2
 
-.PHONY: setup demo test lint format kafka-jars java prometheus clean
+.PHONY: setup demo test test-fast wheel-check lint format kafka-jars java prometheus clean
 
 setup: $(STAMP) kafka-jars prometheus
 
@@ -24,7 +24,7 @@ $(UV):
 $(STAMP): pyproject.toml uv.lock | $(UV)
 	@echo "==> syncing $(VENV) with uv.lock"
 	$(UV) sync --frozen --extra dev --inexact
-	@# The real jewelry catalog (DESIGN.md): data only, so none of its Databricks dependencies.
+	@# The real jewelry catalog (giva-databricks): data only, so none of its Databricks dependencies.
 	$(UV) pip install --quiet --no-deps --python $(PY) $(GIVA)
 	@touch $@
 
@@ -49,13 +49,17 @@ prometheus:
 	fi
 
 kafka-jars: $(STAMP) java
-	@$(PY) -c "from consumers.kafka_broker import provision_jars; print('==> Kafka jars in', provision_jars())"
+	@$(PY) -c "from loupe.dev.kafka import provision_jars; print('==> Kafka jars in', provision_jars())"
 
 demo: setup
 	$(VENV)/bin/loupe demo
 
 test: setup
 	$(VENV)/bin/pytest
+
+# The unit tests without the whole-catalog evaluations: the edit-run loop (well under a minute).
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest tests/unit -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

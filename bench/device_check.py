@@ -35,8 +35,8 @@ from PIL import Image
 
 from bench import encode
 from bench.encode import IMAGE_ONLY_TEXT
-from consumers.jewelry import encode_input, load_catalog
-from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.dev.catalog import encode_input, load_catalog
+from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 
 BOUNDS = {"fp32": 0.995, "fp16": 0.995, "bf16": 0.99}
 

@@ -22,9 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from consumers.jewelry import encode_input, load_catalog
-from encoders.device import Acceleration
-from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.dev.catalog import encode_input, load_catalog
+from loupe.encoders.device import Acceleration
+from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.encoders.preprocess import Photo
 
 # For a machine without the MiniLM package: BERT-base with seeded random weights.
 IMAGE_ONLY_TEXT = {"text_backbone": "bert-base-uncased", "text_weights": "random"}
@@ -51,7 +52,9 @@ def _measure(
     size = len(items)
     image_items = [EncodeInput(image=item.image) for item in items]
     texts = [item.text or "" for item in items]
-    pixels = torch.stack([encoder.preprocess(item) for item in items]).to(device)
+    pixels = torch.stack(
+        [encoder.preprocessor.one(Photo(item.image, item.media_type)) for item in items]
+    ).to(device)
     if encoder.acceleration.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     tokens = encoder.text_encoder.tokenize(texts, device)

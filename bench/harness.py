@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +13,9 @@ import numpy as np
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
-from consumers.jewelry import CatalogProduct, upserted_event
-from consumers.kafka_broker import LocalKafkaBroker
+from loupe.dev.catalog import CatalogProduct, upserted_event
+from loupe.dev.cdn import cdn_process
+from loupe.dev.kafka import LocalKafkaBroker
 
 
 @contextlib.contextmanager
@@ -47,37 +44,8 @@ def photo_server(photos: dict[str, bytes]) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="loupe-cdn-") as root:
         for name, data in photos.items():
             (Path(root) / name).write_bytes(data)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "http.server",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--directory",
-                root,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait(10)
+        with cdn_process(Path(root)) as url:
+            yield url
 
 
 def product_event(product: CatalogProduct, image: dict, product_id: str | None = None) -> bytes:

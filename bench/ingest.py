@@ -19,15 +19,16 @@ import time
 from kafka import KafkaProducer
 
 from bench.harness import create_topic, local_broker, photo_server, product_event
-from consumers.image_fetch import FetchPolicy, ImageFetcher
-from consumers.index import IndexPoint, QdrantIndex
-from consumers.ingest import Indexer
-from consumers.jewelry import encode_input, load_catalog
-from consumers.kafka_io import Publisher, make_consumer, make_producer
-from consumers.metrics import LoupeMetrics
-from consumers.settings import Settings
-from encoders.fused import EncodeInput, FusedEncoder, compose_product_text
-from schemas.products import parse_product_event
+from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.consumers.index import IndexPoint, QdrantIndex
+from loupe.consumers.ingest import Indexer
+from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.settings import Settings
+from loupe.dev.catalog import encode_input, load_catalog
+from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.encoders.preprocess import compose_product_text
+from loupe.schemas.products import parse_product_event
 
 
 def _produce(bootstrap: str, topic: str, events: list[tuple[str, bytes]]) -> None:

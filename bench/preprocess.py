@@ -17,8 +17,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from consumers.jewelry import load_catalog, phone_photo
-from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.dev.catalog import load_catalog, phone_photo
+from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 
 FITS = ("pad", "center_crop", "squash")
 

@@ -12,14 +12,11 @@ catalog product, text, photo + text. Prints p50/p95/p99 and where the time goes.
 from __future__ import annotations
 
 import argparse
-import base64
 import gzip
-import json
 import struct
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +24,15 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 
 from bench.harness import create_topic, local_broker, percentiles
-from consumers.image_fetch import FetchPolicy, ImageFetcher
-from consumers.index import IndexPoint, QdrantIndex
-from consumers.jewelry import encode_input, load_catalog, phone_photo
-from consumers.kafka_io import Publisher, make_consumer, make_producer
-from consumers.metrics import LoupeMetrics
-from consumers.search_service import SearchService
-from consumers.settings import Settings
-from encoders.fused import EncodeInput, FusedEncoder
+from loupe.client import encode_request, search_request
+from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.consumers.index import IndexPoint, QdrantIndex
+from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.search_service import SearchService
+from loupe.consumers.settings import Settings
+from loupe.dev.catalog import encode_input, load_catalog, phone_photo
+from loupe.encoders.fused import EncodeInput, FusedEncoder
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
@@ -185,20 +183,12 @@ def main() -> None:
 
         threading.Thread(target=read, daemon=True).start()
         photos = [
-            base64.b64encode(phone_photo(p.image_path.read_bytes(), seed=i)).decode()
-            for i, p in enumerate(catalog[::12])
+            phone_photo(p.image_path.read_bytes(), seed=i) for i, p in enumerate(catalog[::12])
         ]
         client = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
         for warm in range(3):  # joins the group, warms the model
-            body = {
-                "type": "search.requested",
-                "request_id": f"warm-{warm}",
-                "occurred_at": datetime.now(UTC).isoformat(),
-                "text": "ring",
-            }
-            client.send(
-                requests_topic, key=body["request_id"].encode(), value=json.dumps(body).encode()
-            )
+            key, value = encode_request(search_request(text="ring", request_id=f"warm-{warm}"))
+            client.send(requests_topic, key=key, value=value)
         client.flush()
         while len(received) < 3:
             time.sleep(0.05)
@@ -211,21 +201,16 @@ def main() -> None:
             due = started + n / args.rate
             time.sleep(max(0.0, due - time.perf_counter()))
             kind = ("photo", "text", "photo+text")[n % 3]
-            body = {
-                "type": "search.requested",
-                "request_id": f"q{n}",
-                "occurred_at": datetime.now(UTC).isoformat(),
-                "top_k": 10,
-            }
-            if kind != "text":
-                body["image"] = {"data": photos[n % len(photos)], "media_type": "image/jpeg"}
-            if kind != "photo":
-                body["text"] = TEXT_QUERIES[n % len(TEXT_QUERIES)]
-            kind_of[body["request_id"]] = kind
-            sent[body["request_id"]] = time.perf_counter()
-            client.send(
-                requests_topic, key=body["request_id"].encode(), value=json.dumps(body).encode()
+            request = search_request(
+                photo=photos[n % len(photos)] if kind != "text" else None,
+                text=TEXT_QUERIES[n % len(TEXT_QUERIES)] if kind != "photo" else None,
+                top_k=10,
+                request_id=f"q{n}",
             )
+            key, value = encode_request(request)
+            kind_of[request.request_id] = kind
+            sent[request.request_id] = time.perf_counter()
+            client.send(requests_topic, key=key, value=value)
             client.flush()
         deadline = time.perf_counter() + 60
         while sum(1 for rid in sent if rid in received) < total and time.perf_counter() < deadline:

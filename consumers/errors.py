@@ -1,8 +1,9 @@
 """Errors raised by the service layer. Each has one policy, named in its docstring."""
 
-from schemas.errors import ErrorCode, InvalidEvent, ItemFailed, LoupeError
+from loupe.schemas.errors import ErrorCode, InvalidEvent, ItemFailed, LoupeError
 
 __all__ = [
+    "BrokerUnreachable",
     "ConfigError",
     "ErrorCode",
     "ImageFetchError",
@@ -15,6 +16,11 @@ __all__ = [
 
 class ConfigError(LoupeError):
     """A ``LOUPE_*`` setting is invalid. Policy: stop at start-up, naming the variable."""
+
+
+class BrokerUnreachable(ConfigError):
+    """No Kafka broker answers at ``LOUPE_BOOTSTRAP_SERVERS`` at start-up. Policy: stop, naming
+    the setting and the address tried (a broker lost later is retried, never a reason to stop)."""
 
 
 class IndexUnavailable(LoupeError):

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from consumers.errors import ImageFetchError
-from schemas.common import ALLOWED_MEDIA_TYPES, check_image_url
-from schemas.errors import ErrorCode
+from loupe.consumers.errors import ImageFetchError
+from loupe.encoders.profile import MAX_IMAGE_BYTES
+from loupe.schemas.common import ALLOWED_MEDIA_TYPES, ImageRef, check_image_url
+from loupe.schemas.errors import ErrorCode
 
 USER_AGENT = "Loupe-ImageFetcher/0.1 (+visual product search)"
 
@@ -28,7 +29,7 @@ class FetchPolicy:
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 5.0
     total_timeout_s: float = 10.0  # one slow-dripping server cannot hold a worker longer
-    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_bytes: int = MAX_IMAGE_BYTES
     max_redirects: int = 3
     allow_loopback: bool = False  # only for local demos and tests
     allow_private: bool = False  # RFC 1918 / ULA: an intranet CDN, explicitly
@@ -83,6 +84,12 @@ class ImageFetcher:
     def __init__(self, policy: FetchPolicy, resolver=socket.getaddrinfo) -> None:
         self.policy = policy
         self._resolve = resolver
+
+    def load(self, image: ImageRef) -> tuple[bytes, str | None]:
+        """A product's or query's photo: inline bytes as sent, or fetched from its URL."""
+        if image.data is not None:
+            return image.decoded(), image.media_type
+        return self.fetch(image.url or "")
 
     def fetch(self, url: str) -> tuple[bytes, str]:
         deadline = time.monotonic() + self.policy.total_timeout_s

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from consumers.errors import IndexUnavailable
-from schemas.search import SearchFilters
+from loupe.consumers.errors import IndexUnavailable
+from loupe.schemas.search import SearchFilters
 
 log = logging.getLogger(__name__)
 

@@ -9,25 +9,28 @@ on shutdown mid-retry the batch is abandoned uncommitted and replays idempotentl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaConsumer
 
-from consumers.errors import ImageFetchError, IndexUnavailable
-from consumers.image_fetch import ImageFetcher
-from consumers.index import IndexPoint, VectorIndex, point_id
-from consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
-from consumers.metrics import LoupeMetrics
-from consumers.worker import BatchWorker
-from encoders.batching import iter_batch
-from encoders.fused import EncodeInput, FusedEncoder, compose_product_text
-from schemas.errors import InvalidEvent
-from schemas.products import ProductDeleted, ProductUpserted, parse_product_event
+from loupe.consumers.errors import ImageFetchError, IndexUnavailable
+from loupe.consumers.image_fetch import ImageFetcher
+from loupe.consumers.index import IndexPoint, VectorIndex, point_id
+from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.worker import BatchWorker
+from loupe.encoders.batching import iter_batch
+from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.encoders.preprocess import compose_product_text
+from loupe.schemas.errors import InvalidEvent
+from loupe.schemas.products import ProductDeleted, ProductUpserted, parse_product_event
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class Indexer(BatchWorker):
         fetcher: ImageFetcher,
         metrics: LoupeMetrics,
         topic: str,
-        encode_lock: Callable[[], Any] | None = None,
+        encode_lock: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         poll_timeout_ms: int = 500,
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
@@ -116,12 +119,8 @@ class Indexer(BatchWorker):
         the fetch pool works ahead while the model runs, so neither waits for the other."""
 
         def load(item: _Pending) -> _Pending | ImageFetchError:
-            image = item.event.image
-            if image.data is not None:
-                item.image, item.media_type = image.decoded(), image.media_type
-                return item
             try:
-                item.image, item.media_type = self.fetcher.fetch(image.url or "")
+                item.image, item.media_type = self.fetcher.load(item.event.image)
             except ImageFetchError as exc:
                 return exc
             return item
@@ -163,12 +162,8 @@ class Indexer(BatchWorker):
             )
             for p in pending
         ]
-        with self.metrics.timer("encode"):
-            if self.encode_lock is not None:
-                with self.encode_lock():
-                    results = self.encoder.encode_products(inputs)
-            else:
-                results = self.encoder.encode_products(inputs)
+        with self.metrics.timer("encode"), self.encode_lock():
+            results = self.encoder.encode_products(inputs)
         points = []
         now = datetime.now(UTC).isoformat()
         for item, result in zip(pending, results, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from consumers.metrics import LoupeMetrics
-from consumers.settings import Settings
-from schemas.deadletter import Stage, deadletter_headers
-from schemas.errors import ErrorCode
+from loupe.consumers.errors import BrokerUnreachable
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.settings import Settings
+from loupe.schemas.deadletter import Stage, deadletter_headers
+from loupe.schemas.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +224,53 @@ def rewind(consumer: KafkaConsumer, records: Sequence[Any]) -> None:
 
 # Retried with backoff unless the error says it is not retriable (kafka-python's ``retriable``).
 TRANSIENT_KAFKA = (KafkaError,)
+
+
+def answers_metadata(client_config: dict[str, Any], timeout_s: float = 2.0) -> bool:
+    """True if the cluster answers a metadata request now, with the same connection and security
+    options as the consumers (``Settings.kafka_client_config()``): a SASL/TLS cluster is probed
+    the way it is used."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaConfigurationError
+
+    first = client_config["bootstrap_servers"][0]
+    host, _, port = first.rpartition(":")
+    try:
+        # A plain TCP connect first: cheap, and kafka-python logs refused connections as errors.
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    timeout_ms = int(timeout_s * 1000)
+    try:
+        admin = KafkaAdminClient(
+            **client_config,
+            request_timeout_ms=timeout_ms,
+            bootstrap_timeout_ms=timeout_ms,
+            client_id="loupe-probe",
+        )
+    except KafkaConfigurationError:
+        raise  # a bug in this probe or a bad setting, not "broker not up yet"
+    except (KafkaError, OSError):
+        return False
+    try:
+        admin.describe_cluster()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        admin.close()
+
+
+def require_broker(settings: Settings, wait_s: float = 0.0) -> None:
+    """Return once a broker answers at ``settings.bootstrap_servers``; after ``wait_s`` seconds
+    of trying, raise ``BrokerUnreachable`` naming the setting and the address."""
+    deadline = time.monotonic() + wait_s
+    config = settings.kafka_client_config()
+    while not answers_metadata(config, timeout_s=2.0):
+        if time.monotonic() >= deadline:
+            raise BrokerUnreachable(
+                f"no Kafka broker answers at {settings.bootstrap_servers} "
+                f"(LOUPE_BOOTSTRAP_SERVERS, security protocol {settings.security_protocol}); "
+                "start one (`loupe kafka start`) or point LOUPE_BOOTSTRAP_SERVERS at yours"
+            )
+        time.sleep(0.5)

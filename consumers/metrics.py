@@ -21,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from schemas.errors import ErrorCode, LoupeError
+from loupe.schemas.errors import ErrorCode, LoupeError
 
 log = logging.getLogger(__name__)
 

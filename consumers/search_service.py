@@ -8,25 +8,27 @@ A request that cannot be served is answered with ``status: "error"`` and also de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer
 
-from consumers.errors import IndexUnavailable, ItemFailed
-from consumers.image_fetch import ImageFetcher
-from consumers.index import IndexHit, VectorIndex
-from consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
-from consumers.metrics import LoupeMetrics
-from consumers.worker import BatchWorker
-from encoders.fused import EncodeInput, FusedEncoder
-from schemas.common import Price, is_identifier
-from schemas.errors import ErrorCode, InvalidEvent
-from schemas.search import (
+from loupe.consumers.errors import IndexUnavailable, ItemFailed
+from loupe.consumers.image_fetch import ImageFetcher
+from loupe.consumers.index import IndexHit, VectorIndex
+from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.worker import BatchWorker
+from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.schemas.common import Price, is_identifier
+from loupe.schemas.errors import ErrorCode, InvalidEvent
+from loupe.schemas.search import (
     CORRELATION_HEADER,
     HitScores,
     SearchCompleted,
@@ -53,7 +55,7 @@ class SearchService(BatchWorker):
         metrics: LoupeMetrics,
         topic: str,
         response_topic: str,
-        encode_lock: Callable[[], Any] | None = None,
+        encode_lock: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         poll_timeout_ms: int = 200,
         backoff: Backoff | None = None,
     ) -> None:
@@ -133,17 +135,10 @@ class SearchService(BatchWorker):
         image, media_type = None, None
         if request.image is not None:
             with self.metrics.timer("fetch"):
-                if request.image.data is not None:
-                    image, media_type = request.image.decoded(), request.image.media_type
-                else:
-                    image, media_type = self.fetcher.fetch(request.image.url or "")
+                image, media_type = self.fetcher.load(request.image)
         item = EncodeInput(image=image, media_type=media_type, text=request.text)
-        with self.metrics.timer("encode"):
-            if self.encode_lock is not None:
-                with self.encode_lock():
-                    encoded = self.encoder.encode_queries([item])[0]
-            else:
-                encoded = self.encoder.encode_queries([item])[0]
+        with self.metrics.timer("encode"), self.encode_lock():
+            encoded = self.encoder.encode_queries([item])[0]
         if not encoded.ok:
             raise encoded.error
         query = encoded.vectors

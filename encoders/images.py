@@ -12,30 +12,29 @@ import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from encoders.errors import ImageRejected
-from schemas.errors import ErrorCode
+from loupe.encoders.errors import ImageRejected
+from loupe.encoders.profile import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE_PX, Fit
+from loupe.schemas.errors import ErrorCode
 
 # The only formats Pillow may even try: each extra decoder is extra attack surface.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 FORMAT_OF_MEDIA_TYPE = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
-
-Fit = Literal["pad", "center_crop", "squash"]
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
     """Bounds on what an image may cost to decode."""
 
-    max_image_bytes: int = 10 * 1024 * 1024  # a product photo is rarely above 2 MB
-    max_image_pixels: int = 40_000_000  # ~ 7,700 x 5,200; a bomb declares far more
-    min_side_px: int = 8  # smaller is not a photo of anything
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    min_side_px: int = MIN_IMAGE_SIDE_PX
 
 
 def decode_image(

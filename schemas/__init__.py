@@ -1,0 +1,6 @@
+"""``loupe.schemas``: see ``loupe/__init__.py`` for how the packages fit together."""
+
+# The repository keeps this package at its top level and links it into loupe/, so a stray
+# ``import schemas`` would load a second copy of every module (two of each class and registry).
+if __name__ != "loupe.schemas":
+    raise ImportError(f"import loupe.schemas, not {__name__}")

@@ -58,6 +58,11 @@ _TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
 _ATTRIBUTE_KEY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 AMOUNT_PATTERN = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,4})?$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
+# For JSON Schema readers only: the models check these rules in code, with clearer messages.
+# An http(s) URL with a host, no credentials, no whitespace or control characters.
+URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#@\x00-\x1f\x7f]+(?:[/?#][^\s\x00-\x1f\x7f]*)?$"
+# Standard, padded base64 (RFC 4648), as binascii's strict mode accepts it.
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 # Error messages say what a pattern means, not the regex.
 PATTERN_HINTS = {
     _ID_PATTERN: "must be printable ASCII without leading or trailing spaces",
@@ -82,7 +87,13 @@ Identifier = Annotated[
 MerchantId = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=_MERCHANT_PATTERN)
 ]
-Timestamp = AwareDatetime  # RFC 3339 with a zone offset; naive is refused
+# RFC 3339 with a zone offset; naive is refused. The pattern says so to JSON Schema readers, for
+# whom "format": "date-time" is only an annotation unless they opt in to format checks.
+TIMESTAMP_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+Timestamp = Annotated[AwareDatetime, Field(json_schema_extra={"pattern": TIMESTAMP_PATTERN})]
 TopicName = Annotated[str, StringConstraints(pattern=_TOPIC_PATTERN)]
 Version = Annotated[int, Field(ge=0, le=MAX_VERSION)]
 AttributeKey = Annotated[str, StringConstraints(pattern=_ATTRIBUTE_KEY_PATTERN)]
@@ -144,7 +155,11 @@ class ImageRef(Contract):
                 },
                 {
                     "required": ["data", "media_type"],
-                    "properties": {"data": {"type": "string"}, "url": {"type": "null"}},
+                    "properties": {
+                        "data": {"type": "string", "minLength": 4, "pattern": BASE64_PATTERN},
+                        "media_type": {"type": "string"},
+                        "url": {"type": "null"},
+                    },
                 },
             ]
         }
@@ -153,6 +168,8 @@ class ImageRef(Contract):
     url: Annotated[str, AfterValidator(check_image_url)] | None = Field(
         default=None,
         description=f"http(s) URL, at most {MAX_URL_CHARS} characters, no credentials",
+        # check_image_url's rules for JSON Schema readers (the model keeps its clearer errors).
+        json_schema_extra={"pattern": URL_PATTERN, "maxLength": MAX_URL_CHARS},
     )
     data: Annotated[str, StringConstraints(max_length=MAX_INLINE_IMAGE_BASE64_CHARS)] | None = (
         Field(

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.common import Contract
-from schemas.errors import ErrorCode
+from loupe.schemas.common import Contract
+from loupe.schemas.errors import ErrorCode
 
 DEADLETTER_TOPIC = "loupe.deadletter.v1"
 

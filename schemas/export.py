@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from schemas.products import PRODUCT_EVENT_ADAPTER
-from schemas.search import SEARCH_REQUEST_ADAPTER, SEARCH_RESPONSE_ADAPTER
+from loupe.schemas.products import PRODUCT_EVENT_ADAPTER
+from loupe.schemas.search import SEARCH_REQUEST_ADAPTER, SEARCH_RESPONSE_ADAPTER
 
 JSON_DIR = Path(__file__).resolve().parent / "json"
 

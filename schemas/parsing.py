@@ -6,8 +6,8 @@ from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from schemas.common import MAX_MESSAGE_BYTES, PATTERN_HINTS
-from schemas.errors import ErrorCode, InvalidEvent
+from loupe.schemas.common import MAX_MESSAGE_BYTES, PATTERN_HINTS
+from loupe.schemas.errors import ErrorCode, InvalidEvent
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, TypeAdapter
 
-from schemas.common import (
+from loupe.schemas.common import (
     MAX_DESCRIPTION_CHARS,
     MAX_TITLE_CHARS,
     Attributes,
@@ -18,7 +18,7 @@ from schemas.common import (
     Timestamp,
     Version,
 )
-from schemas.parsing import parse_value
+from loupe.schemas.parsing import parse_value
 
 PRODUCTS_TOPIC = "loupe.products.v1"
 

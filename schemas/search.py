@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, TypeAdapter, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
 
-from schemas.common import (
+from loupe.schemas.common import (
     CURRENCY_PATTERN,
     MAX_ATTRIBUTE_VALUE_CHARS,
     MAX_TITLE_CHARS,
@@ -23,8 +23,8 @@ from schemas.common import (
     Timestamp,
     TopicName,
 )
-from schemas.errors import ErrorCode
-from schemas.parsing import parse_value
+from loupe.schemas.errors import ErrorCode
+from loupe.schemas.parsing import parse_value
 
 SEARCH_REQUESTS_TOPIC = "loupe.search.requests.v1"
 SEARCH_RESPONSES_TOPIC = "loupe.search.responses.v1"
@@ -46,7 +46,8 @@ NonNegative = Annotated[FiniteNumber, Field(ge=0)]
 
 
 class SearchFilters(Contract):
-    """Restrict hits. Lists match any of their values; ``attributes`` match exactly."""
+    """Restrict hits. Lists match any of their values; ``attributes`` match exactly.
+    ``price_min`` may not be above ``price_max`` (a rule JSON Schema cannot state)."""
 
     category: FilterValues | None = None
     subcategory: FilterValues | None = None
@@ -72,6 +73,19 @@ class SearchFilters(Contract):
 
 class SearchRequested(Contract):
     """A shopper's query: a photo, text, or both."""
+
+    # _has_a_query, for JSON Schema readers.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["image"], "properties": {"image": {"type": "object"}}},
+                {
+                    "required": ["text"],
+                    "properties": {"text": {"type": "string", "pattern": r"\S"}},
+                },
+            ]
+        }
+    )
 
     type: Literal["search.requested"] = "search.requested"
     request_id: Identifier
@@ -122,6 +136,18 @@ class SearchError(Contract):
 
 class SearchCompleted(Contract):
     """Exactly one per request: hits (``status: ok``) or an error with a code."""
+
+    # _status_matches_error, for JSON Schema readers.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"status": {"const": "error"}}, "required": ["status"]},
+            "then": {
+                "required": ["error"],
+                "properties": {"error": {"type": "object"}, "hits": {"maxItems": 0}},
+            },
+            "else": {"properties": {"error": {"type": "null"}}},
+        }
+    )
 
     type: Literal["search.completed"] = "search.completed"
     request_id: Identifier

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.kafka_broker import BrokerState, LocalKafkaBroker
+from loupe.dev.kafka import BrokerState, LocalKafkaBroker
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import CoordinatorNotAvailableError
 
-from consumers.index import QdrantIndex
-from consumers.jewelry import load_catalog
-from consumers.settings import Settings
-from encoders.fused import FusedEncoder
+from loupe.consumers.index import QdrantIndex
+from loupe.consumers.settings import Settings
+from loupe.dev.catalog import load_catalog
+from loupe.encoders.fused import FusedEncoder
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def _committed(bootstrap: str, group: str) -> int:
 
 def _serve(env: dict[str, str], log_path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "consumers.cli", "serve", "--role", "ingest"],
+        [sys.executable, "-m", "loupe", "serve", "--role", "ingest"],
         env=env,
         stdout=log_path.open("ab"),
         stderr=subprocess.STDOUT,

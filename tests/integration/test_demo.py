@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from consumers.cli import main
+from loupe.cli import main
 
 pytestmark = pytest.mark.integration
 

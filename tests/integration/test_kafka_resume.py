@@ -99,8 +99,9 @@ def test_group_resumes_exactly_after_committed_offsets(bootstrap_servers, make_t
 
 
 def test_serve_refuses_to_start_without_its_topics(bootstrap_servers, make_topic):
-    from consumers.service import LoupeService, TopicsMissing
-    from consumers.settings import Settings
+    from loupe.consumers.service import LoupeService
+    from loupe.consumers.settings import Settings
+    from loupe.consumers.topics import TopicsMissing
 
     existing = make_topic("products")
     settings = Settings(
@@ -125,7 +126,7 @@ def test_a_broker_started_for_a_process_dies_with_it(tmp_path):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from consumers.kafka_broker import LocalKafkaBroker\n"
+        "from loupe.dev.kafka import LocalKafkaBroker\n"
         f"broker = LocalKafkaBroker(state_dir=Path({str(tmp_path)!r}), die_with_parent=True)\n"
         "state = broker.start()\n"
         "print(state.pid, flush=True)\n"

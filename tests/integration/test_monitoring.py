@@ -21,8 +21,8 @@ import pytest
 import yaml
 from kafka import KafkaProducer
 
-from consumers.jewelry import load_catalog
-from consumers.kafka_broker import free_loopback_port
+from loupe.dev.catalog import load_catalog
+from loupe.dev.kafka import free_loopback_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -140,7 +140,7 @@ def test_every_panel_and_alert_query_against_a_real_prometheus(
     }
     loupe_log = tmp_path / "loupe.log"
     loupe = subprocess.Popen(
-        [sys.executable, "-m", "consumers.cli", "serve"],
+        [sys.executable, "-m", "loupe", "serve"],
         env=env,
         stdout=loupe_log.open("wb"),
         stderr=subprocess.STDOUT,

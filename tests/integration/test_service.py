@@ -16,17 +16,17 @@ from typing import ClassVar
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from consumers.image_fetch import FetchPolicy, ImageFetcher
-from consumers.index import QdrantIndex, point_id
-from consumers.ingest import Indexer
-from consumers.jewelry import load_catalog, phone_photo
-from consumers.kafka_io import Publisher, make_consumer, make_producer
-from consumers.metrics import LoupeMetrics
-from consumers.search_service import SearchService
-from consumers.settings import Settings
-from encoders.fused import FusedEncoder
-from schemas.deadletter import DeadLetter
-from schemas.search import CORRELATION_HEADER, parse_search_response
+from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.consumers.index import QdrantIndex, point_id
+from loupe.consumers.ingest import Indexer
+from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.search_service import SearchService
+from loupe.consumers.settings import Settings
+from loupe.dev.catalog import load_catalog, phone_photo
+from loupe.encoders.fused import FusedEncoder
+from loupe.schemas.deadletter import DeadLetter
+from loupe.schemas.search import CORRELATION_HEADER, parse_search_response
 
 pytestmark = pytest.mark.integration
 
@@ -447,7 +447,7 @@ class _FlakyIndex:
         return getattr(self.real, name)
 
     def upsert(self, points):
-        from consumers.errors import IndexUnavailable
+        from loupe.consumers.errors import IndexUnavailable
 
         self.attempts += 1
         if self.down:
@@ -464,7 +464,7 @@ def _committed(service, group_suffix="-ingest"):
 
 
 def test_index_outage_is_retried_without_committing(service, catalog, cdn):
-    from consumers.kafka_io import Backoff
+    from loupe.consumers.kafka_io import Backoff
 
     indexer = service["indexer"]
     flaky = _FlakyIndex(service["index"])
@@ -514,7 +514,7 @@ def test_index_outage_is_retried_without_committing(service, catalog, cdn):
 
 def test_publish_and_search_commands(service, catalog, cdn, monkeypatch, tmp_path, capsys):
     """`loupe publish FILE.jsonl` then `loupe search --image ...`, as a user runs them."""
-    from consumers.cli import main
+    from loupe.cli import main
 
     topics = service["topics"]
     monkeypatch.setenv("LOUPE_BOOTSTRAP_SERVERS", service["bootstrap"])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from consumers.jewelry import encode_input, load_catalog
-from encoders.device import Acceleration, autocast_dtype, stack_on
-from encoders.errors import VectorNotFinite
-from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
-from schemas.errors import ErrorCode
+from loupe.dev.catalog import encode_input, load_catalog
+from loupe.encoders.device import Acceleration, autocast_dtype, stack_on
+from loupe.encoders.errors import VectorNotFinite
+from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.schemas.errors import ErrorCode
 
 PLAIN = Acceleration(
     amp_dtype=None, channels_last=False, pinned_copies=False, batch_jpeg_decode=False

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from consumers.jewelry import load_catalog
-from encoders import fused
-from encoders.device import Acceleration
-from encoders.fused import EncodeInput, FusedEncoder, ModelProfile
-from encoders.images import DecodeLimits, orient, pil_to_uint8_tensor, plain_jpeg_header
-from schemas.errors import ErrorCode
+from loupe.dev.catalog import load_catalog
+from loupe.encoders import preprocess
+from loupe.encoders.device import Acceleration
+from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.encoders.images import DecodeLimits, orient, pil_to_uint8_tensor, plain_jpeg_header
+from loupe.schemas.errors import ErrorCode
 
 BATCH_DECODE_ONLY = Acceleration(
     amp_dtype=None, channels_last=False, pinned_copies=False, batch_jpeg_decode=True
@@ -108,13 +108,13 @@ def test_batch_decode_calls_stay_within_the_pixel_budget(encoders, monkeypatch):
 
     budget = max(pixels(p) for p in photos)  # at least one photo fits, not all of them
     calls = []
-    real_decode = fused.decode_jpegs
+    real_decode = preprocess.decode_jpegs
 
     def spy(data, device):
         calls.append(sum(pixels(d) for d in data))
         return real_decode(data, device)
 
-    monkeypatch.setattr(fused, "decode_jpegs", spy)
+    monkeypatch.setattr(preprocess, "decode_jpegs", spy)
     chunked = pillow.with_options(acceleration=BATCH_DECODE_ONLY, device_decode_pixels=budget)
     items = [EncodeInput(image=p) for p in photos]
     got = np.stack([r.vectors["image"] for r in chunked.encode_queries(items)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from encoders.batching import iter_batch, iter_budget
+from loupe.encoders.batching import iter_batch, iter_budget
 
 
 def test_iter_batch_keeps_order_and_size():

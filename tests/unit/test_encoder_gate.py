@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from consumers.service import EncoderGate
+from loupe.consumers.service import EncoderGate
 
 
 def test_search_overtakes_queued_ingest_batches():

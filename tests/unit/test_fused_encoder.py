@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 
 from bench.preprocess import loo_category_accuracy
-from consumers.jewelry import encode_input, load_catalog
-from encoders.fused import (
-    EncodeInput,
-    FusedEncoder,
-    ModelProfile,
-    compose_product_text,
-)
-from schemas.errors import ErrorCode
+from loupe.dev.catalog import encode_input, load_catalog
+from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.encoders.preprocess import compose_product_text
+from loupe.schemas.errors import ErrorCode
 
 TOLERANCE = 1e-4  # batch composition changes CPU kernel blocking, not results beyond this
 
@@ -115,6 +111,7 @@ def test_product_text_puts_the_title_first():
     assert text == "Gold Ring. stone: ruby, pearl; weight g: 2. Nice."
 
 
+@pytest.mark.slow  # a full-catalog evaluation: the quality floor, not a unit's behaviour
 def test_pretrained_weights_beat_random_ones_by_a_wide_margin(encoder, catalog):
     """Image-only nearest neighbour by category, leave-one-out, on the 236 real photos."""
     labels = [p.category for p in catalog]
@@ -133,7 +130,7 @@ def test_pretrained_weights_beat_random_ones_by_a_wide_margin(encoder, catalog):
 
 
 def test_embed_cli_prints_views_and_version(catalog, capsys):
-    from consumers.cli import main
+    from loupe.cli import main
 
     photo = str(catalog[0].image_path)
     assert main(["embed", "--image", photo, "--text", "gold bangle"]) == 0
@@ -144,7 +141,7 @@ def test_embed_cli_prints_views_and_version(catalog, capsys):
 
 
 def test_embed_cli_reports_a_bad_image(tmp_path, capsys):
-    from consumers.cli import main
+    from loupe.cli import main
 
     bad = tmp_path / "not-an-image.jpg"
     bad.write_text("hello")

@@ -8,8 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders.errors import WeightsNotFound
-from encoders.fusion import AttentionFusion, FusionConfig, fusion_digest, load_fusion, save_fusion
+from loupe.encoders.errors import WeightsNotFound
+from loupe.encoders.fusion import (
+    AttentionFusion,
+    FusionConfig,
+    fusion_digest,
+    load_fusion,
+    save_fusion,
+)
 
 CONFIG = FusionConfig(image_dim=256, text_dim=128, token_dim=64, n_heads=2, image_weight=0.7)
 

@@ -10,9 +10,9 @@ import socket
 
 import pytest
 
-from consumers.errors import ImageFetchError
-from consumers.image_fetch import FetchPolicy, ImageFetcher, address_verdict
-from schemas.errors import ErrorCode
+from loupe.consumers.errors import ImageFetchError
+from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher, address_verdict
+from loupe.schemas.errors import ErrorCode
 
 STRICT = FetchPolicy()
 

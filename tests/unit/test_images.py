@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from encoders.errors import ImageRejected
-from encoders.images import DecodeLimits, decode_image, fit_square, pil_to_uint8_tensor
-from schemas.errors import ErrorCode
+from loupe.encoders.errors import ImageRejected
+from loupe.encoders.images import DecodeLimits, decode_image, fit_square, pil_to_uint8_tensor
+from loupe.schemas.errors import ErrorCode
 
 
 def _save(image: Image.Image, fmt: str = "PNG", **params) -> bytes:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.index import build_filter, collection_name, point_id
-from schemas.search import SearchFilters
+from loupe.consumers.index import build_filter, collection_name, point_id
+from loupe.schemas.search import SearchFilters
 
 
 def test_point_ids_are_deterministic_and_unambiguous():
@@ -40,9 +40,9 @@ def test_filters_become_qdrant_conditions():
 
 def test_an_unreachable_qdrant_server_is_index_unavailable():
     """The retry policy's trigger: a server URL that refuses (a closed loopback port)."""
-    from consumers.errors import IndexUnavailable
-    from consumers.index import QdrantIndex
-    from consumers.kafka_broker import free_loopback_port
+    from loupe.consumers.errors import IndexUnavailable
+    from loupe.consumers.index import QdrantIndex
+    from loupe.dev.kafka import free_loopback_port
 
     index = QdrantIndex(
         model_version="m1", url=f"http://127.0.0.1:{free_loopback_port()}", timeout_s=2

@@ -6,8 +6,9 @@ import socket
 
 import pytest
 
-from consumers import kafka_broker
-from consumers.kafka_broker import BrokerError, LocalKafkaBroker
+from loupe.consumers.kafka_io import answers_metadata
+from loupe.dev import kafka as kafka_broker
+from loupe.dev.kafka import BrokerError, LocalKafkaBroker
 
 
 def test_properties_bind_loopback_only(tmp_path):
@@ -57,4 +58,4 @@ def test_stale_state_of_a_dead_process_is_not_running(tmp_path):
 
 def test_probe_of_a_closed_port_is_false():
     port = kafka_broker.free_loopback_port()
-    assert kafka_broker.answers_metadata(f"127.0.0.1:{port}", timeout_s=0.5) is False
+    assert answers_metadata({"bootstrap_servers": [f"127.0.0.1:{port}"]}, timeout_s=0.5) is False

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from kafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 
-from consumers.kafka_io import Backoff, Publisher
-from consumers.metrics import LoupeMetrics
+from loupe.consumers.kafka_io import Backoff, Publisher
+from loupe.consumers.metrics import LoupeMetrics
 
 
 class _Future:

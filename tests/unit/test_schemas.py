@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from schemas import export
-from schemas.common import MAX_INLINE_IMAGE_BYTES, MAX_MESSAGE_BYTES
-from schemas.deadletter import DeadLetter, deadletter_headers
-from schemas.errors import ErrorCode, InvalidEvent
-from schemas.products import ProductUpserted, parse_product_event
-from schemas.search import parse_search_request, parse_search_response
+from loupe.schemas import export
+from loupe.schemas.common import MAX_INLINE_IMAGE_BYTES, MAX_MESSAGE_BYTES
+from loupe.schemas.deadletter import DeadLetter, deadletter_headers
+from loupe.schemas.errors import ErrorCode, InvalidEvent
+from loupe.schemas.products import ProductUpserted, parse_product_event
+from loupe.schemas.search import parse_search_request, parse_search_response
 
 EXAMPLES = Path(export.__file__).parent / "examples"
 PARSERS = {
@@ -421,6 +421,54 @@ def test_invalid_messages_are_rejected_with_the_reason(parse, raw, code, needle)
     assert "\n" not in str(info.value), "the reason must fit one header line"
 
 
+SCHEMA_OF_PARSER = {
+    parse_product_event: "product-event",
+    parse_search_request: "search-request",
+    parse_search_response: "search-response",
+}
+# Rules JSON Schema cannot state: comparing two fields (said in the field's description), and
+# strict integers (JSON Schema's "integer" includes 5.0, which the models refuse).
+NOT_EXPRESSIBLE = {"inverted price range", "top_k as float"}
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_or_none(raw: bytes | None):
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except (TypeError, ValueError):
+        return None  # not JSON at all (or Infinity/NaN): no JSON Schema reader gets that far
+
+
+# Cases that are JSON messages (not bytes refused before any schema applies).
+SCHEMA_CASES = [
+    case
+    for case in INVALID
+    if case[0] not in NOT_EXPRESSIBLE
+    and _json_or_none(case[2]) is not None
+    and len(case[2]) <= MAX_MESSAGE_BYTES
+]
+
+
+@pytest.mark.parametrize(
+    ("parse", "raw"), [case[1:3] for case in SCHEMA_CASES], ids=[case[0] for case in SCHEMA_CASES]
+)
+def test_what_the_models_refuse_the_exported_json_schemas_refuse(parse, raw):
+    body = json.loads(raw)
+    with pytest.raises(InvalidEvent):
+        parse(raw)
+    schema = json.loads((export.JSON_DIR / f"{SCHEMA_OF_PARSER[parse]}.schema.json").read_text())
+    errors = list(Draft202012Validator(schema).iter_errors(body))
+    assert errors, "the JSON Schema accepts a message the model refuses"
+
+
+def test_the_rules_json_schema_cannot_state_are_described():
+    schema = json.loads((export.JSON_DIR / "search-request.schema.json").read_text())
+    assert "``price_min`` may not be above" in schema["$defs"]["SearchFilters"]["description"]
+
+
 def test_unknown_fields_are_ignored_so_producers_can_evolve():
     event = parse_product_event(_mutated(UPSERT, colour_profile="sRGB", schema_rev=7))
     assert isinstance(event, ProductUpserted)
@@ -494,7 +542,7 @@ def test_reading_a_record_that_is_not_a_dead_letter_says_so():
 def test_is_identifier_agrees_with_the_contract(value):
     from pydantic import TypeAdapter, ValidationError
 
-    from schemas.common import Identifier, is_identifier
+    from loupe.schemas.common import Identifier, is_identifier
 
     try:
         TypeAdapter(Identifier).validate_python(value)

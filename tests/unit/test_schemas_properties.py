@@ -8,9 +8,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.errors import InvalidEvent
-from schemas.products import ProductDeleted, ProductUpserted, parse_product_event
-from schemas.search import (
+from loupe.schemas.errors import InvalidEvent
+from loupe.schemas.products import ProductDeleted, ProductUpserted, parse_product_event
+from loupe.schemas.search import (
     SearchCompleted,
     SearchRequested,
     parse_search_request,

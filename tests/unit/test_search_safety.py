@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-from consumers.kafka_io import Backoff
-from consumers.search_service import fit_response
-from schemas.search import HitScores, SearchCompleted, SearchHit, parse_search_response
+from loupe.consumers.kafka_io import Backoff
+from loupe.consumers.search_service import fit_response
+from loupe.schemas.search import HitScores, SearchCompleted, SearchHit, parse_search_response
 
 
 def _response(hits: int, attribute_chars: int) -> SearchCompleted:

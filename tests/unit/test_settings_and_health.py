@@ -7,12 +7,12 @@ import urllib.request
 import pytest
 import torch
 
-from consumers.cli import main
-from consumers.errors import ConfigError
-from consumers.metrics import HealthServer, LoupeMetrics, MetricsPortUnavailable
-from consumers.settings import Settings, load_settings
-from encoders.device import pick_device
-from encoders.errors import DeviceUnavailable
+from loupe.cli import main
+from loupe.consumers.errors import ConfigError
+from loupe.consumers.metrics import HealthServer, LoupeMetrics, MetricsPortUnavailable
+from loupe.consumers.settings import Settings, load_settings
+from loupe.encoders.device import pick_device
+from loupe.encoders.errors import DeviceUnavailable
 
 
 def test_kafka_security_settings_pass_through(monkeypatch, tmp_path):

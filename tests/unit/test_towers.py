@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from encoders.errors import UnknownBackbone, WeightsNotFound
-from encoders.image_towers import ImageEncoder
-from encoders.text_towers import TextEncoder
+from loupe.encoders.errors import UnknownBackbone, WeightsNotFound
+from loupe.encoders.image_towers import ImageEncoder
+from loupe.encoders.text_towers import TextEncoder
 
 
 @pytest.fixture(scope="module")

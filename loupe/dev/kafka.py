@@ -1,7 +1,8 @@
 """A real, single-node Apache Kafka broker (KRaft) on loopback, for laptops, tests and CI.
 
-Nothing ships a Kafka distribution here, so the broker's jars come from Maven Central through
-`deploy/kafka/pom.xml`, once, into a cache outside the clone (``~/.cache/loupe/kafka``). Each
+Nothing ships a Kafka distribution here, so the broker's jars come from Maven Central (``mvn
+dependency:copy-dependencies`` over the POM below), once, into a cache outside the clone
+(``~/.cache/loupe/kafka/<version>``). Each
 broker keeps everything it owns (``server.properties``, data, log, pid, ``state.json``) in one
 state directory, so ``loupe kafka stop`` and ``status`` find it again from another process.
 """
@@ -24,12 +25,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from consumers.errors import LoupeError
+from loupe.consumers.errors import LoupeError
+from loupe.consumers.kafka_io import answers_metadata
 
 log = logging.getLogger(__name__)
 
+# The one place the development broker's version is written; deploy/docker-compose.yml's image
+# tag is checked against it (tests/unit/test_one_source.py).
 KAFKA_VERSION = "4.1.2"
-POM_PATH = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
+LOG4J_VERSION = "2.25.3"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "kafka"
 DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "loupe" / "kafka"
 
@@ -73,7 +77,47 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def provision_jars(cache_dir: Path = DEFAULT_CACHE_DIR, pom: Path = POM_PATH) -> Path:
+# The broker's runtime jars; nothing is built from it. Kafka 4.1 logs through SLF4J 1.7: route it
+# to Log4j 2 so that the broker's log goes to a file.
+_POM = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.loupe</groupId>
+  <artifactId>loupe-kafka-broker</artifactId>
+  <version>{kafka}</version>
+  <packaging>pom</packaging>
+  <dependencyManagement>
+    <dependencies>
+      <dependency>
+        <groupId>org.apache.logging.log4j</groupId>
+        <artifactId>log4j-bom</artifactId>
+        <version>{log4j}</version>
+        <type>pom</type>
+        <scope>import</scope>
+      </dependency>
+    </dependencies>
+  </dependencyManagement>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>{kafka}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-core</artifactId>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+
+def provision_jars(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     """Return the directory holding the broker's jars, downloading them once if needed."""
     libs = cache_dir / KAFKA_VERSION / "libs"
     marker = libs / ".complete"
@@ -85,6 +129,9 @@ def provision_jars(cache_dir: Path = DEFAULT_CACHE_DIR, pom: Path = POM_PATH) ->
         mvn = _require_tool("mvn", "download Apache Kafka's jars from Maven Central")
         staging = libs.with_name("libs.partial")
         shutil.rmtree(staging, ignore_errors=True)
+        pom = cache_dir / KAFKA_VERSION / "pom.xml"
+        pom.parent.mkdir(parents=True, exist_ok=True)
+        pom.write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
         log.info("downloading Apache Kafka %s jars into %s (once)", KAFKA_VERSION, libs)
         started = time.monotonic()
         result = subprocess.run(
@@ -324,7 +371,7 @@ class LocalKafkaBroker:
                     f"the broker exited with status {proc.returncode} during start-up; "
                     f"last lines of {self.log_file}:\n{self._log_tail()}"
                 )
-            if answers_metadata(state.bootstrap_servers):
+            if answers_metadata({"bootstrap_servers": [state.bootstrap_servers]}):
                 return
             if time.monotonic() > deadline:
                 raise BrokerError(
@@ -360,35 +407,3 @@ class LocalKafkaBroker:
             time.sleep(0.1)
         self.state_file.unlink(missing_ok=True)
         return True
-
-
-def answers_metadata(bootstrap_servers: str, timeout_s: float = 2.0) -> bool:
-    """True if a broker at ``bootstrap_servers`` answers a metadata request now."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaConfigurationError, KafkaError
-
-    host, _, port = bootstrap_servers.split(",")[0].rpartition(":")
-    try:
-        # A plain TCP connect first: cheap, and kafka-python logs refused connections as errors.
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError:
-        return False
-    timeout_ms = int(timeout_s * 1000)
-    try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers,
-            request_timeout_ms=timeout_ms,
-            bootstrap_timeout_ms=timeout_ms,
-            client_id="loupe-probe",
-        )
-    except KafkaConfigurationError:
-        raise  # a bug in this probe, not "broker not up yet"
-    except (KafkaError, OSError):
-        return False
-    try:
-        admin.describe_cluster()
-        return True
-    except (KafkaError, OSError):
-        return False
-    finally:
-        admin.close()

@@ -8,24 +8,24 @@ prints the answers and writes a self-contained HTML report.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import shutil
 import sys
 import threading
 import time
-from datetime import UTC, datetime
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 
-from consumers.demo_report import DemoQuery, format_filters, render_report, thumbnail
-from consumers.jewelry import CatalogProduct, load_catalog, phone_photo, upserted_event
-from consumers.kafka_broker import LocalKafkaBroker, free_loopback_port
-from consumers.kafka_io import make_producer, reader_at_end
-from consumers.settings import Settings
-from schemas.search import parse_search_response
+from loupe.client import encode_request, search_request
+from loupe.consumers.kafka_io import make_producer, reader_at_end
+from loupe.consumers.settings import Settings
+from loupe.demo.report import DemoQuery, format_filters, render_report, thumbnail
+from loupe.dev.catalog import CatalogProduct, load_catalog, phone_photo, upserted_event
+from loupe.dev.cdn import StandInCdn
+from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port
+from loupe.progress import progress
+from loupe.schemas.search import parse_search_response
 
 SEARCH_RATE = 4.0  # requests per second the shoppers send
 TEXT_QUERIES = [
@@ -36,26 +36,8 @@ TEXT_QUERIES = [
 ]
 
 
-class _CdnServer(ThreadingHTTPServer):
-    request_queue_size = 256  # socketserver's default of 5 drops concurrent connects
-    daemon_threads = True
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 def _step(number: int, total: int, text: str) -> None:
     print(f"\n==> [{number}/{total}] {text}", flush=True)
-
-
-def _progress(done: int, total: int, started: float) -> None:
-    width = 30
-    filled = int(width * done / max(1, total))
-    rate = done / max(1e-6, time.perf_counter() - started)
-    bar = "#" * filled + "-" * (width - filled)
-    print(f"\r    [{bar}] {done}/{total} indexed ({rate:.1f}/s)", end="", flush=True)
 
 
 def _queries(catalog: list[CatalogProduct], count: int) -> list[DemoQuery]:
@@ -111,7 +93,8 @@ def run_demo(
     keep_running: bool = False,
     inline_every: int = 5,
 ) -> int:
-    from consumers.service import LoupeService, ensure_topics
+    from loupe.consumers.service import LoupeService
+    from loupe.consumers.topics import ensure_topics
 
     total_steps = 6
     started_at = time.perf_counter()
@@ -120,7 +103,7 @@ def run_demo(
     broker = LocalKafkaBroker(state_dir=demo_dir / "kafka", die_with_parent=True)
     service: LoupeService | None = None
     service_thread: threading.Thread | None = None
-    cdn: _CdnServer | None = None
+    cdn: StandInCdn | None = None
     try:
         _step(1, total_steps, "the real jewelry catalog (PyPI giva-databricks)")
         catalog = load_catalog()
@@ -162,12 +145,8 @@ def run_demo(
         print(f"    index in {index_dir}; metrics at {metrics_url}")
 
         _step(4, total_steps, "the merchant publishes the catalog")
-        cdn = _CdnServer(
-            ("127.0.0.1", 0),
-            functools.partial(_QuietHandler, directory=str(chosen[0].image_path.parent.parent)),
-        )
-        threading.Thread(target=cdn.serve_forever, daemon=True).start()
-        cdn_url = f"http://127.0.0.1:{cdn.server_address[1]}"
+        cdn = StandInCdn(photos_dir)
+        cdn_url = cdn.url
         producer = make_producer(run)
         inline = 0
         for i, product in enumerate(chosen):
@@ -193,19 +172,22 @@ def run_demo(
         )
         sample = service.metrics.registry.get_sample_value
         ingest_started = time.perf_counter()
-        while True:
-            done = sum(
-                sample("loupe_events_total", {"topic": run.products_topic, "outcome": o}) or 0
-                for o in ("indexed", "dead_lettered", "stale")
-            )
-            _progress(int(done), len(chosen), ingest_started)
-            if done >= len(chosen):
-                break
-            if not service_thread.is_alive():
-                raise RuntimeError("the Loupe service stopped during ingest; see the log above")
-            time.sleep(0.3)
+        with progress(total=len(chosen), desc="indexed", unit="product") as bar:
+            while True:
+                done = int(
+                    sum(
+                        sample("loupe_events_total", {"topic": run.products_topic, "outcome": o})
+                        or 0
+                        for o in ("indexed", "dead_lettered", "stale")
+                    )
+                )
+                bar.update(min(done, len(chosen)) - bar.n)
+                if done >= len(chosen):
+                    break
+                if not service_thread.is_alive():
+                    raise RuntimeError("the Loupe service stopped during ingest; see the log above")
+                time.sleep(0.3)
         ingest_s = time.perf_counter() - ingest_started
-        print()
         indexed = int(
             sample("loupe_events_total", {"topic": run.products_topic, "outcome": "indexed"}) or 0
         )
@@ -235,28 +217,18 @@ def run_demo(
         reading.start()
         sends_started = time.perf_counter()
         for n, ask in enumerate(asks):
-            body: dict = {
-                "type": "search.requested",
-                "request_id": f"demo-q{n}",
-                "occurred_at": datetime.now(UTC).isoformat(),
-                "top_k": 5,
-                "filters": ask.filters,
-            }
-            if ask.photo:
-                body["image"] = {
-                    "data": base64.b64encode(ask.photo).decode(),
-                    "media_type": "image/jpeg",
-                }
-            if ask.text:
-                body["text"] = ask.text
+            request = search_request(
+                photo=ask.photo,
+                text=ask.text,
+                top_k=5,
+                filters=ask.filters,
+                request_id=f"demo-q{n}",
+            )
+            key, value = encode_request(request)
             # A steady rate, as shoppers arrive, so latency is the service's, not a queue's.
             time.sleep(max(0.0, sends_started + n / SEARCH_RATE - time.perf_counter()))
-            sent_at[body["request_id"]] = time.perf_counter()
-            producer.send(
-                run.search_requests_topic,
-                key=body["request_id"].encode(),
-                value=json.dumps(body).encode(),
-            )
+            sent_at[request.request_id] = time.perf_counter()
+            producer.send(run.search_requests_topic, key=key, value=value)
             producer.flush()
         producer.close()
         all_answered.wait(120)
@@ -278,16 +250,19 @@ def run_demo(
             "products indexed": f"{indexed} / {len(chosen)}",
             "ingest": f"{ingest_s:.1f} s ({indexed / max(ingest_s, 1e-6):.1f}/s)",
             "searches answered": f"{len(answered)} / {len(asks)}",
-            "photo queries, own product first": f"{firsts} / {len(photo_asks)}",
+            "photo: own product first": f"{firsts} / {len(photo_asks)}",
             "latency p50 / p95 / p99": f"{p50:.0f} / {p95:.0f} / {p99:.0f} ms",
-            "metrics": metrics_url,
-            "model": service.encoder.model_version,
+        }
+        details = {
+            "model version": service.encoder.model_version,
+            "device": f"{encoder.device} ({encoder.acceleration.describe()})",
+            "Kafka": f"{state.kafka_version}, single node on this machine",
         }
         thumbs = {p.product_id: thumbnail(p.image_path.read_bytes()) for p in catalog}
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(render_report(asks, thumbs, summary), encoding="utf-8")
+        report.write_text(render_report(asks, thumbs, summary, details=details), encoding="utf-8")
         print()
-        for label, value in summary.items():
+        for label, value in {**summary, "model": encoder.model_version}.items():
             print(f"    {label:<34} {value}")
         print(f"\n    report: {report}")
         print(f"    demo took {time.perf_counter() - started_at:.0f} s")
@@ -296,7 +271,7 @@ def run_demo(
             print("\nLoupe keeps running (Ctrl-C to stop). Try:")
             print(
                 f"    LOUPE_BOOTSTRAP_SERVERS={state.bootstrap_servers} "
-                ".venv/bin/loupe search --text 'gold ring' --top-k 5"
+                "loupe search --text 'gold ring' --top-k 5"
             )
             print(f"    curl -s {metrics_url} | grep ^loupe_events_total")
             try:
@@ -311,7 +286,7 @@ def run_demo(
         if service_thread is not None:
             service_thread.join(60)
         if cdn is not None:
-            cdn.shutdown()
+            cdn.close()
         if broker.stop():
             print("==> stopped Loupe and the local Kafka broker", flush=True)
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageEnhance, ImageFilter
 
-from schemas.errors import LoupeError
+from loupe.schemas.errors import LoupeError
 
 if TYPE_CHECKING:
-    from encoders.fused import EncodeInput
+    from loupe.encoders.fused import EncodeInput
 
 GIVA_PACKAGE = "giva-databricks==0.1.2"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "giva"
@@ -161,7 +161,8 @@ def phone_photo(image_bytes: bytes, seed: int) -> bytes:
 
 def encode_input(product: CatalogProduct) -> EncodeInput:
     """A catalog product as the fused model's input: its photo and its composed text."""
-    from encoders.fused import EncodeInput, compose_product_text  # torch: only when encoding
+    from loupe.encoders.fused import EncodeInput  # torch: only when encoding
+    from loupe.encoders.preprocess import compose_product_text
 
     return EncodeInput(
         image=product.image_path.read_bytes(),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from schemas.search import SearchCompleted
+from loupe.schemas.search import SearchCompleted
 
 
 @dataclass
@@ -60,7 +60,34 @@ h1{margin-bottom:.2rem} .muted{color:#666}
 .hit.expected img{border:3px solid #2a9d4b}
 .scores{font-family:ui-monospace,monospace;color:#555} .kind{font-weight:600}
 .err{color:#b00020}
+.legend{font-size:.85rem;background:#fbfbfa;border:1px solid #eee;border-radius:8px;
+  padding:.6rem 1rem;margin:1rem 0} .legend b{font-family:ui-monospace,monospace}
+.ranked{font-weight:700;color:#222}
+.details{font-size:.8rem;color:#666;overflow-wrap:anywhere;margin-top:.5rem}
 """
+
+VIEW_LEGEND = [
+    ("image", "photo against photo: how alike the product looks"),
+    ("text", "words against the product's title and attributes"),
+    ("fused", "photo and words together against the product's photo and text"),
+]
+
+
+def _scores_html(hit_scores: dict[str, float | None], ranked_by: str | None) -> str:
+    cells = []
+    for view, _ in VIEW_LEGEND:
+        value = hit_scores.get(view)
+        shown = "&ndash;" if value is None else f"{value:.2f}"
+        css = " class='ranked'" if view == ranked_by else ""
+        cells.append(f"<span{css}>{view[0]} {shown}</span>")
+    return " · ".join(cells)
+
+
+def ranking_view(query: DemoQuery) -> str:
+    """The view Loupe ranks a query by: fused for photo + text, else the one it has."""
+    if query.photo and query.text:
+        return "fused"
+    return "image" if query.photo else "text"
 
 
 def render_report(
@@ -68,20 +95,32 @@ def render_report(
     thumbnails: dict[str, str],
     summary: dict[str, str],
     title: str = "Loupe demo: visual search on a real jewelry catalog",
+    details: dict[str, str] | None = None,
 ) -> str:
-    """``thumbnails`` maps product_id to a data URI; ``summary`` is shown as label -> value."""
+    """``thumbnails`` maps product_id to a data URI; ``summary`` holds a few short headline
+    numbers (label -> value); ``details`` longer facts (the model version) in small print. The
+    file links nowhere: everything the demo served is gone once it ends."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p class='muted'>Each row is one search request sent through Kafka; the hits are the "
-        "top results Loupe returned, with the cosine similarity per view "
-        "(image / text / fused; '-' where the query had no such view).</p>",
+        "top results Loupe returned.</p>",
         "<div class='summary'>",
     ]
     for label, value in summary.items():
         parts.append(f"<div>{html.escape(label)}<b>{html.escape(value)}</b></div>")
     parts.append("</div>")
+    if details:
+        shown = "; ".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in details.items())
+        parts.append(f"<div class='details'>{shown}</div>")
+    parts.append(
+        "<div class='legend'>Scores are cosine similarities (1 is identical), one per view: "
+        + "; ".join(f"<b>{view[0]}</b> = {view}, {what}" for view, what in VIEW_LEGEND)
+        + ". The view the hits are ranked by is in <span class='ranked'>bold</span>; "
+        "'&ndash;' where the query has no such view. A green frame marks the product the shopper "
+        "photographed.</div>"
+    )
     for query in queries:
         parts.append("<div class='query'><div class='ask'>")
         parts.append(f"<div class='kind'>{html.escape(query.kind)}</div>")
@@ -105,10 +144,7 @@ def render_report(
         else:
             for rank, hit in enumerate(response.hits[:5], start=1):
                 expected = " expected" if hit.product_id == query.expected_product_id else ""
-                scores = " / ".join(
-                    "-" if v is None else f"{v:.2f}"
-                    for v in (hit.scores.image, hit.scores.text, hit.scores.fused)
-                )
+                scores = _scores_html(hit.scores.model_dump(), ranking_view(query))
                 price = f"{hit.price.amount} {hit.price.currency}" if hit.price else ""
                 image = thumbnails.get(hit.product_id, "")
                 parts.append(

@@ -1,0 +1,154 @@
+"""Preprocessing: untrusted bytes and product fields in, model-ready inputs out.
+
+``ImagePreprocessor`` turns a batch of photos into one ``(B, 3, S, S)`` uint8-valued float batch
+on the model's device, failing bad photos one by one: on a CPU each photo is decoded by Pillow
+in a thread pool (bounded: bytes, header pixels, EXIF upright, alpha on white); where the plan
+says so (CUDA), JPEGs are decoded together on the device (nvjpeg) in calls bounded by pixels,
+their EXIF orientation applied as tensor ops, and host and device tensors stacked in one batch.
+``compose_product_text`` is the text side: what the text tower reads for a product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from loupe.encoders.batching import iter_budget
+from loupe.encoders.device import Acceleration, stack_on
+from loupe.encoders.errors import ImageRejected
+from loupe.encoders.images import (
+    DecodeLimits,
+    Fit,
+    JpegHeader,
+    decode_image,
+    decode_jpegs,
+    fit_square,
+    orient,
+    pil_to_uint8_tensor,
+    plain_jpeg_header,
+)
+from loupe.encoders.profile import MAX_TEXT_CHARS
+
+# Pixels one batch-decode call may hold on the device (x3 bytes): 128 MP is 384 MB, ten 12-MP
+# phone photos. Without it, 128 photos at the 40-MP limit would ask for 15 GB at once.
+DEVICE_DECODE_PIXELS = 128_000_000
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One photo's bytes and the media type its sender declared (checked against the content)."""
+
+    data: bytes
+    media_type: str | None = None
+
+
+def compose_product_text(
+    title: str, attributes: Mapping[str, object] | None = None, description: str = ""
+) -> str:
+    """Title first (it matters most and survives truncation), then attributes, then the rest."""
+    parts = [title.strip()]
+    if attributes:
+        rendered = []
+        for key, value in attributes.items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            rendered.append(f"{key.replace('_', ' ')}: {shown}")
+        parts.append("; ".join(rendered))
+    if description.strip():
+        parts.append(description.strip())
+    return ". ".join(parts)[:MAX_TEXT_CHARS]
+
+
+class ImagePreprocessor:
+    """Photos to a batch of ``(3, side, side)`` tensors in [0, 1] on ``device``."""
+
+    def __init__(
+        self,
+        *,
+        side: int,
+        device: torch.device,
+        acceleration: Acceleration,
+        fit: Fit = "pad",
+        limits: DecodeLimits | None = None,
+        decode_workers: int = 2,
+        device_decode_pixels: int = DEVICE_DECODE_PIXELS,
+    ) -> None:
+        if side < 1:
+            raise ValueError(f"side must be positive, got {side}")
+        if decode_workers < 1:
+            raise ValueError(f"decode_workers must be positive, got {decode_workers}")
+        if device_decode_pixels < 1:
+            raise ValueError(f"device_decode_pixels must be positive, got {device_decode_pixels}")
+        self.side = side
+        self.device = device
+        self.acceleration = acceleration
+        self.fit = fit
+        self.limits = limits or DecodeLimits()
+        self.decode_workers = decode_workers
+        self.device_decode_pixels = device_decode_pixels
+        self._pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def one(self, photo: Photo) -> torch.Tensor:
+        """One photo to a ``(3, S, S)`` tensor on the CPU; raises ``ImageRejected``."""
+        image = decode_image(
+            photo.data, limits=self.limits, media_type=photo.media_type, target_side=self.side
+        )
+        return fit_square(pil_to_uint8_tensor(image), self.side, self.fit)
+
+    def batch(
+        self, photos: Sequence[Photo]
+    ) -> tuple[torch.Tensor, list[int], dict[int, Exception]]:
+        """``(pixels, rows, failures)``: ``pixels[j]`` is ``photos[rows[j]]``, ``(B, 3, S, S)``
+        on the device; ``failures`` maps the other rows to why they failed."""
+        if self.acceleration.batch_jpeg_decode:
+            tensors = self._batch_jpeg_decode(photos)
+        else:
+            tensors = dict(enumerate(self._pool.map(self._try_one, photos)))
+        rows = [i for i in range(len(photos)) if isinstance(tensors[i], torch.Tensor)]
+        failures = {i: t for i, t in tensors.items() if not isinstance(t, torch.Tensor)}
+        if not rows:
+            return torch.empty(0), [], failures
+        stacked = stack_on(  # (B, 3, S, S)
+            [tensors[i] for i in rows], self.device, pinned=self.acceleration.pinned_copies
+        )
+        if self.acceleration.channels_last:
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
+        return stacked, rows, failures
+
+    def _try_one(self, photo: Photo) -> torch.Tensor | ImageRejected:
+        try:
+            return self.one(photo)
+        except ImageRejected as exc:
+            return exc
+
+    def _batch_jpeg_decode(
+        self, photos: Sequence[Photo]
+    ) -> dict[int, torch.Tensor | ImageRejected]:
+        """JPEGs decode in calls of at most ``device_decode_pixels`` on the model's device (nvjpeg
+        on CUDA); other formats, and any call the decoder refuses, take the Pillow path."""
+        results: dict[int, torch.Tensor | ImageRejected] = {}
+        jpegs: list[tuple[int, JpegHeader]] = []
+        for i, photo in enumerate(photos):
+            header = plain_jpeg_header(photo.data, self.limits)
+            if header is None:
+                results[i] = self._try_one(photo)
+            else:
+                jpegs.append((i, header))
+        for chunk in iter_budget(jpegs, lambda job: job[1].pixels, self.device_decode_pixels):
+            try:
+                decoded = decode_jpegs([photos[i].data for i, _ in chunk], self.device)
+            except RuntimeError:  # one bad file (or no memory) fails the call: go per item
+                decoded = [None] * len(chunk)
+            for (i, header), image in zip(chunk, decoded, strict=True):
+                results[i] = (
+                    fit_square(orient(image, header.orientation), self.side, self.fit)
+                    if image is not None
+                    else self._try_one(photos[i])
+                )
+            del decoded  # full-size photos: free them before the next call decodes more
+        return results

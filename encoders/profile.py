@@ -1,0 +1,44 @@
+"""What the model is made of, and every default that describes it, without importing torch.
+
+``ModelProfile`` is the one source of the model's defaults: ``Settings`` (``LOUPE_*``) takes its
+defaults from here, and the encoder modules import their limits from here, so a default is
+written once. Importing this module is cheap, so the CLI and the settings can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+Fit = Literal["pad", "center_crop", "squash"]  # how a photo becomes a square
+FITS: tuple[str, ...] = get_args(Fit)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+MAX_IMAGE_BYTES = 10 * 1024 * 1024  # a product photo is rarely above 2 MB
+MAX_IMAGE_PIXELS = 40_000_000  # ~ 7,700 x 5,200; a decompression bomb declares far more
+MIN_IMAGE_SIDE_PX = 8  # smaller is not a photo of anything
+MAX_TEXT_TOKENS = 128  # titles + key attributes fit; long descriptions are cut, not failed
+MAX_TEXT_CHARS = 4000  # cut before tokenising: the tokenizer's cost grows with the input
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Which backbones, weights and preprocessing make up the model, and how it runs."""
+
+    image_backbone: str = "efficientnet-lite0"  # a name in IMAGE_BACKBONES
+    text_backbone: str = "all-minilm-l6-v2"  # a name in TEXT_BACKBONES or a model directory
+    image_weights: str | None = None  # None: the backbone's default; a path; or "random"
+    text_weights: str | None = None  # None: the backbone's default; a directory; or "random"
+    fusion_checkpoint: Path | None = None  # None: untrained fusion (identity attention)
+    image_weight: float = 0.5  # share of the fused cosine from the image view
+    fit: Fit = "pad"  # pad beat center_crop on jewelry photos (bench/preprocess.py)
+    max_text_tokens: int = MAX_TEXT_TOKENS
+    device: str = "auto"  # auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps
+    precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere
+    batch_size: int | None = None  # None: 16 on a CPU (cache-bound, bench/encode.py), 128 on GPU
+    decode_workers: int = 2  # threads decoding images (Pillow releases the GIL)
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    allow_download: bool = False  # never on by default: no model hub at run time

@@ -1,0 +1,3 @@
+from loupe.cli.main import main
+
+__all__ = ["main"]

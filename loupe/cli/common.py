@@ -1,0 +1,76 @@
+"""What every ``loupe`` command shares: options that work anywhere, settings help, logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from loupe.consumers.settings import Settings, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT_SETTINGS: dict[str, Any] = {
+    "help_option_names": ["-h", "--help"],
+    "show_default": True,
+    "max_content_width": 100,
+}
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
+    )
+    # kafka-python narrates every connection at INFO; keep its warnings only.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # transformers draws a progress bar for every weight load; the CLI says what it loads.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.DEBUG)
+
+
+def global_options(command: F) -> F:
+    """Options accepted both before and after the command name (``loupe -v serve`` and
+    ``loupe serve -v``)."""
+    return click.option(
+        "-v",
+        "--verbose",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_verbose,
+        help="Debug logging.",
+    )(command)
+
+
+def settings_epilog(*names: str) -> str:
+    """An epilog listing the ``LOUPE_*`` settings a command reads, with their defaults."""
+    fields = Settings.model_fields
+    lines = ["\b", "Settings (environment variables):"]
+    for name in names:
+        field = fields[name]
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else str(default)
+        if "password" in name or "api_key" in name:
+            shown = "unset"
+        lines.append(f"  LOUPE_{name.upper():<28} default: {shown}")
+    return "\n".join(lines)
+
+
+KAFKA_SETTINGS = ("bootstrap_servers", "security_protocol", "sasl_mechanism")
+
+
+def settings() -> Settings:
+    """The settings, read from the environment once per command (``ConfigError`` if bad)."""
+    ctx = click.get_current_context()
+    found = ctx.find_object(Settings)
+    if found is None:
+        found = load_settings()
+        ctx.obj = found
+    return found

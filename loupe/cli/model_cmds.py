@@ -1,0 +1,134 @@
+"""``loupe embed`` and ``loupe models``: what the model is and what it makes of an input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from loupe.cli.common import global_options, settings, settings_epilog
+
+MODEL_SETTINGS = (
+    "image_backbone",
+    "text_backbone",
+    "fusion_checkpoint",
+    "image_fit",
+    "device",
+    "precision",
+)
+
+
+@click.command(epilog=settings_epilog(*MODEL_SETTINGS))
+@click.option(
+    "--image",
+    "images",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    multiple=True,
+    help="An image file; repeatable.",
+)
+@click.option("--text", help="Query or product text (paired with each image if both).")
+@click.option("--values", type=click.IntRange(0, 10_000), default=6, help="Leading values shown.")
+@click.option("--json", "as_json", is_flag=True, help="Full vectors as JSON lines.")
+@global_options
+def embed(images: tuple[Path, ...], text: str | None, values: int, as_json: bool) -> int:
+    """Print the vectors the configured model makes for photos and/or text.
+
+    Per input: each view's size, norm and first values. With --image and --text together each
+    image is paired with the text (image, text and fused views). Exits 1 if an input failed.
+    """
+    if not images and not text:
+        raise click.UsageError("give --image PATH and/or --text TEXT")
+    from loupe.encoders.fused import EncodeInput, FusedEncoder
+
+    items, labels = [], []
+    for path in images:
+        items.append(EncodeInput(image=path.read_bytes(), text=text))
+        labels.append(str(path) + (f" + {text!r}" if text else ""))
+    if not images:
+        items.append(EncodeInput(text=text))
+        labels.append(repr(text))
+    encoder = FusedEncoder.from_profile(settings().model_profile())
+    try:
+        results = encoder.encode_queries(items)
+    finally:
+        encoder.close()
+    if not as_json:
+        click.echo(f"model version: {encoder.model_version}")
+        click.echo(f"device:        {encoder.device} ({encoder.acceleration.describe()})")
+    failed = 0
+    for label, result in zip(labels, results, strict=True):
+        if as_json:
+            error = None if result.ok else {"code": result.error.code, "message": str(result.error)}
+            vectors = {view: vec.tolist() for view, vec in result.vectors.items()}
+            click.echo(
+                json.dumps(
+                    {
+                        "input": label,
+                        "model_version": encoder.model_version,
+                        "error": error,
+                        "vectors": vectors,
+                    }
+                )
+            )
+        else:
+            click.echo(f"\n{label}")
+            if not result.ok:
+                click.echo(f"  error {result.error.code}: {result.error}")
+            for view, vector in result.vectors.items():
+                head = ", ".join(f"{v:+.4f}" for v in vector[:values])
+                norm = float((vector**2).sum()) ** 0.5
+                click.echo(f"  {view:<6} dim {vector.shape[0]:>5}  norm {norm:.4f}  [{head}, ...]")
+        failed += not result.ok
+    return 1 if failed else 0
+
+
+@click.command(epilog=settings_epilog("image_backbone", "text_backbone", "allow_model_download"))
+@global_options
+def models() -> int:
+    """List the backbones Loupe knows, their dimensions, and where their weights come from.
+
+    `installed` means the weights are on this machine now (no download needed).
+    """
+    from loupe.encoders.errors import WeightsNotFound
+    from loupe.encoders.image_towers import IMAGE_BACKBONES
+    from loupe.encoders.text_towers import TEXT_BACKBONES
+
+    config = settings()
+
+    def status(locate) -> str:
+        try:
+            found = locate(False)
+        except WeightsNotFound:
+            return "not installed"
+        if Path(str(found)).exists():
+            return "installed"
+        from huggingface_hub import try_to_load_from_cache  # a hub id: is it in the local cache?
+
+        return (
+            "installed"
+            if isinstance(try_to_load_from_cache(found, "config.json"), str)
+            else ("not cached")
+        )
+
+    rows = [("tower", "name", "dim", "weights", "from")]
+    for name, spec in IMAGE_BACKBONES.items():
+        mark = "*" if name == config.image_backbone else " "
+        rows.append(
+            (f"{mark}image", name, str(spec.dim), status(spec.default_weights), spec.weights_from)
+        )
+    for name, spec in TEXT_BACKBONES.items():
+        mark = "*" if name == config.text_backbone else " "
+        rows.append((f"{mark}text", name, str(spec.dim), status(spec.source), spec.weights_from))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[4]]).rstrip())
+    click.echo(
+        "\n* the configured backbones (LOUPE_IMAGE_BACKBONE, LOUPE_TEXT_BACKBONE); a local model "
+        "directory also works as LOUPE_TEXT_BACKBONE."
+    )
+    return 0
+
+
+COMMANDS = [embed, models]

@@ -1,0 +1,117 @@
+"""``loupe serve`` and ``loupe topics``: running the service and provisioning its topics."""
+
+from __future__ import annotations
+
+import click
+
+from loupe.cli.common import KAFKA_SETTINGS, global_options, settings, settings_epilog
+from loupe.consumers.topics import ROLES
+
+# How long `serve` waits for the broker at start-up: long enough for a broker that starts beside
+# it (compose, a test), short enough that a wrong address is reported while someone watches.
+SERVE_BROKER_WAIT_S = 10.0
+
+
+@click.command(
+    epilog=settings_epilog(
+        *KAFKA_SETTINGS,
+        "group_id",
+        "products_topic",
+        "search_requests_topic",
+        "search_responses_topic",
+        "deadletter_topic",
+        "index_url",
+        "state_dir",
+        "metrics_port",
+        "device",
+    )
+    + "\n  (and the rest: README.md, Configuration)",
+)
+@click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    default="all",
+    help="Which consumers to run; scale each role with instances in the same group.",
+)
+@click.option(
+    "--create-topics", is_flag=True, help="Create Loupe's topics if missing (development)."
+)
+@global_options
+def serve(role: str, create_topics: bool) -> int:
+    """Run the ingest and/or search consumers until SIGTERM or Ctrl-C.
+
+    Prints the effective settings (secrets masked) at start. SIGTERM finishes the batch in
+    flight, commits and exits; a second signal exits at once.
+    """
+    from loupe.consumers.kafka_io import require_broker
+    from loupe.consumers.service import LoupeService
+    from loupe.consumers.topics import ensure_topics
+
+    config = settings()
+    click.echo("effective settings:")
+    for name, value in sorted(config.describe().items()):
+        click.echo(f"  LOUPE_{name.upper()}={value}")
+    require_broker(config, wait_s=SERVE_BROKER_WAIT_S)
+    if create_topics:
+        ensure_topics(config)
+    service = LoupeService(config, role=role)
+    service.install_signal_handlers()
+    service.run()
+    return 0
+
+
+@click.group()
+@global_options
+def topics() -> None:
+    """Create or check Loupe's Kafka topics (names from the LOUPE_*_TOPIC settings)."""
+
+
+@topics.command(
+    "create",
+    epilog=settings_epilog(
+        *KAFKA_SETTINGS,
+        "products_topic",
+        "search_requests_topic",
+        "search_responses_topic",
+        "deadletter_topic",
+    ),
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(1, 10_000),
+    default=3,
+    help="Partitions per topic: the most consumer instances one role can use.",
+)
+@click.option(
+    "--replication-factor", type=click.IntRange(1, 16), default=1, help="Copies of each partition."
+)
+@global_options
+def topics_create(partitions: int, replication_factor: int) -> int:
+    """Create whichever of Loupe's topics are missing (existing ones are left as they are)."""
+    from loupe.consumers.kafka_io import require_broker
+    from loupe.consumers.topics import all_topics, ensure_topics
+
+    config = settings()
+    require_broker(config)
+    created = ensure_topics(config, partitions, replication_factor)
+    for topic in all_topics(config):
+        click.echo(f"{topic}: {'created' if topic in created else 'exists'}")
+    return 0
+
+
+@topics.command("check", epilog=settings_epilog(*KAFKA_SETTINGS))
+@click.option("--role", type=click.Choice(ROLES), default="all", help="Whose topics to check.")
+@global_options
+def topics_check(role: str) -> int:
+    """Check that the topics a role needs exist (what `serve` checks at start)."""
+    from loupe.consumers.kafka_io import require_broker
+    from loupe.consumers.topics import check_topics, required_topics
+
+    config = settings()
+    require_broker(config)
+    check_topics(config, role)
+    click.echo(f"all present: {', '.join(required_topics(config, role))}")
+    return 0
+
+
+COMMANDS = [serve, topics]

@@ -1,0 +1,128 @@
+"""The package's shape: layers that only depend downwards, no import cycles, one source per fact."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import yaml
+
+import loupe
+from loupe.dev.kafka import KAFKA_VERSION
+
+PACKAGE = Path(loupe.__file__).resolve().parent
+REPO = PACKAGE.parent
+
+# Who may import whom, at any depth (including imports inside functions). The service never
+# reaches for the CLI, the demo or the development tools; the model never for the service.
+ALLOWED = {
+    "schemas": {"schemas"},
+    "encoders": {"encoders", "schemas"},
+    "consumers": {"consumers", "encoders", "schemas"},
+    "client": {"client", "consumers", "encoders", "schemas"},
+    "dev": {"dev", "consumers", "encoders", "schemas"},
+    "progress": {"progress"},
+    "demo": {"demo", "dev", "client", "progress", "consumers", "encoders", "schemas"},
+    "cli": {"cli", "demo", "dev", "client", "consumers", "encoders", "schemas", "__init__"},
+    "__init__": set(),
+    "__main__": {"cli"},
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        found["loupe." + ".".join(parts)] = path
+    return found
+
+
+def _imports(path: Path, module_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name == "loupe" or name.startswith("loupe.")}
+
+
+def test_every_subpackage_imports_only_the_layers_below_it():
+    modules = _modules()
+    problems = []
+    for name, path in modules.items():
+        parts = name.split(".")
+        layer = parts[1] if len(parts) > 1 else "__init__"
+        for imported in _imports(path, module_level_only=False):
+            parts = imported.split(".")
+            target = parts[1] if len(parts) > 1 and parts[1] in ALLOWED else "__init__"
+            if target not in ALLOWED[layer]:
+                problems.append(f"{name} imports {imported}")
+    assert not problems, "\n".join(problems)
+
+
+def test_module_level_imports_have_no_cycles():
+    modules = _modules()
+    graph = {
+        name: {i for i in _imports(path, module_level_only=True) if i in modules and i != name}
+        for name, path in modules.items()
+    }
+    # A package's __init__ importing its own submodules is how packages work, not a cycle.
+    for name in graph:
+        graph[name] = {i for i in graph[name] if not name.startswith(i + ".")}
+    visiting, done, cycles = set(), set(), []
+
+    def visit(node: str, stack: list[str]) -> None:
+        visiting.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt in visiting:
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
+            elif nxt not in done:
+                visit(nxt, [*stack, nxt])
+        visiting.discard(node)
+        done.add(node)
+
+    for node in sorted(graph):
+        if node not in done:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
+
+
+def _python_sources() -> list[Path]:
+    roots = [PACKAGE / "cli", PACKAGE / "dev", PACKAGE / "demo", REPO / "consumers"]
+    roots += [REPO / "encoders", REPO / "bench"]
+    return [p for root in roots for p in root.rglob("*.py")]
+
+
+def test_topic_names_are_written_only_in_the_contracts():
+    literal = re.compile(r"[\"']loupe\.[a-z.]+\.v1[\"']")
+    offenders = [str(p) for p in _python_sources() if literal.search(p.read_text())]
+    assert not offenders, f"topic names belong in schemas/ (Settings refers to them): {offenders}"
+
+
+def test_the_compose_stack_runs_the_kafka_version_the_dev_broker_runs():
+    compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    tags = {
+        service["image"].split(":")[1]
+        for service in compose["services"].values()
+        if service.get("image", "").startswith("apache/kafka:")
+    }
+    assert tags == {KAFKA_VERSION}
+
+
+def test_the_kafka_version_is_written_once():
+    pattern = re.compile(re.escape(f'"{KAFKA_VERSION}"'))
+    holders = [p for p in _python_sources() if pattern.search(p.read_text())]
+    assert holders == [PACKAGE / "dev" / "kafka.py"]
+
+
+def test_no_default_of_the_model_or_fetcher_is_repeated_in_the_settings():
+    source = (REPO / "consumers" / "settings.py").read_text()
+    for literal in ("efficientnet-lite0", "all-minilm-l6-v2", "10 * 1024 * 1024", "40_000_000"):
+        assert literal not in source, f"{literal} is a default of encoders/profile.py"
