@@ -58,7 +58,8 @@ h1{margin-bottom:.2rem} .muted{color:#666}
 .hit{width:170px;font-size:.82rem} .hit img{width:160px;height:160px;object-fit:contain;
   border:1px solid #e3e3e3;border-radius:6px;background:#fff}
 .hit.expected img{border:3px solid #2a9d4b}
-.scores{font-family:ui-monospace,monospace;color:#555} .kind{font-weight:600}
+.scores{font-family:ui-monospace,monospace;color:#555} .scores span{white-space:nowrap}
+.kind{font-weight:600}
 .err{color:#b00020}
 .legend{font-size:.85rem;background:#fbfbfa;border:1px solid #eee;border-radius:8px;
   padding:.6rem 1rem;margin:1rem 0} .legend b{font-family:ui-monospace,monospace}

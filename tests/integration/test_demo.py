@@ -28,3 +28,7 @@ def test_reduced_demo_writes_a_report_of_answered_queries(tmp_path, monkeypatch,
     for kind in ("photo", "text", "photo + text", "text + filters"):
         assert f"<div class='kind'>{kind}</div>" in html
     assert not re.search(r"src='(?!data:)", html), "the report must be self-contained"
+    assert not re.search(r"https?://", html), "nothing the demo served outlives it: no links"
+    assert "<div class='legend'>Scores are cosine similarities" in html
+    # Each hit says which view ranked it: a photo query by image, photo + text by fused.
+    assert "<span class='ranked'>i " in html and "<span class='ranked'>f " in html
