@@ -11,6 +11,8 @@ __all__ = [
     "InvalidEvent",
     "ItemFailed",
     "LoupeError",
+    "UnexpectedItemError",
+    "WorkerDied",
 ]
 
 
@@ -23,8 +25,23 @@ class BrokerUnreachable(ConfigError):
     the setting and the address tried (a broker lost later is retried, never a reason to stop)."""
 
 
+class WorkerDied(LoupeError):
+    """A worker thread ended with an error that was not one item's (a bug, a lost index).
+    Policy: stop the service and exit non-zero, so that systemd or Kubernetes restarts it."""
+
+
 class IndexUnavailable(LoupeError):
     """Qdrant could not be reached or did not answer. Policy: retry with backoff, never skip."""
+
+
+class UnexpectedItemError(ItemFailed):
+    """Handling one record raised something no layer classified (a bug, most likely). Policy:
+    that record alone fails with ``internal_error`` (dead-lettered, or the search answered with
+    an error) and the worker goes on; the log has the traceback."""
+
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        self.stage = stage
 
 
 class ImageFetchError(ItemFailed):

@@ -8,9 +8,11 @@ the live collection so a re-index can switch atomically. Point ids derive from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,12 @@ class QdrantIndex:
         if (path is None) == (url is None):
             raise ValueError("give exactly one of path (embedded Qdrant) or url (a server)")
         self.embedded = path is not None
+        # qdrant-client's embedded mode is not safe for concurrent use: an upsert in one thread
+        # during a search in another raised IndexError in its payload-mask code. Every call on
+        # it is serialised; a server does its own concurrency control.
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if self.embedded else contextlib.nullcontext()
+        )
         self.alias = prefix
         self.collection = collection_name(prefix, model_version)
         self.model_version = model_version
@@ -114,7 +122,8 @@ class QdrantIndex:
         from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
         try:
-            return fn(*args, **kwargs)
+            with self._lock:
+                return fn(*args, **kwargs)
         except UnexpectedResponse as exc:
             if exc.status_code is not None and 400 <= exc.status_code < 500:
                 raise  # our request is wrong: a bug, not an outage
@@ -259,7 +268,8 @@ class QdrantIndex:
         return int(self._call("count", self.client.count, self.collection, exact=exact).count)
 
     def close(self) -> None:
-        self.client.close()
+        with self._lock:
+            self.client.close()
 
 
 def build_filter(merchant_id: str | None, filters: SearchFilters):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,10 +20,15 @@ from typing import Any
 
 from kafka import KafkaConsumer
 
-from loupe.consumers.errors import ImageFetchError, IndexUnavailable
+from loupe.consumers.errors import (
+    ImageFetchError,
+    IndexUnavailable,
+    ItemFailed,
+    UnexpectedItemError,
+)
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexPoint, VectorIndex, point_id
-from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
+from loupe.consumers.kafka_io import Backoff, Publisher
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.batching import iter_batch
@@ -110,19 +115,20 @@ class Indexer(BatchWorker):
         upserts = [p for p in latest.values() if isinstance(p.event, ProductUpserted)]
         deletes = [p for p in latest.values() if isinstance(p.event, ProductDeleted)]
         points = self._fetch_and_encode(upserts)
-        self._write(points, deletes)
-        with self.metrics.timer("publish"):
-            self._retry("dead-letter publish", self.publisher.flush, TRANSIENT_KAFKA)
+        self._write(points, deletes)  # dead letters go out with the commit (BatchWorker)
 
     def _fetch_and_encode(self, pending: list[_Pending]) -> list[tuple[_Pending, IndexPoint]]:
         """Fetch photos concurrently and encode them as they arrive, micro-batch by micro-batch:
         the fetch pool works ahead while the model runs, so neither waits for the other."""
 
-        def load(item: _Pending) -> _Pending | ImageFetchError:
+        def load(item: _Pending) -> _Pending | ItemFailed:
             try:
                 item.image, item.media_type = self.fetcher.load(item.event.image)
             except ImageFetchError as exc:
                 return exc
+            except Exception as exc:  # this product's failure, not the worker's
+                log.exception("loading the photo of %s failed unexpectedly", item.event.key)
+                return UnexpectedItemError("fetch", exc)
             return item
 
         # Fetch at most FETCH_LOOKAHEAD micro-batches ahead of the model: photos in memory stay
@@ -143,8 +149,11 @@ class Indexer(BatchWorker):
             ready = []
             with self.metrics.timer("fetch"):  # time spent waiting for photos
                 for i in chunk:
-                    result = futures.pop(i).result()
-                    if isinstance(result, ImageFetchError):
+                    future = futures.pop(i)
+                    while not wait([future], timeout=1.0).done:
+                        self.keep_alive_if_due()  # a slow server must not cost the group
+                    result = future.result()
+                    if isinstance(result, ItemFailed):
                         self._dead_letter(pending[i].record, result.code, str(result), result.stage)
                     else:
                         ready.append(pending[i])
@@ -173,18 +182,20 @@ class Indexer(BatchWorker):
                 )
                 continue
             event = item.event
-            points.append(
-                (
-                    item,
-                    IndexPoint(
-                        merchant_id=event.merchant_id,
-                        product_id=event.product_id,
-                        vectors=result.vectors,
-                        version=event.version,
-                        payload=_payload(event, self.encoder.model_version, now),
-                    ),
+            try:
+                point = IndexPoint(
+                    merchant_id=event.merchant_id,
+                    product_id=event.product_id,
+                    vectors=result.vectors,
+                    version=event.version,
+                    payload=_payload(event, self.encoder.model_version, now),
                 )
-            )
+            except Exception as exc:  # this product's failure, not the worker's
+                log.exception("building the point of %s failed unexpectedly", event.key)
+                failed = UnexpectedItemError("index", exc)
+                self._dead_letter(item.record, failed.code, str(failed), failed.stage)
+                continue
+            points.append((item, point))
         return points
 
     def _write(self, points: list[tuple[_Pending, IndexPoint]], deletes: list[_Pending]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +36,8 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> KafkaC
         "fetch_max_bytes": 52_428_800,
         "max_partition_fetch_bytes": 2 * 1024 * 1024,
         "client_id": f"loupe-{group_id}",
+        # Never act on records of a transaction that was aborted (a producer's, or ours).
+        "isolation_level": "read_committed",
         **overrides,
     }
     return KafkaConsumer(**config)
@@ -44,7 +48,10 @@ def reader_at_end(settings: Settings, topic: str) -> KafkaConsumer:
     asked. ``seek_to_end`` alone is lazy: answers written before the first poll would be
     skipped, so each position is resolved now."""
     reader = KafkaConsumer(
-        **settings.kafka_client_config(), group_id=None, enable_auto_commit=False
+        **settings.kafka_client_config(),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",  # answers of an aborted transaction are not answers
     )
     partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or {0}]
     reader.assign(partitions)
@@ -52,6 +59,27 @@ def reader_at_end(settings: Settings, topic: str) -> KafkaConsumer:
     for partition in partitions:
         reader.position(partition)
     return reader
+
+
+def make_transactional_producer(settings: Settings, role: str) -> KafkaProducer:
+    """A producer whose sends and offset commits form one transaction per batch (KIP-98), its
+    zombies fenced by the consumer group's generation (KIP-447)."""
+    # Unique among live processes; a restarted container (same host name, same pid 1) reuses
+    # it, which aborts the transaction its predecessor left open instead of waiting it out.
+    transactional_id = f"{settings.group_id}.{role}.{socket.gethostname()}.{os.getpid()}"
+    producer = KafkaProducer(
+        **settings.kafka_client_config(),
+        transactional_id=transactional_id,
+        acks="all",
+        linger_ms=5,
+        max_request_size=2 * 1024 * 1024,
+        # A transaction spans one batch's publish, not its processing: seconds at most. A
+        # process killed inside one blocks read_committed readers until this expires.
+        transaction_timeout_ms=settings.transaction_timeout_ms,
+        client_id=f"loupe-{role}-producer",
+    )
+    producer.init_transactions()
+    return producer
 
 
 def make_producer(settings: Settings) -> KafkaProducer:
@@ -104,15 +132,28 @@ class Abandoned(Exception):
 
 
 class Publisher:
-    """Sends that count only once the broker acknowledged them (acks=all)."""
+    """The records a batch publishes (answers, dead letters), sent together with the offsets
+    that produced them by ``commit``: nothing is visible before the batch is done.
+
+    With a transactional producer (``make_transactional_producer``) the records and the
+    offsets are one Kafka transaction: a ``read_committed`` reader sees each batch's records
+    exactly once, whatever crashes, retries or rebalances happen. Without one, records are
+    sent and acknowledged before the offsets are committed: at least once.
+    """
 
     def __init__(
-        self, producer: KafkaProducer, deadletter_topic: str, metrics: LoupeMetrics
+        self,
+        producer: KafkaProducer,
+        deadletter_topic: str,
+        metrics: LoupeMetrics,
+        *,
+        transactional: bool = False,
     ) -> None:
         self.producer = producer
         self.deadletter_topic = deadletter_topic
         self.metrics = metrics
-        self._pending: list[tuple[_Outgoing, Any]] = []  # each record with its send's future
+        self.transactional = transactional
+        self._pending: list[_Outgoing] = []
 
     def send(
         self,
@@ -120,11 +161,9 @@ class Publisher:
         key: bytes | None,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
+        reason: ErrorCode | None = None,
     ) -> None:
-        record = _Outgoing(topic, key, value, list(headers))
-        self._pending.append(
-            (record, self.producer.send(topic, key=key, value=value, headers=record.headers))
-        )
+        self._pending.append(_Outgoing(topic, key, value, list(headers), reason))
 
     def dead_letter(self, record: Any, code: ErrorCode, message: str, stage: Stage) -> None:
         headers = deadletter_headers(
@@ -144,41 +183,87 @@ class Publisher:
             code,
             message,
         )
-        self.send(self.deadletter_topic, record.key, record.value, headers)
-        self.metrics.dead_letters.labels(reason=code.value).inc()
+        self.send(self.deadletter_topic, record.key, record.value, headers, reason=code)
 
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until the broker acknowledged every pending send. A send that failed is sent
-        again and the error raised, so the caller's retry waits for the new attempt: nothing
-        is dropped between a failure and the commit that follows a successful flush."""
+    def discard(self) -> None:
+        """Forget the batch's records: it is abandoned and will be replayed."""
+        self._pending = []
+
+    def commit(
+        self,
+        offsets: dict[TopicPartition, OffsetAndMetadata],
+        consumer: KafkaConsumer,
+        timeout_s: float = 30.0,
+    ) -> None:
+        """Publish the pending records and commit ``offsets``; on an error, raise with the
+        records kept, so that the caller's retry publishes them again."""
+        if self.transactional:
+            self._commit_transaction(offsets, consumer)
+        else:
+            self._send_then_commit(offsets, consumer, timeout_s)
+        for record in self._pending:
+            if record.reason is not None:
+                self.metrics.dead_letters.labels(reason=record.reason.value).inc()
+        self._pending = []
+
+    def _commit_transaction(
+        self, offsets: dict[TopicPartition, OffsetAndMetadata], consumer: KafkaConsumer
+    ) -> None:
+        self.producer.begin_transaction()
+        try:
+            for record in self._pending:
+                self.producer.send(
+                    record.topic, key=record.key, value=record.value, headers=record.headers
+                )
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
+            self.producer.commit_transaction()
+        except KafkaError:
+            # An abortable error: end this attempt so that the retry can begin a new one. A
+            # fatal one (fenced) fails the abort too and reaches the worker, which stops.
+            with contextlib.suppress(KafkaError):
+                self.producer.abort_transaction()
+            raise
+
+    def _send_then_commit(
+        self,
+        offsets: dict[TopicPartition, OffsetAndMetadata],
+        consumer: KafkaConsumer,
+        timeout_s: float,
+    ) -> None:
+        unacked = [record for record in self._pending if not record.acked]
+        futures = [
+            (r, self.producer.send(r.topic, key=r.key, value=r.value, headers=r.headers))
+            for r in unacked
+        ]
         self.producer.flush(timeout=timeout_s)
-        pending, self._pending = self._pending, []
-        failed: list[_Outgoing] = []
         first_error: KafkaError | None = None
-        for record, future in pending:
+        for record, future in futures:
             try:
                 future.get(timeout=timeout_s)
+                record.acked = True
             except KafkaError as exc:
-                failed.append(record)
                 first_error = first_error or exc
         if first_error is not None:
-            for record in failed:
-                self.send(record.topic, record.key, record.value, record.headers)
-            raise first_error
+            raise first_error  # the unacknowledged records are sent again by the retry
+        if offsets:
+            consumer.commit(offsets)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Outgoing:
     topic: str
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
+    reason: ErrorCode | None = None  # a dead letter's code, counted once it is published
+    acked: bool = False
 
 
-def commit_batch(
-    consumer: KafkaConsumer, records: Sequence[Any], committed: dict[TopicPartition, int]
-) -> None:
-    """Commit the offset after the last record of each partition; offsets only ever increase."""
+def next_offsets(
+    records: Sequence[Any], committed: dict[TopicPartition, int]
+) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offset after the last record of each partition; refuses to move one backwards."""
     offsets: dict[TopicPartition, OffsetAndMetadata] = {}
     for record in records:
         tp = TopicPartition(record.topic, record.partition)
@@ -190,10 +275,7 @@ def commit_batch(
             raise RuntimeError(
                 f"refusing to commit {tp} backwards: {meta.offset} < {committed[tp]}"
             )
-    if offsets:
-        consumer.commit(offsets)
-        for tp, meta in offsets.items():
-            committed[tp] = meta.offset
+    return offsets
 
 
 def update_lag(consumer: KafkaConsumer, metrics: LoupeMetrics) -> None:

@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 
 STAGES = ("parse", "fetch", "encode", "index_write", "search", "publish", "commit")
 OUTCOMES = ("indexed", "deleted", "stale", "dead_lettered", "answered", "answered_error")
+# The outcomes each role can count: created at 0 when the worker starts, so that a rate over
+# them exists (and alerts such as LoupeIngestStalled can fire) before anything was processed.
+OUTCOMES_OF_ROLE = {
+    "ingest": ("indexed", "deleted", "stale", "dead_lettered"),
+    "search": ("answered", "answered_error"),
+}
+ROLES = tuple(OUTCOMES_OF_ROLE)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -95,12 +102,35 @@ class LoupeMetrics:
             ["device"],
             registry=r,
         )
+        self.worker_up = Gauge(
+            "loupe_worker_up",
+            "1 while the role's worker runs, 0 once it stopped or died",
+            ["role"],
+            registry=r,
+        )
+        self.worker_deaths = Counter(
+            "loupe_worker_deaths_total",
+            "Workers that died of an error that was not one item's (the process then exits)",
+            ["role"],
+            registry=r,
+        )
+        for role in ROLES:
+            self.worker_deaths.labels(role=role)
         for stage in ("index_write", "publish", "search"):
             self.retries.labels(stage=stage)
         for reason in ErrorCode:
             self.dead_letters.labels(reason=reason.value)
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+
+    def register_worker(self, role: str, topic: str) -> None:
+        """Create the worker's labelled series at 0, before it processes anything."""
+        if role not in OUTCOMES_OF_ROLE:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        for outcome in OUTCOMES_OF_ROLE[role]:
+            self.events.labels(topic=topic, outcome=outcome)
+        self.batch_size.labels(role=role)
+        self.worker_up.labels(role=role).set(0)
 
     def sample_device_memory(self, device: str) -> None:
         """Refresh the device memory gauges (called on each scrape)."""

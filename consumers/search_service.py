@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer
 
-from loupe.consumers.errors import IndexUnavailable, ItemFailed
+from loupe.consumers.errors import IndexUnavailable, ItemFailed, UnexpectedItemError
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexHit, VectorIndex
-from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
+from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff, Publisher
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.fused import EncodeInput, FusedEncoder
@@ -78,9 +78,13 @@ class SearchService(BatchWorker):
 
     def handle(self, records: list[Any]) -> None:
         """Answer every request of the batch; done once the broker acknowledged the answers."""
-        self._answered = [r for r in (self._answer(record) for record in records) if r]
-        with self.metrics.timer("publish"):
-            self.retry("publish responses", self.publisher.flush, TRANSIENT_KAFKA)
+        self._answered = []
+        for record in records:
+            self.keep_alive_if_due()  # each request may fetch a photo: stay in the group
+            answered = self._answer(record)
+            if answered is not None:
+                self._answered.append(answered)
+        # The answers go out with the batch's offsets, in one transaction (BatchWorker).
 
     def after_commit(self, records: list[Any]) -> None:
         now = time.time()
@@ -111,10 +115,22 @@ class SearchService(BatchWorker):
             return request
         try:
             hits = self._search(request)
+        except Abandoned:
+            raise  # shutting down mid-retry: the batch is replayed, not answered
         except ItemFailed as exc:  # the photo could not be fetched, decoded or encoded
             self._respond_error(
                 record, request.request_id, request.reply_to, exc.code, str(exc), exc.stage, started
             )
+            return request
+        except Exception as exc:  # this request's failure, not the worker's
+            log.exception(
+                "search %s failed unexpectedly; answering with an error", request.request_id
+            )
+            failed = UnexpectedItemError("search", exc)
+            self._respond_error(
+                record, request.request_id, request.reply_to, failed.code, str(failed), "search",
+                started,
+            )  # fmt: skip
             return request
         self._respond(
             request.request_id,

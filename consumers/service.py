@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
 
+from loupe.consumers.errors import WorkerDied
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import QdrantIndex
 from loupe.consumers.ingest import Indexer
-from loupe.consumers.kafka_io import Publisher, answers_metadata, make_consumer, make_producer
+from loupe.consumers.kafka_io import (
+    Publisher,
+    answers_metadata,
+    make_consumer,
+    make_producer,
+    make_transactional_producer,
+)
 from loupe.consumers.metrics import HealthServer, LoupeMetrics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
@@ -64,6 +72,7 @@ class LoupeService:
             raise ValueError(f"role must be ingest, search or all; got {role!r}")
         self.settings = settings
         self.role = role
+        self.failure: WorkerDied | None = None
         self.metrics = LoupeMetrics()
         # Bound first: a taken port fails in a second, not after the model has loaded.
         self.health = HealthServer(
@@ -103,6 +112,7 @@ class LoupeService:
         )
         self.index.ensure_collection(self.encoder.dims)
         self.producer = make_producer(settings)
+        self.producers: list = []  # the workers' transactional producers
         fetcher = ImageFetcher(settings.fetch_policy())
         gate = EncoderGate()
         self.workers: list[Indexer | SearchService] = []
@@ -116,7 +126,7 @@ class LoupeService:
             self.workers.append(
                 Indexer(
                     consumer=make_consumer(settings, settings.group_id + ".ingest"),
-                    publisher=Publisher(self.producer, settings.deadletter_topic, self.metrics),
+                    publisher=self._publisher(settings, "ingest"),
                     topic=settings.products_topic,
                     encode_lock=gate.ingest,
                     poll_timeout_ms=settings.poll_timeout_ms,
@@ -128,7 +138,7 @@ class LoupeService:
             self.workers.append(
                 SearchService(
                     consumer=make_consumer(settings, settings.group_id + ".search"),
-                    publisher=Publisher(self.producer, settings.deadletter_topic, self.metrics),
+                    publisher=self._publisher(settings, "search"),
                     topic=settings.search_requests_topic,
                     response_topic=settings.search_responses_topic,
                     encode_lock=gate.search,
@@ -136,12 +146,23 @@ class LoupeService:
                 )
             )
 
+    def _publisher(self, settings: Settings, role: str) -> Publisher:
+        """Each worker publishes through its own transactional producer: a transaction holds
+        one batch of one consumer."""
+        if not settings.exactly_once:
+            return Publisher(self.producer, settings.deadletter_topic, self.metrics)
+        producer = make_transactional_producer(settings, role)
+        self.producers.append(producer)
+        return Publisher(producer, settings.deadletter_topic, self.metrics, transactional=True)
+
     def _sample_device_memory(self) -> None:
         encoder = getattr(self, "encoder", None)
         if encoder is not None:
             self.metrics.sample_device_memory(str(encoder.device))
 
     def ready(self) -> tuple[bool, str]:
+        if self.failure is not None:
+            return False, f"not serving: {self.failure}"
         if not hasattr(self, "index"):
             return False, "starting: loading the model"
         problems = []
@@ -158,9 +179,16 @@ class LoupeService:
             worker.stop_event.set()
 
     def run(self) -> None:
+        """Run the workers until ``stop()``, or until one dies. A worker that dies (an error
+        that was not one item's: a bug, a lost index) takes the service down with it: /readyz
+        turns 503 at once, the other workers stop, and ``run`` raises ``WorkerDied`` so that the
+        process exits non-zero and its supervisor restarts it; no zombie keeps answering."""
         self.health.start()
         log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.health.port)
-        threads = [threading.Thread(target=w.run, name=type(w).__name__) for w in self.workers]
+        threads = [
+            threading.Thread(target=self._supervised, args=(w,), name=type(w).__name__)
+            for w in self.workers
+        ]
         for thread in threads:
             thread.start()
         try:
@@ -172,12 +200,25 @@ class LoupeService:
             for thread in threads:
                 thread.join()
             self._close_parts()
-            log.info("stopped cleanly")
+        if self.failure is not None:
+            raise self.failure
+        log.info("stopped cleanly")
+
+    def _supervised(self, worker: Indexer | SearchService) -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            self.failure = WorkerDied(f"the {worker.role} worker died: {type(exc).__name__}: {exc}")
+            self.metrics.worker_deaths.labels(role=worker.role).inc()
+            log.critical("the %s worker died; stopping the service", worker.role, exc_info=exc)
+            self.stop()
 
     def _close_parts(self) -> None:
         """Close whatever was built (all of it after run, part of it if the build failed)."""
         for worker in getattr(self, "workers", []):
             worker.close()  # idempotent: KafkaConsumer.close returns early once closed
+        for producer in getattr(self, "producers", []):
+            producer.close()
         for name in ("producer", "index", "encoder"):
             part = getattr(self, name, None)
             if part is not None:
@@ -185,11 +226,17 @@ class LoupeService:
         self.health.stop()
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: finish the batch in flight, commit, stop. A second one exits at once
+        (nothing uncommitted is lost: it is replayed after the restart)."""
+        received: list[int] = []
+
         def handle(signum, _frame) -> None:
-            log.info(
-                "received %s: finishing the batch in flight, then stopping",
-                signal.Signals(signum).name,
-            )
+            name = signal.Signals(signum).name
+            if received:
+                log.warning("received %s again: exiting now, without finishing the batch", name)
+                os._exit(128 + signum)
+            received.append(signum)
+            log.info("received %s: finishing the batch in flight, then stopping", name)
             self.stop()
 
         signal.signal(signal.SIGTERM, handle)

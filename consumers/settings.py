@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     max_poll_records: int = Field(default=256, ge=1, le=10_000)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     poll_timeout_ms: int = Field(default=500, ge=10)
+    # Publishing: each batch's answers and dead letters and its offsets as one Kafka
+    # transaction, so read_committed readers see each exactly once. Off: at least once.
+    exactly_once: bool = True
+    transaction_timeout_ms: int = Field(default=30_000, ge=1_000, le=900_000)
 
     # The index: embedded Qdrant under state_dir unless a server URL is given.
     index_path: Path | None = None

@@ -21,7 +21,7 @@ from loupe.consumers.kafka_io import (
     Abandoned,
     Backoff,
     Publisher,
-    commit_batch,
+    next_offsets,
     rewind,
     update_lag,
 )
@@ -30,6 +30,9 @@ from loupe.consumers.metrics import LoupeMetrics
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 1.0
+# While one batch is handled, the consumer polls (paused) at least this often, so that no
+# record, however slow, holds it past max_poll_interval_ms and out of its group.
+KEEP_ALIVE_INTERVAL_S = 5.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -69,17 +72,23 @@ class BatchWorker:
         self.lost: set[TopicPartition] = set()  # revoked while a batch was in flight
         self._committed: dict[TopicPartition, int] = {}
         self._lag_updated_at = float("-inf")
+        self._polled_at = time.monotonic()
+        metrics.register_worker(self.role, topic)
         consumer.subscribe([topic], listener=_Rebalance(self))
 
     def handle(self, records: list[Any]) -> None:
         raise NotImplementedError
 
     def run(self) -> None:
+        """Process batches until ``stop_event``; an exception here is not one item's (those are
+        handled inside ``handle``): it ends the worker, and the service stops with it."""
         log.info("%s consumer running on %s", self.role, self.topic)
+        self.metrics.worker_up.labels(role=self.role).set(1)
         try:
             while not self.stop_event.is_set():
                 self.process_once()
         finally:
+            self.metrics.worker_up.labels(role=self.role).set(0)
             self.close()
 
     def close(self) -> None:
@@ -89,35 +98,36 @@ class BatchWorker:
         """Poll one batch and process it fully; returns how many records it committed."""
         self.lost.clear()
         polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+        self._polled_at = time.monotonic()
         records = [r for batch in polled.values() for r in batch]
         if not records:
             self._update_lag()
             return 0
         self.metrics.batch_size.labels(role=self.role).observe(len(records))
         try:
-            self.handle(records)
-        except Abandoned as exc:
-            log.warning("%s batch of %d abandoned, not committed: %s", self.role, len(records), exc)
+            self.handle(records)  # side effects done; answers and dead letters held back
+            offsets = next_offsets(records, self._committed)
+            with self.metrics.timer("commit"):
+                self.retry("publish and commit", lambda: self._commit(offsets), TRANSIENT_KAFKA)
+        except (Abandoned, CommitFailedError, RebalanceInProgressError) as exc:
+            # Shutdown mid-retry, or the group moved on while we worked: nothing of the batch
+            # is published or committed. Lost partitions are re-read by their new owner, ours
+            # after the rewind; replays are idempotent and their answers published once.
+            log.warning("%s batch of %d not committed: %s", self.role, len(records), exc)
+            self.publisher.discard()
             rewind(self.consumer, records)
             return 0
-        # A rebalance during retries hands partitions to another instance, which re-reads them
-        # from the last commit; replays are idempotent, so only what we still own is committed.
-        owned = [r for r in records if TopicPartition(r.topic, r.partition) not in self.lost]
-        try:
-            with self.metrics.timer("commit"):
-                self.retry(
-                    "commit",
-                    lambda: commit_batch(self.consumer, owned, self._committed),
-                    TRANSIENT_KAFKA,
-                )
-        except (CommitFailedError, RebalanceInProgressError) as exc:
-            # The group moved on while we worked: the partitions' new owner re-reads from the
-            # last commit and replays are idempotent, so nothing is lost by not committing.
-            log.warning("%s commit refused after a rebalance (%s); not committed", self.role, exc)
-            return 0
+        for tp, meta in offsets.items():
+            self._committed[tp] = meta.offset
         self._update_lag()
-        self.after_commit(owned)
-        return len(owned)
+        self.after_commit(records)
+        return len(records)
+
+    def _commit(self, offsets) -> None:
+        if self.lost:  # answers for partitions another instance now owns must not appear
+            moved = sorted(map(tuple, self.lost))
+            raise Abandoned(f"partitions moved to another instance: {moved}")
+        self.publisher.commit(offsets, self.consumer)
 
     def _update_lag(self) -> None:
         """Lag costs a request to the broker: at most once per LAG_INTERVAL_S, not per poll."""
@@ -139,6 +149,12 @@ class BatchWorker:
             on_retry=lambda: self.metrics.retries.labels(stage=stage).inc(),
         )
 
+    def keep_alive_if_due(self) -> None:
+        """Call between the items of a long batch: polls (paused) once KEEP_ALIVE_INTERVAL_S
+        have passed since the last poll."""
+        if time.monotonic() - self._polled_at >= KEEP_ALIVE_INTERVAL_S:
+            self._keep_alive()
+
     def _keep_alive(self) -> None:
         """Poll with every partition paused: heartbeats and max_poll_interval stay satisfied."""
         assigned = self.consumer.assignment()
@@ -149,3 +165,4 @@ class BatchWorker:
                 raise RuntimeError("a paused consumer returned records")  # they would be lost
         finally:
             self.consumer.resume(*self.consumer.paused())
+            self._polled_at = time.monotonic()

@@ -27,6 +27,29 @@ class ImageRejected(ItemFailed):
     stage = "decode"
 
 
+class PreprocessFailed(ItemFailed):
+    """Preprocessing this image raised something unforeseen (a bug, or a decoder's own error
+    that Loupe does not classify). It fails this item only; the log has the traceback."""
+
+    stage = "decode"
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(
+            ErrorCode.INTERNAL_ERROR,
+            f"preprocessing failed: {type(exc).__name__}: {str(exc)[:300]}",
+        )
+
+
+class EncodeFailed(ItemFailed):
+    """The model raised while encoding this item alone (after its batch failed). It fails this
+    item only; the log has the traceback."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(
+            ErrorCode.ENCODER_FAILED, f"the model failed: {type(exc).__name__}: {str(exc)[:300]}"
+        )
+
+
 class VectorNotFinite(ItemFailed):
     """The model made inf or NaN for this item (a numeric overflow, most likely under fp16).
     Such a vector would poison every cosine it takes part in, so it never reaches the index."""

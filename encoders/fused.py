@@ -9,6 +9,7 @@ fails its own item. ``ModelProfile`` (``encoders/profile.py``) says what to buil
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from loupe.encoders.batching import iter_batch
 from loupe.encoders.device import Acceleration, pick_device
-from loupe.encoders.errors import VectorNotFinite
+from loupe.encoders.errors import EncodeFailed, VectorNotFinite
 from loupe.encoders.fusion import AttentionFusion, FusionConfig, fusion_digest, load_fusion
 from loupe.encoders.image_towers import ImageEncoder
 from loupe.encoders.images import DecodeLimits, Fit
@@ -31,6 +32,8 @@ from loupe.schemas.errors import ItemFailed
 __all__ = ["EncodeInput", "Encoded", "FusedEncoder", "ModelProfile"]
 
 VIEWS = ("image", "text", "fused")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -201,8 +204,25 @@ class FusedEncoder:
     def _encode(self, items: Sequence[EncodeInput]) -> list[Encoded]:
         results: list[Encoded] = []
         for batch in iter_batch(items, self.batch_size):
-            results.extend(self._encode_batch(batch))
+            results.extend(self._encode_isolated(batch))
         return results
+
+    def _encode_isolated(self, batch: list[EncodeInput]) -> list[Encoded]:
+        """A batch whose forward pass raises is encoded again item by item, so that the item
+        that causes it fails alone (``EncodeFailed``) and the others are encoded."""
+        try:
+            return self._encode_batch(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("encoding one item failed; it fails alone")
+                return [Encoded(error=EncodeFailed(exc))]
+            log.warning(
+                "encoding a batch of %d failed (%s: %s); encoding its items one by one",
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
+            return [result for item in batch for result in self._encode_isolated([item])]
 
     def _encode_batch(self, batch: list[EncodeInput]) -> list[Encoded]:
         out = [Encoded() for _ in batch]

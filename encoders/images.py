@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from loupe.encoders.errors import ImageRejected
-from loupe.encoders.profile import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE_PX, Fit
+from loupe.encoders.profile import (
+    MAX_IMAGE_ASPECT_RATIO,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE_PX,
+    Fit,
+)
 from loupe.schemas.errors import ErrorCode
 
 # The only formats Pillow may even try: each extra decoder is extra attack surface.
@@ -35,6 +41,29 @@ class DecodeLimits:
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     min_side_px: int = MIN_IMAGE_SIDE_PX
+    max_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO
+
+    def refusal(self, width: int, height: int) -> tuple[ErrorCode, str] | None:
+        """Why an image of these declared dimensions may not be decoded, or None."""
+        if width * height > self.max_image_pixels:
+            return (
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"the image declares {width}x{height} pixels, over the "
+                f"{self.max_image_pixels}-pixel limit",
+            )
+        if min(width, height) < self.min_side_px:
+            return (
+                ErrorCode.IMAGE_INVALID,
+                f"the image is {width}x{height}, too small to search by (the shorter side "
+                f"must be at least {self.min_side_px} pixels)",
+            )
+        if max(width, height) > self.max_aspect_ratio * min(width, height):
+            return (
+                ErrorCode.IMAGE_INVALID,
+                f"the image is {width}x{height}, longer than {self.max_aspect_ratio:g}:1 "
+                "(a strip, not a product photo)",
+            )
+        return None
 
 
 def decode_image(
@@ -78,17 +107,9 @@ def decode_image(
                 ErrorCode.IMAGE_INVALID,
                 f"declared {media_type} but the content is {image.format}",
             )
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise ImageRejected(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"the image declares {width}x{height} pixels, over the "
-            f"{limits.max_image_pixels}-pixel limit",
-        )
-    if min(width, height) < limits.min_side_px:
-        raise ImageRejected(
-            ErrorCode.IMAGE_INVALID, f"the image is {width}x{height}, too small to search by"
-        )
+    refused = limits.refusal(*image.size)
+    if refused is not None:
+        raise ImageRejected(*refused)
     if target_side is not None and image.format == "JPEG":
         # Oversample 2x so antialiased resizing afterwards sees enough detail.
         image.draft("RGB", (2 * target_side, 2 * target_side))
@@ -133,29 +154,31 @@ def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 def fit_square(image: torch.Tensor, side: int, fit: Fit, fill: int = 255) -> torch.Tensor:
     """``(3, H, W)`` uint8 to ``(3, side, side)`` float32 in [0, 1].
 
-    - ``pad``: the whole photo, padded to a square with white, then resized (the default: see
-      ``bench/preprocess.py`` for the measurement on the jewelry catalog).
-    - ``center_crop``: ImageNet's habit, resize the short side to side/0.875 and crop the centre.
+    - ``pad``: the whole photo, its long side resized to ``side``, then padded to a square with
+      white (the default: ``bench/preprocess.py`` measures it on the jewelry catalog).
+    - ``center_crop``: ImageNet's habit: the central square of 0.875 of the short side, resized.
     - ``squash``: resize to a square ignoring the aspect ratio.
+
+    Every intermediate is at most the input or ``side`` x ``side``: nothing is allocated from the
+    untrusted dimensions beyond the decoded image itself (padding first would allocate the
+    square of the long side: 12 TB for a 2,000,000 x 8 strip).
     """
     _, height, width = image.shape
     if fit == "pad":
         longest = max(height, width)
-        top, left = (longest - height) // 2, (longest - width) // 2
-        if (height, width) != (longest, longest):
-            padded = torch.full((3, longest, longest), fill, dtype=image.dtype, device=image.device)
-            padded[:, top : top + height, left : left + width] = image
-            image = padded
-        return _resize(image, side, side)
+        new_h = max(1, round(height * side / longest))
+        new_w = max(1, round(width * side / longest))
+        resized = _resize(image, new_h, new_w)  # (3, <=side, <=side)
+        if (new_h, new_w) == (side, side):
+            return resized
+        padded = torch.full((3, side, side), fill / 255.0, device=image.device)
+        top, left = (side - new_h) // 2, (side - new_w) // 2
+        padded[:, top : top + new_h, left : left + new_w] = resized
+        return padded
     if fit == "center_crop":
-        short = round(side / 0.875)
-        scale = short / min(height, width)
-        resized = _resize(
-            image, max(short, round(height * scale)), max(short, round(width * scale))
-        )
-        _, rh, rw = resized.shape
-        top, left = (rh - side) // 2, (rw - side) // 2
-        return resized[:, top : top + side, left : left + side]
+        crop = max(1, round(min(height, width) * 0.875))
+        top, left = (height - crop) // 2, (width - crop) // 2
+        return _resize(image[:, top : top + crop, left : left + crop], side, side)
     if fit == "squash":
         return _resize(image, side, side)
     raise ValueError(f"unknown fit {fit!r}; expected 'pad', 'center_crop' or 'squash'")
@@ -198,11 +221,7 @@ def plain_jpeg_header(data: bytes | None, limits: DecodeLimits) -> JpegHeader | 
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as header:
             width, height = header.size
-            if (
-                header.mode not in ("RGB", "L")
-                or width * height > limits.max_image_pixels
-                or min(width, height) < limits.min_side_px
-            ):
+            if header.mode not in ("RGB", "L") or limits.refusal(width, height) is not None:
                 return None
             # Read where exif_transpose reads it (EXIF, else XMP), so both paths agree.
             orientation = header.getexif().get(0x0112, 1)

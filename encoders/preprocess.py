@@ -10,6 +10,7 @@ their EXIF orientation applied as tensor ops, and host and device tensors stacke
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 
 from loupe.encoders.batching import iter_budget
 from loupe.encoders.device import Acceleration, stack_on
-from loupe.encoders.errors import ImageRejected
+from loupe.encoders.errors import ImageRejected, PreprocessFailed
 from loupe.encoders.images import (
     DecodeLimits,
     Fit,
@@ -31,6 +32,9 @@ from loupe.encoders.images import (
     plain_jpeg_header,
 )
 from loupe.encoders.profile import MAX_TEXT_CHARS
+from loupe.schemas.errors import ItemFailed
+
+log = logging.getLogger(__name__)
 
 # Pixels one batch-decode call may hold on the device (x3 bytes): 128 MP is 384 MB, ten 12-MP
 # phone photos. Without it, 128 photos at the 40-MP limit would ask for 15 GB at once.
@@ -102,7 +106,7 @@ class ImagePreprocessor:
 
     def batch(
         self, photos: Sequence[Photo]
-    ) -> tuple[torch.Tensor, list[int], dict[int, Exception]]:
+    ) -> tuple[torch.Tensor, list[int], dict[int, ItemFailed]]:
         """``(pixels, rows, failures)``: ``pixels[j]`` is ``photos[rows[j]]``, ``(B, 3, S, S)``
         on the device; ``failures`` maps the other rows to why they failed."""
         if self.acceleration.batch_jpeg_decode:
@@ -120,18 +124,26 @@ class ImagePreprocessor:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
         return stacked, rows, failures
 
-    def _try_one(self, photo: Photo) -> torch.Tensor | ImageRejected:
+    def _try_one(self, photo: Photo) -> torch.Tensor | ItemFailed:
         try:
             return self.one(photo)
         except ImageRejected as exc:
             return exc
+        except Exception as exc:  # one photo's failure, whatever it is, is that photo's
+            log.exception("preprocessing one photo failed; it fails alone")
+            return PreprocessFailed(exc)
 
-    def _batch_jpeg_decode(
-        self, photos: Sequence[Photo]
-    ) -> dict[int, torch.Tensor | ImageRejected]:
+    def _try_fit(self, image: torch.Tensor, orientation: int) -> torch.Tensor | ItemFailed:
+        try:
+            return fit_square(orient(image, orientation), self.side, self.fit)
+        except Exception as exc:  # as in _try_one: this photo fails, the batch goes on
+            log.exception("fitting one decoded photo failed; it fails alone")
+            return PreprocessFailed(exc)
+
+    def _batch_jpeg_decode(self, photos: Sequence[Photo]) -> dict[int, torch.Tensor | ItemFailed]:
         """JPEGs decode in calls of at most ``device_decode_pixels`` on the model's device (nvjpeg
         on CUDA); other formats, and any call the decoder refuses, take the Pillow path."""
-        results: dict[int, torch.Tensor | ImageRejected] = {}
+        results: dict[int, torch.Tensor | ItemFailed] = {}
         jpegs: list[tuple[int, JpegHeader]] = []
         for i, photo in enumerate(photos):
             header = plain_jpeg_header(photo.data, self.limits)
@@ -146,7 +158,7 @@ class ImagePreprocessor:
                 decoded = [None] * len(chunk)
             for (i, header), image in zip(chunk, decoded, strict=True):
                 results[i] = (
-                    fit_square(orient(image, header.orientation), self.side, self.fit)
+                    self._try_fit(image, header.orientation)
                     if image is not None
                     else self._try_one(photos[i])
                 )

@@ -19,6 +19,7 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 MAX_IMAGE_BYTES = 10 * 1024 * 1024  # a product photo is rarely above 2 MB
 MAX_IMAGE_PIXELS = 40_000_000  # ~ 7,700 x 5,200; a decompression bomb declares far more
 MIN_IMAGE_SIDE_PX = 8  # smaller is not a photo of anything
+MAX_IMAGE_ASPECT_RATIO = 20.0  # long side / short side: a banner strip is not a product photo
 MAX_TEXT_TOKENS = 128  # titles + key attributes fit; long descriptions are cut, not failed
 MAX_TEXT_CHARS = 4000  # cut before tokenising: the tokenizer's cost grows with the input
 

@@ -43,6 +43,7 @@ def serve(role: str, create_topics: bool) -> int:
     Prints the effective settings (secrets masked) at start. SIGTERM finishes the batch in
     flight, commits and exits; a second signal exits at once.
     """
+    from loupe.consumers.errors import WorkerDied
     from loupe.consumers.kafka_io import require_broker
     from loupe.consumers.service import LoupeService
     from loupe.consumers.topics import ensure_topics
@@ -56,7 +57,11 @@ def serve(role: str, create_topics: bool) -> int:
         ensure_topics(config)
     service = LoupeService(config, role=role)
     service.install_signal_handlers()
-    service.run()
+    try:
+        service.run()
+    except WorkerDied as exc:  # its traceback is in the log above, once
+        click.echo(f"loupe serve: {exc}; exiting so that a supervisor restarts it", err=True)
+        return 1
     return 0
 
 

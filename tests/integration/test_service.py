@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.index import QdrantIndex, point_id
 from loupe.consumers.ingest import Indexer
-from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
+from loupe.consumers.kafka_io import Publisher, make_consumer, make_transactional_producer
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
@@ -127,11 +127,11 @@ def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
         ),
         resolver=_resolver,
     )
-    producer = make_producer(settings)
-    publisher = Publisher(producer, topics["deadletter"], metrics)
+    # As `loupe serve` runs them: each worker publishes through its own transactional producer.
+    producers = [make_transactional_producer(settings, role) for role in ("ingest", "search")]
     indexer = Indexer(
         consumer=make_consumer(settings, group_id + "-ingest"),
-        publisher=publisher,
+        publisher=Publisher(producers[0], topics["deadletter"], metrics, transactional=True),
         index=index,
         encoder=encoder,
         fetcher=fetcher,
@@ -140,7 +140,7 @@ def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
     )
     searcher = SearchService(
         consumer=make_consumer(settings, group_id + "-search"),
-        publisher=Publisher(producer, topics["deadletter"], metrics),
+        publisher=Publisher(producers[1], topics["deadletter"], metrics, transactional=True),
         index=index,
         encoder=encoder,
         fetcher=fetcher,
@@ -159,7 +159,8 @@ def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
     }
     indexer.close()
     searcher.consumer.close(autocommit=False)
-    producer.close()
+    for producer in producers:
+        producer.close()
     index.close()
 
 
@@ -214,6 +215,7 @@ def _read_all(bootstrap, topic, expected: int, timeout_s: float = 30):
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
+        isolation_level="read_committed",  # as shopper apps read answers
     )
     records, deadline = [], time.monotonic() + timeout_s
     while len(records) < expected and time.monotonic() < deadline:

@@ -1,0 +1,80 @@
+"""The embedded Qdrant engine under concurrent writers and readers, as `serve --role all` uses it.
+
+qdrant-client's local mode is not thread-safe: an upsert during a search raised IndexError in
+its payload-mask code and killed the search thread. QdrantIndex serialises every call on it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from loupe.consumers.index import IndexPoint, QdrantIndex
+from loupe.schemas.search import SearchFilters
+
+DIMS = {"image": 8, "text": 4, "fused": 12}
+
+
+def _point(n: int, rng: np.random.Generator) -> IndexPoint:
+    vectors = {view: rng.standard_normal(dim).astype(np.float32) for view, dim in DIMS.items()}
+    return IndexPoint(
+        merchant_id="m",
+        product_id=f"p{n}",
+        vectors=vectors,
+        payload={"merchant_id": "m", "product_id": f"p{n}", "category": ("ring", "bangle")[n % 2]},
+        version=1,
+    )
+
+
+def test_concurrent_upserts_deletes_and_searches_all_succeed(tmp_path):
+    index = QdrantIndex(model_version="m1", path=str(tmp_path / "index"))
+    index.ensure_collection(DIMS)
+    errors: list[BaseException] = []
+    searches = 0
+    stop = threading.Event()
+
+    def guarded(fn):
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        return threading.Thread(target=run)
+
+    def write() -> None:
+        rng = np.random.default_rng(1)
+        for n in range(150):
+            if stop.is_set():
+                return
+            index.upsert([_point(n * 3 + k, rng) for k in range(3)])
+            if n % 4 == 3:
+                index.delete([_point(n * 3 - 6, rng).id])
+
+    def search() -> None:
+        nonlocal searches
+        rng = np.random.default_rng(2)
+        while not stop.is_set():
+            for view, dim in DIMS.items():
+                index.search(
+                    view,
+                    rng.standard_normal(dim).astype(np.float32),
+                    top_k=5,
+                    merchant_id="m",
+                    filters=SearchFilters(category=["ring"]),
+                    with_vectors=[v for v in DIMS if v != view],
+                )
+                searches += 1
+
+    writer, readers = guarded(write), [guarded(search) for _ in range(2)]
+    for thread in [writer, *readers]:
+        thread.start()
+    writer.join(120)
+    stop.set()
+    for thread in readers:
+        thread.join(30)
+    index.close()
+    assert not errors, f"{type(errors[0]).__name__}: {errors[0]}"
+    assert searches > 100, "the readers must actually have overlapped the writer"
