@@ -102,6 +102,12 @@ class LoupeMetrics:
             ["device"],
             registry=r,
         )
+        self.start_time = Gauge(
+            "loupe_start_time_seconds",
+            "When this process started (Unix time): its changes count restarts",
+            registry=r,
+        )
+        self.start_time.set_to_current_time()
         self.worker_up = Gauge(
             "loupe_worker_up",
             "1 while the role's worker runs, 0 once it stopped or died",

@@ -243,6 +243,13 @@ def decode_jpegs(data: Sequence[bytes], device: torch.device) -> list[torch.Tens
 
 def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     batch = image.unsqueeze(0).float().div_(255.0)  # (1, 3, H, W)
+    in_h, in_w = batch.shape[-2:]
+    step_h, step_w = max(1, in_h // (2 * height)), max(1, in_w // (2 * width))
+    if step_h > 1 or step_w > 1:
+        # Antialiased resizing costs input pixels x the downscale factor: first box-average by
+        # a whole factor down to at least twice the target (linear in the input; what a JPEG
+        # decoder's DCT scaling does, so both decode paths agree), then antialias the rest.
+        batch = F.avg_pool2d(batch, (step_h, step_w), stride=(step_h, step_w), ceil_mode=True)
     if batch.shape[-2:] != (height, width):
         batch = F.interpolate(
             batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False

@@ -116,7 +116,7 @@ class ImagePreprocessor:
         rows = [i for i in range(len(photos)) if isinstance(tensors[i], torch.Tensor)]
         failures = {i: t for i, t in tensors.items() if not isinstance(t, torch.Tensor)}
         if not rows:
-            return torch.empty(0), [], failures
+            return torch.empty((0, 3, self.side, self.side), device=self.device), [], failures
         stacked = stack_on(  # (B, 3, S, S)
             [tensors[i] for i in rows], self.device, pinned=self.acceleration.pinned_copies
         )

@@ -40,7 +40,15 @@ def test_promtool_accepts_the_config_and_rules():
     assert config.returncode == 0, config.stdout + config.stderr
     rules = _promtool("check", "rules", str(PROMETHEUS_DIR / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "6 rules found" in rules.stdout
+    assert "7 rules found" in rules.stdout
+
+
+def test_every_alert_fires_when_it_should():
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts.test.yml").read_text())["tests"]
+    tested = {case["alertname"] for test in tests for case in test["alert_rule_test"]}
+    assert tested == {name for name, _ in _alert_expressions()}, "every alert needs a test"
+    result = _promtool("test", "rules", str(PROMETHEUS_DIR / "alerts.test.yml"))
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
 def test_compose_file_parses_and_references_only_files_that_exist():
