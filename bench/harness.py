@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -46,6 +47,33 @@ def photo_server(photos: dict[str, bytes]) -> Iterator[str]:
             (Path(root) / name).write_bytes(data)
         with cdn_process(Path(root)) as url:
             yield url
+
+
+def serve_env(
+    bootstrap: str,
+    topics: dict[str, str],
+    *,
+    group: str,
+    state_dir: Path,
+    metrics_port: int | str = 0,
+    **settings: str,
+) -> dict[str, str]:
+    """The environment of a `loupe serve` child process on its own topics (keys ``products``,
+    ``requests``, ``responses``, ``deadletter``), group and state; ``settings`` adds LOUPE_*
+    variables by their lower-case names (``max_poll_records="8"``)."""
+    env = {
+        **os.environ,
+        "LOUPE_BOOTSTRAP_SERVERS": bootstrap,
+        "LOUPE_STATE_DIR": str(state_dir),
+        "LOUPE_PRODUCTS_TOPIC": topics["products"],
+        "LOUPE_SEARCH_REQUESTS_TOPIC": topics["requests"],
+        "LOUPE_SEARCH_RESPONSES_TOPIC": topics["responses"],
+        "LOUPE_DEADLETTER_TOPIC": topics["deadletter"],
+        "LOUPE_GROUP_ID": group,
+        "LOUPE_METRICS_PORT": str(metrics_port),
+    }
+    env.update({f"LOUPE_{name.upper()}": value for name, value in settings.items()})
+    return env
 
 
 def product_event(product: CatalogProduct, image: dict, product_id: str | None = None) -> bytes:

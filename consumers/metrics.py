@@ -6,6 +6,7 @@ front (no product or request ids in labels). Tests pass their own ``CollectorReg
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -197,11 +198,13 @@ class HealthServer:
                     self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
 
             def _send(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                # A prober that gave up (a timeout) is not an error of ours.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args) -> None:
                 log.debug("http: " + format, *args)

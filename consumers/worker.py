@@ -33,6 +33,7 @@ LAG_INTERVAL_S = 1.0
 # While one batch is handled, the consumer polls (paused) at least this often, so that no
 # record, however slow, holds it past max_poll_interval_ms and out of its group.
 KEEP_ALIVE_INTERVAL_S = 5.0
+SLOW_BATCH_S = 5.0  # a batch slower than this is logged (its records held the worker)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -104,6 +105,7 @@ class BatchWorker:
             self._update_lag()
             return 0
         self.metrics.batch_size.labels(role=self.role).observe(len(records))
+        started = time.monotonic()
         try:
             self.handle(records)  # side effects done; answers and dead letters held back
             offsets = next_offsets(records, self._committed)
@@ -119,6 +121,9 @@ class BatchWorker:
             return 0
         for tp, meta in offsets.items():
             self._committed[tp] = meta.offset
+        took = time.monotonic() - started
+        if took > SLOW_BATCH_S:
+            log.info("%s: slow batch: %d records in %.1f s", self.role, len(records), took)
         self._update_lag()
         self.after_commit(records)
         return len(records)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import CoordinatorNotAvailableError
 
+from bench.harness import serve_env
 from loupe.consumers.index import QdrantIndex
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
@@ -62,19 +62,17 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
     bootstrap_servers, make_topic, group_id, tmp_path
 ):
     topic = make_topic("products", partitions=3)
-    env = {
-        **os.environ,
-        "LOUPE_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "LOUPE_STATE_DIR": str(tmp_path / "state"),
-        "LOUPE_PRODUCTS_TOPIC": topic,
-        "LOUPE_DEADLETTER_TOPIC": make_topic("deadletter"),
-        "LOUPE_SEARCH_REQUESTS_TOPIC": make_topic("requests"),
-        "LOUPE_SEARCH_RESPONSES_TOPIC": make_topic("responses"),
-        "LOUPE_GROUP_ID": group_id,
-        "LOUPE_METRICS_PORT": "0",
-        "LOUPE_MAX_POLL_RECORDS": "8",  # small batches: the kill lands between commits
-        "HF_HUB_OFFLINE": "1",
+    topics = {
+        "products": topic,
+        **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
     }
+    env = serve_env(
+        bootstrap_servers,
+        topics,
+        group=group_id,
+        state_dir=tmp_path / "state",
+        max_poll_records="8",  # small batches: the kill lands between commits
+    )
     catalog = load_catalog()
     producer = KafkaProducer(bootstrap_servers=bootstrap_servers)
     for i in range(PRODUCTS):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import signal
@@ -21,6 +20,7 @@ import pytest
 import yaml
 from kafka import KafkaProducer
 
+from bench.harness import serve_env
 from loupe.dev.catalog import load_catalog
 from loupe.dev.kafka import free_loopback_port
 
@@ -133,19 +133,16 @@ def test_every_panel_and_alert_query_against_a_real_prometheus(
     bootstrap_servers, make_topic, group_id, tmp_path
 ):
     metrics_port, prometheus_port = free_loopback_port(), free_loopback_port()
-    topics = {name: make_topic(name) for name in ("products", "requests", "responses", "dlq")}
-    env = {
-        **os.environ,
-        "LOUPE_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "LOUPE_STATE_DIR": str(tmp_path / "state"),
-        "LOUPE_PRODUCTS_TOPIC": topics["products"],
-        "LOUPE_SEARCH_REQUESTS_TOPIC": topics["requests"],
-        "LOUPE_SEARCH_RESPONSES_TOPIC": topics["responses"],
-        "LOUPE_DEADLETTER_TOPIC": topics["dlq"],
-        "LOUPE_GROUP_ID": group_id,
-        "LOUPE_METRICS_PORT": str(metrics_port),
-        "LOUPE_MAX_POLL_RECORDS": "4",
-    }
+    names = ("products", "requests", "responses", "deadletter")
+    topics = {name: make_topic(name) for name in names}
+    env = serve_env(
+        bootstrap_servers,
+        topics,
+        group=group_id,
+        state_dir=tmp_path / "state",
+        metrics_port=metrics_port,
+        max_poll_records="4",
+    )
     loupe_log = tmp_path / "loupe.log"
     loupe = subprocess.Popen(
         [sys.executable, "-m", "loupe", "serve"],

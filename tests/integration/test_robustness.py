@@ -25,6 +25,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from PIL import Image
 
+from bench.harness import serve_env
 from loupe.dev.catalog import load_catalog, phone_photo, upserted_event
 from loupe.dev.kafka import free_loopback_port
 from loupe.schemas.deadletter import DeadLetter
@@ -105,18 +106,14 @@ def served(kafka_broker, tmp_path_factory):
         for name in ("products", "requests", "responses", "deadletter")
     }
     port = free_loopback_port()
-    env = {
-        **os.environ,
-        "LOUPE_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
-        "LOUPE_STATE_DIR": str(tmp / "state"),
-        "LOUPE_PRODUCTS_TOPIC": topics["products"],
-        "LOUPE_SEARCH_REQUESTS_TOPIC": topics["requests"],
-        "LOUPE_SEARCH_RESPONSES_TOPIC": topics["responses"],
-        "LOUPE_DEADLETTER_TOPIC": topics["deadletter"],
-        "LOUPE_GROUP_ID": f"robust-{suffix}",
-        "LOUPE_METRICS_PORT": str(port),
-        "LOUPE_MAX_POLL_RECORDS": "16",
-    }
+    env = serve_env(
+        kafka_broker.bootstrap_servers,
+        topics,
+        group=f"robust-{suffix}",
+        state_dir=tmp / "state",
+        metrics_port=port,
+        max_poll_records="16",
+    )
     log_path = tmp / "serve.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "loupe", "serve", "--create-topics"],
@@ -263,18 +260,11 @@ def test_a_worker_that_dies_stops_the_service_instead_of_leaving_a_zombie(
     """A fault that is not one item's (injected: the search worker's batch handler raises)
     turns /readyz 503, stops the other worker, and `loupe serve` exits 1 with one line."""
     port = free_loopback_port()
-    topics = {name: make_topic(name) for name in ("products", "requests", "responses", "dlq")}
-    env = {
-        **os.environ,
-        "LOUPE_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "LOUPE_STATE_DIR": str(tmp_path / "state"),
-        "LOUPE_PRODUCTS_TOPIC": topics["products"],
-        "LOUPE_SEARCH_REQUESTS_TOPIC": topics["requests"],
-        "LOUPE_SEARCH_RESPONSES_TOPIC": topics["responses"],
-        "LOUPE_DEADLETTER_TOPIC": topics["dlq"],
-        "LOUPE_GROUP_ID": group_id,
-        "LOUPE_METRICS_PORT": str(port),
-    }
+    names = ("products", "requests", "responses", "deadletter")
+    topics = {name: make_topic(name) for name in names}
+    env = serve_env(
+        bootstrap_servers, topics, group=group_id, state_dir=tmp_path / "state", metrics_port=port
+    )
     # The fault: the first search batch raises outside any item, and /readyz is sampled from
     # inside the process the moment the service has noticed (before it closes its server).
     inject = (
