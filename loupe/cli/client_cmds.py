@@ -109,7 +109,9 @@ def publish(file: str, validate: bool) -> int:
     return 1 if invalid else 0
 
 
-@click.command(epilog=settings_epilog(*KAFKA_SETTINGS, "search_requests_topic"))
+@click.command(
+    epilog=settings_epilog(*KAFKA_SETTINGS, "search_requests_topic", "search_responses_topic")
+)
 @click.option(
     "--image",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
