@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from loupe.consumers.errors import WorkerDied
 from loupe.consumers.image_fetch import ImageFetcher
@@ -226,18 +226,25 @@ class LoupeService:
         self.health.stop()
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: finish the batch in flight, commit, stop. A second one exits at once
-        (nothing uncommitted is lost: it is replayed after the restart)."""
-        received: list[int] = []
+        install_signal_handlers(self.stop)
 
-        def handle(signum, _frame) -> None:
-            name = signal.Signals(signum).name
-            if received:
-                log.warning("received %s again: exiting now, without finishing the batch", name)
-                os._exit(128 + signum)
-            received.append(signum)
-            log.info("received %s: finishing the batch in flight, then stopping", name)
-            self.stop()
 
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
+def install_signal_handlers(
+    stop: Callable[[], None], exit_now: Callable[[int], None] = os._exit
+) -> None:
+    """SIGTERM/SIGINT: ``stop`` (finish the batch in flight, commit, stop). A second one exits
+    at once (nothing uncommitted is lost: it is replayed after the restart)."""
+    received: list[int] = []
+
+    def handle(signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            log.warning("received %s again: exiting now, without finishing the batch", name)
+            exit_now(128 + signum)
+            return
+        received.append(signum)
+        log.info("received %s: finishing the batch in flight, then stopping", name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
