@@ -7,6 +7,11 @@ catalog product, text, photo + text. Prints p50/p95/p99 and where the time goes.
 
     .venv/bin/python -m bench.search --catalog 236
     .venv/bin/python -m bench.search --catalog 10k      # encodes Fashion-MNIST once (cached)
+    .venv/bin/python -m bench.search --burst 236        # all at once: batched vs one by one
+
+``--burst N`` sends N photo queries at once, twice, side by side: to a search service that
+takes one request per poll (each fetched, encoded, searched and committed alone), and to one
+that takes the whole poll as a batch (one encode call, one index call, one commit).
 """
 
 from __future__ import annotations
@@ -109,11 +114,85 @@ def _fashion_points(encoder: FusedEncoder) -> list[IndexPoint]:
     ]
 
 
+def _burst(bootstrap: str, index, encoder, catalog, count: int) -> None:
+    """The same burst of photo queries, one request per poll vs the whole poll as a batch."""
+    photos = [phone_photo(p.image_path.read_bytes(), seed=i) for i, p in enumerate(catalog)]
+    burst = [
+        EncodeInput(image=photos[n % len(photos)], media_type="image/jpeg") for n in range(count)
+    ]
+    started = time.perf_counter()
+    encoder.encode_queries(burst)
+    bare = count / (time.perf_counter() - started)
+    print(f"\nburst of {count} photo queries sent at once (waits: request sent -> answer read)")
+    print(f"bare encoder (encode_queries, no Kafka, no index): {bare:.1f} queries/s")
+    print(f"{'service':<22} {'total s':>8} {'req/s':>7} {'of bare':>7} {'p50 s':>7} {'p95 s':>7}")
+    for label, poll in (
+        ("one per poll", 1),
+        ("batched, poll 16", 16),
+        ("batched, poll 32", 32),
+        ("batched, poll 256", 256),
+    ):
+        run = Settings(bootstrap_servers=bootstrap, max_poll_records=poll)
+        requests_topic = create_topic(bootstrap, "burst-req")
+        responses_topic = create_topic(bootstrap, "burst-resp", 1)
+        metrics = LoupeMetrics()
+        producer = make_producer(run)
+        service = SearchService(
+            consumer=make_consumer(run, f"bench-burst-{poll}"),
+            publisher=Publisher(producer, create_topic(bootstrap, "dlq", 1), metrics),
+            index=index,
+            encoder=encoder,
+            fetcher=ImageFetcher(FetchPolicy()),
+            metrics=metrics,
+            topic=requests_topic,
+            response_topic=responses_topic,
+        )
+        worker = threading.Thread(target=service.run, daemon=True)
+        worker.start()
+        reader = KafkaConsumer(
+            responses_topic, bootstrap_servers=bootstrap, group_id=None,
+            auto_offset_reset="earliest", enable_auto_commit=False,
+        )  # fmt: skip
+        client = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+        key, value = encode_request(search_request(text="ring", request_id="warm"))
+        client.send(requests_topic, key=key, value=value)
+        client.flush()
+        received: dict[str, float] = {}
+        while "warm" not in received:  # the group is joined and the model warm
+            for records in reader.poll(timeout_ms=100).values():
+                for record in records:
+                    received[record.key.decode()] = time.perf_counter()
+        sent_at = time.perf_counter()
+        for n in range(count):
+            request = search_request(photo=photos[n % len(photos)], top_k=10, request_id=f"b{n}")
+            key, value = encode_request(request)
+            client.send(requests_topic, key=key, value=value)
+        client.flush()
+        deadline = time.perf_counter() + 600
+        while len(received) < count + 1 and time.perf_counter() < deadline:
+            for records in reader.poll(timeout_ms=100).values():
+                for record in records:
+                    received.setdefault(record.key.decode(), time.perf_counter())
+        waits = sorted(at - sent_at for rid, at in received.items() if rid != "warm")
+        total = max(waits) if waits else float("nan")
+        rate = len(waits) / total
+        print(
+            f"{label:<22} {total:>8.1f} {rate:>7.1f} {rate / bare:>7.2f} "
+            f"{np.percentile(waits, 50):>7.2f} {np.percentile(waits, 95):>7.2f}"
+        )
+        service.stop_event.set()
+        worker.join(30)
+        reader.close()
+        client.close()
+        producer.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--catalog", choices=["236", "10k"], default="236")
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--burst", type=int, default=0, help="N photo queries at once instead")
     args = parser.parse_args()
 
     catalog = load_catalog()
@@ -144,6 +223,11 @@ def main() -> None:
             index.upsert(points[start : start + 512])
         print(f"index: {index.count()} points; model {encoder.model_version}; {encoder.device}")
 
+        if args.burst:
+            _burst(bootstrap, index, encoder, catalog, args.burst)
+            index.close()
+            encoder.close()
+            return
         run = Settings(bootstrap_servers=bootstrap)
         requests_topic, responses_topic = (
             create_topic(bootstrap, "req"),

@@ -56,6 +56,18 @@ class IndexHit:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class IndexQuery:
+    """One search of a batch: a vector in one view, its scope and filters."""
+
+    view: str
+    vector: np.ndarray
+    top_k: int
+    merchant_id: str | None
+    filters: SearchFilters
+    with_vectors: Sequence[str] = ()
+
+
 class VectorIndex(Protocol):
     """What the consumers need from an index; a second backend implements just this."""
 
@@ -73,6 +85,7 @@ class VectorIndex(Protocol):
         filters: SearchFilters,
         with_vectors: Sequence[str] = (),
     ) -> list[IndexHit]: ...
+    def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]: ...
     def count(self, exact: bool = True) -> int: ...
     def close(self) -> None: ...
 
@@ -251,18 +264,32 @@ class QdrantIndex:
             with_payload=True,
             with_vectors=list(with_vectors) or False,
         )
-        hits = []
-        for point in response.points:
-            stored = point.vector if isinstance(point.vector, dict) else {}
-            hits.append(
-                IndexHit(
-                    id=str(point.id),
-                    score=float(point.score),
-                    payload=dict(point.payload or {}),
-                    vectors={k: np.asarray(v, dtype=np.float32) for k, v in stored.items()},
-                )
+        return _hits(response.points)
+
+    def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]:
+        """Several searches (any views, each with its own filters) in one call to Qdrant."""
+        from qdrant_client import models
+
+        if not queries:
+            return []
+        for query in queries:
+            if query.view not in VIEWS:
+                raise ValueError(f"unknown view {query.view!r}; expected one of {VIEWS}")
+        requests = [
+            models.QueryRequest(
+                query=query.vector.astype(np.float32).tolist(),
+                using=query.view,
+                filter=build_filter(query.merchant_id, query.filters),
+                limit=query.top_k,
+                with_payload=True,
+                with_vector=list(query.with_vectors) or False,
             )
-        return hits
+            for query in queries
+        ]
+        responses = self._call(
+            "query_batch_points", self.client.query_batch_points, self.collection, requests
+        )
+        return [_hits(response.points) for response in responses]
 
     def count(self, exact: bool = True) -> int:
         return int(self._call("count", self.client.count, self.collection, exact=exact).count)
@@ -270,6 +297,21 @@ class QdrantIndex:
     def close(self) -> None:
         with self._lock:
             self.client.close()
+
+
+def _hits(points: Sequence[Any]) -> list[IndexHit]:
+    hits = []
+    for point in points:
+        stored = point.vector if isinstance(point.vector, dict) else {}
+        hits.append(
+            IndexHit(
+                id=str(point.id),
+                score=float(point.score),
+                payload=dict(point.payload or {}),
+                vectors={k: np.asarray(v, dtype=np.float32) for k, v in stored.items()},
+            )
+        )
+    return hits
 
 
 def build_filter(merchant_id: str | None, filters: SearchFilters):

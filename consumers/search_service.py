@@ -12,7 +12,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +23,7 @@ from kafka import KafkaConsumer
 
 from loupe.consumers.errors import IndexUnavailable, ItemFailed, UnexpectedItemError
 from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import IndexHit, VectorIndex
+from loupe.consumers.index import IndexHit, IndexQuery, VectorIndex
 from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff, Publisher
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.worker import BatchWorker
@@ -57,6 +59,7 @@ class SearchService(BatchWorker):
         response_topic: str,
         encode_lock: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         poll_timeout_ms: int = 200,
+        fetch_workers: int = 8,
         backoff: Backoff | None = None,
     ) -> None:
         super().__init__(
@@ -73,26 +76,36 @@ class SearchService(BatchWorker):
         self.response_topic = response_topic
         self.encode_lock = encode_lock
         self._answered: list[SearchRequested] = []
+        self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self._known_topics: set[str] = set()
         self._topics_checked_at = float("-inf")
 
     def handle(self, records: list[Any]) -> None:
-        """Answer every request of the batch; done once the broker acknowledged the answers."""
+        """Answer every request of the batch, together: photos fetched concurrently, all
+        queries encoded in one call, one batched index query, then every answer. The answers
+        go out with the batch's offsets, in one transaction (``BatchWorker``)."""
         self._answered = []
-        for record in records:
-            self.keep_alive_if_due()  # each request may fetch a photo: stay in the group
-            answered = self._answer(record)
-            if answered is not None:
-                self._answered.append(answered)
-        # The answers go out with the batch's offsets, in one transaction (BatchWorker).
+        started = time.perf_counter()
+        queries = [q for q in (self._accept(record, started) for record in records) if q]
+        self._fetch(queries)
+        self._encode([q for q in queries if q.ok])
+        self._search([q for q in queries if q.ok])
+        for query in queries:
+            self._finish(query)
+
+    def close(self) -> None:
+        self._fetch_pool.shutdown(wait=True)
+        super().close()
 
     def after_commit(self, records: list[Any]) -> None:
         now = time.time()
         for request in self._answered:
             self.metrics.request_latency.observe(max(0.0, now - request.occurred_at.timestamp()))
 
-    def _answer(self, record: Any) -> SearchRequested | None:
-        started = time.perf_counter()
+    # --- the stages of a batch; each request that fails gets its own error ------------------
+
+    def _accept(self, record: Any, started: float) -> _Query | None:
+        """Parse a request; one that cannot be served as asked is answered here."""
         try:
             request = parse_search_request(record.value)
         except InvalidEvent as exc:
@@ -104,76 +117,113 @@ class SearchService(BatchWorker):
             # Sending there would block until a metadata timeout, and again on every retry.
             message = f"reply_to topic {request.reply_to!r} does not exist; answered here instead"
             self._respond_error(
-                record,
-                request.request_id,
-                None,
-                ErrorCode.INVALID_EVENT,
-                message,
-                "publish",
-                started,
-            )
-            return request
-        try:
-            hits = self._search(request)
-        except Abandoned:
-            raise  # shutting down mid-retry: the batch is replayed, not answered
-        except ItemFailed as exc:  # the photo could not be fetched, decoded or encoded
-            self._respond_error(
-                record, request.request_id, request.reply_to, exc.code, str(exc), exc.stage, started
-            )
-            return request
-        except Exception as exc:  # this request's failure, not the worker's
-            log.exception(
-                "search %s failed unexpectedly; answering with an error", request.request_id
-            )
-            failed = UnexpectedItemError("search", exc)
-            self._respond_error(
-                record, request.request_id, request.reply_to, failed.code, str(failed), "search",
+                record, request.request_id, None, ErrorCode.INVALID_EVENT, message, "publish",
                 started,
             )  # fmt: skip
-            return request
+            self._answered.append(request)
+            return None
+        return _Query(record, request, started)
+
+    def _fetch(self, queries: list[_Query]) -> None:
+        with self.metrics.timer("fetch"):
+            load = self.fetcher.load
+            futures = {
+                id(q): self._fetch_pool.submit(self._guarded, "fetch", load, q.request.image)
+                for q in queries
+                if q.request.image is not None
+            }
+            for query in queries:
+                future = futures.get(id(query))
+                if future is None:
+                    continue
+                while not wait([future], timeout=1.0).done:
+                    self.keep_alive_if_due()  # a slow server must not cost the group
+                result = future.result()
+                if isinstance(result, ItemFailed):
+                    query.error = result
+                else:
+                    query.image, query.media_type = result
+
+    def _guarded(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Abandoned:
+            raise  # shutting down mid-retry: the batch is replayed, not answered
+        except ItemFailed as exc:
+            return exc
+        except Exception as exc:  # this request's failure, not the worker's
+            log.exception("a search's %s failed unexpectedly", stage)
+            return UnexpectedItemError(stage, exc)
+
+    def _encode(self, queries: list[_Query]) -> None:
+        if not queries:
+            return
+        items = [
+            EncodeInput(image=q.image, media_type=q.media_type, text=q.request.text)
+            for q in queries
+        ]
+        self.keep_alive_if_due()
+        with self.metrics.timer("encode"), self.encode_lock():
+            encoded = self.encoder.encode_queries(items)  # fails items, never the batch
+        for query, result in zip(queries, encoded, strict=True):
+            if result.ok:
+                query.vectors = result.vectors
+            else:
+                query.error = result.error
+
+    def _search(self, queries: list[_Query]) -> None:
+        if not queries:
+            return
+        lookups = [_index_query(q) for q in queries]
+        self.keep_alive_if_due()
+        with self.metrics.timer("search"):
+            try:
+                found = self._retry(
+                    "search", lambda: self.index.search_batch(lookups), (IndexUnavailable,)
+                )
+            except (Abandoned, IndexUnavailable):
+                raise
+            except Exception:
+                # Something about one query broke the batch: search them one by one, so that
+                # only that one fails.
+                log.exception(
+                    "a batched search failed; searching its %d queries alone", len(queries)
+                )
+                found = [self._guarded("search", self._search_one, lookup) for lookup in lookups]
+        for query, lookup, hits in zip(queries, lookups, found, strict=True):
+            if isinstance(hits, ItemFailed):
+                query.error = hits
+            else:
+                query.hits = [_hit(h, lookup.view, query.vectors) for h in hits]
+
+    def _search_one(self, lookup: IndexQuery) -> list[IndexHit]:
+        return self._retry(
+            "search", lambda: self.index.search_batch([lookup]), (IndexUnavailable,)
+        )[0]
+
+    def _finish(self, query: _Query) -> None:
+        request = query.request
+        self._answered.append(request)
+        if query.error is not None:
+            error = query.error
+            self._respond_error(
+                query.record, request.request_id, request.reply_to, error.code, str(error),
+                error.stage, query.started,
+            )  # fmt: skip
+            return
         self._respond(
             request.request_id,
             request.reply_to,
             SearchCompleted(
                 request_id=request.request_id,
                 status="ok",
-                hits=hits,
+                hits=query.hits,
                 model_version=self.encoder.model_version,
-                took_ms=(time.perf_counter() - started) * 1000,
+                took_ms=(time.perf_counter() - query.started) * 1000,
                 completed_at=datetime.now(UTC),
             ),
         )
         self.metrics.events.labels(topic=self.topic, outcome="answered").inc()
-        return request
-
-    def _search(self, request: SearchRequested) -> list[SearchHit]:
-        image, media_type = None, None
-        if request.image is not None:
-            with self.metrics.timer("fetch"):
-                image, media_type = self.fetcher.load(request.image)
-        item = EncodeInput(image=image, media_type=media_type, text=request.text)
-        with self.metrics.timer("encode"), self.encode_lock():
-            encoded = self.encoder.encode_queries([item])[0]
-        if not encoded.ok:
-            raise encoded.error
-        query = encoded.vectors
-        view = "fused" if "fused" in query else ("image" if "image" in query else "text")
-        other_views = [v for v in query if v != view]
-        with self.metrics.timer("search"):
-            found = self._retry(
-                "search",
-                lambda: self.index.search(
-                    view,
-                    query[view],
-                    top_k=request.top_k,
-                    merchant_id=request.merchant_id,
-                    filters=request.filters,
-                    with_vectors=other_views,
-                ),
-                (IndexUnavailable,),
-            )
-        return [_hit(h, view, query) for h in found]
 
     def _respond(self, request_id: str, reply_to: str | None, response: SearchCompleted) -> None:
         self.publisher.send(
@@ -213,6 +263,38 @@ class SearchService(BatchWorker):
 
     def _retry(self, what: str, fn, transient):
         return self.retry(what, fn, transient, stage="search")
+
+
+@dataclass
+class _Query:
+    """One request on its way through a batch: what it has, or why it failed."""
+
+    record: Any
+    request: SearchRequested
+    started: float
+    image: bytes | None = None
+    media_type: str | None = None
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    hits: list[SearchHit] = field(default_factory=list)
+    error: ItemFailed | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _index_query(query: _Query) -> IndexQuery:
+    """The view that fits the query: fused for photo + text, else the one it has."""
+    vectors = query.vectors
+    view = "fused" if "fused" in vectors else ("image" if "image" in vectors else "text")
+    return IndexQuery(
+        view=view,
+        vector=vectors[view],
+        top_k=query.request.top_k,
+        merchant_id=query.request.merchant_id,
+        filters=query.request.filters,
+        with_vectors=[v for v in vectors if v != view],
+    )
 
 
 TOPICS_REFRESH_S = 10.0

@@ -137,11 +137,16 @@ class LoupeService:
         if role in ("search", "all"):
             self.workers.append(
                 SearchService(
-                    consumer=make_consumer(settings, settings.group_id + ".search"),
+                    consumer=make_consumer(
+                        settings,
+                        settings.group_id + ".search",
+                        max_poll_records=settings.search_max_poll_records,
+                    ),
                     publisher=self._publisher(settings, "search"),
                     topic=settings.search_requests_topic,
                     response_topic=settings.search_responses_topic,
                     encode_lock=gate.search,
+                    fetch_workers=settings.fetch_workers,
                     **shared,
                 )
             )

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # 256: the ingest pipeline keeps the model busy across a batch (bench/ingest.py: 0.87 of the
     # bare encoder vs 0.72 at 64); photos in memory are bounded separately (FETCH_LOOKAHEAD).
     max_poll_records: int = Field(default=256, ge=1, le=10_000)
+    # Search requests per batch (one encode call, one index call, one commit). A burst of 236
+    # photo queries (bench.search --burst 236): 16 or 32 served it at 0.78 of the bare
+    # encoder's rate with a median wait of 6 s; one per poll at 0.54 (7.7 s); 256 at 0.71.
+    search_max_poll_records: int = Field(default=32, ge=1, le=10_000)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     poll_timeout_ms: int = Field(default=500, ge=10)
     # Publishing: each batch's answers and dead letters and its offsets as one Kafka

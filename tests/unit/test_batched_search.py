@@ -1,0 +1,165 @@
+"""A poll of search requests is handled as one batch: one encode call, one index call, every
+request answered, and a request that fails does so alone. Fakes for the model, the index and
+Kafka; the real ones are in tests/integration."""
+
+from __future__ import annotations
+
+import base64
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from loupe.consumers.errors import ImageFetchError
+from loupe.consumers.index import IndexHit
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.search_service import SearchService
+from loupe.encoders.fused import Encoded
+from loupe.schemas.errors import ErrorCode
+from loupe.schemas.search import parse_search_response
+
+DIMS = {"image": 4, "text": 3, "fused": 7}
+
+
+class _Consumer:
+    def subscribe(self, topics, listener=None) -> None:
+        pass
+
+    def close(self, autocommit=False) -> None:
+        pass
+
+
+class _Publisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.letters: list[tuple] = []
+
+    def send(self, topic, key, value, headers) -> None:
+        self.sent.append((topic, key, value))
+
+    def dead_letter(self, record, code, message, stage) -> None:
+        self.letters.append((record.key, code, stage))
+
+
+class _Encoder:
+    model_version = "m1"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def encode_queries(self, items):
+        self.calls.append(len(items))
+        out = []
+        for item in items:
+            vectors = {}
+            if item.image is not None:
+                vectors["image"] = np.ones(DIMS["image"], dtype=np.float32) / 2
+            if item.text:
+                vectors["text"] = np.ones(DIMS["text"], dtype=np.float32) / np.sqrt(3)
+            if item.image is not None and item.text:
+                vectors["fused"] = np.ones(DIMS["fused"], dtype=np.float32) / np.sqrt(7)
+            out.append(Encoded(vectors=vectors))
+        return out
+
+
+class _Index:
+    def __init__(self, poison_top_k: int | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.poison_top_k = poison_top_k
+
+    def search_batch(self, queries):
+        self.batches.append([q.view for q in queries])
+        if any(q.top_k == self.poison_top_k for q in queries):
+            raise RuntimeError("a query the index chokes on")
+        return [
+            [
+                IndexHit(
+                    id="p1",
+                    score=0.9,
+                    payload={"product_id": "p1", "merchant_id": "m", "title": f"hit for {q.view}"},
+                )
+            ]
+            for q in queries
+        ]
+
+
+class _Fetcher:
+    def load(self, image):
+        if image.url is not None and "missing" in image.url:
+            raise ImageFetchError(ErrorCode.IMAGE_FETCH_FAILED, f"GET {image.url}: HTTP 404")
+        return (image.decoded() if image.data else b"jpeg bytes"), "image/jpeg"
+
+
+def _record(offset: int, request_id: str, **body) -> SimpleNamespace:
+    value = {
+        "type": "search.requested",
+        "request_id": request_id,
+        "occurred_at": "2026-11-28T00:00:00Z",
+        **body,
+    }
+    return SimpleNamespace(
+        topic="requests",
+        partition=0,
+        offset=offset,
+        key=request_id.encode(),
+        value=json.dumps(value).encode(),
+        headers=[],
+    )
+
+
+@pytest.fixture
+def parts():
+    publisher, encoder, index = _Publisher(), _Encoder(), _Index(poison_top_k=7)
+    service = SearchService(
+        consumer=_Consumer(),
+        publisher=publisher,
+        index=index,
+        encoder=encoder,
+        fetcher=_Fetcher(),
+        metrics=LoupeMetrics(),
+        topic="requests",
+        response_topic="responses",
+    )
+    yield SimpleNamespace(service=service, publisher=publisher, encoder=encoder, index=index)
+    service._fetch_pool.shutdown()
+
+
+def _answers(publisher: _Publisher) -> dict[str, object]:
+    return {key.decode(): parse_search_response(value) for _, key, value in publisher.sent}
+
+
+PHOTO = {"data": base64.b64encode(b"\xff\xd8 a photo").decode(), "media_type": "image/jpeg"}
+
+
+def test_a_burst_is_encoded_in_one_call_and_searched_in_one_index_call(parts):
+    records = [
+        _record(0, "r-photo", image=PHOTO),
+        _record(1, "r-text", text="gold ring"),
+        _record(2, "r-both", image={"url": "https://cdn.example/ring.jpg"}, text="ring"),
+    ]
+    parts.service.handle(records)
+    assert parts.encoder.calls == [3]
+    assert parts.index.batches == [["image", "text", "fused"]]
+    answers = _answers(parts.publisher)
+    assert [a.status for a in answers.values()] == ["ok", "ok", "ok"]
+    assert answers["r-both"].hits[0].title == "hit for fused"
+
+
+def test_a_request_that_fails_does_so_alone(parts):
+    records = [
+        _record(0, "r-ok", text="ring"),
+        _record(1, "r-404", image={"url": "https://cdn.example/missing.jpg"}),
+        _record(2, "r-poison", text="ring", top_k=7),
+        _record(3, "r-bad", text=""),
+    ]
+    parts.service.handle(records)
+    answers = _answers(parts.publisher)
+    assert answers["r-ok"].status == "ok"
+    assert answers["r-404"].error.code == "image_fetch_failed"
+    assert answers["r-poison"].error.code == "internal_error"
+    assert answers["r-bad"].error.code == "invalid_event"
+    assert parts.encoder.calls == [2], "the failed fetch is not encoded"
+    # The batch failed on the poison query, then each query was searched alone.
+    assert parts.index.batches == [["text", "text"], ["text"], ["text"]]
+    assert {key for key, _, _ in parts.publisher.letters} == {b"r-404", b"r-poison", b"r-bad"}
