@@ -314,41 +314,41 @@ def _hits(points: Sequence[Any]) -> list[IndexHit]:
     return hits
 
 
+def filter_conditions(merchant_id: str | None, filters: SearchFilters) -> list[tuple]:
+    """Merchant scope and a request's filters as backend-neutral conditions, each one of
+    ``("match", key, value)``, ``("any", key, values)`` or ``("range", key, gte, lte)``; every
+    backend turns them into its own filter, so all of them filter alike."""
+    conditions: list[tuple] = []
+    if merchant_id is not None:
+        conditions.append(("match", "merchant_id", merchant_id))
+    for key in ("category", "subcategory", "material"):
+        values = getattr(filters, key)
+        if values:
+            conditions.append(("any", key, [v.lower() for v in values]))
+    if filters.price_min is not None or filters.price_max is not None:
+        conditions.append(("range", "price", filters.price_min, filters.price_max))
+    if filters.currency is not None:
+        conditions.append(("match", "currency", filters.currency))
+    for key, value in filters.attributes.items():
+        if isinstance(value, bool | str) or float(value).is_integer():
+            exact = value if not isinstance(value, float) else int(value)
+            conditions.append(("match", f"attributes.{key}", exact))
+        else:
+            conditions.append(("range", f"attributes.{key}", value, value))
+    return conditions
+
+
 def build_filter(merchant_id: str | None, filters: SearchFilters):
     """Merchant scope and the request's filters as one Qdrant filter (None when empty)."""
     from qdrant_client import models
 
     must: list[Any] = []
-    if merchant_id is not None:
-        must.append(
-            models.FieldCondition(key="merchant_id", match=models.MatchValue(value=merchant_id))
-        )
-    for key in ("category", "subcategory", "material"):
-        values = getattr(filters, key)
-        if values:
-            must.append(
-                models.FieldCondition(
-                    key=key, match=models.MatchAny(any=[v.lower() for v in values])
-                )
-            )
-    if filters.price_min is not None or filters.price_max is not None:
-        must.append(
-            models.FieldCondition(
-                key="price", range=models.Range(gte=filters.price_min, lte=filters.price_max)
-            )
-        )
-    if filters.currency is not None:
-        must.append(
-            models.FieldCondition(key="currency", match=models.MatchValue(value=filters.currency))
-        )
-    for key, value in filters.attributes.items():
-        if isinstance(value, bool | str) or float(value).is_integer():
-            match = models.MatchValue(value=value if not isinstance(value, float) else int(value))
-            must.append(models.FieldCondition(key=f"attributes.{key}", match=match))
+    for kind, key, *values in filter_conditions(merchant_id, filters):
+        if kind == "match":
+            must.append(models.FieldCondition(key=key, match=models.MatchValue(value=values[0])))
+        elif kind == "any":
+            must.append(models.FieldCondition(key=key, match=models.MatchAny(any=values[0])))
         else:
-            must.append(
-                models.FieldCondition(
-                    key=f"attributes.{key}", range=models.Range(gte=value, lte=value)
-                )
-            )
+            gte, lte = values
+            must.append(models.FieldCondition(key=key, range=models.Range(gte=gte, lte=lte)))
     return models.Filter(must=must) if must else None

@@ -9,9 +9,10 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
+from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.errors import WorkerDied
 from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import QdrantIndex
+from loupe.consumers.index import QdrantIndex, VectorIndex
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.kafka_io import (
     Publisher,
@@ -102,14 +103,7 @@ class LoupeService:
         self.metrics.model_info.labels(
             model_version=self.encoder.model_version, device=str(self.encoder.device)
         ).set(1)
-        path = settings.resolved_index_path()
-        self.index = QdrantIndex(
-            model_version=self.encoder.model_version,
-            path=str(path) if path else None,
-            url=settings.index_url,
-            api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
-            prefix=settings.index_prefix,
-        )
+        self.index = build_index(settings, self.encoder.model_version)
         self.index.ensure_collection(self.encoder.dims)
         self.producer = make_producer(settings)
         self.producers: list = []  # the workers' transactional producers
@@ -232,6 +226,21 @@ class LoupeService:
 
     def install_signal_handlers(self) -> None:
         install_signal_handlers(self.stop)
+
+
+def build_index(settings: Settings, model_version: str) -> VectorIndex:
+    """The configured index: a Qdrant server (``LOUPE_INDEX_URL``), or an embedded engine
+    under the state directory (``LOUPE_INDEX_ENGINE``)."""
+    path = settings.resolved_index_path()
+    if path is not None and settings.index_engine == "edge":
+        return EdgeIndex(model_version=model_version, path=str(path), prefix=settings.index_prefix)
+    return QdrantIndex(
+        model_version=model_version,
+        path=str(path) if path else None,
+        url=settings.index_url,
+        api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
+        prefix=settings.index_prefix,
+    )
 
 
 def install_signal_handlers(

@@ -7,7 +7,7 @@ passes what each part needs through constructors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,7 +69,10 @@ class Settings(BaseSettings):
     exactly_once: bool = True
     transaction_timeout_ms: int = Field(default=30_000, ge=1_000, le=900_000)
 
-    # The index: embedded Qdrant under state_dir unless a server URL is given.
+    # The index: embedded Qdrant under state_dir unless a server URL is given. The embedded
+    # engine: qdrant-client's local mode (exact search in Python), or Qdrant Edge (Qdrant's
+    # Rust engine in-process: HNSW, payload indexes, a write-ahead log).
+    index_engine: Literal["qdrant-local", "edge"] = "qdrant-local"
     index_path: Path | None = None
     index_url: str | None = None
     index_api_key: SecretStr | None = None

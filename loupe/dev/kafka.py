@@ -162,6 +162,16 @@ def provision_jars(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     return libs
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id, as Kafka's ``Uuid.randomUuid`` makes one: URL-safe base64 of
+    16 random bytes, never starting with '-' (the storage tool would read it as an option:
+    one start in 64 failed with "argument --cluster-id/-t: expected one argument")."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def free_loopback_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -308,7 +318,7 @@ class LocalKafkaBroker:
         classpath = f"{libs}/*"
         jvm = [java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC"]
         jvm += ["-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}"]
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         format_args = ["format", "-t", cluster_id, "-c", str(properties)]
         fmt = subprocess.run(
             [*jvm, "-cp", classpath, "kafka.tools.StorageTool", *format_args],

@@ -59,3 +59,10 @@ def test_stale_state_of_a_dead_process_is_not_running(tmp_path):
 def test_probe_of_a_closed_port_is_false():
     port = kafka_broker.free_loopback_port()
     assert answers_metadata({"bootstrap_servers": [f"127.0.0.1:{port}"]}, timeout_s=0.5) is False
+
+
+def test_cluster_ids_never_look_like_an_option():
+    ids = {kafka_broker.new_cluster_id() for _ in range(2000)}  # ~31 would start with '-'
+    assert len(ids) == 2000
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 for i in ids)

@@ -1,0 +1,223 @@
+"""``VectorIndex`` on Qdrant Edge (PyPI ``qdrant-edge-py``): Qdrant's own Rust engine in this
+process, on disk, with a write-ahead log, HNSW and payload indexes.
+
+The same scheme as ``QdrantIndex``: one shard per model version (``<dir>/<collection>``), the
+named cosine vectors ``image``, ``text`` and ``fused``, point ids from (merchant, product), and
+an alias ``<prefix>`` naming the live collection. Qdrant Edge has no aliases, so the alias is a
+small JSON file replaced atomically (``aliases.json``). Every call is serialised: one shard,
+one owner at a time, like ``QdrantIndex`` in embedded mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loupe.consumers.errors import IndexUnavailable
+from loupe.consumers.index import (
+    FILTER_KEYWORDS,
+    VIEWS,
+    IndexHit,
+    IndexPoint,
+    IndexQuery,
+    collection_name,
+    filter_conditions,
+)
+from loupe.schemas.search import SearchFilters
+
+log = logging.getLogger(__name__)
+
+ALIASES_FILE = "aliases.json"
+
+
+class EdgeIndex:
+    """``VectorIndex`` over one Qdrant Edge shard per model version, under ``path``."""
+
+    def __init__(self, *, model_version: str, path: str, prefix: str = "loupe") -> None:
+        try:
+            import qdrant_edge  # noqa: F401  (fail here, clearly, if the package is missing)
+        except ImportError:
+            raise IndexUnavailable(
+                "the embedded HNSW index needs the PyPI package qdrant-edge-py; "
+                "pip install qdrant-edge-py"
+            ) from None
+        self.root = Path(path)
+        self.alias = prefix
+        self.collection = collection_name(prefix, model_version)
+        self.model_version = model_version
+        self._lock = threading.RLock()
+        self._shard: Any = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def ensure_collection(self, dims: Mapping[str, int]) -> None:
+        from qdrant_edge import (
+            Distance,
+            EdgeConfig,
+            EdgeShard,
+            EdgeVectorParams,
+            PayloadSchemaType,
+            UpdateOperation,
+        )
+
+        shard_dir = self.root / self.collection
+        config = EdgeConfig(
+            vectors={
+                view: EdgeVectorParams(size=int(dims[view]), distance=Distance.Cosine)
+                for view in VIEWS
+            }
+        )
+        with self._lock:
+            try:
+                if (shard_dir / "edge_config.json").exists() or any(shard_dir.glob("*")):
+                    self._shard = EdgeShard.load(str(shard_dir), config)
+                else:
+                    log.info("creating embedded HNSW shard %s (%s)", shard_dir, dict(dims))
+                    shard_dir.mkdir(parents=True, exist_ok=True)
+                    self._shard = EdgeShard.create(str(shard_dir), config)
+                    for key in FILTER_KEYWORDS:
+                        self._shard.update(
+                            UpdateOperation.create_field_index(key, PayloadSchemaType.Keyword)
+                        )
+                    self._shard.update(
+                        UpdateOperation.create_field_index("price", PayloadSchemaType.Float)
+                    )
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise IndexUnavailable(f"cannot open the shard in {shard_dir}: {exc}") from exc
+            live = self._aliases().get(self.alias)
+            if live != self.collection:
+                log.info("alias %s -> %s (was %s)", self.alias, self.collection, live)
+                self._write_aliases({**self._aliases(), self.alias: self.collection})
+
+    def _aliases(self) -> dict[str, str]:
+        try:
+            return json.loads((self.root / ALIASES_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+
+    def _write_aliases(self, aliases: dict[str, str]) -> None:
+        """Atomically: a reader sees the old file or the new one, never half of one."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{ALIASES_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / ALIASES_FILE)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._shard is not None:
+                self._shard.close()
+                self._shard = None
+
+    def _call(self, what: str, fn, *args: Any) -> Any:
+        with self._lock:
+            if self._shard is None:
+                raise IndexUnavailable(f"embedded index {what}: the shard is not open")
+            try:
+                return fn(self._shard, *args)
+            except (OSError, RuntimeError) as exc:
+                raise IndexUnavailable(f"embedded index {what} failed: {exc}") from exc
+
+    # --- the VectorIndex interface -------------------------------------------------------------
+
+    def stored_versions(self, ids: Sequence[str]) -> dict[str, int | None]:
+        if not ids:
+            return {}
+        records = self._call(
+            "retrieve", lambda shard: shard.retrieve(list(ids), ["version"], False)
+        )
+        return {str(r.id): (r.payload or {}).get("version") for r in records}
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        from qdrant_edge import Point, UpdateOperation
+
+        if not points:
+            return
+        structs = [
+            Point(
+                p.id,
+                {view: vec.astype(np.float32).tolist() for view, vec in p.vectors.items()},
+                dict(p.payload),
+            )
+            for p in points
+        ]
+        # Acknowledged once in the write-ahead log: a crash after this keeps the write.
+        self._call("upsert", lambda shard: shard.update(UpdateOperation.upsert_points(structs)))
+
+    def delete(self, ids: Sequence[str]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        if ids:
+            self._call(
+                "delete", lambda shard: shard.update(UpdateOperation.delete_points(list(ids)))
+            )
+
+    def search(
+        self,
+        view: str,
+        vector: np.ndarray,
+        *,
+        top_k: int,
+        merchant_id: str | None,
+        filters: SearchFilters,
+        with_vectors: Sequence[str] = (),
+    ) -> list[IndexHit]:
+        query = IndexQuery(view, vector, top_k, merchant_id, filters, with_vectors)
+        return self.search_batch([query])[0]
+
+    def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]:
+        from qdrant_edge import Query, QueryBatchRequest, QueryRequest
+
+        if not queries:
+            return []
+        requests = []
+        for query in queries:
+            if query.view not in VIEWS:
+                raise ValueError(f"unknown view {query.view!r}; expected one of {VIEWS}")
+            requests.append(
+                QueryRequest(
+                    limit=query.top_k,
+                    query=Query.Nearest(query.vector.astype(np.float32).tolist(), query.view),
+                    filter=_edge_filter(query.merchant_id, query.filters),
+                    with_payload=True,
+                    with_vector=list(query.with_vectors) or False,
+                )
+            )
+        results = self._call("query", lambda shard: shard.query_batch(QueryBatchRequest(requests)))
+        return [[_hit(point) for point in points] for points in results]
+
+    def count(self, exact: bool = True) -> int:
+        from qdrant_edge import CountRequest
+
+        return int(self._call("count", lambda shard: shard.count(CountRequest(exact=exact))))
+
+
+def _hit(point: Any) -> IndexHit:
+    stored = point.vector if isinstance(point.vector, dict) else {}
+    return IndexHit(
+        id=str(point.id),
+        score=float(point.score),
+        payload=dict(point.payload or {}),
+        vectors={k: np.asarray(v, dtype=np.float32) for k, v in stored.items()},
+    )
+
+
+def _edge_filter(merchant_id: str | None, filters: SearchFilters) -> Any:
+    from qdrant_edge import FieldCondition, Filter, MatchAny, MatchValue, RangeFloat
+
+    must = []
+    for kind, key, *values in filter_conditions(merchant_id, filters):
+        if kind == "match":
+            must.append(FieldCondition(key, match=MatchValue(values[0])))
+        elif kind == "any":
+            must.append(FieldCondition(key, match=MatchAny(values[0])))
+        else:
+            gte, lte = values
+            must.append(FieldCondition(key, range=RangeFloat(gte=gte, lte=lte)))
+    return Filter(must=must) if must else None

@@ -1,0 +1,173 @@
+"""Both embedded engines behind one interface, held to the same tests: qdrant-client's local
+mode (QdrantIndex) and Qdrant Edge (EdgeIndex). The same data and queries return the same hits
+(both search exactly at this size), the same versions, deletes, filters, alias and errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from loupe.consumers.edge_index import EdgeIndex
+from loupe.consumers.index import IndexPoint, IndexQuery, QdrantIndex
+from loupe.schemas.search import SearchFilters
+
+DIMS = {"image": 8, "text": 4, "fused": 12}
+ENGINES = {
+    "qdrant-local": lambda path, version="m1": QdrantIndex(model_version=version, path=path),
+    "edge": lambda path, version="m1": EdgeIndex(model_version=version, path=path),
+}
+
+
+def _points(count: int = 90, seed: int = 5) -> list[IndexPoint]:
+    rng = np.random.default_rng(seed)
+    points = []
+    for n in range(count):
+        merchant = ("a", "b")[n % 2]
+        points.append(
+            IndexPoint(
+                merchant_id=merchant,
+                product_id=f"p{n}",
+                vectors={v: rng.standard_normal(d).astype(np.float32) for v, d in DIMS.items()},
+                payload={
+                    "merchant_id": merchant,
+                    "product_id": f"p{n}",
+                    "category": ("ring", "bangle", "pendant")[n % 3],
+                    "material": ("gold", "silver")[n % 2],
+                    "price": float(100 * n),
+                    "currency": "INR",
+                    "attributes": {"stone": ("ruby", "pearl")[n % 2], "carat": n % 4},
+                    "version": 1,
+                },
+                version=1,
+            )
+        )
+    return points
+
+
+QUERIES = [
+    ("image", 5, None, SearchFilters()),
+    ("text", 7, "a", SearchFilters()),
+    ("fused", 6, None, SearchFilters(category=["Ring", "pendant"])),
+    ("image", 10, "b", SearchFilters(price_min=1000, price_max=5000)),
+    ("text", 4, None, SearchFilters(currency="INR", attributes={"stone": "pearl", "carat": 1})),
+    ("fused", 3, "a", SearchFilters(material=["gold"], attributes={"carat": 2.5})),
+]
+
+
+def _queries(seed: int = 9) -> list[IndexQuery]:
+    rng = np.random.default_rng(seed)
+    return [
+        IndexQuery(
+            view, rng.standard_normal(DIMS[view]).astype(np.float32), k, merchant, f, ("image",)
+        )
+        for view, k, merchant, f in QUERIES
+    ]
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def index(request, tmp_path):
+    idx = ENGINES[request.param](str(tmp_path / "index"))
+    idx.ensure_collection(DIMS)
+    idx.upsert(_points())
+    yield idx
+    idx.close()
+
+
+def test_every_engine_returns_the_same_hits(tmp_path):
+    results = {}
+    for name, make in ENGINES.items():
+        idx = make(str(tmp_path / name))
+        idx.ensure_collection(DIMS)
+        idx.upsert(_points())
+        results[name] = [
+            [(h.id, round(h.score, 5)) for h in hits] for hits in idx.search_batch(_queries())
+        ]
+        idx.close()
+    assert results["edge"] == results["qdrant-local"]
+    assert [len(hits) for hits in results["edge"]][:3] == [5, 7, 6]
+
+
+def test_filters_scope_and_vectors(index):
+    batched = index.search_batch(_queries())
+    assert {h.payload["merchant_id"] for h in batched[1]} == {"a"}
+    assert {h.payload["category"] for h in batched[2]} <= {"ring", "pendant"}
+    assert all(1000 <= h.payload["price"] <= 5000 for h in batched[3])
+    assert all(h.payload["attributes"]["stone"] == "pearl" for h in batched[4])
+    assert batched[5] == [], "no carat is 2.5"
+    assert all(set(h.vectors) == {"image"} for hits in batched for h in hits)
+    for hits in batched:
+        for hit in hits:
+            assert np.isclose(np.linalg.norm(hit.vectors["image"]), 1.0, atol=1e-4)
+
+
+def test_versions_deletes_and_counts(index):
+    points = _points()
+    assert index.count() == 90
+    assert index.stored_versions([points[0].id, "00000000-0000-0000-0000-000000000000"]) == {
+        points[0].id: 1
+    }
+    index.delete([points[0].id, points[1].id])
+    assert index.count() == 88
+    assert index.stored_versions([points[0].id]) == {}
+    index.upsert(_points(2))  # a replay: the same ids again, one point each
+    assert index.count() == 90
+
+
+def test_an_unknown_view_is_a_value_error(index):
+    bad = IndexQuery("colour", np.zeros(3, dtype=np.float32), 1, None, SearchFilters())
+    with pytest.raises(ValueError, match="unknown view 'colour'"):
+        index.search_batch([bad])
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_the_alias_follows_the_newest_model_version(engine, tmp_path):
+    path = str(tmp_path / "index")
+    for version in ("m1", "m2"):
+        idx = ENGINES[engine](path, version)
+        idx.ensure_collection(DIMS)
+        idx.close()
+    if engine == "edge":
+        aliases = json.loads((tmp_path / "index" / "aliases.json").read_text())
+        assert aliases == {"loupe": "loupe__m2"}
+    else:
+        from qdrant_client import QdrantClient
+
+        client = QdrantClient(path=path)
+        live = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+        client.close()
+        assert live == {"loupe": "loupe__m2"}
+
+
+def test_concurrent_writers_and_readers(index):
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def guard(fn):
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        return threading.Thread(target=run)
+
+    def write() -> None:
+        for n in range(60):
+            index.upsert(_points(3, seed=n))
+            index.delete([_points(1, seed=n)[0].id])
+
+    def read() -> None:
+        while not stop.is_set():
+            index.search_batch(_queries())
+
+    writer, reader = guard(write), guard(read)
+    reader.start()
+    writer.start()
+    writer.join(60)
+    stop.set()
+    reader.join(30)
+    assert not errors, repr(errors[0])
