@@ -233,6 +233,15 @@ def build_index(settings: Settings, model_version: str) -> VectorIndex:
     under the state directory (``LOUPE_INDEX_ENGINE``)."""
     path = settings.resolved_index_path()
     if path is not None and settings.index_engine == "edge":
+        older = settings.state_dir / "index" / "meta.json"  # qdrant-client's local mode
+        if settings.index_path is None and older.exists() and not path.exists():
+            log.warning(
+                "an index of qdrant-client's local mode is in %s, and this index starts empty "
+                "in %s (Qdrant Edge): replay the products topic into it, or set "
+                "LOUPE_INDEX_ENGINE=qdrant-local to keep the old one",
+                older.parent,
+                path,
+            )
         return EdgeIndex(model_version=model_version, path=str(path), prefix=settings.index_prefix)
     return QdrantIndex(
         model_version=model_version,

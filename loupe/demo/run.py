@@ -119,7 +119,7 @@ def run_demo(
         where = f"{state.bootstrap_servers} (state in {broker.state_dir})"
         print(f"    Kafka {state.kafka_version} on {where}")
 
-        _step(3, total_steps, "Loupe (ingest + search, embedded Qdrant)")
+        _step(3, total_steps, f"Loupe (ingest + search, embedded index: {settings.index_engine})")
         index_dir = demo_dir / "index"
         shutil.rmtree(index_dir, ignore_errors=True)  # a fresh index: the demo counts from zero
         metrics_port = settings.metrics_port or free_loopback_port()

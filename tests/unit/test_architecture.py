@@ -126,3 +126,13 @@ def test_no_default_of_the_model_or_fetcher_is_repeated_in_the_settings():
     source = (REPO / "consumers" / "settings.py").read_text()
     for literal in ("efficientnet-lite0", "all-minilm-l6-v2", "10 * 1024 * 1024", "40_000_000"):
         assert literal not in source, f"{literal} is a default of encoders/profile.py"
+
+
+def test_the_compose_stack_runs_the_qdrant_the_client_expects():
+    """qdrant-client warns (and may misbehave) against a server of another minor version."""
+    from importlib.metadata import version
+
+    compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    tag = compose["services"]["qdrant"]["image"].split(":v")[1]
+    client = version("qdrant-client")
+    assert tag.split(".")[:2] == client.split(".")[:2], (tag, client)

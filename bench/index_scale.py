@@ -1,0 +1,117 @@
+"""The embedded engines side by side at catalog scale: build rate, search latency (unfiltered
+and filtered), recall@10 against exact search, time to reopen.
+
+    .venv/bin/python -m bench.index_scale --points 10000 [--engines edge,qdrant-local]
+
+Points are synthetic with the real model's dimensions (image 1280, text 384, fused 1664) and
+realistic payloads (merchant, category, material, price); queries are perturbed copies of
+stored points, as a shopper's photo is of a product. Exact top-10 comes from numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+from bench.harness import percentiles
+from loupe.consumers.edge_index import EdgeIndex
+from loupe.consumers.index import IndexPoint, IndexQuery, QdrantIndex
+from loupe.schemas.search import SearchFilters
+
+DIMS = {"image": 1280, "text": 384, "fused": 1664}
+CATEGORIES = ("ring", "earring", "necklace", "pendant", "bangle", "bracelet")
+ENGINES = {
+    "edge": lambda path: EdgeIndex(model_version="bench", path=path),
+    "qdrant-local": lambda path: QdrantIndex(model_version="bench", path=path),
+}
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=10_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--engines", default="edge,qdrant-local")
+    parser.add_argument("--batch", type=int, default=512, help="points per upsert")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    vectors = {view: _unit(rng.standard_normal((args.points, d))) for view, d in DIMS.items()}
+    categories = rng.integers(0, len(CATEGORIES), args.points)
+    picks = rng.integers(0, args.points, args.queries)
+    queries = _unit(vectors["image"][picks] + 0.3 * rng.standard_normal((args.queries, 1280)))
+    exact = np.argsort(-(queries @ vectors["image"].T), axis=1)[:, :10]
+    ring = [i for i in range(args.points) if CATEGORIES[categories[i]] == "ring"]
+    exact_ring = [
+        [ring[j] for j in np.argsort(-(vectors["image"][ring] @ q))[:10]] for q in queries
+    ]
+    print(f"{args.points} points x {len(DIMS)} named vectors; {args.queries} queries")
+    print(
+        f"{'engine':<13} {'upsert/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'filt p50':>8} "
+        f"{'filt p99':>8} {'recall':>7} {'f.recall':>8} {'reopen s':>8}"
+    )
+    for name in args.engines.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            index = ENGINES[name](tmp)
+            index.ensure_collection(DIMS)
+            started = time.perf_counter()
+            for start in range(0, args.points, args.batch):
+                stop = min(start + args.batch, args.points)
+                index.upsert(
+                    [
+                        IndexPoint(
+                            merchant_id="m",
+                            product_id=f"p{i}",
+                            vectors={view: vectors[view][i] for view in DIMS},
+                            payload={
+                                "merchant_id": "m",
+                                "product_id": f"p{i}",
+                                "n": i,
+                                "category": CATEGORIES[categories[i]],
+                                "material": ("gold", "silver", "platinum")[i % 3],
+                                "price": float(500 + (i * 37) % 200_000),
+                            },
+                        )
+                        for i in range(start, stop)
+                    ]
+                )
+            rate = args.points / (time.perf_counter() - started)
+            timings: dict[str, list[float]] = {"plain": [], "ring": []}
+            found: dict[str, list[list[int]]] = {"plain": [], "ring": []}
+            for q in queries:
+                for kind, filters in (
+                    ("plain", SearchFilters()),
+                    ("ring", SearchFilters(category=["ring"])),
+                ):
+                    t = time.perf_counter()
+                    hits = index.search_batch([IndexQuery("image", q, 10, "m", filters)])[0]
+                    timings[kind].append((time.perf_counter() - t) * 1000)
+                    found[kind].append([h.payload["n"] for h in hits])
+            index.close()
+            started = time.perf_counter()
+            again = ENGINES[name](tmp)
+            again.ensure_collection(DIMS)
+            assert again.count() == args.points
+            reopen = time.perf_counter() - started
+            again.close()
+        recall = np.mean(
+            [len(set(f) & set(e)) / 10 for f, e in zip(found["plain"], exact, strict=True)]
+        )
+        ring_recall = np.mean(
+            [len(set(f) & set(e)) / 10 for f, e in zip(found["ring"], exact_ring, strict=True)]
+        )
+        plain, filtered = percentiles(timings["plain"]), percentiles(timings["ring"])
+        print(
+            f"{name:<13} {rate:>9.0f} {plain['p50']:>7.1f} {plain['p99']:>7.1f} "
+            f"{filtered['p50']:>8.1f} {filtered['p99']:>8.1f} {recall:>7.3f} "
+            f"{ring_recall:>8.3f} {reopen:>8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
