@@ -109,6 +109,11 @@ class EdgeIndex:
         tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True))
         os.replace(tmp, self.root / ALIASES_FILE)
 
+    def optimize(self) -> bool:
+        """Run Qdrant's segment optimizers now (merges segments, builds the HNSW and payload
+        indexes); blocks every other call meanwhile. True if anything changed."""
+        return bool(self._call("optimize", lambda shard: shard.optimize()))
+
     def close(self) -> None:
         with self._lock:
             if self._shard is not None:
