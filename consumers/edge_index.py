@@ -29,6 +29,7 @@ from loupe.consumers.index import (
     IndexQuery,
     collection_name,
     filter_conditions,
+    to_hit,
 )
 from loupe.schemas.search import SearchFilters
 
@@ -195,22 +196,12 @@ class EdgeIndex:
                 )
             )
         results = self._call("query", lambda shard: shard.query_batch(QueryBatchRequest(requests)))
-        return [[_hit(point) for point in points] for points in results]
+        return [[to_hit(point) for point in points] for points in results]
 
     def count(self, exact: bool = True) -> int:
         from qdrant_edge import CountRequest
 
         return int(self._call("count", lambda shard: shard.count(CountRequest(exact=exact))))
-
-
-def _hit(point: Any) -> IndexHit:
-    stored = point.vector if isinstance(point.vector, dict) else {}
-    return IndexHit(
-        id=str(point.id),
-        score=float(point.score),
-        payload=dict(point.payload or {}),
-        vectors={k: np.asarray(v, dtype=np.float32) for k, v in stored.items()},
-    )
 
 
 def _edge_filter(merchant_id: str | None, filters: SearchFilters) -> Any:

@@ -299,19 +299,19 @@ class QdrantIndex:
             self.client.close()
 
 
+def to_hit(point: Any) -> IndexHit:
+    """A scored point of either client (they share these attribute names) as an ``IndexHit``."""
+    stored = point.vector if isinstance(point.vector, dict) else {}
+    return IndexHit(
+        id=str(point.id),
+        score=float(point.score),
+        payload=dict(point.payload or {}),
+        vectors={k: np.asarray(v, dtype=np.float32) for k, v in stored.items()},
+    )
+
+
 def _hits(points: Sequence[Any]) -> list[IndexHit]:
-    hits = []
-    for point in points:
-        stored = point.vector if isinstance(point.vector, dict) else {}
-        hits.append(
-            IndexHit(
-                id=str(point.id),
-                score=float(point.score),
-                payload=dict(point.payload or {}),
-                vectors={k: np.asarray(v, dtype=np.float32) for k, v in stored.items()},
-            )
-        )
-    return hits
+    return [to_hit(point) for point in points]
 
 
 def filter_conditions(merchant_id: str | None, filters: SearchFilters) -> list[tuple]:

@@ -1,7 +1,8 @@
-"""The embedded Qdrant engine under concurrent writers and readers, as `serve --role all` uses it.
+"""Each embedded engine under concurrent writers and readers, as `serve --role all` uses it.
 
 qdrant-client's local mode is not thread-safe: an upsert during a search raised IndexError in
-its payload-mask code and killed the search thread. QdrantIndex serialises every call on it.
+its payload-mask code and killed the search thread (without QdrantIndex's lock this test
+failed 3 times in 3). Both engines serialise every call.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
+from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.index import IndexPoint, QdrantIndex
 from loupe.schemas.search import SearchFilters
 
@@ -27,8 +30,12 @@ def _point(n: int, rng: np.random.Generator) -> IndexPoint:
     )
 
 
-def test_concurrent_upserts_deletes_and_searches_all_succeed(tmp_path):
-    index = QdrantIndex(model_version="m1", path=str(tmp_path / "index"))
+ENGINES = {"qdrant-local": QdrantIndex, "edge": EdgeIndex}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_concurrent_upserts_deletes_and_searches_all_succeed(engine, tmp_path):
+    index = ENGINES[engine](model_version="m1", path=str(tmp_path / "index"))
     index.ensure_collection(DIMS)
     errors: list[BaseException] = []
     searches = 0

@@ -5,7 +5,6 @@ mode (QdrantIndex) and Qdrant Edge (EdgeIndex). The same data and queries return
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -139,35 +138,3 @@ def test_the_alias_follows_the_newest_model_version(engine, tmp_path):
         live = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
         client.close()
         assert live == {"loupe": "loupe__m2"}
-
-
-def test_concurrent_writers_and_readers(index):
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def guard(fn):
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                errors.append(exc)
-                stop.set()
-
-        return threading.Thread(target=run)
-
-    def write() -> None:
-        for n in range(60):
-            index.upsert(_points(3, seed=n))
-            index.delete([_points(1, seed=n)[0].id])
-
-    def read() -> None:
-        while not stop.is_set():
-            index.search_batch(_queries())
-
-    writer, reader = guard(write), guard(read)
-    reader.start()
-    writer.start()
-    writer.join(60)
-    stop.set()
-    reader.join(30)
-    assert not errors, repr(errors[0])
