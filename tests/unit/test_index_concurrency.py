@@ -8,6 +8,7 @@ failed 3 times in 3). Both engines serialise every call.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -52,13 +53,15 @@ def test_concurrent_upserts_deletes_and_searches_all_succeed(engine, tmp_path):
         return threading.Thread(target=run)
 
     def write() -> None:
+        # At least 150 rounds, and on until the readers have overlapped it (a fast engine
+        # finishes 150 rounds before the readers got going), at most 30 s.
         rng = np.random.default_rng(1)
-        for n in range(150):
-            if stop.is_set():
-                return
+        n, deadline = 0, time.monotonic() + 30
+        while not stop.is_set() and (n < 150 or searches <= 100) and time.monotonic() < deadline:
             index.upsert([_point(n * 3 + k, rng) for k in range(3)])
             if n % 4 == 3:
                 index.delete([_point(n * 3 - 6, rng).id])
+            n += 1
 
     def search() -> None:
         nonlocal searches
