@@ -114,6 +114,29 @@ def _fashion_points(encoder: FusedEncoder) -> list[IndexPoint]:
     ]
 
 
+def _start_service(run: Settings, index, encoder, group: str):
+    """A search service on fresh topics in its own thread: (service, thread, producer,
+    requests topic, responses topic)."""
+    bootstrap = run.bootstrap_servers
+    requests_topic = create_topic(bootstrap, "req")
+    responses_topic = create_topic(bootstrap, "resp", 1)
+    metrics = LoupeMetrics()
+    producer = make_producer(run)
+    service = SearchService(
+        consumer=make_consumer(run, group),
+        publisher=Publisher(producer, create_topic(bootstrap, "dlq", 1), metrics),
+        index=index,
+        encoder=encoder,
+        fetcher=ImageFetcher(FetchPolicy()),
+        metrics=metrics,
+        topic=requests_topic,
+        response_topic=responses_topic,
+    )
+    worker = threading.Thread(target=service.run, daemon=True)
+    worker.start()
+    return service, worker, producer, requests_topic, responses_topic
+
+
 def _burst(bootstrap: str, index, encoder, catalog, count: int) -> None:
     """The same burst of photo queries, one request per poll vs the whole poll as a batch."""
     photos = [phone_photo(p.image_path.read_bytes(), seed=i) for i, p in enumerate(catalog)]
@@ -133,22 +156,9 @@ def _burst(bootstrap: str, index, encoder, catalog, count: int) -> None:
         ("batched, poll 256", 256),
     ):
         run = Settings(bootstrap_servers=bootstrap, max_poll_records=poll)
-        requests_topic = create_topic(bootstrap, "burst-req")
-        responses_topic = create_topic(bootstrap, "burst-resp", 1)
-        metrics = LoupeMetrics()
-        producer = make_producer(run)
-        service = SearchService(
-            consumer=make_consumer(run, f"bench-burst-{poll}"),
-            publisher=Publisher(producer, create_topic(bootstrap, "dlq", 1), metrics),
-            index=index,
-            encoder=encoder,
-            fetcher=ImageFetcher(FetchPolicy()),
-            metrics=metrics,
-            topic=requests_topic,
-            response_topic=responses_topic,
+        service, worker, producer, requests_topic, responses_topic = _start_service(
+            run, index, encoder, f"bench-burst-{poll}"
         )
-        worker = threading.Thread(target=service.run, daemon=True)
-        worker.start()
         reader = KafkaConsumer(
             responses_topic, bootstrap_servers=bootstrap, group_id=None,
             auto_offset_reset="earliest", enable_auto_commit=False,
@@ -229,24 +239,10 @@ def main() -> None:
             encoder.close()
             return
         run = Settings(bootstrap_servers=bootstrap)
-        requests_topic, responses_topic = (
-            create_topic(bootstrap, "req"),
-            create_topic(bootstrap, "resp", 1),
+        service, worker, producer, requests_topic, responses_topic = _start_service(
+            run, index, encoder, "bench-search"
         )
-        metrics = LoupeMetrics()
-        producer = make_producer(run)
-        service = SearchService(
-            consumer=make_consumer(run, "bench-search"),
-            publisher=Publisher(producer, create_topic(bootstrap, "dlq", 1), metrics),
-            index=index,
-            encoder=encoder,
-            fetcher=ImageFetcher(FetchPolicy()),
-            metrics=metrics,
-            topic=requests_topic,
-            response_topic=responses_topic,
-        )
-        worker = threading.Thread(target=service.run, daemon=True)
-        worker.start()
+        metrics = service.metrics
 
         sent: dict[str, float] = {}
         received: dict[str, float] = {}

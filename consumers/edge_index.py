@@ -77,7 +77,7 @@ class EdgeIndex:
         )
         with self._lock:
             try:
-                if (shard_dir / "edge_config.json").exists() or any(shard_dir.glob("*")):
+                if shard_dir.is_dir() and any(shard_dir.iterdir()):
                     self._shard = EdgeShard.load(str(shard_dir), config)
                 else:
                     log.info("creating embedded HNSW shard %s (%s)", shard_dir, dict(dims))
@@ -163,19 +163,6 @@ class EdgeIndex:
             self._call(
                 "delete", lambda shard: shard.update(UpdateOperation.delete_points(list(ids)))
             )
-
-    def search(
-        self,
-        view: str,
-        vector: np.ndarray,
-        *,
-        top_k: int,
-        merchant_id: str | None,
-        filters: SearchFilters,
-        with_vectors: Sequence[str] = (),
-    ) -> list[IndexHit]:
-        query = IndexQuery(view, vector, top_k, merchant_id, filters, with_vectors)
-        return self.search_batch([query])[0]
 
     def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]:
         from qdrant_edge import Query, QueryBatchRequest, QueryRequest

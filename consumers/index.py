@@ -75,16 +75,6 @@ class VectorIndex(Protocol):
     def stored_versions(self, ids: Sequence[str]) -> dict[str, int | None]: ...
     def upsert(self, points: Sequence[IndexPoint]) -> None: ...
     def delete(self, ids: Sequence[str]) -> None: ...
-    def search(
-        self,
-        view: str,
-        vector: np.ndarray,
-        *,
-        top_k: int,
-        merchant_id: str | None,
-        filters: SearchFilters,
-        with_vectors: Sequence[str] = (),
-    ) -> list[IndexHit]: ...
     def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]: ...
     def count(self, exact: bool = True) -> int: ...
     def close(self) -> None: ...
@@ -240,31 +230,6 @@ class QdrantIndex:
             points_selector=models.PointIdsList(points=list(ids)),
             wait=True,
         )
-
-    def search(
-        self,
-        view: str,
-        vector: np.ndarray,
-        *,
-        top_k: int,
-        merchant_id: str | None,
-        filters: SearchFilters,
-        with_vectors: Sequence[str] = (),
-    ) -> list[IndexHit]:
-        if view not in VIEWS:
-            raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
-        response = self._call(
-            "query_points",
-            self.client.query_points,
-            self.collection,
-            query=vector.astype(np.float32).tolist(),
-            using=view,
-            query_filter=build_filter(merchant_id, filters),
-            limit=top_k,
-            with_payload=True,
-            with_vectors=list(with_vectors) or False,
-        )
-        return _hits(response.points)
 
     def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]:
         """Several searches (any views, each with its own filters) in one call to Qdrant."""

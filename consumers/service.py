@@ -105,7 +105,8 @@ class LoupeService:
         ).set(1)
         self.index = build_index(settings, self.encoder.model_version)
         self.index.ensure_collection(self.encoder.dims)
-        self.producer = make_producer(settings)
+        # Exactly once: each worker its own transactional producer; otherwise one shared.
+        self.producer = None if settings.exactly_once else make_producer(settings)
         self.producers: list = []  # the workers' transactional producers
         fetcher = ImageFetcher(settings.fetch_policy())
         gate = EncoderGate()

@@ -95,10 +95,11 @@ def parse_filters(pairs: list[str]) -> SearchFilters:
     try:
         return SearchFilters.model_validate(fields)
     except ValueError as exc:
-        raise FilterInvalid(f"filters: {_first_error(exc)}") from None
+        raise FilterInvalid(f"filters: {first_error(exc)}") from None
 
 
-def _first_error(exc: ValueError) -> str:
+def first_error(exc: ValueError) -> str:
+    """A validation error's first problem, as ``field: message``."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
         first = errors()[0]

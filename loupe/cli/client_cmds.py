@@ -6,7 +6,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -151,6 +150,7 @@ def search(
         await_answers,
         describe_answer,
         encode_request,
+        first_error,
         parse_filters,
         read_photo,
         search_request,
@@ -172,9 +172,7 @@ def search(
             filters=parsed_filters,
         )
     except ValidationError as exc:
-        first: dict[str, Any] = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise click.UsageError(f"{where}: {first['msg']}") from None
+        raise click.UsageError(first_error(exc)) from None
 
     from loupe.consumers.kafka_io import make_producer, reader_at_end, require_broker
 

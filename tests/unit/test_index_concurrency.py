@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from loupe.consumers.edge_index import EdgeIndex
-from loupe.consumers.index import IndexPoint, QdrantIndex
+from loupe.consumers.index import IndexPoint, IndexQuery, QdrantIndex
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 8, "text": 4, "fused": 12}
@@ -68,7 +68,7 @@ def test_concurrent_upserts_deletes_and_searches_all_succeed(engine, tmp_path):
         rng = np.random.default_rng(2)
         while not stop.is_set():
             for view, dim in DIMS.items():
-                index.search(
+                query = IndexQuery(
                     view,
                     rng.standard_normal(dim).astype(np.float32),
                     top_k=5,
@@ -76,6 +76,7 @@ def test_concurrent_upserts_deletes_and_searches_all_succeed(engine, tmp_path):
                     filters=SearchFilters(category=["ring"]),
                     with_vectors=[v for v in DIMS if v != view],
                 )
+                index.search_batch([query])
                 searches += 1
 
     writer, readers = guarded(write), [guarded(search) for _ in range(2)]
