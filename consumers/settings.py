@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loupe.consumers.errors import ConfigError
 from loupe.consumers.image_fetch import FetchPolicy
-from loupe.encoders.profile import Fit, ModelProfile, Precision
+from loupe.encoders.profile import Fit, ModelProfile, Pooling, Precision
 from loupe.schemas.deadletter import DEADLETTER_TOPIC
 from loupe.schemas.products import PRODUCTS_TOPIC
 from loupe.schemas.search import SEARCH_REQUESTS_TOPIC, SEARCH_RESPONSES_TOPIC
@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     fusion_checkpoint: Path | None = _MODEL.fusion_checkpoint
     image_weight: float = Field(default=_MODEL.image_weight, ge=0.0, le=1.0)
     image_fit: Fit = _MODEL.fit
+    image_pooling: Pooling = _MODEL.image_pooling
     max_text_tokens: int = Field(default=_MODEL.max_text_tokens, ge=8, le=512)
     device: str = _MODEL.device
     precision: Precision = _MODEL.precision  # auto: fp16 on CUDA, else fp32
@@ -135,6 +136,7 @@ class Settings(BaseSettings):
             fusion_checkpoint=self.fusion_checkpoint,
             image_weight=self.image_weight,
             fit=self.image_fit,
+            image_pooling=self.image_pooling,
             max_text_tokens=self.max_text_tokens,
             device=self.device,
             precision=self.precision,

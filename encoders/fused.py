@@ -21,7 +21,7 @@ import torch
 from loupe.encoders.batching import iter_batch
 from loupe.encoders.device import Acceleration, pick_device
 from loupe.encoders.errors import EncodeFailed, VectorNotFinite
-from loupe.encoders.fusion import AttentionFusion, FusionConfig, fusion_digest, load_fusion
+from loupe.encoders.fusion import FusionConfig, FusionModel, fusion_digest, load_fusion
 from loupe.encoders.image_towers import ImageEncoder
 from loupe.encoders.images import DecodeLimits, Fit
 from loupe.encoders.preprocess import DEVICE_DECODE_PIXELS, ImagePreprocessor, Photo
@@ -68,7 +68,7 @@ class FusedEncoder:
         self,
         image_encoder: ImageEncoder,
         text_encoder: TextEncoder,
-        fusion: AttentionFusion,
+        fusion: FusionModel,
         *,
         device: torch.device,
         fit: Fit = "pad",
@@ -114,7 +114,8 @@ class FusedEncoder:
             "text": text_encoder.dim,
             "fused": fusion.config.dim,
         }
-        self.model_version = _model_version(image_encoder, text_encoder, fusion, fit)
+        self.base_version = _base_version(image_encoder, text_encoder, fit)
+        self.model_version = f"{self.base_version}.fusion-{fusion_digest(fusion)}"
 
     @property
     def fit(self) -> Fit:
@@ -128,7 +129,10 @@ class FusedEncoder:
     def from_profile(cls, profile: ModelProfile | None = None) -> FusedEncoder:
         profile = profile or ModelProfile()
         image = ImageEncoder(
-            profile.image_backbone, profile.image_weights, allow_download=profile.allow_download
+            profile.image_backbone,
+            profile.image_weights,
+            allow_download=profile.allow_download,
+            pooling=profile.image_pooling,
         )
         text = TextEncoder(
             profile.text_backbone,
@@ -137,9 +141,11 @@ class FusedEncoder:
             max_tokens=profile.max_text_tokens,
         )
         if profile.fusion_checkpoint is not None:
-            fusion = load_fusion(profile.fusion_checkpoint)
+            checkpoint = load_fusion(profile.fusion_checkpoint)
+            checkpoint.require_base(_base_version(image, text, profile.fit))
+            fusion = checkpoint.model
         else:
-            fusion = AttentionFusion(
+            fusion = FusionModel(
                 FusionConfig(image.dim, text.dim, image_weight=profile.image_weight)
             )
         device = pick_device(profile.device)
@@ -163,14 +169,16 @@ class FusedEncoder:
         acceleration: Acceleration | None = None,
         batch_size: int | None = None,
         device_decode_pixels: int | None = None,
+        fusion: FusionModel | None = None,
     ) -> FusedEncoder:
         """Another encoder over the same towers (loaded once), with other batching or device
         steps; unset options are copied. The towers are shared: a channels-last plan changes
-        their memory layout for both encoders, not their values."""
+        their memory layout for both encoders, not their values. ``fusion``: other heads on the
+        same towers (a trained checkpoint; the model version follows)."""
         return FusedEncoder(
             self.image_encoder,
             self.text_encoder,
-            self.fusion,
+            fusion if fusion is not None else self.fusion,
             device=self.device,
             fit=self.fit,
             limits=self.limits,
@@ -199,19 +207,27 @@ class FusedEncoder:
                 raise ValueError(f"query {index} has neither an image nor text")
         return self._encode(items)
 
+    def encode_towers(self, items: Sequence[EncodeInput]) -> list[Encoded]:
+        """The frozen towers' unit vectors (``image``, ``text``), before the trainable heads and
+        the fusion: what ``loupe train`` learns from."""
+        for index, item in enumerate(items):
+            if item.image is None and not item.text:
+                raise ValueError(f"item {index} has neither an image nor text")
+        return self._encode(items, towers_only=True)
+
     # --- stages -------------------------------------------------------------------------
 
-    def _encode(self, items: Sequence[EncodeInput]) -> list[Encoded]:
+    def _encode(self, items: Sequence[EncodeInput], towers_only: bool = False) -> list[Encoded]:
         results: list[Encoded] = []
         for batch in iter_batch(items, self.batch_size):
-            results.extend(self._encode_isolated(batch))
+            results.extend(self._encode_isolated(batch, towers_only))
         return results
 
-    def _encode_isolated(self, batch: list[EncodeInput]) -> list[Encoded]:
+    def _encode_isolated(self, batch: list[EncodeInput], towers_only: bool) -> list[Encoded]:
         """A batch whose forward pass raises is encoded again item by item, so that the item
         that causes it fails alone (``EncodeFailed``) and the others are encoded."""
         try:
-            return self._encode_batch(batch)
+            return self._encode_batch(batch, towers_only)
         except Exception as exc:
             if len(batch) == 1:
                 log.exception("encoding one item failed; it fails alone")
@@ -222,9 +238,11 @@ class FusedEncoder:
                 type(exc).__name__,
                 exc,
             )
-            return [result for item in batch for result in self._encode_isolated([item])]
+            return [
+                result for item in batch for result in self._encode_isolated([item], towers_only)
+            ]
 
-    def _encode_batch(self, batch: list[EncodeInput]) -> list[Encoded]:
+    def _encode_batch(self, batch: list[EncodeInput], towers_only: bool) -> list[Encoded]:
         out = [Encoded() for _ in batch]
         with_image = [i for i, item in enumerate(batch) if item.image is not None]
         pixels, rows, failures = self.preprocessor.batch(
@@ -241,13 +259,16 @@ class FusedEncoder:
                 if text_rows
                 else None
             )  # (Bt, Dt)
-            both = sorted(set(image_rows) & set(text_rows))
+            both = [] if towers_only else sorted(set(image_rows) & set(text_rows))
             fused = None
             if both:
                 fused = self.fusion(
                     image_vecs[[image_rows.index(i) for i in both]],
                     text_vecs[[text_rows.index(i) for i in both]],
                 ).float()  # (Bf, D)
+            if not towers_only:  # the views' heads; the fused view took the towers' vectors
+                image_vecs = self.fusion.image(image_vecs) if image_vecs is not None else None
+                text_vecs = self.fusion.text(text_vecs) if text_vecs is not None else None
         for view, rows, vecs in (
             ("image", image_rows, image_vecs),
             ("text", text_rows, text_vecs),
@@ -271,13 +292,14 @@ class FusedEncoder:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def _model_version(
-    image: ImageEncoder, text: TextEncoder, fusion: AttentionFusion, fit: Fit
-) -> str:
-    """Changes whenever weights or preprocessing change; safe as a collection name."""
+def _base_version(image: ImageEncoder, text: TextEncoder, fit: Fit) -> str:
+    """The frozen part's identity: towers, their weights and the preprocessing. A fusion
+    checkpoint is valid only on the base it was trained on. The model version is this plus the
+    fusion's hash; it changes whenever weights or preprocessing change, and is safe as a
+    collection name."""
     text_name = Path(text.name).name if Path(text.name).is_dir() else text.name
     version = (
         f"{image.name}-{image.weights_id}.{text_name}-{text.weights_id}"
-        f".{fit}{image.input_side}-t{text.max_tokens}.fusion-{fusion_digest(fusion)}"
+        f".{fit}{image.input_side}-{image.pooling}-t{text.max_tokens}"
     )
     return re.sub(r"[^A-Za-z0-9._-]", "_", version)

@@ -1,4 +1,10 @@
-"""Fusion: weighted concatenation of the two towers, re-weighted by scaled dot-product attention.
+"""The trainable part of the model: projection heads per view, and the attention fusion.
+
+``FusionModel`` sits on the frozen towers' unit vectors. The ``image`` and ``text`` views pass
+through light residual projection heads (``ProjectionHead``); the ``fused`` view is the weighted
+concatenation of the two heads' outputs, re-weighted by scaled dot-product attention
+(``AttentionFusion``). Everything starts as the identity, so an untrained model gives exactly the
+towers' vectors and their weighted concatenation; ``loupe train`` fits it to a catalog.
 
 Attention over a single vector is the identity (softmax of one score is 1), so the fused vector
 is split into tokens: the image vector into ``image_dim / token_dim`` feature groups and the text
@@ -15,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loupe.encoders.errors import WeightsNotFound
+from loupe.encoders.errors import EncoderError, WeightsNotFound
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class FusionConfig:
     token_dim: int = 128  # features per attention token; must divide both dims
     n_heads: int = 4  # attention heads; must divide token_dim
     image_weight: float = 0.5  # share of the fused cosine that comes from the image (0..1)
+    head_rank: int = 128  # rank of the residual projection heads; 0: no heads (identity views)
 
     def __post_init__(self) -> None:
         for name in ("image_dim", "text_dim"):
@@ -44,6 +51,11 @@ class FusionConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must divide token_dim ({self.token_dim})")
         if not 0.0 <= self.image_weight <= 1.0:
             raise ValueError(f"image_weight must be within [0, 1], got {self.image_weight}")
+        if not 0 <= self.head_rank <= min(self.image_dim, self.text_dim):
+            raise ValueError(
+                f"head_rank must be within [0, {min(self.image_dim, self.text_dim)}], "
+                f"got {self.head_rank}"
+            )
 
     @property
     def dim(self) -> int:
@@ -112,32 +124,132 @@ class AttentionFusion(nn.Module):
         return F.normalize(self.attend(self.concat(image, text)), dim=-1)  # (B, D)
 
 
+class ProjectionHead(nn.Module):
+    """``x + up(down(x))``: a low-rank residual map of one view, the identity at initialisation
+    (``up`` starts at zero). Low rank keeps it light and hard to overfit on a small catalog."""
+
+    def __init__(self, dim: int, rank: int, seed: int) -> None:
+        super().__init__()
+        self.rank = rank
+        if rank:
+            with torch.random.fork_rng():  # fixed: the untrained model must hash the same
+                torch.manual_seed(seed)
+                self.down = nn.Linear(dim, rank, bias=False)
+                self.up = nn.Linear(rank, dim, bias=False)
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rank:
+            return x.float()
+        x = x.float()
+        return x + self.up(self.down(x))  # (B, D)
+
+
+class FusionModel(nn.Module):
+    """The three views from the towers' vectors: ``image``, ``text`` and ``fused``, each unit
+    length. This is what a fusion checkpoint holds and what ``loupe train`` fits."""
+
+    def __init__(self, config: FusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_head = ProjectionHead(config.image_dim, config.head_rank, seed=1)
+        self.text_head = ProjectionHead(config.text_dim, config.head_rank, seed=2)
+        self.attention = AttentionFusion(config)
+
+    def image(self, image: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_head(image), dim=-1)  # (B, image_dim)
+
+    def text(self, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_head(text), dim=-1)  # (B, text_dim)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The fused view of image and text vectors of the same items: ``(B, image + text)``."""
+        return self.attention(self.image_head(image), self.text_head(text))
+
+
 _CONFIG_KEY = "loupe.fusion.config"
+_BASE_KEY = "loupe.fusion.base"  # which towers and preprocessing the heads were trained on
+_TRAINING_KEY = "loupe.fusion.training"  # how it was trained and what it measured (JSON)
+_FORMAT_KEY = "loupe.fusion.format"
+_FORMAT = "2"  # 2: FusionModel (heads + attention); 1 was the attention alone
 
 
-def save_fusion(module: AttentionFusion, path: Path) -> str:
-    """Write the weights and config as safetensors; return the checkpoint's hash."""
+class CheckpointMismatch(EncoderError, ValueError):
+    """A fusion checkpoint made for other towers or preprocessing than the configured ones.
+    Policy: stop; its heads would map the wrong features, and the vectors would be wrong."""
+
+
+@dataclass(frozen=True)
+class FusionCheckpoint:
+    """A loaded checkpoint: the model, the base it was trained on and its training record."""
+
+    model: FusionModel
+    base: str  # the towers' and preprocessing's identity (``FusedEncoder.base_version``)
+    training: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def require_base(self, base: str) -> None:
+        """Refuse to use these heads on vectors of other towers or other preprocessing."""
+        if self.base != base:
+            raise CheckpointMismatch(
+                f"the fusion checkpoint {self.path} was trained for the model base "
+                f"{self.base!r}, but the configured towers and preprocessing are {base!r}; "
+                "train a checkpoint for them (`loupe train`) or configure the base it was made "
+                "for (LOUPE_IMAGE_BACKBONE, LOUPE_TEXT_BACKBONE, their weights, LOUPE_IMAGE_FIT, "
+                "LOUPE_IMAGE_POOLING)"
+            )
+
+
+def save_fusion(module: FusionModel, path: Path, *, base: str, training: dict | None = None) -> str:
+    """Write the weights, config, base and training record as safetensors; return the model's
+    hash (``fusion_digest``), written atomically so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(tensors, str(path), metadata={_CONFIG_KEY: json.dumps(asdict(module.config))})
+    metadata = {
+        _FORMAT_KEY: _FORMAT,
+        _CONFIG_KEY: json.dumps(asdict(module.config)),
+        _BASE_KEY: base,
+        _TRAINING_KEY: json.dumps(training or {}, sort_keys=True),
+    }
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)
     return fusion_digest(module)
 
 
-def load_fusion(path: Path) -> AttentionFusion:
+def load_fusion(path: Path) -> FusionCheckpoint:
     path = Path(path)
     if not path.is_file():
-        raise WeightsNotFound(f"fusion checkpoint {path} does not exist")
+        raise WeightsNotFound(
+            f"fusion checkpoint {path} does not exist (make one with `loupe train`, or unset "
+            "LOUPE_FUSION_CHECKPOINT for the untrained fusion)"
+        )
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise WeightsNotFound(f"{path} is not a readable safetensors file: {exc}") from exc
     if _CONFIG_KEY not in metadata:
         raise WeightsNotFound(f"{path} is not a Loupe fusion checkpoint (no {_CONFIG_KEY})")
-    module = AttentionFusion(FusionConfig(**json.loads(metadata[_CONFIG_KEY])))
+    if metadata.get(_FORMAT_KEY) != _FORMAT:
+        raise WeightsNotFound(
+            f"{path} is a fusion checkpoint of format {metadata.get(_FORMAT_KEY, '1')}; this "
+            f"Loupe reads format {_FORMAT}: train it again with `loupe train`"
+        )
+    module = FusionModel(FusionConfig(**json.loads(metadata[_CONFIG_KEY])))
     module.load_state_dict(load_file(str(path)), strict=True)
-    return module.eval()
+    return FusionCheckpoint(
+        model=module.eval(),
+        base=metadata.get(_BASE_KEY, ""),
+        training=json.loads(metadata.get(_TRAINING_KEY, "{}")),
+        path=path,
+    )
 
 
-def fusion_digest(module: AttentionFusion) -> str:
+def fusion_digest(module: FusionModel) -> str:
     """A short hash of the config and weights: part of the model version."""
     digest = hashlib.sha256(json.dumps(asdict(module.config), sort_keys=True).encode())
     for name, tensor in sorted(module.state_dict().items()):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loupe.encoders.errors import UnknownBackbone, WeightsNotFound
+from loupe.encoders.profile import POOLINGS, Pooling
 from loupe.encoders.weights import file_digest, state_digest
 
 RANDOM = "random"  # the explicit way to ask for random initialisation (tests only)
@@ -30,7 +31,7 @@ class ImageBackboneSpec:
     std: tuple[float, float, float]
     build: Callable[[], nn.Module]  # architecture with random weights
     default_weights: Callable[[bool], Path]  # (allow_download) -> weights file
-    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (B,3,S,S) -> (B,D)
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (B,3,S,S) -> (B,D,h,w) maps
     weights_from: str = ""  # where the default weights come from, for people (`loupe models`)
 
 
@@ -67,8 +68,7 @@ def _efficientnet_lite(variant: int) -> tuple[Callable[[], nn.Module], Callable[
 
 
 def _efficientnet_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    maps = model.extract_features(pixels)  # (B, 1280, h, w)
-    return maps.mean(dim=(2, 3))  # (B, 1280): global average pooling
+    return model.extract_features(pixels)  # (B, 1280, h, w)
 
 
 # --- ResNet-50: torchvision's own mechanisms ----------------------------------------------
@@ -101,7 +101,9 @@ def _resnet50_weights(allow_download: bool) -> Path:
 
 
 def _resnet_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return model(pixels)  # (B, 2048): fc is Identity, so this is the pooled feature
+    x = model.maxpool(model.relu(model.bn1(model.conv1(pixels))))  # (B, 64, S/4, S/4)
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))  # (B, 2048, S/32, S/32)
+    return x
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -161,14 +163,37 @@ def image_backbone_spec(name: str) -> ImageBackboneSpec:
         raise UnknownBackbone(f"unknown image backbone {name!r}; known: {known}") from None
 
 
+GEM_P = 3.0  # the usual GeM exponent for instance retrieval (Radenović et al., 2018)
+
+
+def pool(maps: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """``(B, D, h, w)`` feature maps to ``(B, D)``. ``gem``: generalised mean with p = 3, which
+    weighs the strongest activations (the product) above the broad, weak ones (a table, a
+    hand); measured on the jewelry catalog it ranks a shopper's photo's own product first 86%
+    of the time against 81% for the average (``bench/quality.py``). The maps are >= 0 (ReLU)."""
+    maps = maps.float()
+    if pooling == "avg":
+        return maps.mean(dim=(2, 3))  # (B, D)
+    return maps.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)  # (B, D)
+
+
 class ImageEncoder(nn.Module):
     """``encode(pixels)``: ``(B, 3, S, S)`` floats in [0, 1] to ``(B, D)`` unit vectors."""
 
     def __init__(
-        self, name: str, weights: str | Path | None = None, *, allow_download: bool = False
+        self,
+        name: str,
+        weights: str | Path | None = None,
+        *,
+        allow_download: bool = False,
+        pooling: Pooling = "gem",
     ) -> None:
-        """``weights``: None for the backbone's default source, a file path, or ``"random"``."""
+        """``weights``: None for the backbone's default source, a file path, or ``"random"``.
+        ``pooling``: how the last feature maps become one vector (``avg`` or ``gem``)."""
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
         self.spec = image_backbone_spec(name)
         self.name = name
         self.dim = self.spec.dim
@@ -205,7 +230,7 @@ class ImageEncoder(nn.Module):
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected pixels of shape (B, 3, S, S), got {tuple(pixels.shape)}")
         normalised = (pixels - self.mean) / self.std  # (B, 3, S, S)
-        return self.spec.features(self.backbone, normalised)  # (B, D)
+        return pool(self.spec.features(self.backbone, normalised), self.pooling)  # (B, D)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ MODEL_SETTINGS = (
     "text_backbone",
     "fusion_checkpoint",
     "image_fit",
+    "image_pooling",
     "device",
     "precision",
 )

@@ -96,7 +96,7 @@ def test_inputs_without_what_they_need_are_refused(encoder):
 
 def test_model_version_names_weights_and_preprocessing(encoder):
     assert encoder.model_version.startswith("efficientnet-lite0-57934424.all-minilm-l6-v2-")
-    assert ".pad224-t128.fusion-" in encoder.model_version
+    assert ".pad224-gem-t128.fusion-" in encoder.model_version
     same = FusedEncoder.from_profile(ModelProfile(batch_size=32))
     assert same.model_version == encoder.model_version, "a restart must not change the version"
     same.close()
@@ -104,6 +104,10 @@ def test_model_version_names_weights_and_preprocessing(encoder):
     assert other.model_version != encoder.model_version
     assert ".center_crop224-" in other.model_version
     other.close()
+    averaged = FusedEncoder.from_profile(ModelProfile(image_pooling="avg"))
+    assert ".pad224-avg-t128." in averaged.model_version
+    assert averaged.base_version != encoder.base_version
+    averaged.close()
 
 
 def test_product_text_puts_the_title_first():

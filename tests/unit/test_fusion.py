@@ -1,8 +1,11 @@
-"""Attention fusion: identity at initialisation, the textbook formula, checkpoints."""
+"""The fusion model: identity at initialisation (heads and attention), the textbook attention
+formula, checkpoints that carry their base and refuse another."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,7 +14,9 @@ import torch.nn.functional as F
 from loupe.encoders.errors import WeightsNotFound
 from loupe.encoders.fusion import (
     AttentionFusion,
+    CheckpointMismatch,
     FusionConfig,
+    FusionModel,
     fusion_digest,
     load_fusion,
     save_fusion,
@@ -95,23 +100,63 @@ def test_wrong_input_sizes_are_refused():
         module(torch.zeros(1, 255), torch.zeros(1, 128))
 
 
-def test_untrained_module_hashes_the_same_every_time():
-    assert fusion_digest(AttentionFusion(CONFIG)) == fusion_digest(AttentionFusion(CONFIG))
+BASE = "image-abc.text-def.pad224-t128"
 
 
-def test_checkpoint_round_trip_and_hash(tmp_path):
-    module = AttentionFusion(CONFIG)
+def test_untrained_heads_are_the_identity_and_fused_is_the_weighted_concatenation():
+    model = FusionModel(CONFIG)
+    image, text = _inputs()
+    assert torch.allclose(model.image(image), F.normalize(image, dim=-1), atol=1e-6)
+    assert torch.allclose(model.text(text), F.normalize(text, dim=-1), atol=1e-6)
+    assert torch.allclose(model(image, text), model.attention(image, text), atol=1e-6)
+
+
+def test_trained_heads_change_the_views():
+    model = FusionModel(CONFIG)
+    torch.nn.init.normal_(model.image_head.up.weight, std=0.1)
+    image, text = _inputs()
+    assert not torch.allclose(model.image(image), F.normalize(image, dim=-1), atol=1e-3)
+    assert torch.allclose(model.image(image).norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(model.text(text), F.normalize(text, dim=-1), atol=1e-6)
+
+
+def test_head_rank_is_checked():
+    with pytest.raises(ValueError, match=r"head_rank must be within \[0, 128\], got 129"):
+        FusionConfig(image_dim=256, text_dim=128, token_dim=64, n_heads=2, head_rank=129)
+
+
+def test_untrained_model_hashes_the_same_every_time():
+    assert fusion_digest(FusionModel(CONFIG)) == fusion_digest(FusionModel(CONFIG))
+
+
+def test_checkpoint_round_trip_keeps_weights_base_and_training_record(tmp_path):
+    module = FusionModel(CONFIG)
     untrained = fusion_digest(module)
     for parameter in module.parameters():
         torch.nn.init.normal_(parameter, std=0.1)
     path = tmp_path / "fusion.safetensors"
-    digest = save_fusion(module, path)
+    digest = save_fusion(module, path, base=BASE, training={"steps": 3, "after": {"r1": 0.9}})
     assert digest != untrained, "the hash must change when the weights do"
     loaded = load_fusion(path)
-    assert loaded.config == CONFIG
-    assert fusion_digest(loaded) == digest
+    assert loaded.model.config == CONFIG
+    assert loaded.base == BASE
+    assert loaded.training == {"steps": 3, "after": {"r1": 0.9}}
+    assert fusion_digest(loaded.model) == digest
     image, text = _inputs()
-    assert torch.equal(loaded(image, text), module(image, text))
+    assert torch.equal(loaded.model(image, text), module(image, text))
+    assert torch.equal(loaded.model.image(image), module.image(image))
+    assert not path.with_name(path.name + ".partial").exists()
+
+
+def test_a_checkpoint_for_another_base_is_refused_naming_both(tmp_path):
+    path = tmp_path / "fusion.safetensors"
+    save_fusion(FusionModel(CONFIG), path, base=BASE)
+    checkpoint = load_fusion(path)
+    checkpoint.require_base(BASE)  # the same base: fine
+    with pytest.raises(CheckpointMismatch) as caught:
+        checkpoint.require_base("image-abc.text-def.center_crop224-t128")
+    message = str(caught.value)
+    assert BASE in message and "center_crop224" in message and "loupe train" in message
 
 
 def test_loading_something_else_says_so(tmp_path):
@@ -121,5 +166,18 @@ def test_loading_something_else_says_so(tmp_path):
     save_file({"x": torch.zeros(1)}, str(path))
     with pytest.raises(WeightsNotFound, match="not a Loupe fusion checkpoint"):
         load_fusion(path)
-    with pytest.raises(WeightsNotFound, match="does not exist"):
+    with pytest.raises(WeightsNotFound, match=r"does not exist.*loupe train"):
         load_fusion(tmp_path / "missing.safetensors")
+    old = tmp_path / "format1.safetensors"  # the attention alone, as earlier Loupe wrote it
+    attention = AttentionFusion(CONFIG)
+    save_file(
+        dict(attention.state_dict()),
+        str(old),
+        metadata={"loupe.fusion.config": json.dumps(asdict(CONFIG))},
+    )
+    with pytest.raises(WeightsNotFound, match="format 1; this Loupe reads format 2"):
+        load_fusion(old)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(WeightsNotFound, match="not a readable safetensors file"):
+        load_fusion(garbage)
