@@ -46,9 +46,10 @@ from kafka.admin import NewTopic
 from bench.harness import serve_env
 from loupe.client import encode_request, search_request
 from loupe.consumers.index import QdrantIndex
-from loupe.dev.catalog import load_catalog, phone_photo, upserted_event
+from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.cdn import cdn_process
 from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port
+from loupe.train.augment import phone_photo
 
 MERCHANT = "giva"
 

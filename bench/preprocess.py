@@ -17,8 +17,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from loupe.dev.catalog import load_catalog, phone_photo
+from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.train.augment import phone_photo
 
 FITS = ("pad", "center_crop", "squash")
 

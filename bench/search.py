@@ -36,8 +36,9 @@ from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
-from loupe.dev.catalog import encode_input, load_catalog, phone_photo
+from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.train.augment import phone_photo
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [

@@ -119,7 +119,9 @@ def schemas_export(check: bool) -> int:
     return 0
 
 
-@click.command(epilog=settings_epilog("state_dir", "metrics_port", "device", "precision"))
+@click.command(
+    epilog=settings_epilog("state_dir", "metrics_port", "fusion_checkpoint", "device", "precision")
+)
 @click.option(
     "--products",
     type=click.IntRange(1),
@@ -136,12 +138,22 @@ def schemas_export(check: bool) -> int:
     help="HTML report path [default: $LOUPE_STATE_DIR/demo/report.html].",
 )
 @click.option("--keep-running", is_flag=True, help="Leave Kafka and Loupe up until Ctrl-C.")
+@click.option(
+    "--train/--no-train",
+    default=True,
+    help="Fit the fusion model to the catalog first (cached after the first run); "
+    "--no-train serves the untrained fusion.",
+)
 @global_options
-def demo(products: int | None, queries: int, report: Path | None, keep_running: bool) -> int:
+def demo(
+    products: int | None, queries: int, report: Path | None, keep_running: bool, train: bool
+) -> int:
     """The end-to-end demo on the real jewelry catalog.
 
-    Starts Kafka and Loupe on this machine, publishes the catalog, sends searches of every
-    kind, prints the answers and writes a self-contained HTML report.
+    Fits the fusion model to the catalog (as `loupe train` does; cached after the first run),
+    starts Kafka and Loupe on this machine, publishes the catalog, sends searches of every
+    kind, prints the answers and writes a self-contained HTML report with the model's
+    before/after numbers.
     """
     from loupe.demo.run import run_demo
 
@@ -153,6 +165,7 @@ def demo(products: int | None, queries: int, report: Path | None, keep_running: 
         queries=queries,
         report=report,
         keep_running=keep_running,
+        train=train,
     )
 
 

@@ -64,6 +64,8 @@ h1{margin-bottom:.2rem} .muted{color:#666}
 .legend{font-size:.85rem;background:#fbfbfa;border:1px solid #eee;border-radius:8px;
   padding:.6rem 1rem;margin:1rem 0} .legend b{font-family:ui-monospace,monospace}
 .ranked{font-weight:700;color:#222}
+.quality{border-collapse:collapse;margin:.5rem 0 1rem}
+.quality td,.quality th{padding:.2rem .6rem;text-align:right;border-bottom:1px solid #eee}
 .details{font-size:.8rem;color:#666;overflow-wrap:anywhere;margin-top:.5rem}
 """
 
@@ -91,16 +93,45 @@ def ranking_view(query: DemoQuery) -> str:
     return "image" if query.photo else "text"
 
 
+def quality_table(quality: dict[str, dict]) -> str:
+    """Before/after retrieval metrics of the fusion model as an HTML table."""
+    labels = list(quality)
+    head = "".join(f"<th colspan='3'>{html.escape(label)}</th>" for label in labels)
+    sub = "<th>R@1</th><th>R@10</th><th>P@10</th>" * len(labels)
+    rows = []
+    for split in ("seen", "held_out"):
+        for kind in ("photo", "photo+text", "text"):
+            cells = ""
+            for label in labels:
+                scores = quality[label].get(split, {}).get(kind, {})
+                for name in ("recall_at_1", "recall_at_10", "category_p10"):
+                    value = scores.get(name)
+                    cells += f"<td>{'&ndash;' if value is None else f'{value:.3f}'}</td>"
+            where = "trained on" if split == "seen" else "held out"
+            rows.append(f"<tr><td>{where}</td><td>{kind}</td>{cells}</tr>")
+    return (
+        "<h2>The fusion model, fitted to this catalog</h2>"
+        "<p class='muted'>Simulated shopper photos (another simulator and seeds than training) "
+        "of every product, searched against the whole catalog. R@1 / R@10: the photographed "
+        "product ranks first / in the top ten. P@10: share of the top ten in its category. "
+        "Held-out products were never trained on: they stand for products added later.</p>"
+        f"<table class='quality'><tr><th></th><th></th>{head}</tr>"
+        f"<tr><th>products</th><th>query</th>{sub}</tr>{''.join(rows)}</table>"
+    )
+
+
 def render_report(
     queries: list[DemoQuery],
     thumbnails: dict[str, str],
     summary: dict[str, str],
     title: str = "Loupe demo: visual search on a real jewelry catalog",
     details: dict[str, str] | None = None,
+    quality: dict[str, dict] | None = None,
 ) -> str:
     """``thumbnails`` maps product_id to a data URI; ``summary`` holds a few short headline
     numbers (label -> value); ``details`` longer facts (the model version) in small print. The
-    file links nowhere: everything the demo served is gone once it ends."""
+    file links nowhere: everything the demo served is gone once it ends. ``quality``: model
+    label -> split -> query kind -> scores (``RetrievalScores.as_dict``), shown as a table."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
@@ -115,6 +146,8 @@ def render_report(
     if details:
         shown = "; ".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in details.items())
         parts.append(f"<div class='details'>{shown}</div>")
+    if quality:
+        parts.append(quality_table(quality))
     parts.append(
         "<div class='legend'>Scores are cosine similarities (1 is identical), one per view: "
         + "; ".join(f"<b>{view[0]}</b> = {view}, {what}" for view, what in VIEW_LEGEND)

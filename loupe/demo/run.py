@@ -21,11 +21,12 @@ from loupe.client import encode_request, search_request
 from loupe.consumers.kafka_io import make_producer, reader_at_end
 from loupe.consumers.settings import Settings
 from loupe.demo.report import DemoQuery, format_filters, render_report, thumbnail
-from loupe.dev.catalog import CatalogProduct, load_catalog, phone_photo, upserted_event
+from loupe.dev.catalog import CatalogProduct, load_catalog, upserted_event
 from loupe.dev.cdn import StandInCdn
 from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port
 from loupe.progress import progress
 from loupe.schemas.search import parse_search_response
+from loupe.train.augment import phone_photo
 
 SEARCH_RATE = 4.0  # requests per second the shoppers send
 TEXT_QUERIES = [
@@ -92,11 +93,12 @@ def run_demo(
     report: Path | None = None,
     keep_running: bool = False,
     inline_every: int = 5,
+    train: bool = True,
 ) -> int:
     from loupe.consumers.service import LoupeService
     from loupe.consumers.topics import ensure_topics
 
-    total_steps = 6
+    total_steps = 7
     started_at = time.perf_counter()
     demo_dir = settings.state_dir / "demo"
     report = report or demo_dir / "report.html"
@@ -113,13 +115,16 @@ def run_demo(
         photos_dir = chosen[0].image_path.parent.parent
         print(f"    {len(chosen)} of {len(catalog)} products, photos in {photos_dir}")
 
-        _step(2, total_steps, "a local Apache Kafka broker")
+        _step(2, total_steps, "the fusion model, fitted to the catalog (loupe train)")
+        checkpoint, quality = _fusion_checkpoint(settings, chosen, train)
+
+        _step(3, total_steps, "a local Apache Kafka broker")
         broker.stop()  # one left over from an interrupted demo
         state = broker.start()
         where = f"{state.bootstrap_servers} (state in {broker.state_dir})"
         print(f"    Kafka {state.kafka_version} on {where}")
 
-        _step(3, total_steps, f"Loupe (ingest + search, embedded index: {settings.index_engine})")
+        _step(4, total_steps, f"Loupe (ingest + search, embedded index: {settings.index_engine})")
         index_dir = demo_dir / "index"
         shutil.rmtree(index_dir, ignore_errors=True)  # a fresh index: the demo counts from zero
         metrics_port = settings.metrics_port or free_loopback_port()
@@ -130,6 +135,7 @@ def run_demo(
                 "fetch_allow_loopback": True,  # the demo's CDN is on this machine
                 "metrics_port": metrics_port,
                 "group_id": "loupe-demo",
+                "fusion_checkpoint": checkpoint,
             }
         )
         ensure_topics(run)
@@ -144,7 +150,7 @@ def run_demo(
         )
         print(f"    index in {index_dir}; metrics at {metrics_url}")
 
-        _step(4, total_steps, "the merchant publishes the catalog")
+        _step(5, total_steps, "the merchant publishes the catalog")
         cdn = StandInCdn(photos_dir)
         cdn_url = cdn.url
         producer = make_producer(run)
@@ -192,7 +198,7 @@ def run_demo(
             sample("loupe_events_total", {"topic": run.products_topic, "outcome": "indexed"}) or 0
         )
 
-        _step(5, total_steps, f"shoppers send {queries} searches")
+        _step(6, total_steps, f"shoppers send {queries} searches")
         asks = _queries(catalog, queries)
         reader = reader_at_end(run, run.search_responses_topic)
         sent_at: dict[str, float] = {}
@@ -238,7 +244,7 @@ def run_demo(
         answered = [a for a in asks if a.response is not None]
         print(f"    {len(answered)}/{len(asks)} answered")
 
-        _step(6, total_steps, "results")
+        _step(7, total_steps, "results")
         _print_table(asks)
         latencies = [a.latency_ms for a in answered if a.latency_ms is not None]
         p50, p95, p99 = (
@@ -260,7 +266,10 @@ def run_demo(
         }
         thumbs = {p.product_id: thumbnail(p.image_path.read_bytes()) for p in catalog}
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(render_report(asks, thumbs, summary, details=details), encoding="utf-8")
+        report.write_text(
+            render_report(asks, thumbs, summary, details=details, quality=quality),
+            encoding="utf-8",
+        )
         print()
         for label, value in {**summary, "model": encoder.model_version}.items():
             print(f"    {label:<34} {value}")
@@ -289,6 +298,28 @@ def run_demo(
             cdn.close()
         if broker.stop():
             print("==> stopped Loupe and the local Kafka broker", flush=True)
+
+
+def _fusion_checkpoint(
+    settings: Settings, products: list[CatalogProduct], train: bool
+) -> tuple[Path | None, dict | None]:
+    """The checkpoint the demo serves, and the before/after metrics for the report."""
+    if settings.fusion_checkpoint is not None:
+        print(f"    serving LOUPE_FUSION_CHECKPOINT={settings.fusion_checkpoint} as configured")
+        return settings.fusion_checkpoint, None
+    if not train:
+        print("    skipped (--no-train): the untrained fusion (identity heads) serves")
+        return None, None
+    from loupe.demo.fit import demo_checkpoint
+    from loupe.train.evaluate import scores_from_record, scores_table
+
+    started = time.perf_counter()
+    path, record, cached = demo_checkpoint(settings, products)
+    took = "found in the cache" if cached else f"trained in {time.perf_counter() - started:.0f} s"
+    print(f"    {took}: {path}")
+    before, after = scores_from_record(record["before"]), scores_from_record(record["after"])
+    print("    " + scores_table({"untrained": before, "trained": after}).replace("\n", "\n    "))
+    return path, {"untrained": record["before"], "trained": record["after"]}
 
 
 def _print_table(asks: list[DemoQuery]) -> None:

@@ -2,22 +2,18 @@
 
 236 product photos with titles, attributes and prices. The photos belong to the retailer: they
 are installed from the package at set-up (``make setup``) and extracted into a cache, never
-committed. ``phone_photo`` turns a catalog photo into what a shopper's camera would take of it.
+committed.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import io
-import random
 import tarfile
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from PIL import Image, ImageEnhance, ImageFilter
 
 from loupe.schemas.errors import LoupeError
 
@@ -126,39 +122,6 @@ def load_catalog(cache_dir: Path = DEFAULT_CACHE_DIR) -> list[CatalogProduct]:
     return sorted(products, key=lambda p: (p.category, p.product_id))
 
 
-def phone_photo(image_bytes: bytes, seed: int) -> bytes:
-    """A shopper's photo of the product: off-centre, tilted, zoomed, warmer or cooler, softer,
-    on a table instead of a white sweep, in 4:3, re-compressed. Deterministic per seed."""
-    rng = random.Random(seed)
-    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    width, height = image.size
-    # The product on a tinted surface: replace the white backdrop by a table colour.
-    table = tuple(rng.randint(170, 235) for _ in range(3))
-    grey = image.convert("L").point(lambda v: 255 if v < 238 else 0)
-    mask = grey.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
-    image = Image.composite(image, Image.new("RGB", image.size, table), mask)
-    # Tilt, and frame it off-centre and closer or farther than the catalog shot.
-    image = image.rotate(rng.uniform(-15, 15), resample=Image.BICUBIC, fillcolor=table)
-    zoom = rng.uniform(0.75, 1.05)
-    crop_w, crop_h = int(width * zoom), int(height * zoom * 0.75)
-    left = rng.randint(min(0, width - crop_w), max(0, width - crop_w))
-    top = rng.randint(min(0, height - crop_h), max(0, height - crop_h))
-    framed = Image.new("RGB", (crop_w, crop_h), table)
-    framed.paste(image, (-left, -top))
-    image = framed.resize((800, 600), Image.BILINEAR)
-    # Light and optics: exposure, contrast, white balance, focus, sensor noise.
-    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.15))
-    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.1))
-    r, g, b = image.split()
-    warm = rng.uniform(-12, 12)
-    r = r.point(lambda v: max(0, min(255, int(v + warm))))
-    b = b.point(lambda v: max(0, min(255, int(v - warm))))
-    image = Image.merge("RGB", (r, g, b)).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.3)))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=rng.randint(65, 85))
-    return out.getvalue()
-
-
 def encode_input(product: CatalogProduct) -> EncodeInput:
     """A catalog product as the fused model's input: its photo and its composed text."""
     from loupe.encoders.fused import EncodeInput  # torch: only when encoding
@@ -169,3 +132,20 @@ def encode_input(product: CatalogProduct) -> EncodeInput:
         media_type="image/jpeg",
         text=compose_product_text(product.title, product.attributes(), product.description),
     )
+
+
+def training_products(products: list[CatalogProduct], merchant_id: str = "giva") -> list:
+    """Catalog products as ``loupe train`` reads them from the products topic (same keys)."""
+    from loupe.train.source import TrainingProduct
+
+    return [
+        TrainingProduct(
+            key=f"{merchant_id}/{p.product_id}",
+            title=p.title,
+            attributes=p.attributes(),
+            description=p.description,
+            image=p.image_path.read_bytes(),
+            media_type="image/jpeg",
+        )
+        for p in products
+    ]

@@ -20,6 +20,8 @@ def test_reduced_demo_writes_a_report_of_answered_queries(tmp_path, monkeypatch,
     assert "products indexed                   24 / 24" in out
     assert "searches answered                  5 / 5" in out
     assert "==> stopped Loupe and the local Kafka broker" in out
+    assert "==> [2/7] the fusion model, fitted to the catalog" in out
+    assert re.search(r"trained in \d+ s: .*fusion-\w+\.safetensors", out)
     html = report.read_text()
     assert html.startswith("<!doctype html>")
     assert html.count("class='query'") == 5
@@ -30,5 +32,8 @@ def test_reduced_demo_writes_a_report_of_answered_queries(tmp_path, monkeypatch,
     assert not re.search(r"src='(?!data:)", html), "the report must be self-contained"
     assert not re.search(r"https?://", html), "nothing the demo served outlives it: no links"
     assert "<div class='legend'>Scores are cosine similarities" in html
+    # The before/after table of the fitted model, with numbers for both.
+    assert "The fusion model, fitted to this catalog" in html
+    assert len(re.findall(r"<td>[01]\.\d{3}</td>", html)) >= 24
     # Each hit says which view ranked it: a photo query by image, photo + text by fused.
     assert "<span class='ranked'>i " in html and "<span class='ranked'>f " in html

@@ -23,10 +23,11 @@ from loupe.consumers.kafka_io import Publisher, make_consumer, make_transactiona
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
-from loupe.dev.catalog import load_catalog, phone_photo
+from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
 from loupe.schemas.deadletter import DeadLetter
 from loupe.schemas.search import CORRELATION_HEADER, parse_search_response
+from loupe.train.augment import phone_photo
 
 pytestmark = pytest.mark.integration
 

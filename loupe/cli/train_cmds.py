@@ -1,0 +1,183 @@
+"""``loupe train``: fit the fusion model to the merchant's own catalog."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from loupe.cli.common import KAFKA_SETTINGS, global_options, settings, settings_epilog
+
+
+@click.command(
+    epilog=settings_epilog(
+        *KAFKA_SETTINGS,
+        "products_topic",
+        "state_dir",
+        "image_backbone",
+        "text_backbone",
+        "image_fit",
+        "image_pooling",
+        "device",
+    )
+)
+@click.option(
+    "--events",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A JSON-lines file of product events to train on [default: the products topic, read "
+    "from the beginning].",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the checkpoint [default: $LOUPE_STATE_DIR/models/fusion-<hash>"
+    ".safetensors].",
+)
+@click.option(
+    "--views", type=click.IntRange(1, 256), default=16, help="Simulated shopper photos per product."
+)
+@click.option("--steps", type=click.IntRange(1, 1_000_000), default=600, help="Optimiser steps.")
+@click.option(
+    "--batch-size", type=click.IntRange(2, 65_536), default=128, help="Products per step."
+)
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0.0, 0.9),
+    default=0.2,
+    help="Share of products never trained on, measured apart.",
+)
+@click.option(
+    "--neighbourhood-weight",
+    type=click.FloatRange(0.0, 100.0),
+    default=1.0,
+    help="Weight of the term that keeps category neighbourhoods; 0 trains on InfoNCE alone.",
+)
+@click.option("--learning-rate", type=click.FloatRange(1e-6, 1.0), default=1e-3)
+@click.option(
+    "--seed", type=int, default=0, help="Seeds the simulated photos, the split and training."
+)
+@click.option(
+    "--max-products",
+    type=click.IntRange(10, 10_000_000),
+    default=200_000,
+    help="Refuse larger catalogs (features take ~46 KB per product at 16 views).",
+)
+@click.option("--no-cache", is_flag=True, help="Compute every product's tower vectors again.")
+@global_options
+def train(
+    events: Path | None,
+    out: Path | None,
+    views: int,
+    steps: int,
+    batch_size: int,
+    holdout: float,
+    neighbourhood_weight: float,
+    learning_rate: float,
+    seed: int,
+    max_products: int,
+    no_cache: bool,
+) -> int:
+    """Train the fusion model (projection heads + attention fusion) on the catalog.
+
+    Reads the latest state of every product (deleted ones left out), simulates shopper photos
+    of each and short query texts from its title and attributes, and fits the heads on top of
+    the frozen towers so that a photo (with or without words) finds its own product, while the
+    catalog's neighbourhoods are kept. Prints the held-out metrics as it goes and, at the end,
+    the checkpoint to serve: LOUPE_FUSION_CHECKPOINT=<path> loupe serve. A new checkpoint is a
+    new model version, so the index is rebuilt under it (a new collection).
+    """
+    from loupe.consumers.kafka_io import require_broker
+    from loupe.encoders.fused import FusedEncoder
+    from loupe.train.evaluate import scores_table
+    from loupe.train.pipeline import train_checkpoint
+    from loupe.train.source import (
+        CatalogSourceError,
+        ReadReport,
+        latest_products,
+        read_jsonl,
+        read_topic,
+        with_images,
+    )
+    from loupe.train.trainer import TrainConfig
+
+    config = TrainConfig(
+        views=views,
+        steps=steps,
+        batch_size=batch_size,
+        holdout=holdout,
+        neighbourhood_weight=neighbourhood_weight,
+        learning_rate=learning_rate,
+        seed=seed,
+    )
+    current = settings()
+    report = ReadReport()
+    if events is not None:
+        click.echo(f"==> reading product events from {events}")
+        latest = latest_products(read_jsonl(events), report)
+    else:
+        require_broker(current, wait_s=5.0)
+        where = f"{current.products_topic} on {current.bootstrap_servers}"
+        click.echo(f"==> reading {where} from the beginning")
+        latest = latest_products(
+            read_topic(current.kafka_client_config(), current.products_topic), report
+        )
+    click.echo(
+        f"    {report.events} events: {len(latest)} products, {report.deleted} deleted, "
+        f"{report.superseded} superseded, {report.invalid} invalid"
+    )
+    if len(latest) > max_products:
+        raise CatalogSourceError(
+            f"{len(latest)} products is more than --max-products {max_products}; raise it if "
+            "this machine has the memory (about 46 KB per product at 16 views)"
+        )
+    products = with_images(latest, current.fetch_policy(), report)
+    if report.images_failed:
+        click.echo(f"    {report.images_failed} products left out: their image could not be read")
+    encoder = FusedEncoder.from_profile(current.model_profile())
+    click.echo(f"==> model base {encoder.base_version} on {encoder.device}")
+    click.echo(
+        f"==> training on {len(products)} products ({config.holdout:.0%} held out), "
+        f"{config.views} simulated photos each, {config.steps} steps"
+    )
+
+    def show(record: dict) -> None:
+        held = record["held_out"] or record["seen"]
+        photo, both, text = held["photo"], held["photo+text"], held["text"]
+        click.echo(
+            f"    step {record['step']:>6}  loss {record['loss']:.4f}  held-out: photo R@1 "
+            f"{photo['recall_at_1']:.3f}  photo+text R@1 {both['recall_at_1']:.3f}  "
+            f"text P@10 {_p(text['category_p10'])}  ({record['seconds']:.0f} s)"
+        )
+
+    try:
+        trained = train_checkpoint(
+            encoder,
+            products,
+            config,
+            state_dir=current.state_dir,
+            out=out,
+            use_cache=not no_cache,
+            on_evaluation=show,
+        )
+    finally:
+        encoder.close()
+    result = trained.result
+    click.echo("")
+    click.echo(scores_table({"untrained": result.before, "trained": result.after}))
+    click.echo(f"\ntrained in {result.seconds:.0f} s; checkpoint {trained.path}")
+    click.echo(f"model version {trained.model_version}")
+    click.echo(f"serve it:  LOUPE_FUSION_CHECKPOINT={trained.path} loupe serve")
+    click.echo(
+        json.dumps({"checkpoint": str(trained.path), "model_version": trained.model_version})
+    )
+    return 0
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+COMMANDS = [train]

@@ -1,0 +1,174 @@
+"""Simulated shopper photos: one catalog photo in, a plausible phone photo out.
+
+Two families. ``shopper_photo`` is the *training* family; ``phone_photo`` is the *evaluation*
+family (also the demo's and the benchmarks' shoppers), written separately with other steps and
+ranges and always drawn with other seeds, so that a model cannot score well by learning one
+simulator's quirks. Every step is drawn from a seeded ``random.Random``: the same
+(photo, seed) gives the same bytes, which is what makes the feature cache valid.
+
+``shopper_photo``'s steps, each applied with some probability: background swap (flat, gradient
+or textured surface), random resized crop, rotation, perspective (the phone is not square to the
+product), lighting and colour shifts, blur, noise, downscaling, JPEG recompression.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+WORK_SIDE = 448  # the catalog photo is reduced to this first: every later step is cheaper
+
+
+def shopper_photo(image_bytes: bytes, seed: int) -> bytes:
+    """A JPEG of the product as a shopper might photograph it. Deterministic per seed."""
+    rng = random.Random(seed)
+    image = Image.open(io.BytesIO(image_bytes))
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    image.thumbnail((WORK_SIDE, WORK_SIDE), Image.BILINEAR)
+    surface = _surface(image.size, rng)
+    if rng.random() < 0.8:
+        image = _on_surface(image, surface)
+    if rng.random() < 0.7:
+        image = image.rotate(
+            rng.uniform(-25, 25), resample=Image.BILINEAR, fillcolor=_edge(surface)
+        )
+    if rng.random() < 0.5:
+        image = _perspective(image, rng, _edge(surface))
+    image = _resized_crop(image, rng)
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.25))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.7, 1.2))
+    image = ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.3))
+    if rng.random() < 0.6:
+        image = _white_balance(image, rng.uniform(-18, 18))
+    if rng.random() < 0.6:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 2.0)))
+    if rng.random() < 0.4:
+        image = _noise(image, rng)
+    if rng.random() < 0.4:  # a small or far-away shot, scaled back up by the app
+        side = rng.randint(64, 160)
+        small = image.resize((side, max(1, side * image.height // image.width)), Image.BILINEAR)
+        image = small.resize(image.size, Image.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=rng.randint(40, 90))
+    return out.getvalue()
+
+
+def _surface(size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """A table, cloth or hand-ish surface: flat, a gradient, or a blurred texture."""
+    width, height = size
+    level = rng.randint(90, 240)  # mostly neutral surfaces, some tinted
+    base = tuple(max(0, min(255, level + rng.randint(-30, 30))) for _ in range(3))
+    kind = rng.random()
+    if kind < 0.4:
+        return Image.new("RGB", size, base)
+    if kind < 0.75:
+        other = tuple(min(255, max(0, c + rng.randint(-60, 60))) for c in base)
+        ramp = Image.linear_gradient("L").resize(size).rotate(rng.uniform(0, 360))
+        return Image.composite(Image.new("RGB", size, base), Image.new("RGB", size, other), ramp)
+    grain = Image.effect_noise((max(1, width // 8), max(1, height // 8)), rng.uniform(20, 60))
+    grain = grain.resize(size, Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
+    tint = Image.new("RGB", size, base)
+    return Image.blend(tint, Image.merge("RGB", (grain, grain, grain)), rng.uniform(0.2, 0.5))
+
+
+def _on_surface(image: Image.Image, surface: Image.Image) -> Image.Image:
+    """Replace the white studio backdrop by the surface."""
+    grey = image.convert("L").point(lambda v: 255 if v < 238 else 0)
+    mask = grey.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
+    return Image.composite(image, surface, mask)
+
+
+def _edge(surface: Image.Image) -> tuple[int, int, int]:
+    return surface.getpixel((0, 0))
+
+
+def _perspective(image: Image.Image, rng: random.Random, fill: tuple[int, int, int]) -> Image.Image:
+    width, height = image.size
+    shift = 0.12
+
+    def jitter(x: float, y: float) -> tuple[float, float]:
+        return (
+            x + rng.uniform(-shift, shift) * width,
+            y + rng.uniform(-shift, shift) * height,
+        )
+
+    corners = [(0, 0), (width, 0), (width, height), (0, height)]
+    moved = [jitter(x, y) for x, y in corners]
+    coefficients = _perspective_coefficients(corners, moved)
+    return image.transform(
+        image.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR, fillcolor=fill
+    )
+
+
+def _perspective_coefficients(
+    target: list[tuple[float, float]], source: list[tuple[float, float]]
+) -> list[float]:
+    """The 8 coefficients PIL's PERSPECTIVE transform needs to map ``target`` onto ``source``."""
+    import numpy as np
+
+    rows = []
+    for (x, y), (u, v) in zip(target, source, strict=True):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    a = np.array(rows, dtype=np.float64)  # (8, 8)
+    b = np.array([c for point in source for c in point], dtype=np.float64)  # (8,)
+    return np.linalg.solve(a, b).tolist()
+
+
+def _resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Keep 45-100% of the area at a phone-like aspect ratio, off-centre."""
+    width, height = image.size
+    area = width * height * rng.uniform(0.45, 1.0)
+    ratio = rng.choice((3 / 4, 4 / 3, 1.0, 9 / 16, 16 / 9)) * rng.uniform(0.9, 1.1)
+    crop_w = min(width, max(16, round((area * ratio) ** 0.5)))
+    crop_h = min(height, max(16, round((area / ratio) ** 0.5)))
+    left = rng.randint(0, width - crop_w)
+    top = rng.randint(0, height - crop_h)
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+def _white_balance(image: Image.Image, shift: float) -> Image.Image:
+    r, g, b = image.split()
+    r = r.point(lambda v: max(0, min(255, int(v + shift))))
+    b = b.point(lambda v: max(0, min(255, int(v - shift))))
+    return Image.merge("RGB", (r, g, b))
+
+
+def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
+    noise = Image.effect_noise(image.size, rng.uniform(8, 25)).convert("RGB")
+    return Image.blend(image, noise, rng.uniform(0.04, 0.12))
+
+
+def phone_photo(image_bytes: bytes, seed: int) -> bytes:
+    """A shopper's photo of the product: off-centre, tilted, zoomed, warmer or cooler, softer,
+    on a table instead of a white sweep, in 4:3, re-compressed. Deterministic per seed."""
+    rng = random.Random(seed)
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    width, height = image.size
+    # The product on a tinted surface: replace the white backdrop by a table colour.
+    table = tuple(rng.randint(170, 235) for _ in range(3))
+    grey = image.convert("L").point(lambda v: 255 if v < 238 else 0)
+    mask = grey.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
+    image = Image.composite(image, Image.new("RGB", image.size, table), mask)
+    # Tilt, and frame it off-centre and closer or farther than the catalog shot.
+    image = image.rotate(rng.uniform(-15, 15), resample=Image.BICUBIC, fillcolor=table)
+    zoom = rng.uniform(0.75, 1.05)
+    crop_w, crop_h = int(width * zoom), int(height * zoom * 0.75)
+    left = rng.randint(min(0, width - crop_w), max(0, width - crop_w))
+    top = rng.randint(min(0, height - crop_h), max(0, height - crop_h))
+    framed = Image.new("RGB", (crop_w, crop_h), table)
+    framed.paste(image, (-left, -top))
+    image = framed.resize((800, 600), Image.BILINEAR)
+    # Light and optics: exposure, contrast, white balance, focus, sensor noise.
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.15))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.1))
+    r, g, b = image.split()
+    warm = rng.uniform(-12, 12)
+    r = r.point(lambda v: max(0, min(255, int(v + warm))))
+    b = b.point(lambda v: max(0, min(255, int(v - warm))))
+    image = Image.merge("RGB", (r, g, b)).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.3)))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=rng.randint(65, 85))
+    return out.getvalue()

@@ -1,0 +1,122 @@
+"""Retrieval quality of a fusion model on a catalog's cached features.
+
+The index holds every product of the catalog (seen in training or not: a merchant's index has
+them all). Each product is asked for three ways: a simulated shopper photo (``photo``), that
+photo plus a short query text (``photo+text``), and the text alone (``text``). For a photo the
+measure is where its own product ranks (recall@1, recall@10); for every kind, how many of the
+top ten share the product's category (category precision@10). A text names a kind of product,
+not one product, so it has no recall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from loupe.encoders.fusion import FusionModel
+
+KINDS = ("photo", "photo+text", "text")
+TOP_K = 10
+
+
+@dataclass(frozen=True)
+class RetrievalScores:
+    recall_at_1: float | None  # share of queries whose own product ranks first
+    recall_at_10: float | None  # ... within the top ten
+    category_p10: float | None  # mean share of the top ten in the query's category
+    queries: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def retrieval_scores(
+    queries: np.ndarray,
+    index: np.ndarray,
+    *,
+    recall: bool,
+    categories: np.ndarray | None,
+    rows: np.ndarray,
+) -> RetrievalScores:
+    """``queries`` ``(N, D)`` and ``index`` ``(N, D)`` unit vectors, query ``i`` about product
+    ``i``; scored over the query ``rows`` only. ``recall`` False for text queries."""
+    scores = queries[rows] @ index.T  # (Q, N)
+    recall_1 = recall_10 = precision = None
+    if recall:
+        own_score = scores[np.arange(len(rows)), rows][:, None]  # (Q, 1)
+        rank = (scores > own_score).sum(axis=1) + 1  # ties favour the own product
+        recall_1, recall_10 = float(np.mean(rank == 1)), float(np.mean(rank <= TOP_K))
+    if categories is not None:
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K]  # (Q, 10)
+        precision = float(np.mean(categories[top] == categories[rows][:, None]))
+    return RetrievalScores(recall_1, recall_10, precision, len(rows))
+
+
+@torch.inference_mode()
+def evaluate(
+    model: FusionModel,
+    catalog_image: torch.Tensor,
+    catalog_text: torch.Tensor,
+    photo: torch.Tensor,
+    query_text: torch.Tensor,
+    categories: np.ndarray | None,
+    rows: np.ndarray,
+) -> dict[str, RetrievalScores]:
+    """Scores per query kind. Tensors are the frozen towers' vectors, row ``i`` = product ``i``:
+    ``catalog_image`` ``(N, Di)``, ``catalog_text`` ``(N, Dt)``, the evaluation ``photo`` ``(N,
+    Di)`` and ``query_text`` ``(N, Dt)``."""
+    model.eval()
+    index = {
+        "photo": model.image(catalog_image),
+        "photo+text": model(catalog_image, catalog_text),
+        "text": model.text(catalog_text),
+    }
+    asked = {
+        "photo": model.image(photo),
+        "photo+text": model(photo, query_text),
+        "text": model.text(query_text),
+    }
+    return {
+        kind: retrieval_scores(
+            asked[kind].float().cpu().numpy(),
+            index[kind].float().cpu().numpy(),
+            recall=kind != "text",
+            categories=categories,
+            rows=rows,
+        )
+        for kind in KINDS
+    }
+
+
+def scores_from_record(record: dict) -> dict[str, dict[str, RetrievalScores]]:
+    """Scores back from a training record (a checkpoint's metadata): split -> kind -> scores."""
+    return {
+        split: {kind: RetrievalScores(**values) for kind, values in kinds.items()}
+        for split, kinds in record.items()
+    }
+
+
+def _cell(value: float | None) -> str:
+    return "    -" if value is None else f"{value:.3f}"
+
+
+def scores_table(columns: dict[str, dict[str, dict[str, RetrievalScores]]]) -> str:
+    """A text table: one row per (split, query kind), one group of R@1 / R@10 / P@10 columns
+    per model (``columns``: model label -> split -> kind -> scores)."""
+    labels = list(columns)
+    splits = [s for s in ("seen", "held_out") if any(s in c for c in columns.values())]
+    width = 23
+    head = f"{'products':<9} {'query':<11}" + "".join(f" | {label:^{width}}" for label in labels)
+    sub = f"{'':<9} {'':<11}" + " | {:>7} {:>7} {:>7}".format("R@1", "R@10", "P@10") * len(labels)
+    lines = [head, sub, "-" * len(sub)]
+    for split in splits:
+        for kind in KINDS:
+            row = f"{split.replace('_', '-'):<9} {kind:<11}"
+            for label in labels:
+                s = columns[label].get(split, {}).get(kind)
+                cells = (s.recall_at_1, s.recall_at_10, s.category_p10) if s else (None,) * 3
+                row += " | " + " ".join(f"{_cell(c):>7}" for c in cells)
+            lines.append(row)
+    return "\n".join(lines)

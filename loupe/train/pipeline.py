@@ -1,0 +1,69 @@
+"""``loupe train`` end to end: products in, a versioned fusion checkpoint out.
+
+Tower vectors (cached) -> training -> checkpoint. The checkpoint records the model base it was
+trained on, its config, and the before/after metrics; its hash is part of the model version, so
+serving it means a new collection, never vectors of two models in one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loupe.encoders.fused import FusedEncoder
+from loupe.encoders.fusion import fusion_digest, save_fusion
+from loupe.train.features import extract_features
+from loupe.train.source import TrainingProduct
+from loupe.train.trainer import TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+MIN_PRODUCTS = 10  # fewer cannot say anything about retrieval, and the split would be empty
+
+
+@dataclass(frozen=True)
+class TrainedCheckpoint:
+    path: Path
+    model_version: str  # what the service will call it (and name its collection after)
+    result: TrainResult
+
+
+def default_checkpoint_path(state_dir: Path, digest: str) -> Path:
+    return state_dir / "models" / f"fusion-{digest}.safetensors"
+
+
+def train_checkpoint(
+    encoder: FusedEncoder,
+    products: Sequence[TrainingProduct],
+    config: TrainConfig,
+    *,
+    state_dir: Path,
+    out: Path | None = None,
+    use_cache: bool = True,
+    on_evaluation: Callable[[dict], None] | None = None,
+) -> TrainedCheckpoint:
+    """Train on ``products`` from the encoder's current fusion model and save the checkpoint
+    (``out``, or ``<state_dir>/models/fusion-<hash>.safetensors``)."""
+    if len(products) < MIN_PRODUCTS:
+        raise ValueError(
+            f"training needs at least {MIN_PRODUCTS} products with a usable photo, got "
+            f"{len(products)}"
+        )
+    features = extract_features(
+        encoder,
+        products,
+        views=config.views,
+        seed=config.seed,
+        cache_dir=state_dir / "train-cache" if use_cache else None,
+    )
+    result = train(
+        features, encoder.fusion, config, device=encoder.device, on_evaluation=on_evaluation
+    )
+    digest = fusion_digest(result.model)
+    path = out or default_checkpoint_path(state_dir, digest)
+    save_fusion(result.model.cpu(), path, base=encoder.base_version, training=result.record(config))
+    return TrainedCheckpoint(
+        path=path, model_version=f"{encoder.base_version}.fusion-{digest}", result=result
+    )

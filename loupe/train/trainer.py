@@ -1,0 +1,256 @@
+"""Fit the fusion model's heads and attention to a catalog, on cached tower vectors.
+
+Per step, a batch of training products: one simulated shopper photo and one short query text
+each (drawn from their cached views) against the products' catalog photo and text. Loss (see
+``objective.py``): InfoNCE for the ``image`` view (photo -> product) and the ``fused`` view
+(photo + text -> product), plus neighbourhood KL terms against the frozen (untrained) model,
+for catalog-to-catalog and query-to-catalog similarities: the ``text`` and ``fused`` views keep
+their own neighbourhoods, and the ``image`` view takes the frozen ``fused`` view's (a
+cross-modal teacher: the products' words say which photos are of the same kind).
+
+A share of the products (``holdout``) never takes part: they stand for the products a merchant
+adds after training, and the metrics on them are reported apart. Which products are held out
+depends only on their key, so the split is stable as the catalog grows.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from loupe.encoders.fusion import FusionModel
+from loupe.train.evaluate import RetrievalScores, evaluate
+from loupe.train.features import CatalogFeatures
+from loupe.train.objective import info_nce, neighbourhood_kl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    views: int = 16  # simulated shopper photos (and query texts) per product, cached
+    holdout: float = 0.2  # share of products never trained on, measured apart
+    steps: int = 600  # optimiser steps
+    batch_size: int = 128  # products per step; the others in the batch are the negatives
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.05  # InfoNCE softmax temperature
+    neighbourhood_weight: float = 1.0  # weight of the KL terms; 0 is InfoNCE alone (ablation)
+    neighbourhood_temperature: float = 0.05
+    head_rank: int = 128  # rank of the residual projection heads
+    eval_every: int = 100  # steps between evaluations (progress lines)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be within [0, 1), got {self.holdout}")
+        for name in ("views", "steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(
+                f"batch_size must be at least 2 (in-batch negatives), got {self.batch_size}"
+            )
+
+
+Scores = dict[str, dict[str, RetrievalScores]]  # split ("seen", "held_out") -> kind -> scores
+
+
+@dataclass
+class TrainResult:
+    model: FusionModel
+    before: Scores
+    after: Scores
+    history: list[dict] = field(default_factory=list)  # per evaluation: step, loss, held-out
+    seconds: float = 0.0
+    products: int = 0
+    held_out: int = 0
+
+    def record(self, config: TrainConfig) -> dict:
+        """What the checkpoint's metadata keeps about this training."""
+
+        def plain(scores: Scores) -> dict:
+            return {s: {k: v.as_dict() for k, v in kinds.items()} for s, kinds in scores.items()}
+
+        return {
+            "config": asdict(config),
+            "products": self.products,
+            "held_out": self.held_out,
+            "seconds": round(self.seconds, 1),
+            "before": plain(self.before),
+            "after": plain(self.after),
+            "losses": [record["loss"] for record in self.history],
+        }
+
+
+def held_out_mask(keys: list[str], share: float, seed: int) -> np.ndarray:
+    """True for the products kept out of training: a hash of (seed, key) below ``share``."""
+
+    def unit(key: str) -> float:
+        value = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+        return value / 2**64
+
+    return np.array([unit(k) < share for k in keys], dtype=bool)
+
+
+class _Tensors:
+    """The features as float32 tensors on the training device."""
+
+    def __init__(self, features: CatalogFeatures, device: torch.device) -> None:
+        def t(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
+
+        self.catalog_image = t(features.catalog_image)  # (N, Di)
+        self.catalog_text = t(features.catalog_text)  # (N, Dt)
+        self.view_image = t(features.view_image)  # (N, K, Di)
+        self.view_text = t(features.view_text)  # (N, K, Dt)
+        self.eval_image = t(features.eval_image)  # (N, Di)
+        self.eval_text = t(features.eval_text)  # (N, Dt)
+
+
+def train(
+    features: CatalogFeatures,
+    model: FusionModel,
+    config: TrainConfig,
+    *,
+    device: torch.device | None = None,
+    on_evaluation: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train a copy of ``model`` (its untrained state is the frozen reference); return it with
+    the scores before and after. ``on_evaluation`` gets each progress record."""
+    device = device or torch.device("cpu")
+    started = time.perf_counter()
+    held = held_out_mask(features.keys, config.holdout, config.seed)
+    train_rows = np.flatnonzero(~held)
+    if len(train_rows) < 2:
+        raise ValueError(
+            f"training needs at least 2 products outside the held-out share, got "
+            f"{len(train_rows)} of {len(features)} (holdout {config.holdout})"
+        )
+    data = _Tensors(features, device)
+    frozen = copy.deepcopy(model).to(device).eval()
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+    trained = copy.deepcopy(model).to(device).train()
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    optimiser = torch.optim.AdamW(
+        trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps)
+
+    def scores(m: FusionModel) -> Scores:
+        return _scores(m, data, features.categories, held)
+
+    result = TrainResult(
+        model=trained,
+        before=scores(frozen),
+        after={},
+        products=len(features),
+        held_out=int(held.sum()),
+    )
+    batch = min(config.batch_size, len(train_rows))
+    order: list[int] = []
+    running = 0.0
+    for step in range(1, config.steps + 1):
+        if len(order) < batch:  # each epoch visits every training product once
+            order += train_rows[torch.randperm(len(train_rows), generator=generator)].tolist()
+        rows = torch.tensor(order[:batch], device=device)
+        del order[:batch]
+        loss = _loss(trained, frozen, data, rows, config, generator)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        running += float(loss.detach())
+        if step % config.eval_every == 0 or step == config.steps:
+            trained.eval()
+            now = scores(trained)
+            trained.train()
+            done = step % config.eval_every or config.eval_every
+            record = {
+                "step": step,
+                "loss": round(running / done, 4),
+                "seconds": round(time.perf_counter() - started, 1),
+                "held_out": {k: v.as_dict() for k, v in now.get("held_out", {}).items()},
+                "seen": {k: v.as_dict() for k, v in now["seen"].items()},
+            }
+            running = 0.0
+            result.history.append(record)
+            if on_evaluation is not None:
+                on_evaluation(record)
+    trained.eval()
+    result.after = scores(trained)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _loss(
+    model: FusionModel,
+    frozen: FusionModel,
+    data: _Tensors,
+    rows: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    batch, views = len(rows), data.view_image.shape[1]
+    pick = torch.randint(0, views, (batch,), generator=generator).to(rows.device)
+    pick_text = torch.randint(0, views, (batch,), generator=generator).to(rows.device)
+    photo = data.view_image[rows, pick]  # (B, Di) one shopper photo per product
+    words = data.view_text[rows, pick_text]  # (B, Dt) one short query text per product
+    image, text = data.catalog_image[rows], data.catalog_text[rows]  # (B, Di), (B, Dt)
+
+    query_image, index_image = model.image(photo), model.image(image)  # (B, Di)
+    query_fused, index_fused = model(photo, words), model(image, text)  # (B, D)
+    query_text, index_text = model.text(words), model.text(text)  # (B, Dt)
+    t = config.temperature
+    loss = info_nce(query_image, index_image, t) + info_nce(query_fused, index_fused, t)
+    if config.neighbourhood_weight:
+        with torch.no_grad():
+            f_index_fused, f_query_fused = frozen(image, text), frozen(photo, words)
+            f_index_text, f_query_text = frozen.text(text), frozen.text(words)
+        tn = config.neighbourhood_temperature
+        keep = (
+            # catalog to catalog: the index's own neighbourhoods. The image view learns them
+            # from the frozen fused view (image + text), whose neighbours share a category far
+            # more often than the image view's alone: a photo-only query then finds the
+            # photographed product first and products of its kind after it.
+            neighbourhood_kl(f_index_fused @ f_index_fused.T, index_image @ index_image.T, tn)
+            + neighbourhood_kl(f_index_fused @ f_index_fused.T, index_fused @ index_fused.T, tn)
+            + neighbourhood_kl(f_index_text @ f_index_text.T, index_text @ index_text.T, tn)
+            # query to catalog, own product left out: what a query finds besides its product
+            + neighbourhood_kl(f_index_fused @ f_index_fused.T, query_image @ index_image.T, tn)
+            + neighbourhood_kl(f_query_fused @ f_index_fused.T, query_fused @ index_fused.T, tn)
+            # a text names a kind of product: its whole distribution is kept
+            + neighbourhood_kl(
+                f_query_text @ f_index_text.T, query_text @ index_text.T, tn, mask_own=False
+            )
+        )
+        loss = loss + config.neighbourhood_weight * keep
+    return loss
+
+
+def _scores(
+    model: FusionModel, data: _Tensors, categories: np.ndarray | None, held: np.ndarray
+) -> Scores:
+    splits = {"seen": np.flatnonzero(~held), "held_out": np.flatnonzero(held)}
+    return {
+        split: evaluate(
+            model,
+            data.catalog_image,
+            data.catalog_text,
+            data.eval_image,
+            data.eval_text,
+            categories,
+            rows,
+        )
+        for split, rows in splits.items()
+        if len(rows)
+    }

@@ -1,0 +1,91 @@
+"""``loupe train`` as a merchant runs it: from the real products topic, to a checkpoint that
+``loupe embed`` (and so ``serve``) loads as a new model version, and that other towers refuse."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from kafka import KafkaProducer
+
+from loupe.cli import main
+from loupe.dev.catalog import load_catalog, upserted_event
+from loupe.dev.cdn import StandInCdn
+from loupe.encoders.fusion import load_fusion
+
+pytestmark = pytest.mark.integration
+
+
+def test_train_from_the_products_topic_then_serve_the_checkpoint(
+    bootstrap_servers, make_topic, tmp_path, monkeypatch, capsys
+):
+    catalog = load_catalog()[::8]  # 30 products, every category
+    topic = make_topic("products", partitions=3)
+    photos = catalog[0].image_path.parent.parent
+    with StandInCdn(photos) as cdn:
+        producer = KafkaProducer(bootstrap_servers=bootstrap_servers)
+
+        def send(key: str, event: dict | bytes) -> None:
+            value = event if isinstance(event, bytes) else json.dumps(event).encode()
+            producer.send(topic, key=key.encode(), value=value)
+
+        for n, product in enumerate(catalog):
+            if n % 3:
+                data = base64.b64encode(product.image_path.read_bytes()).decode()
+                image = {"data": data, "media_type": "image/jpeg"}
+            else:  # by URL, fetched under the same policy as ingest
+                image = {"url": f"{cdn.url}/{product.image_path.relative_to(photos).as_posix()}"}
+            send(f"giva/{product.product_id}", upserted_event(product, image, version=1))
+        gone = catalog[1]
+        send(f"giva/{gone.product_id}", {**_deleted(gone.product_id)})
+        missing = upserted_event(catalog[2], {"url": f"{cdn.url}/no-such.jpg"}, product_id="x1")
+        send("giva/x1", missing)
+        send("giva/bad", b'{"type": "product.upserted"}')
+        producer.flush()
+        producer.close()
+
+        out = tmp_path / "fusion.safetensors"
+        monkeypatch.setenv("LOUPE_BOOTSTRAP_SERVERS", bootstrap_servers)
+        monkeypatch.setenv("LOUPE_PRODUCTS_TOPIC", topic)
+        monkeypatch.setenv("LOUPE_STATE_DIR", str(tmp_path / "state"))
+        monkeypatch.setenv("LOUPE_FETCH_ALLOW_LOOPBACK", "true")
+        code = main(["train", "--views", "3", "--steps", "150", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "33 events: 30 products, 1 deleted, 0 superseded, 1 invalid" in printed
+    assert "1 products left out: their image could not be read" in printed
+    assert "held-out photo" in printed or "held-out:" in printed
+    assert "photo+text" in printed and "R@10" in printed
+
+    checkpoint = load_fusion(out)
+    assert checkpoint.training["products"] == 29
+    losses = checkpoint.training["losses"]
+    assert losses[-1] < losses[0], "training lowers the loss"
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary["checkpoint"] == str(out)
+    assert summary["model_version"].startswith(checkpoint.base)
+
+    # Served: a new model version (so a new collection), named after the checkpoint.
+    assert main(["embed", "--text", "gold ring", "--json"]) == 0
+    untrained = json.loads(capsys.readouterr().out.splitlines()[0])["model_version"]
+    monkeypatch.setenv("LOUPE_FUSION_CHECKPOINT", str(out))
+    assert main(["embed", "--text", "gold ring", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out.splitlines()[0])["model_version"]
+    assert trained == summary["model_version"] != untrained
+
+    # Heads trained on one preprocessing are refused on another, with a way out.
+    monkeypatch.setenv("LOUPE_IMAGE_FIT", "center_crop")
+    assert main(["embed", "--text", "gold ring"]) == 2
+    error = capsys.readouterr().err
+    assert "was trained for the model base" in error and "center_crop224" in error
+
+
+def _deleted(product_id: str) -> dict:
+    return {
+        "type": "product.deleted",
+        "event_id": f"delete-{product_id}",
+        "occurred_at": "2026-11-28T00:00:00+00:00",
+        "merchant_id": "giva",
+        "product_id": product_id,
+    }

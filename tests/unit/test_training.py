@@ -1,0 +1,261 @@
+"""``loupe train``'s parts on small synthetic catalogs: the objective, the split, the trainer
+(loss falls, held-out recall rises, categories kept), the feature cache, the catalog reader."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from loupe.encoders.fused import Encoded
+from loupe.encoders.fusion import FusionConfig, FusionModel, fusion_digest
+from loupe.train.features import CatalogFeatures, extract_features
+from loupe.train.objective import info_nce, neighbourhood_kl
+from loupe.train.queries import evaluation_query, training_queries
+from loupe.train.source import (
+    CatalogSourceError,
+    ReadReport,
+    TrainingProduct,
+    latest_products,
+    read_jsonl,
+)
+from loupe.train.trainer import TrainConfig, held_out_mask, train
+
+SMALL = FusionConfig(image_dim=64, text_dim=32, token_dim=32, n_heads=2, head_rank=16)
+
+
+# --- objective -----------------------------------------------------------------------------
+
+
+def test_info_nce_is_low_when_each_query_is_nearest_its_own_key():
+    keys = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    aligned = info_nce(keys, keys, 0.05)
+    shuffled = info_nce(keys.roll(1, dims=0), keys, 0.05)
+    assert aligned < 0.1 < shuffled
+
+
+def test_neighbourhood_kl_is_zero_for_the_same_scores_and_ignores_the_own_product():
+    scores = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    assert neighbourhood_kl(scores, scores, 0.05).abs() < 1e-6
+    moved_own = scores + torch.eye(6) * 5.0  # only the diagonal changes
+    assert neighbourhood_kl(scores, moved_own, 0.05).abs() < 1e-6
+    assert neighbourhood_kl(scores, moved_own, 0.05, mask_own=False) > 0.1
+    assert neighbourhood_kl(scores, scores.flip(1), 0.05) > 0.1
+    assert torch.isfinite(neighbourhood_kl(scores, scores.flip(1), 0.05))
+
+
+# --- the split and the query texts -------------------------------------------------------
+
+
+def test_the_held_out_split_depends_on_the_key_only():
+    keys = [f"m/p{i}" for i in range(2000)]
+    held = held_out_mask(keys, 0.2, seed=0)
+    assert 0.17 < held.mean() < 0.23
+    grown = held_out_mask(keys + [f"m/new{i}" for i in range(500)], 0.2, seed=0)
+    assert (grown[:2000] == held).all(), "adding products must not move old ones across"
+    assert not (held_out_mask(keys, 0.2, seed=1) == held).all()
+    assert not held_out_mask(keys, 0.0, seed=0).any()
+
+
+def test_training_never_draws_the_evaluation_template():
+    attributes = {"category": "ring", "subcategory": "Diamond Ring", "material": "18K Gold"}
+    title = "Gleaming Dewdrops Diamond Ring SKU12345678"
+    held_back = evaluation_query(title, attributes)
+    assert held_back == "diamond ring"
+    drawn = training_queries(title, attributes, 200, random.Random(0))
+    assert held_back not in drawn
+    assert {"ring", "18k gold", "18k gold ring", "gleaming dewdrops"} <= set(drawn)
+    assert not any("sku12345678" in q for q in drawn), "codes are not query words"
+    assert evaluation_query("Hoop Earrings", {}) == "hoop earrings"
+
+
+# --- the trainer -----------------------------------------------------------------------------
+
+
+def synthetic_catalog(n: int = 80, views: int = 6, seed: int = 0) -> CatalogFeatures:
+    """Products in 4 categories; shopper photos = the product's vector plus strong noise in a
+    few shared 'lighting' directions (which a head can learn to ignore) plus weak noise."""
+    rng = np.random.default_rng(seed)
+    di, dt = SMALL.image_dim, SMALL.text_dim
+    categories = np.array([f"c{i % 4}" for i in range(n)])
+    centres = rng.normal(size=(4, di))
+    image = centres[np.arange(n) % 4] * 0.6 + rng.normal(size=(n, di))
+    text_centres = rng.normal(size=(4, dt))
+    text = text_centres[np.arange(n) % 4] + 0.3 * rng.normal(size=(n, dt))
+    nuisance = rng.normal(size=(3, di)) * 2.5  # (3, Di) shared directions
+    photos = (
+        image[:, None, :]
+        + np.einsum("nkc,cd->nkd", rng.normal(size=(n, views + 1, 3)), nuisance)
+        + 0.3 * rng.normal(size=(n, views + 1, di))
+    )  # (N, K+1, Di)
+    words = text[:, None, :] + 0.8 * rng.normal(size=(n, views + 1, dt))  # (N, K+1, Dt)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+
+    return CatalogFeatures(
+        keys=[f"m/p{i}" for i in range(n)],
+        categories=categories,
+        catalog_image=unit(image),
+        catalog_text=unit(text),
+        view_image=unit(photos[:, :views]),
+        view_text=unit(words[:, :views]),
+        eval_image=unit(photos[:, views]),
+        eval_text=unit(words[:, views]),
+    )
+
+
+def test_training_lowers_the_loss_and_lifts_held_out_recall_keeping_categories():
+    features = synthetic_catalog()
+    model = FusionModel(SMALL)
+    untrained = fusion_digest(model)
+    result = train(
+        features, model, TrainConfig(steps=300, batch_size=32, eval_every=50, holdout=0.25)
+    )
+    losses = [record["loss"] for record in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert fusion_digest(model) == untrained, "the model passed in is the frozen reference"
+    assert fusion_digest(result.model) != untrained
+    before, after = result.before["held_out"], result.after["held_out"]
+    assert result.held_out >= 10
+    assert after["photo"].recall_at_1 > before["photo"].recall_at_1 + 0.1
+    assert after["photo+text"].recall_at_1 >= before["photo+text"].recall_at_1
+    assert after["text"].category_p10 >= before["text"].category_p10 - 0.05
+    assert after["photo+text"].category_p10 >= before["photo+text"].category_p10 - 0.05
+    record = result.record(TrainConfig(steps=300))
+    assert record["after"]["held_out"]["photo"]["recall_at_1"] == after["photo"].recall_at_1
+    json.dumps(record)  # it goes into the checkpoint's metadata
+
+
+def test_a_catalog_too_small_to_split_is_refused():
+    with pytest.raises(ValueError, match="at least 2 products outside the held-out share"):
+        train(synthetic_catalog(n=2), FusionModel(SMALL), TrainConfig(steps=1, holdout=0.5))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("holdout", 1.0, "holdout"), ("steps", 0, "steps"), ("batch_size", 1, "batch_size")],
+)
+def test_train_config_is_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+# --- the feature cache ---------------------------------------------------------------------
+
+
+class CountingTowers:
+    """Stands in for FusedEncoder.encode_towers: deterministic vectors, counted calls."""
+
+    base_version = "fake-base"
+
+    def __init__(self) -> None:
+        self.items = 0
+
+    def encode_towers(self, items):
+        self.items += len(items)
+        out = []
+        for item in items:
+            seed = hash(item.image if item.image is not None else item.text) % 2**32
+            vector = np.random.default_rng(seed).normal(size=8).astype(np.float32)
+            out.append(Encoded(vectors={"image" if item.image is not None else "text": vector}))
+        return out
+
+
+def _photo(colour: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), colour).save(out, "JPEG")
+    return out.getvalue()
+
+
+def _product(i: int) -> TrainingProduct:
+    return TrainingProduct(
+        key=f"m/p{i}",
+        title=f"Gold Ring {i}",
+        attributes={"category": "ring"},
+        description="",
+        image=_photo((10 * i, 100, 200)),
+    )
+
+
+def test_features_are_computed_once_and_new_products_only_after(tmp_path):
+    towers = CountingTowers()
+    products = [_product(i) for i in range(3)]
+    first = extract_features(towers, products, views=2, seed=0, cache_dir=tmp_path)
+    per_product = 1 + 3 + 4  # catalog photo, 2 views + 1 eval photo; text, 2 queries, eval query
+    assert towers.items == 3 * per_product
+    assert first.view_image.shape == (3, 2, 8) and first.view_text.shape == (3, 2, 8)
+    assert list(first.categories) == ["ring"] * 3
+    again = extract_features(towers, [*products, _product(3)], views=2, seed=0, cache_dir=tmp_path)
+    assert towers.items == 4 * per_product, "only the new product is encoded"
+    np.testing.assert_array_equal(again.view_image[:3], first.view_image)
+    extract_features(towers, products, views=3, seed=0, cache_dir=tmp_path)
+    assert towers.items == 4 * per_product + 3 * (1 + 4 + 5), "other views: other features"
+
+
+def test_a_torn_cache_file_is_computed_again(tmp_path):
+    towers = CountingTowers()
+    extract_features(towers, [_product(0)], views=1, seed=0, cache_dir=tmp_path)
+    for path in tmp_path.rglob("*.npz"):
+        path.write_bytes(b"torn")
+    before = towers.items
+    extract_features(towers, [_product(0)], views=1, seed=0, cache_dir=tmp_path)
+    assert towers.items == 2 * before
+
+
+# --- the catalog reader ------------------------------------------------------------------------
+
+
+def _event(product_id: str, kind: str = "product.upserted", version: int | None = None) -> bytes:
+    event = {
+        "type": kind,
+        "event_id": f"e-{product_id}-{kind}-{version}",
+        "occurred_at": "2026-11-28T00:00:00+00:00",
+        "merchant_id": "m",
+        "product_id": product_id,
+        "version": version,
+    }
+    if kind == "product.upserted":
+        event |= {
+            "title": f"Ring {product_id} v{version}",
+            "image": {
+                "data": base64.b64encode(_photo((1, 2, 3))).decode(),
+                "media_type": "image/jpeg",
+            },
+        }
+    return json.dumps(event).encode()
+
+
+def test_the_latest_state_of_each_product_is_what_trains():
+    report = ReadReport()
+    latest = latest_products(
+        [
+            _event("a", version=1),
+            _event("a", version=3),
+            _event("a", version=2),  # older than what is there: ignored
+            _event("b"),
+            _event("b", "product.deleted"),
+            b"{not json",
+            _event("c", version=1),
+        ],
+        report,
+    )
+    assert sorted(latest) == ["m/a", "m/c"]
+    assert latest["m/a"].title == "Ring a v3"
+    assert (report.events, report.invalid, report.deleted, report.superseded) == (7, 1, 1, 1)
+    assert report.reasons and "event 6" in report.reasons[0]
+
+
+def test_a_file_that_is_not_product_events_is_refused_clearly(tmp_path):
+    with pytest.raises(CatalogSourceError, match="is not a file"):
+        list(read_jsonl(tmp_path / "missing.jsonl"))
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(_event("a") + b"\n\n" + _event("b") + b"\n")
+    assert len(list(read_jsonl(events))) == 2
