@@ -63,7 +63,7 @@ from loupe.cli.common import KAFKA_SETTINGS, global_options, settings, settings_
     "--max-products",
     type=click.IntRange(10, 10_000_000),
     default=200_000,
-    help="Refuse larger catalogs (features take ~46 KB per product at 16 views).",
+    help="Refuse larger catalogs (features take ~60 KB per product at 16 views).",
 )
 @click.option("--no-cache", is_flag=True, help="Compute every product's tower vectors again.")
 @global_options
@@ -92,14 +92,12 @@ def train(
     from loupe.consumers.kafka_io import require_broker
     from loupe.encoders.fused import FusedEncoder
     from loupe.train.evaluate import scores_table
-    from loupe.train.pipeline import train_checkpoint
     from loupe.train.source import (
         CatalogSourceError,
         ReadReport,
         latest_products,
         read_jsonl,
         read_topic,
-        with_images,
     )
     from loupe.train.trainer import TrainConfig
 
@@ -131,12 +129,35 @@ def train(
     if len(latest) > max_products:
         raise CatalogSourceError(
             f"{len(latest)} products is more than --max-products {max_products}; raise it if "
-            "this machine has the memory (about 46 KB per product at 16 views)"
+            "this machine has the memory (about 60 KB per product at 16 views)"
         )
-    products = with_images(latest, current.fetch_policy(), report)
+    # Heads are trained from the untrained ones: a configured checkpoint is what this replaces.
+    profile = current.model_copy(update={"fusion_checkpoint": None}).model_profile()
+    encoder = FusedEncoder.from_profile(profile)
+    try:
+        trained = _train(encoder, latest, config, report, out=out, use_cache=not no_cache)
+    finally:
+        encoder.close()
+    result = trained.result
+    click.echo("")
+    click.echo(scores_table({"untrained": result.before, "trained": result.after}))
+    click.echo(f"\ntrained in {result.seconds:.0f} s; checkpoint {trained.path}")
+    click.echo(f"model version {trained.model_version}")
+    click.echo(f"serve it:  LOUPE_FUSION_CHECKPOINT={trained.path} loupe serve")
+    click.echo(
+        json.dumps({"checkpoint": str(trained.path), "model_version": trained.model_version})
+    )
+    return 0
+
+
+def _train(encoder, latest: dict, config, report, *, out: Path | None, use_cache: bool):
+    """Images, then training, on an encoder the caller closes."""
+    from loupe.train.pipeline import train_checkpoint
+    from loupe.train.source import with_images
+
+    products = with_images(latest, settings().fetch_policy(), encoder.limits, report)
     if report.images_failed:
         click.echo(f"    {report.images_failed} products left out: their image could not be read")
-    encoder = FusedEncoder.from_profile(current.model_profile())
     click.echo(f"==> model base {encoder.base_version} on {encoder.device}")
     click.echo(
         f"==> training on {len(products)} products ({config.holdout:.0%} held out), "
@@ -152,28 +173,15 @@ def train(
             f"text P@10 {_p(text['category_p10'])}  ({record['seconds']:.0f} s)"
         )
 
-    try:
-        trained = train_checkpoint(
-            encoder,
-            products,
-            config,
-            state_dir=current.state_dir,
-            out=out,
-            use_cache=not no_cache,
-            on_evaluation=show,
-        )
-    finally:
-        encoder.close()
-    result = trained.result
-    click.echo("")
-    click.echo(scores_table({"untrained": result.before, "trained": result.after}))
-    click.echo(f"\ntrained in {result.seconds:.0f} s; checkpoint {trained.path}")
-    click.echo(f"model version {trained.model_version}")
-    click.echo(f"serve it:  LOUPE_FUSION_CHECKPOINT={trained.path} loupe serve")
-    click.echo(
-        json.dumps({"checkpoint": str(trained.path), "model_version": trained.model_version})
+    return train_checkpoint(
+        encoder,
+        products,
+        config,
+        state_dir=settings().state_dir,
+        out=out,
+        use_cache=use_cache,
+        on_evaluation=show,
     )
-    return 0
 
 
 def _p(value: float | None) -> str:

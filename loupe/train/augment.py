@@ -16,17 +16,27 @@ from __future__ import annotations
 import io
 import random
 
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter
+
+from loupe.encoders.images import DecodeLimits, decode_image
 
 WORK_SIDE = 448  # the catalog photo is reduced to this first: every later step is cheaper
 
 
-def shopper_photo(image_bytes: bytes, seed: int) -> bytes:
-    """A JPEG of the product as a shopper might photograph it. Deterministic per seed."""
-    rng = random.Random(seed)
-    image = Image.open(io.BytesIO(image_bytes))
-    image = ImageOps.exif_transpose(image).convert("RGB")
+def studio_photo(image_bytes: bytes, limits: DecodeLimits | None = None) -> Image.Image:
+    """The catalog photo, decoded once under the model's limits (merchant bytes are untrusted:
+    size, pixel count, format) and reduced to ``WORK_SIDE``: what ``shopper_photo`` starts from.
+    Raises ``ImageRejected``."""
+    image = decode_image(image_bytes, limits=limits, target_side=WORK_SIDE)
     image.thumbnail((WORK_SIDE, WORK_SIDE), Image.BILINEAR)
+    return image
+
+
+def shopper_photo(studio: Image.Image, seed: int) -> bytes:
+    """A JPEG of the product as a shopper might photograph it (training family), from
+    ``studio_photo``'s image, which is not changed. Deterministic per seed."""
+    rng = random.Random(seed)
+    image = studio.copy()
     surface = _surface(image.size, rng)
     if rng.random() < 0.8:
         image = _on_surface(image, surface)
@@ -141,11 +151,12 @@ def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
     return Image.blend(image, noise, rng.uniform(0.04, 0.12))
 
 
-def phone_photo(image_bytes: bytes, seed: int) -> bytes:
-    """A shopper's photo of the product: off-centre, tilted, zoomed, warmer or cooler, softer,
-    on a table instead of a white sweep, in 4:3, re-compressed. Deterministic per seed."""
+def phone_photo(image_bytes: bytes, seed: int, limits: DecodeLimits | None = None) -> bytes:
+    """A shopper's photo of the product (evaluation family): off-centre, tilted, zoomed, warmer
+    or cooler, softer, on a table instead of a white sweep, in 4:3, re-compressed. Decoded
+    under the model's limits (``ImageRejected``). Deterministic per seed."""
     rng = random.Random(seed)
-    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    image = decode_image(image_bytes, limits=limits)
     width, height = image.size
     # The product on a tinted surface: replace the white backdrop by a table colour.
     table = tuple(rng.randint(170, 235) for _ in range(3))

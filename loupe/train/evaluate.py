@@ -39,18 +39,28 @@ def retrieval_scores(
     recall: bool,
     categories: np.ndarray | None,
     rows: np.ndarray,
+    chunk: int = 256,
 ) -> RetrievalScores:
-    """``queries`` ``(N, D)`` and ``index`` ``(N, D)`` unit vectors, query ``i`` about product
-    ``i``; scored over the query ``rows`` only. ``recall`` False for text queries."""
-    scores = queries[rows] @ index.T  # (Q, N)
+    """``queries`` ``(Q, D)``, query ``j`` about product ``rows[j]``, against ``index``
+    ``(N, D)`` unit vectors, ``chunk`` queries at a time (a 100k catalog's score matrix would
+    not fit). ``recall`` False for text queries."""
+    ranks, precisions = [], []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]  # the products asked for
+        scores = queries[start : start + chunk] @ index.T  # (q, N)
+        if recall:
+            own = scores[np.arange(len(part)), part][:, None]  # (q, 1)
+            ranks.append((scores > own).sum(axis=1) + 1)  # ties favour the own product
+        if categories is not None:
+            k = min(TOP_K, scores.shape[1])
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (q, 10), unordered
+            precisions.append((categories[top] == categories[part][:, None]).mean(axis=1))
     recall_1 = recall_10 = precision = None
-    if recall:
-        own_score = scores[np.arange(len(rows)), rows][:, None]  # (Q, 1)
-        rank = (scores > own_score).sum(axis=1) + 1  # ties favour the own product
+    if recall and ranks:
+        rank = np.concatenate(ranks)
         recall_1, recall_10 = float(np.mean(rank == 1)), float(np.mean(rank <= TOP_K))
-    if categories is not None:
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K]  # (Q, 10)
-        precision = float(np.mean(categories[top] == categories[rows][:, None]))
+    if precisions:
+        precision = float(np.mean(np.concatenate(precisions)))
     return RetrievalScores(recall_1, recall_10, precision, len(rows))
 
 
@@ -68,12 +78,14 @@ def evaluate(
     ``catalog_image`` ``(N, Di)``, ``catalog_text`` ``(N, Dt)``, the evaluation ``photo`` ``(N,
     Di)`` and ``query_text`` ``(N, Dt)``."""
     model.eval()
+    catalog_image, catalog_text = catalog_image.float(), catalog_text.float()
+    photo, query_text = photo[rows].float(), query_text[rows].float()
     index = {
         "photo": model.image(catalog_image),
         "photo+text": model(catalog_image, catalog_text),
         "text": model.text(catalog_text),
     }
-    asked = {
+    asked = {  # row j is about product rows[j]
         "photo": model.image(photo),
         "photo+text": model(photo, query_text),
         "text": model.text(query_text),

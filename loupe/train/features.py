@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.encoders.images import DecodeLimits
 from loupe.progress import progress
-from loupe.train.augment import phone_photo, shopper_photo
+from loupe.train.augment import phone_photo, shopper_photo, studio_photo
 from loupe.train.queries import evaluation_query, training_queries
 from loupe.train.source import TrainingProduct
 
 log = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 1_000_000_007  # evaluation photos never share a seed with training views
-FEATURE_FORMAT = "1"  # bump when the simulators or the query templates change: stale cache
+FEATURE_FORMAT = "2"  # bump when the simulators or the query templates change: stale cache
 PRODUCTS_PER_CHUNK = 8  # products whose photos are simulated and encoded together
 
 
@@ -70,9 +72,12 @@ def extract_features(
     views: int,
     seed: int,
     cache_dir: Path | None,
-    workers: int = 2,
+    workers: int | None = None,
 ) -> CatalogFeatures:
-    """Every product's tower vectors, from the cache where present; shows progress."""
+    """Every product's tower vectors, from the cache where present; shows progress. Photos are
+    simulated on ``workers`` threads (default: one per CPU; Pillow releases the GIL)."""
+    workers = workers or min(32, os.cpu_count() or 2)
+    chunk_size = max(PRODUCTS_PER_CHUNK, workers)
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
     rows: list[dict[str, np.ndarray] | None] = [None] * len(products)
@@ -97,8 +102,8 @@ def extract_features(
             ThreadPoolExecutor(workers, thread_name_prefix="simulate") as pool,
             progress(total=len(missing), desc="features", unit="product") as bar,
         ):
-            for start in range(0, len(missing), PRODUCTS_PER_CHUNK):
-                chunk = missing[start : start + PRODUCTS_PER_CHUNK]
+            for start in range(0, len(missing), chunk_size):
+                chunk = missing[start : start + chunk_size]
                 computed = _compute(encoder, [products[i] for i in chunk], views, seed, pool)
                 for i, row in zip(chunk, computed, strict=True):
                     rows[i] = row
@@ -109,8 +114,16 @@ def extract_features(
     return CatalogFeatures(
         keys=[p.key for p in products],
         categories=np.array(categories) if all(categories) else None,
-        **{name: np.stack([row[name] for row in rows]) for name in _ARRAYS},
+        **{name: _stack([row[name] for row in rows]) for name in _ARRAYS},
     )
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    """``np.stack`` into float16, filled row by row (no float32 copy of the whole catalog)."""
+    out = np.empty((len(parts), *parts[0].shape), dtype=np.float16)
+    for i, part in enumerate(parts):
+        out[i] = part
+    return out
 
 
 _ARRAYS = ("catalog_image", "catalog_text", "view_image", "view_text", "eval_image", "eval_text")
@@ -123,12 +136,13 @@ def _compute(
     seed: int,
     pool: ThreadPoolExecutor,
 ) -> list[dict[str, np.ndarray]]:
-    jobs = []  # (product index, simulator, seed) per photo, in output order
-    for n, product in enumerate(products):
-        base = _product_seed(product.key, seed)
-        jobs += [(n, shopper_photo, base + k) for k in range(views)]
-        jobs.append((n, phone_photo, EVAL_SEED_OFFSET + base))
-    photos = list(pool.map(lambda job: job[1](products[job[0]].image, job[2]), jobs))
+    photos = [
+        photo
+        for product_photos in pool.map(
+            lambda product: _simulate(product, views, seed, encoder.limits), products
+        )
+        for photo in product_photos
+    ]  # per product: `views` training photos, then the evaluation photo
     items = [EncodeInput(image=p.image, media_type=p.media_type) for p in products]
     items += [EncodeInput(image=photo) for photo in photos]
     texts = []
@@ -162,6 +176,15 @@ def _compute(
             }
         )
     return rows
+
+
+def _simulate(product: TrainingProduct, views: int, seed: int, limits: DecodeLimits) -> list[bytes]:
+    """The product's simulated photos; its catalog photo is decoded once for all of them."""
+    base = _product_seed(product.key, seed)
+    studio = studio_photo(product.image, limits)
+    photos = [shopper_photo(studio, base + k) for k in range(views)]
+    photos.append(phone_photo(product.image, EVAL_SEED_OFFSET + base, limits))
+    return photos
 
 
 def _product_seed(key: str, seed: int) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.encoders.images import DecodeLimits, decode_image
 from loupe.encoders.preprocess import compose_product_text
 from loupe.progress import progress
 from loupe.schemas.errors import LoupeError
@@ -102,15 +103,18 @@ def latest_products(
 def with_images(
     events: dict[str, ProductUpserted],
     policy: FetchPolicy,
+    limits: DecodeLimits,
     report: ReadReport,
     workers: int = 8,
 ) -> list[TrainingProduct]:
-    """Each product with its image bytes; products whose image cannot be read are left out."""
+    """Each product with its image bytes; a product whose image cannot be fetched or decoded
+    under the model's limits (as ingest would refuse it) is left out."""
     fetcher = ImageFetcher(policy)
 
     def load(event: ProductUpserted) -> TrainingProduct | None:
         try:
             data, media_type = fetcher.load(event.image)
+            decode_image(data, limits=limits, media_type=media_type)
         except LoupeError as exc:
             report.images_failed += 1
             report.note(f"{event.key}: {exc}")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from loupe.encoders.fused import Encoded
 from loupe.encoders.fusion import FusionConfig, FusionModel, fusion_digest
+from loupe.encoders.images import DecodeLimits
 from loupe.train.features import CatalogFeatures, extract_features
 from loupe.train.objective import info_nce, neighbourhood_kl
 from loupe.train.queries import evaluation_query, training_queries
@@ -155,6 +156,7 @@ class CountingTowers:
     """Stands in for FusedEncoder.encode_towers: deterministic vectors, counted calls."""
 
     base_version = "fake-base"
+    limits = DecodeLimits()
 
     def __init__(self) -> None:
         self.items = 0
@@ -259,3 +261,28 @@ def test_a_file_that_is_not_product_events_is_refused_clearly(tmp_path):
     events = tmp_path / "events.jsonl"
     events.write_bytes(_event("a") + b"\n\n" + _event("b") + b"\n")
     assert len(list(read_jsonl(events))) == 2
+
+
+# --- the metrics -------------------------------------------------------------------------------
+
+
+def test_retrieval_scores_by_hand_and_in_any_chunking():
+    from loupe.train.evaluate import retrieval_scores
+
+    index = np.eye(4, dtype=np.float32)  # products 0..3, orthogonal
+    queries = np.array(
+        [[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 0, 0.2, 0.8]], dtype=np.float32
+    )  # about products 0, 1, 2: the first finds its own, the others do not
+    rows = np.array([0, 1, 2])
+    categories = np.array(["a", "a", "b", "b"])
+    for chunk in (1, 2, 256):
+        scores = retrieval_scores(
+            queries, index, recall=True, categories=categories, rows=rows, chunk=chunk
+        )
+        assert scores.recall_at_1 == pytest.approx(1 / 3)
+        assert scores.recall_at_10 == 1.0
+        # top 4 of 4 products: half share the query's category, for every query
+        assert scores.category_p10 == pytest.approx(0.5)
+        assert scores.queries == 3
+    text = retrieval_scores(queries, index, recall=False, categories=None, rows=rows)
+    assert (text.recall_at_1, text.category_p10) == (None, None)
