@@ -129,7 +129,26 @@ def models() -> int:
         "\n* the configured backbones (LOUPE_IMAGE_BACKBONE, LOUPE_TEXT_BACKBONE); a local model "
         "directory also works as LOUPE_TEXT_BACKBONE."
     )
+    click.echo(f"\nfusion: {_fusion_summary(config.fusion_checkpoint)}")
     return 0
+
+
+def _fusion_summary(path: Path | None) -> str:
+    """What LOUPE_FUSION_CHECKPOINT holds, in one line (read from its metadata only)."""
+    if path is None:
+        return "untrained (identity heads); `loupe train` fits it to a catalog"
+    from loupe.encoders.fusion import load_fusion
+
+    checkpoint = load_fusion(path)
+    record = checkpoint.training
+    held = record.get("after", {}).get("held_out", {}).get("photo", {})
+    measured = (
+        f", held-out photo R@1 {held['recall_at_1']:.3f}" if held.get("recall_at_1") else ""
+    )
+    return (
+        f"{path} (base {checkpoint.base}; trained on {record.get('products', '?')} products"
+        f"{measured})"
+    )
 
 
 COMMANDS = [embed, models]

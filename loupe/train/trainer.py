@@ -162,8 +162,10 @@ def train(
     order: list[int] = []
     running = 0.0
     for step in range(1, config.steps + 1):
-        if len(order) < batch:  # each epoch visits every training product once
-            order += train_rows[torch.randperm(len(train_rows), generator=generator)].tolist()
+        if len(order) < batch:  # a new epoch, after the last one's leftovers, none twice
+            fresh = train_rows[torch.randperm(len(train_rows), generator=generator)].tolist()
+            leftover = set(order)
+            order += [row for row in fresh if row not in leftover]
         rows = torch.tensor(order[:batch], device=device)
         del order[:batch]
         loss = _loss(trained, frozen, data, rows, config, generator)

@@ -73,6 +73,10 @@ def test_train_from_the_products_topic_then_serve_the_checkpoint(
     assert main(["embed", "--text", "gold ring", "--json"]) == 0
     trained = json.loads(capsys.readouterr().out.splitlines()[0])["model_version"]
     assert trained == summary["model_version"] != untrained
+    assert main(["models"]) == 0
+    assert f"fusion: {out} (base {checkpoint.base}; trained on 29 products" in (
+        capsys.readouterr().out
+    )
 
     # Heads trained on one preprocessing are refused on another, with a way out.
     monkeypatch.setenv("LOUPE_IMAGE_FIT", "center_crop")
