@@ -142,9 +142,7 @@ def _fusion_summary(path: Path | None) -> str:
     checkpoint = load_fusion(path)
     record = checkpoint.training
     held = record.get("after", {}).get("held_out", {}).get("photo", {})
-    measured = (
-        f", held-out photo R@1 {held['recall_at_1']:.3f}" if held.get("recall_at_1") else ""
-    )
+    measured = f", held-out photo R@1 {held['recall_at_1']:.3f}" if held.get("recall_at_1") else ""
     return (
         f"{path} (base {checkpoint.base}; trained on {record.get('products', '?')} products"
         f"{measured})"

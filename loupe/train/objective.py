@@ -14,11 +14,15 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Query ``i``'s positive is key ``i``; every other key in the batch is a negative.
-    ``queries`` and ``keys``: ``(B, D)`` unit vectors."""
-    logits = queries @ keys.T / temperature  # (B, B)
-    return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
+def info_nce(
+    queries: torch.Tensor, keys: torch.Tensor, temperature: float, own: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Query ``j``'s positive is key ``own[j]`` (default: key ``j``); every other key in the
+    batch is a negative. ``queries`` ``(Q, D)`` and ``keys`` ``(B, D)``: unit vectors."""
+    logits = queries @ keys.T / temperature  # (Q, B)
+    if own is None:
+        own = torch.arange(len(queries), device=queries.device)
+    return F.cross_entropy(logits, own)
 
 
 def neighbourhood_kl(
@@ -27,13 +31,18 @@ def neighbourhood_kl(
     temperature: float,
     *,
     mask_own: bool = True,
+    own: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``KL(softmax(frozen / t) || softmax(trained / t))`` per row, averaged. ``(B, N)`` cosine
-    matrices; with ``mask_own`` the diagonal (the anchor's own product) is left out."""
+    """``KL(softmax(frozen / t) || softmax(trained / t))`` per row, averaged. ``(Q, N)`` cosine
+    matrices; with ``mask_own`` each row's own product (column ``own[j]``, default the
+    diagonal) is left out."""
     if mask_own:
-        own = torch.eye(*scores.shape, dtype=torch.bool, device=scores.device)  # (B, N)
-        frozen_scores = frozen_scores.masked_fill(own, float("-inf"))
-        scores = scores.masked_fill(own, float("-inf"))
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        columns = rows if own is None else own
+        mask = torch.zeros_like(scores, dtype=torch.bool)  # (Q, N)
+        mask[rows, columns] = True
+        frozen_scores = frozen_scores.masked_fill(mask, float("-inf"))
+        scores = scores.masked_fill(mask, float("-inf"))
     target = F.softmax(frozen_scores / temperature, dim=-1)  # (B, N)
     log_predicted = F.log_softmax(scores / temperature, dim=-1)  # (B, N)
     # -inf * 0 on the masked diagonal would be NaN: only where the target has mass counts.

@@ -39,6 +39,7 @@ class TrainConfig:
     holdout: float = 0.2  # share of products never trained on, measured apart
     steps: int = 600  # optimiser steps
     batch_size: int = 128  # products per step; the others in the batch are the negatives
+    photos_per_product: int = 4  # shopper photos (each with a query text) per product per step
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05  # InfoNCE softmax temperature
@@ -52,7 +53,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be within [0, 1), got {self.holdout}")
-        for name in ("views", "steps", "batch_size", "eval_every"):
+        for name in ("views", "steps", "batch_size", "eval_every", "photos_per_product"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -205,17 +206,19 @@ def _loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     batch, views = len(rows), data.view_image.shape[1]
-    pick = torch.randint(0, views, (batch,), generator=generator).to(rows.device)
-    pick_text = torch.randint(0, views, (batch,), generator=generator).to(rows.device)
-    photo = data.view_image[rows, pick].float()  # (B, Di) one shopper photo per product
-    words = data.view_text[rows, pick_text].float()  # (B, Dt) one short query text per product
-    image, text = data.catalog_image[rows].float(), data.catalog_text[rows].float()
+    asked = rows.repeat(config.photos_per_product)  # (Q,) the product each query is about
+    own = torch.arange(batch, device=rows.device).repeat(config.photos_per_product)  # (Q,)
+    pick = torch.randint(0, views, (len(asked),), generator=generator).to(rows.device)
+    pick_text = torch.randint(0, views, (len(asked),), generator=generator).to(rows.device)
+    photo = data.view_image[asked, pick].float()  # (Q, Di) shopper photos
+    words = data.view_text[asked, pick_text].float()  # (Q, Dt) a short query text each
+    image, text = data.catalog_image[rows].float(), data.catalog_text[rows].float()  # (B, .)
 
-    query_image, index_image = model.image(photo), model.image(image)  # (B, Di)
-    query_fused, index_fused = model(photo, words), model(image, text)  # (B, D)
-    query_text, index_text = model.text(words), model.text(text)  # (B, Dt)
+    query_image, index_image = model.image(photo), model.image(image)  # (Q, Di), (B, Di)
+    query_fused, index_fused = model(photo, words), model(image, text)  # (Q, D), (B, D)
+    query_text, index_text = model.text(words), model.text(text)  # (Q, Dt), (B, Dt)
     t = config.temperature
-    loss = info_nce(query_image, index_image, t) + info_nce(query_fused, index_fused, t)
+    loss = info_nce(query_image, index_image, t, own) + info_nce(query_fused, index_fused, t, own)
     if config.neighbourhood_weight:
         with torch.no_grad():
             f_index_fused, f_query_fused = frozen(image, text), frozen(photo, words)
@@ -230,8 +233,12 @@ def _loss(
             + neighbourhood_kl(f_index_fused @ f_index_fused.T, index_fused @ index_fused.T, tn)
             + neighbourhood_kl(f_index_text @ f_index_text.T, index_text @ index_text.T, tn)
             # query to catalog, own product left out: what a query finds besides its product
-            + neighbourhood_kl(f_index_fused @ f_index_fused.T, query_image @ index_image.T, tn)
-            + neighbourhood_kl(f_query_fused @ f_index_fused.T, query_fused @ index_fused.T, tn)
+            + neighbourhood_kl(
+                (f_index_fused @ f_index_fused.T)[own], query_image @ index_image.T, tn, own=own
+            )
+            + neighbourhood_kl(
+                f_query_fused @ f_index_fused.T, query_fused @ index_fused.T, tn, own=own
+            )
             # a text names a kind of product: its whole distribution is kept
             + neighbourhood_kl(
                 f_query_text @ f_index_text.T, query_text @ index_text.T, tn, mask_own=False
