@@ -35,7 +35,7 @@ from loupe.encoders.batching import iter_batch
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.encoders.preprocess import compose_product_text
 from loupe.schemas.errors import InvalidEvent
-from loupe.schemas.products import ProductDeleted, ProductUpserted, parse_product_event
+from loupe.schemas.products import ProductDeleted, ProductUpserted, parse_product_record
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Indexer(BatchWorker):
         with self.metrics.timer("parse"):
             for record in records:
                 try:
-                    event = parse_product_event(record.value)
+                    event = parse_product_record(record.key, record.value, record_time(record))
                 except InvalidEvent as exc:
                     self._dead_letter(record, exc.code, str(exc), "parse")
                     continue
@@ -242,6 +242,11 @@ class Indexer(BatchWorker):
 
     def _count(self, outcome: str) -> None:
         self.metrics.events.labels(topic=self.topic, outcome=outcome).inc()
+
+
+def record_time(record: Any) -> datetime:
+    """A Kafka record's timestamp (a tombstone's only 'occurred at')."""
+    return datetime.fromtimestamp(max(0, record.timestamp) / 1000, UTC)
 
 
 def _payload(event: ProductUpserted, model_version: str, indexed_at: str) -> dict[str, Any]:

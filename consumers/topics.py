@@ -2,6 +2,11 @@
 
 The names come from ``Settings`` (whose defaults are the contract's, in ``schemas/``), so the
 compose stack's init container runs ``loupe topics create`` instead of repeating them.
+
+The products topic is the catalog's source of truth, so it is created compacted
+(``cleanup.policy=compact``): Kafka keeps the latest event of every product key forever, and
+``loupe train`` (or a new model's ingest, in a new consumer group) can read the whole catalog
+from the beginning. Start-up warns when an existing products topic is not compacted.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from loupe.consumers.errors import LoupeError
@@ -18,6 +23,7 @@ from loupe.consumers.settings import Settings
 log = logging.getLogger(__name__)
 
 ROLES = ("ingest", "search", "all")
+COMPACTED = {"cleanup.policy": "compact"}
 
 
 class TopicsMissing(LoupeError):
@@ -46,6 +52,39 @@ def check_topics(settings: Settings, role: str) -> None:
             "with `loupe topics create` (the compose stack does), or in development start with "
             "`loupe serve --create-topics`"
         )
+    if role in ("ingest", "all"):
+        warn_unless_compacted(settings)
+
+
+def cleanup_policy(settings: Settings, topic: str) -> str:
+    """The topic's ``cleanup.policy`` as the broker reports it (``delete``, ``compact``, or
+    both, comma-separated)."""
+    admin = KafkaAdminClient(**settings.kafka_client_config(), client_id="loupe-admin")
+    try:
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all"
+        )
+    finally:
+        admin.close()
+    return str(described["topic"][topic]["cleanup.policy"]["value"])
+
+
+def warn_unless_compacted(settings: Settings) -> bool:
+    """Log a warning if the products topic is not compacted; return whether it is."""
+    policy = cleanup_policy(settings, settings.products_topic)
+    compacted = "compact" in policy.split(",")
+    if not compacted:
+        log.warning(
+            "the products topic %s is not compacted (cleanup.policy=%s): products whose last "
+            "event is older than the topic's retention vanish from it, so `loupe train` and a "
+            "new model's ingest cannot see them. Make it the catalog's source of truth: "
+            "kafka-configs.sh --alter --entity-type topics --entity-name %s --add-config "
+            "cleanup.policy=compact",
+            settings.products_topic,
+            policy,
+            settings.products_topic,
+        )
+    return compacted
 
 
 def all_topics(settings: Settings) -> list[str]:
@@ -65,7 +104,12 @@ def ensure_topics(
     try:
         existing = set(admin.list_topics())
         missing = [
-            NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+            NewTopic(
+                t,
+                num_partitions=partitions,
+                replication_factor=replication_factor,
+                topic_configs=COMPACTED if t == settings.products_topic else {},
+            )
             for t in all_topics(settings)
             if t not in existing
         ]

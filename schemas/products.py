@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, TypeAdapter
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 
 from loupe.schemas.common import (
     MAX_DESCRIPTION_CHARS,
+    MAX_ID_CHARS,
     MAX_TITLE_CHARS,
     Attributes,
     Contract,
@@ -18,6 +20,7 @@ from loupe.schemas.common import (
     Timestamp,
     Version,
 )
+from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.parsing import parse_value
 
 PRODUCTS_TOPIC = "loupe.products.v1"
@@ -67,3 +70,30 @@ def product_key(merchant_id: str, product_id: str) -> str:
 def parse_product_event(value: bytes | None) -> ProductUpserted | ProductDeleted:
     """Parse a ``loupe.products.v1`` value; raises ``InvalidEvent`` naming the bad field."""
     return parse_value(PRODUCT_EVENT_ADAPTER, value, "product event")
+
+
+def parse_product_record(
+    key: bytes | None, value: bytes | None, occurred_at: datetime
+) -> ProductUpserted | ProductDeleted:
+    """A ``loupe.products.v1`` record: an event, or a tombstone (a null value) that deletes the
+    product its key names. The topic is compacted, and a tombstone is how a merchant lets
+    compaction forget a deleted product altogether; ``occurred_at`` is the record's time (a
+    tombstone carries nothing else). Raises ``InvalidEvent``."""
+    if value is not None:
+        return parse_product_event(value)
+    text = key.decode("utf-8", "replace") if key else ""
+    merchant_id, _, product_id = text.partition("/")
+    try:
+        return ProductDeleted(
+            event_id=f"tombstone:{text}"[:MAX_ID_CHARS],
+            occurred_at=occurred_at,
+            merchant_id=merchant_id,
+            product_id=product_id,
+        )
+    except ValidationError:
+        raise InvalidEvent(
+            ErrorCode.INVALID_EVENT,
+            "a tombstone (null value) deletes the product its key names, so its key must be "
+            f"<merchant_id>/<product_id>; got {text[:80]!r}",
+            field="key",
+        ) from None

@@ -92,7 +92,13 @@ def topics() -> None:
 )
 @global_options
 def topics_create(partitions: int, replication_factor: int) -> int:
-    """Create whichever of Loupe's topics are missing (existing ones are left as they are)."""
+    """Create whichever of Loupe's topics are missing (existing ones are left as they are).
+
+    The products topic is created compacted (cleanup.policy=compact): Kafka keeps the latest
+    event of every product forever, so the whole catalog can be read again from the beginning
+    (`loupe train`, a new model's ingest). Delete a product with a product.deleted event; a
+    tombstone (null value under its key) deletes it too and lets compaction forget it.
+    """
     from loupe.consumers.kafka_io import require_broker
     from loupe.consumers.topics import all_topics, ensure_topics
 
@@ -100,7 +106,10 @@ def topics_create(partitions: int, replication_factor: int) -> int:
     require_broker(config)
     created = ensure_topics(config, partitions, replication_factor)
     for topic in all_topics(config):
-        click.echo(f"{topic}: {'created' if topic in created else 'exists'}")
+        shown = "created" if topic in created else "exists"
+        if topic == config.products_topic and topic in created:
+            shown += " (compacted)"
+        click.echo(f"{topic}: {shown}")
     return 0
 
 
@@ -110,12 +119,15 @@ def topics_create(partitions: int, replication_factor: int) -> int:
 def topics_check(role: str) -> int:
     """Check that the topics a role needs exist (what `serve` checks at start)."""
     from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.topics import check_topics, required_topics
+    from loupe.consumers.topics import check_topics, cleanup_policy, required_topics
 
     config = settings()
     require_broker(config)
-    check_topics(config, role)
+    check_topics(config, role)  # logs a warning if the products topic is not compacted
     click.echo(f"all present: {', '.join(required_topics(config, role))}")
+    if role in ("ingest", "all"):
+        policy = cleanup_policy(config, config.products_topic)
+        click.echo(f"{config.products_topic}: cleanup.policy={policy}")
     return 0
 
 

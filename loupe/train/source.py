@@ -15,14 +15,16 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.consumers.ingest import record_time
 from loupe.encoders.images import DecodeLimits, decode_image
 from loupe.encoders.preprocess import compose_product_text
 from loupe.progress import progress
 from loupe.schemas.errors import LoupeError
-from loupe.schemas.products import ProductUpserted, parse_product_event
+from loupe.schemas.products import ProductUpserted, parse_product_record
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +73,16 @@ class ReadReport:
             log.warning("left out of training: %s", reason)
 
 
-def latest_products(
-    values: Iterable[bytes | None], report: ReadReport
-) -> dict[str, ProductUpserted]:
-    """The latest upsert per product key after applying every event in order."""
+Record = tuple[bytes | None, bytes | None, datetime]  # key, value, time
+
+
+def latest_products(records: Iterable[Record], report: ReadReport) -> dict[str, ProductUpserted]:
+    """The latest upsert per product key after applying every event (or tombstone) in order."""
     latest: dict[str, ProductUpserted] = {}
-    for value in values:
+    for key, value, at in records:
         report.events += 1
         try:
-            event = parse_product_event(value)
+            event = parse_product_record(key, value, at)
         except LoupeError as exc:
             report.invalid += 1
             report.note(f"event {report.events}: {exc}")
@@ -141,8 +144,8 @@ def with_images(
     return products
 
 
-def read_jsonl(path: Path) -> Iterator[bytes]:
-    """Each line of a JSON-lines file of product events, as bytes (blank lines skipped)."""
+def read_jsonl(path: Path) -> Iterator[Record]:
+    """Each line of a JSON-lines file of product events (blank lines skipped), as a record."""
     if not path.is_file():
         raise CatalogSourceError(f"{path} is not a file of product events (JSON lines)")
     with path.open("rb") as handle:
@@ -153,12 +156,10 @@ def read_jsonl(path: Path) -> Iterator[bytes]:
                     f"{MAX_EVENT_LINE_BYTES} (is this a JSON-lines file of product events?)"
                 )
             if line.strip():
-                yield line.rstrip(b"\r\n")
+                yield None, line.rstrip(b"\r\n"), datetime.now(UTC)
 
 
-def read_topic(
-    client_config: dict, topic: str, stall_timeout_s: float = 15.0
-) -> Iterator[bytes | None]:
+def read_topic(client_config: dict, topic: str, stall_timeout_s: float = 15.0) -> Iterator[Record]:
     """Every committed value on ``topic`` from the beginning up to the end it had when reading
     started, with a group-less consumer (nothing is committed, no group is joined). Stops with a
     warning if no partition moves for ``stall_timeout_s`` (a transaction left open by a crashed
@@ -191,7 +192,7 @@ def read_topic(
             for tp, records in reader.poll(timeout_ms=500).items():
                 for record in records:
                     if record.offset < ends[tp]:
-                        yield record.value
+                        yield record.key, record.value, record_time(record)
             # Positions, not records, tell progress: transaction markers take offsets too.
             now = {tp: reader.position(tp) for tp in partitions}
             if now != positions:

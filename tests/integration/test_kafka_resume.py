@@ -145,3 +145,40 @@ def test_a_broker_started_for_a_process_dies_with_it(tmp_path):
         time.sleep(0.2)
     os.kill(broker_pid, signal.SIGKILL)
     pytest.fail("the broker outlived the process that started it")
+
+
+def test_topics_create_compacts_the_products_topic_and_check_warns_when_not(
+    bootstrap_servers, make_topic, monkeypatch, capsys
+):
+    """The products topic is the catalog's source of truth: created compacted; an existing one
+    that is not compacted is named in a warning at start-up (and by `topics check`)."""
+    import uuid
+
+    from loupe.cli import main
+
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "LOUPE_PRODUCTS_TOPIC": f"products.{suffix}",
+        "LOUPE_SEARCH_REQUESTS_TOPIC": f"requests.{suffix}",
+        "LOUPE_SEARCH_RESPONSES_TOPIC": f"responses.{suffix}",
+        "LOUPE_DEADLETTER_TOPIC": f"deadletter.{suffix}",
+    }
+    monkeypatch.setenv("LOUPE_BOOTSTRAP_SERVERS", bootstrap_servers)
+    for name, value in names.items():
+        monkeypatch.setenv(name, value)
+    assert main(["topics", "create", "--partitions", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"products.{suffix}: created (compacted)" in out
+    assert f"requests.{suffix}: created\n" in out
+    assert main(["topics", "check"]) == 0
+    checked = capsys.readouterr()  # the CLI logs to stderr
+    assert f"products.{suffix}: cleanup.policy=compact" in checked.out
+    assert "not compacted" not in checked.err
+
+    plain = make_topic("products")  # as a cluster's defaults would make it: delete
+    monkeypatch.setenv("LOUPE_PRODUCTS_TOPIC", plain)
+    assert main(["topics", "check", "--role", "ingest"]) == 0
+    checked = capsys.readouterr()
+    assert f"{plain}: cleanup.policy=delete" in checked.out
+    assert f"the products topic {plain} is not compacted" in checked.err
+    assert "--add-config cleanup.policy=compact" in checked.err

@@ -588,3 +588,33 @@ def test_a_reply_to_topic_that_does_not_exist_does_not_jam_search(service):
         DeadLetter.from_record(letters[0].key, letters[0].value, letters[0].headers).stage
         == "publish"
     )
+
+
+def test_a_tombstone_deletes_its_product_and_one_without_a_product_key_is_dead_lettered(
+    service, catalog, cdn
+):
+    """The products topic is compacted: a null value under a product's key is how a merchant
+    lets compaction forget it, and Loupe reads it as that product's delete."""
+    bootstrap, topics, index = service["bootstrap"], service["topics"], service["index"]
+    kept, gone = catalog[0], catalog[1]
+    _send(
+        bootstrap,
+        topics["products"],
+        [_event(kept, cdn=cdn), _event(gone, cdn=cdn)],
+        key=_product_key,
+    )
+    _drain(service["indexer"], 2)
+    assert index.count() == 2
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    producer.send(topics["products"], key=f"{MERCHANT}/{gone.product_id}".encode(), value=None)
+    producer.send(topics["products"], key=b"no-product-here", value=None)
+    producer.flush()
+    producer.close()
+    _drain(service["indexer"], 2)
+    assert index.count() == 1
+    assert index.stored_versions([point_id(MERCHANT, gone.product_id)]) == {}
+    (dead,) = _read_all(bootstrap, topics["deadletter"], expected=1)
+    letter = DeadLetter.from_record(dead.key, dead.value, dead.headers)
+    assert (letter.key, letter.value, letter.stage) == (b"no-product-here", None, "parse")
+    assert "tombstone" in letter.error_message
+    assert "<merchant_id>/<product_id>" in letter.error_message

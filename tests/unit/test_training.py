@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import random
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -237,22 +238,27 @@ def _event(product_id: str, kind: str = "product.upserted", version: int | None 
 
 def test_the_latest_state_of_each_product_is_what_trains():
     report = ReadReport()
+    at = datetime(2026, 11, 28, tzinfo=UTC)
     latest = latest_products(
         [
-            _event("a", version=1),
-            _event("a", version=3),
-            _event("a", version=2),  # older than what is there: ignored
-            _event("b"),
-            _event("b", "product.deleted"),
-            b"{not json",
-            _event("c", version=1),
+            (b"m/a", _event("a", version=1), at),
+            (b"m/a", _event("a", version=3), at),
+            (b"m/a", _event("a", version=2), at),  # older than what is there: ignored
+            (b"m/b", _event("b"), at),
+            (b"m/b", _event("b", "product.deleted"), at),
+            (b"m/x", b"{not json", at),
+            (b"m/c", _event("c", version=1), at),
+            (b"m/d", _event("d"), at),
+            (b"m/d", None, at),  # a tombstone: compaction's delete
+            (b"no-slash", None, at),  # a tombstone whose key names no product
         ],
         report,
     )
     assert sorted(latest) == ["m/a", "m/c"]
     assert latest["m/a"].title == "Ring a v3"
-    assert (report.events, report.invalid, report.deleted, report.superseded) == (7, 1, 1, 1)
+    assert (report.events, report.invalid, report.deleted, report.superseded) == (10, 2, 2, 1)
     assert report.reasons and "event 6" in report.reasons[0]
+    assert "tombstone" in report.reasons[1] and "no-slash" in report.reasons[1]
 
 
 def test_a_file_that_is_not_product_events_is_refused_clearly(tmp_path):
@@ -260,7 +266,7 @@ def test_a_file_that_is_not_product_events_is_refused_clearly(tmp_path):
         list(read_jsonl(tmp_path / "missing.jsonl"))
     events = tmp_path / "events.jsonl"
     events.write_bytes(_event("a") + b"\n\n" + _event("b") + b"\n")
-    assert len(list(read_jsonl(events))) == 2
+    assert [key for key, _, _ in read_jsonl(events)] == [None, None]
 
 
 # --- the metrics -------------------------------------------------------------------------------
