@@ -1,12 +1,14 @@
 """Fit the fusion model's heads and attention to a catalog, on cached tower vectors.
 
-Per step, a batch of training products: one simulated shopper photo and one short query text
+Per step, a batch of training products: a few simulated shopper photos with a short query text
 each (drawn from their cached views) against the products' catalog photo and text. Loss (see
-``objective.py``): InfoNCE for the ``image`` view (photo -> product) and the ``fused`` view
-(photo + text -> product), plus neighbourhood KL terms against the frozen (untrained) model,
-for catalog-to-catalog and query-to-catalog similarities: the ``text`` and ``fused`` views keep
-their own neighbourhoods, and the ``image`` view takes the frozen ``fused`` view's (a
-cross-modal teacher: the products' words say which photos are of the same kind).
+``objective.py``): InfoNCE for the ``image`` view (photo -> product) and, at a lower weight, the
+``fused`` view (photo + text -> product: the fused view also gains through the image head, and
+at full weight its instance term pulled photo + text queries away from their category), plus
+neighbourhood KL terms against the frozen (untrained) model, for catalog-to-catalog and
+query-to-catalog similarities: the ``text`` and ``fused`` views keep their own neighbourhoods,
+and the ``image`` view takes the frozen ``fused`` view's (a cross-modal teacher: the products'
+words say which photos are of the same kind).
 
 A share of the products (``holdout``) never takes part: they stand for the products a merchant
 adds after training, and the metrics on them are reported apart. Which products are held out
@@ -40,6 +42,7 @@ class TrainConfig:
     steps: int = 600  # optimiser steps
     batch_size: int = 128  # products per step; the others in the batch are the negatives
     photos_per_product: int = 4  # shopper photos (each with a query text) per product per step
+    fused_weight: float = 0.3  # weight of the fused view's InfoNCE (the image view's is 1)
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05  # InfoNCE softmax temperature
@@ -218,7 +221,9 @@ def _loss(
     query_fused, index_fused = model(photo, words), model(image, text)  # (Q, D), (B, D)
     query_text, index_text = model.text(words), model.text(text)  # (Q, Dt), (B, Dt)
     t = config.temperature
-    loss = info_nce(query_image, index_image, t, own) + info_nce(query_fused, index_fused, t, own)
+    loss = info_nce(query_image, index_image, t, own)
+    if config.fused_weight:
+        loss = loss + config.fused_weight * info_nce(query_fused, index_fused, t, own)
     if config.neighbourhood_weight:
         with torch.no_grad():
             f_index_fused, f_query_fused = frozen(image, text), frozen(photo, words)
