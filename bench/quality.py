@@ -21,10 +21,11 @@ import torch
 
 from loupe.consumers.settings import load_settings
 from loupe.dev.catalog import load_catalog, training_products
-from loupe.encoders.fused import FusedEncoder
+from loupe.train.config import TrainConfig
 from loupe.train.evaluate import scores_table
 from loupe.train.features import extract_features
-from loupe.train.trainer import TrainConfig, train
+from loupe.train.pipeline import untrained_encoder
+from loupe.train.trainer import train
 
 
 def main() -> None:
@@ -35,9 +36,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     settings = load_settings()
-    encoder = FusedEncoder.from_profile(
-        settings.model_copy(update={"fusion_checkpoint": None}).model_profile()
-    )
+    encoder = untrained_encoder(settings)
     products = training_products(load_catalog()[: args.limit])
     print(f"{len(products)} products; model base {encoder.base_version} on {encoder.device}")
     started = time.perf_counter()

@@ -115,7 +115,7 @@ class FusedEncoder:
             "fused": fusion.config.dim,
         }
         self.base_version = _base_version(image_encoder, text_encoder, fit)
-        self.model_version = f"{self.base_version}.fusion-{fusion_digest(fusion)}"
+        self.model_version = model_version(self.base_version, fusion)
 
     @property
     def fit(self) -> Fit:
@@ -290,6 +290,11 @@ class FusedEncoder:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def model_version(base_version: str, fusion: FusionModel) -> str:
+    """The towers' and preprocessing's identity plus the fusion's hash: a collection's name."""
+    return f"{base_version}.fusion-{fusion_digest(fusion)}"
 
 
 def _base_version(image: ImageEncoder, text: TextEncoder, fit: Fit) -> str:

@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from loupe.cli.common import KAFKA_SETTINGS, global_options, settings, settings_epilog
+from loupe.train.config import TrainConfig
+
+DEFAULTS = TrainConfig()  # the options' defaults are the config's: written once
 
 
 @click.command(
@@ -37,27 +40,38 @@ from loupe.cli.common import KAFKA_SETTINGS, global_options, settings, settings_
     ".safetensors].",
 )
 @click.option(
-    "--views", type=click.IntRange(1, 256), default=16, help="Simulated shopper photos per product."
+    "--views",
+    type=click.IntRange(1, 256),
+    default=DEFAULTS.views,
+    help="Simulated shopper photos per product.",
 )
-@click.option("--steps", type=click.IntRange(1, 1_000_000), default=600, help="Optimiser steps.")
 @click.option(
-    "--batch-size", type=click.IntRange(2, 65_536), default=128, help="Products per step."
+    "--steps", type=click.IntRange(1, 1_000_000), default=DEFAULTS.steps, help="Optimiser steps."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(2, 65_536),
+    default=DEFAULTS.batch_size,
+    help="Products per step.",
 )
 @click.option(
     "--holdout",
     type=click.FloatRange(0.0, 0.9),
-    default=0.2,
+    default=DEFAULTS.holdout,
     help="Share of products never trained on, measured apart.",
 )
 @click.option(
     "--neighbourhood-weight",
     type=click.FloatRange(0.0, 100.0),
-    default=1.0,
+    default=DEFAULTS.neighbourhood_weight,
     help="Weight of the term that keeps category neighbourhoods; 0 trains on InfoNCE alone.",
 )
-@click.option("--learning-rate", type=click.FloatRange(1e-6, 1.0), default=1e-3)
+@click.option("--learning-rate", type=click.FloatRange(1e-6, 1.0), default=DEFAULTS.learning_rate)
 @click.option(
-    "--seed", type=int, default=0, help="Seeds the simulated photos, the split and training."
+    "--seed",
+    type=int,
+    default=DEFAULTS.seed,
+    help="Seeds the simulated photos, the split and training.",
 )
 @click.option(
     "--max-products",
@@ -90,8 +104,8 @@ def train(
     new model version, so the index is rebuilt under it (a new collection).
     """
     from loupe.consumers.kafka_io import require_broker
-    from loupe.encoders.fused import FusedEncoder
     from loupe.train.evaluate import scores_table
+    from loupe.train.pipeline import untrained_encoder
     from loupe.train.source import (
         CatalogSourceError,
         ReadReport,
@@ -99,7 +113,6 @@ def train(
         read_jsonl,
         read_topic,
     )
-    from loupe.train.trainer import TrainConfig
 
     config = TrainConfig(
         views=views,
@@ -131,9 +144,7 @@ def train(
             f"{len(latest)} products is more than --max-products {max_products}; raise it if "
             "this machine has the memory (about 60 KB per product at 16 views)"
         )
-    # Heads are trained from the untrained ones: a configured checkpoint is what this replaces.
-    profile = current.model_copy(update={"fusion_checkpoint": None}).model_profile()
-    encoder = FusedEncoder.from_profile(profile)
+    encoder = untrained_encoder(current)
     try:
         trained = _train(encoder, latest, config, report, out=out, use_cache=not no_cache)
     finally:
@@ -154,6 +165,7 @@ def _train(encoder, latest: dict, config, report, *, out: Path | None, use_cache
     """Images, then training, on an encoder the caller closes."""
     from loupe.train.pipeline import train_checkpoint
     from loupe.train.source import with_images
+    from loupe.train.trainer import progress_line
 
     products = with_images(latest, settings().fetch_policy(), encoder.limits, report)
     if report.images_failed:
@@ -164,15 +176,6 @@ def _train(encoder, latest: dict, config, report, *, out: Path | None, use_cache
         f"{config.views} simulated photos each, {config.steps} steps"
     )
 
-    def show(record: dict) -> None:
-        held = record["held_out"] or record["seen"]
-        photo, both, text = held["photo"], held["photo+text"], held["text"]
-        click.echo(
-            f"    step {record['step']:>6}  loss {record['loss']:.4f}  held-out: photo R@1 "
-            f"{photo['recall_at_1']:.3f}  photo+text R@1 {both['recall_at_1']:.3f}  "
-            f"text P@10 {_p(text['category_p10'])}  ({record['seconds']:.0f} s)"
-        )
-
     return train_checkpoint(
         encoder,
         products,
@@ -180,12 +183,8 @@ def _train(encoder, latest: dict, config, report, *, out: Path | None, use_cache
         state_dir=settings().state_dir,
         out=out,
         use_cache=use_cache,
-        on_evaluation=show,
+        on_evaluation=lambda record: click.echo(progress_line(record)),
     )
-
-
-def _p(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 COMMANDS = [train]

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import CatalogProduct, training_products
-from loupe.encoders.fused import FusedEncoder
 from loupe.encoders.fusion import load_fusion
-from loupe.train.pipeline import train_checkpoint
-from loupe.train.trainer import TrainConfig
+from loupe.train.config import TrainConfig
+from loupe.train.pipeline import train_checkpoint, untrained_encoder
+from loupe.train.trainer import progress_line
 
 # Fewer simulated photos than `loupe train`'s default: the first demo on a 2-core laptop should
 # take minutes, not ten (8 views measured within 0.02 of 16 on this catalog).
@@ -29,9 +29,7 @@ def demo_checkpoint(
 ) -> tuple[Path, dict, bool]:
     """The checkpoint for these products (trained now, or found), its training record, and
     whether it was found in the cache."""
-    encoder = FusedEncoder.from_profile(
-        settings.model_copy(update={"fusion_checkpoint": None}).model_profile()
-    )
+    encoder = untrained_encoder(settings)
     try:
         training = training_products(products)
         digest = hashlib.sha256(
@@ -46,17 +44,13 @@ def demo_checkpoint(
         if path.is_file():
             return path, load_fusion(path).training, True
 
-        def show(record: dict) -> None:
-            split = record["held_out"] or record["seen"]
-            print(
-                f"    step {record['step']:>4}  loss {record['loss']:.3f}  held-out photo R@1 "
-                f"{split['photo']['recall_at_1']:.3f}  photo+text R@1 "
-                f"{split['photo+text']['recall_at_1']:.3f}",
-                flush=True,
-            )
-
         trained = train_checkpoint(
-            encoder, training, config, state_dir=settings.state_dir, out=path, on_evaluation=show
+            encoder,
+            training,
+            config,
+            state_dir=settings.state_dir,
+            out=path,
+            on_evaluation=lambda record: print(progress_line(record), flush=True),
         )
         return path, trained.result.record(config), False
     finally:

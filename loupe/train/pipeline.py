@@ -12,11 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loupe.encoders.fused import FusedEncoder
+from loupe.consumers.settings import Settings
+from loupe.encoders.fused import FusedEncoder, model_version
 from loupe.encoders.fusion import fusion_digest, save_fusion
+from loupe.train.config import TrainConfig
 from loupe.train.features import extract_features
 from loupe.train.source import TrainingProduct
-from loupe.train.trainer import TrainConfig, TrainResult, train
+from loupe.train.trainer import TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,14 @@ class TrainedCheckpoint:
     path: Path
     model_version: str  # what the service will call it (and name its collection after)
     result: TrainResult
+
+
+def untrained_encoder(settings: Settings) -> FusedEncoder:
+    """The configured towers and preprocessing with untrained heads: what training starts from
+    and anchors to. A configured checkpoint is what the training replaces, so it is not loaded."""
+    return FusedEncoder.from_profile(
+        settings.model_copy(update={"fusion_checkpoint": None}).model_profile()
+    )
 
 
 def default_checkpoint_path(state_dir: Path, digest: str) -> Path:
@@ -65,5 +75,5 @@ def train_checkpoint(
     path = out or default_checkpoint_path(state_dir, digest)
     save_fusion(result.model.cpu(), path, base=encoder.base_version, training=result.record(config))
     return TrainedCheckpoint(
-        path=path, model_version=f"{encoder.base_version}.fusion-{digest}", result=result
+        path=path, model_version=model_version(encoder.base_version, result.model), result=result
     )

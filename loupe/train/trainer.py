@@ -28,41 +28,12 @@ import numpy as np
 import torch
 
 from loupe.encoders.fusion import FusionModel
+from loupe.train.config import TrainConfig
 from loupe.train.evaluate import RetrievalScores, evaluate
 from loupe.train.features import CatalogFeatures
 from loupe.train.objective import info_nce, neighbourhood_kl
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    views: int = 16  # simulated shopper photos (and query texts) per product, cached
-    holdout: float = 0.2  # share of products never trained on, measured apart
-    steps: int = 600  # optimiser steps
-    batch_size: int = 128  # products per step; the others in the batch are the negatives
-    photos_per_product: int = 4  # shopper photos (each with a query text) per product per step
-    fused_weight: float = 0.3  # weight of the fused view's InfoNCE (the image view's is 1)
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    temperature: float = 0.05  # InfoNCE softmax temperature
-    neighbourhood_weight: float = 1.0  # weight of the KL terms; 0 is InfoNCE alone (ablation)
-    neighbourhood_temperature: float = 0.05
-    head_rank: int = 128  # rank of the residual projection heads
-    eval_every: int = 100  # steps between evaluations (progress lines)
-    eval_queries: int = 2000  # products asked for per split and evaluation, at most (sampled)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.holdout < 1.0:
-            raise ValueError(f"holdout must be within [0, 1), got {self.holdout}")
-        for name in ("views", "steps", "batch_size", "eval_every", "photos_per_product"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError(
-                f"batch_size must be at least 2 (in-batch negatives), got {self.batch_size}"
-            )
 
 
 Scores = dict[str, dict[str, RetrievalScores]]  # split ("seen", "held_out") -> kind -> scores
@@ -93,6 +64,19 @@ class TrainResult:
             "after": plain(self.after),
             "losses": [record["loss"] for record in self.history],
         }
+
+
+def progress_line(record: dict) -> str:
+    """One evaluation record (``train``'s ``on_evaluation``) as a progress line: the held-out
+    numbers (the seen ones when nothing is held out)."""
+    split = record["held_out"] or record["seen"]
+    text_p10 = split["text"]["category_p10"]
+    return (
+        f"    step {record['step']:>6}  loss {record['loss']:.4f}  held-out: photo R@1 "
+        f"{split['photo']['recall_at_1']:.3f}  photo+text R@1 "
+        f"{split['photo+text']['recall_at_1']:.3f}  text P@10 "
+        f"{'-' if text_p10 is None else f'{text_p10:.3f}'}  ({record['seconds']:.0f} s)"
+    )
 
 
 def held_out_mask(keys: list[str], share: float, seed: int) -> np.ndarray:

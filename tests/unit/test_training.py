@@ -18,6 +18,7 @@ from PIL import Image
 from loupe.encoders.fused import Encoded
 from loupe.encoders.fusion import FusionConfig, FusionModel, fusion_digest
 from loupe.encoders.images import DecodeLimits
+from loupe.train.config import TrainConfig
 from loupe.train.features import CatalogFeatures, extract_features
 from loupe.train.objective import info_nce, neighbourhood_kl
 from loupe.train.queries import evaluation_query, training_queries
@@ -28,7 +29,7 @@ from loupe.train.source import (
     latest_products,
     read_jsonl,
 )
-from loupe.train.trainer import TrainConfig, held_out_mask, train
+from loupe.train.trainer import held_out_mask, train
 
 SMALL = FusionConfig(image_dim=64, text_dim=32, token_dim=32, n_heads=2, head_rank=16)
 

@@ -1,0 +1,36 @@
+"""How ``loupe train`` trains: one frozen dataclass, no torch, so the CLI can show its defaults
+without loading the model stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    views: int = 16  # simulated shopper photos (and query texts) per product, cached
+    holdout: float = 0.2  # share of products never trained on, measured apart
+    steps: int = 600  # optimiser steps
+    batch_size: int = 128  # products per step; the others in the batch are the negatives
+    photos_per_product: int = 4  # shopper photos (each with a query text) per product per step
+    fused_weight: float = 0.3  # weight of the fused view's InfoNCE (the image view's is 1)
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.05  # InfoNCE softmax temperature
+    neighbourhood_weight: float = 1.0  # weight of the KL terms; 0 is InfoNCE alone (ablation)
+    neighbourhood_temperature: float = 0.05
+    head_rank: int = 128  # rank of the residual projection heads
+    eval_every: int = 100  # steps between evaluations (progress lines)
+    eval_queries: int = 2000  # products asked for per split and evaluation, at most (sampled)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be within [0, 1), got {self.holdout}")
+        for name in ("views", "steps", "batch_size", "eval_every", "photos_per_product"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(
+                f"batch_size must be at least 2 (in-batch negatives), got {self.batch_size}"
+            )
