@@ -1,42 +1,49 @@
 """One prepared check for a machine with an accelerator: CPU/device agreement, then speed.
 
-1. Encodes the same inputs on the CPU (fp32, the reference) and on the device, once per
-   precision (fp32 isolates the kernels and nvjpeg; bf16 and fp16 add autocast), with the
-   device's other steps on (channels-last, pinned copies, batch JPEG decode). The inputs are
-   catalog products, the same photos re-saved with each EXIF orientation, and PNG copies mixed
-   into the JPEG batches (so one batch holds tensors decoded on the device and on the host).
-   Prints per view and precision the minimum cosine to the CPU; passes when each precision
-   meets its bound: 0.995 for fp32 and fp16 (another JPEG decoder alone costs up to 0.0004,
-   cuDNN's TF32 convolutions a little more), 0.99 for bf16 (CPU autocast reached 0.9986 in
+1. **Agreement.** Encodes the same inputs on the CPU (fp32, the reference) and on the device,
+   once per precision (fp32 isolates the kernels and the JPEG decoder; bf16 and fp16 add
+   autocast), with the device's steps on (channels-last, pinned copies, batch JPEG decode,
+   overlapped batches), then with each other JPEG decoder, a share decoded on the host, and
+   one query at a time (the CUDA graphs' path). The inputs are catalog products, the same
+   photos re-saved with each EXIF orientation, and PNG copies mixed into the JPEG batches.
+   Prints per view the minimum cosine to the CPU; passes when each precision meets its bound:
+   0.995 for fp32 and fp16 (another JPEG decoder alone costs up to 0.0004, cuDNN's TF32
+   convolutions a little more), 0.99 for bf16 (CPU autocast reached 0.9986 in
    tests/unit/test_acceleration.py). A photo encoded the wrong way up scores 0.94 to 0.986.
-2. Runs ``bench.encode`` on the device for each precision (batch sizes 1 to 256).
+2. **Throughput** (``bench.encode.measure``): full path over a stream of micro-batches against
+   the bare forward, per batch size, precision and variant of the GPU path (JPEG decoder, host
+   share, overlap on or off, and the old serial path for comparison).
+3. **Stages** of one batch of 256, and **batch-1 latency** per query kind, graphs on and off.
 
     .venv/bin/python -m bench.device_check --device cuda
-    .venv/bin/python -m bench.device_check --device cuda --image-only   # without MiniLM weights
+    .venv/bin/python -m bench.device_check --device cuda --random-text-weights  # a lent machine
 
-On a lent machine with no registry, ``bench.device_bundle`` packs what it lacks first.
-
-``--image-only`` is for a device machine that cannot receive the 90 MB text weights: the text
-tower then is BERT-base with random weights (the same on both devices), so the text and fused
-views still compare the two code paths.
+On a lent machine with no registry, ``bench.device_bundle`` packs what it lacks first (the
+MiniLM weights do not fit what may travel: ``--random-text-weights`` uses its architecture with
+random weights, the same on both devices, so speed and agreement are still the real model's).
+Every section runs even if one before it failed; the JSON report is rewritten after each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from bench import encode
-from bench.encode import IMAGE_ONLY_TEXT
+from bench.encode import RANDOM_TEXT, measure, query_latency, stage_profile, variant
 from loupe.dev.catalog import encode_input, load_catalog
+from loupe.encoders.device import Acceleration
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.encoders.jpeg_decoders import nvimgcodec_available
 
 BOUNDS = {"fp32": 0.995, "fp16": 0.995, "bf16": 0.99}
 
@@ -64,16 +71,50 @@ def _inputs(count: int) -> list[EncodeInput]:
     return mixed + extra[len(items) :]
 
 
-def _encode(profile: ModelProfile, items: list[EncodeInput]) -> tuple[list, str, float]:
-    encoder = FusedEncoder.from_profile(profile)
-    try:
-        encoder.encode_products(items[:4])  # warm-up (cuDNN autotuning, allocator)
+class Report:
+    def __init__(self, out: Path | None) -> None:
+        self.data: dict = {"sections_failed": []}
+        self.out = out
+        self.ok = True
+
+    def section(self, name: str, fn) -> None:
+        print(f"\n== {name} ==", flush=True)
         started = time.perf_counter()
-        results = encoder.encode_products(items)
-        rate = len(items) / (time.perf_counter() - started)
-        return results, f"{encoder.acceleration.describe()}, batch {encoder.batch_size}", rate
-    finally:
-        encoder.close()
+        try:
+            fn()
+        except Exception:
+            self.ok = False
+            self.data["sections_failed"].append(name)
+            traceback.print_exc()
+        print(f"({name}: {time.perf_counter() - started:.1f} s)", flush=True)
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "device_check.json").write_text(json.dumps(self.data, indent=2))
+
+
+def _compare(report: Report, label: str, bound: float, reference, results) -> None:
+    failed = [i for i, r in enumerate(results) if not r.ok]
+    if failed:
+        report.ok = False
+        print(f"  {label}: FAIL: items {failed} failed on the device: {results[failed[0]].error}")
+        return
+    for view in ("image", "text", "fused"):
+        rows = [i for i, r in enumerate(reference) if view in r.vectors]
+        a = np.stack([reference[i].vectors[view] for i in rows])
+        b = np.stack([results[i].vectors[view] for i in rows])
+        cosines = (a * b).sum(axis=1)
+        worst = float(cosines.min())
+        passed = worst >= bound
+        report.ok &= passed
+        report.data.setdefault("agreement", {})[f"{label}/{view}"] = {
+            "min": worst,
+            "mean": float(cosines.mean()),
+            "worst_item": int(rows[int(cosines.argmin())]),
+        }
+        print(
+            f"  {label:<28} {view:>6}: min cosine {worst:.5f} (item "
+            f"{rows[int(cosines.argmin())]}) mean {cosines.mean():.5f}{'' if passed else '  FAIL'}"
+        )
 
 
 def main() -> int:
@@ -81,66 +122,145 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--products", type=int, default=64)
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
-    parser.add_argument("--image-only", action="store_true")
+    parser.add_argument("--random-text-weights", action="store_true")
+    parser.add_argument("--batch-sizes", default="64,128,256")
+    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--stream-batches", type=int, default=8, help="micro-batches per call")
     parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--bench-seconds", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, help="a folder for the JSON results")
+    parser.add_argument("--out", type=Path, help="a folder for the JSON report")
     args = parser.parse_args()
-
-    text = IMAGE_ONLY_TEXT if args.image_only else {}
+    report = Report(args.out)
+    text = RANDOM_TEXT if args.random_text_weights else {}
+    device = torch.device(args.device)
+    report.data["environment"] = {
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "nvimgcodec": nvimgcodec_available(),
+        "cpus": torch.get_num_threads(),
+    }
+    print(report.data["environment"], flush=True)
     items = _inputs(args.products)
-    reference, described, rate = _encode(
-        ModelProfile(device="cpu", precision="fp32", **text), items
-    )
-    print(f"{'cpu':>12}: {rate:7.1f} products/s ({described}), {len(items)} inputs")
-    report: dict = {"inputs": len(items), "agreement": {}}
-    ok = True
-    for precision in args.precisions.split(","):
-        results, described, rate = _encode(
-            ModelProfile(device=args.device, precision=precision, **text), items
-        )
-        print(f"{args.device + ' ' + precision:>12}: {rate:7.1f} products/s ({described})")
-        failed = [i for i, r in enumerate(results) if not r.ok]
-        if failed:
-            ok = False
-            print(f"  FAIL: items {failed} failed on the device: {results[failed[0]].error}")
-            continue
-        for view in ("image", "text", "fused"):
-            a = np.stack([r.vectors[view] for r in reference])
-            b = np.stack([r.vectors[view] for r in results])
-            cosines = (a * b).sum(axis=1)
-            worst = float(cosines.min())
-            passed = worst >= BOUNDS.get(precision, 0.99)
-            ok &= passed
-            report["agreement"][f"{precision}/{view}"] = {
-                "min": worst,
-                "mean": float(cosines.mean()),
-                "worst_item": int(cosines.argmin()),
-            }
-            print(
-                f"  {view:>6}: cosine to cpu fp32 min {worst:.5f} (item {cosines.argmin()}) "
-                f"mean {cosines.mean():.5f}{'' if passed else '  FAIL'}"
+    reference: list = []
+    base: dict[str, FusedEncoder] = {}
+
+    def cpu_reference() -> None:
+        cpu = FusedEncoder.from_profile(ModelProfile(device="cpu", precision="fp32", **text))
+        started = time.perf_counter()
+        reference[:] = cpu.encode_products(items)
+        print(f"cpu fp32: {len(items) / (time.perf_counter() - started):.1f} products/s")
+        cpu.close()
+        encoder = FusedEncoder.from_profile(ModelProfile(device=args.device, **text))
+        print("CUDA graphs captured:", encoder.warm_up())
+        base["encoder"] = encoder
+        print("device plan:", encoder.acceleration.describe())
+
+    def agreement() -> None:
+        encoder = base["encoder"]
+        for precision in args.precisions.split(","):
+            plan = Acceleration.for_device(device, precision)
+            on_device = encoder.with_options(acceleration=plan, batch_size=32)
+            on_device.warm_up()
+            bound = BOUNDS.get(precision, 0.99)
+            _compare(report, f"{precision}", bound, reference, on_device.encode_products(items))
+            # one at a time: the small-batch CUDA graphs
+            singles = [on_device.encode_queries([item])[0] for item in items[:24]]
+            _compare(report, f"{precision} batch-1 (graphs)", bound, reference[:24], singles)
+            on_device.close()
+        fp16 = Acceleration.for_device(device, "fp16")
+        for label, changes in (
+            ("fp16 torchvision decoder", {"jpeg_decoder": "torchvision"}),
+            ("fp16 40% decoded on host", {"host_decode_share": 0.4}),
+        ):
+            other = encoder.with_options(
+                acceleration=dataclasses.replace(fp16, **changes), batch_size=32
             )
-    print("agreement:", "PASS" if ok else "FAIL")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "device_check.json").write_text(json.dumps(report, indent=2))
+            _compare(report, label, BOUNDS["fp16"], reference, other.encode_products(items))
+            other.close()
+
+    def throughput() -> None:
+        encoder = base["encoder"]
+        catalog = load_catalog()
+        variants: dict[str, dict] = {
+            "default": {},
+            "torchvision decoder": {"jpeg_decoder": "torchvision"},
+            "torchvision + 40% host": {"jpeg_decoder": "torchvision", "host_decode_share": 0.4},
+            "default + 25% host": {"host_decode_share": 0.25},
+            "no overlap": {"overlap_batches": False},
+            "serial torchvision (old)": {"jpeg_decoder": "torchvision", "overlap_batches": False},
+        }
+        if not nvimgcodec_available():
+            del variants["default + 25% host"]
+        rows = report.data.setdefault("throughput", [])
+        print(
+            f"{'variant':<26} {'prec':>4} {'batch':>5} {'full/s':>9} {'bare/s':>9} "
+            f"{'full/bare':>9} {'img full/s':>10} {'img bare/s':>10} {'texts/s':>9}"
+        )
+
+        def run(name: str, precision: str, size: int, changes: dict) -> None:
+            plan = dataclasses.replace(Acceleration.for_device(device, precision), **changes)
+            batch = [encode_input(catalog[i % len(catalog)]) for i in range(size)]
+            other = encoder.with_options(acceleration=plan)
+            try:
+                row = measure(other, batch, args.min_seconds, args.stream_batches)
+            finally:
+                other.close()
+            row.update(variant=name, precision=precision, plan=plan.describe())
+            rows.append(row)
+            print(
+                f"{name:<26} {precision:>4} {size:>5} {row['products_per_s_full']:>9.0f} "
+                f"{row['products_per_s_bare']:>9.0f} {row['full_over_bare']:>9.2f} "
+                f"{row['images_per_s_full']:>10.0f} {row['images_per_s_bare']:>10.0f} "
+                f"{row['texts_per_s']:>9.0f}",
+                flush=True,
+            )
+
+        sizes = [int(s) for s in args.batch_sizes.split(",")]
+        for size in sizes:
+            run("default", "fp16", size, {})
+        for name, changes in variants.items():
+            if name != "default":
+                run(name, "fp16", max(sizes), changes)
+        for precision in ("bf16", "fp32"):
+            run("default", precision, max(sizes), {})
+
+    def stages() -> None:
+        encoder = base["encoder"]
+        catalog = load_catalog()
+        size = max(int(s) for s in args.batch_sizes.split(","))
+        batch = [encode_input(catalog[i % len(catalog)]) for i in range(size)]
+        for name, changes in (("default", {}), ("torchvision", {"jpeg_decoder": "torchvision"})):
+            other = variant(encoder, **changes)
+            profile = stage_profile(other, batch)
+            report.data.setdefault("stages", {})[name] = profile
+            print(f"stages, batch {size}, {other.acceleration.describe()} (ms):")
+            for stage, ms in profile.items():
+                print(f"  {stage:<34} {ms:8.2f}")
+            other.close()
+
+    def latency() -> None:
+        encoder = base["encoder"]
+        item = encode_input(load_catalog()[0])
+        for name, changes in (("graphs", {}), ("eager", {"cuda_graphs": False})):
+            other = variant(encoder, **changes)
+            other.warm_up()
+            result = query_latency(other, item)
+            report.data.setdefault("latency_ms", {})[name] = result
+            for kind, ms in result.items():
+                print(
+                    f"  batch-1 {name:<6} {kind:<10} p50 {ms['p50']:6.2f} ms  p90 {ms['p90']:6.2f}"
+                )
+            other.close()
+
+    report.section("reference and device encoder", cpu_reference)
+    report.section("agreement", agreement)
     if not args.skip_bench:
-        sys.argv = [
-            "bench.encode",
-            "--device",
-            args.device,
-            "--precisions",
-            args.precisions,
-            "--min-seconds",
-            str(args.bench_seconds),
-        ]
-        if args.out:
-            sys.argv += ["--json", str(args.out / "encode.json")]
-        if args.image_only:
-            sys.argv.append("--image-only")
-        encode.main()
-    return 0 if ok else 1
+        report.section("throughput", throughput)
+        report.section("stages", stages)
+        report.section("batch-1 latency", latency)
+    if device.type == "cuda":
+        report.data["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    report.section("summary", lambda: print("agreement:", "PASS" if report.ok else "FAIL"))
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

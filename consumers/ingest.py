@@ -32,7 +32,7 @@ from loupe.consumers.kafka_io import Backoff, Publisher
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.batching import iter_batch
-from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.encoders.fused import Encoded, EncodeInput, FusedEncoder
 from loupe.encoders.preprocess import compose_product_text
 from loupe.schemas.errors import InvalidEvent
 from loupe.schemas.products import ProductDeleted, ProductUpserted, parse_product_record
@@ -119,7 +119,9 @@ class Indexer(BatchWorker):
 
     def _fetch_and_encode(self, pending: list[_Pending]) -> list[tuple[_Pending, IndexPoint]]:
         """Fetch photos concurrently and encode them as they arrive, micro-batch by micro-batch:
-        the fetch pool works ahead while the model runs, so neither waits for the other."""
+        the fetch pool works ahead while the model runs, and the encoder's stream prepares
+        each micro-batch (decode, tokenize) while the device runs the one before, so neither
+        the network nor the device waits for the other."""
 
         def load(item: _Pending) -> _Pending | ItemFailed:
             try:
@@ -144,6 +146,7 @@ class Indexer(BatchWorker):
         for ahead in range(FETCH_LOOKAHEAD + 1):
             submit(ahead)
         points: list[tuple[_Pending, IndexPoint]] = []
+        stream = self.encoder.stream(products=True)
         for index, chunk in enumerate(chunks):
             submit(index + FETCH_LOOKAHEAD + 1)
             ready = []
@@ -157,22 +160,30 @@ class Indexer(BatchWorker):
                         self._dead_letter(pending[i].record, result.code, str(result), result.stage)
                     else:
                         ready.append(pending[i])
-            points.extend(self._encode(ready))
+            inputs = [
+                EncodeInput(
+                    image=p.image,
+                    media_type=p.media_type,
+                    text=compose_product_text(
+                        p.event.title, p.event.attributes, p.event.description
+                    ),
+                )
+                for p in ready
+            ]
+            with self.metrics.timer("encode"), self.encode_lock():
+                finished = stream.put(inputs, tag=ready)
+            for done, results in finished:
+                points.extend(self._points(done, results))
+        with self.metrics.timer("encode"), self.encode_lock():
+            finished = stream.flush()
+        for done, results in finished:
+            points.extend(self._points(done, results))
         return points
 
-    def _encode(self, pending: list[_Pending]) -> list[tuple[_Pending, IndexPoint]]:
-        if not pending:
-            return []
-        inputs = [
-            EncodeInput(
-                image=p.image,
-                media_type=p.media_type,
-                text=compose_product_text(p.event.title, p.event.attributes, p.event.description),
-            )
-            for p in pending
-        ]
-        with self.metrics.timer("encode"), self.encode_lock():
-            results = self.encoder.encode_products(inputs)
+    def _points(
+        self, pending: list[_Pending], results: list[Encoded]
+    ) -> list[tuple[_Pending, IndexPoint]]:
+        """The index points of encoded products; the ones that failed are dead-lettered."""
         points = []
         now = datetime.now(UTC).isoformat()
         for item, result in zip(pending, results, strict=True):

@@ -103,6 +103,12 @@ class LoupeMetrics:
             ["device"],
             registry=r,
         )
+        self.device_utilization = Gauge(
+            "loupe_device_utilization_ratio",
+            "Share of the last sample period the GPU was busy (NVML; absent where unavailable)",
+            ["device"],
+            registry=r,
+        )
         self.start_time = Gauge(
             "loupe_start_time_seconds",
             "When this process started (Unix time): its changes count restarts",
@@ -147,6 +153,12 @@ class LoupeMetrics:
             index = torch.device(device).index or 0
             used = torch.cuda.memory_reserved(index)
             total = torch.cuda.get_device_properties(index).total_memory
+            try:  # NVML's percentage over its last sample period; needs nvidia-ml-py
+                busy = torch.cuda.utilization(index) / 100.0
+            except Exception:  # no NVML here: leave the series absent rather than wrong
+                busy = None
+            if busy is not None:
+                self.device_utilization.labels(device=device).set(busy)
         else:
             import resource
 

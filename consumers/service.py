@@ -93,6 +93,7 @@ class LoupeService:
         check_topics(settings, role)  # before the model loads: a wrong topic name fails fast
         log.info("loading the model (%s + %s)", settings.image_backbone, settings.text_backbone)
         self.encoder = FusedEncoder.from_profile(settings.model_profile())
+        self.encoder.warm_up()  # CUDA graphs for small batches: not in a shopper's first query
         log.info(
             "model %s on %s (%s, micro-batch %d)",
             self.encoder.model_version,

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loupe.consumers.errors import ConfigError
 from loupe.consumers.image_fetch import FetchPolicy
-from loupe.encoders.profile import Fit, ModelProfile, Pooling, Precision
+from loupe.encoders.profile import Fit, JpegDecoderName, ModelProfile, Pooling, Precision
 from loupe.schemas.deadletter import DEADLETTER_TOPIC
 from loupe.schemas.products import PRODUCTS_TOPIC
 from loupe.schemas.search import SEARCH_REQUESTS_TOPIC, SEARCH_RESPONSES_TOPIC
@@ -105,7 +105,10 @@ class Settings(BaseSettings):
     device: str = _MODEL.device
     precision: Precision = _MODEL.precision  # auto: fp16 on CUDA, else fp32
     encode_batch_size: int | None = Field(default=_MODEL.batch_size, ge=1, le=1024)
-    decode_workers: int = Field(default=_MODEL.decode_workers, ge=1, le=64)
+    decode_workers: int | None = Field(default=_MODEL.decode_workers, ge=1, le=64)
+    jpeg_decoder: JpegDecoderName = _MODEL.jpeg_decoder
+    host_decode_share: float = Field(default=_MODEL.host_decode_share, ge=0.0, le=1.0)
+    cuda_graphs: bool = _MODEL.cuda_graphs
     max_image_bytes: int = Field(default=_MODEL.max_image_bytes, ge=1024)
     max_image_pixels: int = Field(default=_MODEL.max_image_pixels, ge=64 * 64)
     allow_model_download: bool = _MODEL.allow_download  # never fetch weights unless asked
@@ -142,6 +145,9 @@ class Settings(BaseSettings):
             precision=self.precision,
             batch_size=self.encode_batch_size,
             decode_workers=self.decode_workers,
+            jpeg_decoder=self.jpeg_decoder,
+            host_decode_share=self.host_decode_share,
+            cuda_graphs=self.cuda_graphs,
             max_image_bytes=self.max_image_bytes,
             max_image_pixels=self.max_image_pixels,
             allow_download=self.allow_model_download,

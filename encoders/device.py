@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from loupe.encoders.errors import DeviceUnavailable
-from loupe.encoders.profile import PRECISIONS, Precision
+from loupe.encoders.profile import JPEG_DECODERS, PRECISIONS, JpegDecoderName, Precision
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PRECISION_OF = {dtype: name for name, dtype in _AMP_DTYPES.items()}
@@ -63,6 +63,17 @@ class Acceleration:
     channels_last: bool  # NHWC layout for the CNN: tensor-core convolutions run on it directly
     pinned_copies: bool  # stage host batches in page-locked memory, copy without blocking
     batch_jpeg_decode: bool  # decode a batch's JPEGs in one call on the device (nvjpeg on CUDA)
+    # Which batch decoder (``jpeg_decoders``): auto is nvImageCodec where installed, else
+    # torchvision's nvJPEG.
+    jpeg_decoder: JpegDecoderName = "auto"
+    # Share of a batch's plain JPEGs decoded by the CPU threads (Pillow) while the device
+    # decodes the rest: more decoders at once where the device's decoder is the bottleneck.
+    host_decode_share: float = 0.0
+    # Prepare the next micro-batch (decode, fit, tokenize, copy) in a worker thread, on its own
+    # CUDA stream, while the device runs the current one.
+    overlap_batches: bool = False
+    # Replay captured CUDA graphs for small batches (queries): a batch of one is launch-bound.
+    cuda_graphs: bool = False
 
     @classmethod
     def for_device(cls, device: torch.device, precision: Precision = "auto") -> Acceleration:
@@ -72,12 +83,20 @@ class Acceleration:
             channels_last=on_cuda,
             pinned_copies=on_cuda,
             batch_jpeg_decode=on_cuda,
+            overlap_batches=on_cuda,
+            cuda_graphs=on_cuda,
         )
 
     def check(self, device: torch.device) -> None:
         """Raise ``ValueError`` for a plan the device cannot run."""
         if self.pinned_copies and device.type != "cuda":
             raise ValueError(f"pinned copies need a CUDA device, not {device}")
+        if self.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        if not 0.0 <= self.host_decode_share <= 1.0:
+            raise ValueError(f"host_decode_share must be in [0, 1], got {self.host_decode_share}")
+        if self.jpeg_decoder not in JPEG_DECODERS:
+            raise ValueError(f"unknown JPEG decoder {self.jpeg_decoder!r}")
 
     def describe(self) -> str:
         precision = _PRECISION_OF[self.amp_dtype]
@@ -86,7 +105,10 @@ class Acceleration:
             for name, on in (
                 ("channels-last", self.channels_last),
                 ("pinned copies", self.pinned_copies),
-                ("batch JPEG decode", self.batch_jpeg_decode),
+                (f"batch JPEG decode ({self.jpeg_decoder})", self.batch_jpeg_decode),
+                (f"{self.host_decode_share:.0%} on host", self.host_decode_share > 0),
+                ("overlapped batches", self.overlap_batches),
+                ("CUDA graphs", self.cuda_graphs),
             )
             if on
         ]

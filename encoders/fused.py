@@ -9,19 +9,26 @@ fails its own item. ``ModelProfile`` (``encoders/profile.py``) says what to buil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import logging
+import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from loupe.encoders.batching import iter_batch
 from loupe.encoders.device import Acceleration, pick_device
 from loupe.encoders.errors import EncodeFailed, VectorNotFinite
 from loupe.encoders.fusion import FusionConfig, FusionModel, fusion_digest, load_fusion
+from loupe.encoders.graphs import SmallBatchGraphs
 from loupe.encoders.image_towers import ImageEncoder
 from loupe.encoders.images import DecodeLimits, Fit
 from loupe.encoders.preprocess import DEVICE_DECODE_PIXELS, ImagePreprocessor, Photo
@@ -116,6 +123,27 @@ class FusedEncoder:
         }
         self.base_version = _base_version(image_encoder, text_encoder, fit)
         self.model_version = model_version(self.base_version, fusion)
+        on_cuda = device.type == "cuda"
+        self._stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-stage")
+        self._stage_stream = (
+            torch.cuda.Stream(device) if on_cuda and self.acceleration.overlap_batches else None
+        )
+        self.graphs: SmallBatchGraphs | None = None
+        if self.acceleration.cuda_graphs:
+            self.graphs = SmallBatchGraphs(self, side=image_encoder.input_side, capture=on_cuda)
+
+    def warm_up(self) -> int:
+        """Pay the one-off costs now, not in a shopper's first query: the JPEG decoder's and
+        the allocator's start, and the CUDA graphs for small batches (their capture also
+        settles cuDNN's kernels for those shapes). Returns how many graphs were captured."""
+        photo = io.BytesIO()
+        Image.new("RGB", (64, 48), "white").save(photo, "JPEG")
+        self.encode_queries([EncodeInput(image=photo.getvalue(), text="warm-up")])
+        if self.graphs is None:
+            return 0
+        captured = self.graphs.warm_up()
+        log.info("captured %d CUDA graphs for small batches", captured)
+        return captured
 
     @property
     def fit(self) -> Fit:
@@ -149,8 +177,15 @@ class FusedEncoder:
                 FusionConfig(image.dim, text.dim, image_weight=profile.image_weight)
             )
         device = pick_device(profile.device)
-        acceleration = Acceleration.for_device(device, profile.precision)
-        batch_size = profile.batch_size or (128 if device.type == "cuda" else 16)
+        on_cuda = device.type == "cuda"
+        acceleration = dataclasses.replace(
+            Acceleration.for_device(device, profile.precision),
+            jpeg_decoder=profile.jpeg_decoder,
+            host_decode_share=profile.host_decode_share if on_cuda else 0.0,
+            cuda_graphs=on_cuda and profile.cuda_graphs,
+        )
+        batch_size = profile.batch_size or (128 if on_cuda else 16)
+        decode_workers = profile.decode_workers or (min(16, os.cpu_count() or 2) if on_cuda else 2)
         return cls(
             image,
             text,
@@ -159,7 +194,7 @@ class FusedEncoder:
             fit=profile.fit,
             limits=DecodeLimits(profile.max_image_bytes, profile.max_image_pixels),
             batch_size=batch_size,
-            decode_workers=profile.decode_workers,
+            decode_workers=decode_workers,
             acceleration=acceleration,
         )
 
@@ -190,6 +225,7 @@ class FusedEncoder:
 
     def close(self) -> None:
         self.preprocessor.close()
+        self._stage.shutdown(wait=True)
 
     # --- public API ---------------------------------------------------------------------
 
@@ -217,17 +253,30 @@ class FusedEncoder:
 
     # --- stages -------------------------------------------------------------------------
 
+    def stream(self, *, products: bool = True) -> EncodeStream:
+        """A two-stage pipeline for a caller that produces micro-batches as it goes (ingest,
+        whose photos arrive from the fetch pool): ``put`` starts preparing one micro-batch and
+        runs the previous one's forward pass, so the device works while the caller gathers the
+        next. ``products``: each item needs a photo and text (else a query: either)."""
+        return EncodeStream(self, products=products)
+
     def _encode(self, items: Sequence[EncodeInput], towers_only: bool = False) -> list[Encoded]:
+        batches = list(iter_batch(items, self.batch_size))
+        if len(batches) == 1:  # nothing to overlap: no hop to the stage thread (a query)
+            return self._encode_isolated(batches[0], towers_only)
+        stream = EncodeStream(self, towers_only=towers_only)
         results: list[Encoded] = []
-        for batch in iter_batch(items, self.batch_size):
-            results.extend(self._encode_isolated(batch, towers_only))
+        for batch in batches:
+            results.extend(r for _, done in stream.put(batch) for r in done)
+        results.extend(r for _, done in stream.flush() for r in done)
         return results
 
     def _encode_isolated(self, batch: list[EncodeInput], towers_only: bool) -> list[Encoded]:
-        """A batch whose forward pass raises is encoded again item by item, so that the item
-        that causes it fails alone (``EncodeFailed``) and the others are encoded."""
+        """A batch whose preparation or forward pass raises is encoded again item by item, so
+        that the item that causes it fails alone (``EncodeFailed``) and the others are
+        encoded."""
         try:
-            return self._encode_batch(batch, towers_only)
+            return self._forward(self._prepare(batch, on_stage=False), towers_only)
         except Exception as exc:
             if len(batch) == 1:
                 log.exception("encoding one item failed; it fails alone")
@@ -242,22 +291,50 @@ class FusedEncoder:
                 result for item in batch for result in self._encode_isolated([item], towers_only)
             ]
 
-    def _encode_batch(self, batch: list[EncodeInput], towers_only: bool) -> list[Encoded]:
-        out = [Encoded() for _ in batch]
-        with_image = [i for i, item in enumerate(batch) if item.image is not None]
-        pixels, rows, failures = self.preprocessor.batch(
-            [Photo(batch[i].image, batch[i].media_type) for i in with_image]
-        )
-        for j, error in failures.items():
-            out[with_image[j]].error = error
-        image_rows = [with_image[j] for j in rows]
-        text_rows = [i for i, item in enumerate(batch) if item.text and out[i].ok]
-        with torch.inference_mode(), self._autocast():
-            image_vecs = self.image_encoder.encode(pixels) if image_rows else None  # (Bi, Di)
-            text_vecs = (
-                self.text_encoder.encode([batch[i].text[:MAX_TEXT_CHARS] for i in text_rows])
+    def _prepare(self, batch: list[EncodeInput], on_stage: bool = True) -> _Prepared:
+        """Everything before the towers: photos to pixels on the device, texts to tokens on
+        the device. ``on_stage`` (the stage thread, on CUDA): on the stage stream, recording an
+        event the forward pass waits for; otherwise on the caller's stream."""
+        on_stage = on_stage and self._stage_stream is not None
+        with torch.cuda.stream(self._stage_stream) if on_stage else contextlib.nullcontext():
+            out = [Encoded() for _ in batch]
+            with_image = [i for i, item in enumerate(batch) if item.image is not None]
+            pixels, rows, failures = self.preprocessor.batch(
+                [Photo(batch[i].image, batch[i].media_type) for i in with_image]
+            )
+            for j, error in failures.items():
+                out[with_image[j]].error = error
+            image_rows = [with_image[j] for j in rows]
+            text_rows = [i for i, item in enumerate(batch) if item.text and out[i].ok]
+            tokens = (
+                self.text_encoder.tokenize(
+                    [batch[i].text[:MAX_TEXT_CHARS] for i in text_rows], self.device
+                )
                 if text_rows
                 else None
+            )
+            ready = None
+            if on_stage:
+                ready = torch.cuda.Event()
+                ready.record(self._stage_stream)
+        return _Prepared(
+            batch, out, image_rows, pixels if image_rows else None, text_rows, tokens, ready
+        )
+
+    def _forward(self, prepared: _Prepared, towers_only: bool) -> list[Encoded]:
+        out, image_rows, text_rows = prepared.out, prepared.image_rows, prepared.text_rows
+        if prepared.ready is not None:  # made on the stage stream: wait for it, and tell the
+            stream = torch.cuda.current_stream(self.device)  # allocator who uses it now
+            stream.wait_event(prepared.ready)
+            for tensor in [prepared.pixels, *(prepared.tokens or {}).values()]:
+                if tensor is not None:
+                    tensor.record_stream(stream)
+        with torch.inference_mode(), self._autocast():
+            image_vecs = (
+                self._image_vectors(prepared.pixels) if prepared.pixels is not None else None
+            )  # (Bi, Di)
+            text_vecs = (
+                self._text_vectors(prepared.tokens) if prepared.tokens is not None else None
             )  # (Bt, Dt)
             both = [] if towers_only else sorted(set(image_rows) & set(text_rows))
             fused = None
@@ -285,11 +362,90 @@ class FusedEncoder:
                 result.vectors, result.error = {}, VectorNotFinite(bad)
         return out
 
-    def _autocast(self):
+    def _image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
+        graphed = self.graphs.image(pixels) if self.graphs is not None else None
+        return graphed if graphed is not None else self.image_encoder.encode(pixels)
+
+    def _text_vectors(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        graphed = (
+            self.graphs.text(tokens["input_ids"], tokens["attention_mask"])
+            if self.graphs is not None
+            else None
+        )
+        if graphed is not None:
+            return graphed
+        return F.normalize(self.text_encoder(**tokens).float(), dim=-1)
+
+    def _autocast(self, graph_safe: bool = False) -> contextlib.AbstractContextManager:
+        """Mixed precision as planned. ``graph_safe``: without autocast's weight cache, whose
+        copies would be freed under a captured graph that still reads them."""
         dtype = self.acceleration.amp_dtype
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(
+            device_type=self.device.type, dtype=dtype, cache_enabled=not graph_safe
+        )
+
+
+class EncodeStream:
+    """Micro-batches in, their results out one step later (``FusedEncoder.stream``).
+
+    With ``overlap_batches`` (CUDA's default) the stage thread prepares batch k+1 (decode, fit,
+    tokenize, copy, on its own CUDA stream) while the caller's thread runs batch k's forward
+    pass; without it each ``put`` encodes its batch at once. Either way a batch whose
+    preparation or forward pass raises is encoded again item by item, so only the item that
+    causes it fails.
+    """
+
+    def __init__(
+        self, encoder: FusedEncoder, *, products: bool = False, towers_only: bool = False
+    ) -> None:
+        self.encoder = encoder
+        self.products = products
+        self.towers_only = towers_only
+        self._pending: tuple[object, list[EncodeInput], Future] | None = None
+
+    def put(self, batch: Sequence[EncodeInput], tag: object = None) -> list[tuple[object, list]]:
+        """Start on ``batch``; returns ``(tag, results)`` for each batch finished meanwhile
+        (the previous one, or this one when batches do not overlap)."""
+        batch = list(batch)
+        for index, item in enumerate(batch):
+            if self.products and (item.image is None or not item.text):
+                raise ValueError(f"product {index} needs both an image and text")
+            if item.image is None and not item.text:
+                raise ValueError(f"item {index} has neither an image nor text")
+        if not batch:
+            return []
+        encoder = self.encoder
+        if not encoder.acceleration.overlap_batches:
+            return [(tag, encoder._encode_isolated(batch, self.towers_only))]
+        finished = self.flush()
+        self._pending = (tag, batch, encoder._stage.submit(encoder._prepare, batch))
+        return finished
+
+    def flush(self) -> list[tuple[object, list]]:
+        """Finish the batch in flight, if any."""
+        if self._pending is None:
+            return []
+        tag, batch, prepared = self._pending
+        self._pending = None
+        try:
+            return [(tag, self.encoder._forward(prepared.result(), self.towers_only))]
+        except Exception:  # whatever failed, find the item that causes it, alone
+            return [(tag, self.encoder._encode_isolated(batch, self.towers_only))]
+
+
+@dataclass
+class _Prepared:
+    """A micro-batch ready for the towers (``FusedEncoder._prepare``)."""
+
+    items: list[EncodeInput]
+    out: list[Encoded]  # one per item; failed items already carry their error
+    image_rows: list[int]  # items whose photo is in ``pixels``, in order
+    pixels: torch.Tensor | None  # (Bi, 3, S, S) on the device
+    text_rows: list[int]  # items whose text is in ``tokens``, in order
+    tokens: dict[str, torch.Tensor] | None  # (Bt, T) ids and mask on the device
+    ready: torch.cuda.Event | None  # recorded on the stage stream when all of it is there
 
 
 def model_version(base_version: str, fusion: FusionModel) -> str:

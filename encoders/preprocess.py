@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +25,13 @@ from loupe.encoders.images import (
     Fit,
     JpegHeader,
     decode_image,
-    decode_jpegs,
+    fit_batch,
     fit_square,
     orient,
     pil_to_uint8_tensor,
     plain_jpeg_header,
 )
+from loupe.encoders.jpeg_decoders import device_jpeg_decoder
 from loupe.encoders.profile import MAX_TEXT_CHARS
 from loupe.schemas.errors import ItemFailed
 
@@ -93,6 +94,11 @@ class ImagePreprocessor:
         self.decode_workers = decode_workers
         self.device_decode_pixels = device_decode_pixels
         self._pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
+        self.decoder = (
+            device_jpeg_decoder(acceleration.jpeg_decoder, device)
+            if acceleration.batch_jpeg_decode
+            else None
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -133,34 +139,76 @@ class ImagePreprocessor:
             log.exception("preprocessing one photo failed; it fails alone")
             return PreprocessFailed(exc)
 
-    def _try_fit(self, image: torch.Tensor, orientation: int) -> torch.Tensor | ItemFailed:
+    def _host_pixels(self, photo: Photo) -> torch.Tensor | ItemFailed:
+        """One photo decoded by Pillow to ``(3, H, W)`` uint8 on the host, upright, for the
+        device to fit with the others (``host_decode_share``)."""
         try:
-            return fit_square(orient(image, orientation), self.side, self.fit)
-        except Exception as exc:  # as in _try_one: this photo fails, the batch goes on
-            log.exception("fitting one decoded photo failed; it fails alone")
+            image = decode_image(
+                photo.data, limits=self.limits, media_type=photo.media_type, target_side=self.side
+            )
+            return pil_to_uint8_tensor(image)
+        except ImageRejected as exc:
+            return exc
+        except Exception as exc:
+            log.exception("decoding one photo failed; it fails alone")
             return PreprocessFailed(exc)
 
     def _batch_jpeg_decode(self, photos: Sequence[Photo]) -> dict[int, torch.Tensor | ItemFailed]:
-        """JPEGs decode in calls of at most ``device_decode_pixels`` on the model's device (nvjpeg
-        on CUDA); other formats, and any call the decoder refuses, take the Pillow path."""
+        """Plain JPEGs decode on the device in calls of at most ``device_decode_pixels``, a
+        ``host_decode_share`` of them in the CPU threads at the same time, and all of them are
+        fitted together (``fit_batch``). Other formats, and photos the device decoder refuses,
+        take the Pillow path, which says exactly what is wrong with a bad one."""
         results: dict[int, torch.Tensor | ItemFailed] = {}
+        pending: dict[int, Future] = {}  # Pillow's work, running while the device decodes
         jpegs: list[tuple[int, JpegHeader]] = []
         for i, photo in enumerate(photos):
             header = plain_jpeg_header(photo.data, self.limits)
             if header is None:
-                results[i] = self._try_one(photo)
+                pending[i] = self._pool.submit(self._try_one, photo)
             else:
                 jpegs.append((i, header))
+        on_host = round(len(jpegs) * self.acceleration.host_decode_share)
+        host_jobs = {
+            i: self._pool.submit(self._host_pixels, photos[i])
+            for i, _ in jpegs[len(jpegs) - on_host :]
+        }
+        jpegs = jpegs[: len(jpegs) - on_host]
         for chunk in iter_budget(jpegs, lambda job: job[1].pixels, self.device_decode_pixels):
-            try:
-                decoded = decode_jpegs([photos[i].data for i, _ in chunk], self.device)
-            except RuntimeError:  # one bad file (or no memory) fails the call: go per item
-                decoded = [None] * len(chunk)
+            decoded = self.decoder.decode([photos[i].data for i, _ in chunk])
+            upright: dict[int, torch.Tensor] = {}
             for (i, header), image in zip(chunk, decoded, strict=True):
-                results[i] = (
-                    self._try_fit(image, header.orientation)
-                    if image is not None
-                    else self._try_one(photos[i])
-                )
-            del decoded  # full-size photos: free them before the next call decodes more
+                if image is None:
+                    pending[i] = self._pool.submit(self._try_one, photos[i])
+                else:
+                    upright[i] = orient(image, header.orientation)
+            results.update(self._fit_all(upright))
+            del decoded, upright  # full-size photos: free them before the next call decodes
+        if host_jobs:
+            host = {i: job.result() for i, job in host_jobs.items()}
+            results.update({i: t for i, t in host.items() if not isinstance(t, torch.Tensor)})
+            copied = {
+                i: t.to(self.device, non_blocking=False)
+                for i, t in host.items()
+                if isinstance(t, torch.Tensor)
+            }
+            results.update(self._fit_all(copied))
+        results.update({i: job.result() for i, job in pending.items()})
         return results
+
+    def _fit_all(self, images: dict[int, torch.Tensor]) -> dict[int, torch.Tensor | ItemFailed]:
+        """Fit decoded photos together; if that fails, one by one, so a bad one fails alone."""
+        if not images:
+            return {}
+        try:
+            fitted = fit_batch(list(images.values()), self.side, self.fit)  # (n, 3, S, S)
+            return dict(zip(images, fitted, strict=True))
+        except Exception:
+            log.warning("fitting %d photos together failed; fitting them one by one", len(images))
+            return {i: self._try_fit(image) for i, image in images.items()}
+
+    def _try_fit(self, image: torch.Tensor) -> torch.Tensor | ItemFailed:
+        try:
+            return fit_square(image, self.side, self.fit)
+        except Exception as exc:  # as in _try_one: this photo fails, the batch goes on
+            log.exception("fitting one decoded photo failed; it fails alone")
+            return PreprocessFailed(exc)

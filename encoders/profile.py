@@ -16,6 +16,8 @@ FITS: tuple[str, ...] = get_args(Fit)
 Pooling = Literal["gem", "avg"]  # how the image tower's feature maps become one vector
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+JpegDecoderName = Literal["auto", "nvimgcodec", "torchvision"]  # encoders/jpeg_decoders.py
+JPEG_DECODERS: tuple[str, ...] = get_args(JpegDecoderName)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024  # a product photo is rarely above 2 MB
@@ -42,7 +44,12 @@ class ModelProfile:
     device: str = "auto"  # auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere
     batch_size: int | None = None  # None: 16 on a CPU (cache-bound, bench/encode.py), 128 on GPU
-    decode_workers: int = 2  # threads decoding images (Pillow releases the GIL)
+    # Threads decoding images with Pillow (it releases the GIL). None: 2 on a CPU, whose cores
+    # the towers need; one per core, up to 16, where a GPU runs the towers.
+    decode_workers: int | None = None
+    jpeg_decoder: JpegDecoderName = "auto"  # CUDA: auto (nvImageCodec if installed), torchvision
+    host_decode_share: float = 0.0  # on CUDA: share of JPEGs Pillow decodes beside the GPU
+    cuda_graphs: bool = True  # on CUDA: replay captured graphs for batches of up to 16
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_download: bool = False  # never on by default: no model hub at run time

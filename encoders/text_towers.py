@@ -21,6 +21,19 @@ from loupe.encoders.image_towers import RANDOM
 from loupe.encoders.profile import MAX_TEXT_TOKENS
 from loupe.encoders.weights import file_digest, state_digest
 
+# Characters kept per token the tower reads: WordPiece averages 4 to 5 characters a token on
+# English product text, so 8 leaves a wide margin (and a miss is tokenized again, whole).
+CHARS_PER_TOKEN = 8
+
+
+def _cut_at_space(text: str, limit: int) -> str:
+    """``text`` up to ``limit`` characters, ending before a space so no word is split (the
+    whole text where its first ``limit`` characters hold no space)."""
+    if len(text) <= limit:
+        return text
+    space = text.rfind(" ", 0, limit + 1)
+    return text[:space] if space > 0 else text
+
 
 def _minilm_dir(allow_download: bool) -> str:
     try:
@@ -138,19 +151,55 @@ class TextEncoder(nn.Module):
         self.eval()
 
     def tokenize(self, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors="pt",
-        )
+        """Token ids and mask, ``(B, T)`` with T <= ``max_tokens``, on ``device``.
+
+        A product description can run to thousands of characters and the tower reads the
+        first ``max_tokens`` tokens, so each text is cut first, at a space, to
+        ``CHARS_PER_TOKEN`` characters a token: the tokenizer's cost follows its input. A cut
+        text that then gives fewer than ``max_tokens`` tokens (words longer than that on
+        average) is tokenized again whole, so the result is always the whole text's.
+        """
+        texts = list(texts)
+        limit = self.max_tokens * CHARS_PER_TOKEN
+        cut = [_cut_at_space(text, limit) for text in texts]
+        batch = self._tokenize(cut)
+        lengths = batch["attention_mask"].sum(dim=1)
+        short = [
+            i
+            for i, text in enumerate(texts)
+            if len(cut[i]) < len(text) and lengths[i] < self.max_tokens
+        ]
+        if short:
+            cut = [texts[i] if i in short else c for i, c in enumerate(cut)]
+            batch = self._tokenize(cut)
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            )
+        )
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        model_mask: torch.Tensor | None = None,
+        **extra,
     ) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        """``model_mask``: the mask as the transformer should get it, where that differs from
+        ``attention_mask`` (a 4-D boolean one for captured graphs, ``encoders/graphs.py``);
+        the mean pooling always reads ``attention_mask``."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask if model_mask is None else model_mask,
+            **extra,
+        )
         tokens = out.last_hidden_state  # (B, T, D)
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
         summed = (tokens * mask).sum(dim=1)  # (B, D)

@@ -3,6 +3,7 @@ same gating, orientation, fallbacks and geometry as on a GPU, checked against th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -11,7 +12,6 @@ import torch
 from PIL import Image, ImageOps
 
 from loupe.dev.catalog import load_catalog
-from loupe.encoders import preprocess
 from loupe.encoders.device import Acceleration
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 from loupe.encoders.images import DecodeLimits, orient, pil_to_uint8_tensor, plain_jpeg_header
@@ -108,14 +108,14 @@ def test_batch_decode_calls_stay_within_the_pixel_budget(encoders, monkeypatch):
 
     budget = max(pixels(p) for p in photos)  # at least one photo fits, not all of them
     calls = []
-    real_decode = preprocess.decode_jpegs
-
-    def spy(data, device):
-        calls.append(sum(pixels(d) for d in data))
-        return real_decode(data, device)
-
-    monkeypatch.setattr(preprocess, "decode_jpegs", spy)
     chunked = pillow.with_options(acceleration=BATCH_DECODE_ONLY, device_decode_pixels=budget)
+    real_decode = chunked.preprocessor.decoder.decode
+
+    def spy(data):
+        calls.append(sum(pixels(d) for d in data))
+        return real_decode(data)
+
+    monkeypatch.setattr(chunked.preprocessor.decoder, "decode", spy)
     items = [EncodeInput(image=p) for p in photos]
     got = np.stack([r.vectors["image"] for r in chunked.encode_queries(items)])
     chunked.close()
@@ -143,3 +143,41 @@ def test_mixed_batch_falls_back_per_item(encoders):
     np.testing.assert_allclose(
         results[0].vectors["image"] @ results[1].vectors["image"], 1.0, atol=0.02
     )
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_a_share_decoded_on_the_host_gives_the_same_vectors(encoders, share):
+    """``host_decode_share``: some photos decode in the CPU threads while the device decodes
+    the others; all are fitted together, and each photo's vector is what the Pillow path gives."""
+    pillow, _ = encoders
+    mixed = pillow.with_options(
+        acceleration=dataclasses.replace(BATCH_DECODE_ONLY, host_decode_share=share)
+    )
+    photos = [EncodeInput(image=p.image_path.read_bytes()) for p in load_catalog()[:7]]
+    photos.append(EncodeInput(image=b"\xff\xd8 truncated"))
+    got = mixed.encode_queries(photos)
+    mixed.close()
+    expected = pillow.encode_queries(photos)
+    assert [r.ok for r in got] == [True] * 7 + [False]
+    assert got[-1].error.code == ErrorCode.IMAGE_INVALID
+    a = np.stack([r.vectors["image"] for r in got[:7]])
+    b = np.stack([r.vectors["image"] for r in expected[:7]])
+    assert (a * b).sum(axis=1).min() > 0.999
+
+
+def test_a_device_decoder_failure_sends_only_that_photo_to_pillow(encoders, monkeypatch):
+    _, batched = encoders
+    photos = [EncodeInput(image=p.image_path.read_bytes()) for p in load_catalog()[:4]]
+    real_decode = batched.preprocessor.decoder.decode
+    monkeypatch.setattr(
+        batched.preprocessor.decoder,
+        "decode",
+        lambda data: [None if i == 1 else t for i, t in enumerate(real_decode(data))],
+    )
+    fallback = []
+    real_one = batched.preprocessor.one
+    monkeypatch.setattr(
+        batched.preprocessor, "one", lambda photo: fallback.append(1) or real_one(photo)
+    )
+    results = batched.encode_queries(photos)
+    assert all(r.ok for r in results) and len(fallback) == 1

@@ -1,0 +1,131 @@
+"""Decoding a batch of JPEGs on the model's device: the decoders the GPU path can use.
+
+Each decoder takes the bytes of photos that ``plain_jpeg_header`` accepted and returns, per
+photo, a ``(3, H, W)`` uint8 tensor on the device as stored (EXIF orientation is applied by the
+caller, the same way for every decoder), or None where that photo failed: the caller then gives
+that photo to Pillow, which says exactly what is wrong with it.
+
+- ``torchvision``: torchvision's batched ``decode_jpeg`` on CUDA (nvJPEG). Its Huffman decoding
+  runs on one CPU thread, which caps it near 4,000 photos of 850 x 850 per second on an H100
+  machine; it also runs on a CPU (libjpeg-turbo), which is how the tests exercise this path.
+- ``nvimgcodec``: NVIDIA nvImageCodec (PyPI ``nvidia-nvimgcodec-cu13``, with
+  ``nvidia-nvjpeg``), which uses the GPU's hardware JPEG decoders (the H100 has seven) and falls
+  back to nvJPEG's CUDA decoder for what the hardware does not take (progressive JPEGs).
+  Optional: where it is not installed, ``auto`` takes torchvision's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from loupe.encoders.profile import JPEG_DECODERS, JpegDecoderName
+
+log = logging.getLogger(__name__)
+
+
+class DeviceJpegDecoder(Protocol):
+    name: str
+
+    def decode(self, data: Sequence[bytes]) -> list[torch.Tensor | None]: ...
+
+
+class TorchvisionJpegDecoder:
+    """torchvision's ``decode_jpeg``: one call for the batch; if the call fails (one bad file
+    fails all of them), every photo is reported failed and goes to Pillow."""
+
+    name = "torchvision"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def decode(self, data: Sequence[bytes]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        raw = [torch.frombuffer(bytearray(item), dtype=torch.uint8) for item in data]
+        try:
+            # torchvision applies EXIF orientation on the CPU but ignores the flag on CUDA
+            # (torchvision/io/image.py, decode_jpegs_cuda), so it is off on every device.
+            return list(
+                decode_jpeg(
+                    raw, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=False
+                )
+            )
+        except RuntimeError:
+            return [None] * len(data)
+
+
+class NvImageCodecDecoder:
+    """nvImageCodec's batched decoder on one CUDA device: hardware JPEG decoders first, then
+    nvJPEG's CUDA decoder. Failures are per photo (it returns None for each one it could not
+    decode)."""
+
+    name = "nvimgcodec"
+
+    def __init__(self, device: torch.device) -> None:
+        from nvidia import nvimgcodec
+
+        if device.type != "cuda":
+            raise ValueError(f"nvimgcodec decodes on a CUDA device, not {device}")
+        self.device = device
+        self._codec = nvimgcodec
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self._decoder = nvimgcodec.Decoder(
+            device_id=index,
+            backends=[
+                nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY),
+                nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY),
+            ],
+            # libjpeg-turbo's (Pillow's) chroma upsampling, so both paths see the same pixels
+            options=":fancy_upsampling=1",
+        )
+        self._params = nvimgcodec.DecodeParams(
+            apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.RGB
+        )
+
+    def decode(self, data: Sequence[bytes]) -> list[torch.Tensor | None]:
+        stream = torch.cuda.current_stream(self.device)
+        try:
+            images = self._decoder.decode(
+                list(data), params=self._params, cuda_stream=stream.cuda_stream
+            )
+        except Exception:
+            log.exception("nvimgcodec failed a batch of %d; Pillow decodes it", len(data))
+            return [None] * len(data)
+        decoded: list[torch.Tensor | None] = []
+        for image in images:
+            if image is None:
+                decoded.append(None)
+                continue
+            # (H, W, 3) in the decoder's memory, which torch now shares: a view as (3, H, W)
+            pixels = torch.as_tensor(image, device=self.device)
+            decoded.append(pixels.permute(2, 0, 1) if pixels.dim() == 3 else None)
+        return decoded
+
+
+def nvimgcodec_available() -> bool:
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def device_jpeg_decoder(name: JpegDecoderName, device: torch.device) -> DeviceJpegDecoder:
+    """The decoder to use on ``device``. ``auto``: nvImageCodec on CUDA where it is installed
+    and starts, else torchvision's. Asking for ``nvimgcodec`` where it cannot run is an error."""
+    if name not in JPEG_DECODERS:
+        raise ValueError(f"unknown JPEG decoder {name!r}; expected one of {JPEG_DECODERS}")
+    if name == "torchvision":
+        return TorchvisionJpegDecoder(device)
+    if name == "nvimgcodec":
+        return NvImageCodecDecoder(device)
+    if device.type == "cuda" and nvimgcodec_available():
+        try:
+            return NvImageCodecDecoder(device)
+        except Exception as exc:  # installed but cannot start here (driver, library)
+            log.warning("nvimgcodec is installed but did not start (%s); using torchvision's", exc)
+    return TorchvisionJpegDecoder(device)

@@ -1,0 +1,175 @@
+"""The GPU path's own steps, run on the CPU: the two-stage pipeline, the padded small-batch
+graphs (eagerly, as they run where no graph can be captured) and the tokenizer's cut."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loupe.dev.catalog import encode_input, load_catalog
+from loupe.encoders.device import Acceleration
+from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.encoders.graphs import BATCH_BUCKETS, SmallBatchGraphs, bucket
+from loupe.encoders.text_towers import CHARS_PER_TOKEN
+
+PLAIN = Acceleration(
+    amp_dtype=None, channels_last=False, pinned_copies=False, batch_jpeg_decode=False
+)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    encoder = FusedEncoder.from_profile(ModelProfile(batch_size=8))
+    yield encoder
+    encoder.close()
+
+
+def _items() -> list[EncodeInput]:
+    products = [encode_input(p) for p in load_catalog()[:14]]
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, "PNG")
+    return [
+        *products[:6],
+        EncodeInput(text="gold hoop earrings"),
+        EncodeInput(image=products[6].image),
+        EncodeInput(image=b"\xff\xd8 not a photo", text="broken"),
+        EncodeInput(image=png.getvalue(), text="a red square"),
+        *products[7:],
+    ]
+
+
+def _vectors(results) -> list[dict]:
+    return [r.vectors if r.ok else r.error.code for r in results]
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_overlapped_batches_give_what_one_batch_at_a_time_gives(encoder, decode):
+    items = _items()
+    serial = encoder.with_options(acceleration=dataclasses.replace(PLAIN, batch_jpeg_decode=decode))
+    overlapped = encoder.with_options(
+        acceleration=dataclasses.replace(PLAIN, batch_jpeg_decode=decode, overlap_batches=True)
+    )
+    expected, got = (
+        _vectors(serial.encode_queries(items)),
+        _vectors(overlapped.encode_queries(items)),
+    )
+    serial.close()
+    overlapped.close()
+    assert len(got) == len(items) == len(expected)
+    for a, b in zip(expected, got, strict=True):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for view in a:
+                np.testing.assert_allclose(a[view], b[view], atol=1e-6)
+        else:
+            assert a == b
+
+
+def test_a_failing_batch_in_the_pipeline_fails_only_its_culprit(encoder, monkeypatch):
+    overlapped = encoder.with_options(acceleration=dataclasses.replace(PLAIN, overlap_batches=True))
+    items = _items()
+    culprit = items[10]
+    real_forward = overlapped._forward
+
+    def forward(prepared, towers_only):
+        if any(item is culprit for item in prepared.items):
+            raise RuntimeError("out of memory, say")
+        return real_forward(prepared, towers_only)
+
+    monkeypatch.setattr(overlapped, "_forward", forward)
+    results = overlapped.encode_queries(items)
+    overlapped.close()
+    failed = [i for i, r in enumerate(results) if not r.ok]
+    assert failed == [8, 10]  # the broken photo, and the item whose forward pass raises
+    assert results[10].error.code.value == "encoder_failed"
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_padded_small_batches_give_the_eager_vectors(encoder, rows):
+    graphs = SmallBatchGraphs(encoder, side=224, capture=False)
+    pixels = torch.rand((rows, 3, 224, 224), generator=torch.Generator().manual_seed(rows))
+    texts = ["ring", "a long necklace of pearls and gold beads", "studs"] * 6
+    tokens = encoder.text_encoder.tokenize(texts[:rows], encoder.device)
+    with torch.inference_mode():
+        image = encoder.image_encoder.encode(pixels)
+        text = torch.nn.functional.normalize(encoder.text_encoder(**tokens).float(), dim=-1)
+        padded_image = graphs.image(pixels)
+        padded_text = graphs.text(tokens["input_ids"], tokens["attention_mask"])
+    assert padded_image.shape == image.shape and padded_text.shape == text.shape
+    torch.testing.assert_close(padded_image, image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded_text, text, atol=1e-5, rtol=0)
+
+
+def test_batches_beyond_the_buckets_run_eagerly(encoder):
+    graphs = SmallBatchGraphs(encoder, side=224, capture=False)
+    assert bucket(3, BATCH_BUCKETS) == 4 and bucket(BATCH_BUCKETS[-1] + 1, BATCH_BUCKETS) is None
+    assert graphs.image(torch.zeros((BATCH_BUCKETS[-1] + 1, 3, 224, 224))) is None
+    ids = torch.zeros((1, 129), dtype=torch.long)
+    assert graphs.text(ids, torch.ones_like(ids)) is None
+
+
+def test_graphs_and_pinned_copies_need_cuda(encoder):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        encoder.with_options(acceleration=dataclasses.replace(PLAIN, cuda_graphs=True))
+    with pytest.raises(ValueError, match="host_decode_share"):
+        encoder.with_options(acceleration=dataclasses.replace(PLAIN, host_decode_share=1.5))
+
+
+def test_long_texts_are_cut_before_tokenizing_without_changing_the_tokens(encoder):
+    text_encoder = encoder.text_encoder
+    limit = text_encoder.max_tokens * CHARS_PER_TOKEN
+    words = load_catalog()[0].description.split() or ["gold"]
+    long = " ".join(words[i % len(words)] for i in range(3000))  # far past the window
+    giant_words = " ".join(["supercalifragilisticexpialidocious" * 4] * 100)  # [UNK] each
+    no_space = "x" * (limit + 50)
+    texts = [long, giant_words, no_space, "short"]
+    calls = []
+    real = text_encoder._tokenize
+
+    def spy(batch):
+        calls.append([len(t) for t in batch])
+        return real(batch)
+
+    text_encoder._tokenize = spy
+    try:
+        got = text_encoder.tokenize(texts, torch.device("cpu"))
+    finally:
+        del text_encoder._tokenize
+    whole = text_encoder._tokenize(texts)
+    assert torch.equal(got["input_ids"], whole["input_ids"])
+    assert torch.equal(got["attention_mask"], whole["attention_mask"])
+    assert calls[0][0] <= limit < len(long)  # the long description was cut first
+    assert calls[0][2] == len(no_space)  # nowhere to cut between words: left whole
+    assert len(calls) == 2 and calls[1][1] == len(giant_words)  # too few tokens: whole again
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_stream_returns_each_batch_once_in_order_with_its_tag(encoder, overlap):
+    """``FusedEncoder.stream``: what ingest feeds as photos arrive. With overlap a batch's
+    results come back on the next ``put`` (or ``flush``), without it on its own ``put``."""
+    streaming = encoder.with_options(
+        acceleration=dataclasses.replace(PLAIN, overlap_batches=overlap)
+    )
+    products = [encode_input(p) for p in load_catalog()[:9]]
+    stream = streaming.stream(products=True)
+    finished = []
+    for tag, start in (("a", 0), ("b", 4), ("c", 8)):
+        returned = stream.put(products[start : start + 4], tag=tag)
+        assert [t for t, _ in returned] == (
+            [tag] if not overlap else {"a": [], "b": ["a"], "c": ["b"]}[tag]
+        )
+        finished.extend(returned)
+    finished.extend(stream.flush())
+    assert stream.flush() == []
+    assert [t for t, _ in finished] == ["a", "b", "c"]
+    got = [r.vectors["fused"] for _, results in finished for r in results]
+    expected = [r.vectors["fused"] for r in encoder.encode_products(products)]
+    np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-6)
+    with pytest.raises(ValueError, match="needs both an image and text"):
+        stream.put([EncodeInput(text="no photo")])
+    streaming.close()
