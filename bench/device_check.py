@@ -223,6 +223,44 @@ def main() -> int:
         for precision in ("bf16", "fp32"):
             run("default", precision, max(sizes), {})
 
+    def pipeline() -> None:
+        """Is the two-stage pipeline overlapping? Preparation alone, forward passes alone, and
+        both through the stream; ideal overlap costs the larger of the first two."""
+        encoder = base["encoder"]
+        catalog = load_catalog()
+        size = max(int(s) for s in args.batch_sizes.split(","))
+        batches = [
+            [encode_input(catalog[(k * size + i) % len(catalog)]) for i in range(size)]
+            for k in range(8)
+        ]
+        sized = encoder.with_options(batch_size=size)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for _ in range(2):  # warm-up, then measured
+            sync()
+            t0 = time.perf_counter()
+            prepared = [sized._prepare(batch, on_stage=False) for batch in batches]
+            sync()
+            t1 = time.perf_counter()
+            for item in prepared:
+                sized._forward(item, False)
+            sync()
+            t2 = time.perf_counter()
+            sized.encode_products([item for batch in batches for item in batch])
+            sync()
+            t3 = time.perf_counter()
+        result = {
+            "prepare_ms": (t1 - t0) / 8 * 1e3,
+            "forward_ms": (t2 - t1) / 8 * 1e3,
+            "overlapped_ms": (t3 - t2) / 8 * 1e3,
+        }
+        report.data["pipeline"] = result
+        print(
+            f"batch {size}: prepare {result['prepare_ms']:.1f} ms, forward "
+            f"{result['forward_ms']:.1f} ms, overlapped {result['overlapped_ms']:.1f} ms per batch "
+            f"({size / result['overlapped_ms'] * 1e3:.0f} products/s)"
+        )
+        sized.close()
+
     def stages() -> None:
         encoder = base["encoder"]
         catalog = load_catalog()
@@ -255,6 +293,7 @@ def main() -> int:
     report.section("agreement", agreement)
     if not args.skip_bench:
         report.section("throughput", throughput)
+        report.section("pipeline", pipeline)
         report.section("stages", stages)
         report.section("batch-1 latency", latency)
     if device.type == "cuda":

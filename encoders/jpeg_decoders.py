@@ -82,27 +82,39 @@ class NvImageCodecDecoder:
             # libjpeg-turbo's (Pillow's) chroma upsampling, so both paths see the same pixels
             options=":fancy_upsampling=1",
         )
-        self._params = nvimgcodec.DecodeParams(
-            apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.RGB
+        self._params = nvimgcodec.DecodeParams(  # planar RGB: (3, H, W), the towers' layout
+            apply_exif_orientation=False,
+            color_spec=nvimgcodec.ColorSpec.SRGB,
+            sample_format=nvimgcodec.SampleFormat.P_RGB,
         )
 
     def decode(self, data: Sequence[bytes]) -> list[torch.Tensor | None]:
         stream = torch.cuda.current_stream(self.device)
+        streams: list = []
+        for item in data:
+            try:
+                streams.append(self._codec.CodeStream(item))
+            except Exception:  # a header it cannot parse: that photo goes to Pillow
+                streams.append(None)
+        valid = [s for s in streams if s is not None]
         try:
-            images = self._decoder.decode(
-                list(data), params=self._params, cuda_stream=stream.cuda_stream
+            images = iter(
+                self._decoder.decode(valid, params=self._params, cuda_stream=stream.cuda_stream)
             )
         except Exception:
             log.exception("nvimgcodec failed a batch of %d; Pillow decodes it", len(data))
             return [None] * len(data)
         decoded: list[torch.Tensor | None] = []
-        for image in images:
+        for code_stream in streams:
+            image = next(images) if code_stream is not None else None
             if image is None:
                 decoded.append(None)
                 continue
-            # (H, W, 3) in the decoder's memory, which torch now shares: a view as (3, H, W)
+            # The decoder's memory, which torch now shares (and keeps alive): (3, H, W)
             pixels = torch.as_tensor(image, device=self.device)
-            decoded.append(pixels.permute(2, 0, 1) if pixels.dim() == 3 else None)
+            if pixels.dim() == 3 and pixels.shape[0] != 3 and pixels.shape[-1] == 3:
+                pixels = pixels.permute(2, 0, 1)  # an interleaved image after all
+            decoded.append(pixels if pixels.dim() == 3 and pixels.shape[0] == 3 else None)
         return decoded
 
 

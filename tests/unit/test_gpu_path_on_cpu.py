@@ -173,3 +173,22 @@ def test_a_stream_returns_each_batch_once_in_order_with_its_tag(encoder, overlap
     with pytest.raises(ValueError, match="needs both an image and text"):
         stream.put([EncodeInput(text="no photo")])
     streaming.close()
+
+
+def test_the_batch_tokenizer_gives_what_transformers_gives(encoder):
+    """The Rust tokenizer read straight into arrays, against transformers' own call."""
+    text_encoder = encoder.text_encoder
+    assert text_encoder._batch_tokenizer is not None
+    texts = [encode_input(p).text for p in load_catalog()[:40]]
+    texts += ["", "a", "x" * 5000, "é ñ 中文 😀 ring", "  spaced   out  ", "[SEP] [CLS]"]
+    ours = text_encoder._tokenize(texts)
+    theirs = text_encoder.tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=text_encoder.max_tokens,
+        return_tensors="pt",
+    )
+    assert ours.keys() == dict(theirs).keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
