@@ -143,7 +143,11 @@ def stage_profile(
 
         def fit() -> None:
             fit_batch(
-                [orient(t, h.orientation) for t, h in zip(decoded, headers, strict=True)],
+                [
+                    orient(t, h.orientation)
+                    for t, h in zip(decoded, headers, strict=True)
+                    if t is not None  # the decoder failed it: Pillow's, timed apart
+                ],
                 pre.side,
                 pre.fit,
             )

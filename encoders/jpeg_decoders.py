@@ -58,6 +58,12 @@ class TorchvisionJpegDecoder:
             return [None] * len(data)
 
 
+# nvImageCodec's backends, in the order it tries them: "hw" (the GPU's JPEG engines), "cuda"
+# (nvJPEG's CUDA decoder), "hybrid" (Huffman on the CPU, the rest on the GPU), "cpu".
+NVIMGCODEC_BACKENDS: tuple[str, ...] = ("hw", "cuda")
+NVIMGCODEC_OPTIONS = ""  # e.g. ":fancy_upsampling=1" (libjpeg-turbo's chroma upsampling)
+
+
 class NvImageCodecDecoder:
     """nvImageCodec's batched decoder on one CUDA device: hardware JPEG decoders first, then
     nvJPEG's CUDA decoder. Failures are per photo (it returns None for each one it could not
@@ -65,22 +71,31 @@ class NvImageCodecDecoder:
 
     name = "nvimgcodec"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        backends: tuple[str, ...] | None = None,
+        options: str | None = None,
+    ) -> None:
         from nvidia import nvimgcodec
 
+        kinds = {
+            "hw": nvimgcodec.BackendKind.HW_GPU_ONLY,
+            "cuda": nvimgcodec.BackendKind.GPU_ONLY,
+            "hybrid": nvimgcodec.BackendKind.HYBRID_CPU_GPU,
+            "cpu": nvimgcodec.BackendKind.CPU_ONLY,
+        }
+        backends = NVIMGCODEC_BACKENDS if backends is None else backends
         if device.type != "cuda":
             raise ValueError(f"nvimgcodec decodes on a CUDA device, not {device}")
         self.device = device
         self._codec = nvimgcodec
         index = device.index if device.index is not None else torch.cuda.current_device()
+        self.backends = backends
         self._decoder = nvimgcodec.Decoder(
             device_id=index,
-            backends=[
-                nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY),
-                nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY),
-            ],
-            # libjpeg-turbo's (Pillow's) chroma upsampling, so both paths see the same pixels
-            options=":fancy_upsampling=1",
+            backends=[nvimgcodec.Backend(kinds[name]) for name in backends] or None,
+            options=NVIMGCODEC_OPTIONS if options is None else options,
         )
         self._params = nvimgcodec.DecodeParams(  # planar RGB: (3, H, W), the towers' layout
             apply_exif_orientation=False,
