@@ -129,6 +129,10 @@ class FusedEncoder:
         self._stage_stream = (
             torch.cuda.Stream(device) if on_cuda and self.acceleration.overlap_batches else None
         )
+        # The forward pass gets its own stream too: on CUDA's legacy default stream it would
+        # wait for every blocking stream in the process, the JPEG decoders' own streams
+        # included, and the stages could never overlap.
+        self._forward_stream = torch.cuda.Stream(device) if self._stage_stream else None
         self.graphs: SmallBatchGraphs | None = None
         if self.acceleration.cuda_graphs:
             self.graphs = SmallBatchGraphs(self, side=image_encoder.input_side, capture=on_cuda)
@@ -337,10 +341,19 @@ class FusedEncoder:
         )
 
     def _forward(self, prepared: _Prepared, towers_only: bool) -> list[Encoded]:
+        if self._forward_stream is None:
+            return self._forward_on_current_stream(prepared, towers_only)
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._forward_stream):
+            self._forward_stream.wait_stream(caller)  # what the caller queued (a serial prepare)
+            return self._forward_on_current_stream(prepared, towers_only)
+
+    def _forward_on_current_stream(self, prepared: _Prepared, towers_only: bool) -> list[Encoded]:
         out, image_rows, text_rows = prepared.out, prepared.image_rows, prepared.text_rows
-        if prepared.ready is not None:  # made on the stage stream: wait for it, and tell the
-            stream = torch.cuda.current_stream(self.device)  # allocator who uses it now
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if prepared.ready is not None:  # made on the stage stream: wait for it
             stream.wait_event(prepared.ready)
+        if stream is not None:  # made on another stream: tell the allocator who uses it now
             for tensor in [prepared.pixels, *(prepared.tokens or {}).values()]:
                 if tensor is not None:
                     tensor.record_stream(stream)

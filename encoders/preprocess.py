@@ -93,15 +93,7 @@ class ImagePreprocessor:
         self.limits = limits or DecodeLimits()
         self.decode_workers = decode_workers
         self.device_decode_pixels = device_decode_pixels
-        self._pool = ThreadPoolExecutor(
-            max_workers=decode_workers,
-            thread_name_prefix="decode",
-            # Where a GPU runs the towers, each decode thread fits its Pillow photos with one
-            # CPU thread: sixteen threads each fanning out to sixteen made the Pillow path ten
-            # times slower on a 16-core GPU machine (measured, bench.device_check).
-            initializer=torch.set_num_threads if device.type == "cuda" else None,
-            initargs=(1,) if device.type == "cuda" else (),
-        )
+        self._pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
         self.decoder = (
             device_jpeg_decoder(acceleration.jpeg_decoder, device)
             if acceleration.batch_jpeg_decode
