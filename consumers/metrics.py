@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -105,10 +106,13 @@ class LoupeMetrics:
         )
         self.device_utilization = Gauge(
             "loupe_device_utilization_ratio",
-            "Share of the last sample period the GPU was busy (NVML; absent where unavailable)",
+            "Share of the time the device was busy: a GPU's over NVML's last sample period (absent "
+            "without NVML); on a CPU, the share of all cores this process used since the last "
+            "scrape",
             ["device"],
             registry=r,
         )
+        self._last_cpu_sample: tuple[float, float] | None = None
         self.start_time = Gauge(
             "loupe_start_time_seconds",
             "When this process started (Unix time): its changes count restarts",
@@ -146,7 +150,7 @@ class LoupeMetrics:
         self.worker_up.labels(role=role).set(0)
 
     def sample_device_memory(self, device: str) -> None:
-        """Refresh the device memory gauges (called on each scrape)."""
+        """Refresh the device memory and utilisation gauges (called on each scrape)."""
         import torch
 
         if device.startswith("cuda") and torch.cuda.is_available():
@@ -169,6 +173,15 @@ class LoupeMetrics:
             except (OSError, ValueError, IndexError):
                 used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak
             total = os.sysconf("SC_PHYS_PAGES") * page
+            # The CPU is the model's device: the share of all cores this process kept busy
+            # since the last scrape.
+            now, cpu = time.monotonic(), time.process_time()
+            if self._last_cpu_sample is not None:
+                wall = now - self._last_cpu_sample[0]
+                if wall > 0:
+                    busy = (cpu - self._last_cpu_sample[1]) / (wall * (os.cpu_count() or 1))
+                    self.device_utilization.labels(device=device).set(min(1.0, max(0.0, busy)))
+            self._last_cpu_sample = (now, cpu)
         self.device_memory_used.labels(device=device).set(used)
         self.device_memory_total.labels(device=device).set(total)
 

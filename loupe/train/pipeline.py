@@ -17,8 +17,8 @@ from loupe.encoders.fused import FusedEncoder, model_version
 from loupe.encoders.fusion import fusion_digest, save_fusion
 from loupe.train.config import TrainConfig
 from loupe.train.features import extract_features
-from loupe.train.source import TrainingProduct
-from loupe.train.trainer import TrainResult, train
+from loupe.train.source import CatalogSourceError, TrainingProduct
+from loupe.train.trainer import TrainResult, held_out_mask, train
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,15 @@ def train_checkpoint(
     """Train on ``products`` from the encoder's current fusion model and save the checkpoint
     (``out``, or ``<state_dir>/models/fusion-<hash>.safetensors``)."""
     if len(products) < MIN_PRODUCTS:
-        raise ValueError(
+        raise CatalogSourceError(
             f"training needs at least {MIN_PRODUCTS} products with a usable photo, got "
             f"{len(products)}"
+        )
+    held = held_out_mask([p.key for p in products], config.holdout, config.seed)
+    if int((~held).sum()) < 2:  # checked before minutes of feature extraction, not after
+        raise CatalogSourceError(
+            f"--holdout {config.holdout} keeps {int((~held).sum())} of {len(products)} products "
+            "for training; lower it (the default is 0.2)"
         )
     features = extract_features(
         encoder,

@@ -293,3 +293,19 @@ def test_retrieval_scores_by_hand_and_in_any_chunking():
         assert scores.queries == 3
     text = retrieval_scores(queries, index, recall=False, categories=None, rows=rows)
     assert (text.recall_at_1, text.category_p10) == (None, None)
+
+
+def test_too_small_a_catalog_or_split_is_refused_before_any_work(tmp_path):
+    """A clear error (the CLI's exit 2), before minutes of feature extraction: no encoder is
+    even touched."""
+    from loupe.train.pipeline import train_checkpoint
+    from loupe.train.source import CatalogSourceError, TrainingProduct
+
+    products = [
+        TrainingProduct(key=f"m/{i}", title=f"ring {i}", attributes={}, description="", image=b"")
+        for i in range(12)
+    ]
+    with pytest.raises(CatalogSourceError, match="at least 10 products"):
+        train_checkpoint(None, products[:5], TrainConfig(), state_dir=tmp_path)
+    with pytest.raises(CatalogSourceError, match=r"--holdout 0\.99 keeps"):
+        train_checkpoint(None, products, TrainConfig(holdout=0.99), state_dir=tmp_path)
