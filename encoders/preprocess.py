@@ -11,6 +11,7 @@ their EXIF orientation applied as tensor ops, and host and device tensors stacke
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ class ImagePreprocessor:
             if acceleration.batch_jpeg_decode
             else None
         )
+        # One batch decode at a time: the encoder's stage thread and a search thread can both
+        # prepare photos, and nvImageCodec does not promise that one decoder serves two calls.
+        self._decode_lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -174,7 +178,8 @@ class ImagePreprocessor:
         }
         jpegs = jpegs[: len(jpegs) - on_host]
         for chunk in iter_budget(jpegs, lambda job: job[1].pixels, self.device_decode_pixels):
-            decoded = self.decoder.decode([photos[i].data for i, _ in chunk])
+            with self._decode_lock:
+                decoded = self.decoder.decode([photos[i].data for i, _ in chunk])
             upright: dict[int, torch.Tensor] = {}
             for (i, header), image in zip(chunk, decoded, strict=True):
                 if image is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import socket
 import threading
@@ -36,9 +37,15 @@ MERCHANT = "giva"
 
 @pytest.fixture(scope="module")
 def encoder():
-    model = FusedEncoder.from_profile(Settings().model_profile())
+    """The CPU's model, with the GPU's two-stage pipeline on (each micro-batch prepared in the
+    stage thread, its results returned a step later), so ingest runs as it does on a GPU."""
+    cpu = FusedEncoder.from_profile(Settings().model_profile())
+    model = cpu.with_options(
+        acceleration=dataclasses.replace(cpu.acceleration, overlap_batches=True), batch_size=4
+    )
     yield model
     model.close()
+    cpu.close()
 
 
 @pytest.fixture(scope="module")
