@@ -31,6 +31,7 @@ import dataclasses
 import io
 import json
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -335,6 +336,27 @@ def main() -> int:
             "forward_ms": (t2 - t1) / 8 * 1e3,
             "overlapped_ms": (t3 - t2) / 8 * 1e3,
         }
+        decoder = sized.preprocessor.decoder
+        if decoder is not None:
+            # Does the decoder hold the GIL while it runs? Count a Python loop's iterations in
+            # this thread alone, then while another thread decodes: near zero means it does,
+            # and the stages cannot overlap in one process.
+            data = [item.image for item in batches[0]]
+
+            def python_rate(seconds: float) -> float:
+                count, end = 0, time.perf_counter() + seconds
+                while time.perf_counter() < end:
+                    count += 1
+                return count / seconds
+
+            alone = python_rate(0.05)
+            worker = threading.Thread(target=lambda: [decoder.decode(data) for _ in range(4)])
+            worker.start()
+            time.sleep(0.01)
+            during = python_rate(0.05)
+            worker.join()
+            result["python_rate_while_decoding"] = during / alone
+            print(f"Python in another thread while {decoder.name} decodes: {during / alone:.0%}")
         report.data["pipeline"] = result
         print(
             f"batch {size}: prepare {result['prepare_ms']:.1f} ms, forward "
