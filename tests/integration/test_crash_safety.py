@@ -13,7 +13,11 @@ from datetime import UTC, datetime
 
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
-from kafka.errors import CoordinatorNotAvailableError
+from kafka.errors import (
+    CoordinatorLoadInProgressError,
+    CoordinatorNotAvailableError,
+    NotCoordinatorError,
+)
 
 from bench.harness import serve_env
 from loupe.consumers.index import point_id
@@ -31,8 +35,10 @@ def _committed(bootstrap: str, group: str) -> int:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         offsets = admin.list_group_offsets(group).get(group, {})
-    except CoordinatorNotAvailableError:
-        return 0  # the group has not joined yet
+    except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+        # The group has not joined yet, or the broker is still loading or moving its
+        # coordinator (seen once, in the first test after the broker started): ask again.
+        return 0
     finally:
         admin.close()
     return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
