@@ -447,16 +447,21 @@ class EncodeStream:
         encoder = self.encoder
         if not encoder.acceleration.overlap_batches:
             return [(tag, encoder._encode_isolated(batch, self.towers_only))]
-        finished = self.flush()
+        previous = self._pending
+        # This batch's preparation starts first, then the previous batch's forward pass runs
+        # here: the two overlap. (The other way round, each waited for the other.)
         self._pending = (tag, batch, encoder._stage.submit(encoder._prepare, batch))
-        return finished
+        return self._finish(previous) if previous is not None else []
 
     def flush(self) -> list[tuple[object, list]]:
         """Finish the batch in flight, if any."""
         if self._pending is None:
             return []
-        tag, batch, prepared = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
+        return self._finish(pending)
+
+    def _finish(self, pending: tuple[object, list[EncodeInput], Future]) -> list[tuple]:
+        tag, batch, prepared = pending
         try:
             return [(tag, self.encoder._forward(prepared.result(), self.towers_only))]
         except Exception:  # whatever failed, find the item that causes it, alone

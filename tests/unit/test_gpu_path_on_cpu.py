@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -192,3 +193,34 @@ def test_the_batch_tokenizer_gives_what_transformers_gives(encoder):
     assert ours.keys() == dict(theirs).keys()
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
+
+
+def test_the_next_batch_is_prepared_while_the_current_one_runs_forward(encoder, monkeypatch):
+    """The point of the stream: batch k+1's preparation has begun before batch k's forward
+    pass ends (a stream that ran them one after the other passed every other test)."""
+    overlapped = encoder.with_options(acceleration=dataclasses.replace(PLAIN, overlap_batches=True))
+    products = [encode_input(p) for p in load_catalog()[:6]]
+    batches = [products[:2], products[2:4], products[4:]]
+    began: list[EncodeInput] = []
+    next_began = {id(b[0]): threading.Event() for b in batches}
+    real_prepare, real_forward = overlapped._prepare, overlapped._forward
+    overlapping = []
+
+    def prepare(batch, on_stage=True):
+        began.append(batch[0])
+        next_began[id(batch[0])].set()
+        return real_prepare(batch, on_stage)
+
+    def forward(prepared, towers_only):
+        k = next(i for i, b in enumerate(batches) if b[0] is prepared.items[0])
+        if k + 1 < len(batches):
+            overlapping.append(next_began[id(batches[k + 1][0])].wait(10))
+        return real_forward(prepared, towers_only)
+
+    monkeypatch.setattr(overlapped, "_prepare", prepare)
+    monkeypatch.setattr(overlapped, "_forward", forward)
+    stream = overlapped.stream(products=True)
+    finished = [r for b in batches for r in stream.put(b)] + stream.flush()
+    overlapped.close()
+    assert overlapping == [True, True]
+    assert [len(results) for _, results in finished] == [2, 2, 2]
