@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.encode import RANDOM_TEXT, measure, query_latency, stage_profile, variant
+from bench.encode import RANDOM_TEXT, measure, query_latency, stage_profile, syncer, variant
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.device import Acceleration
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
@@ -317,7 +317,7 @@ def main() -> int:
             for k in range(8)
         ]
         sized = encoder.with_options(batch_size=size)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync = syncer(device)
         for _ in range(2):  # warm-up, then measured
             sync()
             t0 = time.perf_counter()

@@ -141,6 +141,8 @@ class FusedEncoder:
         """Pay the one-off costs now, not in a shopper's first query: the JPEG decoder's and
         the allocator's start, and the CUDA graphs for small batches (their capture also
         settles cuDNN's kernels for those shapes). Returns how many graphs were captured."""
+        if self.device.type != "cuda":
+            return 0  # nothing on a CPU is paid once: no decoder or graphs to start
         photo = io.BytesIO()
         Image.new("RGB", (64, 48), "white").save(photo, "JPEG")
         self.encode_queries([EncodeInput(image=photo.getvalue(), text="warm-up")])
@@ -237,24 +239,18 @@ class FusedEncoder:
 
     def encode_products(self, items: Sequence[EncodeInput]) -> list[Encoded]:
         """Catalog items: each must have an image and text."""
-        for index, item in enumerate(items):
-            if item.image is None or not item.text:
-                raise ValueError(f"product {index} needs both an image and text")
+        _check_inputs(items, "product")
         return self._encode(items)
 
     def encode_queries(self, items: Sequence[EncodeInput]) -> list[Encoded]:
         """Shopper queries: image, text or both."""
-        for index, item in enumerate(items):
-            if item.image is None and not item.text:
-                raise ValueError(f"query {index} has neither an image nor text")
+        _check_inputs(items, "query")
         return self._encode(items)
 
     def encode_towers(self, items: Sequence[EncodeInput]) -> list[Encoded]:
         """The frozen towers' unit vectors (``image``, ``text``), before the trainable heads and
         the fusion: what ``loupe train`` learns from."""
-        for index, item in enumerate(items):
-            if item.image is None and not item.text:
-                raise ValueError(f"item {index} has neither an image nor text")
+        _check_inputs(items, "item")
         return self._encode(items, towers_only=True)
 
     # --- stages -------------------------------------------------------------------------
@@ -437,11 +433,7 @@ class EncodeStream:
         """Start on ``batch``; returns ``(tag, results)`` for each batch finished meanwhile
         (the previous one, or this one when batches do not overlap)."""
         batch = list(batch)
-        for index, item in enumerate(batch):
-            if self.products and (item.image is None or not item.text):
-                raise ValueError(f"product {index} needs both an image and text")
-            if item.image is None and not item.text:
-                raise ValueError(f"item {index} has neither an image nor text")
+        _check_inputs(batch, "product" if self.products else "item")
         if not batch:
             return []
         encoder = self.encoder
@@ -479,6 +471,16 @@ class _Prepared:
     text_rows: list[int]  # items whose text is in ``tokens``, in order
     tokens: dict[str, torch.Tensor] | None  # (Bt, T) ids and mask on the device
     ready: torch.cuda.Event | None  # recorded on the stage stream when all of it is there
+
+
+def _check_inputs(items: Sequence[EncodeInput], kind: str) -> None:
+    """A ``product`` needs a photo and text; a ``query`` or ``item`` either. Raises ValueError
+    naming the first that does not."""
+    for index, item in enumerate(items):
+        if kind == "product" and (item.image is None or not item.text):
+            raise ValueError(f"product {index} needs both an image and text")
+        if item.image is None and not item.text:
+            raise ValueError(f"{kind} {index} has neither an image nor text")
 
 
 def model_version(base_version: str, fusion: FusionModel) -> str:

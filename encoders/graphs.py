@@ -71,8 +71,9 @@ class _Graph:
 class SmallBatchGraphs:
     """Graphed image and text towers for batches up to ``BATCH_BUCKETS[-1]``.
 
-    ``capture=False`` runs the same padding eagerly (the CPU path, and the tests): what a graph
-    would compute, without the graph.
+    ``capture=False`` runs the same padding eagerly (the tests, on a CPU): what a graph would
+    compute, without the graph. With capture on, a batch with no captured graph returns None,
+    and the encoder runs it eagerly without padding it.
     """
 
     def __init__(self, towers: _Towers, *, side: int, capture: bool) -> None:
@@ -102,6 +103,8 @@ class SmallBatchGraphs:
         if size is None:
             return None
         graph = self._graph(("image", size))
+        if graph is None and self.capture:
+            return None  # not captured (before warm_up, or the capture failed): run unpadded
         if graph is None:
             padded = torch.zeros((size, *pixels.shape[1:]), device=pixels.device)
             padded[:rows] = pixels
@@ -119,6 +122,8 @@ class SmallBatchGraphs:
         if size is None or tokens is None:
             return None
         graph = self._graph(("text", size, tokens))
+        if graph is None and self.capture:
+            return None
         ids = torch.zeros((size, tokens), dtype=input_ids.dtype, device=input_ids.device)
         mask = torch.zeros_like(ids)
         mask[:, 0] = 1  # padding rows attend to one token: no row is all masked

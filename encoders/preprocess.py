@@ -109,10 +109,15 @@ class ImagePreprocessor:
 
     def one(self, photo: Photo) -> torch.Tensor:
         """One photo to a ``(3, S, S)`` tensor on the CPU; raises ``ImageRejected``."""
+        return fit_square(self.upright(photo), self.side, self.fit)
+
+    def upright(self, photo: Photo) -> torch.Tensor:
+        """One photo decoded by Pillow to ``(3, H, W)`` uint8 on the host, upright (EXIF), not
+        yet fitted; raises ``ImageRejected``."""
         image = decode_image(
             photo.data, limits=self.limits, media_type=photo.media_type, target_side=self.side
         )
-        return fit_square(pil_to_uint8_tensor(image), self.side, self.fit)
+        return pil_to_uint8_tensor(image)
 
     def batch(
         self, photos: Sequence[Photo]
@@ -135,27 +140,11 @@ class ImagePreprocessor:
         return stacked, rows, failures
 
     def _try_one(self, photo: Photo) -> torch.Tensor | ItemFailed:
-        try:
-            return self.one(photo)
-        except ImageRejected as exc:
-            return exc
-        except Exception as exc:  # one photo's failure, whatever it is, is that photo's
-            log.exception("preprocessing one photo failed; it fails alone")
-            return PreprocessFailed(exc)
+        return _alone(self.one, photo, "preprocessing")
 
     def _host_pixels(self, photo: Photo) -> torch.Tensor | ItemFailed:
-        """One photo decoded by Pillow to ``(3, H, W)`` uint8 on the host, upright, for the
-        device to fit with the others (``host_decode_share``)."""
-        try:
-            image = decode_image(
-                photo.data, limits=self.limits, media_type=photo.media_type, target_side=self.side
-            )
-            return pil_to_uint8_tensor(image)
-        except ImageRejected as exc:
-            return exc
-        except Exception as exc:
-            log.exception("decoding one photo failed; it fails alone")
-            return PreprocessFailed(exc)
+        """``upright`` for the device to fit with the others (``host_decode_share``)."""
+        return _alone(self.upright, photo, "decoding")
 
     def _batch_jpeg_decode(self, photos: Sequence[Photo]) -> dict[int, torch.Tensor | ItemFailed]:
         """Plain JPEGs decode on the device in calls of at most ``device_decode_pixels``, a
@@ -213,8 +202,16 @@ class ImagePreprocessor:
             return {i: self._try_fit(image) for i, image in images.items()}
 
     def _try_fit(self, image: torch.Tensor) -> torch.Tensor | ItemFailed:
-        try:
-            return fit_square(image, self.side, self.fit)
-        except Exception as exc:  # as in _try_one: this photo fails, the batch goes on
-            log.exception("fitting one decoded photo failed; it fails alone")
-            return PreprocessFailed(exc)
+        return _alone(lambda i: fit_square(i, self.side, self.fit), image, "fitting")
+
+
+def _alone(step, value, what: str) -> torch.Tensor | ItemFailed:
+    """``step(value)``, or why it failed: one photo's failure, whatever it is, is that photo's
+    and the batch goes on."""
+    try:
+        return step(value)
+    except ImageRejected as exc:
+        return exc
+    except Exception as exc:
+        log.exception("%s one photo failed; it fails alone", what)
+        return PreprocessFailed(exc)
