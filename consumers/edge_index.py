@@ -10,11 +10,14 @@ one owner at a time, like ``QdrantIndex`` in embedded mode.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from loupe.schemas.search import SearchFilters
 log = logging.getLogger(__name__)
 
 ALIASES_FILE = "aliases.json"
+CARD_SUFFIX = ".card.json"  # <collection>.card.json beside the shard: what made it, its state
 
 
 class EdgeIndex:
@@ -55,10 +59,13 @@ class EdgeIndex:
         self.model_version = model_version
         self._lock = threading.RLock()
         self._shard: Any = None
+        self._files_thread_lock = threading.RLock()
+        self._files_lock_depth = 0
+        self._files_lock_handle: Any = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def ensure_collection(self, dims: Mapping[str, int]) -> None:
+    def ensure_collection(self, dims: Mapping[str, int], *, make_live: bool = True) -> None:
         from qdrant_edge import (
             Distance,
             EdgeConfig,
@@ -92,10 +99,63 @@ class EdgeIndex:
                     )
             except (OSError, RuntimeError, ValueError) as exc:
                 raise IndexUnavailable(f"cannot open the shard in {shard_dir}: {exc}") from exc
-            live = self._aliases().get(self.alias)
-            if live != self.collection:
-                log.info("alias %s -> %s (was %s)", self.alias, self.collection, live)
-                self._write_aliases({**self._aliases(), self.alias: self.collection})
+        if make_live and self.live_collection() != self.collection:
+            self.switch_alias(self.collection)
+
+    def for_version(self, model_version: str) -> EdgeIndex:
+        """Another version's shard under the same directory (opened by its ensure_collection)."""
+        return EdgeIndex(model_version=model_version, path=str(self.root), prefix=self.alias)
+
+    def live_collection(self) -> str | None:
+        return self._aliases().get(self.alias)
+
+    def switch_alias(self, collection: str) -> str | None:
+        with self.card_lock():
+            aliases = self._aliases()
+            live = aliases.get(self.alias)
+            if live != collection:
+                log.info("alias %s -> %s (was %s)", self.alias, collection, live)
+                _write_atomically(self.root / ALIASES_FILE, {**aliases, self.alias: collection})
+            return live
+
+    def collections(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            d.name
+            for d in self.root.iterdir()
+            if d.is_dir() and d.name.startswith(f"{self.alias}__")
+        )
+
+    def drop_collection(self, collection: str) -> bool:
+        """Delete a collection's shard and card. Only a shard no process has open may go: the
+        one this object holds is closed first; another process's is refused."""
+        if collection == self.live_collection():
+            raise ValueError(f"refusing to drop {collection}: the alias {self.alias} points at it")
+        if collection == self.collection:
+            self.close()
+        shard_dir = self.root / collection
+        if not shard_dir.is_dir():
+            return False
+        if _wal_in_use(shard_dir):
+            raise IndexUnavailable(f"cannot drop {collection}: another process has it open")
+        # Renamed first, so a crash mid-delete leaves no half shard under the collection's name.
+        doomed = self.root / f".dropping.{collection}.{os.getpid()}"
+        os.replace(shard_dir, doomed)
+        shutil.rmtree(doomed)
+        (self.root / f"{collection}{CARD_SUFFIX}").unlink(missing_ok=True)
+        log.info("dropped collection %s", collection)
+        return True
+
+    def read_card(self, collection: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.root / f"{collection}{CARD_SUFFIX}").read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_card(self, collection: str, card: Mapping[str, Any]) -> None:
+        with self.card_lock():
+            _write_atomically(self.root / f"{collection}{CARD_SUFFIX}", dict(card))
 
     def _aliases(self) -> dict[str, str]:
         try:
@@ -103,12 +163,23 @@ class EdgeIndex:
         except FileNotFoundError:
             return {}
 
-    def _write_aliases(self, aliases: dict[str, str]) -> None:
-        """Atomically: a reader sees the old file or the new one, never half of one."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{ALIASES_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True))
-        os.replace(tmp, self.root / ALIASES_FILE)
+    @contextlib.contextmanager
+    def card_lock(self) -> Iterator[None]:
+        """Serialise read-modify-writes of the alias and card files, across processes (an
+        exclusive flock) and threads; re-entrant within a thread."""
+        with self._files_thread_lock:
+            if self._files_lock_depth == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._files_lock_handle = open(self.root / ".files.lock", "a")  # noqa: SIM115
+                fcntl.flock(self._files_lock_handle, fcntl.LOCK_EX)
+            self._files_lock_depth += 1
+            try:
+                yield
+            finally:
+                self._files_lock_depth -= 1
+                if self._files_lock_depth == 0:
+                    fcntl.flock(self._files_lock_handle, fcntl.LOCK_UN)
+                    self._files_lock_handle.close()
 
     def optimize(self) -> bool:
         """Run Qdrant's segment optimizers now (merges segments, builds the HNSW and payload
@@ -204,3 +275,28 @@ def _edge_filter(merchant_id: str | None, filters: SearchFilters) -> Any:
             gte, lte = values
             must.append(FieldCondition(key, range=RangeFloat(gte=gte, lte=lte)))
     return Filter(must=must) if must else None
+
+
+def _write_atomically(path: Path, content: Mapping[str, Any]) -> None:
+    """A reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _wal_in_use(shard_dir: Path) -> bool:
+    """Whether a process holds the shard open: Qdrant's write-ahead log holds an exclusive
+    ``flock`` on its directory while the shard is open (a second open fails with WouldBlock)."""
+    wal = shard_dir / "wal"
+    if not wal.is_dir():
+        return False
+    handle = os.open(wal, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(handle)

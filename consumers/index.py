@@ -71,13 +71,29 @@ class IndexQuery:
 class VectorIndex(Protocol):
     """What the consumers need from an index; a second backend implements just this."""
 
-    def ensure_collection(self, dims: Mapping[str, int]) -> None: ...
+    collection: str
+    model_version: str
+
+    def ensure_collection(self, dims: Mapping[str, int], *, make_live: bool = True) -> None: ...
     def stored_versions(self, ids: Sequence[str]) -> dict[str, int | None]: ...
     def upsert(self, points: Sequence[IndexPoint]) -> None: ...
     def delete(self, ids: Sequence[str]) -> None: ...
     def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]: ...
     def count(self, exact: bool = True) -> int: ...
     def close(self) -> None: ...
+
+    # The lifecycle of collections (consumers/lifecycle.py): which one is live, what each is.
+    def for_version(self, model_version: str) -> VectorIndex: ...
+    def live_collection(self) -> str | None: ...
+    def switch_alias(self, collection: str) -> str | None: ...
+    def collections(self) -> list[str]: ...
+    def drop_collection(self, collection: str) -> bool: ...
+    def read_card(self, collection: str) -> dict[str, Any] | None: ...
+    def write_card(self, collection: str, card: Mapping[str, Any]) -> None: ...
+    def card_lock(self) -> contextlib.AbstractContextManager[Any]: ...
+
+
+CARD_KEY = "loupe"  # the collection metadata key that holds its card (consumers/lifecycle.py)
 
 
 def collection_name(prefix: str, model_version: str) -> str:
@@ -97,9 +113,20 @@ class QdrantIndex:
         api_key: str | None = None,
         prefix: str = "loupe",
         timeout_s: int = 10,
+        _shared: QdrantIndex | None = None,
     ) -> None:
         from qdrant_client import QdrantClient
 
+        self.alias = prefix
+        self.collection = collection_name(prefix, model_version)
+        self.model_version = model_version
+        if _shared is not None:  # a sibling collection on the same client (for_version)
+            self.embedded, self._lock, self.client = _shared.embedded, _shared._lock, _shared.client
+            self._card_lock = _shared._card_lock
+            self._owns_client = False
+            return
+        self._owns_client = True
+        self._card_lock = threading.RLock()
         if (path is None) == (url is None):
             raise ValueError("give exactly one of path (embedded Qdrant) or url (a server)")
         self.embedded = path is not None
@@ -109,9 +136,6 @@ class QdrantIndex:
         self._lock: contextlib.AbstractContextManager[Any] = (
             threading.RLock() if self.embedded else contextlib.nullcontext()
         )
-        self.alias = prefix
-        self.collection = collection_name(prefix, model_version)
-        self.model_version = model_version
         try:
             if path is not None:
                 self.client = QdrantClient(path=path)
@@ -136,7 +160,10 @@ class QdrantIndex:
         except RuntimeError as exc:  # the embedded client raises this once closed
             raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
 
-    def ensure_collection(self, dims: Mapping[str, int]) -> None:
+    def ensure_collection(self, dims: Mapping[str, int], *, make_live: bool = True) -> None:
+        """Create this version's collection if missing; with ``make_live``, point the alias at
+        it when the alias points nowhere or elsewhere (a re-index passes False: it switches
+        only once the new collection has caught up)."""
         from qdrant_client import models
 
         if not self._call("collection_exists", self.client.collection_exists, self.collection):
@@ -166,29 +193,69 @@ class QdrantIndex:
                     "price",
                     models.PayloadSchemaType.FLOAT,
                 )
+        if make_live and self.live_collection() != self.collection:
+            self.switch_alias(self.collection)
+
+    def for_version(self, model_version: str) -> QdrantIndex:
+        return QdrantIndex(model_version=model_version, prefix=self.alias, _shared=self)
+
+    def live_collection(self) -> str | None:
         aliases = self._call("get_aliases", self.client.get_aliases).aliases
-        live = {a.alias_name: a.collection_name for a in aliases}.get(self.alias)
-        if live != self.collection:
-            log.info("alias %s -> %s (was %s)", self.alias, self.collection, live)
-            operations = []
-            if live is not None:
-                operations.append(
-                    models.DeleteAliasOperation(
-                        delete_alias=models.DeleteAlias(alias_name=self.alias)
-                    )
-                )
+        return {a.alias_name: a.collection_name for a in aliases}.get(self.alias)
+
+    def switch_alias(self, collection: str) -> str | None:
+        """Point the alias at ``collection`` in one atomic operation; returns where it pointed."""
+        from qdrant_client import models
+
+        live = self.live_collection()
+        if live == collection:
+            return live
+        log.info("alias %s -> %s (was %s)", self.alias, collection, live)
+        operations: list[Any] = []
+        if live is not None:
             operations.append(
-                models.CreateAliasOperation(
-                    create_alias=models.CreateAlias(
-                        collection_name=self.collection, alias_name=self.alias
-                    )
-                )
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.alias))
             )
-            self._call(
-                "update_collection_aliases",
-                self.client.update_collection_aliases,
-                change_aliases_operations=operations,
+        operations.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=self.alias)
             )
+        )
+        self._call(
+            "update_collection_aliases",
+            self.client.update_collection_aliases,
+            change_aliases_operations=operations,
+        )
+        return live
+
+    def collections(self) -> list[str]:
+        found = self._call("get_collections", self.client.get_collections).collections
+        return sorted(c.name for c in found if c.name.startswith(f"{self.alias}__"))
+
+    def drop_collection(self, collection: str) -> bool:
+        if collection == self.live_collection():
+            raise ValueError(f"refusing to drop {collection}: the alias {self.alias} points at it")
+        return bool(self._call("delete_collection", self.client.delete_collection, collection))
+
+    def read_card(self, collection: str) -> dict[str, Any] | None:
+        if not self._call("collection_exists", self.client.collection_exists, collection):
+            return None
+        info = self._call("get_collection", self.client.get_collection, collection)
+        return dict((info.config.metadata or {}).get(CARD_KEY) or {}) or None
+
+    def card_lock(self) -> contextlib.AbstractContextManager[Any]:
+        """Serialises this process's read-modify-writes of cards. A server has no lock across
+        processes: instances that report at once may overwrite each other's report, which
+        only the next report mends (cards hold nothing that a lost write would corrupt)."""
+        return self._card_lock
+
+    def write_card(self, collection: str, card: Mapping[str, Any]) -> None:
+        self._call(
+            "update_collection",
+            self.client.update_collection,
+            collection,
+            metadata={CARD_KEY: dict(card)},
+        )
 
     def stored_versions(self, ids: Sequence[str]) -> dict[str, int | None]:
         if not ids:
@@ -260,8 +327,9 @@ class QdrantIndex:
         return int(self._call("count", self.client.count, self.collection, exact=exact).count)
 
     def close(self) -> None:
-        with self._lock:
-            self.client.close()
+        if self._owns_client:  # a sibling's client closes with the index that opened it
+            with self._lock:
+                self.client.close()
 
 
 def to_hit(point: Any) -> IndexHit:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaConsumer
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.errors import (
     ImageFetchError,
@@ -28,7 +30,15 @@ from loupe.consumers.errors import (
 )
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexPoint, VectorIndex, point_id
-from loupe.consumers.kafka_io import Backoff, Publisher
+from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
+from loupe.consumers.lifecycle import (
+    LiveModel,
+    ModelInUse,
+    applied_offsets_of,
+    merge_applied_offsets,
+    read_card,
+    report_points,
+)
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.batching import iter_batch
@@ -69,6 +79,8 @@ class Indexer(BatchWorker):
         poll_timeout_ms: int = 500,
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
+        live: LiveModel | None = None,
+        report_points_every_s: float | None = None,
     ) -> None:
         super().__init__(
             consumer=consumer,
@@ -77,21 +89,114 @@ class Indexer(BatchWorker):
             topic=topic,
             poll_timeout_ms=poll_timeout_ms,
             backoff=backoff,
+            live=live,
         )
         self.index = index
         self.encoder = encoder
         self.fetcher = fetcher
         self.encode_lock = encode_lock
         self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
+        self._unchecked: set[TopicPartition] = set()  # assigned, hand-over not checked yet
+        self.report_points_every_s = report_points_every_s  # None: no reports (a reindex)
+        self._reported_at = float("-inf")
+        self._unreported = False
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
         super().close()
 
+    # --- following the live collection -----------------------------------------------------
+    #
+    # Each committed offset names the collection it was applied to. A partition whose committed
+    # offset names another collection (the live one moved: a reindex switched the alias, or a
+    # rollback) resumes from the offset up to which the live collection's card says it has
+    # applied that partition, if that is earlier: the events in between went to the old
+    # collection only. Replays are idempotent, so resuming early costs time, never correctness.
+
+    def commit_metadata(self) -> str:
+        return self.index.collection
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self._unchecked |= partitions  # checked after the poll: a callback must not commit
+
+    def switch_model(self, in_use: ModelInUse) -> None:
+        # Record how far the collection we leave got, so that a rollback resumes from there.
+        left = self.index.collection
+        applied = {}
+        for tp in self.consumer.assignment():
+            if tp in self._committed:
+                applied[tp.partition] = self._committed[tp]
+            else:
+                committed = self.consumer.committed(tp, metadata=True)
+                if committed is not None and committed.metadata == left:
+                    applied[tp.partition] = committed.offset
+        merge_applied_offsets(self.index, left, self.topic, applied)
+        self.index, self.encoder = in_use.index, in_use.encoder
+        self._unchecked |= set(self.consumer.assignment())
+
+    def after_poll(self, records: list[Any]) -> list[Any]:
+        if not records and self._unreported:
+            self._report_points()  # idle: the last batches' count, exact
+        if not self._unchecked:
+            return records
+        partitions = self._unchecked & set(self.consumer.assignment())
+        self._unchecked = set()
+        rewound = self._hand_over(partitions)
+        return [r for r in records if TopicPartition(r.topic, r.partition) not in rewound]
+
+    def _hand_over(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+        collection = self.index.collection
+        applied = applied_offsets_of(read_card(self.index, collection), self.topic)
+        rewound: dict[TopicPartition, int] = {}
+        for tp in sorted(partitions):
+            committed = self.consumer.committed(tp, metadata=True)
+            if committed is None or committed.metadata in ("", collection):
+                continue  # nothing committed, or committed by this collection's own ingest
+            target = applied.get(tp.partition)
+            if target is None:  # the card does not say: replay the partition from its start
+                target = self.consumer.beginning_offsets([tp])[tp]
+            if target < committed.offset:
+                rewound[tp] = target
+        if not rewound:
+            return rewound
+        for tp, offset in rewound.items():
+            self.consumer.seek(tp, offset)
+            self._committed[tp] = offset  # moving back on purpose, once
+        log.info(
+            "ingest: %s resumes %s from where its own ingest stopped (events after it went to "
+            "the previous collection only)",
+            collection,
+            ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(rewound.items())),
+        )
+        offsets = {tp: OffsetAndMetadata(o, collection, -1) for tp, o in rewound.items()}
+        self.retry(
+            "commit the hand-over",
+            lambda: self.publisher.commit(offsets, self.consumer),
+            TRANSIENT_KAFKA,
+        )
+        return rewound
+
     def after_commit(self, records: list[Any]) -> None:
         # Approximate: an exact count after every batch would be a full count on a server.
         points = self._retry("count", lambda: self.index.count(exact=False), (IndexUnavailable,))
         self.metrics.index_points.set(points)
+        if self.report_points_every_s is not None:
+            self._unreported = True
+            if time.monotonic() - self._reported_at >= self.report_points_every_s:
+                self._report_points()
+
+    def _report_points(self) -> None:
+        """After a commit (at most every ``report_points_every_s``, and once idle): the
+        collection's exact count with the offsets it is exact for (nothing of this worker's is
+        in flight), for a reindex to compare with."""
+        self._reported_at = time.monotonic()
+        self._unreported = False
+        exact = self._retry("count", lambda: self.index.count(exact=True), (IndexUnavailable,))
+        offsets = {tp.partition: o for tp, o in self._committed.items() if tp.topic == self.topic}
+        try:
+            report_points(self.index, self.topic, exact, offsets)
+        except (IndexUnavailable, OSError) as exc:  # a report is advice: the next one mends it
+            log.warning("could not report the point count: %s", exc)
 
     # --- stages ---------------------------------------------------------------------------
 

@@ -261,7 +261,7 @@ class _Outgoing:
 
 
 def next_offsets(
-    records: Sequence[Any], committed: dict[TopicPartition, int]
+    records: Sequence[Any], committed: dict[TopicPartition, int], metadata: str = ""
 ) -> dict[TopicPartition, OffsetAndMetadata]:
     """The offset after the last record of each partition; refuses to move one backwards."""
     offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -269,7 +269,7 @@ def next_offsets(
         tp = TopicPartition(record.topic, record.partition)
         next_offset = record.offset + 1
         if next_offset > offsets.get(tp, OffsetAndMetadata(-1, "", -1)).offset:
-            offsets[tp] = OffsetAndMetadata(next_offset, "", -1)
+            offsets[tp] = OffsetAndMetadata(next_offset, metadata, -1)
     for tp, meta in offsets.items():
         if meta.offset < committed.get(tp, -1):
             raise RuntimeError(

@@ -25,6 +25,7 @@ from loupe.consumers.errors import IndexUnavailable, ItemFailed, UnexpectedItemE
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexHit, IndexQuery, VectorIndex
 from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff, Publisher
+from loupe.consumers.lifecycle import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.fused import EncodeInput, FusedEncoder
@@ -61,6 +62,7 @@ class SearchService(BatchWorker):
         poll_timeout_ms: int = 200,
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
+        live: LiveModel | None = None,
     ) -> None:
         super().__init__(
             consumer=consumer,
@@ -69,6 +71,7 @@ class SearchService(BatchWorker):
             topic=topic,
             poll_timeout_ms=poll_timeout_ms,
             backoff=backoff,
+            live=live,
         )
         self.index = index
         self.encoder = encoder
@@ -96,6 +99,11 @@ class SearchService(BatchWorker):
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
         super().close()
+
+    def switch_model(self, in_use: ModelInUse) -> None:
+        # Between batches: every query of a batch is encoded by the model of the collection it
+        # searches, and its answer names that model.
+        self.index, self.encoder = in_use.index, in_use.encoder
 
     def after_commit(self, records: list[Any]) -> None:
         now = time.time()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.errors import WorkerDied
 from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import QdrantIndex, VectorIndex
+from loupe.consumers.index import QdrantIndex, VectorIndex, collection_name
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.kafka_io import (
     Publisher,
@@ -21,6 +21,16 @@ from loupe.consumers.kafka_io import (
     make_producer,
     make_transactional_producer,
 )
+from loupe.consumers.lifecycle import (
+    CollectionCard,
+    LiveModel,
+    ModelCard,
+    ModelFollower,
+    ModelInUse,
+    open_collection,
+    read_card,
+    write_card,
+)
 from loupe.consumers.metrics import HealthServer, LoupeMetrics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
@@ -28,6 +38,8 @@ from loupe.consumers.topics import check_topics
 from loupe.encoders.fused import FusedEncoder
 
 log = logging.getLogger(__name__)
+
+POINTS_REPORT_INTERVAL_S = 1.0  # the ingest's point-count report on the live collection's card
 
 
 class EncoderGate:
@@ -74,6 +86,7 @@ class LoupeService:
         self.settings = settings
         self.role = role
         self.failure: WorkerDied | None = None
+        self._stopped = threading.Event()
         self.metrics = LoupeMetrics()
         # Bound first: a taken port fails in a second, not after the model has loaded.
         self.health = HealthServer(
@@ -92,20 +105,25 @@ class LoupeService:
     def _build(self, settings: Settings, role: str) -> None:
         check_topics(settings, role)  # before the model loads: a wrong topic name fails fast
         log.info("loading the model (%s + %s)", settings.image_backbone, settings.text_backbone)
-        self.encoder = FusedEncoder.from_profile(settings.model_profile())
+        profile = settings.model_profile()
+        self.encoder = FusedEncoder.from_profile(profile)
+        # The catalog of collections (alias, cards); each model version's collection is a
+        # sibling of it, opened for the model in use.
+        self.catalog = build_index(settings, self.encoder.model_version)
+        self.index = self._open_live_collection(profile)
         self.encoder.warm_up()  # CUDA graphs for small batches: not in a shopper's first query
         log.info(
-            "model %s on %s (%s, micro-batch %d)",
+            "model %s on %s (%s, micro-batch %d), collection %s",
             self.encoder.model_version,
             self.encoder.device,
             self.encoder.acceleration.describe(),
             self.encoder.batch_size,
+            self.index.collection,
         )
         self.metrics.model_info.labels(
             model_version=self.encoder.model_version, device=str(self.encoder.device)
         ).set(1)
-        self.index = build_index(settings, self.encoder.model_version)
-        self.index.ensure_collection(self.encoder.dims)
+        self.live = LiveModel(ModelInUse(self.encoder, self.index))
         # Exactly once: each worker its own transactional producer; otherwise one shared.
         self.producer = None if settings.exactly_once else make_producer(settings)
         self.producers: list = []  # the workers' transactional producers
@@ -117,6 +135,7 @@ class LoupeService:
             "encoder": self.encoder,
             "fetcher": fetcher,
             "metrics": self.metrics,
+            "live": self.live,
         }
         if role in ("ingest", "all"):
             self.workers.append(
@@ -127,6 +146,7 @@ class LoupeService:
                     encode_lock=gate.ingest,
                     poll_timeout_ms=settings.poll_timeout_ms,
                     fetch_workers=settings.fetch_workers,
+                    report_points_every_s=POINTS_REPORT_INTERVAL_S,
                     **shared,
                 )
             )
@@ -146,6 +166,55 @@ class LoupeService:
                     **shared,
                 )
             )
+
+        self.follower = ModelFollower(
+            catalog=self.catalog,
+            live=self.live,
+            local_profile=profile,
+            load_encoder=FusedEncoder.from_profile,
+            workers=[worker.role for worker in self.workers],
+            poll_interval_s=settings.alias_poll_interval_ms / 1000,
+            on_switch=self._switched,
+        )
+
+    def _open_live_collection(self, profile) -> VectorIndex:
+        """The collection to serve: the configured model's when the alias names it or nothing
+        (a first start), else the live one, with the model its card names (a reindex moved
+        the alias; an instance that restarts with an older configuration must not move it
+        back, nor answer from a collection with the wrong model)."""
+        version = self.encoder.model_version
+        configured = collection_name(self.catalog.alias, version)
+        live = self.catalog.live_collection()
+        if live is None or live == configured:
+            index = self.catalog.for_version(version)
+            index.ensure_collection(self.encoder.dims, make_live=True)
+            if read_card(index, configured) is None:
+                write_card(
+                    index, configured, CollectionCard(ModelCard.of(profile, version), "live")
+                )
+            return index
+        log.warning(
+            "the configured model makes %s, but the alias %s names %s: serving that one with "
+            "the model its card names. `loupe reindex` builds the configured one and switches",
+            configured,
+            self.catalog.alias,
+            live,
+        )
+        self.encoder.close()
+        self.encoder, index = open_collection(
+            self.catalog, live, profile, FusedEncoder.from_profile
+        )
+        return index
+
+    def _switched(self, old: ModelInUse, new: ModelInUse) -> None:
+        self.metrics.model_info.labels(
+            model_version=old.encoder.model_version, device=str(old.encoder.device)
+        ).set(0)
+        self.metrics.model_info.labels(
+            model_version=new.encoder.model_version, device=str(new.encoder.device)
+        ).set(1)
+        self.metrics.model_switches.inc()
+        self.encoder, self.index = new.encoder, new.index
 
     def _publisher(self, settings: Settings, role: str) -> Publisher:
         """Each worker publishes through its own transactional producer: a transaction holds
@@ -176,6 +245,7 @@ class LoupeService:
         return (not problems, "ready" if not problems else "; ".join(problems))
 
     def stop(self) -> None:
+        self._stopped.set()
         for worker in self.workers:
             worker.stop_event.set()
 
@@ -190,6 +260,7 @@ class LoupeService:
             threading.Thread(target=self._supervised, args=(w,), name=type(w).__name__)
             for w in self.workers
         ]
+        threads.append(threading.Thread(target=self._follow, name="ModelFollower"))
         for thread in threads:
             thread.start()
         try:
@@ -214,13 +285,27 @@ class LoupeService:
             log.critical("the %s worker died; stopping the service", worker.role, exc_info=exc)
             self.stop()
 
+    def _follow(self) -> None:
+        """Follow the alias until stopped; a live model this instance cannot load stops the
+        service (its supervisor restarts it, and the start-up says why)."""
+        stop = self._stopped
+        try:
+            self.follower.run(stop)
+        except BaseException as exc:
+            self.failure = WorkerDied(f"cannot follow the live collection: {exc}")
+            log.critical("cannot follow the live collection; stopping the service", exc_info=exc)
+            self.stop()
+
     def _close_parts(self) -> None:
         """Close whatever was built (all of it after run, part of it if the build failed)."""
         for worker in getattr(self, "workers", []):
             worker.close()  # idempotent: KafkaConsumer.close returns early once closed
         for producer in getattr(self, "producers", []):
             producer.close()
-        for name in ("producer", "index", "encoder"):
+        follower = getattr(self, "follower", None)
+        if follower is not None:
+            follower.close()  # pairs the workers let go of
+        for name in ("producer", "index", "encoder", "catalog"):
             part = getattr(self, name, None)
             if part is not None:
                 part.close()

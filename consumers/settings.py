@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     index_url: str | None = None
     index_api_key: SecretStr | None = None
     index_prefix: str = "loupe"
+    # How often a running service looks at the alias, to follow a reindex's switch.
+    alias_poll_interval_ms: int = Field(default=2_000, ge=100, le=600_000)
+    # How long `loupe reindex` keeps the collection it replaces (`--rollback` returns to it);
+    # a running service drops it after that.
+    reindex_grace_s: int = Field(default=86_400, ge=0)
 
     # Metrics and health endpoint.
     metrics_host: str = "127.0.0.1"

@@ -25,6 +25,7 @@ from loupe.consumers.kafka_io import (
     rewind,
     update_lag,
 )
+from loupe.consumers.lifecycle import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned) -> None:
         if assigned:
             log.info("%s: partitions assigned: %s", self.worker.role, sorted(map(tuple, assigned)))
+            self.worker.on_assigned(set(assigned))
 
 
 class BatchWorker:
@@ -62,6 +64,7 @@ class BatchWorker:
         topic: str,
         poll_timeout_ms: int = 500,
         backoff: Backoff | None = None,
+        live: LiveModel | None = None,
     ) -> None:
         self.consumer = consumer
         self.publisher = publisher
@@ -74,11 +77,40 @@ class BatchWorker:
         self._committed: dict[TopicPartition, int] = {}
         self._lag_updated_at = float("-inf")
         self._polled_at = time.monotonic()
+        # The model and collection this worker uses follow ``live`` (a reindex's switch).
+        self.live = live
+        self._generation = live.current().generation if live is not None else 0
         metrics.register_worker(self.role, topic)
         consumer.subscribe([topic], listener=_Rebalance(self))
 
     def handle(self, records: list[Any]) -> None:
         raise NotImplementedError
+
+    def switch_model(self, in_use: ModelInUse) -> None:
+        """Use another model and collection from the next batch on (the live model moved)."""
+        raise NotImplementedError
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        """Called inside ``poll`` when the group hands this worker partitions."""
+
+    def after_poll(self, records: list[Any]) -> list[Any]:
+        """The records to handle out of a poll (a subclass may rewind some partitions)."""
+        return records
+
+    def commit_metadata(self) -> str:
+        """Stored with each committed offset (the ingest names the collection it wrote)."""
+        return ""
+
+    def follow_live_model(self) -> None:
+        """Between two batches: adopt the live model if it moved since the last batch."""
+        if self.live is None:
+            return
+        current = self.live.current()
+        if current.generation != self._generation:
+            log.info("%s: switching to %s", self.role, current.collection)
+            self.switch_model(current)
+            self._generation = current.generation
+        self.live.adopted(self.role, self._generation)
 
     def run(self) -> None:
         """Process batches until ``stop_event``; an exception here is not one item's (those are
@@ -87,6 +119,7 @@ class BatchWorker:
         self.metrics.worker_up.labels(role=self.role).set(1)
         try:
             while not self.stop_event.is_set():
+                self.follow_live_model()
                 self.process_once()
         finally:
             self.metrics.worker_up.labels(role=self.role).set(0)
@@ -100,7 +133,7 @@ class BatchWorker:
         self.lost.clear()
         polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
         self._polled_at = time.monotonic()
-        records = [r for batch in polled.values() for r in batch]
+        records = self.after_poll([r for batch in polled.values() for r in batch])
         if not records:
             self._update_lag()
             return 0
@@ -108,7 +141,7 @@ class BatchWorker:
         started = time.monotonic()
         try:
             self.handle(records)  # side effects done; answers and dead letters held back
-            offsets = next_offsets(records, self._committed)
+            offsets = next_offsets(records, self._committed, self.commit_metadata())
             with self.metrics.timer("commit"):
                 self.retry("publish and commit", lambda: self._commit(offsets), TRANSIENT_KAFKA)
         except (Abandoned, CommitFailedError, RebalanceInProgressError) as exc:

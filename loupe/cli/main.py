@@ -13,7 +13,14 @@ import sys
 import click
 
 from loupe import __version__
-from loupe.cli import client_cmds, dev_cmds, model_cmds, service_cmds, train_cmds
+from loupe.cli import (
+    client_cmds,
+    dev_cmds,
+    model_cmds,
+    reindex_cmds,
+    service_cmds,
+    train_cmds,
+)
 from loupe.cli.common import CONTEXT_SETTINGS, configure_logging, global_options
 from loupe.schemas.errors import LoupeError
 
@@ -29,7 +36,7 @@ def cli() -> None:
     """
 
 
-for module in (service_cmds, client_cmds, model_cmds, train_cmds, dev_cmds):
+for module in (service_cmds, client_cmds, model_cmds, train_cmds, reindex_cmds, dev_cmds):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -1,0 +1,426 @@
+"""``loupe reindex``: build the configured model's collection from the products topic while the
+service keeps answering from the live one, then move the alias to it.
+
+The products topic is compacted, so reading it from the beginning yields every product's latest
+event. The reindex reads it with its own consumer group (``<group>.reindex.<collection>``)
+through the same ingest pipeline as the service (fetch, encode, version rules, dead letters),
+committing as it goes: killed at any point, it resumes from its committed offsets, and replays
+are idempotent. Once it has caught up (no lag on any partition, and its point count agrees with
+the live collection's, see ``counts_agree``), it records the offsets it has applied on the new
+collection's card, marks the old collection retired (kept for a grace period, for
+``--rollback``), and switches the alias in one step. Running services follow the alias
+(consumers/lifecycle.py) and hand ingest over from those offsets.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from loupe.consumers.errors import ConfigError
+from loupe.consumers.image_fetch import ImageFetcher
+from loupe.consumers.index import VectorIndex, collection_name
+from loupe.consumers.ingest import Indexer
+from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
+from loupe.consumers.lifecycle import (
+    CollectionCard,
+    ModelCard,
+    offset_key,
+    read_card,
+    retire,
+    update_card,
+    write_card,
+)
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.settings import Settings
+from loupe.schemas.errors import LoupeError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 5.0
+COUNT_WAIT_S = 60.0  # how long counts may disagree at lag zero before the reindex gives up
+
+
+class ReindexBusy(LoupeError):
+    """Another reindex of the same model version is running."""
+
+
+class CountsDisagree(LoupeError):
+    """Caught up, but the new collection's point count does not match the live one's."""
+
+
+class NothingToRollBack(LoupeError):
+    """No retired collection is left to return to."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int  # events applied (offsets past the start of the topic)
+    total: int  # events in the topic now
+    rate: float  # events per second, this run
+    eta_s: float | None
+    points: int
+
+    def line(self, collection: str) -> str:
+        share = 100.0 * self.done / self.total if self.total else 100.0
+        eta = f"ETA {self.eta_s:.0f} s" if self.eta_s is not None else "ETA unknown"
+        return (
+            f"reindex {collection}: {self.done}/{self.total} events ({share:.0f}%), "
+            f"{self.rate:.1f} events/s, {eta}, {self.points} points"
+        )
+
+
+@dataclass(frozen=True)
+class ReindexOutcome:
+    collection: str
+    previous: str | None  # the collection that was live before
+    switched: bool
+    events: int  # events this run applied
+    points: int
+    seconds: float
+    detail: str
+
+
+@contextmanager
+def reindex_lock(settings: Settings, collection: str) -> Iterator[None]:
+    """One reindex per collection: an exclusive lock file where the index lives (one machine),
+    and, for a shared index server, no other member in the reindex's consumer group."""
+    where = settings.resolved_index_path() or settings.state_dir
+    where.mkdir(parents=True, exist_ok=True)
+    path = Path(where) / f".reindex.{collection}.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ReindexBusy(
+                f"a reindex of {collection} is already running ({holder}, lock {path})"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            if settings.index_url is not None:
+                _require_no_members(settings, reindex_group(settings, collection))
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _require_no_members(settings: Settings, group: str) -> None:
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(**settings.kafka_client_config())
+    try:
+        described = admin.describe_consumer_groups([group])
+    finally:
+        admin.close()
+    members = sum(len(g.members) for g in described)
+    if members:
+        raise ReindexBusy(
+            f"a reindex is already running: consumer group {group} has members (a reindex "
+            "that ended less than a session timeout ago, 45 s, still counts)"
+        )
+
+
+def reindex_group(settings: Settings, collection: str) -> str:
+    return f"{settings.group_id}.reindex.{collection}"
+
+
+class Reindex:
+    """One run of ``loupe reindex`` for the configured model (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: LoupeMetrics,
+        report: Callable[[str], None],
+        grace_s: float,
+        allow_count_difference: int = 0,
+        count_wait_s: float = COUNT_WAIT_S,
+        progress_every_s: float = PROGRESS_EVERY_S,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.report = report
+        self.grace_s = grace_s
+        self.allow_count_difference = allow_count_difference
+        self.count_wait_s = count_wait_s
+        self.progress_every_s = progress_every_s
+        self.stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> ReindexOutcome:
+        from loupe.consumers.service import build_index
+        from loupe.encoders.fused import FusedEncoder
+
+        settings = self.settings
+        profile = settings.model_profile()
+        encoder = FusedEncoder.from_profile(profile)
+        catalog = build_index(settings, encoder.model_version)
+        try:
+            target = collection_name(catalog.alias, encoder.model_version)
+            live = catalog.live_collection()
+            if live == target:
+                return ReindexOutcome(target, live, False, 0, 0, 0.0, f"{target} is already live")
+            with reindex_lock(settings, target):
+                card = read_card(catalog, target)
+                if card is None or card.state != "live":
+                    fresh = CollectionCard(ModelCard.of(profile, encoder.model_version))
+                    if card is not None:  # a collection retired earlier, built again
+                        fresh.applied_offsets = card.applied_offsets
+                    write_card(catalog, target, fresh)
+                serving = f"{live} stays live meanwhile" if live else "nothing is live yet"
+                self.report(f"building {target} from {settings.products_topic}; {serving}")
+                return self._build(catalog, encoder, target, live)
+        finally:
+            encoder.close()
+            catalog.close()
+
+    def _build(
+        self, catalog: VectorIndex, encoder, target: str, live: str | None
+    ) -> ReindexOutcome:
+        settings = self.settings
+        index = catalog.for_version(encoder.model_version)
+        index.ensure_collection(encoder.dims, make_live=False)
+        # A static member (KIP-345): a reindex restarted after a kill takes its partitions back at
+        # once, instead of waiting for the killed one's session to time out (45 s).
+        consumer = make_consumer(
+            settings, reindex_group(settings, target), group_instance_id="loupe-reindex"
+        )
+        producer = make_producer(settings)
+        indexer = Indexer(
+            consumer=consumer,
+            publisher=Publisher(producer, settings.deadletter_topic, self.metrics),
+            index=index,
+            encoder=encoder,
+            fetcher=ImageFetcher(settings.fetch_policy()),
+            metrics=self.metrics,
+            topic=settings.products_topic,
+            poll_timeout_ms=settings.poll_timeout_ms,
+            fetch_workers=settings.fetch_workers,
+        )
+        indexer.stop_event = self.stop_event  # a signal stops it between retries too
+        started = time.monotonic()
+        tracker = _Tracker(consumer, settings.products_topic)
+        disagreeing_since: float | None = None
+        try:
+            last_report = float("-inf")
+            while True:
+                if self.stop_event.is_set():
+                    raise KeyboardInterrupt
+                handled = indexer.process_once()
+                now = time.monotonic()
+                progress = tracker.measure(index)
+                self._export(progress)
+                if now - last_report >= self.progress_every_s:
+                    self.report(progress.line(target))
+                    last_report = now
+                if handled or not tracker.caught_up():
+                    continue
+                agree, detail = counts_agree(
+                    catalog, live, progress.points, tracker, self.allow_count_difference
+                )
+                if agree:
+                    break
+                disagreeing_since = disagreeing_since or now
+                if now - disagreeing_since > self.count_wait_s:
+                    raise CountsDisagree(
+                        f"caught up, but {detail} for {self.count_wait_s:.0f} s; nothing was "
+                        "switched. Look at the dead letters of both models; to switch anyway, "
+                        "pass --allow-count-difference"
+                    )
+            self.report(progress.line(target))
+            applied = tracker.positions()
+            events = tracker.done_this_run()
+        finally:
+            indexer.close()
+            producer.close()
+            index.close()  # an embedded shard opens in one process at a time: the service's next
+        previous = self._switch(catalog, target, live, applied)
+        return ReindexOutcome(
+            target,
+            previous,
+            True,
+            events,
+            progress.points,
+            time.monotonic() - started,
+            detail,
+        )
+
+    def _switch(
+        self, catalog: VectorIndex, target: str, live: str | None, applied: dict[int, int]
+    ) -> str | None:
+        topic = self.settings.products_topic
+
+        def go_live(card: CollectionCard) -> None:
+            card.state, card.retired_at, card.drop_after = "live", None, None
+            card.applied_offsets.update({offset_key(topic, p): o for p, o in applied.items()})
+
+        update_card(catalog, target, go_live)
+        if live is not None:
+            retire(catalog, live, self.grace_s)
+        return catalog.switch_alias(target)
+
+    def _export(self, progress: Progress) -> None:
+        self.metrics.reindex_events_done.set(progress.done)
+        self.metrics.reindex_events_total.set(progress.total)
+        self.metrics.reindex_points.set(progress.points)
+        self.metrics.reindex_eta_seconds.set(progress.eta_s if progress.eta_s is not None else -1)
+
+
+class _Tracker:
+    """Where the reindex stands in the topic: done and total events, and whether it caught up."""
+
+    def __init__(self, consumer: KafkaConsumer, topic: str) -> None:
+        self.consumer = consumer
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise ConfigError(f"topic {topic} does not exist (or has no partitions)")
+        self.partitions = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self.begin = consumer.beginning_offsets(self.partitions)
+        self._end = consumer.end_offsets(self.partitions)
+        self._started_at = time.monotonic()
+        self._start_done: int | None = None
+
+    def positions(self) -> dict[int, int]:
+        assigned = self.consumer.assignment()
+        found = {}
+        for tp in self.partitions:
+            if tp in assigned:
+                found[tp.partition] = self.consumer.position(tp)
+            else:
+                committed = self.consumer.committed(tp)
+                found[tp.partition] = committed if committed is not None else self.begin[tp]
+        return found
+
+    def measure(self, index: VectorIndex) -> Progress:
+        self._end = self.consumer.end_offsets(self.partitions)
+        positions = self.positions()
+        done = sum(positions[tp.partition] - self.begin[tp] for tp in self.partitions)
+        total = sum(self._end[tp] - self.begin[tp] for tp in self.partitions)
+        if self._start_done is None:
+            self._start_done = done
+        elapsed = max(time.monotonic() - self._started_at, 1e-6)
+        rate = (done - self._start_done) / elapsed
+        eta = (total - done) / rate if rate > 0 else None
+        return Progress(done, total, rate, eta, index.count(exact=True))
+
+    def done_this_run(self) -> int:
+        positions = self.positions()
+        done = sum(positions[tp.partition] - self.begin[tp] for tp in self.partitions)
+        return done - (self._start_done or 0)
+
+    def caught_up(self) -> bool:
+        """Every partition assigned to us and read to its end (as of the last measure)."""
+        if set(self.consumer.assignment()) != set(self.partitions):
+            return False
+        return all(self.consumer.position(tp) >= self._end[tp] for tp in self.partitions)
+
+
+def counts_agree(
+    catalog: VectorIndex,
+    live: str | None,
+    points: int,
+    tracker: _Tracker,
+    allowed: int,
+) -> tuple[bool, str]:
+    """Whether the new collection's ``points`` agree with the live collection's count.
+
+    The live service's ingest reports its exact count together with the offsets it had
+    committed (consumers/ingest.py). Each event changes a count by at most one, so the two
+    collections may differ by at most the events one has applied and the other had not (the
+    distance between the reindex's offsets and the reported ones), plus ``allowed``."""
+    if live is None:
+        return True, f"{points} points (no live collection to compare with)"
+    card = read_card(catalog, live)
+    if card is None or card.points is None:
+        log.warning(
+            "%s has no point-count report (no service has ingested into it since this version "
+            "of Loupe): the counts are not compared",
+            live,
+        )
+        return True, f"{points} points ({live} reported no count)"
+    mine = tracker.positions()
+    slack = 0
+    for tp in tracker.partitions:
+        reported = card.points_offsets.get(offset_key(tp.topic, tp.partition), tracker.begin[tp])
+        slack += abs(mine[tp.partition] - reported)
+    difference = abs(points - card.points)
+    detail = (
+        f"{points} points here, {card.points} in {live} (difference {difference}, "
+        f"events between the two: {slack}, allowed: {allowed})"
+    )
+    return difference <= slack + allowed, detail
+
+
+def rollback(settings: Settings, grace_s: float) -> tuple[str, str | None]:
+    """Point the alias back at the most recently retired collection (its model too, for a
+    service following the alias); the collection that was live is retired in turn."""
+    from loupe.consumers.service import build_index
+
+    catalog = build_index(settings, "rollback")
+    try:
+        live = catalog.live_collection()
+        retired = []
+        for collection in catalog.collections():
+            card = read_card(catalog, collection)
+            if collection != live and card is not None and card.state == "retired":
+                retired.append((card.retired_at or 0.0, collection))
+        if not retired:
+            raise NothingToRollBack(
+                "nothing to roll back to: no retired collection is left (none was replaced, or "
+                "its grace period is over and it was dropped)"
+            )
+        _, target = max(retired)
+
+        def go_live(card: CollectionCard) -> None:
+            card.state, card.retired_at, card.drop_after = "live", None, None
+
+        update_card(catalog, target, go_live)
+        if live is not None:
+            retire(catalog, live, grace_s)
+        catalog.switch_alias(target)
+        return target, live
+    finally:
+        catalog.close()
+
+
+def describe_collections(settings: Settings) -> list[dict[str, object]]:
+    """Every collection under the alias's prefix, with what its card says."""
+    from loupe.consumers.service import build_index
+
+    catalog = build_index(settings, "status")
+    try:
+        live = catalog.live_collection()
+        rows: list[dict[str, object]] = []
+        for collection in catalog.collections():
+            card = read_card(catalog, collection)
+            rows.append(
+                {
+                    "collection": collection,
+                    "live": collection == live,
+                    "state": card.state if card else "unknown (no card)",
+                    "model_version": card.model.model_version if card else None,
+                    "points": card.points if card else None,
+                    "drop_after": card.drop_after if card else None,
+                }
+            )
+        return rows
+    finally:
+        catalog.close()

@@ -1,0 +1,157 @@
+"""``loupe reindex`` and ``loupe collections``: moving the live index to another model."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from loupe.cli.common import KAFKA_SETTINGS, global_options, settings, settings_epilog
+from loupe.cli.model_cmds import MODEL_SETTINGS
+
+REINDEX_METRICS_PORT = 9401  # beside a service's 9400 on the same machine
+
+
+def _when(unix_s: float | None) -> str:
+    if unix_s is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix_s))
+
+
+@click.command(
+    epilog=settings_epilog(
+        *KAFKA_SETTINGS,
+        "products_topic",
+        "group_id",
+        "index_url",
+        "index_engine",
+        "state_dir",
+        "reindex_grace_s",
+        *MODEL_SETTINGS,
+    )
+)
+@click.option(
+    "--rollback",
+    is_flag=True,
+    help="Point the alias back at the collection the last switch replaced (within its grace).",
+)
+@click.option(
+    "--grace-s",
+    type=click.IntRange(0, None),
+    default=None,
+    help="Keep the replaced collection this long for --rollback [default: LOUPE_REINDEX_GRACE_S].",
+)
+@click.option(
+    "--allow-count-difference",
+    type=click.IntRange(0, None),
+    default=0,
+    help="Switch even if the point counts differ by this many beyond what events explain.",
+)
+@click.option(
+    "--count-wait-s",
+    type=click.FloatRange(0, None),
+    default=60.0,
+    help="How long counts may disagree once caught up before giving up (nothing switched).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=REINDEX_METRICS_PORT,
+    help="Serve progress metrics here (0: a free port).",
+)
+@global_options
+def reindex(
+    rollback: bool,
+    grace_s: int | None,
+    allow_count_difference: int,
+    count_wait_s: float,
+    metrics_port: int,
+) -> int:
+    """Build the index for the configured model from the products topic, then switch to it.
+
+    Reads the (compacted) products topic from the beginning with its own consumer group,
+    through the same ingest pipeline as `loupe serve`, into a new collection, while running
+    services keep answering from the live one and indexing new events into it. Once caught up
+    (no lag, point counts agree), the alias moves to the new collection in one step; running
+    services load the new model and follow without a restart. The old collection is kept for
+    the grace period (`--rollback` returns to it), then a running service drops it.
+
+    Interrupted or killed, it resumes from where it committed when run again. Configure the new
+    model as for `loupe serve` (e.g. LOUPE_FUSION_CHECKPOINT=new.pt loupe reindex).
+    """
+    from loupe.consumers.kafka_io import require_broker
+    from loupe.consumers.metrics import HealthServer, LoupeMetrics
+    from loupe.consumers.reindex import CountsDisagree, Reindex
+    from loupe.consumers.reindex import rollback as roll_back
+    from loupe.consumers.service import install_signal_handlers
+
+    config = settings()
+    grace = float(config.reindex_grace_s if grace_s is None else grace_s)
+    if rollback:
+        target, replaced = roll_back(config, grace)
+        click.echo(f"rolled back: {config.index_prefix} -> {target} (was {replaced})")
+        click.echo(
+            f"{replaced} is kept until {_when(time.time() + grace)}; running services follow now"
+        )
+        return 0
+    require_broker(config, wait_s=5.0)
+    metrics = LoupeMetrics()
+    health = HealthServer(
+        metrics, lambda: (True, "reindexing"), config.metrics_host, metrics_port
+    ).start()
+    click.echo(f"progress metrics on http://{config.metrics_host}:{health.port}/metrics")
+    job = Reindex(
+        config,
+        metrics=metrics,
+        report=lambda line: click.echo(line),
+        grace_s=grace,
+        allow_count_difference=allow_count_difference,
+        count_wait_s=count_wait_s,
+    )
+    install_signal_handlers(job.stop)
+    try:
+        outcome = job.run()
+    except CountsDisagree as exc:
+        click.echo(f"loupe reindex: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("interrupted: run `loupe reindex` again to resume where it stopped", err=True)
+        return 130
+    finally:
+        health.stop()
+    if not outcome.switched:
+        click.echo(f"nothing to do: {outcome.detail}")
+        return 0
+    click.echo(
+        f"switched: {config.index_prefix} -> {outcome.collection} (was {outcome.previous}) "
+        f"after {outcome.events} events in {outcome.seconds:.1f} s; {outcome.detail}"
+    )
+    if outcome.previous is not None:
+        click.echo(
+            f"{outcome.previous} is kept until {_when(time.time() + grace)} for "
+            "`loupe reindex --rollback`; a running service drops it after that"
+        )
+    return 0
+
+
+@click.command(epilog=settings_epilog("index_url", "index_engine", "state_dir", "index_prefix"))
+@global_options
+def collections() -> int:
+    """List the index's collections: which is live, their models, states and sizes."""
+    from loupe.consumers.reindex import describe_collections
+
+    rows = describe_collections(settings())
+    if not rows:
+        click.echo("no collections yet")
+        return 0
+    for row in rows:
+        mark = "*" if row["live"] else " "
+        points = row["points"] if row["points"] is not None else "?"
+        click.echo(f"{mark} {row['collection']}")
+        click.echo(f"    state {row['state']}, {points} points, model {row['model_version']}")
+        if row["drop_after"]:
+            click.echo(f"    dropped after {_when(row['drop_after'])}")  # type: ignore[arg-type]
+    return 0
+
+
+COMMANDS = [reindex, collections]

@@ -1,0 +1,447 @@
+"""``loupe reindex`` against a real broker and the embedded index, as a user runs it: a running
+``loupe serve`` keeps answering searches and indexing new products while the reindex builds
+the new model's collection, then follows the switch without a restart; and a reindex killed
+midway resumes to exactly the result of one that was not."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import (
+    CoordinatorLoadInProgressError,
+    CoordinatorNotAvailableError,
+    NotCoordinatorError,
+)
+
+from bench.harness import serve_env
+from loupe.consumers.index import IndexQuery, collection_name, point_id
+from loupe.consumers.reindex import reindex_lock
+from loupe.consumers.service import build_index
+from loupe.consumers.settings import Settings
+from loupe.dev.catalog import load_catalog
+from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.encoders.fusion import FusionModel, save_fusion
+from loupe.encoders.preprocess import compose_product_text
+from loupe.encoders.profile import ModelProfile
+from loupe.schemas.search import SearchFilters
+
+pytestmark = pytest.mark.integration
+
+INITIAL = 24  # products indexed under model A before the reindex
+
+
+@pytest.fixture(scope="module")
+def model_a() -> FusedEncoder:
+    encoder = FusedEncoder.from_profile(ModelProfile(batch_size=8))
+    yield encoder
+    encoder.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_b(model_a, tmp_path_factory) -> Path:
+    """Model B: model A's towers under a different, seeded fusion (every view changes)."""
+    module = FusionModel(model_a.fusion.config)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for head in (module.image_head, module.text_head):
+            head.up.weight.copy_(torch.randn(head.up.weight.shape, generator=generator) * 0.05)
+    path = tmp_path_factory.mktemp("model-b") / "fusion-b.safetensors"
+    save_fusion(module, path, base=model_a.base_version)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_b(checkpoint_b) -> FusedEncoder:
+    encoder = FusedEncoder.from_profile(ModelProfile(fusion_checkpoint=checkpoint_b, batch_size=8))
+    yield encoder
+    encoder.close()
+
+
+def _upserted(product, product_id: str) -> bytes:
+    return json.dumps(
+        {
+            "type": "product.upserted",
+            "event_id": f"e-{product_id}",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "merchant_id": "m",
+            "product_id": product_id,
+            "title": product.title,
+            "attributes": product.attributes(),
+            "image": {
+                "data": base64.b64encode(product.image_path.read_bytes()).decode(),
+                "media_type": "image/jpeg",
+            },
+        }
+    ).encode()
+
+
+def _send_products(bootstrap: str, topic: str, catalog, ids: list[str]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for i, product_id in enumerate(ids):
+        product = catalog[i % len(catalog)]
+        producer.send(topic, key=f"m/{product_id}".encode(), value=_upserted(product, product_id))
+    producer.flush()
+    producer.close()
+
+
+def _committed(bootstrap: str, group: str) -> int:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+        return 0  # not joined yet, or the coordinator is loading or moving: nothing committed
+    finally:
+        admin.close()
+    return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+
+
+def _wait_for(condition, what: str, timeout_s: float, procs=(), logs=()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for proc, log_path in zip(procs, logs, strict=True):
+            if proc.poll() is not None and proc.returncode != 0:
+                pytest.fail(
+                    f"a process exited ({proc.returncode}) while waiting for {what}:\n"
+                    + Path(log_path).read_text()[-4000:]
+                )
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _loupe(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loupe", *args],
+        env=env,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+class _Shopper(threading.Thread):
+    """Sends a text search every ``every_s`` until stopped; remembers what it asked."""
+
+    def __init__(self, bootstrap: str, topic: str, texts: list[str], every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap)
+        self.topic, self.texts, self.every_s = topic, texts, every_s
+        self.asked: dict[str, str] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            rid = f"q{n}"
+            text = self.texts[n % len(self.texts)]
+            body = {
+                "type": "search.requested",
+                "request_id": rid,
+                "occurred_at": datetime.now(UTC).isoformat(),
+                "text": text,
+                "top_k": 3,
+            }
+            self.producer.send(self.topic, key=rid.encode(), value=json.dumps(body).encode())
+            self.asked[rid] = text
+            n += 1
+            self.stop.wait(self.every_s)
+        self.producer.flush()
+        self.producer.close()
+
+
+def _answers(bootstrap: str, topic: str, expected: set[str] | None, timeout_s: float) -> dict:
+    """Answers by request id: until all ``expected`` came (or the timeout), or, with None,
+    whatever arrives within ``timeout_s``."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+    )
+    answers: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if expected is not None and expected <= answers.keys():
+                break
+            for batch in consumer.poll(timeout_ms=500).values():
+                for record in batch:
+                    answer = json.loads(record.value)
+                    answers.setdefault(answer["request_id"], []).append(answer)
+    finally:
+        consumer.close()
+    return answers
+
+
+def test_reindex_switches_models_while_searches_and_products_keep_flowing(
+    bootstrap_servers, make_topic, group_id, tmp_path, model_a, model_b, checkpoint_b
+):
+    catalog = load_catalog()
+    topics = {
+        "products": make_topic("products", partitions=2),
+        **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
+    }
+    state = tmp_path / "state"
+    env_a = serve_env(
+        bootstrap_servers,
+        topics,
+        group=group_id,
+        state_dir=state,
+        max_poll_records="8",
+        alias_poll_interval_ms="300",
+        search_max_poll_records="4",
+    )
+    initial = [f"p{i}" for i in range(INITIAL)]
+    _send_products(bootstrap_servers, topics["products"], catalog, initial)
+    serve_log = tmp_path / "serve.log"
+    service = _loupe(["serve"], env_a, serve_log)
+    try:
+        _wait_for(
+            lambda: _committed(bootstrap_servers, group_id + ".ingest") == INITIAL,
+            "model A's ingest of the catalog",
+            240,
+            [service],
+            [serve_log],
+        )
+        shopper = _Shopper(
+            bootstrap_servers, topics["requests"], [p.title for p in catalog[:12]], every_s=0.25
+        )
+        shopper.start()
+        during: list[str] = []
+        stop_products = threading.Event()
+
+        def keep_sending_products() -> None:
+            n = 0
+            while not stop_products.wait(0.7):
+                product_id = f"new{n}"
+                _send_products(bootstrap_servers, topics["products"], catalog[n:], [product_id])
+                during.append(product_id)
+                n += 1
+
+        sender = threading.Thread(target=keep_sending_products, daemon=True)
+        sender.start()
+
+        reindex_log = tmp_path / "reindex.log"
+        env_b = {**env_a, "LOUPE_FUSION_CHECKPOINT": str(checkpoint_b)}
+        started = time.monotonic()
+        job = _loupe(["reindex", "--grace-s", "3", "--metrics-port", "0"], env_b, reindex_log)
+        assert job.wait(timeout=300) == 0, reindex_log.read_text()[-4000:]
+        took = time.monotonic() - started
+        output = reindex_log.read_text()
+        assert "switched: loupe -> loupe__" in output, output[-3000:]
+        assert "events/s" in output, "progress lines are shown"
+
+        collection_a = collection_name("loupe", model_a.model_version)
+        collection_b = collection_name("loupe", model_b.model_version)
+        # The service follows: its answers come from model B from some point on.
+        seen_b = threading.Event()
+
+        def answered_by_b() -> bool:
+            found = _answers(bootstrap_servers, topics["responses"], None, timeout_s=1.0)
+            if any(a[-1]["model_version"] == model_b.model_version for a in found.values()):
+                seen_b.set()
+            return seen_b.is_set()
+
+        _wait_for(answered_by_b, "answers from model B", 120, [service], [serve_log])
+        time.sleep(2.0)  # more products and searches under model B
+        stop_products.set()
+        sender.join()
+        shopper.stop.set()
+        shopper.join()
+        # The retired collection goes once its grace period is over.
+        _wait_for(
+            lambda: not (state / "edge-index" / collection_a).exists(),
+            "model A's collection dropped after the grace period",
+            60,
+            [service],
+            [serve_log],
+        )
+        answers = _answers(
+            bootstrap_servers, topics["responses"], set(shopper.asked), timeout_s=120
+        )
+        products_during = list(during)
+        _wait_for(
+            lambda: (
+                _committed(bootstrap_servers, group_id + ".ingest")
+                >= INITIAL + len(products_during)
+            ),
+            "the ingest of the products sent during the reindex",
+            120,
+            [service],
+            [serve_log],
+        )
+    finally:
+        service.send_signal(signal.SIGTERM)
+        exited = service.wait(timeout=60)
+    assert exited == 0, serve_log.read_text()[-4000:]
+    log_text = serve_log.read_text()
+    assert "switching to " + collection_b in log_text
+
+    # Every search answered once, with hits, by model A or model B, never a mix.
+    assert set(answers) == set(shopper.asked), "every search gets an answer"
+    assert all(len(a) == 1 for a in answers.values()), "exactly one answer each"
+    versions = {a[0]["model_version"] for a in answers.values()}
+    assert versions == {model_a.model_version, model_b.model_version}, versions
+    encoders = {model_a.model_version: model_a, model_b.model_version: model_b}
+    by_id = {f"p{i}": catalog[i % len(catalog)] for i in range(INITIAL)}
+    by_id.update({pid: catalog[n % len(catalog)] for n, pid in enumerate(products_during)})
+    mixed_would_differ = 0
+    for rid, [answer] in answers.items():
+        assert answer["status"] == "ok", answer
+        assert answer["hits"], f"{rid} answered with no hits"
+        # The top hit's score is the cosine between the query and the product under the SAME
+        # model: recomputed here with each model, it matches the one that answered.
+        top = answer["hits"][0]
+        product = by_id[top["product_id"]]
+        query = shopper.asked[rid]
+        own = _text_cosine(encoders[answer["model_version"]], query, product)
+        assert abs(top["score"] - own) < 2e-3, (rid, answer["model_version"], top["score"], own)
+        other = next(e for v, e in encoders.items() if v != answer["model_version"])
+        mixed = _text_cosine_mixed(encoders[answer["model_version"]], other, query, product)
+        mixed_would_differ += abs(mixed - own) > 5e-3
+    assert mixed_would_differ > len(answers) // 2, "the check could tell a mixed answer"
+
+    # Model B's collection holds every product: the catalog and those sent during the reindex.
+    settings = Settings(state_dir=state)
+    index = build_index(settings, model_b.model_version)
+    index.ensure_collection(model_b.dims, make_live=False)
+    try:
+        ids = [point_id("m", pid) for pid in initial + products_during]
+        assert len(index.stored_versions(ids)) == len(ids), "a product is missing from B"
+        assert index.count() == len(ids)
+        assert index.live_collection() == collection_b
+    finally:
+        index.close()
+    print(
+        f"\nreindex of {INITIAL}+ products took {took:.1f} s; {len(answers)} searches answered "
+        f"during and after it; {len(products_during)} products sent during it"
+    )
+
+
+def _product_input(product) -> EncodeInput:
+    return EncodeInput(
+        image=product.image_path.read_bytes(),
+        media_type="image/jpeg",
+        text=compose_product_text(product.title, product.attributes()),
+    )
+
+
+def _text_cosine(encoder: FusedEncoder, query: str, product) -> float:
+    q = encoder.encode_queries([EncodeInput(text=query)])[0].vectors["text"]
+    p = encoder.encode_products([_product_input(product)])[0].vectors["text"]
+    return float(np.dot(q, p))
+
+
+def _text_cosine_mixed(query_model, index_model, query: str, product) -> float:
+    q = query_model.encode_queries([EncodeInput(text=query)])[0].vectors["text"]
+    p = index_model.encode_products([_product_input(product)])[0].vectors["text"]
+    return float(np.dot(q, p))
+
+
+def _points(state: Path, version: str, ids: list[str]) -> dict[str, tuple]:
+    settings = Settings(state_dir=state)
+    index = build_index(settings, version)
+    index.ensure_collection({"image": 1280, "text": 384, "fused": 1664}, make_live=False)
+    try:
+        assert len(index.stored_versions([point_id("m", pid) for pid in ids])) == len(ids)
+        # Every point with its vectors and payload: one query that ranks them all.
+        everything = IndexQuery(
+            "text",
+            np.ones(384, dtype=np.float32),
+            top_k=1000,
+            merchant_id=None,
+            filters=SearchFilters(),
+            with_vectors=("image", "text", "fused"),
+        )
+        found = {}
+        for hit in index.search_batch([everything])[0]:
+            payload = {k: v for k, v in hit.payload.items() if k != "indexed_at"}
+            found[hit.id] = (payload, {k: np.round(v, 5) for k, v in hit.vectors.items()})
+        return found
+    finally:
+        index.close()
+
+
+def test_a_reindex_killed_midway_resumes_to_the_same_result(
+    bootstrap_servers, make_topic, group_id, tmp_path, model_b, checkpoint_b
+):
+    catalog = load_catalog()
+    topics = {
+        "products": make_topic("products", partitions=2),
+        **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
+    }
+    ids = [f"p{i}" for i in range(40)]
+    _send_products(bootstrap_servers, topics["products"], catalog, ids)
+    collection_b = collection_name("loupe", model_b.model_version)
+
+    def env(state: Path, group: str) -> dict[str, str]:
+        return {
+            **serve_env(
+                bootstrap_servers, topics, group=group, state_dir=state, max_poll_records="4"
+            ),
+            "LOUPE_FUSION_CHECKPOINT": str(checkpoint_b),
+        }
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    log_path = tmp_path / "reindex.log"
+    args = ["reindex", "--metrics-port", "0"]
+    assert _loupe(args, env(whole, group_id + "-whole"), log_path).wait(timeout=300) == 0
+
+    group = group_id + "-killed"
+    reindex_group = f"{group}.reindex.{collection_b}"
+    first = _loupe(args, env(killed, group), log_path)
+    _wait_for(
+        lambda: _committed(bootstrap_servers, reindex_group) >= 8,
+        "the reindex's first commits",
+        240,
+        [first],
+        [log_path],
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    assert _committed(bootstrap_servers, reindex_group) < len(ids), "killed midway"
+    second = _loupe(args, env(killed, group), log_path)
+    assert second.wait(timeout=300) == 0, log_path.read_text()[-4000:]
+    assert log_path.read_text().count("switched: loupe -> " + collection_b) == 2
+
+    expected = _points(whole, model_b.model_version, ids)
+    resumed = _points(killed, model_b.model_version, ids)
+    assert len(expected) == len(ids)
+    assert resumed.keys() == expected.keys()
+    for key, (payload, vectors) in expected.items():
+        assert resumed[key][0] == payload
+        for view, vector in vectors.items():
+            np.testing.assert_allclose(resumed[key][1][view], vector, atol=1e-4)
+
+
+def test_two_reindexes_of_one_version_cannot_run_at_once(
+    bootstrap_servers, make_topic, group_id, tmp_path, checkpoint_b, model_b
+):
+    topics = {
+        name: make_topic(name) for name in ("products", "requests", "responses", "deadletter")
+    }
+    state = tmp_path / "state"
+    env = {
+        **serve_env(bootstrap_servers, topics, group=group_id, state_dir=state),
+        "LOUPE_FUSION_CHECKPOINT": str(checkpoint_b),
+    }
+    log_path = tmp_path / "second.log"
+    collection_b = collection_name("loupe", model_b.model_version)
+    settings = Settings(state_dir=state, bootstrap_servers=bootstrap_servers)
+    with reindex_lock(settings, collection_b):  # as a first reindex holds it
+        second = _loupe(["reindex", "--metrics-port", "0"], env, log_path)
+        assert second.wait(timeout=120) == 2
+    output = log_path.read_text()
+    assert f"a reindex of {collection_b} is already running (pid " in output, output[-2000:]
+    assert "Traceback" not in output
