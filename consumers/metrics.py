@@ -97,25 +97,6 @@ class LoupeMetrics:
             "Times this instance followed the alias to another collection and model",
             registry=r,
         )
-        # A reindex (`loupe reindex`): its progress through the products topic.
-        self.reindex_events_done = Gauge(
-            "loupe_reindex_events_done",
-            "Products-topic events the reindex has applied to the new collection",
-            registry=r,
-        )
-        self.reindex_events_total = Gauge(
-            "loupe_reindex_events_total",
-            "Products-topic events the reindex must apply (grows while events arrive)",
-            registry=r,
-        )
-        self.reindex_eta_seconds = Gauge(
-            "loupe_reindex_eta_seconds",
-            "Estimated seconds until the reindex catches up",
-            registry=r,
-        )
-        self.reindex_points = Gauge(
-            "loupe_reindex_points", "Points in the collection being built", registry=r
-        )
         self.device_memory_used = Gauge(
             "loupe_device_memory_used_bytes",
             "Memory the model's device has in use (CUDA: reserved by torch; CPU: process RSS)",
@@ -217,6 +198,31 @@ class LoupeMetrics:
 
 class MetricsPortUnavailable(LoupeError):
     """The metrics/health port cannot be bound. Policy: stop, and say which port."""
+
+
+class ReindexMetrics:
+    """A reindex's progress (``loupe reindex``), beside the ingest metrics it also exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.events_done = Gauge(
+            "loupe_reindex_events_done",
+            "Products-topic events the reindex has applied to the new collection",
+            registry=r,
+        )
+        self.events_total = Gauge(
+            "loupe_reindex_events_total",
+            "Products-topic events the reindex must apply (grows while events arrive)",
+            registry=r,
+        )
+        self.eta_seconds = Gauge(
+            "loupe_reindex_eta_seconds",
+            "Estimated seconds until the reindex catches up (-1: not known yet)",
+            registry=r,
+        )
+        self.points = Gauge(
+            "loupe_reindex_points", "Points in the collection being built", registry=r
+        )
 
 
 class HealthServer:

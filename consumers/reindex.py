@@ -41,7 +41,7 @@ from loupe.consumers.lifecycle import (
     update_card,
     write_card,
 )
-from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.metrics import LoupeMetrics, ReindexMetrics
 from loupe.consumers.settings import Settings
 from loupe.schemas.errors import LoupeError
 
@@ -155,6 +155,7 @@ class Reindex:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.progress_metrics = ReindexMetrics(metrics.registry)
         self.report = report
         self.grace_s = grace_s
         self.allow_count_difference = allow_count_difference
@@ -278,10 +279,10 @@ class Reindex:
         return catalog.switch_alias(target)
 
     def _export(self, progress: Progress) -> None:
-        self.metrics.reindex_events_done.set(progress.done)
-        self.metrics.reindex_events_total.set(progress.total)
-        self.metrics.reindex_points.set(progress.points)
-        self.metrics.reindex_eta_seconds.set(progress.eta_s if progress.eta_s is not None else -1)
+        self.progress_metrics.events_done.set(progress.done)
+        self.progress_metrics.events_total.set(progress.total)
+        self.progress_metrics.points.set(progress.points)
+        self.progress_metrics.eta_seconds.set(progress.eta_s if progress.eta_s is not None else -1)
 
 
 class _Tracker:

@@ -132,17 +132,19 @@ def _loupe(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
 class _Shopper(threading.Thread):
     """Sends a text search every ``every_s`` until stopped; remembers what it asked."""
 
-    def __init__(self, bootstrap: str, topic: str, texts: list[str], every_s: float) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, texts: list[str], every_s: float, prefix: str = "q"
+    ) -> None:
         super().__init__(daemon=True)
         self.producer = KafkaProducer(bootstrap_servers=bootstrap)
-        self.topic, self.texts, self.every_s = topic, texts, every_s
+        self.topic, self.texts, self.every_s, self.prefix = topic, texts, every_s, prefix
         self.asked: dict[str, str] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
         n = 0
         while not self.stop.is_set():
-            rid = f"q{n}"
+            rid = f"{self.prefix}{n}"
             text = self.texts[n % len(self.texts)]
             body = {
                 "type": "search.requested",
@@ -323,6 +325,22 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         assert index.live_collection() == collection_b
     finally:
         index.close()
+    # An instance restarted with the old configuration serves the live collection with the
+    # model its card names: it neither moves the alias back nor mixes models.
+    restart_log = tmp_path / "restart.log"
+    restarted = _loupe(["serve", "--role", "search"], env_a, restart_log)
+    try:
+        late = _Shopper(bootstrap_servers, topics["requests"], ["gold ring"], 60, prefix="late")
+        late.start()
+        _wait_for(lambda: late.asked, "the late search sent", 10)
+        late.stop.set()
+        late.join()
+        [answer] = _answers(bootstrap_servers, topics["responses"], {"late0"}, 120)["late0"]
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(timeout=60) == 0, restart_log.read_text()[-3000:]
+    assert answer["status"] == "ok" and answer["model_version"] == model_b.model_version
+    assert "serving that one with the model its card names" in restart_log.read_text()
     print(
         f"\nreindex of {INITIAL}+ products took {took:.1f} s; {len(answers)} searches answered "
         f"during and after it; {len(products_during)} products sent during it"
