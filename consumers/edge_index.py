@@ -3,9 +3,12 @@ process, on disk, with a write-ahead log, HNSW and payload indexes.
 
 The same scheme as ``QdrantIndex``: one shard per model version (``<dir>/<collection>``), the
 named cosine vectors ``image``, ``text`` and ``fused``, point ids from (merchant, product), and
-an alias ``<prefix>`` naming the live collection. Qdrant Edge has no aliases, so the alias is a
-small JSON file replaced atomically (``aliases.json``). Every call is serialised: one shard,
-one owner at a time, like ``QdrantIndex`` in embedded mode.
+an alias ``<prefix>`` naming the live collection. Qdrant Edge has no aliases nor collection
+metadata, so the alias is a small JSON file replaced atomically (``aliases.json``), and each
+collection's card is ``<collection>.card.json`` beside its shard, both changed under an
+exclusive lock file. Every call on a shard is serialised; a shard opens in one process at a
+time (its write-ahead log holds a lock), so another process may build another collection
+beside it (``loupe reindex``).
 """
 
 from __future__ import annotations

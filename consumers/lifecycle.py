@@ -272,7 +272,10 @@ class ModelFollower:
             return None
         current = self.live.current()
         if live_collection is not None and live_collection != current.collection:
-            switched = self._switch_to(live_collection, current)
+            try:
+                switched = self._switch_to(live_collection, current)
+            except IndexUnavailable as exc:  # e.g. its shard still open elsewhere: next time
+                log.warning("cannot open %s yet (%s); trying again", live_collection, exc)
         self._close_released()
         try:
             drop_expired(self.catalog, keep=[p.collection for p in self._retiring])

@@ -221,7 +221,8 @@ class Reindex:
         tracker = _Tracker(consumer, settings.products_topic)
         disagreeing_since: float | None = None
         try:
-            last_report = float("-inf")
+            self.report(tracker.measure(index).line(target))  # where it starts (or resumes)
+            last_report = time.monotonic()
             while True:
                 if self.stop_event.is_set():
                     raise KeyboardInterrupt
@@ -297,7 +298,7 @@ class _Tracker:
         self.begin = consumer.beginning_offsets(self.partitions)
         self._end = consumer.end_offsets(self.partitions)
         self._started_at = time.monotonic()
-        self._start_done: int | None = None
+        self._start_done = self._done(self.positions())  # a resumed run starts past zero
 
     def positions(self) -> dict[int, int]:
         assigned = self.consumer.assignment()
@@ -312,20 +313,18 @@ class _Tracker:
 
     def measure(self, index: VectorIndex) -> Progress:
         self._end = self.consumer.end_offsets(self.partitions)
-        positions = self.positions()
-        done = sum(positions[tp.partition] - self.begin[tp] for tp in self.partitions)
+        done = self._done(self.positions())
         total = sum(self._end[tp] - self.begin[tp] for tp in self.partitions)
-        if self._start_done is None:
-            self._start_done = done
         elapsed = max(time.monotonic() - self._started_at, 1e-6)
         rate = (done - self._start_done) / elapsed
         eta = (total - done) / rate if rate > 0 else None
         return Progress(done, total, rate, eta, index.count(exact=True))
 
     def done_this_run(self) -> int:
-        positions = self.positions()
-        done = sum(positions[tp.partition] - self.begin[tp] for tp in self.partitions)
-        return done - (self._start_done or 0)
+        return self._done(self.positions()) - self._start_done
+
+    def _done(self, positions: dict[int, int]) -> int:
+        return sum(positions[tp.partition] - self.begin[tp] for tp in self.partitions)
 
     def caught_up(self) -> bool:
         """Every partition assigned to us and read to its end (as of the last measure)."""

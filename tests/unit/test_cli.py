@@ -152,3 +152,32 @@ def test_filters_become_the_contracts_filters():
     assert filters.category == ["ring", "band"]
     assert filters.price_max == 5000.0
     assert filters.attributes == {"stone": "ruby"}
+
+
+def test_collections_and_rollback_say_what_there_is(tmp_path, capsys, monkeypatch):
+    from loupe.consumers.edge_index import EdgeIndex
+    from loupe.consumers.lifecycle import CollectionCard, ModelCard, write_card
+    from loupe.encoders.profile import ModelProfile
+
+    monkeypatch.setenv("LOUPE_STATE_DIR", str(tmp_path))
+    assert main(["collections"]) == 0
+    assert "no collections yet" in capsys.readouterr().out
+    assert main(["reindex", "--rollback"]) == 2
+    assert "nothing to roll back to" in capsys.readouterr().err
+
+    root = str(tmp_path / "edge-index")
+    for version, live in (("old", False), ("new", True)):
+        index = EdgeIndex(model_version=version, path=root)
+        index.ensure_collection({"image": 4, "text": 4, "fused": 8}, make_live=live)
+        state = "live" if live else "retired"
+        write_card(
+            index, index.collection, CollectionCard(ModelCard.of(ModelProfile(), version), state)
+        )
+        index.close()
+    assert main(["collections"]) == 0
+    out = capsys.readouterr().out
+    assert "* loupe__new\n    state live" in out and "  loupe__old\n    state retired" in out
+    assert main(["reindex", "--rollback", "--grace-s", "60"]) == 0
+    assert "rolled back: loupe -> loupe__old (was loupe__new)" in capsys.readouterr().out
+    assert main(["collections"]) == 0
+    assert "* loupe__old" in capsys.readouterr().out
