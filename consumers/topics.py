@@ -5,8 +5,8 @@ compose stack's init container runs ``loupe topics create`` instead of repeating
 
 The products topic is the catalog's source of truth, so it is created compacted
 (``cleanup.policy=compact``): Kafka keeps the latest event of every product key forever, and
-``loupe train`` (or a new model's ingest, in a new consumer group) can read the whole catalog
-from the beginning. Start-up warns when an existing products topic is not compacted.
+``loupe train`` and ``loupe reindex`` (a new model's index) can read the whole catalog from the
+beginning. Start-up warns when an existing products topic is not compacted.
 """
 
 from __future__ import annotations

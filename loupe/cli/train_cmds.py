@@ -100,8 +100,8 @@ def train(
     of each and short query texts from its title and attributes, and fits the heads on top of
     the frozen towers so that a photo (with or without words) finds its own product, while the
     catalog's neighbourhoods are kept. Prints the held-out metrics as it goes and, at the end,
-    the checkpoint to serve: LOUPE_FUSION_CHECKPOINT=<path> loupe serve. A new checkpoint is a
-    new model version, so the index is rebuilt under it (a new collection).
+    the checkpoint to put into service: LOUPE_FUSION_CHECKPOINT=<path> loupe reindex. A new
+    checkpoint is a new model version, so the index is rebuilt under it (a new collection).
     """
     from loupe.consumers.kafka_io import require_broker
     from loupe.train.evaluate import scores_table
@@ -154,7 +154,7 @@ def train(
     click.echo(scores_table({"untrained": result.before, "trained": result.after}))
     click.echo(f"\ntrained in {result.seconds:.0f} s; checkpoint {trained.path}")
     click.echo(f"model version {trained.model_version}")
-    click.echo(f"serve it:  LOUPE_FUSION_CHECKPOINT={trained.path} loupe serve")
+    click.echo(f"put it into service:  LOUPE_FUSION_CHECKPOINT={trained.path} loupe reindex")
     click.echo(
         json.dumps({"checkpoint": str(trained.path), "model_version": trained.model_version})
     )
