@@ -6,6 +6,7 @@ midway resumes to exactly the result of one that was not."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import signal
 import subprocess
@@ -18,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import (
     CoordinatorLoadInProgressError,
     CoordinatorNotAvailableError,
     NotCoordinatorError,
 )
 
-from bench.harness import serve_env
+from bench.harness import SearchLoad, serve_env
 from loupe.consumers.index import IndexQuery, collection_name, point_id
 from loupe.consumers.reindex import reindex_lock
 from loupe.consumers.service import build_index
@@ -129,63 +130,6 @@ def _loupe(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
     )
 
 
-class _Shopper(threading.Thread):
-    """Sends a text search every ``every_s`` until stopped; remembers what it asked."""
-
-    def __init__(
-        self, bootstrap: str, topic: str, texts: list[str], every_s: float, prefix: str = "q"
-    ) -> None:
-        super().__init__(daemon=True)
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap)
-        self.topic, self.texts, self.every_s, self.prefix = topic, texts, every_s, prefix
-        self.asked: dict[str, str] = {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            rid = f"{self.prefix}{n}"
-            text = self.texts[n % len(self.texts)]
-            body = {
-                "type": "search.requested",
-                "request_id": rid,
-                "occurred_at": datetime.now(UTC).isoformat(),
-                "text": text,
-                "top_k": 3,
-            }
-            self.producer.send(self.topic, key=rid.encode(), value=json.dumps(body).encode())
-            self.asked[rid] = text
-            n += 1
-            self.stop.wait(self.every_s)
-        self.producer.flush()
-        self.producer.close()
-
-
-def _answers(bootstrap: str, topic: str, expected: set[str] | None, timeout_s: float) -> dict:
-    """Answers by request id: until all ``expected`` came (or the timeout), or, with None,
-    whatever arrives within ``timeout_s``."""
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-    )
-    answers: dict[str, list[dict]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            if expected is not None and expected <= answers.keys():
-                break
-            for batch in consumer.poll(timeout_ms=500).values():
-                for record in batch:
-                    answer = json.loads(record.value)
-                    answers.setdefault(answer["request_id"], []).append(answer)
-    finally:
-        consumer.close()
-    return answers
-
-
 def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     bootstrap_servers, make_topic, group_id, tmp_path, model_a, model_b, checkpoint_b
 ):
@@ -208,6 +152,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     _send_products(bootstrap_servers, topics["products"], catalog, initial)
     serve_log = tmp_path / "serve.log"
     service = _loupe(["serve"], env_a, serve_log)
+    searches = contextlib.ExitStack()
     try:
         _wait_for(
             lambda: _committed(bootstrap_servers, group_id + ".ingest") == INITIAL,
@@ -216,10 +161,16 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
             [service],
             [serve_log],
         )
-        shopper = _Shopper(
-            bootstrap_servers, topics["requests"], [p.title for p in catalog[:12]], every_s=0.25
+        texts = [p.title for p in catalog[:12]]
+        shopper = searches.enter_context(
+            SearchLoad(
+                bootstrap_servers,
+                topics["requests"],
+                topics["responses"],
+                lambda n: {"text": texts[n % len(texts)], "top_k": 3},
+                every_s=0.25,
+            )
         )
-        shopper.start()
         during: list[str] = []
         stop_products = threading.Event()
 
@@ -247,20 +198,19 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         collection_a = collection_name("loupe", model_a.model_version)
         collection_b = collection_name("loupe", model_b.model_version)
         # The service follows: its answers come from model B from some point on.
-        seen_b = threading.Event()
-
-        def answered_by_b() -> bool:
-            found = _answers(bootstrap_servers, topics["responses"], None, timeout_s=1.0)
-            if any(a[-1]["model_version"] == model_b.model_version for a in found.values()):
-                seen_b.set()
-            return seen_b.is_set()
-
-        _wait_for(answered_by_b, "answers from model B", 120, [service], [serve_log])
+        _wait_for(
+            lambda: any(
+                a["model_version"] == model_b.model_version for a in shopper.answered_since(0.0)
+            ),
+            "answers from model B",
+            120,
+            [service],
+            [serve_log],
+        )
         time.sleep(2.0)  # more products and searches under model B
         stop_products.set()
         sender.join()
-        shopper.stop.set()
-        shopper.join()
+        shopper.stop_sending()
         # The retired collection goes once its grace period is over.
         _wait_for(
             lambda: not (state / "edge-index" / collection_a).exists(),
@@ -269,9 +219,9 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
             [service],
             [serve_log],
         )
-        answers = _answers(
-            bootstrap_servers, topics["responses"], set(shopper.asked), timeout_s=120
-        )
+        assert shopper.wait_for_answers(120), "every search gets an answer"
+        answers = {rid: [a for _, a in items] for rid, items in shopper.answers.items()}
+        asked = {rid: texts[int(rid[1:]) % len(texts)] for rid in shopper.sent}
         products_during = list(during)
         _wait_for(
             lambda: (
@@ -284,6 +234,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
             [serve_log],
         )
     finally:
+        searches.close()
         service.send_signal(signal.SIGTERM)
         exited = service.wait(timeout=60)
     assert exited == 0, serve_log.read_text()[-4000:]
@@ -291,7 +242,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     assert "switching to " + collection_b in log_text
 
     # Every search answered once, with hits, by model A or model B, never a mix.
-    assert set(answers) == set(shopper.asked), "every search gets an answer"
+    assert set(answers) == set(asked), "every search gets an answer, none another's"
     assert all(len(a) == 1 for a in answers.values()), "exactly one answer each"
     versions = {a[0]["model_version"] for a in answers.values()}
     assert versions == {model_a.model_version, model_b.model_version}, versions
@@ -306,7 +257,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         # model: recomputed here with each model, it matches the one that answered.
         top = answer["hits"][0]
         product = by_id[top["product_id"]]
-        query = shopper.asked[rid]
+        query = asked[rid]
         own = _text_cosine(encoders[answer["model_version"]], query, product)
         assert abs(top["score"] - own) < 2e-3, (rid, answer["model_version"], top["score"], own)
         other = next(e for v, e in encoders.items() if v != answer["model_version"])
@@ -330,12 +281,18 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     restart_log = tmp_path / "restart.log"
     restarted = _loupe(["serve", "--role", "search"], env_a, restart_log)
     try:
-        late = _Shopper(bootstrap_servers, topics["requests"], ["gold ring"], 60, prefix="late")
-        late.start()
-        _wait_for(lambda: late.asked, "the late search sent", 10)
-        late.stop.set()
-        late.join()
-        [answer] = _answers(bootstrap_servers, topics["responses"], {"late0"}, 120)["late0"]
+        with SearchLoad(
+            bootstrap_servers,
+            topics["requests"],
+            topics["responses"],
+            lambda n: {"text": "gold ring"},
+            every_s=600,
+            prefix="late",
+        ) as late:
+            _wait_for(lambda: late.sent, "the late search sent", 10)
+            late.stop_sending()
+            assert late.wait_for_answers(120), restart_log.read_text()[-3000:]
+            [(_, answer)] = late.answers["late0"]
     finally:
         restarted.send_signal(signal.SIGTERM)
         assert restarted.wait(timeout=60) == 0, restart_log.read_text()[-3000:]
