@@ -180,12 +180,6 @@ class Reindex:
             if live == target:
                 return ReindexOutcome(target, live, False, 0, 0, 0.0, f"{target} is already live")
             with reindex_lock(settings, target):
-                card = read_card(catalog, target)
-                if card is None or card.state != "live":
-                    fresh = CollectionCard(ModelCard.of(profile, encoder.model_version))
-                    if card is not None:  # a collection retired earlier, built again
-                        fresh.applied_offsets = card.applied_offsets
-                    write_card(catalog, target, fresh)
                 serving = f"{live} stays live meanwhile" if live else "nothing is live yet"
                 self.report(f"building {target} from {settings.products_topic}; {serving}")
                 return self._build(catalog, encoder, target, live)
@@ -198,7 +192,13 @@ class Reindex:
     ) -> ReindexOutcome:
         settings = self.settings
         index = catalog.for_version(encoder.model_version)
-        index.ensure_collection(encoder.dims, make_live=False)
+        index.ensure_collection(encoder.dims, make_live=False)  # the card needs the collection
+        card = read_card(catalog, target)
+        if card is None or card.state != "live":  # "live": it switched, then crashed; resume
+            fresh = CollectionCard(ModelCard.of(settings.model_profile(), encoder.model_version))
+            if card is not None:  # a collection retired earlier, built again
+                fresh.applied_offsets = card.applied_offsets
+            write_card(catalog, target, fresh)
         # A static member (KIP-345): a reindex restarted after a kill takes its partitions back at
         # once, instead of waiting for the killed one's session to time out (45 s).
         consumer = make_consumer(

@@ -324,8 +324,8 @@ def _text_cosine_mixed(query_model, index_model, query: str, product) -> float:
     return float(np.dot(q, p))
 
 
-def _points(state: Path, version: str, ids: list[str]) -> dict[str, tuple]:
-    settings = Settings(state_dir=state)
+def _points(state: Path, version: str, ids: list[str], engine: str) -> dict[str, tuple]:
+    settings = Settings(state_dir=state, index_engine=engine)
     index = build_index(settings, version)
     index.ensure_collection({"image": 1280, "text": 384, "fused": 1664}, make_live=False)
     try:
@@ -348,8 +348,9 @@ def _points(state: Path, version: str, ids: list[str]) -> dict[str, tuple]:
         index.close()
 
 
+@pytest.mark.parametrize("engine", ["edge", "qdrant-local"])
 def test_a_reindex_killed_midway_resumes_to_the_same_result(
-    bootstrap_servers, make_topic, group_id, tmp_path, model_b, checkpoint_b
+    engine, bootstrap_servers, make_topic, group_id, tmp_path, model_b, checkpoint_b
 ):
     catalog = load_catalog()
     topics = {
@@ -363,7 +364,12 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
     def env(state: Path, group: str) -> dict[str, str]:
         return {
             **serve_env(
-                bootstrap_servers, topics, group=group, state_dir=state, max_poll_records="4"
+                bootstrap_servers,
+                topics,
+                group=group,
+                state_dir=state,
+                max_poll_records="4",
+                index_engine=engine,
             ),
             "LOUPE_FUSION_CHECKPOINT": str(checkpoint_b),
         }
@@ -390,8 +396,8 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
     assert second.wait(timeout=300) == 0, log_path.read_text()[-4000:]
     assert log_path.read_text().count("switched: loupe -> " + collection_b) == 2
 
-    expected = _points(whole, model_b.model_version, ids)
-    resumed = _points(killed, model_b.model_version, ids)
+    expected = _points(whole, model_b.model_version, ids, engine)
+    resumed = _points(killed, model_b.model_version, ids, engine)
     assert len(expected) == len(ids)
     assert resumed.keys() == expected.keys()
     for key, (payload, vectors) in expected.items():
