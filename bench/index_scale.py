@@ -4,8 +4,13 @@ and filtered), recall@10 against exact search, time to reopen.
     .venv/bin/python -m bench.index_scale --points 10000 [--engines edge,qdrant-local]
 
 Points are synthetic with the real model's dimensions (image 1280, text 384, fused 1664) and
-realistic payloads (merchant, category, material, price); queries are perturbed copies of
-stored points, as a shopper's photo is of a product. Exact top-10 comes from numpy.
+realistic payloads (merchant, category, material, price). Like real embeddings they are
+clustered: groups of about 50 products around a centre (cosine about 0.8 to it), the group's
+category shared; a query is a perturbed copy of a stored point (cosine about 0.9 to it), as a
+shopper's photo is of a product, so its true neighbours are its product and its group. (I.i.d.
+random vectors have no neighbourhoods: the exact top ten of a query are near-ties that no
+approximate index can find, and an HNSW recall measured on them means nothing.) Exact top-10
+comes from numpy.
 """
 
 from __future__ import annotations
@@ -29,8 +34,24 @@ ENGINES = {
 }
 
 
+GROUP_SIZE = 50  # products per group of look-alikes
+SPREAD = 0.75  # a product's offset from its group's centre (cosine to it about 0.8)
+QUERY_NOISE = 0.5  # a query's offset from its product (cosine about 0.9)
+
+
 def _unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _clustered(rng: np.random.Generator, groups: np.ndarray, dim: int) -> np.ndarray:
+    """Unit vectors around one random centre per group, built in chunks (bounded memory)."""
+    centres = _unit(rng.standard_normal((int(groups.max()) + 1, dim)))
+    out = np.empty((len(groups), dim), dtype=np.float32)
+    for start in range(0, len(groups), 65_536):
+        part = groups[start : start + 65_536]
+        noise = rng.standard_normal((len(part), dim)).astype(np.float32) / dim**0.5
+        out[start : start + len(part)] = _unit(centres[part] + SPREAD * noise)
+    return out
 
 
 def main() -> None:
@@ -44,10 +65,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    vectors = {view: _unit(rng.standard_normal((args.points, d))) for view, d in DIMS.items()}
-    categories = rng.integers(0, len(CATEGORIES), args.points)
+    groups = rng.integers(0, max(args.points // GROUP_SIZE, 1), args.points)
+    vectors = {view: _clustered(rng, groups, d) for view, d in DIMS.items()}
+    categories = groups % len(CATEGORIES)
     picks = rng.integers(0, args.points, args.queries)
-    queries = _unit(vectors["image"][picks] + 0.3 * rng.standard_normal((args.queries, 1280)))
+    queries = _unit(
+        vectors["image"][picks]
+        + QUERY_NOISE * rng.standard_normal((args.queries, 1280)) / 1280**0.5
+    )
     exact = np.argsort(-(queries @ vectors["image"].T), axis=1)[:, :10]
     ring = [i for i in range(args.points) if CATEGORIES[categories[i]] == "ring"]
     exact_ring = [
