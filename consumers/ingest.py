@@ -177,13 +177,14 @@ class Indexer(BatchWorker):
         return rewound
 
     def after_commit(self, records: list[Any]) -> None:
-        # Approximate: an exact count after every batch would be a full count on a server.
-        points = self._retry("count", lambda: self.index.count(exact=False), (IndexUnavailable,))
-        self.metrics.index_points.set(points)
         if self.report_points_every_s is not None:
             self._unreported = True
             if time.monotonic() - self._reported_at >= self.report_points_every_s:
-                self._report_points()
+                self._report_points()  # an exact count, which the gauge takes too
+                return
+        # Approximate: an exact count after every batch would be a full count on a server.
+        points = self._retry("count", lambda: self.index.count(exact=False), (IndexUnavailable,))
+        self.metrics.index_points.set(points)
 
     def _report_points(self) -> None:
         """After a commit (at most every ``report_points_every_s``, and once idle): the
@@ -192,6 +193,7 @@ class Indexer(BatchWorker):
         self._reported_at = time.monotonic()
         self._unreported = False
         exact = self._retry("count", lambda: self.index.count(exact=True), (IndexUnavailable,))
+        self.metrics.index_points.set(exact)
         offsets = {tp.partition: o for tp, o in self._committed.items() if tp.topic == self.topic}
         try:
             report_points(self.index, self.topic, exact, offsets)

@@ -288,9 +288,8 @@ class LoupeService:
     def _follow(self) -> None:
         """Follow the alias until stopped; a live model this instance cannot load stops the
         service (its supervisor restarts it, and the start-up says why)."""
-        stop = self._stopped
         try:
-            self.follower.run(stop)
+            self.follower.run(self._stopped)
         except BaseException as exc:
             self.failure = WorkerDied(f"cannot follow the live collection: {exc}")
             log.critical("cannot follow the live collection; stopping the service", exc_info=exc)
