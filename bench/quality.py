@@ -1,5 +1,6 @@
 """Retrieval quality of the fusion model on the real jewelry catalog: untrained, trained with
-InfoNCE alone, and trained with InfoNCE + the neighbourhood KL term, side by side.
+InfoNCE alone, and trained as Loupe trains (InfoNCE + the neighbourhood KL terms), side by side;
+``--ablation`` adds Loupe's training without each of its other choices.
 
 Every product is asked for with a simulated shopper photo from the evaluation simulator
 (``phone_photo``, seeds training never uses), alone, with a short text (the held-back
@@ -9,12 +10,14 @@ the service answers (its embedded index searches exactly by default). Held-out p
 are never trained on.
 
     .venv/bin/python -m bench.quality                 # 16 views, both objectives
+    .venv/bin/python -m bench.quality --ablation      # and without each choice
     .venv/bin/python -m bench.quality --views 8 --steps 300
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -34,6 +37,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N products")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also train without each of Loupe's choices: the words in the fused query's "
+        "neighbourhood target, the frozen text view",
+    )
     args = parser.parse_args()
     settings = load_settings()
     encoder = untrained_encoder(settings)
@@ -48,10 +57,16 @@ def main() -> None:
         cache_dir=settings.state_dir / "train-cache",
     )
     print(f"features: {time.perf_counter() - started:.0f} s (cached for the next run)")
+    variants = {"InfoNCE alone": {"neighbourhood_weight": 0.0}, "Loupe": {}}
+    if args.ablation:
+        variants |= {
+            "query target: fused": {"query_words_share": 0.0},
+            "text head trained": {"train_text_head": True},
+        }
     columns, times = {}, {}
-    for label, weight in (("InfoNCE alone", 0.0), ("InfoNCE + KL", 1.0)):
-        config = TrainConfig(
-            views=args.views, steps=args.steps, neighbourhood_weight=weight, seed=args.seed
+    for label, changes in variants.items():
+        config = dataclasses.replace(
+            TrainConfig(views=args.views, steps=args.steps, seed=args.seed), **changes
         )
         torch.manual_seed(args.seed)
         result = train(features, encoder.fusion, config, device=encoder.device)

@@ -1,8 +1,9 @@
 """The demo's ``loupe train`` step: fit the fusion model to the catalog once, then reuse it.
 
 The checkpoint is cached under the demo's state directory, named by a hash of what determines
-it (the model base, the products' keys and photos, the training config), so a second demo
-starts at once; its metadata keeps the before/after metrics the report shows.
+it (the model base, the products' keys and photos, the photo simulators' format, the training
+config), so a second demo starts at once; its metadata keeps the before/after metrics the
+report shows.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from loupe.consumers.settings import Settings
 from loupe.dev.catalog import CatalogProduct, training_products
 from loupe.encoders.fusion import load_fusion
 from loupe.train.config import TrainConfig
+from loupe.train.features import FEATURE_FORMAT
 from loupe.train.pipeline import train_checkpoint, untrained_encoder
 from loupe.train.trainer import progress_line
 
@@ -33,7 +35,9 @@ def demo_checkpoint(
     try:
         training = training_products(products)
         digest = hashlib.sha256(
-            json.dumps([encoder.base_version, asdict(config)], sort_keys=True).encode()
+            json.dumps(
+                [encoder.base_version, FEATURE_FORMAT, asdict(config)], sort_keys=True
+            ).encode()
         )
         for product in training:
             digest.update(product.key.encode())

@@ -9,18 +9,26 @@ simulator's quirks. Every step is drawn from a seeded ``random.Random``: the sam
 ``shopper_photo``'s steps, each applied with some probability: background swap (flat, gradient
 or textured surface), random resized crop, rotation, perspective (the phone is not square to the
 product), lighting and colour shifts, blur, noise, downscaling, JPEG recompression.
+
+Both frame the product as a shopper would: a crop or framing is drawn again until it keeps most
+of the product's solid parts (``_framing``), so a tall pendant photo does not become a photo of
+its chain alone.
 """
 
 from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
 
+import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from loupe.encoders.images import DecodeLimits, decode_image
 
 WORK_SIDE = 448  # the catalog photo is reduced to this first: every later step is cheaper
+PRODUCT_IN_FRAME = 0.7  # share of the product's body a simulated photo's framing keeps
+FRAMING_TRIES = 32  # framings drawn before the one keeping the most of the product is taken
 
 
 def studio_photo(image_bytes: bytes, limits: DecodeLimits | None = None) -> Image.Image:
@@ -37,16 +45,21 @@ def shopper_photo(studio: Image.Image, seed: int) -> bytes:
     ``studio_photo``'s image, which is not changed. Deterministic per seed."""
     rng = random.Random(seed)
     image = studio.copy()
+    body = _product_body(image)  # moved with the photo, so that the crop keeps the product
     surface = _surface(image.size, rng)
     if rng.random() < 0.8:
         image = _on_surface(image, surface)
     if rng.random() < 0.7:
-        image = image.rotate(
-            rng.uniform(-25, 25), resample=Image.BILINEAR, fillcolor=_edge(surface)
-        )
+        angle = rng.uniform(-25, 25)
+        image = image.rotate(angle, resample=Image.BILINEAR, fillcolor=_edge(surface))
+        body = body.rotate(angle, resample=Image.BILINEAR, fillcolor=0)
     if rng.random() < 0.5:
-        image = _perspective(image, rng, _edge(surface))
-    image = _resized_crop(image, rng)
+        coefficients = _perspective(image.size, rng)
+        image = image.transform(
+            image.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR, fillcolor=_edge(surface)
+        )
+        body = body.transform(body.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR)
+    image = _resized_crop(image, body, rng)
     image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.25))
     image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.7, 1.2))
     image = ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.3))
@@ -85,17 +98,62 @@ def _surface(size: tuple[int, int], rng: random.Random) -> Image.Image:
 
 def _on_surface(image: Image.Image, surface: Image.Image) -> Image.Image:
     """Replace the white studio backdrop by the surface."""
+    return Image.composite(image, surface, _product_mask(image))
+
+
+def _product_mask(image: Image.Image) -> Image.Image:
+    """Where the product is: what is darker than the white studio sweep, grown a little and
+    softened (the alpha that lays the product on another surface)."""
     grey = image.convert("L").point(lambda v: 255 if v < 238 else 0)
-    mask = grey.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
-    return Image.composite(image, surface, mask)
+    return grey.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
+
+
+def _product_body(image: Image.Image) -> Image.Image:
+    """The product's solid parts, for framing: its mask with thin lines eroded away (a
+    pendant's chain holds as many pixels as the pendant, yet a photo of the chain alone does not
+    show the product); the whole mask when nothing is solid (a thin chain is the product)."""
+    grey = image.convert("L").point(lambda v: 255 if v < 238 else 0)
+    body = grey.filter(ImageFilter.MinFilter(2 * round(max(image.size) / 250) + 1))
+    return body if body.getbbox() else grey
+
+
+def _framing(
+    mask: Image.Image, size: tuple[int, int], draw: Callable[[], tuple[int, int]]
+) -> tuple[int, int]:
+    """The top-left corner of a ``size`` frame over an image whose product's body is ``mask``
+    (``_product_body``): corners from ``draw`` until one keeps at least ``PRODUCT_IN_FRAME`` of
+    it, else the best of ``FRAMING_TRIES``. A shopper frames the product: a free crop of a
+    pendant's tall photo kept only its chain in 12 of the catalog's 236 evaluation photos."""
+    scale = max(1, max(mask.size) // 128)  # shares measured on a reduced mask: cheap, enough
+    small = np.asarray(mask.reduce(scale), dtype=np.float64) / 255.0
+    summed = np.zeros((small.shape[0] + 1, small.shape[1] + 1))
+    summed[1:, 1:] = small.cumsum(axis=0).cumsum(axis=1)
+    total = summed[-1, -1]
+    best, best_share = draw(), -1.0
+    if total <= 0:  # nothing but backdrop: any frame is as good
+        return best
+    corner = best
+    for _ in range(FRAMING_TRIES):
+        left, top = corner
+        x0, y0 = (max(0, min(small.shape[1], round(v / scale))) for v in (left, top))
+        x1 = max(0, min(small.shape[1], round((left + size[0]) / scale)))
+        y1 = max(0, min(small.shape[0], round((top + size[1]) / scale)))
+        share = (summed[y1, x1] - summed[y0, x1] - summed[y1, x0] + summed[y0, x0]) / total
+        if share >= PRODUCT_IN_FRAME:
+            return corner
+        if share > best_share:
+            best, best_share = corner, share
+        corner = draw()
+    return best
 
 
 def _edge(surface: Image.Image) -> tuple[int, int, int]:
     return surface.getpixel((0, 0))
 
 
-def _perspective(image: Image.Image, rng: random.Random, fill: tuple[int, int, int]) -> Image.Image:
-    width, height = image.size
+def _perspective(size: tuple[int, int], rng: random.Random) -> list[float]:
+    """PIL ``PERSPECTIVE`` coefficients of a phone not held square to the product."""
+    width, height = size
     shift = 0.12
 
     def jitter(x: float, y: float) -> tuple[float, float]:
@@ -106,18 +164,13 @@ def _perspective(image: Image.Image, rng: random.Random, fill: tuple[int, int, i
 
     corners = [(0, 0), (width, 0), (width, height), (0, height)]
     moved = [jitter(x, y) for x, y in corners]
-    coefficients = _perspective_coefficients(corners, moved)
-    return image.transform(
-        image.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR, fillcolor=fill
-    )
+    return _perspective_coefficients(corners, moved)
 
 
 def _perspective_coefficients(
     target: list[tuple[float, float]], source: list[tuple[float, float]]
 ) -> list[float]:
     """The 8 coefficients PIL's PERSPECTIVE transform needs to map ``target`` onto ``source``."""
-    import numpy as np
-
     rows = []
     for (x, y), (u, v) in zip(target, source, strict=True):
         rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
@@ -127,15 +180,19 @@ def _perspective_coefficients(
     return np.linalg.solve(a, b).tolist()
 
 
-def _resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
-    """Keep 45-100% of the area at a phone-like aspect ratio, off-centre."""
+def _resized_crop(image: Image.Image, body: Image.Image, rng: random.Random) -> Image.Image:
+    """Keep 45-100% of the area at a phone-like aspect ratio, off-centre, with the product's
+    ``body`` in the frame."""
     width, height = image.size
     area = width * height * rng.uniform(0.45, 1.0)
     ratio = rng.choice((3 / 4, 4 / 3, 1.0, 9 / 16, 16 / 9)) * rng.uniform(0.9, 1.1)
     crop_w = min(width, max(16, round((area * ratio) ** 0.5)))
     crop_h = min(height, max(16, round((area / ratio) ** 0.5)))
-    left = rng.randint(0, width - crop_w)
-    top = rng.randint(0, height - crop_h)
+    left, top = _framing(
+        body,
+        (crop_w, crop_h),
+        lambda: (rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)),
+    )
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
@@ -160,15 +217,23 @@ def phone_photo(image_bytes: bytes, seed: int, limits: DecodeLimits | None = Non
     width, height = image.size
     # The product on a tinted surface: replace the white backdrop by a table colour.
     table = tuple(rng.randint(170, 235) for _ in range(3))
-    grey = image.convert("L").point(lambda v: 255 if v < 238 else 0)
-    mask = grey.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
-    image = Image.composite(image, Image.new("RGB", image.size, table), mask)
-    # Tilt, and frame it off-centre and closer or farther than the catalog shot.
-    image = image.rotate(rng.uniform(-15, 15), resample=Image.BICUBIC, fillcolor=table)
+    body = _product_body(image)
+    image = Image.composite(image, Image.new("RGB", image.size, table), _product_mask(image))
+    # Tilt, and frame it off-centre and closer or farther than the catalog shot, with the
+    # product in the frame.
+    angle = rng.uniform(-15, 15)
+    image = image.rotate(angle, resample=Image.BICUBIC, fillcolor=table)
+    body = body.rotate(angle, resample=Image.BILINEAR, fillcolor=0)
     zoom = rng.uniform(0.75, 1.05)
     crop_w, crop_h = int(width * zoom), int(height * zoom * 0.75)
-    left = rng.randint(min(0, width - crop_w), max(0, width - crop_w))
-    top = rng.randint(min(0, height - crop_h), max(0, height - crop_h))
+    left, top = _framing(
+        body,
+        (crop_w, crop_h),
+        lambda: (
+            rng.randint(min(0, width - crop_w), max(0, width - crop_w)),
+            rng.randint(min(0, height - crop_h), max(0, height - crop_h)),
+        ),
+    )
     framed = Image.new("RGB", (crop_w, crop_h), table)
     framed.paste(image, (-left, -top))
     image = framed.resize((800, 600), Image.BILINEAR)

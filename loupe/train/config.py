@@ -19,6 +19,15 @@ class TrainConfig:
     temperature: float = 0.05  # InfoNCE softmax temperature
     neighbourhood_weight: float = 1.0  # weight of the KL terms; 0 is InfoNCE alone (ablation)
     neighbourhood_temperature: float = 0.05
+    # The fused query's neighbourhood target: the frozen fused view's similarities with this
+    # share of the frozen text view's. The frozen fused view is half photo, and a phone photo's
+    # noise outweighs the words; with the words' share a photo + text query's neighbours are
+    # products of the kind it names (0: the fused view alone, the ablation).
+    query_words_share: float = 0.5
+    # Train the text view's head. Off: the text view (text-only queries) keeps the frozen
+    # tower's vectors and the fusion reads them as they are. Trained, it gained nothing for
+    # text-only queries and cost photo + text recall (bench.quality --ablation).
+    train_text_head: bool = False
     head_rank: int = 128  # rank of the residual projection heads
     eval_every: int = 100  # steps between evaluations (progress lines)
     eval_queries: int = 2000  # products asked for per split and evaluation, at most (sampled)
@@ -27,6 +36,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be within [0, 1), got {self.holdout}")
+        if not 0.0 <= self.query_words_share <= 1.0:
+            raise ValueError(
+                f"query_words_share must be within [0, 1], got {self.query_words_share}"
+            )
         for name in ("views", "steps", "batch_size", "eval_every", "photos_per_product"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

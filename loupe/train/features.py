@@ -34,7 +34,7 @@ from loupe.train.source import TrainingProduct
 log = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 1_000_000_007  # evaluation photos never share a seed with training views
-FEATURE_FORMAT = "2"  # bump when the simulators or the query templates change: stale cache
+FEATURE_FORMAT = "3"  # bump when the simulators or the query templates change: stale cache
 PRODUCTS_PER_CHUNK = 8  # products whose photos are simulated and encoded together
 
 

@@ -6,9 +6,11 @@ each (drawn from their cached views) against the products' catalog photo and tex
 ``fused`` view (photo + text -> product: the fused view also gains through the image head, and
 at full weight its instance term pulled photo + text queries away from their category), plus
 neighbourhood KL terms against the frozen (untrained) model, for catalog-to-catalog and
-query-to-catalog similarities: the ``text`` and ``fused`` views keep their own neighbourhoods,
-and the ``image`` view takes the frozen ``fused`` view's (a cross-modal teacher: the products'
-words say which photos are of the same kind).
+query-to-catalog similarities: the ``fused`` view keeps its own neighbourhoods, a photo + text
+query's with its words given more say (``query_words_share``), and the ``image`` view takes the
+frozen ``fused`` view's (a cross-modal teacher: the products' words say which photos are of the
+same kind). The ``text`` view stays the frozen tower's (``train_text_head``: training it gained
+nothing for text-only queries and cost photo + text recall).
 
 A share of the products (``holdout``) never takes part: they stand for the products a merchant
 adds after training, and the metrics on them are reported apart. Which products are held out
@@ -129,10 +131,14 @@ def train(
     for parameter in frozen.parameters():
         parameter.requires_grad_(False)
     trained = copy.deepcopy(model).to(device).train()
+    if not config.train_text_head:
+        trained.text_head.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     optimiser = torch.optim.AdamW(
-        trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        [p for p in trained.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps)
 
@@ -213,6 +219,7 @@ def _loss(
             f_index_fused, f_query_fused = frozen(image, text), frozen(photo, words)
             f_index_text, f_query_text = frozen.text(text), frozen.text(words)
         tn = config.neighbourhood_temperature
+        share = config.query_words_share
         keep = (
             # catalog to catalog: the index's own neighbourhoods. The image view learns them
             # from the frozen fused view (image + text), whose neighbours share a category far
@@ -220,19 +227,27 @@ def _loss(
             # photographed product first and products of its kind after it.
             neighbourhood_kl(f_index_fused @ f_index_fused.T, index_image @ index_image.T, tn)
             + neighbourhood_kl(f_index_fused @ f_index_fused.T, index_fused @ index_fused.T, tn)
-            + neighbourhood_kl(f_index_text @ f_index_text.T, index_text @ index_text.T, tn)
-            # query to catalog, own product left out: what a query finds besides its product
+            # query to catalog, own product left out: what a query finds besides its product.
+            # A photo + text query's: products that look like it and match its words.
             + neighbourhood_kl(
                 (f_index_fused @ f_index_fused.T)[own], query_image @ index_image.T, tn, own=own
             )
             + neighbourhood_kl(
-                f_query_fused @ f_index_fused.T, query_fused @ index_fused.T, tn, own=own
-            )
-            # a text names a kind of product: its whole distribution is kept
-            + neighbourhood_kl(
-                f_query_text @ f_index_text.T, query_text @ index_text.T, tn, mask_own=False
+                (1 - share) * (f_query_fused @ f_index_fused.T)
+                + share * (f_query_text @ f_index_text.T),
+                query_fused @ index_fused.T,
+                tn,
+                own=own,
             )
         )
+        if config.train_text_head:  # else the text view is the frozen one: nothing to keep
+            keep = keep + neighbourhood_kl(
+                f_index_text @ f_index_text.T, index_text @ index_text.T, tn
+            )
+            # a text names a kind of product: its whole distribution is kept
+            keep = keep + neighbourhood_kl(
+                f_query_text @ f_index_text.T, query_text @ index_text.T, tn, mask_own=False
+            )
         loss = loss + config.neighbourhood_weight * keep
     return loss
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import random
@@ -137,6 +138,18 @@ def test_training_lowers_the_loss_and_lifts_held_out_recall_keeping_categories()
     json.dumps(record)  # it goes into the checkpoint's metadata
 
 
+def test_the_text_view_stays_the_frozen_towers_unless_its_head_is_trained():
+    features = synthetic_catalog(n=40)
+    words = torch.from_numpy(features.catalog_text.astype(np.float32))
+    model = FusionModel(SMALL)
+    config = TrainConfig(steps=20, batch_size=16, eval_every=20, holdout=0.25)
+    frozen_text = train(features, model, config).model
+    assert torch.equal(frozen_text.text(words), model.text(words))
+    assert fusion_digest(frozen_text) != fusion_digest(model), "the rest is trained"
+    trained_text = train(features, model, dataclasses.replace(config, train_text_head=True)).model
+    assert not torch.allclose(trained_text.text(words), model.text(words), atol=1e-4)
+
+
 def test_a_catalog_too_small_to_split_is_refused():
     with pytest.raises(ValueError, match="at least 2 products outside the held-out share"):
         train(synthetic_catalog(n=2), FusionModel(SMALL), TrainConfig(steps=1, holdout=0.5))
@@ -144,7 +157,12 @@ def test_a_catalog_too_small_to_split_is_refused():
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("holdout", 1.0, "holdout"), ("steps", 0, "steps"), ("batch_size", 1, "batch_size")],
+    [
+        ("holdout", 1.0, "holdout"),
+        ("steps", 0, "steps"),
+        ("batch_size", 1, "batch_size"),
+        ("query_words_share", 1.5, "query_words_share"),
+    ],
 )
 def test_train_config_is_checked(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -309,3 +327,53 @@ def test_too_small_a_catalog_or_split_is_refused_before_any_work(tmp_path):
         train_checkpoint(None, products[:5], TrainConfig(), state_dir=tmp_path)
     with pytest.raises(CatalogSourceError, match=r"--holdout 0\.99 keeps"):
         train_checkpoint(None, products, TrainConfig(holdout=0.99), state_dir=tmp_path)
+
+
+def _pendant_on_a_chain(side: int = 800) -> Image.Image:
+    """A studio photo as a pendant's: a long thin chain from the top, a solid red pendant at
+    the bottom (the chain holds about as many pixels as the pendant)."""
+    image = Image.new("RGB", (side, side), "white")
+    pixels = image.load()
+    for y in range(0, side * 3 // 4):
+        for x in (side // 2 - 60, side // 2 + 60):
+            for dx in range(3):
+                pixels[x + dx, y] = (60, 60, 200)
+    for y in range(side * 3 // 4, side * 3 // 4 + side // 10):
+        for x in range(side // 2 - side // 20, side // 2 + side // 20):
+            pixels[x, y] = (220, 30, 30)
+    return image
+
+
+def test_the_framing_keeps_the_pendant_not_just_its_chain():
+    from loupe.train.augment import PRODUCT_IN_FRAME, _framing, _product_body
+
+    studio = _pendant_on_a_chain()
+    body = np.asarray(_product_body(studio)) > 0
+    assert not body[: 600 - 10].any(), "the thin chain is not part of the product's body"
+    assert body[620:660, 380:420].all(), "the solid pendant is"
+    chain_only, with_pendant = (0, 0), (0, 300)  # 800 x 450 frames: top, and lower down
+    corners = iter([chain_only, chain_only, with_pendant])
+    assert _framing(_product_body(studio), (800, 450), lambda: next(corners)) == with_pendant
+    # A product that is all thin lines (a chain) is framed by its lines.
+    chain = Image.new("RGB", (400, 400), "white")
+    for y in range(400):
+        chain.putpixel((200, y), (200, 160, 60))
+    assert np.asarray(_product_body(chain)).any()
+    assert 0 < PRODUCT_IN_FRAME <= 1
+
+
+def test_simulated_photos_of_a_pendant_show_the_pendant():
+    from loupe.train.augment import phone_photo, shopper_photo, studio_photo
+
+    studio = _pendant_on_a_chain()
+    data = io.BytesIO()
+    studio.save(data, "PNG")
+
+    def shows_the_pendant(jpeg: bytes) -> bool:
+        photo = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.int32)
+        red = (photo[..., 0] - np.maximum(photo[..., 1], photo[..., 2])) > 60
+        return bool(red.sum(axis=1).max() >= photo.shape[1] // 40)  # a row across the pendant
+
+    evaluation = [phone_photo(data.getvalue(), seed) for seed in range(12)]
+    training = [shopper_photo(studio_photo(data.getvalue()), seed) for seed in range(12)]
+    assert all(shows_the_pendant(p) for p in evaluation + training)
