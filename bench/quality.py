@@ -28,7 +28,7 @@ from loupe.train.config import TrainConfig
 from loupe.train.evaluate import scores_table
 from loupe.train.features import extract_features
 from loupe.train.pipeline import untrained_encoder
-from loupe.train.trainer import train
+from loupe.train.trainer import evaluate_splits, train
 
 
 def main() -> None:
@@ -40,8 +40,9 @@ def main() -> None:
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="also train without each of Loupe's choices: the words in the fused query's "
-        "neighbourhood target, the frozen text view",
+        help="also without each of Loupe's choices: the photo + text answer anchored on the "
+        "image view's best match, the words in the fused query's neighbourhood target, the "
+        "frozen text view",
     )
     args = parser.parse_args()
     settings = load_settings()
@@ -73,6 +74,10 @@ def main() -> None:
         columns.setdefault("untrained", result.before)
         columns[label] = result.after
         times[label] = result.seconds
+        if args.ablation and label == "Loupe":
+            columns["no anchor"] = evaluate_splits(
+                result.model, features, config, anchor=False, device=encoder.device
+            )
     print()
     print(scores_table(columns))
     print()

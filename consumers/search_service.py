@@ -1,8 +1,9 @@
 """The search consumer: every request gets exactly one visible answer, then its offset commits.
 
 A request is encoded (photo, text or both), searched in the view that fits (image only ->
-``image``, text only -> ``text``, both -> ``fused``) within the merchant scope and filters, and
-answered on ``reply_to`` or the default response topic, keyed and correlated by ``request_id``.
+``image``, text only -> ``text``, both -> ``fused``, with the image view's best match first:
+``ranking.py``) within the merchant scope and filters, and answered on ``reply_to`` or the
+default response topic, keyed and correlated by ``request_id``.
 A request that cannot be served is answered with ``status: "error"`` and also dead-lettered.
 """
 
@@ -27,6 +28,7 @@ from loupe.consumers.index import IndexHit, IndexQuery, VectorIndex
 from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff, Publisher
 from loupe.consumers.lifecycle import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.ranking import anchored
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.schemas.common import Price, is_identifier
@@ -183,11 +185,13 @@ class SearchService(BatchWorker):
         if not queries:
             return
         lookups = [_index_query(q) for q in queries]
+        anchors = [_anchor_query(q) for q in queries]  # photo + text: the image view's best
+        batch = lookups + [a for a in anchors if a is not None]
         self.keep_alive_if_due()
         with self.metrics.timer("search"):
             try:
                 found = self._retry(
-                    "search", lambda: self.index.search_batch(lookups), (IndexUnavailable,)
+                    "search", lambda: self.index.search_batch(batch), (IndexUnavailable,)
                 )
             except (Abandoned, IndexUnavailable):
                 raise
@@ -197,12 +201,26 @@ class SearchService(BatchWorker):
                 log.exception(
                     "a batched search failed; searching its %d queries alone", len(queries)
                 )
-                found = [self._guarded("search", self._search_one, lookup) for lookup in lookups]
-        for query, lookup, hits in zip(queries, lookups, found, strict=True):
-            if isinstance(hits, ItemFailed):
-                query.error = hits
-            else:
-                query.hits = [_hit(h, lookup.view, query.vectors) for h in hits]
+                found = [self._guarded("search", self._search_one, lookup) for lookup in batch]
+        anchor_hits = iter(found[len(lookups) :])
+        for query, lookup, anchor, hits in zip(
+            queries, lookups, anchors, found[: len(lookups)], strict=True
+        ):
+            best = next(anchor_hits) if anchor is not None else []
+            failed = next((r for r in (hits, best) if isinstance(r, ItemFailed)), None)
+            if failed is not None:
+                query.error = failed
+                continue
+            ranked = [_hit(h, lookup.view, query.vectors) for h in hits]
+            first = None
+            if best:
+                first = _hit(best[0], anchor.view, query.vectors)
+                score = getattr(first.scores, lookup.view)
+                if score is not None:  # scored in the view the query used, as the others
+                    first = first.model_copy(update={"score": score})
+            query.hits = anchored(
+                ranked, first, lookup.top_k, key=lambda h: (h.merchant_id, h.product_id)
+            )
 
     def _search_one(self, lookup: IndexQuery) -> list[IndexHit]:
         return self._retry(
@@ -302,6 +320,22 @@ def _index_query(query: _Query) -> IndexQuery:
         merchant_id=query.request.merchant_id,
         filters=query.request.filters,
         with_vectors=[v for v in vectors if v != view],
+    )
+
+
+def _anchor_query(query: _Query) -> IndexQuery | None:
+    """For a photo + text query, the image view's best match, with the vectors that score it in
+    the other views; None for the others."""
+    vectors = query.vectors
+    if "fused" not in vectors or "image" not in vectors:
+        return None
+    return IndexQuery(
+        view="image",
+        vector=vectors["image"],
+        top_k=1,
+        merchant_id=query.request.merchant_id,
+        filters=query.request.filters,
+        with_vectors=[v for v in vectors if v != "image"],
     )
 
 

@@ -23,7 +23,7 @@ class TrainConfig:
     # share of the frozen text view's. The frozen fused view is half photo, and a phone photo's
     # noise outweighs the words; with the words' share a photo + text query's neighbours are
     # products of the kind it names (0: the fused view alone, the ablation).
-    query_words_share: float = 0.5
+    query_words_share: float = 0.75
     # Train the text view's head. Off: the text view (text-only queries) keeps the frozen
     # tower's vectors and the fusion reads them as they are. Trained, it gained nothing for
     # text-only queries and cost photo + text recall (bench.quality --ablation).

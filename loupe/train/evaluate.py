@@ -5,7 +5,8 @@ them all). Each product is asked for three ways: a simulated shopper photo (``ph
 photo plus a short query text (``photo+text``), and the text alone (``text``). For a photo the
 measure is where its own product ranks (recall@1, recall@10); for every kind, how many of the
 top ten share the product's category (category precision@10). A text names a kind of product,
-not one product, so it has no recall.
+not one product, so it has no recall. A photo + text query is ranked as the service ranks it:
+the image view's best match first, then the fused view's ranking (``consumers/ranking.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from loupe.consumers.ranking import anchored
 from loupe.encoders.fusion import FusionModel
 
 KINDS = ("photo", "photo+text", "text")
@@ -39,21 +41,36 @@ def retrieval_scores(
     recall: bool,
     categories: np.ndarray | None,
     rows: np.ndarray,
+    anchors: np.ndarray | None = None,
     chunk: int = 256,
 ) -> RetrievalScores:
     """``queries`` ``(Q, D)``, query ``j`` about product ``rows[j]``, against ``index``
     ``(N, D)`` unit vectors, ``chunk`` queries at a time (a 100k catalog's score matrix would
-    not fit). ``recall`` False for text queries."""
+    not fit). ``recall`` False for text queries. ``anchors[j]``: the product ranked first
+    whatever the scores (a photo + text query's image view best match)."""
     ranks, precisions = [], []
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]  # the products asked for
         scores = queries[start : start + chunk] @ index.T  # (q, N)
+        first = None if anchors is None else anchors[start : start + chunk]
         if recall:
             own = scores[np.arange(len(part)), part][:, None]  # (q, 1)
-            ranks.append((scores > own).sum(axis=1) + 1)  # ties favour the own product
+            rank = (scores > own).sum(axis=1) + 1  # ties favour the own product
+            if first is not None:  # the anchor moves to the front: own shifts back unless it
+                ahead = scores[np.arange(len(part)), first] > own[:, 0]  # was already behind it
+                rank = np.where(first == part, 1, rank + 1 - ahead)
+            ranks.append(rank)
         if categories is not None:
             k = min(TOP_K, scores.shape[1])
             top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (q, 10), unordered
+            if first is not None:
+                order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
+                top = np.array(
+                    [
+                        anchored(list(np.take(row, ranked)), a, k)
+                        for row, ranked, a in zip(top, order, first, strict=True)
+                    ]
+                )
             precisions.append((categories[top] == categories[part][:, None]).mean(axis=1))
     recall_1 = recall_10 = precision = None
     if recall and ranks:
@@ -73,10 +90,13 @@ def evaluate(
     query_text: torch.Tensor,
     categories: np.ndarray | None,
     rows: np.ndarray,
+    *,
+    anchor: bool = True,
 ) -> dict[str, RetrievalScores]:
     """Scores per query kind. Tensors are the frozen towers' vectors, row ``i`` = product ``i``:
     ``catalog_image`` ``(N, Di)``, ``catalog_text`` ``(N, Dt)``, the evaluation ``photo`` ``(N,
-    Di)`` and ``query_text`` ``(N, Dt)``."""
+    Di)`` and ``query_text`` ``(N, Dt)``. ``anchor`` False ranks photo + text by the fused view
+    alone (the ablation)."""
     model.eval()
     catalog_image, catalog_text = catalog_image.float(), catalog_text.float()
     photo, query_text = photo[rows].float(), query_text[rows].float()
@@ -90,6 +110,9 @@ def evaluate(
         "photo+text": model(photo, query_text),
         "text": model.text(query_text),
     }
+    anchors = _best_matches(
+        asked["photo"].float().cpu().numpy(), index["photo"].float().cpu().numpy()
+    )
     return {
         kind: retrieval_scores(
             asked[kind].float().cpu().numpy(),
@@ -97,6 +120,7 @@ def evaluate(
             recall=kind != "text",
             categories=categories,
             rows=rows,
+            anchors=anchors if kind == "photo+text" and anchor else None,
         )
         for kind in KINDS
     }
@@ -108,6 +132,15 @@ def scores_from_record(record: dict) -> dict[str, dict[str, RetrievalScores]]:
         split: {kind: RetrievalScores(**values) for kind, values in kinds.items()}
         for split, kinds in record.items()
     }
+
+
+def _best_matches(queries: np.ndarray, index: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """The index row each query scores highest, ``chunk`` queries at a time."""
+    if not len(queries):
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate(
+        [(queries[i : i + chunk] @ index.T).argmax(axis=1) for i in range(0, len(queries), chunk)]
+    )
 
 
 def _cell(value: float | None) -> str:

@@ -259,12 +259,28 @@ def _sample(rows: np.ndarray, most: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(rows, size=most, replace=False))
 
 
+def evaluate_splits(
+    model: FusionModel,
+    features: CatalogFeatures,
+    config: TrainConfig,
+    *,
+    anchor: bool = True,
+    device: torch.device | None = None,
+) -> Scores:
+    """``model``'s scores on the seen and held-out products of ``config``'s split, as training
+    reports them (``anchor`` False: photo + text ranked by the fused view alone)."""
+    held = held_out_mask(features.keys, config.holdout, config.seed)
+    data = _Tensors(features, device or torch.device("cpu"))
+    return _scores(model.eval(), data, features.categories, held, config.eval_queries, anchor)
+
+
 def _scores(
     model: FusionModel,
     data: _Tensors,
     categories: np.ndarray | None,
     held: np.ndarray,
     max_queries: int,
+    anchor: bool = True,
 ) -> Scores:
     splits = {
         "seen": _sample(np.flatnonzero(~held), max_queries),
@@ -279,6 +295,7 @@ def _scores(
             data.eval_text,
             categories,
             rows,
+            anchor=anchor,
         )
         for split, rows in splits.items()
         if len(rows)

@@ -140,10 +140,11 @@ def test_a_burst_is_encoded_in_one_call_and_searched_in_one_index_call(parts):
     ]
     parts.service.handle(records)
     assert parts.encoder.calls == [3]
-    assert parts.index.batches == [["image", "text", "fused"]]
+    # photo + text: the fused view, and the image view's best match (ranked first)
+    assert parts.index.batches == [["image", "text", "fused", "image"]]
     answers = _answers(parts.publisher)
     assert [a.status for a in answers.values()] == ["ok", "ok", "ok"]
-    assert answers["r-both"].hits[0].title == "hit for fused"
+    assert [h.title for h in answers["r-both"].hits] == ["hit for image"]
 
 
 def test_a_request_that_fails_does_so_alone(parts):
@@ -163,3 +164,31 @@ def test_a_request_that_fails_does_so_alone(parts):
     # The batch failed on the poison query, then each query was searched alone.
     assert parts.index.batches == [["text", "text"], ["text"], ["text"]]
     assert {key for key, _, _ in parts.publisher.letters} == {b"r-404", b"r-poison", b"r-bad"}
+
+
+class _TwoViews:
+    """The image view's best match (pA) is second in the fused view, behind a look-alike."""
+
+    def __init__(self) -> None:
+        self.fused_of = {p: np.full(DIMS["fused"], s, dtype=np.float32) for p, s in
+                         (("pA", 0.2), ("pB", 0.3), ("pC", 0.1))}  # fmt: skip
+
+    def search_batch(self, queries):
+        def hit(product, score, query):
+            vectors = {"fused": self.fused_of[product]} if "fused" in query.with_vectors else {}
+            payload = {"product_id": product, "merchant_id": "m", "title": product}
+            return IndexHit(id=product, score=score, payload=payload, vectors=vectors)
+
+        ranked = {"image": [("pA", 0.95)], "fused": [("pB", 0.8), ("pA", 0.7), ("pC", 0.6)]}
+        return [[hit(p, s, q) for p, s in ranked[q.view][: q.top_k]] for q in queries]
+
+
+def test_a_photo_and_text_answer_starts_with_the_image_views_best_match(parts):
+    parts.service.index = _TwoViews()
+    parts.service.handle([_record(0, "r-both", image=PHOTO, text="ring", top_k=3)])
+    hits = _answers(parts.publisher)["r-both"].hits
+    assert [h.product_id for h in hits] == ["pA", "pB", "pC"]
+    fused_query = np.ones(DIMS["fused"], dtype=np.float32) / np.sqrt(7)
+    expected = float(np.dot(fused_query, parts.service.index.fused_of["pA"]))
+    assert hits[0].score == pytest.approx(expected), "scored in the fused view, as the others"
+    assert hits[0].scores.image == pytest.approx(0.95)

@@ -313,6 +313,34 @@ def test_retrieval_scores_by_hand_and_in_any_chunking():
     assert (text.recall_at_1, text.category_p10) == (None, None)
 
 
+def test_photo_and_text_ranks_put_the_anchor_first_as_the_service_does():
+    from loupe.consumers.ranking import anchored
+    from loupe.train.evaluate import retrieval_scores
+
+    rng = np.random.default_rng(3)
+    index = rng.standard_normal((30, 8)).astype(np.float32)
+    queries = rng.standard_normal((20, 8)).astype(np.float32)
+    rows = rng.integers(0, 30, 20)
+    anchors = np.where(rng.random(20) < 0.4, rows, rng.integers(0, 30, 20))  # some right
+    categories = rng.choice(["a", "b", "c"], 30)
+    ranks, precision = [], []
+    for j in range(20):  # by brute force: the whole ranking, anchored
+        ranking = anchored(list(np.argsort(-(index @ queries[j]))), anchors[j], 30)
+        ranks.append(ranking.index(rows[j]) + 1)
+        precision.append(np.mean(categories[ranking[:10]] == categories[rows[j]]))
+    for chunk in (1, 7, 256):
+        scores = retrieval_scores(
+            queries, index, recall=True, categories=categories, rows=rows, anchors=anchors,
+            chunk=chunk,
+        )  # fmt: skip
+        assert scores.recall_at_1 == pytest.approx(np.mean(np.array(ranks) == 1))
+        assert scores.recall_at_10 == pytest.approx(np.mean(np.array(ranks) <= 10))
+        assert scores.category_p10 == pytest.approx(np.mean(precision))
+    assert np.mean(np.array(ranks) == 1) >= 0.4  # every right anchor is a hit at one
+    assert anchored(["x", "y", "z"], "y", 2) == ["y", "x"]
+    assert anchored(["x", "y"], None, 5) == ["x", "y"]
+
+
 def test_too_small_a_catalog_or_split_is_refused_before_any_work(tmp_path):
     """A clear error (the CLI's exit 2), before minutes of feature extraction: no encoder is
     even touched."""
