@@ -28,6 +28,8 @@ import numpy as np
 
 from loupe.consumers.errors import IndexUnavailable
 from loupe.consumers.index import (
+    DEFAULT_ACORN,
+    DEFAULT_HNSW_EF,
     FILTER_KEYWORDS,
     VIEWS,
     IndexHit,
@@ -48,7 +50,15 @@ CARD_SUFFIX = ".card.json"  # <collection>.card.json beside the shard: what made
 class EdgeIndex:
     """``VectorIndex`` over one Qdrant Edge shard per model version, under ``path``."""
 
-    def __init__(self, *, model_version: str, path: str, prefix: str = "loupe") -> None:
+    def __init__(
+        self,
+        *,
+        model_version: str,
+        path: str,
+        prefix: str = "loupe",
+        hnsw_ef: int = DEFAULT_HNSW_EF,
+        acorn: bool = DEFAULT_ACORN,
+    ) -> None:
         try:
             import qdrant_edge  # noqa: F401  (fail here, clearly, if the package is missing)
         except ImportError:
@@ -60,6 +70,7 @@ class EdgeIndex:
         self.alias = prefix
         self.collection = collection_name(prefix, model_version)
         self.model_version = model_version
+        self.hnsw_ef, self.acorn = hnsw_ef, acorn
         self._lock = threading.RLock()
         self._shard: Any = None
         self._files_thread_lock = threading.RLock()
@@ -107,7 +118,13 @@ class EdgeIndex:
 
     def for_version(self, model_version: str) -> EdgeIndex:
         """Another version's shard under the same directory (opened by its ensure_collection)."""
-        return EdgeIndex(model_version=model_version, path=str(self.root), prefix=self.alias)
+        return EdgeIndex(
+            model_version=model_version,
+            path=str(self.root),
+            prefix=self.alias,
+            hnsw_ef=self.hnsw_ef,
+            acorn=self.acorn,
+        )
 
     def live_collection(self) -> str | None:
         return self._aliases().get(self.alias)
@@ -239,10 +256,17 @@ class EdgeIndex:
             )
 
     def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]:
-        from qdrant_edge import Query, QueryBatchRequest, QueryRequest
+        from qdrant_edge import (
+            AcornSearchParams,
+            Query,
+            QueryBatchRequest,
+            QueryRequest,
+            SearchParams,
+        )
 
         if not queries:
             return []
+        params = SearchParams(hnsw_ef=self.hnsw_ef, acorn=AcornSearchParams(enable=self.acorn))
         requests = []
         for query in queries:
             if query.view not in VIEWS:
@@ -254,6 +278,7 @@ class EdgeIndex:
                     filter=_edge_filter(query.merchant_id, query.filters),
                     with_payload=True,
                     with_vector=list(query.with_vectors) or False,
+                    params=params,
                 )
             )
         results = self._call("query", lambda shard: shard.query_batch(QueryBatchRequest(requests)))

@@ -93,6 +93,16 @@ class VectorIndex(Protocol):
     def card_lock(self) -> contextlib.AbstractContextManager[Any]: ...
 
 
+# How the engines that search a graph (Qdrant Edge, a Qdrant server; qdrant-client's local mode
+# searches exactly) search it. ``hnsw_ef``: the search breadth (Qdrant's default follows
+# ef_construct, 100; 64 found the exact top ten on 100k clustered points, filtered or not).
+# ACORN: under a selective filter, also walk the neighbours of neighbours the filter removed
+# (Qdrant applies it only when the filter keeps under 40% of the points): it rescues filters
+# unrelated to what the photo shows, at a cost that grows with the catalog, so it is off.
+# Chosen with bench.index_scale (docs/architecture.md, "Index engines").
+DEFAULT_HNSW_EF = 64
+DEFAULT_ACORN = False
+
 CARD_KEY = "loupe"  # the collection metadata key that holds its card (consumers/lifecycle.py)
 
 
@@ -113,10 +123,13 @@ class QdrantIndex:
         api_key: str | None = None,
         prefix: str = "loupe",
         timeout_s: int = 10,
+        hnsw_ef: int = DEFAULT_HNSW_EF,
+        acorn: bool = DEFAULT_ACORN,
         _shared: QdrantIndex | None = None,
     ) -> None:
         from qdrant_client import QdrantClient
 
+        self.hnsw_ef, self.acorn = hnsw_ef, acorn
         self.alias = prefix
         self.collection = collection_name(prefix, model_version)
         self.model_version = model_version
@@ -197,7 +210,13 @@ class QdrantIndex:
             self.switch_alias(self.collection)
 
     def for_version(self, model_version: str) -> QdrantIndex:
-        return QdrantIndex(model_version=model_version, prefix=self.alias, _shared=self)
+        return QdrantIndex(
+            model_version=model_version,
+            prefix=self.alias,
+            hnsw_ef=self.hnsw_ef,
+            acorn=self.acorn,
+            _shared=self,
+        )
 
     def live_collection(self) -> str | None:
         aliases = self._call("get_aliases", self.client.get_aliases).aliases
@@ -307,6 +326,12 @@ class QdrantIndex:
         for query in queries:
             if query.view not in VIEWS:
                 raise ValueError(f"unknown view {query.view!r}; expected one of {VIEWS}")
+        # local mode searches exactly (and warns on every search given parameters)
+        params = None
+        if not self.embedded:
+            params = models.SearchParams(
+                hnsw_ef=self.hnsw_ef, acorn=models.AcornSearchParams(enable=self.acorn)
+            )
         requests = [
             models.QueryRequest(
                 query=query.vector.astype(np.float32).tolist(),
@@ -315,6 +340,7 @@ class QdrantIndex:
                 limit=query.top_k,
                 with_payload=True,
                 with_vector=list(query.with_vectors) or False,
+                params=params,
             )
             for query in queries
         ]

@@ -328,13 +328,21 @@ def build_index(settings: Settings, model_version: str) -> VectorIndex:
                 older.parent,
                 path,
             )
-        return EdgeIndex(model_version=model_version, path=str(path), prefix=settings.index_prefix)
+        return EdgeIndex(
+            model_version=model_version,
+            path=str(path),
+            prefix=settings.index_prefix,
+            hnsw_ef=settings.index_hnsw_ef,
+            acorn=settings.index_acorn,
+        )
     return QdrantIndex(
         model_version=model_version,
         path=str(path) if path else None,
         url=settings.index_url,
         api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
         prefix=settings.index_prefix,
+        hnsw_ef=settings.index_hnsw_ef,
+        acorn=settings.index_acorn,
     )
 
 

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loupe.consumers.errors import ConfigError
 from loupe.consumers.image_fetch import FetchPolicy
+from loupe.consumers.index import DEFAULT_ACORN, DEFAULT_HNSW_EF
 from loupe.encoders.profile import Fit, JpegDecoderName, ModelProfile, Pooling, Precision
 from loupe.schemas.deadletter import DEADLETTER_TOPIC
 from loupe.schemas.products import PRODUCTS_TOPIC
@@ -78,6 +79,12 @@ class Settings(BaseSettings):
     index_url: str | None = None
     index_api_key: SecretStr | None = None
     index_prefix: str = "loupe"
+    # How the engines that search a graph (Edge, a server) search it: the breadth (Qdrant's
+    # hnsw_ef; higher finds more of the true top ten for more time per search), and ACORN for
+    # selective filters unrelated to the photo (finds what a filter-thinned graph would miss,
+    # for a cost that grows with the catalog).
+    index_hnsw_ef: int = Field(default=DEFAULT_HNSW_EF, ge=4, le=4096)
+    index_acorn: bool = DEFAULT_ACORN
     # How often a running service looks at the alias, to follow a reindex's switch.
     alias_poll_interval_ms: int = Field(default=2_000, ge=100, le=600_000)
     # How long `loupe reindex` keeps the collection it replaces (`--rollback` returns to it);

@@ -52,3 +52,24 @@ def test_an_unreachable_qdrant_server_is_index_unavailable():
     with pytest.raises(IndexUnavailable):
         index.ensure_collection({"image": 4, "text": 3, "fused": 7})
     index.close()
+
+
+@pytest.mark.parametrize("engine", ["edge", "qdrant-local"])
+def test_how_the_graph_is_searched_reaches_every_collection_of_the_index(engine, tmp_path):
+    from pydantic import ValidationError
+
+    from loupe.consumers.service import build_index
+    from loupe.consumers.settings import Settings
+
+    settings = Settings(
+        state_dir=tmp_path, index_engine=engine, index_hnsw_ef=300, index_acorn=False
+    )
+    index = build_index(settings, "m1")
+    try:
+        assert (index.hnsw_ef, index.acorn) == (300, False)
+        sibling = index.for_version("m2")
+        assert (sibling.hnsw_ef, sibling.acorn) == (300, False)
+    finally:
+        index.close()
+    with pytest.raises(ValidationError, match="index_hnsw_ef"):
+        Settings(state_dir=tmp_path, index_hnsw_ef=0)
