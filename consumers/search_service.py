@@ -313,29 +313,26 @@ def _index_query(query: _Query) -> IndexQuery:
     """The view that fits the query: fused for photo + text, else the one it has."""
     vectors = query.vectors
     view = "fused" if "fused" in vectors else ("image" if "image" in vectors else "text")
-    return IndexQuery(
-        view=view,
-        vector=vectors[view],
-        top_k=query.request.top_k,
-        merchant_id=query.request.merchant_id,
-        filters=query.request.filters,
-        with_vectors=[v for v in vectors if v != view],
-    )
+    return _lookup(query, view, query.request.top_k)
 
 
 def _anchor_query(query: _Query) -> IndexQuery | None:
-    """For a photo + text query, the image view's best match, with the vectors that score it in
-    the other views; None for the others."""
-    vectors = query.vectors
-    if "fused" not in vectors or "image" not in vectors:
+    """For a photo + text query, the image view's best match; None for the others."""
+    if "fused" not in query.vectors or "image" not in query.vectors:
         return None
+    return _lookup(query, "image", 1)
+
+
+def _lookup(query: _Query, view: str, top_k: int) -> IndexQuery:
+    """A search of ``view`` within the request's scope and filters, returning the hits' other
+    views' vectors so that they are scored in every view the query has."""
     return IndexQuery(
-        view="image",
-        vector=vectors["image"],
-        top_k=1,
+        view=view,
+        vector=query.vectors[view],
+        top_k=top_k,
         merchant_id=query.request.merchant_id,
         filters=query.request.filters,
-        with_vectors=[v for v in vectors if v != "image"],
+        with_vectors=[v for v in query.vectors if v != view],
     )
 
 

@@ -102,17 +102,21 @@ def _on_surface(image: Image.Image, surface: Image.Image) -> Image.Image:
 
 
 def _product_mask(image: Image.Image) -> Image.Image:
-    """Where the product is: what is darker than the white studio sweep, grown a little and
-    softened (the alpha that lays the product on another surface)."""
-    grey = image.convert("L").point(lambda v: 255 if v < 238 else 0)
-    return grey.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
+    """Where the product is, grown a little and softened: the alpha that lays the product on
+    another surface."""
+    return _foreground(image).filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
+
+
+def _foreground(image: Image.Image) -> Image.Image:
+    """255 where the photo is darker than the white studio sweep, else 0."""
+    return image.convert("L").point(lambda v: 255 if v < 238 else 0)
 
 
 def _product_body(image: Image.Image) -> Image.Image:
     """The product's solid parts, for framing: its mask with thin lines eroded away (a
     pendant's chain holds as many pixels as the pendant, yet a photo of the chain alone does not
     show the product); the whole mask when nothing is solid (a thin chain is the product)."""
-    grey = image.convert("L").point(lambda v: 255 if v < 238 else 0)
+    grey = _foreground(image)
     body = grey.filter(ImageFilter.MinFilter(2 * round(max(image.size) / 250) + 1))
     return body if body.getbbox() else grey
 

@@ -110,17 +110,17 @@ def evaluate(
         "photo+text": model(photo, query_text),
         "text": model.text(query_text),
     }
-    anchors = _best_matches(
-        asked["photo"].float().cpu().numpy(), index["photo"].float().cpu().numpy()
-    )
+    asked = {kind: vectors.float().cpu().numpy() for kind, vectors in asked.items()}
+    index = {kind: vectors.float().cpu().numpy() for kind, vectors in index.items()}
+    anchors = _best_matches(asked["photo"], index["photo"]) if anchor else None
     return {
         kind: retrieval_scores(
-            asked[kind].float().cpu().numpy(),
-            index[kind].float().cpu().numpy(),
+            asked[kind],
+            index[kind],
             recall=kind != "text",
             categories=categories,
             rows=rows,
-            anchors=anchors if kind == "photo+text" and anchor else None,
+            anchors=anchors if kind == "photo+text" else None,
         )
         for kind in KINDS
     }

@@ -209,7 +209,6 @@ def _loss(
 
     query_image, index_image = model.image(photo), model.image(image)  # (Q, Di), (B, Di)
     query_fused, index_fused = model(photo, words), model(image, text)  # (Q, D), (B, D)
-    query_text, index_text = model.text(words), model.text(text)  # (Q, Dt), (B, Dt)
     t = config.temperature
     loss = info_nce(query_image, index_image, t, own)
     if config.fused_weight:
@@ -241,6 +240,7 @@ def _loss(
             )
         )
         if config.train_text_head:  # else the text view is the frozen one: nothing to keep
+            query_text, index_text = model.text(words), model.text(text)  # (Q, Dt), (B, Dt)
             keep = keep + neighbourhood_kl(
                 f_index_text @ f_index_text.T, index_text @ index_text.T, tn
             )
