@@ -27,6 +27,7 @@ Every section runs even if one before it failed; the JSON report is rewritten af
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,17 @@ from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 from loupe.encoders.jpeg_decoders import nvimgcodec_available
 
 BOUNDS = {"fp32": 0.995, "fp16": 0.995, "bf16": 0.99}
+# The GPU path's variants measured beside the default: each is a change to ``Acceleration``.
+GRAPHS_256 = {"graph_max_batch": 256}
+VARIANTS: dict[str, dict] = {
+    "torchvision decoder": {"jpeg_decoder": "torchvision"},
+    "no overlap": {"overlap_batches": False},
+    "graphs up to 256": GRAPHS_256,
+    # nvImageCodec's JPEG engines alone; the progressive JPEGs they refuse go to Pillow
+    "engines only": {"nvimgcodec_backends": ("hw",)},
+    "engines only + graphs 256": {"nvimgcodec_backends": ("hw",), **GRAPHS_256},
+}
+SECTIONS = ("decode", "agreement", "throughput", "pipeline", "stages", "latency")
 
 
 def _inputs(count: int) -> list[EncodeInput]:
@@ -134,6 +147,41 @@ def _jpeg_kind(data: bytes) -> str:
     return "unknown"
 
 
+@contextlib.contextmanager
+def _decoder_backends(changes: dict):
+    """A variant's changes to ``Acceleration``, with its nvImageCodec backends (a module
+    setting, read when a decoder is made) set while it runs."""
+    from loupe.encoders import jpeg_decoders
+
+    changes = dict(changes)
+    backends = changes.pop("nvimgcodec_backends", None)
+    saved = jpeg_decoders.NVIMGCODEC_BACKENDS
+    if backends is not None:
+        jpeg_decoders.NVIMGCODEC_BACKENDS = backends
+    try:
+        yield changes
+    finally:
+        jpeg_decoders.NVIMGCODEC_BACKENDS = saved
+
+
+def _python_share_while(work) -> float:
+    """A Python loop's speed while ``work`` runs in another thread, over its speed alone."""
+
+    def python_rate(seconds: float) -> float:
+        count, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            count += 1
+        return count / seconds
+
+    alone = python_rate(0.05)
+    worker = threading.Thread(target=work)
+    worker.start()
+    time.sleep(0.005)
+    during = python_rate(0.03)
+    worker.join()
+    return during / alone
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -144,6 +192,12 @@ def main() -> int:
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--stream-batches", type=int, default=8, help="micro-batches per call")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"which of {','.join(SECTIONS)} to run"
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="throughput variants beside the default"
+    )
     parser.add_argument("--out", type=Path, help="a folder for the JSON report")
     args = parser.parse_args()
     report = Report(args.out)
@@ -186,25 +240,22 @@ def main() -> int:
         fp16 = Acceleration.for_device(device, "fp16")
         for label, changes in (
             ("fp16 torchvision decoder", {"jpeg_decoder": "torchvision"}),
-            ("fp16 40% decoded on host", {"host_decode_share": 0.4}),
+            ("fp16 graphs up to 256", GRAPHS_256),
         ):
             other = encoder.with_options(
                 acceleration=dataclasses.replace(fp16, **changes), batch_size=32
             )
+            other.warm_up()
             _compare(report, label, BOUNDS["fp16"], reference, other.encode_products(items))
             other.close()
 
     def throughput() -> None:
         encoder = base["encoder"]
         catalog = load_catalog()
-        # Measured on an H200 and left out since: a share decoded by Pillow beside the GPU
-        # halved throughput (0.08 of the bare forward at 25% and at 40%).
-        variants: dict[str, dict] = {
-            "default": {},
-            "torchvision decoder": {"jpeg_decoder": "torchvision"},
-            "no overlap": {"overlap_batches": False},
-            "serial torchvision (old)": {"jpeg_decoder": "torchvision", "overlap_batches": False},
-        }
+        # Measured on an H200 and left out since: a share decoded by Pillow *threads* beside
+        # the GPU halved throughput (0.08 of the bare forward at 25% and at 40%); the old serial
+        # path with torchvision's decoder (0.19).
+        variants = {name: VARIANTS[name] for name in args.variants.split(",") if name}
         rows = report.data.setdefault("throughput", [])
         print(
             f"{'variant':<26} {'prec':>4} {'batch':>5} {'full/s':>9} {'bare/s':>9} "
@@ -212,13 +263,14 @@ def main() -> int:
         )
 
         def run(name: str, precision: str, size: int, changes: dict) -> None:
-            plan = dataclasses.replace(Acceleration.for_device(device, precision), **changes)
-            batch = [encode_input(catalog[i % len(catalog)]) for i in range(size)]
-            other = encoder.with_options(acceleration=plan)
-            try:
-                row = measure(other, batch, args.min_seconds, args.stream_batches)
-            finally:
-                other.close()
+            with _decoder_backends(changes) as changes:
+                plan = dataclasses.replace(Acceleration.for_device(device, precision), **changes)
+                batch = [encode_input(catalog[i % len(catalog)]) for i in range(size)]
+                other = encoder.with_options(acceleration=plan)
+                try:
+                    row = measure(other, batch, args.min_seconds, args.stream_batches)
+                finally:
+                    other.close()
             row.update(variant=name, precision=precision, plan=plan.describe())
             rows.append(row)
             print(
@@ -233,9 +285,7 @@ def main() -> int:
         for size in sizes:
             run("default", "fp16", size, {})
         for name, changes in variants.items():
-            if name != "default":
-                run(name, "fp16", max(sizes), changes)
-        run("default", "bf16", max(sizes), {})
+            run(name, "fp16", max(sizes), changes)
 
     def decode_lab() -> None:
         """nvImageCodec's backends and options on a batch of catalog photos: time, failures,
@@ -299,7 +349,41 @@ def main() -> int:
         tv.decode(data)
         torch.cuda.synchronize()
         print(f"  torchvision      {(time.perf_counter() - t0) * 1e3:7.1f} ms / 256")
-        usable = [n for n, r in results.items() if r.get("failed") == 0]
+        # Several decodes at once: n decoders, each in its own thread and CUDA stream, on a
+        # share of the batch. If the engines or the CPU side are under-used by one call, this
+        # is faster than one decoder on the whole batch.
+        for name in ("hw+cuda+hybrid", "hw"):
+            for n in (2, 4):
+                try:
+                    decoders = [
+                        jpeg_decoders.NvImageCodecDecoder(device, *configs[name]) for _ in range(n)
+                    ]
+                    streams = [torch.cuda.Stream(device) for _ in range(n)]
+                    parts = [data[k::n] for k in range(n)]
+
+                    def one(k: int, decoders=decoders, streams=streams, parts=parts) -> int:
+                        with torch.cuda.stream(streams[k]):
+                            return sum(t is None for t in decoders[k].decode(parts[k]))
+
+                    with ThreadPoolExecutor(n) as threads:
+                        list(threads.map(one, range(n)))
+                        times = []
+                        for _ in range(3):
+                            torch.cuda.synchronize()
+                            t0 = time.perf_counter()
+                            failed = sum(threads.map(one, range(n)))
+                            torch.cuda.synchronize()
+                            times.append((time.perf_counter() - t0) * 1e3)
+                    ms = sorted(times)[1]
+                    results[f"{name} x{n} threads"] = {"ms": ms, "failed": failed, "parallel": n}
+                    print(
+                        f"  {name + f' x{n} threads':<24} {ms:7.1f} ms / 256 ({256e3 / ms:6.0f}/s),"
+                        f" failed {failed:3d}",
+                        flush=True,
+                    )
+                except Exception as exc:
+                    print(f"  {name} x{n} threads: error {type(exc).__name__}: {exc}")
+        usable = [n for n, r in results.items() if r.get("failed") == 0 and "parallel" not in r]
         if usable:
             best = min(usable, key=lambda n: results[n]["ms"])
             jpeg_decoders.NVIMGCODEC_BACKENDS, jpeg_decoders.NVIMGCODEC_OPTIONS = configs[best]
@@ -308,8 +392,15 @@ def main() -> int:
 
     def pipeline() -> None:
         """Is the two-stage pipeline overlapping? Preparation alone, forward passes alone, and
-        both through the stream; ideal overlap costs the larger of the first two."""
-        encoder = base["encoder"]
+        both through the stream; ideal overlap costs the larger of the first two. For the
+        default and for each variant named last in ``--variants`` (the one to adopt)."""
+        last = [n for n in args.variants.split(",") if n][-1:]
+        for name, changes in [("default", {}), *((n, VARIANTS[n]) for n in last)]:
+            print(f"{name}:")
+            with _decoder_backends(changes) as changes:
+                _pipeline(name, variant(base["encoder"], **changes))
+
+    def _pipeline(name: str, encoder: FusedEncoder) -> None:
         catalog = load_catalog()
         size = max(int(s) for s in args.batch_sizes.split(","))
         batches = [
@@ -317,6 +408,8 @@ def main() -> int:
             for k in range(8)
         ]
         sized = encoder.with_options(batch_size=size)
+        sized.warm_up()
+        encoder.close()
         sync = syncer(device)
         for _ in range(2):  # warm-up, then measured
             sync()
@@ -336,28 +429,20 @@ def main() -> int:
             "forward_ms": (t2 - t1) / 8 * 1e3,
             "overlapped_ms": (t3 - t2) / 8 * 1e3,
         }
+        # How much of the GIL does each stage leave the other? A Python loop's speed in this
+        # thread while another thread runs the stage, against alone: near 0% means the stage
+        # holds the GIL, and the two stages cannot overlap in one process.
         decoder = sized.preprocessor.decoder
+        probes = {"forward": lambda: [sized._forward(prepared[k], False) for k in range(3)]}
+        probes["prepare"] = lambda: [sized._prepare(batches[k], on_stage=False) for k in range(3)]
         if decoder is not None:
-            # Does the decoder hold the GIL while it runs? Count a Python loop's iterations in
-            # this thread alone, then while another thread decodes: near zero means it does,
-            # and the stages cannot overlap in one process.
             data = [item.image for item in batches[0]]
-
-            def python_rate(seconds: float) -> float:
-                count, end = 0, time.perf_counter() + seconds
-                while time.perf_counter() < end:
-                    count += 1
-                return count / seconds
-
-            alone = python_rate(0.05)
-            worker = threading.Thread(target=lambda: [decoder.decode(data) for _ in range(4)])
-            worker.start()
-            time.sleep(0.01)
-            during = python_rate(0.05)
-            worker.join()
-            result["python_rate_while_decoding"] = during / alone
-            print(f"Python in another thread while {decoder.name} decodes: {during / alone:.0%}")
-        report.data["pipeline"] = result
+            probes[f"decode ({decoder.name})"] = lambda: [decoder.decode(data) for _ in range(4)]
+        for probe, work in probes.items():
+            share = _python_share_while(work)
+            result[f"python_while_{probe.split()[0]}"] = share
+            print(f"  Python in another thread while {probe} runs: {share:.0%}")
+        report.data.setdefault("pipeline", {})[name] = result
         print(
             f"batch {size}: prepare {result['prepare_ms']:.1f} ms, forward "
             f"{result['forward_ms']:.1f} ms, overlapped {result['overlapped_ms']:.1f} ms per batch "
@@ -370,7 +455,7 @@ def main() -> int:
         catalog = load_catalog()
         size = max(int(s) for s in args.batch_sizes.split(","))
         batch = [encode_input(catalog[i % len(catalog)]) for i in range(size)]
-        for name, changes in (("default", {}), ("torchvision", {"jpeg_decoder": "torchvision"})):
+        for name, changes in (("default", {}),):
             other = variant(encoder, **changes)
             profile = stage_profile(other, batch)
             report.data.setdefault("stages", {})[name] = profile
@@ -393,14 +478,20 @@ def main() -> int:
                 )
             other.close()
 
-    report.section("decode lab", decode_lab)
+    chosen = set(args.sections.split(","))
+    if "decode" in chosen:
+        report.section("decode lab", decode_lab)
     report.section("reference and device encoder", cpu_reference)
-    report.section("agreement", agreement)
-    if not args.skip_bench:
-        report.section("throughput", throughput)
-        report.section("pipeline", pipeline)
-        report.section("stages", stages)
-        report.section("batch-1 latency", latency)
+    if "agreement" in chosen:
+        report.section("agreement", agreement)
+    for name, section in (
+        ("throughput", throughput),
+        ("pipeline", pipeline),
+        ("stages", stages),
+        ("latency", latency),
+    ):
+        if name in chosen and not args.skip_bench:
+            report.section(name, section)
     if device.type == "cuda":
         report.data["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     report.section("summary", lambda: print("agreement:", "PASS" if report.ok else "FAIL"))

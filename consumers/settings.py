@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loupe.consumers.errors import ConfigError
@@ -121,9 +121,17 @@ class Settings(BaseSettings):
     jpeg_decoder: JpegDecoderName = _MODEL.jpeg_decoder
     host_decode_share: float = Field(default=_MODEL.host_decode_share, ge=0.0, le=1.0)
     cuda_graphs: bool = _MODEL.cuda_graphs
+    cuda_graph_max_batch: int = Field(default=_MODEL.cuda_graph_max_batch, ge=1, le=1024)
     max_image_bytes: int = Field(default=_MODEL.max_image_bytes, ge=1024)
     max_image_pixels: int = Field(default=_MODEL.max_image_pixels, ge=64 * 64)
     allow_model_download: bool = _MODEL.allow_download  # never fetch weights unless asked
+
+    @field_validator("cuda_graph_max_batch")
+    @classmethod
+    def _a_power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"must be a power of two (16, 32, ... 1024), got {value}")
+        return value
 
     def kafka_client_config(self) -> dict[str, Any]:
         """Connection and security options shared by every kafka-python client."""
@@ -160,6 +168,7 @@ class Settings(BaseSettings):
             jpeg_decoder=self.jpeg_decoder,
             host_decode_share=self.host_decode_share,
             cuda_graphs=self.cuda_graphs,
+            cuda_graph_max_batch=self.cuda_graph_max_batch,
             max_image_bytes=self.max_image_bytes,
             max_image_pixels=self.max_image_pixels,
             allow_download=self.allow_model_download,

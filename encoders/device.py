@@ -74,6 +74,9 @@ class Acceleration:
     overlap_batches: bool = False
     # Replay captured CUDA graphs for small batches (queries): a batch of one is launch-bound.
     cuda_graphs: bool = False
+    # The largest batch replayed from a graph (a power of two: every bucket up to it is
+    # captured at start-up). Larger graphs also spare big batches the launches' CPU time.
+    graph_max_batch: int = 16
 
     @classmethod
     def for_device(cls, device: torch.device, precision: Precision = "auto") -> Acceleration:
@@ -97,6 +100,8 @@ class Acceleration:
             raise ValueError(f"host_decode_share must be in [0, 1], got {self.host_decode_share}")
         if self.jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"unknown JPEG decoder {self.jpeg_decoder!r}")
+        if self.graph_max_batch < 1 or self.graph_max_batch & (self.graph_max_batch - 1):
+            raise ValueError(f"graph_max_batch must be a power of two, got {self.graph_max_batch}")
 
     def describe(self) -> str:
         precision = _PRECISION_OF[self.amp_dtype]
@@ -108,7 +113,7 @@ class Acceleration:
                 (f"batch JPEG decode ({self.jpeg_decoder})", self.batch_jpeg_decode),
                 (f"{self.host_decode_share:.0%} on host", self.host_decode_share > 0),
                 ("overlapped batches", self.overlap_batches),
-                ("CUDA graphs", self.cuda_graphs),
+                (f"CUDA graphs up to {self.graph_max_batch}", self.cuda_graphs),
             )
             if on
         ]

@@ -135,7 +135,12 @@ class FusedEncoder:
         self._forward_stream = torch.cuda.Stream(device) if self._stage_stream else None
         self.graphs: SmallBatchGraphs | None = None
         if self.acceleration.cuda_graphs:
-            self.graphs = SmallBatchGraphs(self, side=image_encoder.input_side, capture=on_cuda)
+            self.graphs = SmallBatchGraphs(
+                self,
+                side=image_encoder.input_side,
+                capture=on_cuda,
+                max_batch=self.acceleration.graph_max_batch,
+            )
 
     def warm_up(self) -> int:
         """Pay the one-off costs now, not in a shopper's first query: the JPEG decoder's and
@@ -190,6 +195,7 @@ class FusedEncoder:
             jpeg_decoder=profile.jpeg_decoder,
             host_decode_share=profile.host_decode_share if on_cuda else 0.0,
             cuda_graphs=on_cuda and profile.cuda_graphs,
+            graph_max_batch=profile.cuda_graph_max_batch,
         )
         batch_size = profile.batch_size or (128 if on_cuda else 16)
         decode_workers = profile.decode_workers or (min(16, os.cpu_count() or 2) if on_cuda else 2)

@@ -27,8 +27,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16)
+BATCH_BUCKETS = (1, 2, 4, 8, 16)  # the default; ``max_batch`` extends it by powers of two
 TOKEN_BUCKETS = (16, 32, 64, 128)
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to ``max_batch``."""
+    return tuple(1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch)
 
 
 class _Towers(Protocol):
@@ -69,15 +74,18 @@ class _Graph:
 
 
 class SmallBatchGraphs:
-    """Graphed image and text towers for batches up to ``BATCH_BUCKETS[-1]``.
+    """Graphed image and text towers for batches up to ``max_batch`` (16 by default).
 
     ``capture=False`` runs the same padding eagerly (the tests, on a CPU): what a graph would
     compute, without the graph. With capture on, a batch with no captured graph returns None,
     and the encoder runs it eagerly without padding it.
     """
 
-    def __init__(self, towers: _Towers, *, side: int, capture: bool) -> None:
+    def __init__(
+        self, towers: _Towers, *, side: int, capture: bool, max_batch: int = BATCH_BUCKETS[-1]
+    ) -> None:
         self.towers = towers
+        self.buckets = batch_buckets(max_batch)
         self.side = side
         self.capture = capture
         self.device = towers.device
@@ -89,7 +97,7 @@ class SmallBatchGraphs:
         if self.capture and not self._graphs:
             pool = torch.cuda.graph_pool_handle()
             with self._lock:
-                for batch in BATCH_BUCKETS:
+                for batch in self.buckets:
                     self._graphs[("image", batch)] = self._capture(("image", batch), pool)
                     for tokens in TOKEN_BUCKETS:
                         key = ("text", batch, tokens)
@@ -99,7 +107,7 @@ class SmallBatchGraphs:
     def image(self, pixels: torch.Tensor) -> torch.Tensor | None:
         """Unit vectors of ``(B, 3, S, S)`` pixels, or None where B is beyond every bucket."""
         rows = pixels.shape[0]
-        size = bucket(rows, BATCH_BUCKETS)
+        size = bucket(rows, self.buckets)
         if size is None:
             return None
         graph = self._graph(("image", size))
@@ -118,7 +126,7 @@ class SmallBatchGraphs:
         """Unit vectors of tokenised texts, or None where the batch or its length is beyond
         every bucket."""
         rows, length = input_ids.shape
-        size, tokens = bucket(rows, BATCH_BUCKETS), bucket(length, TOKEN_BUCKETS)
+        size, tokens = bucket(rows, self.buckets), bucket(length, TOKEN_BUCKETS)
         if size is None or tokens is None:
             return None
         graph = self._graph(("text", size, tokens))

@@ -49,7 +49,8 @@ class ModelProfile:
     decode_workers: int | None = None
     jpeg_decoder: JpegDecoderName = "auto"  # CUDA: auto (nvImageCodec if installed), torchvision
     host_decode_share: float = 0.0  # on CUDA: share of JPEGs Pillow decodes beside the GPU
-    cuda_graphs: bool = True  # on CUDA: replay captured graphs for batches of up to 16
+    cuda_graphs: bool = True  # on CUDA: replay captured graphs for small batches
+    cuda_graph_max_batch: int = 16  # the largest batch a graph is captured for (power of 2)
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_download: bool = False  # never on by default: no model hub at run time

@@ -15,7 +15,7 @@ from PIL import Image
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.device import Acceleration
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
-from loupe.encoders.graphs import BATCH_BUCKETS, SmallBatchGraphs, bucket
+from loupe.encoders.graphs import BATCH_BUCKETS, SmallBatchGraphs, batch_buckets, bucket
 from loupe.encoders.text_towers import CHARS_PER_TOKEN
 
 PLAIN = Acceleration(
@@ -112,6 +112,26 @@ def test_batches_beyond_the_buckets_run_eagerly(encoder):
     assert graphs.image(torch.zeros((BATCH_BUCKETS[-1] + 1, 3, 224, 224))) is None
     ids = torch.zeros((1, 129), dtype=torch.long)
     assert graphs.text(ids, torch.ones_like(ids)) is None
+
+
+def test_larger_graph_buckets_pad_a_big_batch_and_give_the_eager_vectors(encoder):
+    """``graph_max_batch`` above 16 (bulk ingest on a GPU): a batch of 20 is padded to the
+    32-row bucket, and its rows are the unpadded vectors."""
+    assert batch_buckets(16) == BATCH_BUCKETS and batch_buckets(64)[-2:] == (32, 64)
+    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32)
+    graphs = SmallBatchGraphs(encoder, side=224, capture=False, max_batch=32)
+    pixels = torch.rand((20, 3, 224, 224), generator=torch.Generator().manual_seed(20))
+    with torch.inference_mode():
+        image = encoder.image_encoder.encode(pixels)
+        padded = graphs.image(pixels)
+    assert padded.shape == image.shape
+    torch.testing.assert_close(padded, image, atol=1e-5, rtol=0)
+    assert graphs.image(torch.zeros((33, 3, 224, 224))) is None  # beyond: eager, unpadded
+
+
+def test_graph_max_batch_must_be_a_power_of_two(encoder):
+    with pytest.raises(ValueError, match="graph_max_batch must be a power of two, got 24"):
+        encoder.with_options(acceleration=dataclasses.replace(PLAIN, graph_max_batch=24))
 
 
 def test_graphs_and_pinned_copies_need_cuda(encoder):

@@ -44,6 +44,15 @@ def test_invalid_settings_are_refused_with_the_name(monkeypatch):
         Settings()
 
 
+def test_the_largest_graph_batch_is_a_power_of_two(monkeypatch):
+    monkeypatch.setenv("LOUPE_CUDA_GRAPH_MAX_BATCH", "256")
+    profile = load_settings().model_profile()
+    assert profile.cuda_graph_max_batch == 256
+    monkeypatch.setenv("LOUPE_CUDA_GRAPH_MAX_BATCH", "24")
+    with pytest.raises(ConfigError, match="CUDA_GRAPH_MAX_BATCH"):
+        load_settings()
+
+
 def test_the_cli_names_every_bad_variable_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("LOUPE_PRECISION", "fp8")
     monkeypatch.setenv("LOUPE_MAX_POLL_RECORDS", "0")
