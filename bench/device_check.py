@@ -3,17 +3,22 @@
 1. **Agreement.** Encodes the same inputs on the CPU (fp32, the reference) and on the device,
    once per precision (fp32 isolates the kernels and the JPEG decoder; bf16 and fp16 add
    autocast), with the device's steps on (channels-last, pinned copies, batch JPEG decode,
-   overlapped batches), then with each other JPEG decoder, a share decoded on the host, and
-   one query at a time (the CUDA graphs' path). The inputs are catalog products, the same
+   overlapped batches), then with torchvision's JPEG decoder, with graphs up to 256, and one
+   query at a time (the CUDA graphs' path). The inputs are catalog products, the same
    photos re-saved with each EXIF orientation, and PNG copies mixed into the JPEG batches.
    Prints per view the minimum cosine to the CPU; passes when each precision meets its bound:
    0.995 for fp32 and fp16 (another JPEG decoder alone costs up to 0.0004, cuDNN's TF32
    convolutions a little more), 0.99 for bf16 (CPU autocast reached 0.9986 in
    tests/unit/test_acceleration.py). A photo encoded the wrong way up scores 0.94 to 0.986.
 2. **Throughput** (``bench.encode.measure``): full path over a stream of micro-batches against
-   the bare forward, per batch size, precision and variant of the GPU path (JPEG decoder, host
-   share, overlap on or off, and the old serial path for comparison).
-3. **Stages** of one batch of 256, and **batch-1 latency** per query kind, graphs on and off.
+   the bare forward, per batch size, precision and variant of the GPU path (``VARIANTS``:
+   JPEG decoder and backends, overlap off, graphs up to 256); ``--variants`` picks them.
+3. **Pipeline**: preparation alone, forward passes alone, both through the stream, and how
+   much of the GIL each stage leaves another thread; for the default and the last variant.
+4. **Stages** of one batch of 256, and **batch-1 latency** per query kind, graphs on and off.
+
+The decode lab first times nvImageCodec's backends, and several decoders at once.
+``--sections`` runs a subset (the CPU reference always runs).
 
     .venv/bin/python -m bench.device_check --device cuda
     .venv/bin/python -m bench.device_check --device cuda --random-text-weights  # a lent machine
