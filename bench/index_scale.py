@@ -2,6 +2,8 @@
 and filtered), recall@10 against exact search, time to reopen.
 
     .venv/bin/python -m bench.index_scale --points 10000 [--engines edge,qdrant-local]
+    .venv/bin/python -m bench.index_scale --points 1000000 --engines edge --optimize \
+        --acorn off --hnsw-ef 64,128 --quantization int8      # about an hour on 2 cores
 
 Points are synthetic with the real model's dimensions (image 1280, text 384, fused 1664) and
 realistic payloads (merchant, category, material, price). Like real embeddings they are
@@ -25,14 +27,23 @@ import numpy as np
 
 from bench.harness import percentiles
 from loupe.consumers.edge_index import EdgeIndex
-from loupe.consumers.index import DEFAULT_HNSW_EF, IndexPoint, IndexQuery, QdrantIndex
+from loupe.consumers.index import (
+    DEFAULT_HNSW_EF,
+    DEFAULT_QUANTIZATION,
+    QUANTIZATIONS,
+    IndexPoint,
+    IndexQuery,
+    QdrantIndex,
+)
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 1280, "text": 384, "fused": 1664}
 CATEGORIES = ("ring", "earring", "necklace", "pendant", "bangle", "bracelet")
 ENGINES = {
-    "edge": lambda path: EdgeIndex(model_version="bench", path=path),
-    "qdrant-local": lambda path: QdrantIndex(model_version="bench", path=path),
+    "edge": lambda path, quantization: EdgeIndex(
+        model_version="bench", path=path, quantization=quantization
+    ),
+    "qdrant-local": lambda path, quantization: QdrantIndex(model_version="bench", path=path),
 }
 
 
@@ -50,10 +61,34 @@ def _clustered(rng: np.random.Generator, groups: np.ndarray, dim: int) -> np.nda
     centres = _unit(rng.standard_normal((int(groups.max()) + 1, dim)))
     out = np.empty((len(groups), dim), dtype=np.float32)
     for start in range(0, len(groups), 65_536):
-        part = groups[start : start + 65_536]
-        noise = rng.standard_normal((len(part), dim)).astype(np.float32) / dim**0.5
-        out[start : start + len(part)] = _unit(centres[part] + SPREAD * noise)
+        out[start : start + 65_536] = _around(rng, centres, groups[start : start + 65_536])
     return out
+
+
+def _around(rng: np.random.Generator, centres: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    noise = rng.standard_normal((len(groups), centres.shape[1])).astype(np.float32)
+    return _unit(centres[groups] + SPREAD * noise / centres.shape[1] ** 0.5)
+
+
+class _Views:
+    """The points' vectors. The image view, which the queries search, is held whole (exact
+    search needs it); the text and fused views are made per upsert batch from their groups'
+    centres and a seed per batch, so a million points need 5 GB here, not 13."""
+
+    def __init__(self, rng: np.random.Generator, groups: np.ndarray) -> None:
+        self.groups = groups
+        self.image = _clustered(rng, groups, DIMS["image"])
+        self.centres = {
+            view: _unit(rng.standard_normal((int(groups.max()) + 1, DIMS[view])))
+            for view in DIMS
+            if view != "image"
+        }
+
+    def batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(start)
+        part = self.groups[start:stop]
+        other = {view: _around(rng, c, part) for view, c in self.centres.items()}
+        return {"image": self.image[start:stop], **other}
 
 
 def main() -> None:
@@ -76,17 +111,22 @@ def main() -> None:
         choices=("on", "off", "both"),
         help="ACORN for filtered searches: on, off, or a row with each",
     )
+    parser.add_argument(
+        "--quantization",
+        default=DEFAULT_QUANTIZATION,
+        choices=QUANTIZATIONS,
+        help="edge: int8 keeps an int8 copy in memory, float32 on disk (LOUPE_INDEX_QUANTIZATION)",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     groups = rng.integers(0, max(args.points // GROUP_SIZE, 1), args.points)
-    vectors = {view: _clustered(rng, groups, d) for view, d in DIMS.items()}
+    views = _Views(rng, groups)
     categories = groups % len(CATEGORIES)
     picks = rng.integers(0, args.points, args.queries)
     queries = _unit(
-        vectors["image"][picks]
-        + QUERY_NOISE * rng.standard_normal((args.queries, 1280)) / 1280**0.5
+        views.image[picks] + QUERY_NOISE * rng.standard_normal((args.queries, 1280)) / 1280**0.5
     )
-    exact = np.argsort(-(queries @ vectors["image"].T), axis=1)[:, :10]
+    exact = np.argsort(-(queries @ views.image.T), axis=1)[:, :10]
     # A filtered search asks for the photographed product's own category (a shopper who
     # photographs a ring and filters on rings): its true top ten are its look-alikes. Asked for
     # another category, its "true" neighbours would be near-ties at cosine ~0 that no
@@ -94,7 +134,7 @@ def main() -> None:
     asked = [CATEGORIES[c] for c in categories[picks]]
     members = {name: np.flatnonzero(categories == k) for k, name in enumerate(CATEGORIES)}
     exact_filtered = [
-        members[a][np.argsort(-(vectors["image"][members[a]] @ q))[:10]]
+        members[a][np.argsort(-(views.image[members[a]] @ q))[:10]]
         for q, a in zip(queries, asked, strict=True)
     ]
     print(f"{args.points} points x {len(DIMS)} named vectors; {args.queries} queries")
@@ -106,17 +146,18 @@ def main() -> None:
     )
     for name in args.engines.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            index = ENGINES[name](tmp)
+            index = ENGINES[name](tmp, args.quantization)
             index.ensure_collection(DIMS)
             started = time.perf_counter()
             for start in range(0, args.points, args.batch):
                 stop = min(start + args.batch, args.points)
+                vectors = views.batch(start, stop)
                 index.upsert(
                     [
                         IndexPoint(
                             merchant_id="m",
                             product_id=f"p{i}",
-                            vectors={view: vectors[view][i] for view in DIMS},
+                            vectors={view: vectors[view][i - start] for view in DIMS},
                             payload={
                                 "merchant_id": "m",
                                 "product_id": f"p{i}",
@@ -151,7 +192,7 @@ def main() -> None:
             disk_mb = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 2**20
             index.close()
             started = time.perf_counter()
-            again = ENGINES[name](tmp)
+            again = ENGINES[name](tmp, args.quantization)
             again.ensure_collection(DIMS)
             assert again.count() == args.points
             reopen = time.perf_counter() - started

@@ -1,6 +1,7 @@
 """Search latency through Kafka: request produced -> response consumed, at a steady rate.
 
-The index holds the jewelry catalog (236 products) and, with ``--catalog 10k``, also
+The index (Qdrant Edge, the service's default; ``--engine qdrant-local`` for the old one) holds
+the jewelry catalog (236 products) and, with ``--catalog 10k``, also
 Fashion-MNIST's 10,000 test images (Debian ``dataset-fashion-mnist``) as a second merchant, so
 the same jewelry queries run against a 10,246-point index. Queries rotate: a phone photo of a
 catalog product, text, photo + text. Prints p50/p95/p99 and where the time goes.
@@ -30,6 +31,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from bench.harness import create_topic, local_broker, percentiles
 from loupe.client import encode_request, search_request
+from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.index import IndexPoint, QdrantIndex
 from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
@@ -204,13 +206,23 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--burst", type=int, default=0, help="N photo queries at once instead")
+    parser.add_argument(
+        "--engine",
+        choices=["edge", "qdrant-local"],
+        default="edge",
+        help="the embedded index (LOUPE_INDEX_ENGINE; edge is the service's default)",
+    )
     args = parser.parse_args()
 
     catalog = load_catalog()
     settings = Settings()
     encoder = FusedEncoder.from_profile(settings.model_profile())
     with local_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
-        index = QdrantIndex(model_version=encoder.model_version, path=f"{tmp}/index")
+        index = (
+            EdgeIndex(model_version=encoder.model_version, path=f"{tmp}/index")
+            if args.engine == "edge"
+            else QdrantIndex(model_version=encoder.model_version, path=f"{tmp}/index")
+        )
         index.ensure_collection(encoder.dims)
         items = [encode_input(p) for p in catalog]
         points = [
@@ -232,7 +244,10 @@ def main() -> None:
             points += _fashion_points(encoder)
         for start in range(0, len(points), 512):
             index.upsert(points[start : start + 512])
-        print(f"index: {index.count()} points; model {encoder.model_version}; {encoder.device}")
+        print(
+            f"index ({args.engine}): {index.count()} points; model {encoder.model_version}; "
+            f"{encoder.device}"
+        )
 
         if args.burst:
             _burst(bootstrap, index, encoder, catalog, args.burst)

@@ -334,6 +334,7 @@ def build_index(settings: Settings, model_version: str) -> VectorIndex:
             prefix=settings.index_prefix,
             hnsw_ef=settings.index_hnsw_ef,
             acorn=settings.index_acorn,
+            quantization=settings.index_quantization,
         )
     return QdrantIndex(
         model_version=model_version,
@@ -343,6 +344,7 @@ def build_index(settings: Settings, model_version: str) -> VectorIndex:
         prefix=settings.index_prefix,
         hnsw_ef=settings.index_hnsw_ef,
         acorn=settings.index_acorn,
+        quantization=settings.index_quantization,
     )
 
 

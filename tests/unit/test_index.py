@@ -62,14 +62,20 @@ def test_how_the_graph_is_searched_reaches_every_collection_of_the_index(engine,
     from loupe.consumers.settings import Settings
 
     settings = Settings(
-        state_dir=tmp_path, index_engine=engine, index_hnsw_ef=300, index_acorn=False
+        state_dir=tmp_path,
+        index_engine=engine,
+        index_hnsw_ef=300,
+        index_acorn=False,
+        index_quantization="int8",
     )
     index = build_index(settings, "m1")
     try:
-        assert (index.hnsw_ef, index.acorn) == (300, False)
+        assert (index.hnsw_ef, index.acorn, index.quantization) == (300, False, "int8")
         sibling = index.for_version("m2")
-        assert (sibling.hnsw_ef, sibling.acorn) == (300, False)
+        assert (sibling.hnsw_ef, sibling.acorn, sibling.quantization) == (300, False, "int8")
     finally:
         index.close()
     with pytest.raises(ValidationError, match="index_hnsw_ef"):
         Settings(state_dir=tmp_path, index_hnsw_ef=0)
+    with pytest.raises(ValidationError, match="index_quantization"):
+        Settings(state_dir=tmp_path, index_quantization="int4")
