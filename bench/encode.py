@@ -85,7 +85,7 @@ def measure(
     texts = [item.text or "" for item in items]
     pixels, tokens = _ready_inputs(encoder, items)
     sized = encoder.with_options(batch_size=size)
-    sized.warm_up()  # its own graphs and host processes, as ``loupe serve`` starts them
+    sized.warm_up()  # its own CUDA graphs, captured as ``loupe serve`` captures them
 
     def bare_products() -> None:
         with torch.inference_mode(), encoder._autocast():

@@ -32,7 +32,9 @@ from loupe.consumers.index import (
     DEFAULT_HNSW_EF,
     DEFAULT_QUANTIZATION,
     FILTER_KEYWORDS,
+    INT8_QUANTILE,
     QUANTIZATIONS,
+    RESCORE_OVERSAMPLING,
     VIEWS,
     IndexHit,
     IndexPoint,
@@ -65,8 +67,9 @@ class EdgeIndex:
     ) -> None:
         """``quantization``: ``none`` keeps every vector as float32 in memory; ``int8`` keeps
         an int8 copy in memory for the search and the float32 vectors on disk (the page cache)
-        to rescore its candidates: a quarter of the memory, for a catalog of a million. It is
-        fixed when a collection is created."""
+        to rescore its candidates: a quarter of the memory, for a catalog of a million. A shard
+        opened with the other setting takes it on: its config is rewritten when it opens, and
+        its segments change at the next optimization."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; expected {QUANTIZATIONS}")
         try:
@@ -149,7 +152,7 @@ class EdgeIndex:
         return {
             "memory": Memory.Cached,  # float32 on disk, read through the page cache
             "quantization_config": ScalarQuantizationConfig(
-                ScalarType.Int8, quantile=0.99, memory=Memory.Pinned
+                ScalarType.Int8, quantile=INT8_QUANTILE, memory=Memory.Pinned
             ),
         }
 
@@ -298,7 +301,7 @@ class EdgeIndex:
             hnsw_ef=self.hnsw_ef,
             acorn=AcornSearchParams(enable=self.acorn),
             # int8 ranks the candidates; the float32 vectors rescore twice the hits asked for
-            quantization=QuantizationSearchParams(rescore=True, oversampling=2.0)
+            quantization=QuantizationSearchParams(rescore=True, oversampling=RESCORE_OVERSAMPLING)
             if self.quantization != "none"
             else None,
         )

@@ -110,6 +110,10 @@ DEFAULT_ACORN = False
 Quantization = Literal["none", "int8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 DEFAULT_QUANTIZATION: Quantization = "int8"
+# int8's details, the same for both engines: the share of values its range covers (outliers are
+# clipped), and how many candidates per hit asked for the float32 vectors rescore.
+INT8_QUANTILE = 0.99
+RESCORE_OVERSAMPLING = 2.0
 
 CARD_KEY = "loupe"  # the collection metadata key that holds its card (consumers/lifecycle.py)
 
@@ -137,7 +141,8 @@ class QdrantIndex:
         _shared: QdrantIndex | None = None,
     ) -> None:
         """``quantization``: for a server's new collections, as ``EdgeIndex``'s (an int8 copy
-        in memory, float32 on disk to rescore); local mode searches exactly and ignores it."""
+        in memory, float32 on disk to rescore); local mode searches exactly and ignores it.
+        A server's existing collection keeps the storage it was created with."""
         from qdrant_client import QdrantClient
 
         if quantization not in QUANTIZATIONS:
@@ -208,7 +213,7 @@ class QdrantIndex:
                 },
                 quantization_config=models.ScalarQuantization(
                     scalar=models.ScalarQuantizationConfig(
-                        type=models.ScalarType.INT8, quantile=0.99, always_ram=True
+                        type=models.ScalarType.INT8, quantile=INT8_QUANTILE, always_ram=True
                     )
                 )
                 if self._quantized
@@ -361,7 +366,9 @@ class QdrantIndex:
             params = models.SearchParams(
                 hnsw_ef=self.hnsw_ef,
                 acorn=models.AcornSearchParams(enable=self.acorn),
-                quantization=models.QuantizationSearchParams(rescore=True, oversampling=2.0)
+                quantization=models.QuantizationSearchParams(
+                    rescore=True, oversampling=RESCORE_OVERSAMPLING
+                )
                 if self._quantized
                 else None,
             )

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     index_hnsw_ef: int = Field(default=DEFAULT_HNSW_EF, ge=4, le=4096)
     index_acorn: bool = DEFAULT_ACORN
     # none: float32 vectors in memory; int8: an int8 copy in memory, float32 on disk to rescore
-    # (a quarter of the memory, a faster HNSW build; set before the collection is created)
+    # (a quarter of the memory, a faster HNSW build; a server's collection keeps its own)
     index_quantization: Quantization = DEFAULT_QUANTIZATION
     # How often a running service looks at the alias, to follow a reindex's switch.
     alias_poll_interval_ms: int = Field(default=2_000, ge=100, le=600_000)
