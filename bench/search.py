@@ -18,6 +18,7 @@ that takes the whole poll as a batch (one encode call, one index call, one commi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import struct
 import tempfile
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
-from bench.harness import create_topic, local_broker, percentiles
+from bench.harness import create_topic, local_broker, percentiles, pure_python_crc32c
 from loupe.client import encode_request, search_request
 from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
@@ -140,64 +141,97 @@ def _start_service(run: Settings, index, encoder, group: str):
     return service, worker, producer, requests_topic, responses_topic
 
 
-def _burst(bootstrap: str, index, encoder, catalog, count: int) -> None:
-    """The same burst of photo queries, one request per poll vs the whole poll as a batch."""
+BURST_POLLS = (1, 16, 32, 256)
+
+
+def _burst(
+    bootstrap: str, index, encoder, catalog, count: int, polls: list[int], crc_compare: bool
+) -> None:
+    """The same burst of photo queries through services that take ``polls`` requests per poll
+    (1: each fetched, encoded, searched and committed alone), side by side; with
+    ``crc_compare``, also the default poll with kafka-python's pure-Python CRC32C (as installed
+    without its ``crc32c`` extra), on both ends of the topic."""
     photos = [phone_photo(p.image_path.read_bytes(), seed=i) for i, p in enumerate(catalog)]
     burst = [
         EncodeInput(image=photos[n % len(photos)], media_type="image/jpeg") for n in range(count)
     ]
-    started = time.perf_counter()
-    encoder.encode_queries(burst)
-    bare = count / (time.perf_counter() - started)
+
+    def bare_rate() -> float:
+        started = time.perf_counter()
+        encoder.encode_queries(burst)
+        return count / (time.perf_counter() - started)
+
+    bare_before = bare_rate()
     print(f"\nburst of {count} photo queries sent at once (waits: request sent -> answer read)")
-    print(f"bare encoder (encode_queries, no Kafka, no index): {bare:.1f} queries/s")
-    print(f"{'service':<22} {'total s':>8} {'req/s':>7} {'of bare':>7} {'p50 s':>7} {'p95 s':>7}")
-    for label, poll in (
-        ("one per poll", 1),
-        ("batched, poll 16", 16),
-        ("batched, poll 32", 32),
-        ("batched, poll 256", 256),
-    ):
-        run = Settings(bootstrap_servers=bootstrap, max_poll_records=poll)
-        service, worker, producer, requests_topic, responses_topic = _start_service(
-            run, index, encoder, f"bench-burst-{poll}"
-        )
-        reader = KafkaConsumer(
-            responses_topic, bootstrap_servers=bootstrap, group_id=None,
-            auto_offset_reset="earliest", enable_auto_commit=False,
-        )  # fmt: skip
-        client = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-        key, value = encode_request(search_request(text="ring", request_id="warm"))
-        client.send(requests_topic, key=key, value=value)
-        client.flush()
-        received: dict[str, float] = {}
-        while "warm" not in received:  # the group is joined and the model warm
-            for records in reader.poll(timeout_ms=100).values():
-                for record in records:
-                    received[record.key.decode()] = time.perf_counter()
-        sent_at = time.perf_counter()
-        for n in range(count):
-            request = search_request(photo=photos[n % len(photos)], top_k=10, request_id=f"b{n}")
-            key, value = encode_request(request)
-            client.send(requests_topic, key=key, value=value)
-        client.flush()
-        deadline = time.perf_counter() + 600
-        while len(received) < count + 1 and time.perf_counter() < deadline:
-            for records in reader.poll(timeout_ms=100).values():
-                for record in records:
-                    received.setdefault(record.key.decode(), time.perf_counter())
-        waits = sorted(at - sent_at for rid, at in received.items() if rid != "warm")
+    print(f"bare encoder (encode_queries, no Kafka, no index): {bare_before:.1f} queries/s")
+    default_poll = Settings.model_fields["search_max_poll_records"].default
+    variants = [(("one per poll" if p == 1 else f"batched, poll {p}"), p, False) for p in polls]
+    if crc_compare:
+        variants.append((f"poll {default_poll}, CRC in Python", default_poll, True))
+    rows = []
+    for label, poll, python_crc in variants:
+        with pure_python_crc32c() if python_crc else contextlib.nullcontext():
+            rows.append((label, *_burst_once(bootstrap, index, encoder, photos, count, poll)))
+    bare_after = bare_rate()
+    bare = (bare_before + bare_after) / 2
+    print(f"bare encoder again: {bare_after:.1f} queries/s; 'of bare' is of their mean {bare:.1f}")
+    print(
+        f"{'service':<28} {'total s':>8} {'req/s':>7} {'of bare':>7} {'p50 s':>7} {'p95 s':>7}"
+        "   service ms per request by stage"
+    )
+    for label, waits, stages in rows:
         total = max(waits) if waits else float("nan")
         rate = len(waits) / total
         print(
-            f"{label:<22} {total:>8.1f} {rate:>7.1f} {rate / bare:>7.2f} "
-            f"{np.percentile(waits, 50):>7.2f} {np.percentile(waits, 95):>7.2f}"
+            f"{label:<28} {total:>8.1f} {rate:>7.1f} {rate / bare:>7.2f} "
+            f"{np.percentile(waits, 50):>7.2f} {np.percentile(waits, 95):>7.2f}   {stages}"
         )
-        service.stop_event.set()
-        worker.join(30)
-        reader.close()
-        client.close()
-        producer.close()
+
+
+def _burst_once(bootstrap: str, index, encoder, photos, count: int, poll: int):
+    """(waits in s, stage summary) of one burst through a fresh service."""
+    run = Settings(bootstrap_servers=bootstrap, max_poll_records=poll)
+    service, worker, producer, requests_topic, responses_topic = _start_service(
+        run, index, encoder, f"bench-burst-{poll}-{time.monotonic_ns()}"
+    )
+    reader = KafkaConsumer(
+        responses_topic, bootstrap_servers=bootstrap, group_id=None,
+        auto_offset_reset="earliest", enable_auto_commit=False,
+    )  # fmt: skip
+    client = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    key, value = encode_request(search_request(text="ring", request_id="warm"))
+    client.send(requests_topic, key=key, value=value)
+    client.flush()
+    received: dict[str, float] = {}
+    while "warm" not in received:  # the group is joined and the model warm
+        for records in reader.poll(timeout_ms=100).values():
+            for record in records:
+                received[record.key.decode()] = time.perf_counter()
+    sample = service.metrics.registry.get_sample_value
+    stages = ("fetch", "encode", "search", "publish", "commit")
+    before = {s: sample("loupe_stage_seconds_sum", {"stage": s}) or 0.0 for s in stages}
+    sent_at = time.perf_counter()
+    for n in range(count):
+        request = search_request(photo=photos[n % len(photos)], top_k=10, request_id=f"b{n}")
+        key, value = encode_request(request)
+        client.send(requests_topic, key=key, value=value)
+    client.flush()
+    deadline = time.perf_counter() + 600
+    while len(received) < count + 1 and time.perf_counter() < deadline:
+        for records in reader.poll(timeout_ms=100).values():
+            for record in records:
+                received.setdefault(record.key.decode(), time.perf_counter())
+    waits = sorted(at - sent_at for rid, at in received.items() if rid != "warm")
+    spent = {
+        s: (sample("loupe_stage_seconds_sum", {"stage": s}) or 0.0) - before[s] for s in stages
+    }
+    summary = ", ".join(f"{s} {1000 * spent[s] / max(1, len(waits)):.1f}" for s in stages)
+    service.stop_event.set()
+    worker.join(30)
+    reader.close()
+    client.close()
+    producer.close()
+    return waits, summary
 
 
 def main() -> None:
@@ -206,6 +240,16 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--burst", type=int, default=0, help="N photo queries at once instead")
+    parser.add_argument(
+        "--burst-polls",
+        default=",".join(map(str, BURST_POLLS)),
+        help="requests per poll of the services the burst goes through (1: one at a time)",
+    )
+    parser.add_argument(
+        "--no-crc-compare",
+        action="store_true",
+        help="skip the burst through kafka-python's pure-Python CRC32C",
+    )
     parser.add_argument(
         "--engine",
         choices=["edge", "qdrant-local"],
@@ -250,7 +294,8 @@ def main() -> None:
         )
 
         if args.burst:
-            _burst(bootstrap, index, encoder, catalog, args.burst)
+            polls = [int(p) for p in args.burst_polls.split(",")]
+            _burst(bootstrap, index, encoder, catalog, args.burst, polls, not args.no_crc_compare)
             index.close()
             encoder.close()
             return

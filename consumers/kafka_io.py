@@ -24,6 +24,16 @@ from loupe.schemas.errors import ErrorCode
 log = logging.getLogger(__name__)
 
 
+def checksums_in_c() -> bool:
+    """Whether kafka-python checksums record batches in C (the ``crc32c`` package, its
+    ``crc32c`` extra, a dependency of Loupe). Without it every batch produced or fetched is
+    checksummed in pure Python, about 5 MB/s on one core: a burst of 500 photo queries (12 MB)
+    then costs seconds of CPU at each end (``bench.search --burst``)."""
+    from kafka.record import util
+
+    return util.crc32c_c is not None
+
+
 def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> KafkaConsumer:
     """A consumer in ``group_id`` with auto-commit off; the worker subscribes it."""
     config = {

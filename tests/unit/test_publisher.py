@@ -7,7 +7,7 @@ import pytest
 from kafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers.kafka_io import Backoff, Publisher
+from loupe.consumers.kafka_io import Backoff, Publisher, checksums_in_c
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.schemas.errors import ErrorCode
 
@@ -161,3 +161,13 @@ def test_a_discarded_batch_publishes_nothing():
     publisher.discard()
     publisher.commit({}, _Consumer())
     assert producer.visible == []
+
+
+def test_record_checksums_run_in_c(monkeypatch):
+    # In pure Python (kafka-python without its crc32c extra) a burst of 500 photo queries
+    # spent seconds of CPU on checksums at each end of the topic (bench.search --burst).
+    assert checksums_in_c(), "the crc32c package is missing: install kafka-python[crc32c]"
+    from kafka.record import util
+
+    monkeypatch.setattr(util, "crc32c_c", None)
+    assert not checksums_in_c()
