@@ -10,13 +10,14 @@ import threading
 from collections.abc import Callable, Iterator
 
 from loupe.consumers.edge_index import EdgeIndex
-from loupe.consumers.errors import WorkerDied
+from loupe.consumers.errors import ConfigError, WorkerDied
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import QdrantIndex, VectorIndex, collection_name
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.kafka_io import (
     Publisher,
     answers_metadata,
+    checksums_in_c,
     make_consumer,
     make_producer,
     make_transactional_producer,
@@ -83,6 +84,12 @@ class LoupeService:
     def __init__(self, settings: Settings, role: str = "all") -> None:
         if role not in ("ingest", "search", "all"):
             raise ValueError(f"role must be ingest, search or all; got {role!r}")
+        if settings.replica_id is not None and role != "all":
+            raise ConfigError(
+                f"LOUPE_REPLICA_ID={settings.replica_id}: a replica indexes every product into "
+                f"its own index and answers searches from it, so it runs both roles (--role "
+                f"all), not --role {role}"
+            )
         self.settings = settings
         self.role = role
         self.failure: WorkerDied | None = None
@@ -104,6 +111,11 @@ class LoupeService:
 
     def _build(self, settings: Settings, role: str) -> None:
         check_topics(settings, role)  # before the model loads: a wrong topic name fails fast
+        if not checksums_in_c():
+            log.warning(
+                "kafka-python checksums record batches in pure Python here (about 5 MB/s): "
+                "install the crc32c package (pip install 'kafka-python[crc32c]')"
+            )
         log.info("loading the model (%s + %s)", settings.image_backbone, settings.text_backbone)
         profile = settings.model_profile()
         self.encoder = FusedEncoder.from_profile(profile)
@@ -130,6 +142,8 @@ class LoupeService:
         fetcher = ImageFetcher(settings.fetch_policy())
         gate = EncoderGate()
         self.workers: list[Indexer | SearchService] = []
+        # A replica's search waits for its own ingest to reach the end of the products topic.
+        self.catching_up: Indexer | None = None
         shared = {
             "index": self.index,
             "encoder": self.encoder,
@@ -140,7 +154,7 @@ class LoupeService:
         if role in ("ingest", "all"):
             self.workers.append(
                 Indexer(
-                    consumer=make_consumer(settings, settings.group_id + ".ingest"),
+                    consumer=make_consumer(settings, settings.ingest_group()),
                     publisher=self._publisher(settings, "ingest"),
                     topic=settings.products_topic,
                     encode_lock=gate.ingest,
@@ -150,12 +164,14 @@ class LoupeService:
                     **shared,
                 )
             )
+        if settings.replica_id is not None:
+            self.catching_up = self.workers[0]
         if role in ("search", "all"):
             self.workers.append(
                 SearchService(
                     consumer=make_consumer(
                         settings,
-                        settings.group_id + ".search",
+                        settings.search_group(),
                         max_poll_records=settings.search_max_poll_records,
                     ),
                     publisher=self._publisher(settings, "search"),
@@ -235,6 +251,9 @@ class LoupeService:
             return False, f"not serving: {self.failure}"
         if not hasattr(self, "index"):
             return False, "starting: loading the model"
+        catching_up = getattr(self, "catching_up", None)  # None until the workers are built
+        if catching_up is not None and not catching_up.caught_up.is_set():
+            return False, "catching up: indexing the products topic before answering searches"
         problems = []
         if not answers_metadata(self.settings.kafka_client_config(), timeout_s=1.0):
             problems.append("broker unreachable")
@@ -278,12 +297,36 @@ class LoupeService:
 
     def _supervised(self, worker: Indexer | SearchService) -> None:
         try:
+            if isinstance(worker, SearchService) and not self._caught_up():
+                return  # stopped before it caught up
             worker.run()
         except BaseException as exc:
             self.failure = WorkerDied(f"the {worker.role} worker died: {type(exc).__name__}: {exc}")
             self.metrics.worker_deaths.labels(role=worker.role).inc()
             log.critical("the %s worker died; stopping the service", worker.role, exc_info=exc)
             self.stop()
+
+    def _caught_up(self) -> bool:
+        """A replica joins the search group only once its index holds every product the topic
+        had when it started: before, it would answer without products the others find."""
+        ingest = self.catching_up
+        if ingest is None:
+            return True
+        log.info(
+            "replica %s: answering searches once the index has caught up with %s",
+            self.settings.replica_id,
+            self.settings.products_topic,
+        )
+        while not ingest.caught_up.wait(timeout=0.2):
+            if self._stopped.is_set():
+                return False
+        log.info(
+            "replica %s: caught up (%d points); joining %s",
+            self.settings.replica_id,
+            self.index.count(),
+            self.settings.search_group(),
+        )
+        return True
 
     def _follow(self) -> None:
         """Follow the alias until stopped; a live model this instance cannot load stops the

@@ -6,10 +6,11 @@ passes what each part needs through constructors.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loupe.consumers.errors import ConfigError
@@ -84,6 +85,11 @@ class Settings(BaseSettings):
     index_url: str | None = None
     index_api_key: SecretStr | None = None
     index_prefix: str = "loupe"
+    # An instance with an index of its own (the embedded one): it indexes every product under
+    # an ingest group of its own (<group_id>.ingest.<replica_id>) and serves searches in the
+    # group it shares with the other replicas, once it has caught up with the products topic.
+    # Unset: one ingest group, one index for all instances (a server, or a single instance).
+    replica_id: str | None = None
     # How the engines that search a graph (Edge, a server) search it: the breadth (Qdrant's
     # hnsw_ef; higher finds more of the true top ten for more time per search), and ACORN for
     # selective filters unrelated to the photo (finds what a filter-thinned graph would miss,
@@ -140,6 +146,34 @@ class Settings(BaseSettings):
         if value & (value - 1):
             raise ValueError(f"must be a power of two (16, 32, ... 1024), got {value}")
         return value
+
+    @field_validator("replica_id")
+    @classmethod
+    def _a_replica_of_its_own_index(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        if not _REPLICA_ID.fullmatch(value):
+            raise ValueError(
+                "must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
+                f"digit (it names a consumer group), got {value!r}"
+            )
+        if info.data.get("index_url"):
+            raise ValueError(
+                "a replica keeps an embedded index of its own, and with LOUPE_INDEX_URL every "
+                "instance shares the server's: set one of them"
+            )
+        return value
+
+    def ingest_group(self) -> str:
+        """The ingest's consumer group: one for every instance that writes a shared index, or
+        one per replica (each indexes the whole catalog into its own)."""
+        group = f"{self.group_id}.ingest"
+        return group if self.replica_id is None else f"{group}.{self.replica_id}"
+
+    def search_group(self) -> str:
+        """The search's consumer group, shared by every instance (replicas included): each
+        request is answered by one of them."""
+        return f"{self.group_id}.search"
 
     def kafka_client_config(self) -> dict[str, Any]:
         """Connection and security options shared by every kafka-python client."""
@@ -204,6 +238,9 @@ class Settings(BaseSettings):
     def describe(self) -> dict[str, Any]:
         """The effective settings for the start-up log; SecretStr fields print masked."""
         return {name: str(value) for name, value in self.model_dump().items()}
+
+
+_REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def load_settings() -> Settings:

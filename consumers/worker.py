@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
-from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import TopicPartition
 
 from loupe.consumers.kafka_io import (
@@ -77,6 +77,9 @@ class BatchWorker:
         self._committed: dict[TopicPartition, int] = {}
         self._lag_updated_at = float("-inf")
         self._polled_at = time.monotonic()
+        # Set once a poll found nothing new on any partition this worker owns: it has read its
+        # topic to the end at least once (a replica serves searches only from then on).
+        self.caught_up = threading.Event()
         # The model and collection this worker uses follow ``live`` (a reindex's switch).
         self.live = live
         self._generation = live.current().generation if live is not None else 0
@@ -136,6 +139,8 @@ class BatchWorker:
         records = self.after_poll([r for batch in polled.values() for r in batch])
         if not records:
             self._update_lag()
+            if not self.caught_up.is_set():
+                self._check_caught_up()
             return 0
         self.metrics.batch_size.labels(role=self.role).observe(len(records))
         started = time.monotonic()
@@ -166,6 +171,22 @@ class BatchWorker:
             moved = sorted(map(tuple, self.lost))
             raise Abandoned(f"partitions moved to another instance: {moved}")
         self.publisher.commit(offsets, self.consumer)
+
+    def _check_caught_up(self) -> None:
+        """After a poll that returned nothing: has every owned partition been read to its end?
+        (An empty poll alone does not say so: a fetch may still be on its way.)"""
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return
+        try:
+            ends = self.consumer.end_offsets(assigned)
+            behind = sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned)
+        except KafkaError as exc:  # asked again after the next empty poll
+            log.debug("%s: end offsets not read: %s", self.role, exc)
+            return
+        if not behind:
+            log.info("%s: caught up with %s", self.role, self.topic)
+            self.caught_up.set()
 
     def _update_lag(self) -> None:
         """Lag costs a request to the broker: at most once per LAG_INTERVAL_S, not per poll."""

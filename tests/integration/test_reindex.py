@@ -5,26 +5,15 @@ midway resumes to exactly the result of one that was not."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import signal
-import subprocess
-import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from kafka import KafkaAdminClient, KafkaProducer
-from kafka.errors import (
-    CoordinatorLoadInProgressError,
-    CoordinatorNotAvailableError,
-    NotCoordinatorError,
-)
 
 from bench.harness import SearchLoad, serve_env
 from loupe.consumers.index import IndexQuery, collection_name, point_id
@@ -37,6 +26,7 @@ from loupe.encoders.fusion import FusionModel, save_fusion
 from loupe.encoders.preprocess import compose_product_text
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.search import SearchFilters
+from tests.integration.processes import committed, loupe_process, send_products, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,66 +60,6 @@ def model_b(checkpoint_b) -> FusedEncoder:
     encoder.close()
 
 
-def _upserted(product, product_id: str) -> bytes:
-    return json.dumps(
-        {
-            "type": "product.upserted",
-            "event_id": f"e-{product_id}",
-            "occurred_at": datetime.now(UTC).isoformat(),
-            "merchant_id": "m",
-            "product_id": product_id,
-            "title": product.title,
-            "attributes": product.attributes(),
-            "image": {
-                "data": base64.b64encode(product.image_path.read_bytes()).decode(),
-                "media_type": "image/jpeg",
-            },
-        }
-    ).encode()
-
-
-def _send_products(bootstrap: str, topic: str, catalog, ids: list[str]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap)
-    for i, product_id in enumerate(ids):
-        product = catalog[i % len(catalog)]
-        producer.send(topic, key=f"m/{product_id}".encode(), value=_upserted(product, product_id))
-    producer.flush()
-    producer.close()
-
-
-def _committed(bootstrap: str, group: str) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets(group).get(group, {})
-    except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
-        return 0  # not joined yet, or the coordinator is loading or moving: nothing committed
-    finally:
-        admin.close()
-    return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
-
-
-def _wait_for(condition, what: str, timeout_s: float, procs=(), logs=()) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        for proc, log_path in zip(procs, logs, strict=True):
-            if proc.poll() is not None and proc.returncode != 0:
-                pytest.fail(
-                    f"a process exited ({proc.returncode}) while waiting for {what}:\n"
-                    + Path(log_path).read_text()[-4000:]
-                )
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def _loupe(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "loupe", *args],
-        env=env,
-        stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     bootstrap_servers, make_topic, group_id, tmp_path, model_a, model_b, checkpoint_b
 ):
@@ -149,13 +79,13 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         search_max_poll_records="4",
     )
     initial = [f"p{i}" for i in range(INITIAL)]
-    _send_products(bootstrap_servers, topics["products"], catalog, initial)
+    send_products(bootstrap_servers, topics["products"], catalog, initial)
     serve_log = tmp_path / "serve.log"
-    service = _loupe(["serve"], env_a, serve_log)
+    service = loupe_process(["serve"], env_a, serve_log)
     searches = contextlib.ExitStack()
     try:
-        _wait_for(
-            lambda: _committed(bootstrap_servers, group_id + ".ingest") == INITIAL,
+        wait_for(
+            lambda: committed(bootstrap_servers, group_id + ".ingest") == INITIAL,
             "model A's ingest of the catalog",
             240,
             [service],
@@ -178,7 +108,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
             n = 0
             while not stop_products.wait(0.7):
                 product_id = f"new{n}"
-                _send_products(bootstrap_servers, topics["products"], catalog[n:], [product_id])
+                send_products(bootstrap_servers, topics["products"], catalog[n:], [product_id])
                 during.append(product_id)
                 n += 1
 
@@ -188,7 +118,9 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         reindex_log = tmp_path / "reindex.log"
         env_b = {**env_a, "LOUPE_FUSION_CHECKPOINT": str(checkpoint_b)}
         started = time.monotonic()
-        job = _loupe(["reindex", "--grace-s", "3", "--metrics-port", "0"], env_b, reindex_log)
+        job = loupe_process(
+            ["reindex", "--grace-s", "3", "--metrics-port", "0"], env_b, reindex_log
+        )
         assert job.wait(timeout=300) == 0, reindex_log.read_text()[-4000:]
         took = time.monotonic() - started
         output = reindex_log.read_text()
@@ -198,7 +130,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         collection_a = collection_name("loupe", model_a.model_version)
         collection_b = collection_name("loupe", model_b.model_version)
         # The service follows: its answers come from model B from some point on.
-        _wait_for(
+        wait_for(
             lambda: any(
                 a["model_version"] == model_b.model_version for a in shopper.answered_since(0.0)
             ),
@@ -212,7 +144,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         sender.join()
         shopper.stop_sending()
         # The retired collection goes once its grace period is over.
-        _wait_for(
+        wait_for(
             lambda: not (state / "edge-index" / collection_a).exists(),
             "model A's collection dropped after the grace period",
             60,
@@ -223,10 +155,9 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         answers = {rid: [a for _, a in items] for rid, items in shopper.answers.items()}
         asked = {rid: texts[int(rid[1:]) % len(texts)] for rid in shopper.sent}
         products_during = list(during)
-        _wait_for(
+        wait_for(
             lambda: (
-                _committed(bootstrap_servers, group_id + ".ingest")
-                >= INITIAL + len(products_during)
+                committed(bootstrap_servers, group_id + ".ingest") >= INITIAL + len(products_during)
             ),
             "the ingest of the products sent during the reindex",
             120,
@@ -279,7 +210,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     # An instance restarted with the old configuration serves the live collection with the
     # model its card names: it neither moves the alias back nor mixes models.
     restart_log = tmp_path / "restart.log"
-    restarted = _loupe(["serve", "--role", "search"], env_a, restart_log)
+    restarted = loupe_process(["serve", "--role", "search"], env_a, restart_log)
     try:
         with SearchLoad(
             bootstrap_servers,
@@ -289,7 +220,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
             every_s=600,
             prefix="late",
         ) as late:
-            _wait_for(lambda: late.sent, "the late search sent", 10)
+            wait_for(lambda: late.sent, "the late search sent", 10)
             late.stop_sending()
             assert late.wait_for_answers(120), restart_log.read_text()[-3000:]
             [(_, answer)] = late.answers["late0"]
@@ -358,7 +289,7 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
         **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
     }
     ids = [f"p{i}" for i in range(40)]
-    _send_products(bootstrap_servers, topics["products"], catalog, ids)
+    send_products(bootstrap_servers, topics["products"], catalog, ids)
     collection_b = collection_name("loupe", model_b.model_version)
 
     def env(state: Path, group: str) -> dict[str, str]:
@@ -377,13 +308,13 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     log_path = tmp_path / "reindex.log"
     args = ["reindex", "--metrics-port", "0"]
-    assert _loupe(args, env(whole, group_id + "-whole"), log_path).wait(timeout=300) == 0
+    assert loupe_process(args, env(whole, group_id + "-whole"), log_path).wait(timeout=300) == 0
 
     group = group_id + "-killed"
     reindex_group = f"{group}.reindex.{collection_b}"
-    first = _loupe(args, env(killed, group), log_path)
-    _wait_for(
-        lambda: _committed(bootstrap_servers, reindex_group) >= 8,
+    first = loupe_process(args, env(killed, group), log_path)
+    wait_for(
+        lambda: committed(bootstrap_servers, reindex_group) >= 8,
         "the reindex's first commits",
         240,
         [first],
@@ -391,8 +322,8 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
     )
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
-    assert _committed(bootstrap_servers, reindex_group) < len(ids), "killed midway"
-    second = _loupe(args, env(killed, group), log_path)
+    assert committed(bootstrap_servers, reindex_group) < len(ids), "killed midway"
+    second = loupe_process(args, env(killed, group), log_path)
     assert second.wait(timeout=300) == 0, log_path.read_text()[-4000:]
     assert log_path.read_text().count("switched: loupe -> " + collection_b) == 2
 
@@ -421,7 +352,7 @@ def test_two_reindexes_of_one_version_cannot_run_at_once(
     collection_b = collection_name("loupe", model_b.model_version)
     settings = Settings(state_dir=state, bootstrap_servers=bootstrap_servers)
     with reindex_lock(settings, collection_b):  # as a first reindex holds it
-        second = _loupe(["reindex", "--metrics-port", "0"], env, log_path)
+        second = loupe_process(["reindex", "--metrics-port", "0"], env, log_path)
         assert second.wait(timeout=120) == 2
     output = log_path.read_text()
     assert f"a reindex of {collection_b} is already running (pid " in output, output[-2000:]

@@ -1,0 +1,81 @@
+"""What the integration tests that run `loupe` as a user does share: products sent as a
+merchant's system sends them, committed offsets read as an operator reads them, and `loupe`
+commands in their own processes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.errors import (
+    CoordinatorLoadInProgressError,
+    CoordinatorNotAvailableError,
+    NotCoordinatorError,
+)
+
+
+def upserted(product, product_id: str) -> bytes:
+    return json.dumps(
+        {
+            "type": "product.upserted",
+            "event_id": f"e-{product_id}",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "merchant_id": "m",
+            "product_id": product_id,
+            "title": product.title,
+            "attributes": product.attributes(),
+            "image": {
+                "data": base64.b64encode(product.image_path.read_bytes()).decode(),
+                "media_type": "image/jpeg",
+            },
+        }
+    ).encode()
+
+
+def send_products(bootstrap: str, topic: str, catalog, ids: list[str]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for i, product_id in enumerate(ids):
+        product = catalog[i % len(catalog)]
+        producer.send(topic, key=f"m/{product_id}".encode(), value=upserted(product, product_id))
+    producer.flush()
+    producer.close()
+
+
+def committed(bootstrap: str, group: str) -> int:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+        return 0  # not joined yet, or the coordinator is loading or moving: nothing committed
+    finally:
+        admin.close()
+    return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+
+
+def wait_for(condition, what: str, timeout_s: float, procs=(), logs=()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for proc, log_path in zip(procs, logs, strict=True):
+            if proc.poll() is not None and proc.returncode != 0:
+                pytest.fail(
+                    f"a process exited ({proc.returncode}) while waiting for {what}:\n"
+                    + Path(log_path).read_text()[-4000:]
+                )
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def loupe_process(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loupe", *args],
+        env=env,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+    )

@@ -1,0 +1,128 @@
+"""Scaling search out without an index server: two `loupe serve` replicas, each with its own
+embedded Qdrant Edge index, on a real broker. Each indexes every product (an ingest group of its
+own), they share the search group, a replica that starts later answers only once its index has
+caught up, and every request is answered exactly once, by one of them."""
+
+from __future__ import annotations
+
+import re
+import signal
+import urllib.request
+
+import pytest
+
+from bench.harness import SearchLoad, serve_env
+from loupe.dev.catalog import load_catalog
+from loupe.dev.kafka import free_loopback_port
+from tests.integration.processes import committed, loupe_process, send_products, wait_for
+
+pytestmark = pytest.mark.integration
+
+PRODUCTS = 16
+
+
+def _answered(port: int) -> float:
+    """How many searches this replica answered, from its /metrics (0 before it serves them)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    found = re.findall(r'^loupe_events_total\{[^}]*outcome="answered"[^}]*\} (\S+)$', text, re.M)
+    return sum(float(value) for value in found)
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return response.status == 200
+    except OSError:  # not listening yet, or 503 while loading or catching up
+        return False
+
+
+def test_replicas_each_index_every_product_and_answer_each_search_once(
+    bootstrap_servers, make_topic, group_id, tmp_path
+):
+    catalog = load_catalog()[::14]  # one of every kind, so that titles tell products apart
+    topics = {
+        "products": make_topic("products", partitions=2),
+        "requests": make_topic("requests", partitions=4),
+        **{name: make_topic(name) for name in ("responses", "deadletter")},
+    }
+    ids = [f"p{i}" for i in range(PRODUCTS)]
+    send_products(bootstrap_servers, topics["products"], catalog, ids)
+    ports = {name: free_loopback_port() for name in ("a", "b")}
+    logs = {name: tmp_path / f"{name}.log" for name in ports}
+
+    def start(name: str):
+        env = serve_env(
+            bootstrap_servers,
+            topics,
+            group=group_id,
+            state_dir=tmp_path / name,
+            metrics_port=ports[name],
+            replica_id=name,
+            max_poll_records="4",
+            search_max_poll_records="4",
+        )
+        return loupe_process(["serve"], env, logs[name])
+
+    titles = [product.title for product in catalog[:PRODUCTS]]
+    procs = {"a": start("a")}
+    try:
+        wait_for(lambda: _ready(ports["a"]), "replica a ready", 240, [procs["a"]], [logs["a"]])
+        with SearchLoad(
+            bootstrap_servers,
+            topics["requests"],
+            topics["responses"],
+            lambda n: {"text": titles[n % len(titles)], "top_k": 5},
+            every_s=0.2,
+        ) as shoppers:
+            procs["b"] = start("b")  # joins while searches flow, with an empty index
+            wait_for(
+                lambda: _answered(ports["b"]) > 0,
+                "replica b answering searches",
+                240,
+                procs.values(),
+                logs.values(),
+            )
+            a_before = _answered(ports["a"])
+            wait_for(lambda: _answered(ports["a"]) > a_before, "a still answering", 60)
+            send_products(bootstrap_servers, topics["products"], catalog[PRODUCTS:], ["late"])
+            for name in ports:
+                wait_for(
+                    lambda name=name: (
+                        committed(bootstrap_servers, f"{group_id}.ingest.{name}") == PRODUCTS + 1
+                    ),
+                    f"replica {name} indexing the late product",
+                    120,
+                    procs.values(),
+                    logs.values(),
+                )
+            shoppers.stop_sending()
+            assert shoppers.wait_for_answers(120), "every search is answered"
+            answers = {rid: [a for _, a in found] for rid, found in shoppers.answers.items()}
+            sent = list(shoppers.sent)
+        answered = {name: _answered(port) for name, port in ports.items()}
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        exits = {name: proc.wait(timeout=60) for name, proc in procs.items()}
+    assert exits == {"a": 0, "b": 0}, {name: logs[name].read_text()[-3000:] for name in procs}
+
+    # Each replica indexed every product into its own index; no shared ingest group exists.
+    assert committed(bootstrap_servers, f"{group_id}.ingest") == 0
+    # Both served, and every request got exactly one answer, from a replica that had the
+    # product asked for (a replica answering before it caught up would not have it).
+    assert min(answered.values()) > 0, answered
+    assert set(answers) == set(sent)
+    assert all(len(found) == 1 for found in answers.values()), "one answer per request"
+    for rid, [answer] in answers.items():
+        asked = titles[int(rid[1:]) % len(titles)]
+        assert answer["status"] == "ok", answer
+        assert asked in [hit["title"] for hit in answer["hits"]], (asked, answer["hits"])
+    # The later replica caught up first, then joined the search group.
+    b_log = logs["b"].read_text()
+    caught_up = b_log.index("replica b: caught up")
+    assert caught_up < b_log.index("search consumer running"), b_log[-3000:]
+    assert f"({PRODUCTS} points)" in b_log[caught_up : caught_up + 200]
