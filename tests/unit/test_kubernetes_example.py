@@ -12,6 +12,7 @@ from loupe.cli.main import cli
 from loupe.consumers.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+WORKLOADS = ("Deployment", "Job", "StatefulSet")
 
 
 def _docs() -> dict[tuple[str, str], dict]:
@@ -29,8 +30,9 @@ def _containers(doc: dict) -> list[dict]:
 def test_every_setting_named_is_a_real_setting():
     docs = _docs()
     names = set(docs[("ConfigMap", "loupe-config")]["data"])
+    names |= set(docs[("ConfigMap", "loupe-replica-config")]["data"])
     for doc in docs.values():
-        if doc["kind"] in ("Deployment", "Job"):
+        if doc["kind"] in WORKLOADS:
             for container in _containers(doc):
                 names |= {env["name"] for env in container.get("env", [])}
     fields = {f"LOUPE_{name.upper()}" for name in Settings.model_fields}
@@ -39,7 +41,7 @@ def test_every_setting_named_is_a_real_setting():
 
 def test_every_container_runs_a_real_command_with_real_options():
     for doc in _docs().values():
-        if doc["kind"] not in ("Deployment", "Job"):
+        if doc["kind"] not in WORKLOADS:
             continue
         for container in _containers(doc):
             command, rest = cli, list(container["args"])
@@ -87,3 +89,22 @@ def test_probes_and_metrics_use_the_metrics_port_and_checkpoints_share_a_volume(
     assert {m["mountPath"] for m in trainer["volumeMounts"]} == {"/data/models"}
     claim = docs[("PersistentVolumeClaim", "loupe-models")]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
+
+
+def test_replicas_keep_their_index_on_their_own_volume_and_are_named_by_their_pod():
+    docs = _docs()
+    config = docs[("ConfigMap", "loupe-replica-config")]["data"]
+    replicas = docs[("StatefulSet", "loupe-replica")]
+    (container,) = _containers(replicas)
+    assert container["args"] == ["serve", "--role", "all"], "a replica runs both roles"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["LOUPE_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # The settings a pod would read: accepted (an index URL beside a replica id is refused).
+    settings = Settings(**{k[len("LOUPE_") :].lower(): v for k, v in config.items()},
+                        replica_id="loupe-replica-0")  # fmt: skip
+    assert settings.ingest_group() == f"{settings.group_id}.ingest.loupe-replica-0"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[config["LOUPE_STATE_DIR"]] == "state"
+    (claim,) = replicas["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "state"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
