@@ -10,9 +10,12 @@ catalog product, text, photo + text. Prints p50/p95/p99 and where the time goes.
     .venv/bin/python -m bench.search --catalog 10k      # encodes Fashion-MNIST once (cached)
     .venv/bin/python -m bench.search --burst 236        # all at once: batched vs one by one
 
-``--burst N`` sends N photo queries at once, twice, side by side: to a search service that
-takes one request per poll (each fetched, encoded, searched and committed alone), and to one
-that takes the whole poll as a batch (one encode call, one index call, one commit).
+``--burst N`` sends N photo queries at once to search services side by side: one that takes one
+request per poll (each fetched, encoded, searched and committed alone), and ones that take
+``--burst-polls`` requests per poll as a batch (one encode call, one index call, one commit);
+then the default poll again with kafka-python's pure-Python CRC32C (``--no-crc-compare`` skips
+it). The bare encoder is timed before and after; each row gives the service's time per request
+by stage.
 """
 
 from __future__ import annotations
