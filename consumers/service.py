@@ -82,14 +82,7 @@ class EncoderGate:
 
 class LoupeService:
     def __init__(self, settings: Settings, role: str = "all") -> None:
-        if role not in ("ingest", "search", "all"):
-            raise ValueError(f"role must be ingest, search or all; got {role!r}")
-        if settings.replica_id is not None and role != "all":
-            raise ConfigError(
-                f"LOUPE_REPLICA_ID={settings.replica_id}: a replica indexes every product into "
-                f"its own index and answers searches from it, so it runs both roles (--role "
-                f"all), not --role {role}"
-            )
+        check_role(settings, role)
         self.settings = settings
         self.role = role
         self.failure: WorkerDied | None = None
@@ -355,6 +348,18 @@ class LoupeService:
 
     def install_signal_handlers(self) -> None:
         install_signal_handlers(self.stop)
+
+
+def check_role(settings: Settings, role: str) -> None:
+    """Refuse a role this configuration cannot run (before anything slow starts)."""
+    if role not in ("ingest", "search", "all"):
+        raise ValueError(f"role must be ingest, search or all; got {role!r}")
+    if settings.replica_id is not None and role != "all":
+        raise ConfigError(
+            f"LOUPE_REPLICA_ID={settings.replica_id}: a replica indexes every product into its "
+            f"own index and answers searches from it, so it runs both roles (--role all), not "
+            f"--role {role}"
+        )
 
 
 def build_index(settings: Settings, model_version: str) -> VectorIndex:

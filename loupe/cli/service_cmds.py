@@ -21,6 +21,7 @@ SERVE_BROKER_WAIT_S = 10.0
         "search_responses_topic",
         "deadletter_topic",
         "index_url",
+        "replica_id",
         "state_dir",
         "metrics_port",
         "device",
@@ -45,10 +46,11 @@ def serve(role: str, create_topics: bool) -> int:
     """
     from loupe.consumers.errors import WorkerDied
     from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.service import LoupeService
+    from loupe.consumers.service import LoupeService, check_role
     from loupe.consumers.topics import ensure_topics
 
     config = settings()
+    check_role(config, role)  # before the broker and the model: a wrong role fails at once
     click.echo("effective settings:")
     for name, value in sorted(config.describe().items()):
         click.echo(f"  LOUPE_{name.upper()}={value}")

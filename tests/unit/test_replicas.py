@@ -8,6 +8,7 @@ import pytest
 from kafka.errors import KafkaTimeoutError
 from kafka.structs import TopicPartition
 
+from loupe.cli.main import main
 from loupe.consumers.errors import ConfigError
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.reindex import reindex_group
@@ -48,6 +49,14 @@ def test_a_replica_with_a_shared_index_server_is_refused(monkeypatch):
 def test_a_replica_runs_both_roles(role):
     with pytest.raises(ConfigError, match=f"--role all\\), not --role {role}"):
         LoupeService(Settings(replica_id="a"), role=role)
+
+
+def test_loupe_serve_refuses_a_replica_role_before_it_looks_for_a_broker(monkeypatch, capsys):
+    monkeypatch.setenv("LOUPE_REPLICA_ID", "a")
+    monkeypatch.setenv("LOUPE_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens there
+    assert main(["serve", "--role", "search"]) == 2
+    err = capsys.readouterr().err
+    assert "LOUPE_REPLICA_ID=a" in err and "--role all" in err and "broker" not in err
 
 
 class _Consumer:
