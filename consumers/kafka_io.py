@@ -288,18 +288,23 @@ def next_offsets(
     return offsets
 
 
-def update_lag(consumer: KafkaConsumer, metrics: LoupeMetrics) -> None:
-    """Lag per assigned partition: the end offset minus our position."""
+def update_lag(consumer: KafkaConsumer, metrics: LoupeMetrics) -> int | None:
+    """Lag per assigned partition: the end offset minus our position. Returns the total, or
+    None when it was not read (no partitions yet, or the broker did not answer)."""
     try:
         assigned = list(consumer.assignment())
         if not assigned:
-            return
+            return None
         ends = consumer.end_offsets(assigned)
+        total = 0
         for tp in assigned:
             lag = max(0, ends.get(tp, 0) - consumer.position(tp))
             metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+            total += lag
     except KafkaError as exc:
         log.debug("lag not updated: %s", exc)
+        return None
+    return total
 
 
 def rewind(consumer: KafkaConsumer, records: Sequence[Any]) -> None:

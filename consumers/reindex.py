@@ -137,8 +137,7 @@ def _require_no_members(settings: Settings, group: str) -> None:
 
 def reindex_group(settings: Settings, collection: str) -> str:
     """Beside the ingest's group: a replica rebuilds its own index under a group of its own."""
-    group = f"{settings.group_id}.reindex.{collection}"
-    return group if settings.replica_id is None else f"{group}.{settings.replica_id}"
+    return settings.writer_group(f"reindex.{collection}")
 
 
 class Reindex:

@@ -145,20 +145,19 @@ class LoupeService:
             "live": self.live,
         }
         if role in ("ingest", "all"):
-            self.workers.append(
-                Indexer(
-                    consumer=make_consumer(settings, settings.ingest_group()),
-                    publisher=self._publisher(settings, "ingest"),
-                    topic=settings.products_topic,
-                    encode_lock=gate.ingest,
-                    poll_timeout_ms=settings.poll_timeout_ms,
-                    fetch_workers=settings.fetch_workers,
-                    report_points_every_s=POINTS_REPORT_INTERVAL_S,
-                    **shared,
-                )
+            ingest = Indexer(
+                consumer=make_consumer(settings, settings.ingest_group()),
+                publisher=self._publisher(settings, "ingest"),
+                topic=settings.products_topic,
+                encode_lock=gate.ingest,
+                poll_timeout_ms=settings.poll_timeout_ms,
+                fetch_workers=settings.fetch_workers,
+                report_points_every_s=POINTS_REPORT_INTERVAL_S,
+                **shared,
             )
-        if settings.replica_id is not None:
-            self.catching_up = self.workers[0]
+            self.workers.append(ingest)
+            if settings.replica_id is not None:  # a replica runs both roles (check_role)
+                self.catching_up = ingest
         if role in ("search", "all"):
             self.workers.append(
                 SearchService(

@@ -167,7 +167,12 @@ class Settings(BaseSettings):
     def ingest_group(self) -> str:
         """The ingest's consumer group: one for every instance that writes a shared index, or
         one per replica (each indexes the whole catalog into its own)."""
-        group = f"{self.group_id}.ingest"
+        return self.writer_group("ingest")
+
+    def writer_group(self, name: str) -> str:
+        """``<group_id>.<name>`` for a consumer that writes the index; a replica's own
+        (``.<replica_id>`` added), as it writes an index of its own."""
+        group = f"{self.group_id}.{name}"
         return group if self.replica_id is None else f"{group}.{self.replica_id}"
 
     def search_group(self) -> str:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
+from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import TopicPartition
 
 from loupe.consumers.kafka_io import (
@@ -138,9 +138,10 @@ class BatchWorker:
         self._polled_at = time.monotonic()
         records = self.after_poll([r for batch in polled.values() for r in batch])
         if not records:
-            self._update_lag()
-            if not self.caught_up.is_set():
-                self._check_caught_up()
+            # Until caught up, every empty poll reads the lag: an empty poll alone does not say
+            # the worker is at the end (a fetch may still be on its way); a zero lag does.
+            if self._update_lag(force=not self.caught_up.is_set()) == 0:
+                self._mark_caught_up()
             return 0
         self.metrics.batch_size.labels(role=self.role).observe(len(records))
         started = time.monotonic()
@@ -172,28 +173,19 @@ class BatchWorker:
             raise Abandoned(f"partitions moved to another instance: {moved}")
         self.publisher.commit(offsets, self.consumer)
 
-    def _check_caught_up(self) -> None:
-        """After a poll that returned nothing: has every owned partition been read to its end?
-        (An empty poll alone does not say so: a fetch may still be on its way.)"""
-        assigned = list(self.consumer.assignment())
-        if not assigned:
-            return
-        try:
-            ends = self.consumer.end_offsets(assigned)
-            behind = sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned)
-        except KafkaError as exc:  # asked again after the next empty poll
-            log.debug("%s: end offsets not read: %s", self.role, exc)
-            return
-        if not behind:
+    def _mark_caught_up(self) -> None:
+        if not self.caught_up.is_set():
             log.info("%s: caught up with %s", self.role, self.topic)
             self.caught_up.set()
 
-    def _update_lag(self) -> None:
-        """Lag costs a request to the broker: at most once per LAG_INTERVAL_S, not per poll."""
+    def _update_lag(self, force: bool = False) -> int | None:
+        """Lag costs a request to the broker: at most once per LAG_INTERVAL_S, not per poll
+        (unless ``force``). Returns the total lag, or None when it was not read."""
         now = time.monotonic()
-        if now - self._lag_updated_at >= LAG_INTERVAL_S:
-            update_lag(self.consumer, self.metrics)
-            self._lag_updated_at = now
+        if not force and now - self._lag_updated_at < LAG_INTERVAL_S:
+            return None
+        self._lag_updated_at = now
+        return update_lag(self.consumer, self.metrics)
 
     def after_commit(self, records: list[Any]) -> None:
         """Hook for bookkeeping once a batch is committed."""
