@@ -22,8 +22,9 @@ from bench.harness import create_topic, local_broker, photo_server, product_even
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.index import IndexPoint, QdrantIndex
 from loupe.consumers.ingest import Indexer
-from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
+from loupe.consumers.kafka_io import make_consumer, make_producer
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder

@@ -38,8 +38,9 @@ from loupe.client import encode_request, search_request
 from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.index import IndexPoint, QdrantIndex
-from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
+from loupe.consumers.kafka_io import make_consumer, make_producer
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import encode_input, load_catalog

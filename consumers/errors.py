@@ -1,9 +1,12 @@
 """Errors raised by the service layer. Each has one policy, named in its docstring."""
 
+from loupe.consumers.kafka_failures import Failure
 from loupe.schemas.errors import ErrorCode, InvalidEvent, ItemFailed, LoupeError
 
 __all__ = [
+    "BatchAborted",
     "BrokerUnreachable",
+    "CommitRetriable",
     "ConfigError",
     "ErrorCode",
     "ImageFetchError",
@@ -11,6 +14,7 @@ __all__ = [
     "InvalidEvent",
     "ItemFailed",
     "LoupeError",
+    "PublisherFailed",
     "UnexpectedItemError",
     "WorkerDied",
 ]
@@ -28,6 +32,30 @@ class BrokerUnreachable(ConfigError):
 class WorkerDied(LoupeError):
     """A worker thread ended with an error that was not one item's (a bug, a lost index).
     Policy: stop the service and exit non-zero, so that systemd or Kubernetes restarts it."""
+
+
+class PublishFailure(LoupeError):
+    """A batch's publish and commit failed; ``failure`` is Kafka's class of the cause."""
+
+    def __init__(self, failure: Failure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+class CommitRetriable(PublishFailure):
+    """Nothing of the batch is visible, and the cause passes (a timeout, a coordinator moving,
+    a broker away). Policy: back off and publish the same records again."""
+
+
+class BatchAborted(PublishFailure):
+    """The batch's transaction is settled, committed or not, and the committed offsets say which
+    (the consumer group moved on, or the producer was replaced). Policy: rewind the consumer to
+    the committed offsets and handle the records they do not cover again."""
+
+
+class PublisherFailed(LoupeError):
+    """The producer failed and no replacement can be made (refused, or fenced again and again).
+    Policy: stop the service with the reason, for its supervisor and its operator."""
 
 
 class IndexUnavailable(LoupeError):

@@ -23,6 +23,8 @@ from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.errors import (
+    BatchAborted,
+    CommitRetriable,
     ImageFetchError,
     IndexUnavailable,
     ItemFailed,
@@ -30,7 +32,7 @@ from loupe.consumers.errors import (
 )
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexPoint, VectorIndex, point_id
-from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Backoff, Publisher
+from loupe.consumers.kafka_io import Backoff
 from loupe.consumers.lifecycle import (
     LiveModel,
     ModelInUse,
@@ -40,6 +42,7 @@ from loupe.consumers.lifecycle import (
     report_points,
 )
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.batching import iter_batch
 from loupe.encoders.fused import Encoded, EncodeInput, FusedEncoder
@@ -172,7 +175,7 @@ class Indexer(BatchWorker):
         self.retry(
             "commit the hand-over",
             lambda: self.publisher.commit(offsets, self.consumer),
-            TRANSIENT_KAFKA,
+            (CommitRetriable, BatchAborted),  # offsets alone: trying again is always right
         )
         return rewound
 

@@ -1,14 +1,14 @@
-"""Kafka plumbing shared by both consumers: clients, acknowledged sends, dead letters, commits."""
+"""Kafka plumbing shared by both consumers: clients, backoff, offsets, lag, the broker probe.
+
+What a batch publishes, and the failure policy of its commit, is ``publisher.Publisher``."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -18,8 +18,6 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from loupe.consumers.errors import BrokerUnreachable
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.settings import Settings
-from loupe.schemas.deadletter import Stage, deadletter_headers
-from loupe.schemas.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +84,8 @@ def make_transactional_producer(settings: Settings, role: str) -> KafkaProducer:
         # A transaction spans one batch's publish, not its processing: seconds at most. A
         # process killed inside one blocks read_committed readers until this expires.
         transaction_timeout_ms=settings.transaction_timeout_ms,
+        request_timeout_ms=settings.producer_request_timeout_ms,
+        max_block_ms=settings.producer_request_timeout_ms,  # init_transactions, metadata
         client_id=f"loupe-{role}-producer",
     )
     producer.init_transactions()
@@ -98,6 +98,8 @@ def make_producer(settings: Settings) -> KafkaProducer:
         acks="all",
         linger_ms=5,
         max_request_size=2 * 1024 * 1024,
+        request_timeout_ms=settings.producer_request_timeout_ms,
+        max_block_ms=settings.producer_request_timeout_ms,
         client_id="loupe-producer",
     )
 
@@ -117,7 +119,7 @@ class Backoff:
         *,
         should_stop: Callable[[], bool],
         keep_alive: Callable[[], None] = lambda: None,
-        on_retry: Callable[[], None] = lambda: None,
+        on_retry: Callable[[BaseException], None] = lambda exc: None,
     ) -> Any:
         delay = self.initial_s
         while True:
@@ -128,7 +130,7 @@ class Backoff:
                     raise  # e.g. MessageSizeTooLarge, authorization: retrying cannot help
                 if should_stop():
                     raise Abandoned(f"{what}: stopping while retrying ({exc})") from exc
-                on_retry()
+                on_retry(exc)
                 log.warning("%s failed, retrying in %.1f s: %s", what, delay, exc)
                 deadline = time.monotonic() + delay
                 while time.monotonic() < deadline and not should_stop():
@@ -139,135 +141,6 @@ class Backoff:
 
 class Abandoned(Exception):
     """A batch left unfinished (shutdown or lost partitions): nothing of it is committed."""
-
-
-class Publisher:
-    """The records a batch publishes (answers, dead letters), sent together with the offsets
-    that produced them by ``commit``: nothing is visible before the batch is done.
-
-    With a transactional producer (``make_transactional_producer``) the records and the
-    offsets are one Kafka transaction: a ``read_committed`` reader sees each batch's records
-    exactly once, whatever crashes, retries or rebalances happen. Without one, records are
-    sent and acknowledged before the offsets are committed: at least once.
-    """
-
-    def __init__(
-        self,
-        producer: KafkaProducer,
-        deadletter_topic: str,
-        metrics: LoupeMetrics,
-        *,
-        transactional: bool = False,
-    ) -> None:
-        self.producer = producer
-        self.deadletter_topic = deadletter_topic
-        self.metrics = metrics
-        self.transactional = transactional
-        self._pending: list[_Outgoing] = []
-
-    def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes]],
-        reason: ErrorCode | None = None,
-    ) -> None:
-        self._pending.append(_Outgoing(topic, key, value, list(headers), reason))
-
-    def dead_letter(self, record: Any, code: ErrorCode, message: str, stage: Stage) -> None:
-        headers = deadletter_headers(
-            record.headers or [],
-            code=code,
-            message=message,
-            stage=stage,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-        )
-        log.warning(
-            "dead-letter %s[%d]@%d %s: %s",
-            record.topic,
-            record.partition,
-            record.offset,
-            code,
-            message,
-        )
-        self.send(self.deadletter_topic, record.key, record.value, headers, reason=code)
-
-    def discard(self) -> None:
-        """Forget the batch's records: it is abandoned and will be replayed."""
-        self._pending = []
-
-    def commit(
-        self,
-        offsets: dict[TopicPartition, OffsetAndMetadata],
-        consumer: KafkaConsumer,
-        timeout_s: float = 30.0,
-    ) -> None:
-        """Publish the pending records and commit ``offsets``; on an error, raise with the
-        records kept, so that the caller's retry publishes them again."""
-        if self.transactional:
-            self._commit_transaction(offsets, consumer)
-        else:
-            self._send_then_commit(offsets, consumer, timeout_s)
-        for record in self._pending:
-            if record.reason is not None:
-                self.metrics.dead_letters.labels(reason=record.reason.value).inc()
-        self._pending = []
-
-    def _commit_transaction(
-        self, offsets: dict[TopicPartition, OffsetAndMetadata], consumer: KafkaConsumer
-    ) -> None:
-        self.producer.begin_transaction()
-        try:
-            for record in self._pending:
-                self.producer.send(
-                    record.topic, key=record.key, value=record.value, headers=record.headers
-                )
-            if offsets:
-                self.producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
-            self.producer.commit_transaction()
-        except KafkaError:
-            # An abortable error: end this attempt so that the retry can begin a new one. A
-            # fatal one (fenced) fails the abort too and reaches the worker, which stops.
-            with contextlib.suppress(KafkaError):
-                self.producer.abort_transaction()
-            raise
-
-    def _send_then_commit(
-        self,
-        offsets: dict[TopicPartition, OffsetAndMetadata],
-        consumer: KafkaConsumer,
-        timeout_s: float,
-    ) -> None:
-        unacked = [record for record in self._pending if not record.acked]
-        futures = [
-            (r, self.producer.send(r.topic, key=r.key, value=r.value, headers=r.headers))
-            for r in unacked
-        ]
-        self.producer.flush(timeout=timeout_s)
-        first_error: KafkaError | None = None
-        for record, future in futures:
-            try:
-                future.get(timeout=timeout_s)
-                record.acked = True
-            except KafkaError as exc:
-                first_error = first_error or exc
-        if first_error is not None:
-            raise first_error  # the unacknowledged records are sent again by the retry
-        if offsets:
-            consumer.commit(offsets)
-
-
-@dataclass
-class _Outgoing:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-    reason: ErrorCode | None = None  # a dead letter's code, counted once it is published
-    acked: bool = False
 
 
 def next_offsets(
@@ -309,14 +182,40 @@ def update_lag(consumer: KafkaConsumer, metrics: LoupeMetrics) -> int | None:
 
 def rewind(consumer: KafkaConsumer, records: Sequence[Any]) -> None:
     """Seek back to the first record of each partition so an abandoned batch is re-read."""
+    assigned = consumer.assignment()
+    for tp, offset in _first_offsets(records).items():
+        if tp in assigned:
+            consumer.seek(tp, offset)
+
+
+def rewind_to_committed(
+    consumer: KafkaConsumer, records: Sequence[Any], timeout_ms: int = 10_000
+) -> dict[TopicPartition, int]:
+    """Seek each partition of ``records`` this consumer still owns to the group's committed
+    offset, as the coordinator has it now, and return those offsets.
+
+    After a transaction whose outcome the client does not know (its producer was lost), this is
+    the truth: the offsets were part of it. A ``read_committed`` consumer asks for stable
+    offsets, so a transaction still open is waited for, not read half-done. Raises a retriable
+    ``KafkaError`` when the coordinator does not answer within ``timeout_ms``."""
+    assigned = consumer.assignment()
+    positions: dict[TopicPartition, int] = {}
+    for tp, first in _first_offsets(records).items():
+        if tp not in assigned:
+            continue  # another instance owns it now and starts from the same committed offset
+        committed = consumer.committed(tp, timeout_ms=timeout_ms)
+        positions[tp] = first if committed is None else committed
+    for tp, offset in positions.items():
+        consumer.seek(tp, offset)
+    return positions
+
+
+def _first_offsets(records: Sequence[Any]) -> dict[TopicPartition, int]:
     first: dict[TopicPartition, int] = {}
     for record in records:
         tp = TopicPartition(record.topic, record.partition)
         first[tp] = min(first.get(tp, record.offset), record.offset)
-    assigned = consumer.assignment()
-    for tp, offset in first.items():
-        if tp in assigned:
-            consumer.seek(tp, offset)
+    return first
 
 
 # Retried with backoff unless the error says it is not retriable (kafka-python's ``retriable``).

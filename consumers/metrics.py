@@ -59,6 +59,18 @@ class LoupeMetrics:
         self.retries = Counter(
             "loupe_retries_total", "Transient failures retried, by stage", ["stage"], registry=r
         )
+        self.kafka_failures = Counter(
+            "loupe_kafka_failures_total",
+            "Failed publish-and-commit attempts, by Kafka's class of the cause (retriable: tried "
+            "again; abortable: aborted and replayed; fatal: the producer replaced)",
+            ["failure_class"],
+            registry=r,
+        )
+        self.producer_replacements = Counter(
+            "loupe_producer_replacements_total",
+            "Producers replaced by a new one after a fatal error or a lost transaction",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "loupe_batch_size",
             "Records per processed batch, by role",
@@ -140,6 +152,8 @@ class LoupeMetrics:
             self.worker_deaths.labels(role=role)
         for stage in ("index_write", "publish", "search"):
             self.retries.labels(stage=stage)
+        for failure_class in ("retriable", "abortable", "fatal"):
+            self.kafka_failures.labels(failure_class=failure_class)
         for reason in ErrorCode:
             self.dead_letters.labels(reason=reason.value)
         for stage in STAGES:

@@ -31,7 +31,7 @@ from loupe.consumers.errors import ConfigError
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import VectorIndex, collection_name
 from loupe.consumers.ingest import Indexer
-from loupe.consumers.kafka_io import Publisher, make_consumer, make_producer
+from loupe.consumers.kafka_io import make_consumer, make_producer
 from loupe.consumers.lifecycle import (
     CollectionCard,
     ModelCard,
@@ -42,6 +42,7 @@ from loupe.consumers.lifecycle import (
     write_card,
 )
 from loupe.consumers.metrics import LoupeMetrics, ReindexMetrics
+from loupe.consumers.publisher import Publisher
 from loupe.consumers.settings import Settings
 from loupe.schemas.errors import LoupeError
 
@@ -205,10 +206,16 @@ class Reindex:
         consumer = make_consumer(
             settings, reindex_group(settings, target), group_instance_id="loupe-reindex"
         )
-        producer = make_producer(settings)
+        publisher = Publisher(
+            make_producer(settings),
+            settings.deadletter_topic,
+            self.metrics,
+            make_producer=lambda: make_producer(settings),
+            name="reindex",
+        )
         indexer = Indexer(
             consumer=consumer,
-            publisher=Publisher(producer, settings.deadletter_topic, self.metrics),
+            publisher=publisher,
             index=index,
             encoder=encoder,
             fetcher=ImageFetcher(settings.fetch_policy()),
@@ -253,7 +260,7 @@ class Reindex:
             events = tracker.done_this_run()
         finally:
             indexer.close()
-            producer.close()
+            publisher.close()
             index.close()  # an embedded shard opens in one process at a time: the service's next
         previous = self._switch(catalog, target, live, applied)
         return ReindexOutcome(

@@ -25,9 +25,10 @@ from kafka import KafkaConsumer
 from loupe.consumers.errors import IndexUnavailable, ItemFailed, UnexpectedItemError
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexHit, IndexQuery, VectorIndex
-from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff, Publisher
+from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff
 from loupe.consumers.lifecycle import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
 from loupe.consumers.ranking import anchored
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.fused import EncodeInput, FusedEncoder

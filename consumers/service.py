@@ -15,7 +15,6 @@ from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import QdrantIndex, VectorIndex, collection_name
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.kafka_io import (
-    Publisher,
     answers_metadata,
     checksums_in_c,
     make_consumer,
@@ -33,6 +32,7 @@ from loupe.consumers.lifecycle import (
     write_card,
 )
 from loupe.consumers.metrics import HealthServer, LoupeMetrics
+from loupe.consumers.publisher import Publisher
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.consumers.topics import check_topics
@@ -129,9 +129,7 @@ class LoupeService:
             model_version=self.encoder.model_version, device=str(self.encoder.device)
         ).set(1)
         self.live = LiveModel(ModelInUse(self.encoder, self.index))
-        # Exactly once: each worker its own transactional producer; otherwise one shared.
-        self.producer = None if settings.exactly_once else make_producer(settings)
-        self.producers: list = []  # the workers' transactional producers
+        self.publishers: list[Publisher] = []  # one per worker, each with its own producer
         fetcher = ImageFetcher(settings.fetch_policy())
         gate = EncoderGate()
         self.workers: list[Indexer | SearchService] = []
@@ -225,13 +223,22 @@ class LoupeService:
         self.encoder, self.index = new.encoder, new.index
 
     def _publisher(self, settings: Settings, role: str) -> Publisher:
-        """Each worker publishes through its own transactional producer: a transaction holds
-        one batch of one consumer."""
-        if not settings.exactly_once:
-            return Publisher(self.producer, settings.deadletter_topic, self.metrics)
-        producer = make_transactional_producer(settings, role)
-        self.producers.append(producer)
-        return Publisher(producer, settings.deadletter_topic, self.metrics, transactional=True)
+        """Each worker publishes through its own producer (a transaction holds one batch of one
+        consumer), and can replace it with a like one after a fatal error."""
+        if settings.exactly_once:
+            make = lambda: make_transactional_producer(settings, role)  # noqa: E731
+        else:
+            make = lambda: make_producer(settings)  # noqa: E731
+        publisher = Publisher(
+            make(),
+            settings.deadletter_topic,
+            self.metrics,
+            transactional=settings.exactly_once,
+            make_producer=make,
+            name=role,
+        )
+        self.publishers.append(publisher)
+        return publisher
 
     def _sample_device_memory(self) -> None:
         encoder = getattr(self, "encoder", None)
@@ -246,7 +253,11 @@ class LoupeService:
         catching_up = getattr(self, "catching_up", None)  # None until the workers are built
         if catching_up is not None and not catching_up.caught_up.is_set():
             return False, "catching up: indexing the products topic before answering searches"
-        problems = []
+        problems = [
+            f"{worker.role}: {worker.waiting_on}"
+            for worker in self.workers
+            if worker.waiting_on is not None
+        ]
         if not answers_metadata(self.settings.kafka_client_config(), timeout_s=1.0):
             problems.append("broker unreachable")
         try:
@@ -334,12 +345,12 @@ class LoupeService:
         """Close whatever was built (all of it after run, part of it if the build failed)."""
         for worker in getattr(self, "workers", []):
             worker.close()  # idempotent: KafkaConsumer.close returns early once closed
-        for producer in getattr(self, "producers", []):
-            producer.close()
+        for publisher in getattr(self, "publishers", []):
+            publisher.close()
         follower = getattr(self, "follower", None)
         if follower is not None:
             follower.close()  # pairs the workers let go of
-        for name in ("producer", "index", "encoder", "catalog"):
+        for name in ("index", "encoder", "catalog"):
             part = getattr(self, name, None)
             if part is not None:
                 part.close()

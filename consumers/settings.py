@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # transaction, so read_committed readers see each exactly once. Off: at least once.
     exactly_once: bool = True
     transaction_timeout_ms: int = Field(default=30_000, ge=1_000, le=900_000)
+    # How long a producer waits for the broker to answer one request (and to initialise a new
+    # producer) before that attempt counts as failed: a broker that went silent is noticed
+    # after this, the attempt is retried, and /readyz says why meanwhile.
+    producer_request_timeout_ms: int = Field(default=30_000, ge=1_000, le=100_000)
 
     # The index: embedded under state_dir unless a server URL is given. The embedded engine:
     # Qdrant Edge (Qdrant's Rust engine in-process: payload indexes, a write-ahead log; 70k

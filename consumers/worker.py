@@ -16,17 +16,20 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import TopicPartition
 
+from loupe.consumers.errors import BatchAborted, CommitRetriable
+from loupe.consumers.kafka_failures import describe
 from loupe.consumers.kafka_io import (
     TRANSIENT_KAFKA,
     Abandoned,
     Backoff,
-    Publisher,
     next_offsets,
     rewind,
+    rewind_to_committed,
     update_lag,
 )
 from loupe.consumers.lifecycle import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class BatchWorker:
         self.stop_event = threading.Event()
         self.lost: set[TopicPartition] = set()  # revoked while a batch was in flight
         self._committed: dict[TopicPartition, int] = {}
+        # What a retry is waiting for (a broker away, Qdrant down), for /readyz; None when not.
+        self.waiting_on: str | None = None
         self._lag_updated_at = float("-inf")
         self._polled_at = time.monotonic()
         # Set once a poll found nothing new on any partition this worker owns: it has read its
@@ -145,19 +150,31 @@ class BatchWorker:
             return 0
         self.metrics.batch_size.labels(role=self.role).observe(len(records))
         started = time.monotonic()
+        offsets = {}
         try:
             self.handle(records)  # side effects done; answers and dead letters held back
             offsets = next_offsets(records, self._committed, self.commit_metadata())
             with self.metrics.timer("commit"):
-                self.retry("publish and commit", lambda: self._commit(offsets), TRANSIENT_KAFKA)
+                self.retry("publish and commit", lambda: self._commit(offsets), (CommitRetriable,))
         except (Abandoned, CommitFailedError, RebalanceInProgressError) as exc:
             # Shutdown mid-retry, or the group moved on while we worked: nothing of the batch
             # is published or committed. Lost partitions are re-read by their new owner, ours
             # after the rewind; replays are idempotent and their answers published once.
             log.warning("%s batch of %d not committed: %s", self.role, len(records), exc)
             self.publisher.discard()
+            if self.publisher.unsettled and not self.stop_event.is_set():
+                return self._settle(records, offsets)
             rewind(self.consumer, records)
             return 0
+        except BatchAborted as exc:
+            log.warning(
+                "%s batch of %d aborted (%s): %s", self.role, len(records), exc.failure.value, exc
+            )
+            return self._settle(records, offsets)
+        self._committed_batch(records, offsets, started)
+        return len(records)
+
+    def _committed_batch(self, records: list[Any], offsets, started: float) -> None:
         for tp, meta in offsets.items():
             self._committed[tp] = meta.offset
         took = time.monotonic() - started
@@ -165,7 +182,29 @@ class BatchWorker:
             log.info("%s: slow batch: %d records in %.1f s", self.role, len(records), took)
         self._update_lag()
         self.after_commit(records)
-        return len(records)
+
+    def _settle(self, records: list[Any], offsets) -> int:
+        """After an aborted batch: the committed offsets say whether its transaction committed
+        after all (a producer lost mid-commit) and where to read on; the consumer is rewound to
+        them. Returns the records committed (the batch's, or none)."""
+        try:
+            positions = self.retry(
+                "read the committed offsets",
+                lambda: rewind_to_committed(self.consumer, records),
+                TRANSIENT_KAFKA,
+            )
+        except Abandoned:
+            return 0  # stopping: whoever reads these partitions next starts at the committed
+        published = bool(offsets) and all(
+            positions.get(tp, -1) >= meta.offset for tp, meta in offsets.items()
+        )
+        self.publisher.settle(published=published)
+        if published:
+            log.info("%s: the batch of %d was committed after all", self.role, len(records))
+            self._committed_batch(records, offsets, time.monotonic())
+            return len(records)
+        self._committed.update(positions)  # where the group stands: the broker's word
+        return 0
 
     def _commit(self, offsets) -> None:
         if self.lost:  # answers for partitions another instance now owns must not appear
@@ -191,14 +230,22 @@ class BatchWorker:
         """Hook for bookkeeping once a batch is committed."""
 
     def retry(self, what: str, fn, transient, *, stage: str = "publish"):
-        return self.backoff.retry(
+        """``fn()``, retried with backoff on ``transient`` errors; while it is retried,
+        ``waiting_on`` says what for (``/readyz`` shows it)."""
+        result = self.backoff.retry(
             what,
             fn,
             transient,
             should_stop=self.stop_event.is_set,
             keep_alive=self._keep_alive,
-            on_retry=lambda: self.metrics.retries.labels(stage=stage).inc(),
+            on_retry=lambda exc: self._retrying(what, exc, stage),
         )
+        self.waiting_on = None
+        return result
+
+    def _retrying(self, what: str, exc: BaseException, stage: str) -> None:
+        self.metrics.retries.labels(stage=stage).inc()
+        self.waiting_on = f"{what}: retrying after {describe(exc)}"
 
     def keep_alive_if_due(self) -> None:
         """Call between the items of a long batch: polls (paused) once KEEP_ALIVE_INTERVAL_S

@@ -20,12 +20,18 @@ CONTEXT_SETTINGS: dict[str, Any] = {
 }
 
 
+# Libraries whose INFO lines are about their own plumbing, not about Loupe's work.
+LIBRARY_LOGGERS = ("kafka", "httpx", "httpcore", "urllib3", "qdrant_client")
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
     )
-    # kafka-python narrates every connection at INFO; keep its warnings only.
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python narrates every connection at INFO, httpx every request to a Qdrant server
+    # (an alias poll every 2 s): keep their warnings only, unless -v.
+    for library in LIBRARY_LOGGERS:
+        logging.getLogger(library).setLevel(logging.WARNING)
     # transformers draws a progress bar for every weight load; the CLI says what it loads.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -33,6 +39,8 @@ def configure_logging(level: int = logging.INFO) -> None:
 def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
         logging.getLogger().setLevel(logging.DEBUG)
+        for library in LIBRARY_LOGGERS:
+            logging.getLogger(library).setLevel(logging.NOTSET)  # the root's level: debug
 
 
 def global_options(command: F) -> F:

@@ -20,8 +20,9 @@ from kafka import KafkaConsumer, KafkaProducer
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.index import QdrantIndex, point_id
 from loupe.consumers.ingest import Indexer
-from loupe.consumers.kafka_io import Publisher, make_consumer, make_transactional_producer
+from loupe.consumers.kafka_io import make_consumer, make_transactional_producer
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog

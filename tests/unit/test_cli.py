@@ -17,6 +17,7 @@ from PIL import Image
 
 from loupe import __version__
 from loupe.cli import main, service_cmds
+from loupe.cli.common import LIBRARY_LOGGERS, configure_logging
 from loupe.client import PhotoUnusable, parse_filters, shrink_photo
 from loupe.schemas import export
 from loupe.schemas.common import MAX_INLINE_IMAGE_BYTES
@@ -181,3 +182,25 @@ def test_collections_and_rollback_say_what_there_is(tmp_path, capsys, monkeypatc
     assert "rolled back: loupe -> loupe__old (was loupe__new)" in capsys.readouterr().out
     assert main(["collections"]) == 0
     assert "* loupe__old" in capsys.readouterr().out
+
+
+@pytest.fixture
+def restore_logging():
+    import logging
+
+    names = ("", *LIBRARY_LOGGERS)
+    saved = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_library_loggers_keep_their_warnings_only_unless_verbose(restore_logging, capsys):
+    import logging
+
+    configure_logging()
+    # httpx logs every request to a Qdrant server at INFO (an alias poll every 2 s).
+    assert all(logging.getLogger(n).level == logging.WARNING for n in LIBRARY_LOGGERS)
+    assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+    assert main(["-v", "--version"]) == 0
+    assert logging.getLogger("httpx").isEnabledFor(logging.DEBUG)

@@ -7,8 +7,10 @@ import pytest
 from kafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers.kafka_io import Backoff, Publisher, checksums_in_c
+from loupe.consumers.errors import CommitRetriable
+from loupe.consumers.kafka_io import Backoff, checksums_in_c
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
 from loupe.schemas.errors import ErrorCode
 
 OFFSETS = {TopicPartition("requests", 0): OffsetAndMetadata(8, "", -1)}
@@ -62,7 +64,7 @@ def test_failed_sends_are_resent_until_acknowledged_then_offsets_commit():
     Backoff(initial_s=0.001, cap_s=0.002).retry(
         "commit",
         lambda: publisher.commit(OFFSETS, consumer),
-        (NotLeaderForPartitionError,),
+        (CommitRetriable,),
         should_stop=lambda: False,
     )
     assert sorted(producer.delivered) == [b"a", b"b", b"c"]
@@ -74,8 +76,9 @@ def test_a_failed_send_commits_no_offsets_and_keeps_the_batch():
     producer, consumer = _FlakyProducer(failures=1), _Consumer()
     publisher = Publisher(producer, "dlq", LoupeMetrics())
     publisher.send("responses", b"k", b"v", [])
-    with pytest.raises(NotLeaderForPartitionError):
+    with pytest.raises(CommitRetriable) as failed:
         publisher.commit(OFFSETS, consumer)  # the failure is reported, never swallowed
+    assert isinstance(failed.value.__cause__, NotLeaderForPartitionError)
     assert consumer.committed == []
     publisher.commit(OFFSETS, consumer)  # what the caller's retry does
     assert producer.delivered == [b"v"] and consumer.committed == [OFFSETS]
@@ -89,7 +92,7 @@ def test_a_flush_that_times_out_commits_nothing():
     consumer = _Consumer()
     publisher = Publisher(_SlowProducer(failures=0), "dlq", LoupeMetrics())
     publisher.send("responses", b"k", b"v", [])
-    with pytest.raises(KafkaTimeoutError):
+    with pytest.raises(CommitRetriable):
         publisher.commit(OFFSETS, consumer)
     assert consumer.committed == []
 
@@ -144,7 +147,7 @@ def test_a_failed_transaction_is_aborted_and_retried_whole_with_nothing_seen_twi
     publisher = Publisher(producer, "dlq", metrics, transactional=True)
     publisher.send("responses", b"r1", b"answer", [])
     publisher.send("dlq", b"r2", b"letter", [], reason=ErrorCode.IMAGE_INVALID)
-    with pytest.raises(KafkaTimeoutError):
+    with pytest.raises(CommitRetriable):
         publisher.commit(OFFSETS, _Consumer())
     assert producer.calls[-1] == "abort"
     count = metrics.registry.get_sample_value

@@ -30,9 +30,12 @@ def test_a_second_signal_exits_at_once(restore_signals):
     assert exits == [128 + signal.SIGINT]  # the second one: now
 
 
-def _stub(settings: Settings, failure=None):
+def _stub(settings: Settings, failure=None, workers=()):
     return SimpleNamespace(
-        settings=settings, failure=failure, index=SimpleNamespace(count=lambda: 3)
+        settings=settings,
+        failure=failure,
+        index=SimpleNamespace(count=lambda: 3),
+        workers=list(workers),
     )
 
 
@@ -58,3 +61,18 @@ def test_a_dead_worker_makes_the_service_unready_at_once(monkeypatch):
     died = WorkerDied("the search worker died: RuntimeError: boom")
     ok, detail = service.LoupeService.ready(_stub(Settings(), failure=died))
     assert not ok and detail == "not serving: the search worker died: RuntimeError: boom"
+
+
+def test_a_worker_waiting_on_kafka_makes_the_service_unready_with_the_reason(monkeypatch):
+    monkeypatch.setattr(service, "answers_metadata", lambda config, timeout_s: False)
+    waiting = SimpleNamespace(
+        role="search",
+        waiting_on="publish and commit: retrying after [Error 7] RequestTimedOutError: after 5 s",
+    )
+    idle = SimpleNamespace(role="ingest", waiting_on=None)
+    ok, detail = service.LoupeService.ready(_stub(Settings(), workers=[waiting, idle]))
+    assert not ok
+    assert detail == (
+        "search: publish and commit: retrying after [Error 7] RequestTimedOutError: after 5 s; "
+        "broker unreachable"
+    )

@@ -1,0 +1,242 @@
+"""A real Qdrant server on loopback, one node or a cluster of peers, for tests, benches and CI.
+
+Users run Qdrant from its official images or release binaries (deploy/). This module starts
+the same server as a child process, each node with its own free ports and storage, so that
+the server code path is tested against the engine it runs on in production.
+
+The binary is found by ``find_qdrant``: an explicit path (``LOUPE_QDRANT_BIN``, read by the
+callers), else ``qdrant`` on the PATH, else the one cached in ``~/.cache/loupe/qdrant``
+(``make qdrant`` puts Qdrant's official release binary there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from loupe.consumers.errors import LoupeError
+from loupe.dev.kafka import free_loopback_port
+
+log = logging.getLogger(__name__)
+
+# The server version the tests and the compose stack run; Loupe supports the versions in
+# consumers/index.py (SUPPORTED_SERVER_VERSIONS).
+QDRANT_VERSION = "1.18.3"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "qdrant"
+
+
+class QdrantServerError(LoupeError):
+    """A local Qdrant server could not be found, started or reached."""
+
+
+def cached_binary(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    return cache_dir / QDRANT_VERSION / "qdrant"
+
+
+def find_qdrant(explicit: str | None = None, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The Qdrant server binary to run: ``explicit``, else ``qdrant`` on the PATH, else the
+    cached one. Raises ``QdrantServerError`` saying where it looked and how to get one."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise QdrantServerError(f"LOUPE_QDRANT_BIN={explicit} is not an executable file")
+        return path
+    on_path = shutil.which("qdrant")
+    if on_path is not None:
+        return Path(on_path)
+    cached = cached_binary(cache_dir)
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return cached
+    raise QdrantServerError(
+        "no Qdrant server binary: set LOUPE_QDRANT_BIN, put `qdrant` on the PATH, or run "
+        f"`make qdrant` (Qdrant {QDRANT_VERSION}'s release binary into {cached.parent})"
+    )
+
+
+@dataclass(frozen=True)
+class QdrantNode:
+    """One running (or stopped) node: its ports, its storage, its process."""
+
+    name: str
+    http_port: int
+    grpc_port: int
+    p2p_port: int
+    state_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def p2p_uri(self) -> str:
+        return f"http://127.0.0.1:{self.p2p_port}"
+
+
+class LocalQdrant:
+    """Qdrant nodes as child processes: ``start(1)`` for one server, ``start(3)`` for a cluster
+    of three peers (Raft consensus over the p2p ports). Nodes can be killed and restarted with
+    their storage (``kill``/``restart``), as a crashed peer comes back."""
+
+    def __init__(self, state_dir: Path, binary: Path | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.binary = binary or find_qdrant()
+        self.nodes: list[QdrantNode] = []
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        """The first node's URL: a client may talk to any peer of a cluster."""
+        return self.nodes[0].url
+
+    @property
+    def clustered(self) -> bool:
+        return len(self.nodes) > 1
+
+    def start(self, peers: int = 1, timeout_s: float = 60.0) -> LocalQdrant:
+        if peers < 1:
+            raise ValueError(f"peers must be at least 1, got {peers}")
+        for n in range(peers):
+            node = QdrantNode(
+                name=f"node{n}",
+                http_port=free_loopback_port(),
+                grpc_port=free_loopback_port(),
+                p2p_port=free_loopback_port(),
+                state_dir=self.state_dir / f"node{n}",
+            )
+            self.nodes.append(node)
+            self._launch(node, bootstrap=self.nodes[0] if n > 0 else None, clustered=peers > 1)
+            self._wait_ready(node, timeout_s)  # a peer joins through a first node that answers
+        if peers > 1:
+            self.wait_for_peers(peers, timeout_s)
+        return self
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one node, as a crash would."""
+        proc = self._procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, name: str, timeout_s: float = 60.0) -> None:
+        """Start a killed node again on its ports, with its storage."""
+        node = next(n for n in self.nodes if n.name == name)
+        self._launch(node, bootstrap=None, clustered=self.clustered)
+        self._wait_ready(node, timeout_s)
+
+    def stop(self) -> None:
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+
+    def __enter__(self) -> LocalQdrant:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait_for_peers(self, peers: int, timeout_s: float = 60.0) -> None:
+        """Until every node sees ``peers`` peers and a Raft leader."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = [self._cluster(node) for node in self.nodes if node.name in self._procs]
+            if seen and all(
+                c and len(c.get("peers", {})) == peers and c.get("raft_info", {}).get("leader")
+                for c in seen
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise QdrantServerError(f"the cluster did not form {peers} peers: {seen}")
+            time.sleep(0.3)
+
+    def _cluster(self, node: QdrantNode) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"{node.url}/cluster", timeout=2) as response:
+                return json.loads(response.read())["result"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            return None
+
+    def _launch(self, node: QdrantNode, bootstrap: QdrantNode | None, clustered: bool) -> None:
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        config = node.state_dir / "config.yaml"
+        config.write_text(_config(node, clustered))
+        args = [str(self.binary), "--config-path", str(config), "--disable-telemetry"]
+        if clustered:
+            args += ["--uri", node.p2p_uri]
+            if bootstrap is not None:
+                args += ["--bootstrap", bootstrap.p2p_uri]
+        with (node.state_dir / "qdrant.log").open("ab") as out:
+            self._procs[node.name] = subprocess.Popen(
+                args,
+                cwd=node.state_dir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def _wait_ready(self, node: QdrantNode, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        proc = self._procs[node.name]
+        while True:
+            if proc.poll() is not None:
+                raise QdrantServerError(
+                    f"Qdrant {node.name} exited with status {proc.returncode} during start-up; "
+                    f"its log:\n{self.log_tail(node.name)}"
+                )
+            try:
+                with urllib.request.urlopen(f"{node.url}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise QdrantServerError(
+                    f"Qdrant {node.name} did not answer on {node.url} within {timeout_s:.0f} s; "
+                    f"its log:\n{self.log_tail(node.name)}"
+                )
+            time.sleep(0.2)
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = self.state_dir / name / "qdrant.log"
+        try:
+            return path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no log written)"
+
+
+def _config(node: QdrantNode, clustered: bool) -> str:
+    # JSON is YAML: no YAML writer needed. Loopback only; telemetry off.
+    config = {
+        "log_level": "WARN",
+        "telemetry_disabled": True,
+        "storage": {
+            "storage_path": str(node.state_dir / "storage"),
+            "snapshots_path": str(node.state_dir / "snapshots"),
+        },
+        "service": {
+            "host": "127.0.0.1",
+            "http_port": node.http_port,
+            "grpc_port": node.grpc_port,
+            "enable_cors": False,
+        },
+        "cluster": {
+            "enabled": clustered,
+            "p2p": {"port": node.p2p_port},
+            "consensus": {"tick_period_ms": 100},
+        },
+    }
+    return json.dumps(config, indent=2)
