@@ -1,7 +1,7 @@
 # Loupe's two front doors: `make demo` and `make test`. Both set up everything they need,
 # idempotently: uv (in ~/.cache/loupe/tools), the locked virtual environment (.venv, from uv's
-# cache in ~/.cache/uv), Java, Maven and Prometheus if missing (Debian), and the Kafka jars
-# (~/.cache/loupe).
+# cache in ~/.cache/uv), Java, Maven and Prometheus if missing (Debian), the Kafka jars
+# (~/.cache/loupe), and for the tests a Qdrant server binary (`make qdrant`).
 
 SHELL := /bin/bash
 UV_VERSION := 0.13.8
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 GIVA := giva-databricks==0.1.2
 
-.PHONY: setup demo test test-fast wheel-check lint format kafka-jars java prometheus clean
+.PHONY: setup demo test test-fast wheel-check lint format kafka-jars java prometheus qdrant clean
 
 setup: $(STAMP) kafka-jars prometheus
 
@@ -23,7 +23,7 @@ $(UV):
 
 $(STAMP): pyproject.toml uv.lock | $(UV)
 	@echo "==> syncing $(VENV) with uv.lock"
-	$(UV) sync --frozen --extra dev --inexact
+	$(UV) sync --frozen --extra dev --extra multilingual --inexact
 	@# The real jewelry catalog (giva-databricks): data only, so none of its Databricks dependencies.
 	$(UV) pip install --quiet --no-deps --python $(PY) $(GIVA)
 	@touch $@
@@ -54,12 +54,17 @@ kafka-jars: $(STAMP) java
 demo: setup
 	$(VENV)/bin/loupe demo
 
-test: setup
+# A Qdrant server binary for the tests of the server and cluster paths: LOUPE_QDRANT_BIN, else
+# `qdrant` on the PATH, else the cached one, else Qdrant's official release (downloaded once).
+qdrant: $(STAMP)
+	@echo "==> Qdrant server: $$($(PY) -m loupe.dev.qdrant)"
+
+test: setup qdrant
 	$(VENV)/bin/pytest
 
 # The unit tests without the whole-catalog evaluations: the edit-run loop (well under a minute).
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest tests/unit -m "not slow"
+	$(VENV)/bin/pytest tests/unit -m "not slow and not integration"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -118,6 +118,55 @@ RESCORE_OVERSAMPLING = 2.0
 CARD_KEY = "loupe"  # the collection metadata key that holds its card (consumers/lifecycle.py)
 
 
+# The Qdrant server versions Loupe supports: tested against 1.18 (the test suite's server and
+# the compose stack's), and the client it locks (1.20) speaks to servers one minor version
+# either side of its own.
+SUPPORTED_SERVER_VERSIONS = ((1, 18), (1, 21))  # [from, to] minor versions, inclusive
+
+
+def check_server_version(version: str) -> str | None:
+    """None if Loupe supports a Qdrant server of ``version``, else what to do about it."""
+    first, last = SUPPORTED_SERVER_VERSIONS
+    supported = f"{first[0]}.{first[1]} to {last[0]}.{last[1]}"
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return f"cannot read the Qdrant server's version {version!r}; Loupe supports {supported}"
+    if first <= (major, minor) <= last:
+        return None
+    return (
+        f"the Qdrant server is {version}; Loupe supports {supported} (qdrant-client may send "
+        "requests it does not understand): run a supported server"
+    )
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How a Qdrant server's collections are spread over a cluster: ``shards`` per collection,
+    each held by ``replication_factor`` peers, a write acknowledged once ``write_consistency``
+    of them applied it. The defaults fit a single node."""
+
+    shards: int = 1
+    replication_factor: int = 1
+    write_consistency: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.shards, self.replication_factor, self.write_consistency) < 1:
+            raise ValueError(f"every part of the topology must be at least 1: {self}")
+        if self.write_consistency > self.replication_factor:
+            raise ValueError(
+                f"write_consistency ({self.write_consistency}) cannot exceed "
+                f"replication_factor ({self.replication_factor})"
+            )
+
+    def collection_options(self) -> dict[str, int]:
+        return {
+            "shard_number": self.shards,
+            "replication_factor": self.replication_factor,
+            "write_consistency_factor": self.write_consistency,
+        }
+
+
 def collection_name(prefix: str, model_version: str) -> str:
     name = f"{prefix}__{model_version}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:255]
@@ -138,16 +187,19 @@ class QdrantIndex:
         hnsw_ef: int = DEFAULT_HNSW_EF,
         acorn: bool = DEFAULT_ACORN,
         quantization: Quantization = DEFAULT_QUANTIZATION,
+        topology: Topology | None = None,
         _shared: QdrantIndex | None = None,
     ) -> None:
         """``quantization``: for a server's new collections, as ``EdgeIndex``'s (an int8 copy
         in memory, float32 on disk to rescore); local mode searches exactly and ignores it.
-        A server's existing collection keeps the storage it was created with."""
+        A server's existing collection keeps the storage it was created with. ``topology``:
+        how a server's new collections are sharded and replicated (a cluster's)."""
         from qdrant_client import QdrantClient
 
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; expected {QUANTIZATIONS}")
         self.hnsw_ef, self.acorn, self.quantization = hnsw_ef, acorn, quantization
+        self.topology = topology or Topology()
         self.alias = prefix
         self.collection = collection_name(prefix, model_version)
         self.model_version = model_version
@@ -171,9 +223,29 @@ class QdrantIndex:
             if path is not None:
                 self.client = QdrantClient(path=path)
             else:
-                self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout_s)
+                # Loupe checks the server's version itself, once, against the versions it
+                # supports (check_server_version), instead of the client's warning per start.
+                self.client = QdrantClient(
+                    url=url, api_key=api_key, timeout=timeout_s, check_compatibility=False
+                )
         except (RuntimeError, OSError, ValueError) as exc:  # e.g. a path locked by another process
             raise IndexUnavailable(f"cannot open Qdrant at {path or url}: {exc}") from exc
+        if url is not None:
+            self._check_version(url)
+
+    def _check_version(self, url: str) -> None:
+        """Once, at start: is this a server version Loupe supports? A server that does not
+        answer yet is not a reason to fail here (every later call retries it)."""
+        try:
+            version = self._call("info", self.client.info).version
+        except IndexUnavailable as exc:
+            log.warning("the Qdrant server at %s did not say its version: %s", url, exc)
+            return
+        problem = check_server_version(version)
+        if problem is not None:
+            log.warning("%s: %s", url, problem)
+        else:
+            log.info("Qdrant server %s at %s", version, url)
 
     def _call(self, what: str, fn, *args, **kwargs):
         """Run one client call; any failure to reach or use Qdrant is IndexUnavailable (retry)."""
@@ -195,10 +267,17 @@ class QdrantIndex:
         """Create this version's collection if missing; with ``make_live``, point the alias at
         it when the alias points nowhere or elsewhere (a re-index passes False: it switches
         only once the new collection has caught up)."""
-        from qdrant_client import models
-
         if not self._call("collection_exists", self.client.collection_exists, self.collection):
             log.info("creating collection %s (%s)", self.collection, dict(dims))
+            self._create(dims)
+        if make_live and self.live_collection() != self.collection:
+            self.switch_alias(self.collection)
+
+    def _create(self, dims: Mapping[str, int]) -> None:
+        from qdrant_client import models
+        from qdrant_client.http.exceptions import UnexpectedResponse
+
+        try:
             self._call(
                 "create_collection",
                 self.client.create_collection,
@@ -218,30 +297,35 @@ class QdrantIndex:
                 )
                 if self._quantized
                 else None,
+                **({} if self.embedded else self.topology.collection_options()),
             )
-            if not self.embedded:  # embedded Qdrant ignores payload indexes (and warns)
-                for key in FILTER_KEYWORDS:
-                    self._call(
-                        "create_payload_index",
-                        self.client.create_payload_index,
-                        self.collection,
-                        key,
-                        models.PayloadSchemaType.KEYWORD,
-                    )
+        except UnexpectedResponse:
+            # Another instance created it between our check and our create (a fleet starting
+            # at once): theirs is the same collection. Anything else is ours to report.
+            if not self._call("collection_exists", self.client.collection_exists, self.collection):
+                raise
+        if not self.embedded:  # embedded Qdrant ignores payload indexes (and warns)
+            for key in FILTER_KEYWORDS:
                 self._call(
                     "create_payload_index",
                     self.client.create_payload_index,
                     self.collection,
-                    "price",
-                    models.PayloadSchemaType.FLOAT,
+                    key,
+                    models.PayloadSchemaType.KEYWORD,
                 )
-        if make_live and self.live_collection() != self.collection:
-            self.switch_alias(self.collection)
+            self._call(
+                "create_payload_index",
+                self.client.create_payload_index,
+                self.collection,
+                "price",
+                models.PayloadSchemaType.FLOAT,
+            )
 
     def for_version(self, model_version: str) -> QdrantIndex:
         return QdrantIndex(
             model_version=model_version,
             prefix=self.alias,
+            topology=self.topology,
             hnsw_ef=self.hnsw_ef,
             acorn=self.acorn,
             quantization=self.quantization,

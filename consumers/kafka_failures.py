@@ -116,7 +116,9 @@ def is_refusal(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """One line for logs and /readyz: what went wrong, at its root."""
+    """One line for logs and /readyz: what went wrong; for a Kafka error, at its root."""
+    if not isinstance(exc, kafka_errors.KafkaError):
+        return f"{type(exc).__name__}: {exc}"  # Loupe's own errors say what they are
     cause = root_cause(exc)
     if isinstance(cause, kafka_errors.KafkaError):
         return str(cause)  # kafka-python's own text names the class ("[Error 7] Request...")

@@ -403,6 +403,7 @@ def build_index(settings: Settings, model_version: str) -> VectorIndex:
         hnsw_ef=settings.index_hnsw_ef,
         acorn=settings.index_acorn,
         quantization=settings.index_quantization,
+        topology=settings.index_topology(),
     )
 
 

@@ -10,7 +10,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loupe.consumers.errors import ConfigError
@@ -20,6 +27,7 @@ from loupe.consumers.index import (
     DEFAULT_HNSW_EF,
     DEFAULT_QUANTIZATION,
     Quantization,
+    Topology,
 )
 from loupe.encoders.profile import Fit, JpegDecoderName, ModelProfile, Pooling, Precision
 from loupe.schemas.deadletter import DEADLETTER_TOPIC
@@ -103,6 +111,13 @@ class Settings(BaseSettings):
     # none: float32 vectors in memory; int8: an int8 copy in memory, float32 on disk to rescore
     # (a quarter of the memory, a faster HNSW build; a server's collection keeps its own)
     index_quantization: Quantization = DEFAULT_QUANTIZATION
+    # A Qdrant cluster's collections (LOUPE_INDEX_URL): shards per collection, peers holding
+    # each shard, and how many of them must apply a write before it counts. The defaults fit
+    # one node; three peers, 3 shards, replication 2 keep serving with one peer down
+    # (deploy/README.md, "A Qdrant cluster").
+    index_shards: int = Field(default=1, ge=1, le=256)
+    index_replication_factor: int = Field(default=1, ge=1, le=16)
+    index_write_consistency: int = Field(default=1, ge=1, le=16)
     # How often a running service looks at the alias, to follow a reindex's switch.
     alias_poll_interval_ms: int = Field(default=2_000, ge=100, le=600_000)
     # How long `loupe reindex` keeps the collection it replaces (`--rollback` returns to it);
@@ -131,6 +146,7 @@ class Settings(BaseSettings):
     image_weight: float = Field(default=_MODEL.image_weight, ge=0.0, le=1.0)
     image_fit: Fit = _MODEL.fit
     image_pooling: Pooling = _MODEL.image_pooling
+    image_side: int | None = Field(default=_MODEL.image_side, ge=96, le=1024, multiple_of=32)
     max_text_tokens: int = Field(default=_MODEL.max_text_tokens, ge=8, le=512)
     device: str = _MODEL.device
     precision: Precision = _MODEL.precision  # auto: fp16 on CUDA, else fp32
@@ -167,6 +183,29 @@ class Settings(BaseSettings):
                 "instance shares the server's: set one of them"
             )
         return value
+
+    @model_validator(mode="after")
+    def _a_topology_for_a_server(self) -> Settings:
+        if self.index_write_consistency > self.index_replication_factor:
+            raise ValueError(
+                f"LOUPE_INDEX_WRITE_CONSISTENCY ({self.index_write_consistency}) cannot exceed "
+                f"LOUPE_INDEX_REPLICATION_FACTOR ({self.index_replication_factor}): a write "
+                "cannot wait for more copies than there are"
+            )
+        if self.index_topology() != Topology() and not self.index_url:
+            raise ValueError(
+                "LOUPE_INDEX_SHARDS, LOUPE_INDEX_REPLICATION_FACTOR and "
+                "LOUPE_INDEX_WRITE_CONSISTENCY shape a Qdrant server's collections: set "
+                "LOUPE_INDEX_URL too (an embedded index is one shard on one machine)"
+            )
+        return self
+
+    def index_topology(self) -> Topology:
+        return Topology(
+            shards=self.index_shards,
+            replication_factor=self.index_replication_factor,
+            write_consistency=self.index_write_consistency,
+        )
 
     def ingest_group(self) -> str:
         """The ingest's consumer group: one for every instance that writes a shared index, or
@@ -211,6 +250,7 @@ class Settings(BaseSettings):
             image_weight=self.image_weight,
             fit=self.image_fit,
             image_pooling=self.image_pooling,
+            image_side=self.image_side,
             max_text_tokens=self.max_text_tokens,
             device=self.device,
             precision=self.precision,
@@ -259,6 +299,9 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
+            if not error["loc"]:  # a rule over several settings: its message names them
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
             name = "LOUPE_" + "_".join(str(part) for part in error["loc"]).upper()
             value = error.get("input")
             secret = any(word in name for word in ("PASSWORD", "API_KEY"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from loupe.dev.kafka import BrokerState, LocalKafkaBroker
+from loupe.dev.qdrant import LocalQdrant, find_qdrant
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +29,25 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSta
         yield state
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def qdrant_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalQdrant]:
+    """A real Qdrant server (one node, loopback, its own storage) for the whole session. The
+    binary: LOUPE_QDRANT_BIN, else `qdrant` on the PATH, else `make qdrant`'s; none is an
+    error, never a skip. Tests keep apart by giving their index a prefix of their own."""
+    binary = find_qdrant(os.environ.get("LOUPE_QDRANT_BIN"))
+    server = LocalQdrant(tmp_path_factory.mktemp("qdrant"), binary).start(1)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def index_prefix() -> str:
+    """An alias prefix no other test uses: its collections on a shared server are its own."""
+    return f"t{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture

@@ -6,17 +6,19 @@ the server code path is tested against the engine it runs on in production.
 
 The binary is found by ``find_qdrant``: an explicit path (``LOUPE_QDRANT_BIN``, read by the
 callers), else ``qdrant`` on the PATH, else the one cached in ``~/.cache/loupe/qdrant``
-(``make qdrant`` puts Qdrant's official release binary there).
+(``make qdrant`` puts Qdrant's official release binary there: ``provision_qdrant``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +34,12 @@ log = logging.getLogger(__name__)
 # consumers/index.py (SUPPORTED_SERVER_VERSIONS).
 QDRANT_VERSION = "1.18.3"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "qdrant"
+# Qdrant's official release binary (statically linked, Linux x86_64), for `make qdrant`.
+RELEASE_URL = (
+    "https://github.com/qdrant/qdrant/releases/download/v{version}/"
+    "qdrant-x86_64-unknown-linux-musl.tar.gz"
+)
+MAX_DOWNLOAD_BYTES = 200 * 1024 * 1024
 
 
 class QdrantServerError(LoupeError):
@@ -60,6 +68,40 @@ def find_qdrant(explicit: str | None = None, cache_dir: Path = DEFAULT_CACHE_DIR
         "no Qdrant server binary: set LOUPE_QDRANT_BIN, put `qdrant` on the PATH, or run "
         f"`make qdrant` (Qdrant {QDRANT_VERSION}'s release binary into {cached.parent})"
     )
+
+
+def provision_qdrant(explicit: str | None = None, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """``find_qdrant``, or else download Qdrant's official release binary into the cache (a
+    machine with internet: ``make qdrant``). Raises ``QdrantServerError`` saying what to do."""
+    try:
+        return find_qdrant(explicit, cache_dir)
+    except QdrantServerError:
+        if explicit:
+            raise
+    target = cached_binary(cache_dir)
+    url = RELEASE_URL.format(version=QDRANT_VERSION)
+    log.info("downloading Qdrant %s from %s (once)", QDRANT_VERSION, url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except (urllib.error.URLError, OSError) as exc:
+        raise QdrantServerError(
+            f"no Qdrant server binary here, and {url} could not be downloaded ({exc}): install "
+            f"Qdrant {QDRANT_VERSION} and set LOUPE_QDRANT_BIN to its binary"
+        ) from exc
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise QdrantServerError(f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes; not used")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+        member = next((m for m in archive.getmembers() if Path(m.name).name == "qdrant"), None)
+        if member is None or not member.isfile():
+            raise QdrantServerError(f"{url} holds no `qdrant` binary")
+        binary = archive.extractfile(member).read()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name("qdrant.partial")
+    partial.write_bytes(binary)
+    partial.chmod(0o755)
+    partial.replace(target)
+    return target
 
 
 @dataclass(frozen=True)
@@ -240,3 +282,14 @@ def _config(node: QdrantNode, clustered: bool) -> str:
         },
     }
     return json.dumps(config, indent=2)
+
+
+if __name__ == "__main__":  # `make qdrant`
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        print(provision_qdrant(os.environ.get("LOUPE_QDRANT_BIN")))
+    except QdrantServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,7 +1,8 @@
-"""``loupe reindex`` against a real broker and the embedded index, as a user runs it: a running
-``loupe serve`` keeps answering searches and indexing new products while the reindex builds
-the new model's collection, then follows the switch without a restart; and a reindex killed
-midway resumes to exactly the result of one that was not."""
+"""``loupe reindex`` against a real broker, on the embedded index and on a real Qdrant server,
+as a user runs it: a running ``loupe serve`` keeps answering searches and indexing new products
+while the reindex builds the new model's collection, then follows the switch without a restart
+(and, on the server, follows a ``--rollback`` back); and a reindex killed midway resumes to
+exactly the result of one that was not."""
 
 from __future__ import annotations
 
@@ -33,6 +34,21 @@ pytestmark = pytest.mark.integration
 INITIAL = 24  # products indexed under model A before the reindex
 
 
+@pytest.fixture
+def index_at(request, index_prefix):
+    """``index_at(engine, name)``: the LOUPE_* index settings (lower-case names) of an index
+    called ``name`` for this test: embedded (``edge``, ``qdrant-local``: under the state
+    directory), or a collection prefix of its own on the session's Qdrant server."""
+
+    def settings(engine: str, name: str = "main") -> dict[str, str]:
+        if engine == "server":
+            url = request.getfixturevalue("qdrant_server").url
+            return {"index_url": url, "index_prefix": f"{index_prefix}_{name}"}
+        return {"index_engine": engine}
+
+    return settings
+
+
 @pytest.fixture(scope="module")
 def model_a() -> FusedEncoder:
     encoder = FusedEncoder.from_profile(ModelProfile(batch_size=8))
@@ -60,9 +76,20 @@ def model_b(checkpoint_b) -> FusedEncoder:
     encoder.close()
 
 
+@pytest.mark.parametrize("engine", ["edge", "server"])
 def test_reindex_switches_models_while_searches_and_products_keep_flowing(
-    bootstrap_servers, make_topic, group_id, tmp_path, model_a, model_b, checkpoint_b
+    engine,
+    bootstrap_servers,
+    make_topic,
+    group_id,
+    tmp_path,
+    model_a,
+    model_b,
+    checkpoint_b,
+    index_at,
 ):
+    index_settings = index_at(engine)
+    prefix = index_settings.get("index_prefix", "loupe")
     catalog = load_catalog()
     topics = {
         "products": make_topic("products", partitions=2),
@@ -77,7 +104,9 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         max_poll_records="8",
         alias_poll_interval_ms="300",
         search_max_poll_records="4",
+        **index_settings,
     )
+    settings = Settings(state_dir=state, **index_settings)
     initial = [f"p{i}" for i in range(INITIAL)]
     send_products(bootstrap_servers, topics["products"], catalog, initial)
     serve_log = tmp_path / "serve.log"
@@ -124,11 +153,11 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         assert job.wait(timeout=300) == 0, reindex_log.read_text()[-4000:]
         took = time.monotonic() - started
         output = reindex_log.read_text()
-        assert "switched: loupe -> loupe__" in output, output[-3000:]
+        assert f"switched: {prefix} -> {prefix}__" in output, output[-3000:]
         assert "events/s" in output, "progress lines are shown"
 
-        collection_a = collection_name("loupe", model_a.model_version)
-        collection_b = collection_name("loupe", model_b.model_version)
+        collection_a = collection_name(prefix, model_a.model_version)
+        collection_b = collection_name(prefix, model_b.model_version)
         # The service follows: its answers come from model B from some point on.
         wait_for(
             lambda: any(
@@ -145,7 +174,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         shopper.stop_sending()
         # The retired collection goes once its grace period is over.
         wait_for(
-            lambda: not (state / "edge-index" / collection_a).exists(),
+            lambda: collection_a not in _collections(settings),
             "model A's collection dropped after the grace period",
             60,
             [service],
@@ -197,7 +226,6 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     assert mixed_would_differ > len(answers) // 2, "the check could tell a mixed answer"
 
     # Model B's collection holds every product: the catalog and those sent during the reindex.
-    settings = Settings(state_dir=state)
     index = build_index(settings, model_b.model_version)
     index.ensure_collection(model_b.dims, make_live=False)
     try:
@@ -235,6 +263,14 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     )
 
 
+def _collections(settings: Settings) -> list[str]:
+    catalog = build_index(settings, "unused")
+    try:
+        return catalog.collections()
+    finally:
+        catalog.close()
+
+
 def _product_input(product) -> EncodeInput:
     return EncodeInput(
         image=product.image_path.read_bytes(),
@@ -255,8 +291,8 @@ def _text_cosine_mixed(query_model, index_model, query: str, product) -> float:
     return float(np.dot(q, p))
 
 
-def _points(state: Path, version: str, ids: list[str], engine: str) -> dict[str, tuple]:
-    settings = Settings(state_dir=state, index_engine=engine)
+def _points(state: Path, version: str, ids: list[str], index: dict) -> dict[str, tuple]:
+    settings = Settings(state_dir=state, **index)
     index = build_index(settings, version)
     index.ensure_collection({"image": 1280, "text": 384, "fused": 1664}, make_live=False)
     try:
@@ -279,9 +315,9 @@ def _points(state: Path, version: str, ids: list[str], engine: str) -> dict[str,
         index.close()
 
 
-@pytest.mark.parametrize("engine", ["edge", "qdrant-local"])
+@pytest.mark.parametrize("engine", ["edge", "qdrant-local", "server"])
 def test_a_reindex_killed_midway_resumes_to_the_same_result(
-    engine, bootstrap_servers, make_topic, group_id, tmp_path, model_b, checkpoint_b
+    engine, bootstrap_servers, make_topic, group_id, tmp_path, model_b, checkpoint_b, index_at
 ):
     catalog = load_catalog()
     topics = {
@@ -290,7 +326,10 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
     }
     ids = [f"p{i}" for i in range(40)]
     send_products(bootstrap_servers, topics["products"], catalog, ids)
-    collection_b = collection_name("loupe", model_b.model_version)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    indexes = {whole: index_at(engine, "whole"), killed: index_at(engine, "killed")}
+    prefix = indexes[killed].get("index_prefix", "loupe")
+    collection_b = collection_name(prefix, model_b.model_version)
 
     def env(state: Path, group: str) -> dict[str, str]:
         return {
@@ -300,12 +339,11 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
                 group=group,
                 state_dir=state,
                 max_poll_records="4",
-                index_engine=engine,
+                **indexes[state],
             ),
             "LOUPE_FUSION_CHECKPOINT": str(checkpoint_b),
         }
 
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
     log_path = tmp_path / "reindex.log"
     args = ["reindex", "--metrics-port", "0"]
     assert loupe_process(args, env(whole, group_id + "-whole"), log_path).wait(timeout=300) == 0
@@ -325,10 +363,13 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
     assert committed(bootstrap_servers, reindex_group) < len(ids), "killed midway"
     second = loupe_process(args, env(killed, group), log_path)
     assert second.wait(timeout=300) == 0, log_path.read_text()[-4000:]
-    assert log_path.read_text().count("switched: loupe -> " + collection_b) == 2
+    output = log_path.read_text()
+    prefixes = {index.get("index_prefix", "loupe") for index in indexes.values()}
+    lines = [f"switched: {p} -> {collection_name(p, model_b.model_version)}" for p in prefixes]
+    assert sum(output.count(line) for line in lines) == 2, "both runs switched"
 
-    expected = _points(whole, model_b.model_version, ids, engine)
-    resumed = _points(killed, model_b.model_version, ids, engine)
+    expected = _points(whole, model_b.model_version, ids, indexes[whole])
+    resumed = _points(killed, model_b.model_version, ids, indexes[killed])
     assert len(expected) == len(ids)
     assert resumed.keys() == expected.keys()
     for key, (payload, vectors) in expected.items():
@@ -357,3 +398,95 @@ def test_two_reindexes_of_one_version_cannot_run_at_once(
     output = log_path.read_text()
     assert f"a reindex of {collection_b} is already running (pid " in output, output[-2000:]
     assert "Traceback" not in output
+
+
+def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
+    bootstrap_servers, make_topic, group_id, tmp_path, model_a, model_b, checkpoint_b, index_at
+):
+    """On a real Qdrant server: `loupe reindex` moves the alias to model B's collection, and
+    `loupe reindex --rollback` moves it back to model A's, which its grace period kept. The
+    running service follows both moves by itself, and every search is answered once."""
+    index = index_at("server")
+    prefix = index["index_prefix"]
+    topics = {
+        "products": make_topic("products", partitions=2),
+        **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
+    }
+    state = tmp_path / "state"
+    env_a = serve_env(
+        bootstrap_servers,
+        topics,
+        group=group_id,
+        state_dir=state,
+        max_poll_records="8",
+        alias_poll_interval_ms="300",
+        **index,
+    )
+    env_b = {**env_a, "LOUPE_FUSION_CHECKPOINT": str(checkpoint_b)}
+    ids = [f"p{i}" for i in range(12)]
+    send_products(bootstrap_servers, topics["products"], load_catalog(), ids)
+    serve_log = tmp_path / "serve.log"
+    service = loupe_process(["serve"], env_a, serve_log)
+    versions = (model_a.model_version, model_b.model_version)
+    try:
+        wait_for(
+            lambda: committed(bootstrap_servers, group_id + ".ingest") == len(ids),
+            "model A's ingest",
+            240,
+            [service],
+            [serve_log],
+        )
+        with SearchLoad(
+            bootstrap_servers,
+            topics["requests"],
+            topics["responses"],
+            lambda n: {"text": "gold ring", "top_k": 3},
+            every_s=0.3,
+        ) as shopper:
+            log_path = tmp_path / "reindex.log"
+            job = loupe_process(
+                ["reindex", "--grace-s", "600", "--metrics-port", "0"], env_b, log_path
+            )
+            assert job.wait(timeout=300) == 0, log_path.read_text()[-4000:]
+            switched = time.monotonic()
+            wait_for(
+                lambda: any(
+                    a["model_version"] == versions[1] for a in shopper.answered_since(switched)
+                ),
+                "answers from model B",
+                120,
+                [service],
+                [serve_log],
+            )
+            rollback = loupe_process(["reindex", "--rollback"], env_a, log_path)
+            assert rollback.wait(timeout=120) == 0, log_path.read_text()[-4000:]
+            rolled_back = time.monotonic()
+            wait_for(
+                lambda: any(
+                    a["model_version"] == versions[0] for a in shopper.answered_since(rolled_back)
+                ),
+                "answers from model A again",
+                120,
+                [service],
+                [serve_log],
+            )
+            time.sleep(1.0)
+            shopper.stop_sending()
+            assert shopper.wait_for_answers(120), "every search gets an answer"
+            answers = {rid: [a for _, a in items] for rid, items in shopper.answers.items()}
+    finally:
+        service.send_signal(signal.SIGTERM)
+        exited = service.wait(timeout=60)
+    assert exited == 0, serve_log.read_text()[-4000:]
+    assert all(len(items) == 1 for items in answers.values()), "exactly one answer each"
+    assert {items[0]["model_version"] for items in answers.values()} == set(versions)
+    settings = Settings(state_dir=state, **index)
+    catalog = build_index(settings, "unused")
+    try:
+        assert catalog.live_collection() == collection_name(prefix, versions[0])
+        assert collection_name(prefix, versions[1]) in catalog.collections(), "B is kept"
+    finally:
+        catalog.close()
+    log_text = serve_log.read_text()
+    assert log_text.count("switching to ") >= 2, "the service followed both moves"
+    assert "HTTP Request" not in log_text, "httpx's request lines stay out of the log"

@@ -22,14 +22,28 @@ ALLOWED = {
     "consumers": {"consumers", "encoders", "schemas"},
     "client": {"client", "consumers", "encoders", "schemas"},
     "progress": {"progress"},
+    # Training never sees the simulators it is judged by (loupe.evaluation imports it, not the
+    # other way round).
     "train": {"train", "progress", "consumers", "encoders", "schemas"},
+    "evaluation": {"evaluation", "train", "progress", "consumers", "encoders", "schemas"},
     "dev": {"dev", "train", "consumers", "encoders", "schemas"},
-    "demo": {"demo", "dev", "train", "client", "progress", "consumers", "encoders", "schemas"},
+    "demo": {
+        "demo",
+        "dev",
+        "train",
+        "evaluation",
+        "client",
+        "progress",
+        "consumers",
+        "encoders",
+        "schemas",
+    },
     "cli": {
         "cli",
         "demo",
         "dev",
         "train",
+        "evaluation",
         "client",
         "consumers",
         "encoders",
@@ -139,11 +153,44 @@ def test_no_default_of_the_model_or_fetcher_is_repeated_in_the_settings():
         assert literal not in source, f"{literal} is a default of encoders/profile.py"
 
 
-def test_the_compose_stack_runs_the_qdrant_the_client_expects():
-    """qdrant-client warns (and may misbehave) against a server of another minor version."""
+def test_the_compose_stack_runs_the_qdrant_the_tests_run():
+    """The stack users start runs the server version the suite tests (loupe/dev/qdrant.py),
+    which Loupe's start-up check supports, and so does the client Loupe locks."""
     from importlib.metadata import version
+
+    from loupe.consumers.index import SUPPORTED_SERVER_VERSIONS, check_server_version
+    from loupe.dev.qdrant import QDRANT_VERSION
 
     compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
     tag = compose["services"]["qdrant"]["image"].split(":v")[1]
-    client = version("qdrant-client")
-    assert tag.split(".")[:2] == client.split(".")[:2], (tag, client)
+    assert tag == QDRANT_VERSION
+    assert check_server_version(QDRANT_VERSION) is None
+    client = tuple(int(part) for part in version("qdrant-client").split(".")[:2])
+    first, last = SUPPORTED_SERVER_VERSIONS
+    assert first <= client <= last, "the locked client is within the supported range"
+
+
+def test_the_cluster_override_forms_three_peers_and_a_topology_loupe_accepts():
+    from loupe.consumers.settings import Settings
+    from loupe.dev.qdrant import QDRANT_VERSION
+
+    cluster = yaml.safe_load((REPO / "deploy" / "docker-compose.cluster.yml").read_text())
+    peers = {name: s for name, s in cluster["services"].items() if name.startswith("qdrant")}
+    assert len(peers) == 3
+    assert {p["image"] for p in peers.values()} == {f"qdrant/qdrant:v{QDRANT_VERSION}"}
+    first = peers["qdrant"]["command"]
+    assert first[first.index("--uri") + 1] == "http://qdrant:6335"
+    for name in ("qdrant-2", "qdrant-3"):
+        command = peers[name]["command"]
+        assert command[command.index("--bootstrap") + 1] == "http://qdrant:6335"
+        assert command[command.index("--uri") + 1] == f"http://{name}:6335"
+    base = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    for role in ("loupe-ingest", "loupe-search"):
+        env = {**base["services"][role]["environment"], **cluster["services"][role]["environment"]}
+        settings = Settings(**{k.removeprefix("LOUPE_").lower(): v for k, v in env.items()})
+        topology = settings.index_topology()
+        assert (topology.shards, topology.replication_factor, topology.write_consistency) == (
+            3,
+            2,
+            1,
+        )

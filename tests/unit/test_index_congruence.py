@@ -1,10 +1,13 @@
-"""Both embedded engines behind one interface, held to the same tests: qdrant-client's local
-mode (QdrantIndex) and Qdrant Edge (EdgeIndex). The same data and queries return the same hits
-(both search exactly at this size), the same versions, deletes, filters, alias and errors."""
+"""Every engine behind one interface, held to the same tests: qdrant-client's local mode
+(QdrantIndex on a path), Qdrant Edge (EdgeIndex) and a real Qdrant server (QdrantIndex on a URL,
+the session's server process: these cases are marked integration). The same data and queries
+return the same hits (all search exactly at this size), the same versions, deletes, filters,
+alias and errors; int8 storage rescored returns the exact hits too."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from loupe.consumers.index import IndexPoint, IndexQuery, QdrantIndex
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 8, "text": 4, "fused": 12}
-ENGINES = {
+EMBEDDED = {
     "qdrant-local": lambda path, version="m1": QdrantIndex(model_version=version, path=path),
     "edge": lambda path, version="m1": EdgeIndex(model_version=version, path=path),
     # int8 in memory, float32 on disk: the candidates are rescored, so the hits are the same
@@ -22,6 +25,35 @@ ENGINES = {
         model_version=version, path=path, quantization="int8"
     ),
 }
+SERVERS = ("server", "server-int8")
+ENGINE_NAMES = [
+    *sorted(EMBEDDED),
+    *(pytest.param(name, marks=pytest.mark.integration) for name in SERVERS),
+]
+
+
+@pytest.fixture
+def engines(request, index_prefix):
+    """Engine name -> ``make(path, version)``. A server's collections are named after the
+    test's own prefix and the path's last part, so no two indexes share one."""
+    makers = dict(EMBEDDED)
+
+    def on_server(quantization):
+        server = request.getfixturevalue("qdrant_server")  # started only when asked for
+
+        def make(path, version="m1"):
+            return QdrantIndex(
+                model_version=version,
+                url=server.url,
+                prefix=f"{index_prefix}_{Path(path).name}",
+                quantization=quantization,
+            )
+
+        return make
+
+    makers["server"] = lambda path, version="m1": on_server("none")(path, version)
+    makers["server-int8"] = lambda path, version="m1": on_server("int8")(path, version)
+    return makers
 
 
 def _points(count: int = 90, seed: int = 5) -> list[IndexPoint]:
@@ -70,18 +102,19 @@ def _queries(seed: int = 9) -> list[IndexQuery]:
     ]
 
 
-@pytest.fixture(params=sorted(ENGINES))
-def index(request, tmp_path):
-    idx = ENGINES[request.param](str(tmp_path / "index"))
+@pytest.fixture(params=ENGINE_NAMES)
+def index(request, tmp_path, engines):
+    idx = engines[request.param](str(tmp_path / "index"))
     idx.ensure_collection(DIMS)
     idx.upsert(_points())
     yield idx
     idx.close()
 
 
-def test_every_engine_returns_the_same_hits(tmp_path):
+@pytest.mark.integration
+def test_every_engine_returns_the_same_hits(tmp_path, engines):
     results = {}
-    for name, make in ENGINES.items():
+    for name, make in engines.items():
         idx = make(str(tmp_path / name))
         idx.ensure_collection(DIMS)
         idx.upsert(_points())
@@ -91,6 +124,8 @@ def test_every_engine_returns_the_same_hits(tmp_path):
         idx.close()
     assert results["edge"] == results["qdrant-local"]
     assert results["edge-int8"] == results["qdrant-local"]
+    assert results["server"] == results["qdrant-local"]
+    assert results["server-int8"] == results["qdrant-local"]
     assert [len(hits) for hits in results["edge"]][:3] == [5, 7, 6]
 
 
@@ -126,16 +161,22 @@ def test_an_unknown_view_is_a_value_error(index):
         index.search_batch([bad])
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_the_alias_follows_the_newest_model_version(engine, tmp_path):
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_the_alias_follows_the_newest_model_version(engine, tmp_path, engines):
     path = str(tmp_path / "index")
     for version in ("m1", "m2"):
-        idx = ENGINES[engine](path, version)
+        idx = engines[engine](path, version)
         idx.ensure_collection(DIMS)
         idx.close()
     if engine.startswith("edge"):
         aliases = json.loads((tmp_path / "index" / "aliases.json").read_text())
         assert aliases == {"loupe": "loupe__m2"}
+    elif engine.startswith("server"):
+        idx = engines[engine](path, "m2")
+        assert idx.live_collection() == f"{idx.alias}__m2"
+        live = {a.alias_name: a.collection_name for a in idx.client.get_aliases().aliases}
+        idx.close()
+        assert live[idx.alias] == f"{idx.alias}__m2"
     else:
         from qdrant_client import QdrantClient
 

@@ -1,5 +1,6 @@
 """The lifecycle of collections: the alias, cards, retirement and drops on both embedded engines
-(the same tests), following a switch, rollback, the count check and the ingest's hand-over."""
+and a real Qdrant server (the same tests; the server's cases are marked integration),
+following a switch, rollback, the count check and the ingest's hand-over."""
 
 from __future__ import annotations
 
@@ -51,9 +52,13 @@ def _card(version: str, state="live", image_weight=0.5, **fields) -> CollectionC
     return CollectionCard(ModelCard.of(profile, version), state, **fields)
 
 
-@pytest.fixture(params=sorted(ENGINES))
-def catalog(request, tmp_path):
-    index = ENGINES[request.param](str(tmp_path / "index"))
+@pytest.fixture(params=[*sorted(ENGINES), pytest.param("server", marks=pytest.mark.integration)])
+def catalog(request, tmp_path, index_prefix):
+    if request.param == "server":  # the session's server; this test's collections its own
+        url = request.getfixturevalue("qdrant_server").url
+        index = QdrantIndex(model_version="m1", url=url, prefix=index_prefix)
+    else:
+        index = ENGINES[request.param](str(tmp_path / "index"))
     yield index
     index.close()
 
@@ -105,7 +110,7 @@ def test_retired_collections_go_after_their_grace_never_the_live_one(catalog):
     assert drop_expired(catalog, keep=[], now=1011.0) == [a.collection]
     assert catalog.collections() == sorted([b.collection, c.collection])
     assert read_card(catalog, a.collection) is None
-    with pytest.raises(ValueError, match="the alias loupe points at it"):
+    with pytest.raises(ValueError, match=f"the alias {catalog.alias} points at it"):
         catalog.drop_collection(b.collection)
     b.close()
 

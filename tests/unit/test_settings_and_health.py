@@ -96,3 +96,40 @@ def test_health_endpoints_and_a_taken_port():
             HealthServer(metrics, lambda: (True, "ready"), port=server.port)
     finally:
         server.stop()
+
+
+def test_a_cluster_topology_needs_a_server_and_copies_enough(monkeypatch):
+    from loupe.consumers.index import Topology
+
+    settings = Settings(
+        index_url="http://127.0.0.1:6333",
+        index_shards=3,
+        index_replication_factor=2,
+        index_write_consistency=1,
+    )
+    assert settings.index_topology() == Topology(3, 2, 1)
+    assert settings.index_topology().collection_options() == {
+        "shard_number": 3,
+        "replication_factor": 2,
+        "write_consistency_factor": 1,
+    }
+    monkeypatch.setenv("LOUPE_INDEX_SHARDS", "3")
+    with pytest.raises(ConfigError, match="set LOUPE_INDEX_URL too"):
+        load_settings()
+    monkeypatch.setenv("LOUPE_INDEX_URL", "http://127.0.0.1:6333")
+    monkeypatch.setenv("LOUPE_INDEX_WRITE_CONSISTENCY", "2")
+    with pytest.raises(ConfigError, match=r"WRITE_CONSISTENCY \(2\) cannot exceed"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [("1.18.3", True), ("1.21.0", True), ("1.17.9", False), ("2.0.0", False), ("dev", False)],
+)
+def test_the_server_versions_loupe_supports(version, supported):
+    from loupe.consumers.index import check_server_version
+
+    problem = check_server_version(version)
+    assert (problem is None) == supported
+    if not supported:
+        assert "Loupe supports 1.18 to 1.21" in problem
