@@ -69,7 +69,7 @@ from loupe.dev.cdn import cdn_process
 from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port
 from loupe.dev.qdrant import LocalQdrant, find_qdrant
 from loupe.encoders.fused import FusedEncoder
-from loupe.train.augment import phone_photo
+from loupe.evaluation.simulators import phone_photo
 
 MERCHANT = "giva"
 ENGINES = ("edge", "server")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
-from loupe.train.augment import phone_photo
+from loupe.evaluation.simulators import phone_photo
 
 FITS = ("pad", "center_crop", "squash")
 

@@ -1,89 +1,231 @@
-"""Retrieval quality of the fusion model on the real jewelry catalog: untrained, trained with
-InfoNCE alone, and trained as Loupe trains (InfoNCE + the neighbourhood KL terms), side by side;
-``--ablation`` adds Loupe's training without each of its other choices.
+"""Retrieval quality of the fusion model on the real jewelry catalog, judged by simulators that
+training never uses: untrained and trained as `loupe train` trains, side by side, over several
+seeds; ``--ablation`` adds InfoNCE alone and Loupe's training without each of its other choices.
 
-Every product is asked for with a simulated shopper photo from the evaluation simulator
-(``phone_photo``, seeds training never uses), alone, with a short text (the held-back
-``subcategory`` template, e.g. "diamond ring"), and the text alone; the index is the whole
-catalog. Rankings are exact cosines over the same views the service stores, so they are what
-the service answers (its embedded index searches exactly by default). Held-out products (20%)
-are never trained on.
+Every product is asked for three ways: a shopper photo, that photo with a short text (the
+held-back ``subcategory`` template, e.g. "diamond ring"), and the text alone; the index is the
+whole catalog. The photos come from each evaluation simulator in ``loupe.evaluation.simulators``:
 
-    .venv/bin/python -m bench.quality                 # 16 views, both objectives
-    .venv/bin/python -m bench.quality --ablation      # and without each choice
-    .venv/bin/python -m bench.quality --views 8 --steps 300
+- ``loupe``: Loupe's own evaluation family (``phone_photo``: a tinted table, tilt, 4:3, the
+  product in frame);
+- ``torchvision``: standard torchvision transforms only, with ranges training does not use
+  (crops anywhere, scale 0.35-1.0 and aspect 0.5-2.0, so some cut the product; rotation up to
+  10 degrees; colour jitter 0.4; blur; the long side 160-640 pixels; JPEG 30-80).
+
+Training's own simulator (``loupe.train.augment``) is never imported by the evaluation and vice
+versa. Each seed draws other training photos, another held-out fifth of the products (never
+trained on: the products a merchant adds after training) and other evaluation photos; the tables
+give the mean over the seeds and, after ±, the standard deviation. Rankings are exact cosines over
+the views the service stores, ranked as the service ranks them (``consumers/ranking.py``).
+
+Text in Chinese (``--languages``): for each text tower, MiniLM and multilingual-e5-small, the
+catalog's products are asked for by their category and sub-category in words (text alone): in
+English on the English catalog, in Chinese on the same catalog rendered in Chinese through a
+glossary (``loupe.evaluation.chinese``), and in Chinese on the English catalog. Category P@10
+per (queries, catalog, tower). The text view is the frozen tower's, trained or not.
+
+    .venv/bin/python -m bench.quality                      # 3 seeds, both simulators
+    .venv/bin/python -m bench.quality --seeds 0 --ablation # and without each choice
+    .venv/bin/python -m bench.quality --languages          # English and Chinese text, both towers
+    LOUPE_TEXT_BACKBONE=multilingual-e5-small .venv/bin/python -m bench.quality  # its photo tables
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 
+import numpy as np
 import torch
 
 from loupe.consumers.settings import load_settings
 from loupe.dev.catalog import load_catalog, training_products
+from loupe.evaluation.photos import shopper_queries
+from loupe.evaluation.simulators import SIMULATORS
 from loupe.train.config import TrainConfig
-from loupe.train.evaluate import scores_table
+from loupe.train.evaluate import KINDS
 from loupe.train.features import extract_features
 from loupe.train.pipeline import untrained_encoder
 from loupe.train.trainer import evaluate_splits, train
+
+METRICS = ("recall_at_1", "recall_at_10", "category_p10")
+SPLITS = ("seen", "held_out")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--views", type=int, default=TrainConfig.views)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated; mean and spread")
+    parser.add_argument("--simulators", default=",".join(SIMULATORS))
     parser.add_argument("--limit", type=int, default=None, help="use only the first N products")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="also without each of Loupe's choices: the photo + text answer anchored on the "
+        help="also InfoNCE alone, and Loupe without: the photo + text answer anchored on the "
         "image view's best match, the words in the fused query's neighbourhood target, the "
         "frozen text view",
     )
+    parser.add_argument(
+        "--languages",
+        action="store_true",
+        help="only the text table: English and Chinese queries and catalogs, both text towers",
+    )
     args = parser.parse_args()
+    if args.languages:
+        products = training_products(load_catalog()[: args.limit])
+        print(language_table(products))
+        return
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    simulators = [s.strip() for s in args.simulators.split(",") if s.strip()]
+    unknown = set(simulators) - set(SIMULATORS)
+    if unknown:
+        parser.error(f"unknown simulators {sorted(unknown)}; known: {', '.join(SIMULATORS)}")
     settings = load_settings()
     encoder = untrained_encoder(settings)
+    cache = settings.state_dir / "train-cache"
     products = training_products(load_catalog()[: args.limit])
     print(f"{len(products)} products; model base {encoder.base_version} on {encoder.device}")
-    started = time.perf_counter()
-    features = extract_features(
-        encoder,
-        products,
-        views=args.views,
-        seed=args.seed,
-        cache_dir=settings.state_dir / "train-cache",
-    )
-    print(f"features: {time.perf_counter() - started:.0f} s (cached for the next run)")
-    variants = {"InfoNCE alone": {"neighbourhood_weight": 0.0}, "Loupe": {}}
+    variants = {"Loupe": {}}
     if args.ablation:
-        variants |= {
+        variants = {
+            "InfoNCE alone": {"neighbourhood_weight": 0.0},
+            "Loupe": {},
             "query target: fused": {"query_words_share": 0.0},
             "text head trained": {"train_text_head": True},
         }
-    columns, times = {}, {}
-    for label, changes in variants.items():
-        config = dataclasses.replace(
-            TrainConfig(views=args.views, steps=args.steps, seed=args.seed), **changes
-        )
-        torch.manual_seed(args.seed)
-        result = train(features, encoder.fusion, config, device=encoder.device)
-        columns.setdefault("untrained", result.before)
-        columns[label] = result.after
-        times[label] = result.seconds
-        if args.ablation and label == "Loupe":
-            columns["no anchor"] = evaluate_splits(
-                result.model, features, config, anchor=False, device=encoder.device
+    # runs[simulator][model] -> one scores dict per seed
+    runs: dict[str, dict[str, list]] = {sim: {} for sim in simulators}
+    feature_s, train_s = [], []
+    for seed in seeds:
+        started = time.perf_counter()
+        features = extract_features(encoder, products, views=args.views, seed=seed, cache_dir=cache)
+        queries = {
+            sim: shopper_queries(encoder, products, sim, seed, cache_dir=cache)
+            for sim in simulators
+        }
+        feature_s.append(time.perf_counter() - started)
+        for label, changes in variants.items():
+            config = dataclasses.replace(
+                TrainConfig(views=args.views, steps=args.steps, seed=seed), **changes
             )
+            torch.manual_seed(seed)
+            result = train(features, encoder.fusion, config, device=encoder.device)
+            if label == "Loupe":
+                train_s.append(result.seconds)
+            for sim in simulators:
+                asked = (queries[sim].photo, queries[sim].text)
+                models = {label: result.model}
+                if label == "Loupe":
+                    models["untrained"] = encoder.fusion
+                for name, model in models.items():
+                    scores = evaluate_splits(
+                        model, features, config, device=encoder.device, queries=asked
+                    )
+                    runs[sim].setdefault(name, []).append(scores)
+                if args.ablation and label == "Loupe":
+                    scores = evaluate_splits(
+                        result.model,
+                        features,
+                        config,
+                        anchor=False,
+                        device=encoder.device,
+                        queries=asked,
+                    )
+                    runs[sim].setdefault("no anchor", []).append(scores)
+        print(f"seed {seed} done in {time.perf_counter() - started:.0f} s", flush=True)
+    for sim in simulators:
+        order = ["untrained", *(m for m in runs[sim] if m != "untrained")]
+        print(f"\n### {sim} simulator ({len(seeds)} seeds: mean ± sd; R@1 / R@10 / P@10)\n")
+        print(table({model: runs[sim][model] for model in order}))
     print()
-    print(scores_table(columns))
-    print()
-    for label, seconds in times.items():
-        print(f"training ({label}): {seconds:.0f} s for {args.steps} steps")
+    print(f"features and evaluation photos: {', '.join(f'{s:.0f}' for s in feature_s)} s per seed")
+    print(f"training ({args.steps} steps): {', '.join(f'{s:.0f}' for s in train_s)} s per seed")
     encoder.close()
+
+
+TEXT_TOWERS = ("all-minilm-l6-v2", "multilingual-e5-small")
+
+
+def language_table(products) -> str:
+    """Category P@10 of text queries by category and sub-category, per language pairing and
+    tower (a Markdown table)."""
+    from loupe.encoders.text_towers import TextEncoder
+    from loupe.evaluation.chinese import chinese_product, chinese_queries, english_queries
+
+    labels = np.array([p.category for p in products])
+    catalogs = {"English": [p.text for p in products]}
+    catalogs["Chinese"] = [chinese_product(p).text for p in products]
+    asked = {"English": [english_queries(p) for p in products]}
+    asked["Chinese"] = [chinese_queries(p) for p in products]
+    pairings = [("English", "English"), ("Chinese", "Chinese"), ("Chinese", "English")]
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    for name in TEXT_TOWERS:
+        tower = TextEncoder(name)
+        index = {lang: _encode(tower, texts, query=False) for lang, texts in catalogs.items()}
+        for query_lang, catalog_lang in pairings:
+            rows, texts = [], []
+            for row, queries in enumerate(asked[query_lang]):
+                rows += [row] * len(queries)
+                texts += queries
+            vectors = _encode(tower, texts, query=True)
+            scores = vectors @ index[catalog_lang].T  # (Q, N)
+            top = np.argsort(-scores, axis=1)[:, :10]
+            precision = (labels[top] == labels[np.array(rows)][:, None]).mean()
+            results.setdefault((query_lang, catalog_lang), {})[name] = float(precision)
+        del tower
+    lines = [
+        "| queries | catalog | " + " | ".join(TEXT_TOWERS) + " |",
+        "|---|---|" + "---|" * len(TEXT_TOWERS),
+    ]
+    for (query_lang, catalog_lang), by_tower in results.items():
+        cells = " | ".join(f"{by_tower[name]:.3f}" for name in TEXT_TOWERS)
+        lines.append(f"| {query_lang} | {catalog_lang} | {cells} |")
+    count = sum(len(q) for q in asked["English"])
+    return (
+        f"text queries by category and sub-category ({count} per language, {len(products)} "
+        "products): category P@10\n\n" + "\n".join(lines)
+    )
+
+
+def _encode(tower, texts: list[str], *, query: bool, batch: int = 64) -> np.ndarray:
+    parts = [
+        tower.encode(texts[i : i + batch], queries=[query] * len(texts[i : i + batch])).numpy()
+        for i in range(0, len(texts), batch)
+    ]
+    return np.concatenate(parts)
+
+
+def table(models: dict[str, list]) -> str:
+    """A Markdown table: one row per (split, query kind), one column per model, each cell the
+    three metrics' means over the seeds, and their standard deviations where they vary."""
+    lines = [
+        "| products | query | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
+    for split in SPLITS:
+        for kind in KINDS:
+            cells = []
+            for runs in models.values():
+                values = [
+                    [getattr(run[split][kind], metric) for run in runs if split in run]
+                    for metric in METRICS
+                ]
+                cells.append(" / ".join(_cell(v) for v in values))
+            name = "trained on" if split == "seen" else "held out"
+            lines.append(f"| {name} | {kind.replace('+', ' + ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f}" if spread < 0.0005 else f"{mean:.3f} ± {spread:.3f}"
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
 from loupe.encoders.fusion import FusionModel, save_fusion
 from loupe.encoders.profile import ModelProfile
-from loupe.train.augment import phone_photo
+from loupe.evaluation.simulators import phone_photo
 
 MERCHANT = "giva"
 

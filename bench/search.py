@@ -45,7 +45,7 @@ from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder
-from loupe.train.augment import phone_photo
+from loupe.evaluation.simulators import phone_photo
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [

@@ -51,6 +51,8 @@ class ModelCard:
     fit: str
     image_pooling: str
     max_text_tokens: int
+    # None: the backbone's own input side (what every card before LOUPE_IMAGE_SIDE meant)
+    image_side: int | None = None
 
     @classmethod
     def of(cls, profile: ModelProfile, model_version: str) -> ModelCard:
@@ -69,6 +71,7 @@ class ModelCard:
             fit=profile.fit,
             image_pooling=profile.image_pooling,
             max_text_tokens=profile.max_text_tokens,
+            image_side=profile.image_side,
         )
 
     def profile(self, local: ModelProfile) -> ModelProfile:
@@ -84,6 +87,7 @@ class ModelCard:
             fit=self.fit,  # type: ignore[arg-type]
             image_pooling=self.image_pooling,  # type: ignore[arg-type]
             max_text_tokens=self.max_text_tokens,
+            image_side=self.image_side,
         )
 
 

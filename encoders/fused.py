@@ -50,6 +50,9 @@ class EncodeInput:
     image: bytes | None = None
     media_type: str | None = None  # declared type, checked against the content if given
     text: str | None = None
+    # The text is a shopper's query, not a product's (a text tower may read the two with
+    # different prefixes: e5's "query: " and "passage: "). encode_queries sets it.
+    query: bool = False
 
 
 @dataclass
@@ -122,6 +125,10 @@ class FusedEncoder:
             "fused": fusion.config.dim,
         }
         self.base_version = _base_version(image_encoder, text_encoder, fit)
+        # Each tower's part of it: what its vectors depend on (a cache of one tower's vectors
+        # stays valid when only the other tower changes).
+        self.image_base = _image_base(image_encoder, fit)
+        self.text_base = _text_base(text_encoder)
         self.model_version = model_version(self.base_version, fusion)
         on_cuda = device.type == "cuda"
         self._stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-stage")
@@ -173,6 +180,7 @@ class FusedEncoder:
             profile.image_weights,
             allow_download=profile.allow_download,
             pooling=profile.image_pooling,
+            input_side=profile.image_side,
         )
         text = TextEncoder(
             profile.text_backbone,
@@ -251,7 +259,7 @@ class FusedEncoder:
     def encode_queries(self, items: Sequence[EncodeInput]) -> list[Encoded]:
         """Shopper queries: image, text or both."""
         _check_inputs(items, "query")
-        return self._encode(items)
+        return self._encode([i if i.query else dataclasses.replace(i, query=True) for i in items])
 
     def encode_towers(self, items: Sequence[EncodeInput]) -> list[Encoded]:
         """The frozen towers' unit vectors (``image``, ``text``), before the trainable heads and
@@ -312,6 +320,7 @@ class FusedEncoder:
                 self.text_encoder.tokenize,
                 [batch[i].text[:MAX_TEXT_CHARS] for i in texted],
                 torch.device("cpu"),
+                [batch[i].query for i in texted],
             )
             if texted
             else None
@@ -505,3 +514,13 @@ def _base_version(image: ImageEncoder, text: TextEncoder, fit: Fit) -> str:
         f".{fit}{image.input_side}-{image.pooling}-t{text.max_tokens}"
     )
     return re.sub(r"[^A-Za-z0-9._-]", "_", version)
+
+
+def _image_base(image: ImageEncoder, fit: Fit) -> str:
+    version = f"{image.name}-{image.weights_id}.{fit}{image.input_side}-{image.pooling}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", version)
+
+
+def _text_base(text: TextEncoder) -> str:
+    text_name = Path(text.name).name if Path(text.name).is_dir() else text.name
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{text_name}-{text.weights_id}-t{text.max_tokens}")

@@ -187,17 +187,22 @@ class ImageEncoder(nn.Module):
         *,
         allow_download: bool = False,
         pooling: Pooling = "gem",
+        input_side: int | None = None,
     ) -> None:
         """``weights``: None for the backbone's default source, a file path, or ``"random"``.
-        ``pooling``: how the last feature maps become one vector (``avg`` or ``gem``)."""
+        ``pooling``: how the last feature maps become one vector (``avg`` or ``gem``).
+        ``input_side``: the square the photos are resized to (None: the backbone's own); a
+        convolutional backbone reads any size, its feature map is 1/32 of it."""
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if input_side is not None and (input_side % 32 or not 96 <= input_side <= 1024):
+            raise ValueError(f"input_side must be a multiple of 32 in [96, 1024], got {input_side}")
         self.pooling = pooling
         self.spec = image_backbone_spec(name)
         self.name = name
         self.dim = self.spec.dim
-        self.input_side = self.spec.input_side
+        self.input_side = input_side or self.spec.input_side
         if weights == RANDOM:
             with torch.random.fork_rng():
                 torch.manual_seed(0)  # random, but the same random: results stay reproducible

@@ -40,6 +40,10 @@ class ModelProfile:
     image_weight: float = 0.5  # share of the fused cosine from the image view
     fit: Fit = "pad"  # pad beat center_crop on jewelry photos (bench/preprocess.py)
     image_pooling: Pooling = "gem"  # gem beat avg for a shopper photo's own product (0.86/0.81)
+    # The square side photos are resized to for the image tower; None: the backbone's own
+    # (224 for EfficientNet-Lite0). 288 keeps the fine detail that tells look-alike jewelry
+    # apart (docs/training.md, "Input size"); a multiple of 32.
+    image_side: int | None = 288
     max_text_tokens: int = MAX_TEXT_TOKENS
     device: str = "auto"  # auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere

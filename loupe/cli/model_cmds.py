@@ -112,19 +112,27 @@ def models() -> int:
             else ("not cached")
         )
 
-    rows = [("tower", "name", "dim", "weights", "from")]
+    rows = [("tower", "name", "dim", "weights", "text in", "from")]
     for name, spec in IMAGE_BACKBONES.items():
         mark = "*" if name == config.image_backbone else " "
         rows.append(
-            (f"{mark}image", name, str(spec.dim), status(spec.default_weights), spec.weights_from)
+            (
+                f"{mark}image",
+                name,
+                str(spec.dim),
+                status(spec.default_weights),
+                "-",
+                spec.weights_from,
+            )
         )
     for name, spec in TEXT_BACKBONES.items():
         mark = "*" if name == config.text_backbone else " "
-        rows.append((f"{mark}text", name, str(spec.dim), status(spec.source), spec.weights_from))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        found = status(spec.installed or spec.source)
+        rows.append((f"{mark}text", name, str(spec.dim), found, spec.languages, spec.weights_from))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        click.echo("  ".join([*cells, row[4]]).rstrip())
+        click.echo("  ".join([*cells, row[5]]).rstrip())
     click.echo(
         "\n* the configured backbones (LOUPE_IMAGE_BACKBONE, LOUPE_TEXT_BACKBONE); a local model "
         "directory also works as LOUPE_TEXT_BACKBONE."

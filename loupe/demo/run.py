@@ -24,9 +24,9 @@ from loupe.demo.report import DemoQuery, format_filters, render_report, thumbnai
 from loupe.dev.catalog import CatalogProduct, load_catalog, upserted_event
 from loupe.dev.cdn import StandInCdn
 from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port
+from loupe.evaluation.simulators import phone_photo
 from loupe.progress import progress
 from loupe.schemas.search import parse_search_response
-from loupe.train.augment import phone_photo
 
 SEARCH_RATE = 4.0  # requests per second the shoppers send
 TEXT_QUERIES = [

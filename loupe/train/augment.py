@@ -1,18 +1,22 @@
-"""Simulated shopper photos: one catalog photo in, a plausible phone photo out.
+"""Simulated shopper photos for training: one catalog photo in, a plausible phone photo out.
 
-Two families. ``shopper_photo`` is the *training* family; ``phone_photo`` is the *evaluation*
-family (also the demo's and the benchmarks' shoppers), written separately with other steps and
-ranges and always drawn with other seeds, so that a model cannot score well by learning one
-simulator's quirks. Every step is drawn from a seeded ``random.Random``: the same
-(photo, seed) gives the same bytes, which is what makes the feature cache valid.
+The evaluation simulators live in ``loupe.evaluation.simulators``, apart: this module never
+imports them, so that training cannot learn the quirks of the simulator it is judged by. Every
+step is drawn from a seeded ``random.Random``: the same (photo, seed) gives the same bytes,
+which is what makes the feature cache valid.
 
-``shopper_photo``'s steps, each applied with some probability: background swap (flat, gradient
-or textured surface), random resized crop, rotation, perspective (the phone is not square to the
-product), lighting and colour shifts, blur, noise, downscaling, JPEG recompression.
+``shopper_photo``'s steps, each applied with some probability, over ranges wider than any one
+shopper's photo, because real ones vary in ways no single simulator foresees: half the photos
+on another surface (flat, gradient or textured), some of those from a step back (the product
+small in a wider frame), the other half on the catalog's own white sweep (a photo of a screen
+or a print, a product page's image); rotation up to 30 degrees, perspective (the phone is not
+square to the product), a crop of 30-100% of the area that usually keeps most of the product
+and sometimes cuts it (``PARTIAL_FRAMING``), lighting and colour shifts, blur, noise, a low
+resolution, JPEG at quality 15-90.
 
-Both frame the product as a shopper would: a crop or framing is drawn again until it keeps most
-of the product's solid parts (``_framing``), so a tall pendant photo does not become a photo of
-its chain alone.
+``framing`` picks where a crop goes: a crop that keeps most of the product's solid parts, so
+that a tall pendant photo does not become a photo of its chain alone, or one that keeps only
+part of it, as a shopper's close-up or careless framing does.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from PIL import Image, ImageEnhance, ImageFilter
 from loupe.encoders.images import DecodeLimits, decode_image
 
 WORK_SIDE = 448  # the catalog photo is reduced to this first: every later step is cheaper
-PRODUCT_IN_FRAME = 0.7  # share of the product's body a simulated photo's framing keeps
+PRODUCT_IN_FRAME = 0.7  # share of the product's body a framing keeps
+PARTIAL_IN_FRAME = 0.3  # ... and a partial one (a close-up, a careless crop) at least
+PARTIAL_FRAMING = 0.35  # share of training photos framed partially
+SCENE_SHARE = 0.5  # share of training photos on another surface (the rest keep the studio's)
 FRAMING_TRIES = 32  # framings drawn before the one keeping the most of the product is taken
 
 
@@ -45,37 +52,58 @@ def shopper_photo(studio: Image.Image, seed: int) -> bytes:
     ``studio_photo``'s image, which is not changed. Deterministic per seed."""
     rng = random.Random(seed)
     image = studio.copy()
-    body = _product_body(image)  # moved with the photo, so that the crop keeps the product
+    body = product_body(image)  # moved with the photo, so that the crop knows the product
     surface = _surface(image.size, rng)
-    if rng.random() < 0.8:
+    fill = _edge(surface)
+    if rng.random() < SCENE_SHARE:  # on a table, a cloth, a hand: not the studio sweep
         image = _on_surface(image, surface)
+        if rng.random() < 0.4:  # a step back: the product smaller in a wider frame
+            image, body = _step_back(image, body, surface, rng.uniform(1.2, 2.2), rng)
+    else:  # the catalog photo itself, re-photographed: its white sweep stays
+        fill = (255, 255, 255)
     if rng.random() < 0.7:
-        angle = rng.uniform(-25, 25)
-        image = image.rotate(angle, resample=Image.BILINEAR, fillcolor=_edge(surface))
+        angle = rng.uniform(-30, 30)
+        image = image.rotate(angle, resample=Image.BILINEAR, fillcolor=fill)
         body = body.rotate(angle, resample=Image.BILINEAR, fillcolor=0)
-    if rng.random() < 0.5:
+    if rng.random() < 0.4:
         coefficients = _perspective(image.size, rng)
         image = image.transform(
-            image.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR, fillcolor=_edge(surface)
+            image.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR, fillcolor=fill
         )
         body = body.transform(body.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR)
-    image = _resized_crop(image, body, rng)
-    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.25))
-    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.7, 1.2))
-    image = ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.3))
+    keep = PARTIAL_IN_FRAME if rng.random() < PARTIAL_FRAMING else PRODUCT_IN_FRAME
+    image = _resized_crop(image, body, rng, keep)
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.6, 1.35))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.65, 1.3))
+    image = ImageEnhance.Color(image).enhance(rng.uniform(0.5, 1.4))
     if rng.random() < 0.6:
-        image = _white_balance(image, rng.uniform(-18, 18))
+        image = _white_balance(image, rng.uniform(-25, 25))
     if rng.random() < 0.6:
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 2.0)))
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 2.5)))
     if rng.random() < 0.4:
         image = _noise(image, rng)
-    if rng.random() < 0.4:  # a small or far-away shot, scaled back up by the app
-        side = rng.randint(64, 160)
+    if rng.random() < 0.5:  # a small or far-away shot, scaled back up by the app
+        side = rng.randint(48, 200)
         small = image.resize((side, max(1, side * image.height // image.width)), Image.BILINEAR)
         image = small.resize(image.size, Image.BILINEAR)
     out = io.BytesIO()
-    image.save(out, "JPEG", quality=rng.randint(40, 90))
+    image.save(out, "JPEG", quality=rng.randint(15, 90))
     return out.getvalue()
+
+
+def _step_back(
+    image: Image.Image, body: Image.Image, surface: Image.Image, factor: float, rng: random.Random
+) -> tuple[Image.Image, Image.Image]:
+    """The photo shrunk by ``factor`` and laid somewhere on the surface, as a shopper standing
+    farther away sees it; the product's body moves with it."""
+    width, height = image.size
+    small = (max(1, round(width / factor)), max(1, round(height / factor)))
+    left, top = rng.randint(0, width - small[0]), rng.randint(0, height - small[1])
+    canvas = surface.copy()
+    canvas.paste(image.resize(small, Image.BILINEAR), (left, top))
+    moved = Image.new("L", body.size, 0)
+    moved.paste(body.resize(small, Image.BILINEAR), (left, top))
+    return canvas, moved
 
 
 def _surface(size: tuple[int, int], rng: random.Random) -> Image.Image:
@@ -98,10 +126,10 @@ def _surface(size: tuple[int, int], rng: random.Random) -> Image.Image:
 
 def _on_surface(image: Image.Image, surface: Image.Image) -> Image.Image:
     """Replace the white studio backdrop by the surface."""
-    return Image.composite(image, surface, _product_mask(image))
+    return Image.composite(image, surface, product_mask(image))
 
 
-def _product_mask(image: Image.Image) -> Image.Image:
+def product_mask(image: Image.Image) -> Image.Image:
     """Where the product is, grown a little and softened: the alpha that lays the product on
     another surface."""
     return _foreground(image).filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.GaussianBlur(2))
@@ -112,7 +140,7 @@ def _foreground(image: Image.Image) -> Image.Image:
     return image.convert("L").point(lambda v: 255 if v < 238 else 0)
 
 
-def _product_body(image: Image.Image) -> Image.Image:
+def product_body(image: Image.Image) -> Image.Image:
     """The product's solid parts, for framing: its mask with thin lines eroded away (a
     pendant's chain holds as many pixels as the pendant, yet a photo of the chain alone does not
     show the product); the whole mask when nothing is solid (a thin chain is the product)."""
@@ -121,13 +149,16 @@ def _product_body(image: Image.Image) -> Image.Image:
     return body if body.getbbox() else grey
 
 
-def _framing(
-    mask: Image.Image, size: tuple[int, int], draw: Callable[[], tuple[int, int]]
+def framing(
+    mask: Image.Image,
+    size: tuple[int, int],
+    draw: Callable[[], tuple[int, int]],
+    keep: float = PRODUCT_IN_FRAME,
 ) -> tuple[int, int]:
     """The top-left corner of a ``size`` frame over an image whose product's body is ``mask``
-    (``_product_body``): corners from ``draw`` until one keeps at least ``PRODUCT_IN_FRAME`` of
-    it, else the best of ``FRAMING_TRIES``. A shopper frames the product: a free crop of a
-    pendant's tall photo kept only its chain in 12 of the catalog's 236 evaluation photos."""
+    (``product_body``): corners from ``draw`` until one keeps at least ``keep`` of it, else
+    the best of ``FRAMING_TRIES``. A free crop of a pendant's tall photo kept only its chain in
+    12 of the catalog's 236 evaluation photos."""
     scale = max(1, max(mask.size) // 128)  # shares measured on a reduced mask: cheap, enough
     small = np.asarray(mask.reduce(scale), dtype=np.float64) / 255.0
     summed = np.zeros((small.shape[0] + 1, small.shape[1] + 1))
@@ -143,7 +174,7 @@ def _framing(
         x1 = max(0, min(small.shape[1], round((left + size[0]) / scale)))
         y1 = max(0, min(small.shape[0], round((top + size[1]) / scale)))
         share = (summed[y1, x1] - summed[y0, x1] - summed[y1, x0] + summed[y0, x0]) / total
-        if share >= PRODUCT_IN_FRAME:
+        if share >= keep:
             return corner
         if share > best_share:
             best, best_share = corner, share
@@ -184,18 +215,21 @@ def _perspective_coefficients(
     return np.linalg.solve(a, b).tolist()
 
 
-def _resized_crop(image: Image.Image, body: Image.Image, rng: random.Random) -> Image.Image:
-    """Keep 45-100% of the area at a phone-like aspect ratio, off-centre, with the product's
-    ``body`` in the frame."""
+def _resized_crop(
+    image: Image.Image, body: Image.Image, rng: random.Random, keep: float
+) -> Image.Image:
+    """Keep 30-100% of the area at a phone-like aspect ratio, off-centre, with at least
+    ``keep`` of the product's ``body`` in the frame."""
     width, height = image.size
-    area = width * height * rng.uniform(0.45, 1.0)
+    area = width * height * rng.uniform(0.3, 1.0)
     ratio = rng.choice((3 / 4, 4 / 3, 1.0, 9 / 16, 16 / 9)) * rng.uniform(0.9, 1.1)
     crop_w = min(width, max(16, round((area * ratio) ** 0.5)))
     crop_h = min(height, max(16, round((area / ratio) ** 0.5)))
-    left, top = _framing(
+    left, top = framing(
         body,
         (crop_w, crop_h),
         lambda: (rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)),
+        keep,
     )
     return image.crop((left, top, left + crop_w, top + crop_h))
 
@@ -210,45 +244,3 @@ def _white_balance(image: Image.Image, shift: float) -> Image.Image:
 def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
     noise = Image.effect_noise(image.size, rng.uniform(8, 25)).convert("RGB")
     return Image.blend(image, noise, rng.uniform(0.04, 0.12))
-
-
-def phone_photo(image_bytes: bytes, seed: int, limits: DecodeLimits | None = None) -> bytes:
-    """A shopper's photo of the product (evaluation family): off-centre, tilted, zoomed, warmer
-    or cooler, softer, on a table instead of a white sweep, in 4:3, re-compressed. Decoded
-    under the model's limits (``ImageRejected``). Deterministic per seed."""
-    rng = random.Random(seed)
-    image = decode_image(image_bytes, limits=limits)
-    width, height = image.size
-    # The product on a tinted surface: replace the white backdrop by a table colour.
-    table = tuple(rng.randint(170, 235) for _ in range(3))
-    body = _product_body(image)
-    image = Image.composite(image, Image.new("RGB", image.size, table), _product_mask(image))
-    # Tilt, and frame it off-centre and closer or farther than the catalog shot, with the
-    # product in the frame.
-    angle = rng.uniform(-15, 15)
-    image = image.rotate(angle, resample=Image.BICUBIC, fillcolor=table)
-    body = body.rotate(angle, resample=Image.BILINEAR, fillcolor=0)
-    zoom = rng.uniform(0.75, 1.05)
-    crop_w, crop_h = int(width * zoom), int(height * zoom * 0.75)
-    left, top = _framing(
-        body,
-        (crop_w, crop_h),
-        lambda: (
-            rng.randint(min(0, width - crop_w), max(0, width - crop_w)),
-            rng.randint(min(0, height - crop_h), max(0, height - crop_h)),
-        ),
-    )
-    framed = Image.new("RGB", (crop_w, crop_h), table)
-    framed.paste(image, (-left, -top))
-    image = framed.resize((800, 600), Image.BILINEAR)
-    # Light and optics: exposure, contrast, white balance, focus, sensor noise.
-    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.15))
-    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.1))
-    r, g, b = image.split()
-    warm = rng.uniform(-12, 12)
-    r = r.point(lambda v: max(0, min(255, int(v + warm))))
-    b = b.point(lambda v: max(0, min(255, int(v - warm))))
-    image = Image.merge("RGB", (r, g, b)).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.3)))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=rng.randint(65, 85))
-    return out.getvalue()

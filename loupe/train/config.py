@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TrainConfig:
-    views: int = 16  # simulated shopper photos (and query texts) per product, cached
+    views: int = 12  # simulated shopper photos (and query texts) per product, cached
     holdout: float = 0.2  # share of products never trained on, measured apart
     steps: int = 600  # optimiser steps
     batch_size: int = 128  # products per step; the others in the batch are the negatives

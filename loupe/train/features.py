@@ -7,8 +7,9 @@ texts, the number of views, the seed). A second ``loupe train`` on the same cata
 catalog with a few new products, computes only what is new.
 
 Per product: the catalog photo and text (what the index holds), ``views`` simulated shopper
-photos with a short query text each (training), and one evaluation photo from another simulator
-and seed family with the held-back query template (evaluation).
+photos with a short query text each (training), and one more simulated photo, which training
+never draws, with the held-back query template: what ``loupe train`` reports its progress on.
+Photos from simulators training never saw are ``loupe.evaluation``'s (``bench.quality``).
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ import numpy as np
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.encoders.images import DecodeLimits
 from loupe.progress import progress
-from loupe.train.augment import phone_photo, shopper_photo, studio_photo
+from loupe.train.augment import shopper_photo, studio_photo
 from loupe.train.queries import evaluation_query, training_queries
 from loupe.train.source import TrainingProduct
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED_OFFSET = 1_000_000_007  # evaluation photos never share a seed with training views
-FEATURE_FORMAT = "3"  # bump when the simulators or the query templates change: stale cache
+FEATURE_FORMAT = "5"  # bump when the simulator or the query templates change: stale cache
 PRODUCTS_PER_CHUNK = 8  # products whose photos are simulated and encoded together
 
 
@@ -49,20 +49,27 @@ class CatalogFeatures:
     catalog_text: np.ndarray  # (N, Dt)
     view_image: np.ndarray  # (N, K, Di) simulated shopper photos
     view_text: np.ndarray  # (N, K, Dt) a short query text per view
-    eval_image: np.ndarray  # (N, Di) a photo from the evaluation simulator
+    eval_image: np.ndarray  # (N, Di) a simulated photo training never draws
     eval_text: np.ndarray  # (N, Dt) the held-back query template
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def product_digest(product: TrainingProduct, base_version: str, views: int, seed: int) -> str:
+def product_digest(product: TrainingProduct, tower_base: str, views: int, seed: int) -> str:
+    """The cache key of one product's vectors from one tower (``tower_base``: the encoder's
+    ``image_base`` or ``text_base``): a product's photo vectors stay valid when only the text
+    tower changes, and the other way round."""
     digest = hashlib.sha256()
-    for part in (FEATURE_FORMAT, base_version, str(views), str(seed), product.key, product.text):
+    for part in (FEATURE_FORMAT, tower_base, str(views), str(seed), product.key, product.text):
         digest.update(part.encode())
         digest.update(b"\0")
     digest.update(product.image)
     return digest.hexdigest()[:32]
+
+
+IMAGE_ARRAYS = ("catalog_image", "view_image", "eval_image")
+TEXT_ARRAYS = ("catalog_text", "view_text", "eval_text")
 
 
 def extract_features(
@@ -75,46 +82,68 @@ def extract_features(
     workers: int | None = None,
 ) -> CatalogFeatures:
     """Every product's tower vectors, from the cache where present; shows progress. Photos are
-    simulated on ``workers`` threads (default: one per CPU; Pillow releases the GIL)."""
+    simulated on ``workers`` threads (default: one per CPU; Pillow releases the GIL). Each
+    tower's vectors are cached apart (``<cache>/image/<image base>``, ``<cache>/text/<text
+    base>``): changing the text tower computes only texts, the cheap half."""
     workers = workers or min(32, os.cpu_count() or 2)
     chunk_size = max(PRODUCTS_PER_CHUNK, workers)
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
-    rows: list[dict[str, np.ndarray] | None] = [None] * len(products)
-    paths: list[Path | None] = [None] * len(products)
+    halves = {"image": (encoder.image_base, IMAGE_ARRAYS), "text": (encoder.text_base, TEXT_ARRAYS)}
+    rows: dict[str, list[dict[str, np.ndarray] | None]] = {
+        h: [None] * len(products) for h in halves
+    }
+    paths: dict[str, list[Path | None]] = {h: [None] * len(products) for h in halves}
     if cache_dir is not None:
-        where = cache_dir / encoder.base_version
-        where.mkdir(parents=True, exist_ok=True)
-        for i, product in enumerate(products):
-            paths[i] = where / f"{product_digest(product, encoder.base_version, views, seed)}.npz"
-            if paths[i].is_file():
-                rows[i] = _read(paths[i])
-    missing = [i for i, row in enumerate(rows) if row is None]
+        for half, (base, names) in halves.items():
+            where = cache_dir / half / base
+            where.mkdir(parents=True, exist_ok=True)
+            for i, product in enumerate(products):
+                path = where / f"{product_digest(product, base, views, seed)}.npz"
+                paths[half][i] = path
+                if path.is_file():
+                    rows[half][i] = _read(path, names)
+    missing = {h: [i for i, row in enumerate(rows[h]) if row is None] for h in halves}
     log.info(
-        "features: %d of %d products cached, %d to compute (%d photos each)",
-        len(products) - len(missing),
+        "features: %d of %d products' photos and %d of their texts cached (%d photos each)",
+        len(products) - len(missing["image"]),
         len(products),
-        len(missing),
+        len(products) - len(missing["text"]),
         views + 2,
     )
-    if missing:
+    todo = sorted(set(missing["image"]) | set(missing["text"]))
+    if todo:
         with (
             ThreadPoolExecutor(workers, thread_name_prefix="simulate") as pool,
-            progress(total=len(missing), desc="features", unit="product") as bar,
+            progress(total=len(todo), desc="features", unit="product") as bar,
         ):
-            for start in range(0, len(missing), chunk_size):
-                chunk = missing[start : start + chunk_size]
-                computed = _compute(encoder, [products[i] for i in chunk], views, seed, pool)
-                for i, row in zip(chunk, computed, strict=True):
-                    rows[i] = row
-                    if paths[i] is not None:
-                        _write(paths[i], row)
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start : start + chunk_size]
+                need = {h: [i for i in chunk if rows[h][i] is None] for h in halves}
+                computed = {
+                    "image": _compute_images(
+                        encoder, [products[i] for i in need["image"]], views, seed, pool
+                    ),
+                    "text": _compute_texts(
+                        encoder, [products[i] for i in need["text"]], views, seed
+                    ),
+                }
+                for half in halves:
+                    for i, row in zip(need[half], computed[half], strict=True):
+                        rows[half][i] = row
+                        if paths[half][i] is not None:
+                            _write(paths[half][i], row)
                 bar.update(len(chunk))
     categories = [p.category for p in products]
+    arrays = {
+        name: _stack([row[name] for row in rows[half]])
+        for half, (_, names) in halves.items()
+        for name in names
+    }
     return CatalogFeatures(
         keys=[p.key for p in products],
         categories=np.array(categories) if all(categories) else None,
-        **{name: _stack([row[name] for row in rows]) for name in _ARRAYS},
+        **arrays,
     )
 
 
@@ -126,16 +155,15 @@ def _stack(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-_ARRAYS = ("catalog_image", "catalog_text", "view_image", "view_text", "eval_image", "eval_text")
-
-
-def _compute(
+def _compute_images(
     encoder: FusedEncoder,
     products: list[TrainingProduct],
     views: int,
     seed: int,
     pool: ThreadPoolExecutor,
 ) -> list[dict[str, np.ndarray]]:
+    if not products:
+        return []
     photos = [
         photo
         for product_photos in pool.map(
@@ -145,56 +173,72 @@ def _compute(
     ]  # per product: `views` training photos, then the evaluation photo
     items = [EncodeInput(image=p.image, media_type=p.media_type) for p in products]
     items += [EncodeInput(image=photo) for photo in photos]
-    texts = []
-    for product in products:
-        rng = random.Random(_product_seed(product.key, seed))
-        texts.append(product.text)
-        texts += training_queries(product.title, product.attributes, views, rng)
-        texts.append(evaluation_query(product.title, product.attributes))
-    items += [EncodeInput(text=t) for t in texts]
-    encoded = encoder.encode_towers(items)
-    failed = [r.error for r in encoded if not r.ok]
-    if failed:  # the products were checked when they were read; a failure here is a bug
-        raise RuntimeError(f"encoding training inputs failed: {failed[0]}")
-    vectors = [r.vectors.get("image", r.vectors.get("text")) for r in encoded]
-    catalog_images = vectors[: len(products)]
-    photo_vectors = vectors[len(products) : len(products) + len(photos)]
-    text_vectors = vectors[len(products) + len(photos) :]
+    vectors = _encoded(encoder, items, "image")
+    catalog, simulated = vectors[: len(products)], vectors[len(products) :]
     rows = []
-    per_product = views + 2  # texts: product text, `views` queries, evaluation query
     for n in range(len(products)):
-        photos_n = photo_vectors[n * (views + 1) : (n + 1) * (views + 1)]
-        texts_n = text_vectors[n * per_product : (n + 1) * per_product]
+        photos_n = simulated[n * (views + 1) : (n + 1) * (views + 1)]
         rows.append(
             {
-                "catalog_image": catalog_images[n].astype(np.float16),
-                "catalog_text": texts_n[0].astype(np.float16),
+                "catalog_image": catalog[n].astype(np.float16),
                 "view_image": np.stack(photos_n[:views]).astype(np.float16),
-                "view_text": np.stack(texts_n[1 : views + 1]).astype(np.float16),
                 "eval_image": photos_n[views].astype(np.float16),
+            }
+        )
+    return rows
+
+
+def _compute_texts(
+    encoder: FusedEncoder, products: list[TrainingProduct], views: int, seed: int
+) -> list[dict[str, np.ndarray]]:
+    if not products:
+        return []
+    items = []  # per product: its own text (a document), `views` queries, the evaluation query
+    for product in products:
+        rng = random.Random(_product_seed(product.key, seed))
+        items.append(EncodeInput(text=product.text))
+        queries = training_queries(product.title, product.attributes, views, rng)
+        queries.append(evaluation_query(product.title, product.attributes))
+        items += [EncodeInput(text=q, query=True) for q in queries]
+    vectors = _encoded(encoder, items, "text")
+    per_product = views + 2
+    rows = []
+    for n in range(len(products)):
+        texts_n = vectors[n * per_product : (n + 1) * per_product]
+        rows.append(
+            {
+                "catalog_text": texts_n[0].astype(np.float16),
+                "view_text": np.stack(texts_n[1 : views + 1]).astype(np.float16),
                 "eval_text": texts_n[views + 1].astype(np.float16),
             }
         )
     return rows
 
 
+def _encoded(encoder: FusedEncoder, items: list[EncodeInput], view: str) -> list[np.ndarray]:
+    encoded = encoder.encode_towers(items)
+    failed = [r.error for r in encoded if not r.ok]
+    if failed:  # the products were checked when they were read; a failure here is a bug
+        raise RuntimeError(f"encoding training inputs failed: {failed[0]}")
+    return [r.vectors[view] for r in encoded]
+
+
 def _simulate(product: TrainingProduct, views: int, seed: int, limits: DecodeLimits) -> list[bytes]:
-    """The product's simulated photos; its catalog photo is decoded once for all of them."""
+    """The product's simulated photos, ``views`` to train on and one to report progress on;
+    its catalog photo is decoded once for all of them."""
     base = _product_seed(product.key, seed)
     studio = studio_photo(product.image, limits)
-    photos = [shopper_photo(studio, base + k) for k in range(views)]
-    photos.append(phone_photo(product.image, EVAL_SEED_OFFSET + base, limits))
-    return photos
+    return [shopper_photo(studio, base + k) for k in range(views + 1)]
 
 
 def _product_seed(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:4], "big") * 1000
 
 
-def _read(path: Path) -> dict[str, np.ndarray] | None:
+def _read(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path) as data:
-            return {name: data[name] for name in _ARRAYS}
+            return {name: data[name] for name in names}
     except (OSError, ValueError, KeyError) as exc:  # a torn or foreign file: compute it again
         log.warning("ignoring unreadable feature cache file %s: %s", path, exc)
         return None

@@ -105,6 +105,16 @@ class _Tensors:
         self.view_text = t(features.view_text)  # (N, K, Dt)
         self.eval_image = t(features.eval_image)  # (N, Di)
         self.eval_text = t(features.eval_text)  # (N, Dt)
+        self._t = t
+
+    def use_queries(self, photo: np.ndarray, text: np.ndarray) -> None:
+        """Evaluate with these query vectors, ``(N, Di)`` and ``(N, Dt)``, instead."""
+        if photo.shape != self.eval_image.shape or text.shape != self.eval_text.shape:
+            raise ValueError(
+                f"queries {photo.shape}, {text.shape} do not fit the catalog's "
+                f"{tuple(self.eval_image.shape)}, {tuple(self.eval_text.shape)}"
+            )
+        self.eval_image, self.eval_text = self._t(photo), self._t(text)
 
 
 def train(
@@ -266,11 +276,16 @@ def evaluate_splits(
     *,
     anchor: bool = True,
     device: torch.device | None = None,
+    queries: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Scores:
     """``model``'s scores on the seen and held-out products of ``config``'s split, as training
-    reports them (``anchor`` False: photo + text ranked by the fused view alone)."""
+    reports them (``anchor`` False: photo + text ranked by the fused view alone). ``queries``:
+    other query photos and texts to ask with, row ``i`` about product ``i`` (the tower vectors
+    of another simulator's photos: ``loupe.evaluation``); default the held-back view."""
     held = held_out_mask(features.keys, config.holdout, config.seed)
     data = _Tensors(features, device or torch.device("cpu"))
+    if queries is not None:
+        data.use_queries(*queries)
     return _scores(model.eval(), data, features.categories, held, config.eval_queries, anchor)
 
 

@@ -29,9 +29,9 @@ from PIL import Image
 from bench.harness import serve_env
 from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.kafka import free_loopback_port
+from loupe.evaluation.simulators import phone_photo
 from loupe.schemas.deadletter import DeadLetter
 from loupe.schemas.search import parse_search_response
-from loupe.train.augment import phone_photo
 
 pytestmark = pytest.mark.integration
 

@@ -27,9 +27,9 @@ from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
+from loupe.evaluation.simulators import phone_photo
 from loupe.schemas.deadletter import DeadLetter
 from loupe.schemas.search import CORRELATION_HEADER, parse_search_response
-from loupe.train.augment import phone_photo
 
 pytestmark = pytest.mark.integration
 

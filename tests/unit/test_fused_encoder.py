@@ -96,18 +96,24 @@ def test_inputs_without_what_they_need_are_refused(encoder):
 
 def test_model_version_names_weights_and_preprocessing(encoder):
     assert encoder.model_version.startswith("efficientnet-lite0-57934424.all-minilm-l6-v2-")
-    assert ".pad224-gem-t128.fusion-" in encoder.model_version
+    assert ".pad288-gem-t128.fusion-" in encoder.model_version
     same = FusedEncoder.from_profile(ModelProfile(batch_size=32))
     assert same.model_version == encoder.model_version, "a restart must not change the version"
     same.close()
     other = FusedEncoder.from_profile(ModelProfile(fit="center_crop", image_weight=0.7))
     assert other.model_version != encoder.model_version
-    assert ".center_crop224-" in other.model_version
+    assert ".center_crop288-" in other.model_version
     other.close()
     averaged = FusedEncoder.from_profile(ModelProfile(image_pooling="avg"))
-    assert ".pad224-avg-t128." in averaged.model_version
+    assert ".pad288-avg-t128." in averaged.model_version
     assert averaged.base_version != encoder.base_version
     averaged.close()
+    backbones_own = FusedEncoder.from_profile(ModelProfile(image_side=None))
+    assert ".pad224-gem-t128." in backbones_own.model_version, "EfficientNet-Lite0's 224"
+    assert backbones_own.preprocessor.side == 224
+    backbones_own.close()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        FusedEncoder.from_profile(ModelProfile(image_side=300))
 
 
 def test_product_text_puts_the_title_first():

@@ -175,11 +175,12 @@ def test_train_config_is_checked(field, value, message):
 class CountingTowers:
     """Stands in for FusedEncoder.encode_towers: deterministic vectors, counted calls."""
 
-    base_version = "fake-base"
+    image_base = "fake-image"
     limits = DecodeLimits()
 
-    def __init__(self) -> None:
+    def __init__(self, text_base: str = "fake-text") -> None:
         self.items = 0
+        self.text_base = text_base
 
     def encode_towers(self, items):
         self.items += len(items)
@@ -220,6 +221,14 @@ def test_features_are_computed_once_and_new_products_only_after(tmp_path):
     np.testing.assert_array_equal(again.view_image[:3], first.view_image)
     extract_features(towers, products, views=3, seed=0, cache_dir=tmp_path)
     assert towers.items == 4 * per_product + 3 * (1 + 4 + 5), "other views: other features"
+
+
+def test_another_text_tower_reuses_the_photos_vectors(tmp_path):
+    products = [_product(i) for i in range(3)]
+    extract_features(CountingTowers(), products, views=2, seed=0, cache_dir=tmp_path)
+    other = CountingTowers(text_base="another-text-tower")
+    extract_features(other, products, views=2, seed=0, cache_dir=tmp_path)
+    assert other.items == 3 * (1 + 2 + 1), "only the texts: the photos' vectors were cached"
 
 
 def test_a_torn_cache_file_is_computed_again(tmp_path):
@@ -373,25 +382,28 @@ def _pendant_on_a_chain(side: int = 800) -> Image.Image:
 
 
 def test_the_framing_keeps_the_pendant_not_just_its_chain():
-    from loupe.train.augment import PRODUCT_IN_FRAME, _framing, _product_body
+    from loupe.train.augment import PRODUCT_IN_FRAME, framing, product_body
 
     studio = _pendant_on_a_chain()
-    body = np.asarray(_product_body(studio)) > 0
+    body = np.asarray(product_body(studio)) > 0
     assert not body[: 600 - 10].any(), "the thin chain is not part of the product's body"
     assert body[620:660, 380:420].all(), "the solid pendant is"
     chain_only, with_pendant = (0, 0), (0, 300)  # 800 x 450 frames: top, and lower down
     corners = iter([chain_only, chain_only, with_pendant])
-    assert _framing(_product_body(studio), (800, 450), lambda: next(corners)) == with_pendant
+    assert framing(product_body(studio), (800, 450), lambda: next(corners)) == with_pendant
     # A product that is all thin lines (a chain) is framed by its lines.
     chain = Image.new("RGB", (400, 400), "white")
     for y in range(400):
         chain.putpixel((200, y), (200, 160, 60))
-    assert np.asarray(_product_body(chain)).any()
+    assert np.asarray(product_body(chain)).any()
     assert 0 < PRODUCT_IN_FRAME <= 1
 
 
 def test_simulated_photos_of_a_pendant_show_the_pendant():
-    from loupe.train.augment import phone_photo, shopper_photo, studio_photo
+    """Loupe's evaluation photos always show the product; training's mostly do, and some are
+    framed partially on purpose (a close-up, a careless crop), which may cut it."""
+    from loupe.evaluation.simulators import phone_photo
+    from loupe.train.augment import PARTIAL_FRAMING, shopper_photo, studio_photo
 
     studio = _pendant_on_a_chain()
     data = io.BytesIO()
@@ -403,5 +415,7 @@ def test_simulated_photos_of_a_pendant_show_the_pendant():
         return bool(red.sum(axis=1).max() >= photo.shape[1] // 40)  # a row across the pendant
 
     evaluation = [phone_photo(data.getvalue(), seed) for seed in range(12)]
-    training = [shopper_photo(studio_photo(data.getvalue()), seed) for seed in range(12)]
-    assert all(shows_the_pendant(p) for p in evaluation + training)
+    assert all(shows_the_pendant(p) for p in evaluation)
+    training = [shopper_photo(studio_photo(data.getvalue()), seed) for seed in range(40)]
+    shown = sum(shows_the_pendant(p) for p in training) / len(training)
+    assert 1 - PARTIAL_FRAMING <= shown < 1, "framed fully unless framed partially on purpose"

@@ -1,0 +1,110 @@
+"""Query vectors for evaluation: each product asked for with a photo from an evaluation
+simulator (``simulators``) and the held-back query text, through the frozen towers, cached.
+
+Row ``i`` is product ``i`` of the catalog features (``loupe.train.features``); the trainer's
+``evaluate_splits(..., queries=(photo, text))`` ranks them against the catalog as the service
+would. The seeds come from another hash than training's, so no evaluation photo is a training
+one however the seeds line up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.evaluation.simulators import SIMULATORS
+from loupe.progress import progress
+from loupe.train.queries import evaluation_query
+from loupe.train.source import TrainingProduct
+
+log = logging.getLogger(__name__)
+
+QUERIES_FORMAT = "2"  # bump when a simulator changes: stale cache
+CHUNK = 32  # photos simulated and encoded together
+
+
+@dataclass(frozen=True)
+class ShopperQueries:
+    simulator: str
+    seed: int
+    photo: np.ndarray  # (N, Di) the simulated shopper photos' image vectors
+    text: np.ndarray  # (N, Dt) the held-back query template's text vectors
+
+
+def photo_seed(simulator: str, seed: int, key: str) -> int:
+    """The seed of product ``key``'s photo from ``simulator`` in evaluation run ``seed``."""
+    digest = hashlib.sha256(f"evaluation/{simulator}/{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def shopper_queries(
+    encoder: FusedEncoder,
+    products: Sequence[TrainingProduct],
+    simulator: str,
+    seed: int,
+    cache_dir: Path | None = None,
+) -> ShopperQueries:
+    """Every product's evaluation query vectors from ``simulator`` (a key of ``SIMULATORS``),
+    from the cache when there (photos and texts apart: another text tower reuses the photos)."""
+    if simulator not in SIMULATORS:
+        raise ValueError(f"unknown simulator {simulator!r}; known: {', '.join(SIMULATORS)}")
+    make = SIMULATORS[simulator]
+
+    def photos() -> np.ndarray:
+        vectors = []
+        with progress(total=len(products), desc=f"{simulator} photos", unit="product") as bar:
+            for start in range(0, len(products), CHUNK):
+                chunk = products[start : start + CHUNK]
+                items = [
+                    EncodeInput(
+                        image=make(p.image, photo_seed(simulator, seed, p.key), encoder.limits)
+                    )
+                    for p in chunk
+                ]
+                vectors += _encoded(encoder, items, "image")
+                bar.update(len(chunk))
+        return np.stack(vectors).astype(np.float16)
+
+    def texts() -> np.ndarray:
+        items = [
+            EncodeInput(text=evaluation_query(p.title, p.attributes), query=True) for p in products
+        ]
+        return np.stack(_encoded(encoder, items, "text")).astype(np.float16)
+
+    photo = _cached(cache_dir, "image", encoder.image_base, simulator, seed, products, photos)
+    text = _cached(cache_dir, "text", encoder.text_base, "queries", seed, products, texts)
+    return ShopperQueries(simulator, seed, photo, text)
+
+
+def _cached(cache_dir, half, base, what, seed, products, compute) -> np.ndarray:
+    if cache_dir is None:
+        return compute()
+    digest = hashlib.sha256()
+    for part in (QUERIES_FORMAT, base, what, str(seed)):
+        digest.update(part.encode() + b"\0")
+    for product in products:
+        digest.update(product.key.encode() + b"\0" + hashlib.sha256(product.image).digest())
+        digest.update(product.text.encode() + b"\0")
+    path = cache_dir / half / base / f"evaluation-{what}-{digest.hexdigest()[:32]}.npy"
+    if path.is_file():
+        return np.load(path)
+    vectors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.npy")
+    np.save(partial, vectors)
+    partial.replace(path)
+    return vectors
+
+
+def _encoded(encoder: FusedEncoder, items: list[EncodeInput], view: str) -> list[np.ndarray]:
+    encoded = encoder.encode_towers(items)
+    failed = [r.error for r in encoded if not r.ok]
+    if failed:
+        raise RuntimeError(f"encoding evaluation queries failed: {failed[0]}")
+    return [r.vectors[view] for r in encoded]
