@@ -82,7 +82,46 @@ def test_train_from_the_products_topic_then_serve_the_checkpoint(
     monkeypatch.setenv("LOUPE_IMAGE_FIT", "center_crop")
     assert main(["embed", "--text", "gold ring"]) == 2
     error = capsys.readouterr().err
-    assert "was trained for the model base" in error and "center_crop224" in error
+    assert "was trained for the model base" in error and "center_crop288" in error
+
+
+def test_train_a_chinese_catalog_on_the_multilingual_tower(tmp_path, monkeypatch, capsys):
+    """`loupe train --events` on a catalog listed in Chinese, with multilingual-e5-small: the
+    heads fit on top of that tower too, and the checkpoint serves as its own model version."""
+    from loupe.dev.catalog import training_products
+    from loupe.evaluation.chinese import chinese_product
+
+    events = tmp_path / "products.jsonl"
+    with events.open("w") as out:
+        for product in training_products(load_catalog()[::12]):  # 20 products
+            listed = chinese_product(product)
+            merchant, product_id = listed.key.split("/", 1)
+            image = {"data": base64.b64encode(listed.image).decode(), "media_type": "image/jpeg"}
+            event = {
+                "type": "product.upserted",
+                "event_id": f"e-{product_id}",
+                "occurred_at": "2026-12-01T00:00:00+00:00",
+                "merchant_id": merchant,
+                "product_id": product_id,
+                "title": listed.title,
+                "attributes": dict(listed.attributes),
+                "image": image,
+            }
+            out.write(json.dumps(event, ensure_ascii=False) + "\n")
+    monkeypatch.setenv("LOUPE_TEXT_BACKBONE", "multilingual-e5-small")
+    monkeypatch.setenv("LOUPE_STATE_DIR", str(tmp_path / "state"))
+    checkpoint_path = tmp_path / "fusion-zh.safetensors"
+    args = ["train", "--events", str(events), "--views", "2", "--steps", "60"]
+    assert main([*args, "--out", str(checkpoint_path)]) == 0, capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "20 products" in printed
+    checkpoint = load_fusion(checkpoint_path)
+    assert ".multilingual-e5-small-" in checkpoint.base
+    monkeypatch.setenv("LOUPE_FUSION_CHECKPOINT", str(checkpoint_path))
+    assert main(["embed", "--text", "钻石戒指", "--json"]) == 0
+    embedded = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert embedded["model_version"].startswith(checkpoint.base)
+    assert len(embedded["vectors"]["text"]) == 384
 
 
 def _deleted(product_id: str) -> dict:

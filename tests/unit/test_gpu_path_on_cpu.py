@@ -244,3 +244,29 @@ def test_the_next_batch_is_prepared_while_the_current_one_runs_forward(encoder, 
     overlapped.close()
     assert overlapping == [True, True]
     assert [len(results) for _, results in finished] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_multilingual_tower_padded_as_graphs_pad_gives_the_eager_vectors(rows):
+    """XLM-RoBERTa numbers positions from the token ids (its padding id is 1, the graphs pad
+    with 0): the padded rows and columns must still leave each text's vector as it is."""
+    from loupe.encoders.text_towers import TextEncoder
+
+    tower = TextEncoder("multilingual-e5-small")
+    towers = type(
+        "Towers",
+        (),
+        {
+            "image_encoder": None,
+            "text_encoder": tower,
+            "device": torch.device("cpu"),
+            "_autocast": lambda self, graph_safe=False: torch.autocast("cpu", enabled=False),
+        },
+    )()
+    graphs = SmallBatchGraphs(towers, side=288, capture=False)
+    texts = ["金戒指", "18k gold diamond ring with a pearl", "珍珠耳环"][:rows]
+    tokens = tower.tokenize(texts, torch.device("cpu"), queries=[True] * rows)
+    with torch.inference_mode():
+        eager = torch.nn.functional.normalize(tower(**tokens).float(), dim=-1)
+        padded = graphs.text(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(padded, eager, atol=1e-5, rtol=0)
