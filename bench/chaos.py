@@ -508,7 +508,7 @@ def run_engine(engine: str, args, catalog, plan, shopper_photos) -> Outcome:
         outcome.expected_points = sum(1 for v in expected.values() if v is not None)
         log = log_path.read_text(errors="replace")
         outcome.deaths = log.count("worker died")
-        outcome.commit_failures = log.count("publish and commit failed")
+        outcome.commit_failures = log.count("publish and commit failed (")  # the publisher's line
         outcome.replacements = log.count("a new producer replaced")
         slow = [float(x) for x in re.findall(r"slow batch: \d+ records in ([0-9.]+) s", log)]
         outcome.longest_batch_s, outcome.slow_batches = max(slow, default=0.0), len(slow)

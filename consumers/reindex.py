@@ -120,20 +120,55 @@ def reindex_lock(settings: Settings, collection: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+GROUP_LOOKUP_S = 30.0  # how long a group's coordinator may take to appear
+REINDEX_SESSION_MS = 15_000  # the reindex consumer's session (kafka-python's default: 45 s)
+# A reindex killed a moment ago stays a member of its group until its session times out; a
+# reindex running elsewhere stays for good. So members are waited out this long before they
+# count as a reindex that runs.
+MEMBERS_EXPIRE_S = REINDEX_SESSION_MS / 1000 + 5
+
+
 def _require_no_members(settings: Settings, group: str) -> None:
+    deadline = time.monotonic() + MEMBERS_EXPIRE_S
+    members = _members(settings, group)
+    if members:
+        log.warning(
+            "consumer group %s has %d member(s): a reindex running elsewhere, or one killed "
+            "less than a session ago; waiting up to %.0f s for them to leave",
+            group,
+            members,
+            MEMBERS_EXPIRE_S,
+        )
+    while members:
+        if time.monotonic() > deadline:
+            raise ReindexBusy(
+                f"a reindex is already running: consumer group {group} still has {members} "
+                f"member(s) after {MEMBERS_EXPIRE_S:.0f} s (a killed one would have left by now)"
+            )
+        time.sleep(2.0)
+        members = _members(settings, group)
+
+
+def _members(settings: Settings, group: str) -> int:
     from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
 
     admin = KafkaAdminClient(**settings.kafka_client_config())
+    deadline = time.monotonic() + GROUP_LOOKUP_S
     try:
-        described = admin.describe_consumer_groups([group])
+        while True:
+            try:
+                described = admin.describe_groups([group])  # {group id: {"members": [...]}}
+                break
+            except KafkaError as exc:
+                # A broker creates its offsets topic, and so its group coordinators, on first
+                # use: until then a lookup answers "coordinator not available". Retriable.
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         admin.close()
-    members = sum(len(g.members) for g in described)
-    if members:
-        raise ReindexBusy(
-            f"a reindex is already running: consumer group {group} has members (a reindex "
-            "that ended less than a session timeout ago, 45 s, still counts)"
-        )
+    return sum(len(g.get("members") or []) for g in described.values())
 
 
 def reindex_group(settings: Settings, collection: str) -> str:
@@ -202,9 +237,14 @@ class Reindex:
                 fresh.applied_offsets = card.applied_offsets
             write_card(catalog, target, fresh)
         # A static member (KIP-345): a reindex restarted after a kill takes its partitions back at
-        # once, instead of waiting for the killed one's session to time out (45 s).
+        # once, instead of waiting for the killed one's session to time out. The session is
+        # short (the heartbeat thread beats every 3 s), so that a killed reindex also leaves
+        # the group soon, which a second reindex on a shared server waits for (reindex_lock).
         consumer = make_consumer(
-            settings, reindex_group(settings, target), group_instance_id="loupe-reindex"
+            settings,
+            reindex_group(settings, target),
+            group_instance_id="loupe-reindex",
+            session_timeout_ms=REINDEX_SESSION_MS,
         )
         publisher = Publisher(
             make_producer(settings),

