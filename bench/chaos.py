@@ -58,6 +58,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
+from bench.cli import summary
 from bench.harness import serve_env
 from loupe.client import encode_request, search_request
 from loupe.consumers.index import point_id
@@ -540,7 +541,7 @@ def report(outcome: Outcome) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--engines", default=",".join(ENGINES), help="edge, server or both")
     parser.add_argument("--events", type=int, default=2000, help="product events (>= 2000)")
     parser.add_argument("--searches", type=int, default=200, help="search requests (>= 200)")

@@ -26,6 +26,7 @@ from pathlib import Path
 from kafka import KafkaProducer
 
 from bench.chaos import group_lag
+from bench.cli import summary
 from bench.harness import SearchLoad, create_topic, local_broker, product_event, serve_env
 from loupe.dev.catalog import load_catalog
 from loupe.dev.kafka import free_loopback_port
@@ -34,7 +35,7 @@ from loupe.evaluation.simulators import phone_photo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--products", type=int, default=236)
     parser.add_argument("--phase-s", type=float, default=30.0, help="seconds per search phase")
     parser.add_argument("--peer", default="node2", help="the peer to kill: node0, node1, node2")

@@ -27,6 +27,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from bench.cli import summary
+
 LIMIT_BYTES = 61 * 2**20  # leaves room for the repository under the 64 MiB that travels
 # The lent machines: Python 3.12, CUDA 13 (torch 2.11+cu130), x86-64.
 NVIMGCODEC = "nvidia-nvimgcodec-cu13==0.9.0.20"
@@ -101,7 +103,7 @@ def _nvimgcodec(dest: Path, lib: Path, cache: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--dest", type=Path, default=Path(".device/site"))
     parser.add_argument("--lib", type=Path, default=Path(".device/lib"))
     parser.add_argument("--wheels", type=Path, default=Path(".device/wheels"))

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.cli import summary
 from bench.encode import RANDOM_TEXT, measure, query_latency, stage_profile, syncer, variant
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.device import Acceleration
@@ -188,7 +189,7 @@ def _python_share_while(work) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--products", type=int, default=64)
     parser.add_argument("--precisions", default="fp32,bf16,fp16")

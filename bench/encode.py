@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench.cli import summary
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.device import Acceleration
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
@@ -228,7 +229,7 @@ def query_latency(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default by device)")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="timing per measurement")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.cli import summary
 from bench.harness import percentiles
 from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.index import (
@@ -92,7 +93,7 @@ class _Views:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--points", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--engines", default="edge,qdrant-local")

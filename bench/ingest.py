@@ -18,6 +18,7 @@ import time
 
 from kafka import KafkaProducer
 
+from bench.cli import summary
 from bench.harness import create_topic, local_broker, photo_server, product_event
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.index import IndexPoint, QdrantIndex
@@ -41,7 +42,7 @@ def _produce(bootstrap: str, topic: str, events: list[tuple[str, bytes]]) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--products", type=int, default=236)
     parser.add_argument("--max-poll-records", type=int, default=Settings().max_poll_records)
     args = parser.parse_args()

@@ -17,6 +17,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from bench.cli import summary
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 from loupe.evaluation.simulators import phone_photo
@@ -53,7 +54,7 @@ def loo_category_accuracy(vectors: np.ndarray, labels: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--limit", type=int, default=None, help="use only the first N products")
     parser.add_argument("--fits", default=",".join(FITS), help="comma-separated fits to compare")
     parser.add_argument("--precisions", default="auto", help="comma-separated: fp32, bf16, ...")

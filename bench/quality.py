@@ -40,6 +40,7 @@ import time
 import numpy as np
 import torch
 
+from bench.cli import summary
 from loupe.consumers.settings import load_settings
 from loupe.dev.catalog import load_catalog, training_products
 from loupe.evaluation.photos import shopper_queries
@@ -55,7 +56,7 @@ SPLITS = ("seen", "held_out")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--views", type=int, default=TrainConfig.views)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated; mean and spread")

@@ -28,6 +28,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 
 from bench.chaos import group_lag
+from bench.cli import summary
 from bench.harness import SearchLoad, local_broker, photo_server, product_event, serve_env
 from loupe.consumers.index import point_id
 from loupe.consumers.service import build_index
@@ -86,7 +87,7 @@ def _wait(condition, what: str, timeout_s: float, proc: subprocess.Popen, log: P
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--checkpoint", type=Path, help="model B's fusion checkpoint")
     parser.add_argument("--searches-per-s", type=float, default=2.0)
     parser.add_argument("--products-per-s", type=float, default=1.0)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
+from bench.cli import summary
 from bench.harness import create_topic, local_broker, percentiles, pure_python_crc32c
 from loupe.client import encode_request, search_request
 from loupe.consumers.edge_index import EdgeIndex
@@ -239,7 +240,7 @@ def _burst_once(bootstrap: str, index, encoder, photos, count: int, poll: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--catalog", choices=["236", "10k"], default="236")
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
     parser.add_argument("--seconds", type=float, default=30.0)

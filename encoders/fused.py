@@ -510,7 +510,7 @@ def _base_version(image: ImageEncoder, text: TextEncoder, fit: Fit) -> str:
     collection name."""
     text_name = Path(text.name).name if Path(text.name).is_dir() else text.name
     version = (
-        f"{image.name}-{image.weights_id}.{text_name}-{text.weights_id}"
+        f"{image.name}-{image.weights_id}.{text_name}-{text.weights_id}{text.centre_id}"
         f".{fit}{image.input_side}-{image.pooling}-t{text.max_tokens}"
     )
     return re.sub(r"[^A-Za-z0-9._-]", "_", version)
@@ -523,4 +523,5 @@ def _image_base(image: ImageEncoder, fit: Fit) -> str:
 
 def _text_base(text: TextEncoder) -> str:
     text_name = Path(text.name).name if Path(text.name).is_dir() else text.name
-    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{text_name}-{text.weights_id}-t{text.max_tokens}")
+    version = f"{text_name}-{text.weights_id}{text.centre_id}-t{text.max_tokens}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", version)

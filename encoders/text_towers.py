@@ -20,6 +20,7 @@ from torch import nn
 from loupe.encoders.errors import UnknownBackbone, WeightsNotFound
 from loupe.encoders.image_towers import RANDOM
 from loupe.encoders.profile import MAX_TEXT_TOKENS
+from loupe.encoders.text_centre import mean_direction, reference_id
 from loupe.encoders.weights import file_digest, state_digest
 
 # Characters kept per token the tower reads: WordPiece averages 4 to 5 characters a token on
@@ -107,6 +108,9 @@ class TextBackboneSpec:
     # Where its weights are, found without loading or expanding anything (`loupe models`);
     # None: ``source`` is as cheap.
     installed: Callable[[bool], str] | None = None
+    # Subtract the tower's mean direction (``encoders/text_centre.py``): for a tower whose
+    # vectors all lie in a narrow cone, where the fused view would hear little of the words.
+    centred: bool = False
 
 
 TEXT_BACKBONES: dict[str, TextBackboneSpec] = {
@@ -130,6 +134,7 @@ TEXT_BACKBONES: dict[str, TextBackboneSpec] = {
         passage_prefix="passage: ",
         languages="multilingual (Chinese and some 90 others)",
         installed=_multilingual_e5_file,
+        centred=True,
     ),
 }
 
@@ -209,6 +214,12 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{name} should be {spec.dim}-d but its config says {self.dim}")
         self._batch_tokenizer = _batch_tokenizer(self.tokenizer, max_tokens)
         self.eval()
+        # Part of the tower's identity (the model base): "" for a tower read as it is.
+        self.centre_id = ""
+        self.register_buffer("centre", None, persistent=False)
+        if spec is not None and spec.centred:
+            self.centre = mean_direction(self)  # (D,), moves with the module
+            self.centre_id = "-centre" + reference_id()
 
     def tokenize(
         self,
@@ -291,7 +302,11 @@ class TextEncoder(nn.Module):
         tokens = out.last_hidden_state  # (B, T, D)
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
         summed = (tokens * mask).sum(dim=1)  # (B, D)
-        return summed / mask.sum(dim=1).clamp(min=1.0)  # (B, D): mean over real tokens
+        pooled = summed / mask.sum(dim=1).clamp(min=1.0)  # (B, D): mean over real tokens
+        if self.centre is None:
+            return pooled
+        # The tower's unit vector less its mean direction; callers normalise again.
+        return F.normalize(pooled.float(), dim=-1) - self.centre  # (B, D)
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], queries: Sequence[bool] | None = None) -> torch.Tensor:
