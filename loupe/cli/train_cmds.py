@@ -77,7 +77,7 @@ DEFAULTS = TrainConfig()  # the options' defaults are the config's: written once
     "--max-products",
     type=click.IntRange(10, 10_000_000),
     default=200_000,
-    help="Refuse larger catalogs (features take ~60 KB per product at 16 views).",
+    help="Refuse larger catalogs (features take ~47 KB per product at 12 views).",
 )
 @click.option("--no-cache", is_flag=True, help="Compute every product's tower vectors again.")
 @global_options
@@ -142,7 +142,7 @@ def train(
     if len(latest) > max_products:
         raise CatalogSourceError(
             f"{len(latest)} products is more than --max-products {max_products}; raise it if "
-            "this machine has the memory (about 60 KB per product at 16 views)"
+            "this machine has the memory (about 47 KB per product at 12 views)"
         )
     encoder = untrained_encoder(current)
     try:
@@ -150,7 +150,11 @@ def train(
     finally:
         encoder.close()
     result = trained.result
-    click.echo("")
+    click.echo(
+        "\nJudged on one held-back photo per product from training's own simulator, harder "
+        "than most shoppers' (some crops cut the product): a yardstick of what training changed. "
+        "bench.quality judges with simulators training never sees (docs/training.md)."
+    )
     click.echo(scores_table({"untrained": result.before, "trained": result.after}))
     click.echo(f"\ntrained in {result.seconds:.0f} s; checkpoint {trained.path}")
     click.echo(f"model version {trained.model_version}")

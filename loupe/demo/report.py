@@ -111,8 +111,11 @@ def quality_table(quality: dict[str, dict]) -> str:
             rows.append(f"<tr><td>{where}</td><td>{kind}</td>{cells}</tr>")
     return (
         "<h2>The fusion model, fitted to this catalog</h2>"
-        "<p class='muted'>Simulated shopper photos (another simulator and seeds than training) "
-        "of every product, searched against the whole catalog. R@1 / R@10: the photographed "
+        "<p class='muted'>One held-back photo of every product from training's own "
+        "simulator, never trained on and harder than the demo's shoppers (some crops cut the "
+        "product): a yardstick of what training changed, searched against the whole catalog. "
+        "<code>python -m bench.quality</code> judges the model with simulators training never "
+        "sees (docs/training.md). R@1 / R@10: the photographed "
         "product ranks first / in the top ten. P@10: share of the top ten in its category. "
         "Held-out products were never trained on: they stand for products added later.</p>"
         f"<table class='quality'><tr><th></th><th></th>{head}</tr>"
