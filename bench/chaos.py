@@ -59,7 +59,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
 from bench.cli import summary
-from bench.harness import serve_env
+from bench.harness import loupe_process, serve_env
 from loupe.client import encode_request, search_request
 from loupe.consumers.index import point_id
 from loupe.consumers.lifecycle import open_collection
@@ -177,12 +177,7 @@ class Service:
         self.exits: list[int] = []  # statuses of the exits nobody asked for
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loupe", "serve"],
-            env=self.env,
-            stdout=self.log_path.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        self.proc = loupe_process(["serve"], self.env, self.log_path)
         self.starts += 1
 
     def kill(self) -> None:

@@ -17,8 +17,6 @@ import argparse
 import base64
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,14 @@ from kafka import KafkaProducer
 
 from bench.chaos import group_lag
 from bench.cli import summary
-from bench.harness import SearchLoad, create_topic, local_broker, product_event, serve_env
+from bench.harness import (
+    SearchLoad,
+    create_topic,
+    local_broker,
+    loupe_process,
+    product_event,
+    serve_env,
+)
 from loupe.dev.catalog import load_catalog
 from loupe.dev.kafka import free_loopback_port
 from loupe.dev.qdrant import LocalQdrant, find_qdrant
@@ -65,12 +70,7 @@ def main() -> None:
                 index_write_consistency="1",
             )
             log_path = work / "serve.log"
-            service = subprocess.Popen(
-                [sys.executable, "-m", "loupe", "serve"],
-                env=env,
-                stdout=log_path.open("ab"),
-                stderr=subprocess.STDOUT,
-            )
+            service = loupe_process(["serve"], env, log_path)
             try:
                 ids = [f"p{n}" for n in range(args.products)]
                 producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -90,6 +92,16 @@ def serve_env(
     }
     env.update({f"LOUPE_{name.upper()}": value for name, value in settings.items()})
     return env
+
+
+def loupe_process(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """``loupe <args>`` as a child process with ``env``, its output appended to ``log_path``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "loupe", *args],
+        env=env,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def product_event(product: CatalogProduct, image: dict, product_id: str | None = None) -> bytes:

@@ -29,7 +29,14 @@ from kafka.admin import NewTopic
 
 from bench.chaos import group_lag
 from bench.cli import summary
-from bench.harness import SearchLoad, local_broker, photo_server, product_event, serve_env
+from bench.harness import (
+    SearchLoad,
+    local_broker,
+    loupe_process,
+    photo_server,
+    product_event,
+    serve_env,
+)
 from loupe.consumers.index import point_id
 from loupe.consumers.service import build_index
 from loupe.consumers.settings import Settings
@@ -125,12 +132,7 @@ def main() -> None:
             fetch_allow_loopback="true",
         )
         serve_log = work_dir / "serve.log"
-        service = subprocess.Popen(
-            [sys.executable, "-m", "loupe", "serve"],
-            env=env,
-            stdout=serve_log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        service = loupe_process(["serve"], env, serve_log)
         try:
             print(f"==> loupe serve indexes {len(catalog)} products under model A", flush=True)
             started = time.monotonic()

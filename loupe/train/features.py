@@ -173,7 +173,7 @@ def _compute_images(
     ]  # per product: `views` training photos, then the evaluation photo
     items = [EncodeInput(image=p.image, media_type=p.media_type) for p in products]
     items += [EncodeInput(image=photo) for photo in photos]
-    vectors = _encoded(encoder, items, "image")
+    vectors = tower_vectors(encoder, items, "image")
     catalog, simulated = vectors[: len(products)], vectors[len(products) :]
     rows = []
     for n in range(len(products)):
@@ -200,7 +200,7 @@ def _compute_texts(
         queries = training_queries(product.title, product.attributes, views, rng)
         queries.append(evaluation_query(product.title, product.attributes))
         items += [EncodeInput(text=q, query=True) for q in queries]
-    vectors = _encoded(encoder, items, "text")
+    vectors = tower_vectors(encoder, items, "text")
     per_product = views + 2
     rows = []
     for n in range(len(products)):
@@ -215,11 +215,15 @@ def _compute_texts(
     return rows
 
 
-def _encoded(encoder: FusedEncoder, items: list[EncodeInput], view: str) -> list[np.ndarray]:
+def tower_vectors(
+    encoder: FusedEncoder, items: list[EncodeInput], view: str, what: str = "training inputs"
+) -> list[np.ndarray]:
+    """The frozen towers' ``view`` vector of each item. The products were checked when they
+    were read, so a failure here is a bug: raised, naming ``what`` was encoded."""
     encoded = encoder.encode_towers(items)
     failed = [r.error for r in encoded if not r.ok]
-    if failed:  # the products were checked when they were read; a failure here is a bug
-        raise RuntimeError(f"encoding training inputs failed: {failed[0]}")
+    if failed:
+        raise RuntimeError(f"encoding {what} failed: {failed[0]}")
     return [r.vectors[view] for r in encoded]
 
 

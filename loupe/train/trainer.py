@@ -96,16 +96,17 @@ class _Tensors:
     products at 12 views take ~4.7 GB); batches are cast to float32 as they are drawn."""
 
     def __init__(self, features: CatalogFeatures, device: torch.device) -> None:
-        def t(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float16)).to(device)
-
+        self.device = device
+        t = self._on_device
         self.catalog_image = t(features.catalog_image)  # (N, Di)
         self.catalog_text = t(features.catalog_text)  # (N, Dt)
         self.view_image = t(features.view_image)  # (N, K, Di)
         self.view_text = t(features.view_text)  # (N, K, Dt)
         self.eval_image = t(features.eval_image)  # (N, Di)
         self.eval_text = t(features.eval_text)  # (N, Dt)
-        self._t = t
+
+    def _on_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float16)).to(self.device)
 
     def use_queries(self, photo: np.ndarray, text: np.ndarray) -> None:
         """Evaluate with these query vectors, ``(N, Di)`` and ``(N, Dt)``, instead."""
@@ -114,7 +115,7 @@ class _Tensors:
                 f"queries {photo.shape}, {text.shape} do not fit the catalog's "
                 f"{tuple(self.eval_image.shape)}, {tuple(self.eval_text.shape)}"
             )
-        self.eval_image, self.eval_text = self._t(photo), self._t(text)
+        self.eval_image, self.eval_text = self._on_device(photo), self._on_device(text)
 
 
 def train(

@@ -21,6 +21,16 @@ from kafka.errors import (
 )
 
 
+def service_topics(make_topic, products: int = 2, requests: int = 1) -> dict[str, str]:
+    """Fresh topics for one `loupe serve` (``make_topic``: the conftest fixture), by the
+    names ``serve_env`` takes; ``products`` and ``requests`` partitions."""
+    return {
+        "products": make_topic("products", partitions=products),
+        "requests": make_topic("requests", partitions=requests),
+        **{name: make_topic(name) for name in ("responses", "deadletter")},
+    }
+
+
 def upserted(product, product_id: str) -> bytes:
     return json.dumps(
         {

@@ -35,7 +35,7 @@ from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.kafka import free_loopback_port
 from loupe.dev.qdrant import LocalQdrant, find_qdrant
 from loupe.encoders.fused import FusedEncoder
-from tests.integration.processes import committed, loupe_process, wait_for
+from tests.integration.processes import committed, loupe_process, service_topics, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -109,10 +109,7 @@ def _ready(port: int) -> tuple[int, str]:
 def test_a_peer_killed_mid_stream_loses_nothing_and_answers_once(
     peer, down_s, cluster, bootstrap_servers, make_topic, group_id, tmp_path, index_prefix
 ):
-    topics = {
-        "products": make_topic("products", partitions=2),
-        **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
-    }
+    topics = service_topics(make_topic)
     index = {
         "index_url": cluster.url,  # the first peer; the one killed is another
         "index_prefix": index_prefix,

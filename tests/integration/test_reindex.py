@@ -27,7 +27,13 @@ from loupe.encoders.fusion import FusionModel, save_fusion
 from loupe.encoders.preprocess import compose_product_text
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.search import SearchFilters
-from tests.integration.processes import committed, loupe_process, send_products, wait_for
+from tests.integration.processes import (
+    committed,
+    loupe_process,
+    send_products,
+    service_topics,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -91,10 +97,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     index_settings = index_at(engine)
     prefix = index_settings.get("index_prefix", "loupe")
     catalog = load_catalog()
-    topics = {
-        "products": make_topic("products", partitions=2),
-        **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
-    }
+    topics = service_topics(make_topic)
     state = tmp_path / "state"
     env_a = serve_env(
         bootstrap_servers,
@@ -320,10 +323,7 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
     engine, bootstrap_servers, make_topic, group_id, tmp_path, model_b, checkpoint_b, index_at
 ):
     catalog = load_catalog()
-    topics = {
-        "products": make_topic("products", partitions=2),
-        **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
-    }
+    topics = service_topics(make_topic)
     ids = [f"p{i}" for i in range(40)]
     send_products(bootstrap_servers, topics["products"], catalog, ids)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -408,10 +408,7 @@ def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
     running service follows both moves by itself, and every search is answered once."""
     index = index_at("server")
     prefix = index["index_prefix"]
-    topics = {
-        "products": make_topic("products", partitions=2),
-        **{name: make_topic(name) for name in ("requests", "responses", "deadletter")},
-    }
+    topics = service_topics(make_topic)
     state = tmp_path / "state"
     env_a = serve_env(
         bootstrap_servers,

@@ -14,7 +14,13 @@ import pytest
 from bench.harness import SearchLoad, serve_env
 from loupe.dev.catalog import load_catalog
 from loupe.dev.kafka import free_loopback_port
-from tests.integration.processes import committed, loupe_process, send_products, wait_for
+from tests.integration.processes import (
+    committed,
+    loupe_process,
+    send_products,
+    service_topics,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +50,7 @@ def test_replicas_each_index_every_product_and_answer_each_search_once(
     bootstrap_servers, make_topic, group_id, tmp_path
 ):
     catalog = load_catalog()[::14]  # one of every kind, so that titles tell products apart
-    topics = {
-        "products": make_topic("products", partitions=2),
-        "requests": make_topic("requests", partitions=4),
-        **{name: make_topic(name) for name in ("responses", "deadletter")},
-    }
+    topics = service_topics(make_topic, requests=4)
     ids = [f"p{i}" for i in range(PRODUCTS)]
     send_products(bootstrap_servers, topics["products"], catalog, ids)
     ports = {name: free_loopback_port() for name in ("a", "b")}
