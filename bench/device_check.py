@@ -420,11 +420,11 @@ def main() -> int:
         for _ in range(2):  # warm-up, then measured
             sync()
             t0 = time.perf_counter()
-            prepared = [sized._prepare(batch, on_stage=False) for batch in batches]
+            prepared = [sized.runtime.prepare(batch, on_stage=False) for batch in batches]
             sync()
             t1 = time.perf_counter()
             for item in prepared:
-                sized._forward(item, False)
+                sized.runtime.forward(item, False)
             sync()
             t2 = time.perf_counter()
             sized.encode_products([item for batch in batches for item in batch])
@@ -439,8 +439,10 @@ def main() -> int:
         # thread while another thread runs the stage, against alone: near 0% means the stage
         # holds the GIL, and the two stages cannot overlap in one process.
         decoder = sized.preprocessor.decoder
-        probes = {"forward": lambda: [sized._forward(prepared[k], False) for k in range(3)]}
-        probes["prepare"] = lambda: [sized._prepare(batches[k], on_stage=False) for k in range(3)]
+        probes = {"forward": lambda: [sized.runtime.forward(prepared[k], False) for k in range(3)]}
+        probes["prepare"] = lambda: [
+            sized.runtime.prepare(batches[k], on_stage=False) for k in range(3)
+        ]
         if decoder is not None:
             data = [item.image for item in batches[0]]
             probes[f"decode ({decoder.name})"] = lambda: [decoder.decode(data) for _ in range(4)]

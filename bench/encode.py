@@ -89,17 +89,17 @@ def measure(
     sized.warm_up()  # its own CUDA graphs, captured as ``loupe serve`` captures them
 
     def bare_products() -> None:
-        with torch.inference_mode(), encoder._autocast():
+        with torch.inference_mode(), encoder.runtime.autocast():
             image = encoder.image_encoder.encode(pixels)
             text = torch.nn.functional.normalize(encoder.text_encoder(**tokens).float(), dim=-1)
             encoder.fusion(image, text)
 
     def bare_images() -> None:
-        with torch.inference_mode(), encoder._autocast():
+        with torch.inference_mode(), encoder.runtime.autocast():
             encoder.image_encoder.encode(pixels)
 
     def text_only() -> None:
-        with torch.inference_mode(), encoder._autocast():
+        with torch.inference_mode(), encoder.runtime.autocast():
             encoder.text_encoder.encode(texts)
 
     try:
@@ -164,7 +164,7 @@ def stage_profile(
 
     def towers(part: str) -> Callable[[], object]:
         def run() -> object:
-            with torch.inference_mode(), encoder._autocast():
+            with torch.inference_mode(), encoder.runtime.autocast():
                 if part == "image":
                     return encoder.image_encoder.encode(pixels)
                 return torch.nn.functional.normalize(encoder.text_encoder(**tokens).float(), dim=-1)
@@ -177,7 +177,7 @@ def stage_profile(
         image_vecs, text_vecs = towers("image")(), towers("text")()
 
     def heads() -> object:
-        with torch.inference_mode(), encoder._autocast():
+        with torch.inference_mode(), encoder.runtime.autocast():
             return (
                 encoder.fusion(image_vecs, text_vecs),
                 encoder.fusion.image(image_vecs),

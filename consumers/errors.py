@@ -1,6 +1,7 @@
 """Errors raised by the service layer. Each has one policy, named in its docstring."""
 
 from loupe.consumers.kafka_failures import Failure
+from loupe.encoders.errors import ItemRejected, Rejection
 from loupe.schemas.errors import ErrorCode, InvalidEvent, ItemFailed, LoupeError
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "InvalidEvent",
     "ItemFailed",
     "LoupeError",
+    "ModelRejected",
     "PublisherFailed",
     "UnexpectedItemError",
     "WorkerDied",
@@ -77,3 +79,23 @@ class ImageFetchError(ItemFailed):
     Policy: dead-letter the event (or answer the search with an error)."""
 
     stage = "fetch"
+
+
+# The model's reasons for failing one item, in the contract's words (a closed set both sides:
+# tests/unit/test_schemas.py checks that every reason has its code).
+CODE_OF_REJECTION = {
+    Rejection.IMAGE_TOO_LARGE: ErrorCode.IMAGE_TOO_LARGE,
+    Rejection.IMAGE_INVALID: ErrorCode.IMAGE_INVALID,
+    Rejection.PREPROCESS_FAILED: ErrorCode.INTERNAL_ERROR,
+    Rejection.ENCODE_FAILED: ErrorCode.ENCODER_FAILED,
+    Rejection.NOT_FINITE: ErrorCode.ENCODER_FAILED,
+}
+
+
+class ModelRejected(ItemFailed):
+    """The model could not encode this item (``ItemRejected``), in the contract's terms.
+    Policy: dead-letter the event (or answer the search with an error)."""
+
+    def __init__(self, rejected: ItemRejected) -> None:
+        super().__init__(CODE_OF_REJECTION[rejected.reason], str(rejected))
+        self.stage = rejected.stage

@@ -28,6 +28,7 @@ from loupe.consumers.errors import (
     ImageFetchError,
     IndexUnavailable,
     ItemFailed,
+    ModelRejected,
     UnexpectedItemError,
 )
 from loupe.consumers.image_fetch import ImageFetcher
@@ -298,9 +299,8 @@ class Indexer(BatchWorker):
         now = datetime.now(UTC).isoformat()
         for item, result in zip(pending, results, strict=True):
             if not result.ok:
-                self._dead_letter(
-                    item.record, result.error.code, str(result.error), result.error.stage
-                )
+                failed = ModelRejected(result.error)
+                self._dead_letter(item.record, failed.code, str(failed), failed.stage)
                 continue
             event = item.event
             try:

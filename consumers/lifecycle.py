@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from loupe.consumers.errors import IndexUnavailable
 from loupe.consumers.index import VectorIndex
+from loupe.encoders.errors import ModelError
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.errors import LoupeError
 
@@ -336,7 +337,7 @@ def open_collection(
         )
     try:
         encoder = load_encoder(card.model.profile(local_profile))
-    except LoupeError as exc:
+    except (LoupeError, ModelError) as exc:
         raise ModelSwitchError(
             f"cannot load model {card.model.model_version} that {collection} needs: {exc}"
         ) from exc

@@ -22,7 +22,12 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer
 
-from loupe.consumers.errors import IndexUnavailable, ItemFailed, UnexpectedItemError
+from loupe.consumers.errors import (
+    IndexUnavailable,
+    ItemFailed,
+    ModelRejected,
+    UnexpectedItemError,
+)
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexHit, IndexQuery, VectorIndex
 from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff
@@ -180,7 +185,7 @@ class SearchService(BatchWorker):
             if result.ok:
                 query.vectors = result.vectors
             else:
-                query.error = result.error
+                query.error = ModelRejected(result.error)
 
     def _search(self, queries: list[_Query]) -> None:
         if not queries:

@@ -41,8 +41,6 @@ class _Towers(Protocol):
     text_encoder: torch.nn.Module
     device: torch.device
 
-    def _autocast(self, graph_safe: bool = False) -> contextlib.AbstractContextManager: ...
-
 
 def bucket(size: int, buckets: tuple[int, ...]) -> int | None:
     """The smallest bucket that holds ``size``, or None when it is larger than all of them."""
@@ -82,9 +80,21 @@ class SmallBatchGraphs:
     """
 
     def __init__(
-        self, towers: _Towers, *, side: int, capture: bool, max_batch: int = BATCH_BUCKETS[-1]
+        self,
+        towers: _Towers,
+        *,
+        autocast: Callable[..., contextlib.AbstractContextManager],
+        side: int,
+        capture: bool,
+        max_batch: int = BATCH_BUCKETS[-1],
+        channels_last: bool = False,
     ) -> None:
+        """``autocast(graph_safe=...)``: the runtime's mixed precision (graph-safe: without
+        autocast's weight cache, whose copies a captured graph would read after they are
+        freed)."""
         self.towers = towers
+        self.autocast = autocast
+        self.channels_last = channels_last
         self.buckets = batch_buckets(max_batch)
         self.side = side
         self.capture = capture
@@ -116,7 +126,7 @@ class SmallBatchGraphs:
         if graph is None:
             padded = torch.zeros((size, *pixels.shape[1:]), device=pixels.device)
             padded[:rows] = pixels
-            with self.towers._autocast():
+            with self.autocast():
                 return self.towers.image_encoder.encode(padded)[:rows]
         with self._lock:
             graph.inputs[0][:rows].copy_(pixels)
@@ -138,7 +148,7 @@ class SmallBatchGraphs:
         ids[:rows, :length] = input_ids
         mask[:rows, :length] = attention_mask
         if graph is None:
-            with self.towers._autocast():
+            with self.autocast():
                 return _text_vectors(self.towers.text_encoder, ids, mask)[:rows]
         with self._lock:
             graph.inputs[0].copy_(ids)
@@ -152,17 +162,17 @@ class SmallBatchGraphs:
         towers = self.towers
 
         def image(pixels: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), towers._autocast(graph_safe=True):
+            with torch.inference_mode(), self.autocast(graph_safe=True):
                 return towers.image_encoder.encode(pixels)
 
         def text(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), towers._autocast(graph_safe=True):
+            with torch.inference_mode(), self.autocast(graph_safe=True):
                 return _text_vectors(towers.text_encoder, ids, mask)
 
         try:
             if key[0] == "image":
                 pixels = torch.zeros((key[1], 3, self.side, self.side), device=self.device)
-                if getattr(towers, "acceleration", None) and towers.acceleration.channels_last:
+                if self.channels_last:
                     pixels = pixels.contiguous(memory_format=torch.channels_last)
                 return _Graph(image, (pixels,), pool)
             ids = torch.zeros(key[1:], dtype=torch.long, device=self.device)

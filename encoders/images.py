@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from loupe.encoders.batching import iter_budget
-from loupe.encoders.errors import ImageRejected
+from loupe.encoders.errors import ImageRejected, Rejection
 from loupe.encoders.jpeg_markers import read_jpeg_info
 from loupe.encoders.profile import (
     MAX_IMAGE_ASPECT_RATIO,
@@ -29,7 +29,6 @@ from loupe.encoders.profile import (
     MIN_IMAGE_SIDE_PX,
     Fit,
 )
-from loupe.schemas.errors import ErrorCode
 
 # The only formats Pillow may even try: each extra decoder is extra attack surface.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -45,23 +44,23 @@ class DecodeLimits:
     min_side_px: int = MIN_IMAGE_SIDE_PX
     max_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO
 
-    def refusal(self, width: int, height: int) -> tuple[ErrorCode, str] | None:
+    def refusal(self, width: int, height: int) -> tuple[Rejection, str] | None:
         """Why an image of these declared dimensions may not be decoded, or None."""
         if width * height > self.max_image_pixels:
             return (
-                ErrorCode.IMAGE_TOO_LARGE,
+                Rejection.IMAGE_TOO_LARGE,
                 f"the image declares {width}x{height} pixels, over the "
                 f"{self.max_image_pixels}-pixel limit",
             )
         if min(width, height) < self.min_side_px:
             return (
-                ErrorCode.IMAGE_INVALID,
+                Rejection.IMAGE_INVALID,
                 f"the image is {width}x{height}, too small to search by (the shorter side "
                 f"must be at least {self.min_side_px} pixels)",
             )
         if max(width, height) > self.max_aspect_ratio * min(width, height):
             return (
-                ErrorCode.IMAGE_INVALID,
+                Rejection.IMAGE_INVALID,
                 f"the image is {width}x{height}, longer than {self.max_aspect_ratio:g}:1 "
                 "(a strip, not a product photo)",
             )
@@ -83,30 +82,30 @@ def decode_image(
     """
     limits = limits or DecodeLimits()
     if not data:
-        raise ImageRejected(ErrorCode.IMAGE_INVALID, "the image is empty (zero bytes)")
+        raise ImageRejected(Rejection.IMAGE_INVALID, "the image is empty (zero bytes)")
     if len(data) > limits.max_image_bytes:
         raise ImageRejected(
-            ErrorCode.IMAGE_TOO_LARGE,
+            Rejection.IMAGE_TOO_LARGE,
             f"the image is {len(data)} bytes, over the {limits.max_image_bytes}-byte limit",
         )
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise ImageRejected(
-            ErrorCode.IMAGE_INVALID,
+            Rejection.IMAGE_INVALID,
             f"not a JPEG, PNG or WebP image (starts with {data[:8]!r})",
         ) from None
     except Image.DecompressionBombError as exc:  # Pillow's own guard, far above ours
         raise ImageRejected(
-            ErrorCode.IMAGE_TOO_LARGE, f"decompression bomb refused ({exc})"
+            Rejection.IMAGE_TOO_LARGE, f"decompression bomb refused ({exc})"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected(ErrorCode.IMAGE_INVALID, f"unreadable image header ({exc})") from None
+        raise ImageRejected(Rejection.IMAGE_INVALID, f"unreadable image header ({exc})") from None
     if media_type is not None:
         expected = FORMAT_OF_MEDIA_TYPE.get(media_type)
         if expected != image.format:
             raise ImageRejected(
-                ErrorCode.IMAGE_INVALID,
+                Rejection.IMAGE_INVALID,
                 f"declared {media_type} but the content is {image.format}",
             )
     refused = limits.refusal(*image.size)
@@ -123,7 +122,7 @@ def decode_image(
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(
-            ErrorCode.IMAGE_INVALID, f"the {image.format} image could not be decoded ({exc})"
+            Rejection.IMAGE_INVALID, f"the {image.format} image could not be decoded ({exc})"
         ) from None
 
 

@@ -20,7 +20,7 @@ import torch
 
 from loupe.encoders.batching import iter_budget
 from loupe.encoders.device import Acceleration, stack_on
-from loupe.encoders.errors import ImageRejected, PreprocessFailed
+from loupe.encoders.errors import ImageRejected, ItemRejected, PreprocessFailed
 from loupe.encoders.images import (
     DecodeLimits,
     Fit,
@@ -34,7 +34,6 @@ from loupe.encoders.images import (
 )
 from loupe.encoders.jpeg_decoders import device_jpeg_decoder
 from loupe.encoders.profile import MAX_TEXT_CHARS
-from loupe.schemas.errors import ItemFailed
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class ImagePreprocessor:
 
     def batch(
         self, photos: Sequence[Photo]
-    ) -> tuple[torch.Tensor, list[int], dict[int, ItemFailed]]:
+    ) -> tuple[torch.Tensor, list[int], dict[int, ItemRejected]]:
         """``(pixels, rows, failures)``: ``pixels[j]`` is ``photos[rows[j]]``, ``(B, 3, S, S)``
         on the device; ``failures`` maps the other rows to why they failed."""
         if self.acceleration.batch_jpeg_decode:
@@ -139,19 +138,19 @@ class ImagePreprocessor:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
         return stacked, rows, failures
 
-    def _try_one(self, photo: Photo) -> torch.Tensor | ItemFailed:
+    def _try_one(self, photo: Photo) -> torch.Tensor | ItemRejected:
         return _alone(self.one, photo, "preprocessing")
 
-    def _host_pixels(self, photo: Photo) -> torch.Tensor | ItemFailed:
+    def _host_pixels(self, photo: Photo) -> torch.Tensor | ItemRejected:
         """``upright`` for the device to fit with the others (``host_decode_share``)."""
         return _alone(self.upright, photo, "decoding")
 
-    def _batch_jpeg_decode(self, photos: Sequence[Photo]) -> dict[int, torch.Tensor | ItemFailed]:
+    def _batch_jpeg_decode(self, photos: Sequence[Photo]) -> dict[int, torch.Tensor | ItemRejected]:
         """Plain JPEGs decode on the device in calls of at most ``device_decode_pixels``, a
         ``host_decode_share`` of them in the CPU threads at the same time, and all of them are
         fitted together (``fit_batch``). Other formats, and photos the device decoder refuses,
         take the Pillow path, which says exactly what is wrong with a bad one."""
-        results: dict[int, torch.Tensor | ItemFailed] = {}
+        results: dict[int, torch.Tensor | ItemRejected] = {}
         pending: dict[int, Future] = {}  # Pillow's work, running while the device decodes
         jpegs: list[tuple[int, JpegHeader]] = []
         for i, photo in enumerate(photos):
@@ -190,7 +189,7 @@ class ImagePreprocessor:
         results.update({i: job.result() for i, job in pending.items()})
         return results
 
-    def _fit_all(self, images: dict[int, torch.Tensor]) -> dict[int, torch.Tensor | ItemFailed]:
+    def _fit_all(self, images: dict[int, torch.Tensor]) -> dict[int, torch.Tensor | ItemRejected]:
         """Fit decoded photos together; if that fails, one by one, so a bad one fails alone."""
         if not images:
             return {}
@@ -201,11 +200,11 @@ class ImagePreprocessor:
             log.warning("fitting %d photos together failed; fitting them one by one", len(images))
             return {i: self._try_fit(image) for i, image in images.items()}
 
-    def _try_fit(self, image: torch.Tensor) -> torch.Tensor | ItemFailed:
+    def _try_fit(self, image: torch.Tensor) -> torch.Tensor | ItemRejected:
         return _alone(lambda i: fit_square(i, self.side, self.fit), image, "fitting")
 
 
-def _alone(step, value, what: str) -> torch.Tensor | ItemFailed:
+def _alone(step, value, what: str) -> torch.Tensor | ItemRejected:
     """``step(value)``, or why it failed: one photo's failure, whatever it is, is that photo's
     and the batch goes on."""
     try:

@@ -22,6 +22,7 @@ from loupe.cli import (
     train_cmds,
 )
 from loupe.cli.common import CONTEXT_SETTINGS, configure_logging, global_options
+from loupe.encoders.errors import ModelError
 from loupe.schemas.errors import LoupeError
 
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:  # e.g. a file argument that does not exist
         print(f"loupe: error: {exc.format_message()}", file=sys.stderr)
         return exc.exit_code
-    except LoupeError as exc:
+    except (LoupeError, ModelError) as exc:
         print(f"loupe: error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, click.Abort):

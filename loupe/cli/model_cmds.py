@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from loupe.cli.common import global_options, settings, settings_epilog
+from loupe.consumers.errors import ModelRejected
 
 MODEL_SETTINGS = (
     "image_backbone",
@@ -59,8 +60,10 @@ def embed(images: tuple[Path, ...], text: str | None, values: int, as_json: bool
         click.echo(f"device:        {encoder.device} ({encoder.acceleration.describe()})")
     failed = 0
     for label, result in zip(labels, results, strict=True):
+        # In the contract's words, as the service would dead-letter or answer it.
+        rejected = None if result.ok else ModelRejected(result.error)
         if as_json:
-            error = None if result.ok else {"code": result.error.code, "message": str(result.error)}
+            error = None if rejected is None else {"code": rejected.code, "message": str(rejected)}
             vectors = {view: vec.tolist() for view, vec in result.vectors.items()}
             click.echo(
                 json.dumps(
@@ -74,8 +77,8 @@ def embed(images: tuple[Path, ...], text: str | None, values: int, as_json: bool
             )
         else:
             click.echo(f"\n{label}")
-            if not result.ok:
-                click.echo(f"  error {result.error.code}: {result.error}")
+            if rejected is not None:
+                click.echo(f"  error {rejected.code}: {rejected}")
             for view, vector in result.vectors.items():
                 head = ", ".join(f"{v:+.4f}" for v in vector[:values])
                 norm = float((vector**2).sum()) ** 0.5

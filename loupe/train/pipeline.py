@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loupe.consumers.settings import Settings
-from loupe.encoders.fused import FusedEncoder, model_version
+from loupe.encoders.fused import FusedEncoder
 from loupe.encoders.fusion import fusion_digest, save_fusion
+from loupe.encoders.model import model_version
 from loupe.train.config import TrainConfig
 from loupe.train.features import extract_features
 from loupe.train.source import CatalogSourceError, TrainingProduct

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.ingest import record_time
+from loupe.encoders.errors import ModelError
 from loupe.encoders.images import DecodeLimits, decode_image
 from loupe.encoders.preprocess import compose_product_text
 from loupe.progress import progress
@@ -118,7 +119,7 @@ def with_images(
         try:
             data, media_type = fetcher.load(event.image)
             decode_image(data, limits=limits, media_type=media_type)
-        except LoupeError as exc:
+        except (LoupeError, ModelError) as exc:
             report.images_failed += 1
             report.note(f"{event.key}: {exc}")
             return None

@@ -9,9 +9,8 @@ import torch
 
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.device import Acceleration, autocast_dtype, stack_on
-from loupe.encoders.errors import VectorNotFinite
+from loupe.encoders.errors import Rejection, VectorNotFinite
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
-from loupe.schemas.errors import ErrorCode
 
 PLAIN = Acceleration(
     amp_dtype=None, channels_last=False, pinned_copies=False, batch_jpeg_decode=False
@@ -92,7 +91,7 @@ def test_a_non_finite_vector_fails_its_item_not_the_batch(reference):
     model.close()
     assert [r.ok for r in results] == [True, False, True]
     assert isinstance(results[1].error, VectorNotFinite)
-    assert results[1].error.code == ErrorCode.ENCODER_FAILED
+    assert results[1].error.reason == Rejection.NOT_FINITE
     assert results[1].error.stage == "encode"
     assert "image/fused" in str(results[1].error)
     assert results[1].vectors == {}

@@ -18,7 +18,9 @@ REPO = PACKAGE.parent
 # reaches for the CLI, the demo or the development tools; the model never for the service.
 ALLOWED = {
     "schemas": {"schemas"},
-    "encoders": {"encoders", "schemas"},
+    # The model knows nothing of the wire contract nor of Kafka: it raises its own exceptions
+    # (encoders/errors.py), which the consumers map to the contract's error codes.
+    "encoders": {"encoders"},
     "consumers": {"consumers", "encoders", "schemas"},
     "client": {"client", "consumers", "encoders", "schemas"},
     "progress": {"progress"},
@@ -194,3 +196,35 @@ def test_the_cluster_override_forms_three_peers_and_a_topology_loupe_accepts():
             2,
             1,
         )
+
+
+# Classes allowed past MAX_CLASS_LINES in consumers/ and encoders/, each with its reason.
+LONG_CLASSES: dict[str, str] = {}
+MAX_CLASS_LINES = 250
+
+
+def test_no_class_in_the_service_or_the_model_is_longer_than_a_page_or_two():
+    too_long = []
+    for layer in ("consumers", "encoders"):
+        for path in sorted((PACKAGE / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    lines = node.end_lineno - node.lineno + 1
+                    name = f"{layer}/{path.name}:{node.name}"
+                    if lines > MAX_CLASS_LINES and name not in LONG_CLASSES:
+                        too_long.append(f"{name} has {lines} lines")
+    assert not too_long, "\n".join(too_long)
+
+
+def test_every_reason_the_model_fails_an_item_has_its_error_code():
+    from loupe.consumers.errors import CODE_OF_REJECTION, ModelRejected
+    from loupe.encoders.errors import ImageRejected, Rejection
+    from loupe.schemas.errors import ErrorCode
+
+    assert set(CODE_OF_REJECTION) == set(Rejection)
+    failed = ModelRejected(ImageRejected(Rejection.IMAGE_TOO_LARGE, "too big"))
+    assert (failed.code, failed.stage, str(failed)) == (
+        ErrorCode.IMAGE_TOO_LARGE,
+        "decode",
+        "too big",
+    )

@@ -13,9 +13,9 @@ from PIL import Image, ImageOps
 
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.device import Acceleration
+from loupe.encoders.errors import Rejection
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 from loupe.encoders.images import DecodeLimits, orient, pil_to_uint8_tensor, plain_jpeg_header
-from loupe.schemas.errors import ErrorCode
 
 BATCH_DECODE_ONLY = Acceleration(
     amp_dtype=None, channels_last=False, pinned_copies=False, batch_jpeg_decode=True
@@ -139,7 +139,7 @@ def test_mixed_batch_falls_back_per_item(encoders):
     ]
     results = batched.encode_queries(items)
     assert [r.ok for r in results] == [True, True, False, True, True]
-    assert results[2].error.code == ErrorCode.IMAGE_INVALID
+    assert results[2].error.reason == Rejection.IMAGE_INVALID
     np.testing.assert_allclose(
         results[0].vectors["image"] @ results[1].vectors["image"], 1.0, atol=0.02
     )
@@ -159,7 +159,7 @@ def test_a_share_decoded_on_the_host_gives_the_same_vectors(encoders, share):
     mixed.close()
     expected = pillow.encode_queries(photos)
     assert [r.ok for r in got] == [True] * 7 + [False]
-    assert got[-1].error.code == ErrorCode.IMAGE_INVALID
+    assert got[-1].error.reason == Rejection.IMAGE_INVALID
     a = np.stack([r.vectors["image"] for r in got[:7]])
     b = np.stack([r.vectors["image"] for r in expected[:7]])
     assert (a * b).sum(axis=1).min() > 0.999

@@ -7,9 +7,9 @@ import pytest
 
 from bench.preprocess import loo_category_accuracy
 from loupe.dev.catalog import encode_input, load_catalog
+from loupe.encoders.errors import Rejection
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 from loupe.encoders.preprocess import compose_product_text
-from loupe.schemas.errors import ErrorCode
 
 TOLERANCE = 1e-4  # batch composition changes CPU kernel blocking, not results beyond this
 
@@ -44,7 +44,7 @@ def test_one_bad_image_fails_only_its_item(encoder, catalog):
     items.insert(2, EncodeInput(image=b"\xff\xd8\xff truncated", media_type="image/jpeg", text="x"))
     results = encoder.encode_products(items)
     assert [r.ok for r in results] == [True, True, False, True, True]
-    assert results[2].error.code == ErrorCode.IMAGE_INVALID
+    assert results[2].error.reason == Rejection.IMAGE_INVALID
     assert results[2].vectors == {}
 
 

@@ -45,7 +45,7 @@ def _items() -> list[EncodeInput]:
 
 
 def _vectors(results) -> list[dict]:
-    return [r.vectors if r.ok else r.error.code for r in results]
+    return [r.vectors if r.ok else r.error.reason for r in results]
 
 
 @pytest.mark.parametrize("decode", [False, True])
@@ -75,24 +75,33 @@ def test_a_failing_batch_in_the_pipeline_fails_only_its_culprit(encoder, monkeyp
     overlapped = encoder.with_options(acceleration=dataclasses.replace(PLAIN, overlap_batches=True))
     items = _items()
     culprit = items[10]
-    real_forward = overlapped._forward
+    real_forward = overlapped.runtime.forward
 
     def forward(prepared, towers_only):
         if any(item.image is culprit.image for item in prepared.items):  # the same photo
             raise RuntimeError("out of memory, say")
         return real_forward(prepared, towers_only)
 
-    monkeypatch.setattr(overlapped, "_forward", forward)
+    monkeypatch.setattr(overlapped.runtime, "forward", forward)
     results = overlapped.encode_queries(items)
     overlapped.close()
     failed = [i for i, r in enumerate(results) if not r.ok]
     assert failed == [8, 10]  # the broken photo, and the item whose forward pass raises
-    assert results[10].error.code.value == "encoder_failed"
+    assert results[10].error.reason.value == "encode_failed"
+
+
+def _graphs(encoder, **options) -> SmallBatchGraphs:
+    """The encoder's towers padded as graphs pad them, run eagerly (no capture on a CPU)."""
+    return SmallBatchGraphs(
+        encoder.model, autocast=encoder.runtime.autocast, side=224, capture=False, **options
+    )
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_padded_small_batches_give_the_eager_vectors(encoder, rows):
-    graphs = SmallBatchGraphs(encoder, side=224, capture=False)
+    graphs = SmallBatchGraphs(
+        encoder.model, autocast=encoder.runtime.autocast, side=224, capture=False
+    )
     pixels = torch.rand((rows, 3, 224, 224), generator=torch.Generator().manual_seed(rows))
     texts = ["ring", "a long necklace of pearls and gold beads", "studs"] * 6
     tokens = encoder.text_encoder.tokenize(texts[:rows], encoder.device)
@@ -107,7 +116,9 @@ def test_padded_small_batches_give_the_eager_vectors(encoder, rows):
 
 
 def test_batches_beyond_the_buckets_run_eagerly(encoder):
-    graphs = SmallBatchGraphs(encoder, side=224, capture=False)
+    graphs = SmallBatchGraphs(
+        encoder.model, autocast=encoder.runtime.autocast, side=224, capture=False
+    )
     assert bucket(3, BATCH_BUCKETS) == 4 and bucket(BATCH_BUCKETS[-1] + 1, BATCH_BUCKETS) is None
     assert graphs.image(torch.zeros((BATCH_BUCKETS[-1] + 1, 3, 224, 224))) is None
     ids = torch.zeros((1, 129), dtype=torch.long)
@@ -119,7 +130,9 @@ def test_larger_graph_buckets_pad_a_big_batch_and_give_the_eager_vectors(encoder
     32-row bucket, and its rows are the unpadded vectors."""
     assert batch_buckets(16) == BATCH_BUCKETS and batch_buckets(64)[-2:] == (32, 64)
     assert batch_buckets(48) == (1, 2, 4, 8, 16, 32)
-    graphs = SmallBatchGraphs(encoder, side=224, capture=False, max_batch=32)
+    graphs = SmallBatchGraphs(
+        encoder.model, autocast=encoder.runtime.autocast, side=224, capture=False, max_batch=32
+    )
     pixels = torch.rand((20, 3, 224, 224), generator=torch.Generator().manual_seed(20))
     with torch.inference_mode():
         image = encoder.image_encoder.encode(pixels)
@@ -223,7 +236,7 @@ def test_the_next_batch_is_prepared_while_the_current_one_runs_forward(encoder, 
     batches = [products[:2], products[2:4], products[4:]]
     began: list[EncodeInput] = []
     next_began = {id(b[0]): threading.Event() for b in batches}
-    real_prepare, real_forward = overlapped._prepare, overlapped._forward
+    real_prepare, real_forward = overlapped.runtime.prepare, overlapped.runtime.forward
     overlapping = []
 
     def prepare(batch, on_stage=True):
@@ -237,8 +250,8 @@ def test_the_next_batch_is_prepared_while_the_current_one_runs_forward(encoder, 
             overlapping.append(next_began[id(batches[k + 1][0])].wait(10))
         return real_forward(prepared, towers_only)
 
-    monkeypatch.setattr(overlapped, "_prepare", prepare)
-    monkeypatch.setattr(overlapped, "_forward", forward)
+    monkeypatch.setattr(overlapped.runtime, "prepare", prepare)
+    monkeypatch.setattr(overlapped.runtime, "forward", forward)
     stream = overlapped.stream(products=True)
     finished = [r for b in batches for r in stream.put(b)] + stream.flush()
     overlapped.close()
@@ -260,10 +273,14 @@ def test_the_multilingual_tower_padded_as_graphs_pad_gives_the_eager_vectors(row
             "image_encoder": None,
             "text_encoder": tower,
             "device": torch.device("cpu"),
-            "_autocast": lambda self, graph_safe=False: torch.autocast("cpu", enabled=False),
         },
     )()
-    graphs = SmallBatchGraphs(towers, side=288, capture=False)
+    graphs = SmallBatchGraphs(
+        towers,
+        autocast=lambda graph_safe=False: torch.autocast("cpu", enabled=False),
+        side=288,
+        capture=False,
+    )
     texts = ["金戒指", "18k gold diamond ring with a pearl", "珍珠耳环"][:rows]
     tokens = tower.tokenize(texts, torch.device("cpu"), queries=[True] * rows)
     with torch.inference_mode():

@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from loupe.encoders.errors import ImageRejected
+from loupe.encoders.errors import ImageRejected, Rejection
 from loupe.encoders.images import DecodeLimits, decode_image, fit_square, pil_to_uint8_tensor
-from loupe.schemas.errors import ErrorCode
 
 
 def _save(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
@@ -47,56 +46,56 @@ def _png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     )
 
 
-def _rejected(data: bytes, code: ErrorCode, needle: str, **kwargs) -> None:
+def _rejected(data: bytes, reason: Rejection, needle: str, **kwargs) -> None:
     with pytest.raises(ImageRejected) as info:
         decode_image(data, **kwargs)
-    assert info.value.code == code
+    assert info.value.reason == reason
     assert needle in str(info.value), str(info.value)
 
 
 def test_zero_bytes():
-    _rejected(b"", ErrorCode.IMAGE_INVALID, "empty")
+    _rejected(b"", Rejection.IMAGE_INVALID, "empty")
 
 
 def test_not_an_image():
-    _rejected(b"<html>404 not found</html>", ErrorCode.IMAGE_INVALID, "not a JPEG, PNG or WebP")
+    _rejected(b"<html>404 not found</html>", Rejection.IMAGE_INVALID, "not a JPEG, PNG or WebP")
 
 
 def test_formats_outside_the_allow_list_are_not_even_tried():
-    _rejected(_save(Image.new("RGB", (32, 32)), "BMP"), ErrorCode.IMAGE_INVALID, "not a JPEG")
-    _rejected(_save(Image.new("RGB", (32, 32)), "GIF"), ErrorCode.IMAGE_INVALID, "not a JPEG")
+    _rejected(_save(Image.new("RGB", (32, 32)), "BMP"), Rejection.IMAGE_INVALID, "not a JPEG")
+    _rejected(_save(Image.new("RGB", (32, 32)), "GIF"), Rejection.IMAGE_INVALID, "not a JPEG")
 
 
 def test_truncated_jpeg():
     data = _save(Image.effect_noise((256, 256), 64).convert("RGB"), "JPEG")
-    _rejected(data[: len(data) // 2], ErrorCode.IMAGE_INVALID, "could not be decoded")
+    _rejected(data[: len(data) // 2], Rejection.IMAGE_INVALID, "could not be decoded")
 
 
 def test_png_bomb_is_rejected_from_its_header_without_decoding():
     data = _png_bomb()
     assert len(data) < 1000
-    _rejected(data, ErrorCode.IMAGE_TOO_LARGE, "10000000000 pixels")
+    _rejected(data, Rejection.IMAGE_TOO_LARGE, "10000000000 pixels")
     # Below Pillow's own guard, ours still refuses before decoding.
-    _rejected(_png_bomb(8_000, 8_000), ErrorCode.IMAGE_TOO_LARGE, "8000x8000 pixels")
+    _rejected(_png_bomb(8_000, 8_000), Rejection.IMAGE_TOO_LARGE, "8000x8000 pixels")
 
 
 def test_huge_jpeg_dimensions_are_rejected():
     data = bytearray(_jpeg((64, 48)))
     sof = data.index(b"\xff\xc0")  # start of frame: precision, height, width
     data[sof + 5 : sof + 9] = struct.pack(">HH", 9_000, 9_000)
-    _rejected(bytes(data), ErrorCode.IMAGE_TOO_LARGE, "9000x9000")
+    _rejected(bytes(data), Rejection.IMAGE_TOO_LARGE, "9000x9000")
 
 
 def test_byte_limit():
     _rejected(
-        _jpeg(), ErrorCode.IMAGE_TOO_LARGE, "byte limit", limits=DecodeLimits(max_image_bytes=100)
+        _jpeg(), Rejection.IMAGE_TOO_LARGE, "byte limit", limits=DecodeLimits(max_image_bytes=100)
     )
 
 
 def test_declared_media_type_must_match_the_content():
     _rejected(
         _jpeg(),
-        ErrorCode.IMAGE_INVALID,
+        Rejection.IMAGE_INVALID,
         "declared image/png but the content is JPEG",
         media_type="image/png",
     )
@@ -104,7 +103,7 @@ def test_declared_media_type_must_match_the_content():
 
 
 def test_tiny_images_are_refused():
-    _rejected(_save(Image.new("RGB", (4, 4))), ErrorCode.IMAGE_INVALID, "too small")
+    _rejected(_save(Image.new("RGB", (4, 4))), Rejection.IMAGE_INVALID, "too small")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from loupe.encoders import multilingual_e5
 from loupe.encoders.errors import WeightsNotFound
-from loupe.encoders.fused import _text_base
+from loupe.encoders.model import text_base
 from loupe.encoders.text_centre import REFERENCE_TEXTS, mean_direction
 from loupe.encoders.text_towers import TEXT_BACKBONES, TextEncoder
 
@@ -129,7 +129,7 @@ def test_the_centre_is_part_of_the_model_base(tower):
     assert TEXT_BACKBONES["multilingual-e5-small"].centred
     assert tower.centre is not None and tower.centre.shape == (384,)
     assert tower.centre_id.startswith("-centre")
-    assert tower.centre_id in _text_base(tower)  # another centre: other vectors, collection
+    assert tower.centre_id in text_base(tower)  # another centre: other vectors, collection
     assert len(REFERENCE_TEXTS) == len(set(REFERENCE_TEXTS)) >= 40
     assert not TEXT_BACKBONES["all-minilm-l6-v2"].centred  # the default model is unchanged
 

@@ -1,0 +1,291 @@
+"""How the model runs: micro-batches, threads, CUDA streams, CUDA graphs, mixed precision.
+
+``EncoderRuntime`` turns ``EncodeInput`` items into ``Encoded`` results through a ``FusedModel``
+in two public steps: ``prepare`` (photos to pixels on the device, texts to tokens on the device)
+and ``forward`` (the towers, the heads, the policy that a non-finite vector fails its own item).
+``EncodeStream`` overlaps them: while the device runs one micro-batch's forward pass, the stage
+thread prepares the next. A batch whose preparation or forward pass raises is encoded again item
+by item (``encode_isolated``), so the item that causes it fails alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from loupe.encoders.batching import iter_batch
+from loupe.encoders.device import Acceleration
+from loupe.encoders.errors import EncodeFailed, VectorNotFinite
+from loupe.encoders.graphs import SmallBatchGraphs
+from loupe.encoders.items import Encoded, EncodeInput, check_inputs
+from loupe.encoders.model import FusedModel
+from loupe.encoders.preprocess import ImagePreprocessor, Photo
+from loupe.encoders.profile import MAX_TEXT_CHARS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedBatch:
+    """A micro-batch ready for the towers (``EncoderRuntime.prepare``)."""
+
+    items: list[EncodeInput]
+    out: list[Encoded]  # one per item; failed items already carry their error
+    image_rows: list[int]  # items whose photo is in ``pixels``, in order
+    pixels: torch.Tensor | None  # (Bi, 3, S, S) on the device
+    text_rows: list[int]  # items whose text is in ``tokens``, in order
+    tokens: dict[str, torch.Tensor] | None  # (Bt, T) ids and mask on the device
+    ready: torch.cuda.Event | None  # recorded on the stage stream when all of it is there
+
+
+class EncoderRuntime:
+    """Runs a ``FusedModel`` on its device as ``acceleration`` plans: the preprocessor's decode
+    threads, a tokenizer thread, a stage thread with its own CUDA stream, a forward stream, and
+    CUDA graphs for small batches."""
+
+    def __init__(
+        self,
+        model: FusedModel,
+        preprocessor: ImagePreprocessor,
+        acceleration: Acceleration,
+        *,
+        batch_size: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.model = model
+        self.preprocessor = preprocessor
+        self.acceleration = acceleration
+        self.batch_size = batch_size
+        self.device = model.device
+        on_cuda = self.device.type == "cuda"
+        self._stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-stage")
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._stage_stream = (
+            torch.cuda.Stream(self.device) if on_cuda and acceleration.overlap_batches else None
+        )
+        # The forward pass gets its own stream too: on CUDA's legacy default stream it would
+        # wait for every blocking stream in the process, the JPEG decoders' own streams
+        # included, and the stages could never overlap.
+        self._forward_stream = torch.cuda.Stream(self.device) if self._stage_stream else None
+        self.graphs: SmallBatchGraphs | None = None
+        if acceleration.cuda_graphs:
+            self.graphs = SmallBatchGraphs(
+                model,
+                autocast=self.autocast,
+                side=model.input_side,
+                capture=on_cuda,
+                max_batch=acceleration.graph_max_batch,
+                channels_last=acceleration.channels_last,
+            )
+
+    def close(self) -> None:
+        self.preprocessor.close()
+        self._stage.shutdown(wait=True)
+        self._tokenizer_pool.shutdown(wait=True)
+
+    # --- whole batches ---------------------------------------------------------------------
+
+    def encode(self, items: Sequence[EncodeInput], towers_only: bool = False) -> list[Encoded]:
+        """Every item, in micro-batches, overlapped; one result per item, in order."""
+        batches = list(iter_batch(items, self.batch_size))
+        if len(batches) == 1:  # nothing to overlap: no hop to the stage thread (a query)
+            return self.encode_isolated(batches[0], towers_only)
+        stream = EncodeStream(self, towers_only=towers_only)
+        results: list[Encoded] = []
+        for batch in batches:
+            results.extend(r for _, done in stream.put(batch) for r in done)
+        results.extend(r for _, done in stream.flush() for r in done)
+        return results
+
+    def encode_isolated(self, batch: list[EncodeInput], towers_only: bool) -> list[Encoded]:
+        """One micro-batch, at once; if its preparation or forward pass raises, item by item,
+        so that the item that causes it fails alone (``EncodeFailed``)."""
+        try:
+            return self.forward(self.prepare(batch, on_stage=False), towers_only)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("encoding one item failed; it fails alone")
+                return [Encoded(error=EncodeFailed(exc))]
+            log.warning(
+                "encoding a batch of %d failed (%s: %s); encoding its items one by one",
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
+            return [
+                result for item in batch for result in self.encode_isolated([item], towers_only)
+            ]
+
+    def prepare_later(self, batch: list[EncodeInput]) -> Future:
+        """``prepare(batch)`` on the stage thread (its own CUDA stream); a future of it."""
+        return self._stage.submit(self.prepare, batch)
+
+    # --- the two steps -----------------------------------------------------------------------
+
+    def prepare(self, batch: list[EncodeInput], on_stage: bool = True) -> PreparedBatch:
+        """Everything before the towers: photos to pixels on the device, texts to tokens on
+        the device. ``on_stage`` (the stage thread, on CUDA): on the stage stream, recording an
+        event the forward pass waits for; otherwise on the caller's stream."""
+        on_stage = on_stage and self._stage_stream is not None
+        text_encoder = self.model.text_encoder
+        # Texts tokenize in their own thread (the Rust tokenizer releases the GIL) while the
+        # photos decode: on a GPU machine each takes about as long as the other.
+        texted = [i for i, item in enumerate(batch) if item.text]
+        host_tokens = (
+            self._tokenizer_pool.submit(
+                text_encoder.tokenize,
+                [batch[i].text[:MAX_TEXT_CHARS] for i in texted],
+                torch.device("cpu"),
+                [batch[i].query for i in texted],
+            )
+            if texted
+            else None
+        )
+        with torch.cuda.stream(self._stage_stream) if on_stage else contextlib.nullcontext():
+            out = [Encoded() for _ in batch]
+            with_image = [i for i, item in enumerate(batch) if item.image is not None]
+            pixels, rows, failures = self.preprocessor.batch(
+                [Photo(batch[i].image, batch[i].media_type) for i in with_image]
+            )
+            for j, error in failures.items():
+                out[with_image[j]].error = error
+            image_rows = [with_image[j] for j in rows]
+            text_rows = [i for i in texted if out[i].ok]  # not the items whose photo failed
+            tokens = None
+            if host_tokens is not None:
+                texts = host_tokens.result()
+                if text_rows and len(text_rows) < len(texted):
+                    keep = [texted.index(i) for i in text_rows]
+                    texts = {name: t[keep] for name, t in texts.items()}
+                if text_rows:
+                    tokens = {name: t.to(self.device) for name, t in texts.items()}
+            ready = None
+            if on_stage:
+                ready = torch.cuda.Event()
+                ready.record(self._stage_stream)
+        return PreparedBatch(
+            batch, out, image_rows, pixels if image_rows else None, text_rows, tokens, ready
+        )
+
+    def forward(self, prepared: PreparedBatch, towers_only: bool) -> list[Encoded]:
+        """The towers and the heads (only the towers with ``towers_only``: what ``loupe
+        train`` learns from) on the forward stream; one ``Encoded`` per item."""
+        if self._forward_stream is None:
+            return self._forward_here(prepared, towers_only)
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._forward_stream):
+            self._forward_stream.wait_stream(caller)  # what the caller queued (a serial prepare)
+            return self._forward_here(prepared, towers_only)
+
+    def _forward_here(self, prepared: PreparedBatch, towers_only: bool) -> list[Encoded]:
+        out, image_rows, text_rows = prepared.out, prepared.image_rows, prepared.text_rows
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if prepared.ready is not None:  # made on the stage stream: wait for it
+            stream.wait_event(prepared.ready)
+        if stream is not None:  # made on another stream: tell the allocator who uses it now
+            for tensor in [prepared.pixels, *(prepared.tokens or {}).values()]:
+                if tensor is not None:
+                    tensor.record_stream(stream)
+        with torch.inference_mode(), self.autocast():
+            image_vecs = (
+                self._image_vectors(prepared.pixels) if prepared.pixels is not None else None
+            )  # (Bi, Di)
+            text_vecs = (
+                self._text_vectors(prepared.tokens) if prepared.tokens is not None else None
+            )  # (Bt, Dt)
+            both = [] if towers_only else sorted(set(image_rows) & set(text_rows))
+            if towers_only:
+                views = {"image": image_vecs, "text": text_vecs}
+            else:
+                pairs = ([image_rows.index(i) for i in both], [text_rows.index(i) for i in both])
+                views = self.model.heads(image_vecs, text_vecs, pairs)
+        for view, rows in (("image", image_rows), ("text", text_rows), ("fused", both)):
+            vecs = views.get(view)
+            if vecs is None:
+                continue
+            array = vecs.float().cpu().numpy()
+            for j, i in enumerate(rows):
+                out[i].vectors[view] = array[j]
+        for result in out:
+            bad = [v for v, vec in result.vectors.items() if not np.isfinite(vec).all()]
+            if bad:
+                result.vectors, result.error = {}, VectorNotFinite(bad)
+        return out
+
+    def _image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
+        graphed = self.graphs.image(pixels) if self.graphs is not None else None
+        return graphed if graphed is not None else self.model.image_towers(pixels)
+
+    def _text_vectors(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        graphed = (
+            self.graphs.text(tokens["input_ids"], tokens["attention_mask"])
+            if self.graphs is not None
+            else None
+        )
+        return graphed if graphed is not None else self.model.text_towers(tokens)
+
+    def autocast(self, graph_safe: bool = False) -> contextlib.AbstractContextManager:
+        """Mixed precision as planned. ``graph_safe``: without autocast's weight cache, whose
+        copies would be freed under a captured graph that still reads them."""
+        dtype = self.acceleration.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(
+            device_type=self.device.type, dtype=dtype, cache_enabled=not graph_safe
+        )
+
+
+class EncodeStream:
+    """Micro-batches in, their results out one step later (``FusedEncoder.stream``).
+
+    With ``overlap_batches`` (CUDA's default) the stage thread prepares batch k+1 (decode, fit,
+    tokenize, copy, on its own CUDA stream) while the caller's thread runs batch k's forward
+    pass; without it each ``put`` encodes its batch at once. Either way a batch whose
+    preparation or forward pass raises is encoded again item by item, so only the item that
+    causes it fails.
+    """
+
+    def __init__(
+        self, runtime: EncoderRuntime, *, products: bool = False, towers_only: bool = False
+    ) -> None:
+        self.runtime = runtime
+        self.products = products
+        self.towers_only = towers_only
+        self._pending: tuple[object, list[EncodeInput], Future] | None = None
+
+    def put(self, batch: Sequence[EncodeInput], tag: object = None) -> list[tuple[object, list]]:
+        """Start on ``batch``; returns ``(tag, results)`` for each batch finished meanwhile
+        (the previous one, or this one when batches do not overlap)."""
+        batch = list(batch)
+        check_inputs(batch, "product" if self.products else "item")
+        if not batch:
+            return []
+        runtime = self.runtime
+        if not runtime.acceleration.overlap_batches:
+            return [(tag, runtime.encode_isolated(batch, self.towers_only))]
+        previous = self._pending
+        # This batch's preparation starts first, then the previous batch's forward pass runs
+        # here: the two overlap. (The other way round, each waited for the other.)
+        self._pending = (tag, batch, runtime.prepare_later(batch))
+        return self._finish(previous) if previous is not None else []
+
+    def flush(self) -> list[tuple[object, list]]:
+        """Finish the batch in flight, if any."""
+        if self._pending is None:
+            return []
+        pending, self._pending = self._pending, None
+        return self._finish(pending)
+
+    def _finish(self, pending: tuple[object, list[EncodeInput], Future]) -> list[tuple]:
+        tag, batch, prepared = pending
+        try:
+            return [(tag, self.runtime.forward(prepared.result(), self.towers_only))]
+        except Exception:  # whatever failed, find the item that causes it, alone
+            return [(tag, self.runtime.encode_isolated(batch, self.towers_only))]
