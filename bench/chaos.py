@@ -61,9 +61,9 @@ from kafka.admin import NewTopic
 from bench.cli import summary
 from bench.harness import loupe_process, serve_env
 from loupe.client import encode_request, search_request
+from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
-from loupe.consumers.lifecycle import open_collection
-from loupe.consumers.service import build_index
+from loupe.consumers.live_model import open_collection
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.cdn import cdn_process
@@ -482,10 +482,10 @@ def run_engine(engine: str, args, catalog, plan, shopper_photos) -> Outcome:
         producer.close()
 
         settings = Settings(state_dir=tmp / "state", **extra_settings)
-        catalog_index = build_index(settings, "unused")
+        catalog_index = build_catalog(settings)
         encoder, index = open_collection(
             catalog_index,
-            catalog_index.live_collection(),
+            catalog_index.live(),
             settings.model_profile(),
             FusedEncoder.from_profile,
         )

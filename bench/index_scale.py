@@ -34,8 +34,8 @@ from loupe.consumers.index import (
     QUANTIZATIONS,
     IndexPoint,
     IndexQuery,
-    QdrantIndex,
 )
+from loupe.consumers.qdrant_index import QdrantIndex
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 1280, "text": 384, "fused": 1664}
@@ -228,7 +228,7 @@ def _searched(
 ) -> tuple[dict[str, list[float]], dict[str, list[list[int]]]]:
     """Each query alone and within its ``asked`` category, at search breadth ``ef`` with ACORN
     on or off: the times (ms) and the products found."""
-    index.hnsw_ef, index.acorn = ef, acorn
+    index.store.hnsw_ef, index.store.acorn = ef, acorn
     timings: dict[str, list[float]] = {"plain": [], "filtered": []}
     found: dict[str, list[list[int]]] = {"plain": [], "filtered": []}
     for q, category in zip(queries, asked, strict=True):

@@ -20,12 +20,14 @@ from kafka import KafkaProducer
 
 from bench.cli import summary
 from bench.harness import create_topic, local_broker, photo_server, product_event
+from loupe.consumers.app import fixed_model
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
-from loupe.consumers.index import IndexPoint, QdrantIndex
+from loupe.consumers.index import IndexPoint
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.kafka_io import make_consumer, make_producer
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
+from loupe.consumers.qdrant_index import QdrantIndex
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder
@@ -85,8 +87,7 @@ def main() -> None:
         indexer = Indexer(
             consumer=make_consumer(run_settings, "bench-service"),
             publisher=Publisher(producer, dlq, metrics),
-            index=index,
-            encoder=encoder,
+            live=fixed_model(encoder, index),
             fetcher=fetcher,
             metrics=metrics,
             topic=topic,

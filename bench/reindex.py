@@ -37,8 +37,8 @@ from bench.harness import (
     product_event,
     serve_env,
 )
+from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
-from loupe.consumers.service import build_index
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
@@ -161,7 +161,8 @@ def main() -> None:
             service.wait(timeout=120)
             producer.close()
         settings = Settings(state_dir=work_dir / "state")
-        index = build_index(settings, report["model_b"])
+        index_catalog = build_catalog(settings)
+        index = index_catalog.open(report["model_b"])
         index.ensure_collection({"image": 1280, "text": 384, "fused": 1664}, make_live=False)
         ids = [point_id(MERCHANT, p.product_id) for p in catalog] + [
             point_id(MERCHANT, pid) for pid in report.pop("products_sent_ids")
@@ -169,6 +170,7 @@ def main() -> None:
         report["new_collection_has_every_product"] = len(index.stored_versions(ids)) == len(ids)
         report["new_collection_points"] = index.count()
         index.close()
+        index_catalog.close()
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

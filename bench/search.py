@@ -36,12 +36,14 @@ from kafka import KafkaConsumer, KafkaProducer
 from bench.cli import summary
 from bench.harness import create_topic, local_broker, percentiles, pure_python_crc32c
 from loupe.client import encode_request, search_request
+from loupe.consumers.app import fixed_model
 from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
-from loupe.consumers.index import IndexPoint, QdrantIndex
+from loupe.consumers.index import IndexPoint
 from loupe.consumers.kafka_io import make_consumer, make_producer
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
+from loupe.consumers.qdrant_index import QdrantIndex
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import encode_input, load_catalog
@@ -134,8 +136,7 @@ def _start_service(run: Settings, index, encoder, group: str):
     service = SearchService(
         consumer=make_consumer(run, group),
         publisher=Publisher(producer, create_topic(bootstrap, "dlq", 1), metrics),
-        index=index,
-        encoder=encoder,
+        live=fixed_model(encoder, index),
         fetcher=ImageFetcher(FetchPolicy()),
         metrics=metrics,
         topic=requests_topic,

@@ -1,4 +1,4 @@
-"""``VectorIndex`` on Qdrant Edge (PyPI ``qdrant-edge-py``): Qdrant's own Rust engine in this
+"""The index on Qdrant Edge (PyPI ``qdrant-edge-py``): Qdrant's own Rust engine in this
 process, on disk, with a write-ahead log, HNSW and payload indexes.
 
 The same scheme as ``QdrantIndex``: one shard per model version (``<dir>/<collection>``), the
@@ -31,8 +31,9 @@ from loupe.consumers.index import (
     DEFAULT_ACORN,
     DEFAULT_HNSW_EF,
     DEFAULT_QUANTIZATION,
-    FILTER_KEYWORDS,
+    FLOAT_FIELDS,
     INT8_QUANTILE,
+    KEYWORD_FIELDS,
     QUANTIZATIONS,
     RESCORE_OVERSAMPLING,
     VIEWS,
@@ -52,13 +53,12 @@ ALIASES_FILE = "aliases.json"
 CARD_SUFFIX = ".card.json"  # <collection>.card.json beside the shard: what made it, its state
 
 
-class EdgeIndex:
-    """``VectorIndex`` over one Qdrant Edge shard per model version, under ``path``."""
+class EdgeStore:
+    """The shards under ``path``, the alias file and the cards beside them."""
 
     def __init__(
         self,
         *,
-        model_version: str,
         path: str,
         prefix: str = "loupe",
         hnsw_ef: int = DEFAULT_HNSW_EF,
@@ -81,69 +81,20 @@ class EdgeIndex:
             ) from None
         self.root = Path(path)
         self.alias = prefix
-        self.collection = collection_name(prefix, model_version)
-        self.model_version = model_version
         self.hnsw_ef, self.acorn = hnsw_ef, acorn
         self.quantization = quantization
-        self._lock = threading.RLock()
-        self._shard: Any = None
         self._files_thread_lock = threading.RLock()
         self._files_lock_depth = 0
         self._files_lock_handle: Any = None
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    def open(self, model_version: str) -> EdgeIndex:
+        """A handle on the shard of ``model_version`` (opened by its ``ensure_collection``)."""
+        return EdgeIndex(model_version=model_version, store=self)
 
-    def ensure_collection(self, dims: Mapping[str, int], *, make_live: bool = True) -> None:
-        from qdrant_edge import (
-            Distance,
-            EdgeConfig,
-            EdgeShard,
-            EdgeVectorParams,
-            PayloadSchemaType,
-            UpdateOperation,
-        )
+    def close(self) -> None:
+        """Nothing to close: each shard closes with its handle."""
 
-        shard_dir = self.root / self.collection
-        config = EdgeConfig(
-            vectors={
-                view: EdgeVectorParams(
-                    size=int(dims[view]), distance=Distance.Cosine, **self._storage()
-                )
-                for view in VIEWS
-            }
-        )
-        with self._lock:
-            try:
-                if shard_dir.is_dir() and any(shard_dir.iterdir()):
-                    self._shard = EdgeShard.load(str(shard_dir), config)
-                else:
-                    log.info("creating embedded HNSW shard %s (%s)", shard_dir, dict(dims))
-                    shard_dir.mkdir(parents=True, exist_ok=True)
-                    self._shard = EdgeShard.create(str(shard_dir), config)
-                    for key in FILTER_KEYWORDS:
-                        self._shard.update(
-                            UpdateOperation.create_field_index(key, PayloadSchemaType.Keyword)
-                        )
-                    self._shard.update(
-                        UpdateOperation.create_field_index("price", PayloadSchemaType.Float)
-                    )
-            except (OSError, RuntimeError, ValueError) as exc:
-                raise IndexUnavailable(f"cannot open the shard in {shard_dir}: {exc}") from exc
-        if make_live and self.live_collection() != self.collection:
-            self.switch_alias(self.collection)
-
-    def for_version(self, model_version: str) -> EdgeIndex:
-        """Another version's shard under the same directory (opened by its ensure_collection)."""
-        return EdgeIndex(
-            model_version=model_version,
-            path=str(self.root),
-            prefix=self.alias,
-            hnsw_ef=self.hnsw_ef,
-            acorn=self.acorn,
-            quantization=self.quantization,
-        )
-
-    def _storage(self) -> dict[str, Any]:
+    def storage(self) -> dict[str, Any]:
         """How each named vector is stored (``quantization``)."""
         if self.quantization == "none":
             return {}
@@ -178,12 +129,10 @@ class EdgeIndex:
         )
 
     def drop_collection(self, collection: str) -> bool:
-        """Delete a collection's shard and card. Only a shard no process has open may go: the
-        one this object holds is closed first; another process's is refused."""
+        """Delete a collection's shard and card. Only a shard no handle has open may go (its
+        write-ahead log's lock says so, in this process or another)."""
         if collection == self.live_collection():
             raise ValueError(f"refusing to drop {collection}: the alias {self.alias} points at it")
-        if collection == self.collection:
-            self.close()
         shard_dir = self.root / collection
         if not shard_dir.is_dir():
             return False
@@ -231,6 +180,63 @@ class EdgeIndex:
                     fcntl.flock(self._files_lock_handle, fcntl.LOCK_UN)
                     self._files_lock_handle.close()
 
+
+class EdgeIndex:
+    """A handle on one model version's shard of an ``EdgeStore`` (``Collection``). Every call on
+    it is serialised.
+
+    Without ``store`` it makes a store of its own from the keyword arguments (a test's, a
+    benchmark's one collection)."""
+
+    def __init__(
+        self, *, model_version: str, store: EdgeStore | None = None, **store_options: Any
+    ) -> None:
+        self.store = store if store is not None else EdgeStore(**store_options)
+        self.model_version = model_version
+        self.collection = collection_name(self.store.alias, model_version)
+        self._lock = threading.RLock()
+        self._shard: Any = None
+
+    def ensure_collection(self, dims: Mapping[str, int], *, make_live: bool = True) -> None:
+        from qdrant_edge import (
+            Distance,
+            EdgeConfig,
+            EdgeShard,
+            EdgeVectorParams,
+            PayloadSchemaType,
+            UpdateOperation,
+        )
+
+        shard_dir = self.store.root / self.collection
+        config = EdgeConfig(
+            vectors={
+                view: EdgeVectorParams(
+                    size=int(dims[view]), distance=Distance.Cosine, **self.store.storage()
+                )
+                for view in VIEWS
+            }
+        )
+        with self._lock:
+            try:
+                if shard_dir.is_dir() and any(shard_dir.iterdir()):
+                    self._shard = EdgeShard.load(str(shard_dir), config)
+                else:
+                    log.info("creating embedded HNSW shard %s (%s)", shard_dir, dict(dims))
+                    shard_dir.mkdir(parents=True, exist_ok=True)
+                    self._shard = EdgeShard.create(str(shard_dir), config)
+                    for key in KEYWORD_FIELDS:
+                        self._shard.update(
+                            UpdateOperation.create_field_index(key, PayloadSchemaType.Keyword)
+                        )
+                    for key in FLOAT_FIELDS:
+                        self._shard.update(
+                            UpdateOperation.create_field_index(key, PayloadSchemaType.Float)
+                        )
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise IndexUnavailable(f"cannot open the shard in {shard_dir}: {exc}") from exc
+        if make_live and self.store.live_collection() != self.collection:
+            self.store.switch_alias(self.collection)
+
     def optimize(self) -> bool:
         """Run Qdrant's segment optimizers now (merges segments, builds the HNSW and payload
         indexes); blocks every other call meanwhile. True if anything changed."""
@@ -251,7 +257,7 @@ class EdgeIndex:
             except (OSError, RuntimeError) as exc:
                 raise IndexUnavailable(f"embedded index {what} failed: {exc}") from exc
 
-    # --- the VectorIndex interface -------------------------------------------------------------
+    # --- the Collection interface -------------------------------------------------------------
 
     def stored_versions(self, ids: Sequence[str]) -> dict[str, int | None]:
         if not ids:
@@ -298,11 +304,11 @@ class EdgeIndex:
         if not queries:
             return []
         params = SearchParams(
-            hnsw_ef=self.hnsw_ef,
-            acorn=AcornSearchParams(enable=self.acorn),
+            hnsw_ef=self.store.hnsw_ef,
+            acorn=AcornSearchParams(enable=self.store.acorn),
             # int8 ranks the candidates; the float32 vectors rescore twice the hits asked for
             quantization=QuantizationSearchParams(rescore=True, oversampling=RESCORE_OVERSAMPLING)
-            if self.quantization != "none"
+            if self.store.quantization != "none"
             else None,
         )
         requests = []

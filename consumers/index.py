@@ -1,9 +1,14 @@
-"""The vector index: Qdrant, embedded (``path=``) or a server (``url=``), behind a small interface.
+"""The vector index's interface, whatever engine holds it: points, queries, payloads, filters.
 
 One collection per model version (vectors from different models are not comparable), with the
 named vectors ``image``, ``text`` and ``fused`` (cosine), and an alias ``<prefix>`` pointing at
 the live collection so a re-index can switch atomically. Point ids derive from
 (merchant_id, product_id), so a replayed event rewrites the same point.
+
+Two engines implement it: Qdrant Edge in this process (``edge_index.py``) and qdrant-client, a
+server or its local mode (``qdrant_index.py``). Each has a store (``CollectionStore``: the
+alias, the collections and their cards, read through ``consumers/catalog.py``) and handles on
+one collection each (``Collection``: what ingest writes and search reads).
 """
 
 from __future__ import annotations
@@ -12,22 +17,19 @@ import contextlib
 import json
 import logging
 import re
-import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
-from loupe.consumers.errors import IndexUnavailable
 from loupe.schemas.search import SearchFilters
 
 log = logging.getLogger(__name__)
 
 POINT_NAMESPACE = uuid.UUID("5b1f3c52-4c1e-4f57-9d0f-6c6f75706531")  # Loupe's own namespace
 VIEWS = ("image", "text", "fused")
-FILTER_KEYWORDS = ("merchant_id", "category", "subcategory", "material", "currency")
 
 
 def point_id(merchant_id: str, product_id: str) -> str:
@@ -68,8 +70,48 @@ class IndexQuery:
     with_vectors: Sequence[str] = ()
 
 
-class VectorIndex(Protocol):
-    """What the consumers need from an index; a second backend implements just this."""
+@dataclass(frozen=True)
+class ProductPayload:
+    """What a point carries besides its vectors: written by ingest, read by search, and the
+    fields both engines index for filters (``KEYWORD_FIELDS``, ``FLOAT_FIELDS``)."""
+
+    merchant_id: str
+    product_id: str
+    title: str
+    description: str  # the first 500 characters
+    attributes: dict[str, Any]
+    # Lower-cased copies of the attributes a shopper filters by (keyword indexes).
+    category: str | None
+    subcategory: str | None
+    material: str | None
+    price: float | None  # for range filters
+    price_amount: str | None  # the exact decimal, for the answer
+    currency: str | None
+    image_url: str | None
+    version: int | None  # the event's, for the version rule on replays
+    model_version: str
+    event_id: str | None
+    indexed_at: str  # ISO 8601
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ProductPayload:
+        """A stored payload; fields it lacks (a point from an older Loupe) read as empty."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in raw.items() if k in names}
+        defaults = {n: None for n in names} | {"title": "", "description": "", "attributes": {}}
+        return cls(**(defaults | known))
+
+
+# The payload fields filters match exactly, and the ones they compare as numbers.
+KEYWORD_FIELDS = ("merchant_id", "category", "subcategory", "material", "currency")
+FLOAT_FIELDS = ("price",)
+
+
+class Collection(Protocol):
+    """A handle on one model version's collection: what ingest writes and search reads."""
 
     collection: str
     model_version: str
@@ -82,8 +124,14 @@ class VectorIndex(Protocol):
     def count(self, exact: bool = True) -> int: ...
     def close(self) -> None: ...
 
-    # The lifecycle of collections (consumers/lifecycle.py): which one is live, what each is.
-    def for_version(self, model_version: str) -> VectorIndex: ...
+
+class CollectionStore(Protocol):
+    """An engine's collections and what lives beside them (the alias, each one's card), in the
+    engine's own terms; ``consumers/catalog.py`` gives them their meaning."""
+
+    alias: str
+
+    def open(self, model_version: str) -> Collection: ...
     def live_collection(self) -> str | None: ...
     def switch_alias(self, collection: str) -> str | None: ...
     def collections(self) -> list[str]: ...
@@ -91,22 +139,20 @@ class VectorIndex(Protocol):
     def read_card(self, collection: str) -> dict[str, Any] | None: ...
     def write_card(self, collection: str, card: Mapping[str, Any]) -> None: ...
     def card_lock(self) -> contextlib.AbstractContextManager[Any]: ...
+    def close(self) -> None: ...
 
 
 # How the engines that search a graph (Qdrant Edge, a Qdrant server; qdrant-client's local mode
 # searches exactly) search it. ``hnsw_ef``: the search breadth (Qdrant's default follows
-# ef_construct, 100). 128: at a million clustered points 64 found 0.968 of the exact top ten
-# and 128 found 0.999 (filtered: 0.994 and 1.000), at a p99 of 3.5 ms; at 100k both found all.
-# ACORN: under a selective filter, also walk the neighbours of neighbours the filter removed
-# (Qdrant applies it only when the filter keeps under 40% of the points): it rescues filters
-# unrelated to what the photo shows, at a cost that grows with the catalog, so it is off.
-# Chosen with bench.index_scale (docs/architecture.md, "Index engines").
+# ef_construct, 100). ACORN: under a selective filter, also walk the neighbours of neighbours the
+# filter removed; it rescues filters unrelated to what the photo shows, at a cost that grows with
+# the catalog, so it is off. Both chosen with bench.index_scale; the measurements are in
+# docs/architecture.md, "Index engines".
 DEFAULT_HNSW_EF = 128
 DEFAULT_ACORN = False
 # How Edge and a server store a new collection's vectors: none (float32 in memory) or int8 (an
-# int8 copy in memory ranks, the float32 vectors on disk rescore). int8: a quarter of the
-# memory, an HNSW build 3.5 times faster (13 s against 49 s at 20k points) and the same top
-# ten, which is what lets one machine hold a million products (docs/architecture.md).
+# int8 copy in memory ranks, the float32 vectors on disk rescore): a quarter of the memory and
+# the same top ten (measured in docs/architecture.md, "Index engines").
 Quantization = Literal["none", "int8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 DEFAULT_QUANTIZATION: Quantization = "int8"
@@ -114,9 +160,6 @@ DEFAULT_QUANTIZATION: Quantization = "int8"
 # clipped), and how many candidates per hit asked for the float32 vectors rescore.
 INT8_QUANTILE = 0.99
 RESCORE_OVERSAMPLING = 2.0
-
-CARD_KEY = "loupe"  # the collection metadata key that holds its card (consumers/lifecycle.py)
-
 
 # The Qdrant server versions Loupe supports: tested against 1.18 (the test suite's server and
 # the compose stack's), and the client it locks (1.20) speaks to servers one minor version
@@ -172,316 +215,6 @@ def collection_name(prefix: str, model_version: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:255]
 
 
-class QdrantIndex:
-    """``VectorIndex`` over qdrant-client. Every write waits until Qdrant has applied it."""
-
-    def __init__(
-        self,
-        *,
-        model_version: str,
-        path: str | None = None,
-        url: str | None = None,
-        api_key: str | None = None,
-        prefix: str = "loupe",
-        timeout_s: int = 10,
-        hnsw_ef: int = DEFAULT_HNSW_EF,
-        acorn: bool = DEFAULT_ACORN,
-        quantization: Quantization = DEFAULT_QUANTIZATION,
-        topology: Topology | None = None,
-        _shared: QdrantIndex | None = None,
-    ) -> None:
-        """``quantization``: for a server's new collections, as ``EdgeIndex``'s (an int8 copy
-        in memory, float32 on disk to rescore); local mode searches exactly and ignores it.
-        A server's existing collection keeps the storage it was created with. ``topology``:
-        how a server's new collections are sharded and replicated (a cluster's)."""
-        from qdrant_client import QdrantClient
-
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantization!r}; expected {QUANTIZATIONS}")
-        self.hnsw_ef, self.acorn, self.quantization = hnsw_ef, acorn, quantization
-        self.topology = topology or Topology()
-        self.alias = prefix
-        self.collection = collection_name(prefix, model_version)
-        self.model_version = model_version
-        if _shared is not None:  # a sibling collection on the same client (for_version)
-            self.embedded, self._lock, self.client = _shared.embedded, _shared._lock, _shared.client
-            self._card_lock = _shared._card_lock
-            self._owns_client = False
-            return
-        self._owns_client = True
-        self._card_lock = threading.RLock()
-        if (path is None) == (url is None):
-            raise ValueError("give exactly one of path (embedded Qdrant) or url (a server)")
-        self.embedded = path is not None
-        # qdrant-client's embedded mode is not safe for concurrent use: an upsert in one thread
-        # during a search in another raised IndexError in its payload-mask code. Every call on
-        # it is serialised; a server does its own concurrency control.
-        self._lock: contextlib.AbstractContextManager[Any] = (
-            threading.RLock() if self.embedded else contextlib.nullcontext()
-        )
-        try:
-            if path is not None:
-                self.client = QdrantClient(path=path)
-            else:
-                # Loupe checks the server's version itself, once, against the versions it
-                # supports (check_server_version), instead of the client's warning per start.
-                self.client = QdrantClient(
-                    url=url, api_key=api_key, timeout=timeout_s, check_compatibility=False
-                )
-        except (RuntimeError, OSError, ValueError) as exc:  # e.g. a path locked by another process
-            raise IndexUnavailable(f"cannot open Qdrant at {path or url}: {exc}") from exc
-        if url is not None:
-            self._check_version(url)
-
-    def _check_version(self, url: str) -> None:
-        """Once, at start: is this a server version Loupe supports? A server that does not
-        answer yet is not a reason to fail here (every later call retries it)."""
-        try:
-            version = self._call("info", self.client.info).version
-        except IndexUnavailable as exc:
-            log.warning("the Qdrant server at %s did not say its version: %s", url, exc)
-            return
-        problem = check_server_version(version)
-        if problem is not None:
-            log.warning("%s: %s", url, problem)
-        else:
-            log.info("Qdrant server %s at %s", version, url)
-
-    def _call(self, what: str, fn, *args, **kwargs):
-        """Run one client call; any failure to reach or use Qdrant is IndexUnavailable (retry)."""
-        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-
-        try:
-            with self._lock:
-                return fn(*args, **kwargs)
-        except UnexpectedResponse as exc:
-            if exc.status_code is not None and 400 <= exc.status_code < 500:
-                raise  # our request is wrong: a bug, not an outage
-            raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
-        except (ResponseHandlingException, ConnectionError, TimeoutError, OSError) as exc:
-            raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
-        except RuntimeError as exc:  # the embedded client raises this once closed
-            raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
-
-    def ensure_collection(self, dims: Mapping[str, int], *, make_live: bool = True) -> None:
-        """Create this version's collection if missing; with ``make_live``, point the alias at
-        it when the alias points nowhere or elsewhere (a re-index passes False: it switches
-        only once the new collection has caught up)."""
-        if not self._call("collection_exists", self.client.collection_exists, self.collection):
-            log.info("creating collection %s (%s)", self.collection, dict(dims))
-            self._create(dims)
-        if make_live and self.live_collection() != self.collection:
-            self.switch_alias(self.collection)
-
-    def _create(self, dims: Mapping[str, int]) -> None:
-        from qdrant_client import models
-        from qdrant_client.http.exceptions import UnexpectedResponse
-
-        try:
-            self._call(
-                "create_collection",
-                self.client.create_collection,
-                self.collection,
-                vectors_config={
-                    view: models.VectorParams(
-                        size=int(dims[view]),
-                        distance=models.Distance.COSINE,
-                        on_disk=self._quantized or None,
-                    )
-                    for view in VIEWS
-                },
-                quantization_config=models.ScalarQuantization(
-                    scalar=models.ScalarQuantizationConfig(
-                        type=models.ScalarType.INT8, quantile=INT8_QUANTILE, always_ram=True
-                    )
-                )
-                if self._quantized
-                else None,
-                **({} if self.embedded else self.topology.collection_options()),
-            )
-        except UnexpectedResponse:
-            # Another instance created it between our check and our create (a fleet starting
-            # at once): theirs is the same collection. Anything else is ours to report.
-            if not self._call("collection_exists", self.client.collection_exists, self.collection):
-                raise
-        if not self.embedded:  # embedded Qdrant ignores payload indexes (and warns)
-            for key in FILTER_KEYWORDS:
-                self._call(
-                    "create_payload_index",
-                    self.client.create_payload_index,
-                    self.collection,
-                    key,
-                    models.PayloadSchemaType.KEYWORD,
-                )
-            self._call(
-                "create_payload_index",
-                self.client.create_payload_index,
-                self.collection,
-                "price",
-                models.PayloadSchemaType.FLOAT,
-            )
-
-    def for_version(self, model_version: str) -> QdrantIndex:
-        return QdrantIndex(
-            model_version=model_version,
-            prefix=self.alias,
-            topology=self.topology,
-            hnsw_ef=self.hnsw_ef,
-            acorn=self.acorn,
-            quantization=self.quantization,
-            _shared=self,
-        )
-
-    @property
-    def _quantized(self) -> bool:
-        return self.quantization == "int8" and not self.embedded
-
-    def live_collection(self) -> str | None:
-        aliases = self._call("get_aliases", self.client.get_aliases).aliases
-        return {a.alias_name: a.collection_name for a in aliases}.get(self.alias)
-
-    def switch_alias(self, collection: str) -> str | None:
-        """Point the alias at ``collection`` in one atomic operation; returns where it pointed."""
-        from qdrant_client import models
-
-        live = self.live_collection()
-        if live == collection:
-            return live
-        log.info("alias %s -> %s (was %s)", self.alias, collection, live)
-        operations: list[Any] = []
-        if live is not None:
-            operations.append(
-                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.alias))
-            )
-        operations.append(
-            models.CreateAliasOperation(
-                create_alias=models.CreateAlias(collection_name=collection, alias_name=self.alias)
-            )
-        )
-        self._call(
-            "update_collection_aliases",
-            self.client.update_collection_aliases,
-            change_aliases_operations=operations,
-        )
-        return live
-
-    def collections(self) -> list[str]:
-        found = self._call("get_collections", self.client.get_collections).collections
-        return sorted(c.name for c in found if c.name.startswith(f"{self.alias}__"))
-
-    def drop_collection(self, collection: str) -> bool:
-        if collection == self.live_collection():
-            raise ValueError(f"refusing to drop {collection}: the alias {self.alias} points at it")
-        return bool(self._call("delete_collection", self.client.delete_collection, collection))
-
-    def read_card(self, collection: str) -> dict[str, Any] | None:
-        if not self._call("collection_exists", self.client.collection_exists, collection):
-            return None
-        info = self._call("get_collection", self.client.get_collection, collection)
-        return dict((info.config.metadata or {}).get(CARD_KEY) or {}) or None
-
-    def card_lock(self) -> contextlib.AbstractContextManager[Any]:
-        """Serialises this process's read-modify-writes of cards. A server has no lock across
-        processes: instances that report at once may overwrite each other's report, which
-        only the next report mends (cards hold nothing that a lost write would corrupt)."""
-        return self._card_lock
-
-    def write_card(self, collection: str, card: Mapping[str, Any]) -> None:
-        self._call(
-            "update_collection",
-            self.client.update_collection,
-            collection,
-            metadata={CARD_KEY: dict(card)},
-        )
-
-    def stored_versions(self, ids: Sequence[str]) -> dict[str, int | None]:
-        if not ids:
-            return {}
-        records = self._call(
-            "retrieve",
-            self.client.retrieve,
-            self.collection,
-            ids=list(ids),
-            with_payload=["version"],
-            with_vectors=False,
-        )
-        return {str(r.id): (r.payload or {}).get("version") for r in records}
-
-    def upsert(self, points: Sequence[IndexPoint]) -> None:
-        from qdrant_client import models
-
-        if not points:
-            return
-        structs = [
-            models.PointStruct(
-                id=p.id,
-                vector={view: vec.astype(np.float32).tolist() for view, vec in p.vectors.items()},
-                payload=dict(p.payload),
-            )
-            for p in points
-        ]
-        self._call("upsert", self.client.upsert, self.collection, points=structs, wait=True)
-
-    def delete(self, ids: Sequence[str]) -> None:
-        from qdrant_client import models
-
-        if not ids:
-            return
-        self._call(
-            "delete",
-            self.client.delete,
-            self.collection,
-            points_selector=models.PointIdsList(points=list(ids)),
-            wait=True,
-        )
-
-    def search_batch(self, queries: Sequence[IndexQuery]) -> list[list[IndexHit]]:
-        """Several searches (any views, each with its own filters) in one call to Qdrant."""
-        from qdrant_client import models
-
-        if not queries:
-            return []
-        for query in queries:
-            if query.view not in VIEWS:
-                raise ValueError(f"unknown view {query.view!r}; expected one of {VIEWS}")
-        # local mode searches exactly (and warns on every search given parameters)
-        params = None
-        if not self.embedded:
-            params = models.SearchParams(
-                hnsw_ef=self.hnsw_ef,
-                acorn=models.AcornSearchParams(enable=self.acorn),
-                quantization=models.QuantizationSearchParams(
-                    rescore=True, oversampling=RESCORE_OVERSAMPLING
-                )
-                if self._quantized
-                else None,
-            )
-        requests = [
-            models.QueryRequest(
-                query=query.vector.astype(np.float32).tolist(),
-                using=query.view,
-                filter=build_filter(query.merchant_id, query.filters),
-                limit=query.top_k,
-                with_payload=True,
-                with_vector=list(query.with_vectors) or False,
-                params=params,
-            )
-            for query in queries
-        ]
-        responses = self._call(
-            "query_batch_points", self.client.query_batch_points, self.collection, requests
-        )
-        return [_hits(response.points) for response in responses]
-
-    def count(self, exact: bool = True) -> int:
-        return int(self._call("count", self.client.count, self.collection, exact=exact).count)
-
-    def close(self) -> None:
-        if self._owns_client:  # a sibling's client closes with the index that opened it
-            with self._lock:
-                self.client.close()
-
-
 def to_hit(point: Any) -> IndexHit:
     """A scored point of either client (they share these attribute names) as an ``IndexHit``."""
     stored = point.vector if isinstance(point.vector, dict) else {}
@@ -519,19 +252,3 @@ def filter_conditions(merchant_id: str | None, filters: SearchFilters) -> list[t
         else:
             conditions.append(("range", f"attributes.{key}", value, value))
     return conditions
-
-
-def build_filter(merchant_id: str | None, filters: SearchFilters):
-    """Merchant scope and the request's filters as one Qdrant filter (None when empty)."""
-    from qdrant_client import models
-
-    must: list[Any] = []
-    for kind, key, *values in filter_conditions(merchant_id, filters):
-        if kind == "match":
-            must.append(models.FieldCondition(key=key, match=models.MatchValue(value=values[0])))
-        elif kind == "any":
-            must.append(models.FieldCondition(key=key, match=models.MatchAny(any=values[0])))
-        else:
-            gte, lte = values
-            must.append(models.FieldCondition(key=key, range=models.Range(gte=gte, lte=lte)))
-    return models.Filter(must=must) if must else None

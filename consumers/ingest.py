@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka import KafkaConsumer
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import (
     BatchAborted,
@@ -31,29 +30,29 @@ from loupe.consumers.errors import (
     ModelRejected,
     UnexpectedItemError,
 )
+from loupe.consumers.handover import HandOver
 from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import IndexPoint, VectorIndex, point_id
+from loupe.consumers.index import IndexPoint, ProductPayload, point_id
 from loupe.consumers.kafka_io import Backoff
-from loupe.consumers.lifecycle import (
-    LiveModel,
-    ModelInUse,
-    applied_offsets_of,
-    merge_applied_offsets,
-    read_card,
-    report_points,
-)
+from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.batching import iter_batch
-from loupe.encoders.fused import Encoded, EncodeInput, FusedEncoder
+from loupe.encoders.fused import Encoded, EncodeInput
 from loupe.encoders.preprocess import compose_product_text
 from loupe.schemas.errors import InvalidEvent
-from loupe.schemas.products import ProductDeleted, ProductUpserted, parse_product_record
+from loupe.schemas.products import (
+    ProductDeleted,
+    ProductUpserted,
+    is_stale,
+    parse_product_record,
+)
 
 log = logging.getLogger(__name__)
 
 FETCH_LOOKAHEAD = 2  # micro-batches fetched ahead of the one being encoded
+T = TypeVar("T")
 
 
 @dataclass
@@ -74,8 +73,7 @@ class Indexer(BatchWorker):
         *,
         consumer: KafkaConsumer,
         publisher: Publisher,
-        index: VectorIndex,
-        encoder: FusedEncoder,
+        live: LiveModel,
         fetcher: ImageFetcher,
         metrics: LoupeMetrics,
         topic: str,
@@ -83,9 +81,10 @@ class Indexer(BatchWorker):
         poll_timeout_ms: int = 500,
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
-        live: LiveModel | None = None,
-        report_points_every_s: float | None = None,
+        hand_over: HandOver | None = None,
     ) -> None:
+        """``hand_over``: the service's ingest follows switches of the live collection and
+        reports its point count (None: a reindex, which writes one collection only)."""
         super().__init__(
             consumer=consumer,
             publisher=publisher,
@@ -95,114 +94,68 @@ class Indexer(BatchWorker):
             backoff=backoff,
             live=live,
         )
-        self.index = index
-        self.encoder = encoder
         self.fetcher = fetcher
         self.encode_lock = encode_lock
+        self.hand_over = hand_over
         self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self._unchecked: set[TopicPartition] = set()  # assigned, hand-over not checked yet
-        self.report_points_every_s = report_points_every_s  # None: no reports (a reindex)
-        self._reported_at = float("-inf")
-        self._unreported = False
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
         super().close()
 
-    # --- following the live collection -----------------------------------------------------
-    #
-    # Each committed offset names the collection it was applied to. A partition whose committed
-    # offset names another collection (the live one moved: a reindex switched the alias, or a
-    # rollback) resumes from the offset up to which the live collection's card says it has
-    # applied that partition, if that is earlier: the events in between went to the old
-    # collection only. Replays are idempotent, so resuming early costs time, never correctness.
+    # --- following the live collection (consumers/handover.py) ---------------------------
 
     def commit_metadata(self) -> str:
-        return self.index.collection
+        return self.index.collection  # each committed offset names the collection it went to
 
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        self._unchecked |= partitions  # checked after the poll: a callback must not commit
+        if self.hand_over is not None:
+            self._unchecked |= partitions  # checked after the poll: a callback must not commit
 
     def switch_model(self, in_use: ModelInUse) -> None:
-        # Record how far the collection we leave got, so that a rollback resumes from there.
-        left = self.index.collection
-        applied = {}
-        for tp in self.consumer.assignment():
-            if tp in self._committed:
-                applied[tp.partition] = self._committed[tp]
-            else:
-                committed = self.consumer.committed(tp, metadata=True)
-                if committed is not None and committed.metadata == left:
-                    applied[tp.partition] = committed.offset
-        merge_applied_offsets(self.index, left, self.topic, applied)
-        self.index, self.encoder = in_use.index, in_use.encoder
-        self._unchecked |= set(self.consumer.assignment())
+        if self.hand_over is not None:
+            self.hand_over.leaving(self.index.collection, self.consumer, self._committed)
+            self._unchecked |= set(self.consumer.assignment())
+        super().switch_model(in_use)
 
     def after_poll(self, records: list[Any]) -> list[Any]:
-        if not records and self._unreported:
+        if self.hand_over is None:
+            return records
+        if not records and self.hand_over.due_when_idle():
             self._report_points()  # idle: the last batches' count, exact
         if not self._unchecked:
             return records
         partitions = self._unchecked & set(self.consumer.assignment())
         self._unchecked = set()
-        rewound = self._hand_over(partitions)
+        collection = self.index.collection
+        rewound = self.hand_over.rewinds(collection, self.consumer, partitions)
+        if rewound:
+            self._committed.update(rewound)  # moving back on purpose, once
+            offsets = self.hand_over.seek(collection, self.consumer, rewound)
+            self.retry(
+                "commit the hand-over",
+                lambda: self.publisher.commit(offsets, self.consumer),
+                (CommitRetriable, BatchAborted),  # offsets alone: trying again is always right
+            )
         return [r for r in records if TopicPartition(r.topic, r.partition) not in rewound]
 
-    def _hand_over(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
-        collection = self.index.collection
-        applied = applied_offsets_of(read_card(self.index, collection), self.topic)
-        rewound: dict[TopicPartition, int] = {}
-        for tp in sorted(partitions):
-            committed = self.consumer.committed(tp, metadata=True)
-            if committed is None or committed.metadata in ("", collection):
-                continue  # nothing committed, or committed by this collection's own ingest
-            target = applied.get(tp.partition)
-            if target is None:  # the card does not say: replay the partition from its start
-                target = self.consumer.beginning_offsets([tp])[tp]
-            if target < committed.offset:
-                rewound[tp] = target
-        if not rewound:
-            return rewound
-        for tp, offset in rewound.items():
-            self.consumer.seek(tp, offset)
-            self._committed[tp] = offset  # moving back on purpose, once
-        log.info(
-            "ingest: %s resumes %s from where its own ingest stopped (events after it went to "
-            "the previous collection only)",
-            collection,
-            ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(rewound.items())),
-        )
-        offsets = {tp: OffsetAndMetadata(o, collection, -1) for tp, o in rewound.items()}
-        self.retry(
-            "commit the hand-over",
-            lambda: self.publisher.commit(offsets, self.consumer),
-            (CommitRetriable, BatchAborted),  # offsets alone: trying again is always right
-        )
-        return rewound
-
     def after_commit(self, records: list[Any]) -> None:
-        if self.report_points_every_s is not None:
-            self._unreported = True
-            if time.monotonic() - self._reported_at >= self.report_points_every_s:
-                self._report_points()  # an exact count, which the gauge takes too
-                return
+        if self.hand_over is not None and self.hand_over.committed():
+            self._report_points()  # an exact count, which the gauge takes too
+            return
         # Approximate: an exact count after every batch would be a full count on a server.
         points = self._retry("count", lambda: self.index.count(exact=False), (IndexUnavailable,))
         self.metrics.index_points.set(points)
 
     def _report_points(self) -> None:
-        """After a commit (at most every ``report_points_every_s``, and once idle): the
-        collection's exact count with the offsets it is exact for (nothing of this worker's is
-        in flight), for a reindex to compare with."""
-        self._reported_at = time.monotonic()
-        self._unreported = False
-        exact = self._retry("count", lambda: self.index.count(exact=True), (IndexUnavailable,))
+        index = self.index
+        exact = self.hand_over.report(
+            index.collection,
+            lambda: self._retry("count", lambda: index.count(exact=True), (IndexUnavailable,)),
+            self._committed,
+        )
         self.metrics.index_points.set(exact)
-        offsets = {tp.partition: o for tp, o in self._committed.items() if tp.topic == self.topic}
-        try:
-            report_points(self.index, self.topic, exact, offsets)
-        except (IndexUnavailable, OSError) as exc:  # a report is advice: the next one mends it
-            log.warning("could not report the point count: %s", exc)
 
     # --- stages ---------------------------------------------------------------------------
 
@@ -217,7 +170,7 @@ class Indexer(BatchWorker):
                     continue
                 key = point_id(event.merchant_id, event.product_id)
                 previous = latest.get(key)
-                if previous is not None and _newer(previous.event, event):
+                if previous is not None and is_stale(event.version, previous.event.version):
                     self._count("stale")
                     continue
                 if previous is not None:
@@ -233,44 +186,22 @@ class Indexer(BatchWorker):
         the fetch pool works ahead while the model runs, and the encoder's stream prepares
         each micro-batch (decode, tokenize) while the device runs the one before, so neither
         the network nor the device waits for the other."""
-
-        def load(item: _Pending) -> _Pending | ItemFailed:
-            try:
-                item.image, item.media_type = self.fetcher.load(item.event.image)
-            except ImageFetchError as exc:
-                return exc
-            except Exception as exc:  # this product's failure, not the worker's
-                log.exception("loading the photo of %s failed unexpectedly", item.event.key)
-                return UnexpectedItemError("fetch", exc)
-            return item
-
-        # Fetch at most FETCH_LOOKAHEAD micro-batches ahead of the model: photos in memory stay
-        # bounded by (lookahead + 1) * micro-batch * max_image_bytes, whatever the poll size.
-        chunks = list(iter_batch(range(len(pending)), self.encoder.batch_size))
-        futures: dict[int, Any] = {}
-
-        def submit(chunk_index: int) -> None:
-            if chunk_index < len(chunks):
-                for i in chunks[chunk_index]:
-                    futures[i] = self._fetch_pool.submit(load, pending[i])
-
-        for ahead in range(FETCH_LOOKAHEAD + 1):
-            submit(ahead)
+        chunks = fetch_ahead(
+            self._fetch_pool, self._load, pending, self.encoder.batch_size, self.keep_alive_if_due
+        )
         points: list[tuple[_Pending, IndexPoint]] = []
         stream = self.encoder.stream(products=True)
-        for index, chunk in enumerate(chunks):
-            submit(index + FETCH_LOOKAHEAD + 1)
-            ready = []
+        while True:
             with self.metrics.timer("fetch"):  # time spent waiting for photos
-                for i in chunk:
-                    future = futures.pop(i)
-                    while not wait([future], timeout=1.0).done:
-                        self.keep_alive_if_due()  # a slow server must not cost the group
-                    result = future.result()
-                    if isinstance(result, ItemFailed):
-                        self._dead_letter(pending[i].record, result.code, str(result), result.stage)
-                    else:
-                        ready.append(pending[i])
+                fetched = next(chunks, None)
+            if fetched is None:
+                break
+            ready = []
+            for item, result in fetched:
+                if isinstance(result, ItemFailed):
+                    self._dead_letter(item.record, result.code, str(result), result.stage)
+                else:
+                    ready.append(item)
             inputs = [
                 EncodeInput(
                     image=p.image,
@@ -291,6 +222,16 @@ class Indexer(BatchWorker):
             points.extend(self._points(done, results))
         return points
 
+    def _load(self, item: _Pending) -> _Pending | ItemFailed:
+        try:
+            item.image, item.media_type = self.fetcher.load(item.event.image)
+        except ImageFetchError as exc:
+            return exc
+        except Exception as exc:  # this product's failure, not the worker's
+            log.exception("loading the photo of %s failed unexpectedly", item.event.key)
+            return UnexpectedItemError("fetch", exc)
+        return item
+
     def _points(
         self, pending: list[_Pending], results: list[Encoded]
     ) -> list[tuple[_Pending, IndexPoint]]:
@@ -309,7 +250,7 @@ class Indexer(BatchWorker):
                     product_id=event.product_id,
                     vectors=result.vectors,
                     version=event.version,
-                    payload=_payload(event, self.encoder.model_version, now),
+                    payload=product_payload(event, self.encoder.model_version, now).to_dict(),
                 )
             except Exception as exc:  # this product's failure, not the worker's
                 log.exception("building the point of %s failed unexpectedly", event.key)
@@ -331,14 +272,14 @@ class Indexer(BatchWorker):
             )
             fresh = []
             for item, point in points:
-                if _older_than_stored(point.version, stored.get(point.id)):
+                if is_stale(point.version, stored.get(point.id)):
                     self._count("stale")
                 else:
                     fresh.append((item, point))
             to_delete = []
             for item in deletes:
                 pid = point_id(item.event.merchant_id, item.event.product_id)
-                if _older_than_stored(item.event.version, stored.get(pid)):
+                if is_stale(item.event.version, stored.get(pid)):
                     self._count("stale")
                 else:
                     to_delete.append(pid)
@@ -365,43 +306,66 @@ class Indexer(BatchWorker):
         self.metrics.events.labels(topic=self.topic, outcome=outcome).inc()
 
 
+def fetch_ahead(
+    pool: ThreadPoolExecutor,
+    load: Callable[[T], Any],
+    items: list[T],
+    chunk_size: int,
+    while_waiting: Callable[[], None],
+    lookahead: int = FETCH_LOOKAHEAD,
+) -> Iterator[list[tuple[T, Any]]]:
+    """``load`` each item in ``pool``, yielding them chunk by chunk with their results, at most
+    ``lookahead`` chunks ahead of the one yielded: photos in memory stay bounded by
+    (lookahead + 1) * chunk * max_image_bytes, whatever the poll size. ``while_waiting`` is
+    called every second a result is late (the worker's keep-alive)."""
+    chunks = list(iter_batch(range(len(items)), chunk_size))
+    futures: dict[int, Future] = {}
+
+    def submit(chunk_index: int) -> None:
+        if chunk_index < len(chunks):
+            for i in chunks[chunk_index]:
+                futures[i] = pool.submit(load, items[i])
+
+    for ahead in range(lookahead + 1):
+        submit(ahead)
+    for index, chunk in enumerate(chunks):
+        submit(index + lookahead + 1)
+        done = []
+        for i in chunk:
+            future = futures.pop(i)
+            while not wait([future], timeout=1.0).done:
+                while_waiting()  # a slow server must not cost the group
+            done.append((items[i], future.result()))
+        yield done
+
+
 def record_time(record: Any) -> datetime:
     """A Kafka record's timestamp (a tombstone's only 'occurred at')."""
     return datetime.fromtimestamp(max(0, record.timestamp) / 1000, UTC)
 
 
-def _payload(event: ProductUpserted, model_version: str, indexed_at: str) -> dict[str, Any]:
+def product_payload(event: ProductUpserted, model_version: str, indexed_at: str) -> ProductPayload:
     attributes = dict(event.attributes)
 
     def keyword(name: str) -> str | None:
         value = attributes.get(name)
         return value.lower() if isinstance(value, str) else None
 
-    return {
-        "merchant_id": event.merchant_id,
-        "product_id": event.product_id,
-        "title": event.title,
-        "description": event.description[:500],
-        "attributes": attributes,
-        "category": keyword("category"),
-        "subcategory": keyword("subcategory"),
-        "material": keyword("material"),
-        "price": event.price.as_float() if event.price else None,
-        "price_amount": event.price.amount if event.price else None,
-        "currency": event.price.currency if event.price else None,
-        "image_url": event.image.url,
-        "version": event.version,
-        "model_version": model_version,
-        "event_id": event.event_id,
-        "indexed_at": indexed_at,
-    }
-
-
-def _newer(a: ProductUpserted | ProductDeleted, b: ProductUpserted | ProductDeleted) -> bool:
-    """True if ``a`` (seen earlier in the batch) must win over ``b`` (seen later)."""
-    return a.version is not None and b.version is not None and a.version > b.version
-
-
-def _older_than_stored(incoming: int | None, stored: int | None) -> bool:
-    # Equal versions re-apply (an idempotent replay); unversioned events follow Kafka's order.
-    return incoming is not None and stored is not None and incoming < stored
+    return ProductPayload(
+        merchant_id=event.merchant_id,
+        product_id=event.product_id,
+        title=event.title,
+        description=event.description[:500],
+        attributes=attributes,
+        category=keyword("category"),
+        subcategory=keyword("subcategory"),
+        material=keyword("material"),
+        price=event.price.as_float() if event.price else None,
+        price_amount=event.price.amount if event.price else None,
+        currency=event.price.currency if event.price else None,
+        image_url=event.image.url,
+        version=event.version,
+        model_version=model_version,
+        event_id=event.event_id,
+        indexed_at=indexed_at,
+    )

@@ -9,7 +9,7 @@ are idempotent. Once it has caught up (no lag on any partition, and its point co
 the live collection's, see ``counts_agree``), it records the offsets it has applied on the new
 collection's card, marks the old collection retired (kept for a grace period, for
 ``--rollback``), and switches the alias in one step. Running services follow the alias
-(consumers/lifecycle.py) and hand ingest over from those offsets.
+(consumers/live_model.py) and hand ingest over from those offsets (consumers/handover.py).
 """
 
 from __future__ import annotations
@@ -27,22 +27,11 @@ from pathlib import Path
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
+from loupe.consumers.app import Application, fixed_model
+from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, build_catalog, offset_key
 from loupe.consumers.errors import ConfigError
-from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import VectorIndex, collection_name
-from loupe.consumers.ingest import Indexer
-from loupe.consumers.kafka_io import make_consumer, make_producer
-from loupe.consumers.lifecycle import (
-    CollectionCard,
-    ModelCard,
-    offset_key,
-    read_card,
-    retire,
-    update_card,
-    write_card,
-)
+from loupe.consumers.index import Collection
 from loupe.consumers.metrics import LoupeMetrics, ReindexMetrics
-from loupe.consumers.publisher import Publisher
 from loupe.consumers.settings import Settings
 from loupe.schemas.errors import LoupeError
 
@@ -58,10 +47,6 @@ class ReindexBusy(LoupeError):
 
 class CountsDisagree(LoupeError):
     """Caught up, but the new collection's point count does not match the live one's."""
-
-
-class NothingToRollBack(LoupeError):
-    """No retired collection is left to return to."""
 
 
 @dataclass(frozen=True)
@@ -204,69 +189,50 @@ class Reindex:
         self.stop_event.set()
 
     def run(self) -> ReindexOutcome:
-        from loupe.consumers.service import build_index
-        from loupe.encoders.fused import FusedEncoder
-
-        settings = self.settings
-        profile = settings.model_profile()
-        encoder = FusedEncoder.from_profile(profile)
-        catalog = build_index(settings, encoder.model_version)
+        app = Application(self.settings, metrics=self.metrics)
+        encoder = app.load_encoder(app.profile)
+        catalog = app.open_catalog()
         try:
-            target = collection_name(catalog.alias, encoder.model_version)
-            live = catalog.live_collection()
+            target = catalog.name_of(encoder.model_version)
+            live = catalog.live()
             if live == target:
                 return ReindexOutcome(target, live, False, 0, 0, 0.0, f"{target} is already live")
-            with reindex_lock(settings, target):
+            with reindex_lock(self.settings, target):
                 serving = f"{live} stays live meanwhile" if live else "nothing is live yet"
-                self.report(f"building {target} from {settings.products_topic}; {serving}")
-                return self._build(catalog, encoder, target, live)
+                self.report(f"building {target} from {self.settings.products_topic}; {serving}")
+                return self._build(app, catalog, encoder, target, live)
         finally:
             encoder.close()
             catalog.close()
 
     def _build(
-        self, catalog: VectorIndex, encoder, target: str, live: str | None
+        self, app: Application, catalog: Catalog, encoder, target: str, live: str | None
     ) -> ReindexOutcome:
         settings = self.settings
-        index = catalog.for_version(encoder.model_version)
+        index = catalog.open(encoder.model_version)
         index.ensure_collection(encoder.dims, make_live=False)  # the card needs the collection
-        card = read_card(catalog, target)
+        card = catalog.card(target)
         if card is None or card.state != "live":  # "live": it switched, then crashed; resume
-            fresh = CollectionCard(ModelCard.of(settings.model_profile(), encoder.model_version))
+            fresh = CollectionCard(ModelCard.of(app.profile, encoder.model_version))
             if card is not None:  # a collection retired earlier, built again
                 fresh.applied_offsets = card.applied_offsets
-            write_card(catalog, target, fresh)
-        # A static member (KIP-345): a reindex restarted after a kill takes its partitions back at
-        # once, instead of waiting for the killed one's session to time out. The session is
-        # short (the heartbeat thread beats every 3 s), so that a killed reindex also leaves
-        # the group soon, which a second reindex on a shared server waits for (reindex_lock).
-        consumer = make_consumer(
-            settings,
-            reindex_group(settings, target),
+            catalog.write_card(target, fresh)
+        # The service's ingest worker, in a group of its own, into the new collection only, and
+        # stopped by this loop once caught up. A static member (KIP-345): a reindex restarted
+        # after a kill takes its partitions back at once, instead of waiting for the killed
+        # one's session to time out. The session is short (the heartbeat thread beats every
+        # 3 s), so that a killed reindex also leaves the group soon, which a second reindex on
+        # a shared server waits for (reindex_lock).
+        indexer = app.ingest_worker(
+            fixed_model(encoder, index),
+            group=reindex_group(settings, target),
+            publisher=app.publisher("reindex", transactional=False),
             group_instance_id="loupe-reindex",
             session_timeout_ms=REINDEX_SESSION_MS,
         )
-        publisher = Publisher(
-            make_producer(settings),
-            settings.deadletter_topic,
-            self.metrics,
-            make_producer=lambda: make_producer(settings),
-            name="reindex",
-        )
-        indexer = Indexer(
-            consumer=consumer,
-            publisher=publisher,
-            index=index,
-            encoder=encoder,
-            fetcher=ImageFetcher(settings.fetch_policy()),
-            metrics=self.metrics,
-            topic=settings.products_topic,
-            poll_timeout_ms=settings.poll_timeout_ms,
-            fetch_workers=settings.fetch_workers,
-        )
         indexer.stop_event = self.stop_event  # a signal stops it between retries too
         started = time.monotonic()
-        tracker = _Tracker(consumer, settings.products_topic)
+        tracker = _Tracker(indexer.consumer, settings.products_topic)
         disagreeing_since: float | None = None
         try:
             self.report(tracker.measure(index).line(target))  # where it starts (or resumes)
@@ -300,9 +266,12 @@ class Reindex:
             events = tracker.done_this_run()
         finally:
             indexer.close()
-            publisher.close()
+            app.close_publishers()
             index.close()  # an embedded shard opens in one process at a time: the service's next
-        previous = self._switch(catalog, target, live, applied)
+        topic = settings.products_topic
+        previous = catalog.switch(
+            target, self.grace_s, {offset_key(topic, p): o for p, o in applied.items()}
+        )
         return ReindexOutcome(
             target,
             previous,
@@ -312,20 +281,6 @@ class Reindex:
             time.monotonic() - started,
             detail,
         )
-
-    def _switch(
-        self, catalog: VectorIndex, target: str, live: str | None, applied: dict[int, int]
-    ) -> str | None:
-        topic = self.settings.products_topic
-
-        def go_live(card: CollectionCard) -> None:
-            card.state, card.retired_at, card.drop_after = "live", None, None
-            card.applied_offsets.update({offset_key(topic, p): o for p, o in applied.items()})
-
-        update_card(catalog, target, go_live)
-        if live is not None:
-            retire(catalog, live, self.grace_s)
-        return catalog.switch_alias(target)
 
     def _export(self, progress: Progress) -> None:
         self.progress_metrics.events_done.set(progress.done)
@@ -359,7 +314,7 @@ class _Tracker:
                 found[tp.partition] = committed if committed is not None else self.begin[tp]
         return found
 
-    def measure(self, index: VectorIndex) -> Progress:
+    def measure(self, index: Collection) -> Progress:
         self._end = self.consumer.end_offsets(self.partitions)
         done = self._done(self.positions())
         total = sum(self._end[tp] - self.begin[tp] for tp in self.partitions)
@@ -382,7 +337,7 @@ class _Tracker:
 
 
 def counts_agree(
-    catalog: VectorIndex,
+    catalog: Catalog,
     live: str | None,
     points: int,
     tracker: _Tracker,
@@ -396,7 +351,7 @@ def counts_agree(
     distance between the reindex's offsets and the reported ones), plus ``allowed``."""
     if live is None:
         return True, f"{points} points (no live collection to compare with)"
-    card = read_card(catalog, live)
+    card = catalog.card(live)
     if card is None or card.points is None:
         log.warning(
             "%s has no point-count report (no service has ingested into it since this version "
@@ -418,57 +373,18 @@ def counts_agree(
 
 
 def rollback(settings: Settings, grace_s: float) -> tuple[str, str | None]:
-    """Point the alias back at the most recently retired collection (its model too, for a
-    service following the alias); the collection that was live is retired in turn."""
-    from loupe.consumers.service import build_index
-
-    catalog = build_index(settings, "rollback")
+    """Point the alias back at the most recently retired collection (``Catalog.rollback``)."""
+    catalog = build_catalog(settings)
     try:
-        live = catalog.live_collection()
-        retired = []
-        for collection in catalog.collections():
-            card = read_card(catalog, collection)
-            if collection != live and card is not None and card.state == "retired":
-                retired.append((card.retired_at or 0.0, collection))
-        if not retired:
-            raise NothingToRollBack(
-                "nothing to roll back to: no retired collection is left (none was replaced, or "
-                "its grace period is over and it was dropped)"
-            )
-        _, target = max(retired)
-
-        def go_live(card: CollectionCard) -> None:
-            card.state, card.retired_at, card.drop_after = "live", None, None
-
-        update_card(catalog, target, go_live)
-        if live is not None:
-            retire(catalog, live, grace_s)
-        catalog.switch_alias(target)
-        return target, live
+        return catalog.rollback(grace_s)
     finally:
         catalog.close()
 
 
 def describe_collections(settings: Settings) -> list[dict[str, object]]:
     """Every collection under the alias's prefix, with what its card says."""
-    from loupe.consumers.service import build_index
-
-    catalog = build_index(settings, "status")
+    catalog = build_catalog(settings)
     try:
-        live = catalog.live_collection()
-        rows: list[dict[str, object]] = []
-        for collection in catalog.collections():
-            card = read_card(catalog, collection)
-            rows.append(
-                {
-                    "collection": collection,
-                    "live": collection == live,
-                    "state": card.state if card else "unknown (no card)",
-                    "model_version": card.model.model_version if card else None,
-                    "points": card.points if card else None,
-                    "drop_after": card.drop_after if card else None,
-                }
-            )
-        return rows
+        return catalog.describe()
     finally:
         catalog.close()

@@ -29,14 +29,14 @@ from loupe.consumers.errors import (
     UnexpectedItemError,
 )
 from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import IndexHit, IndexQuery, VectorIndex
+from loupe.consumers.index import IndexHit, IndexQuery, ProductPayload
 from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff
-from loupe.consumers.lifecycle import LiveModel, ModelInUse
+from loupe.consumers.live_model import LiveModel
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.ranking import anchored
 from loupe.consumers.worker import BatchWorker
-from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.encoders.fused import EncodeInput
 from loupe.schemas.common import Price, is_identifier
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.search import (
@@ -60,8 +60,7 @@ class SearchService(BatchWorker):
         *,
         consumer: KafkaConsumer,
         publisher: Publisher,
-        index: VectorIndex,
-        encoder: FusedEncoder,
+        live: LiveModel,
         fetcher: ImageFetcher,
         metrics: LoupeMetrics,
         topic: str,
@@ -70,7 +69,6 @@ class SearchService(BatchWorker):
         poll_timeout_ms: int = 200,
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
-        live: LiveModel | None = None,
     ) -> None:
         super().__init__(
             consumer=consumer,
@@ -81,8 +79,6 @@ class SearchService(BatchWorker):
             backoff=backoff,
             live=live,
         )
-        self.index = index
-        self.encoder = encoder
         self.fetcher = fetcher
         self.response_topic = response_topic
         self.encode_lock = encode_lock
@@ -107,11 +103,6 @@ class SearchService(BatchWorker):
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=True)
         super().close()
-
-    def switch_model(self, in_use: ModelInUse) -> None:
-        # Between batches: every query of a batch is encoded by the model of the collection it
-        # searches, and its answer names that model.
-        self.index, self.encoder = in_use.index, in_use.encoder
 
     def after_commit(self, records: list[Any]) -> None:
         now = time.time()
@@ -377,17 +368,17 @@ def _hit(hit: IndexHit, view: str, query: dict[str, np.ndarray]) -> SearchHit:
     for other, vector in hit.vectors.items():
         if other in query:
             scores[other] = float(np.dot(query[other], vector))
-    payload = hit.payload
+    payload = ProductPayload.from_dict(hit.payload)
     price = None
-    if payload.get("price_amount") and payload.get("currency"):
-        price = Price(amount=payload["price_amount"], currency=payload["currency"])
+    if payload.price_amount and payload.currency:
+        price = Price(amount=payload.price_amount, currency=payload.currency)
     return SearchHit(
-        product_id=payload["product_id"],
-        merchant_id=payload["merchant_id"],
+        product_id=payload.product_id,
+        merchant_id=payload.merchant_id,
         score=hit.score,
         scores=HitScores(**scores),
-        title=payload.get("title", ""),
-        image_url=payload.get("image_url"),
-        attributes=payload.get("attributes") or {},
+        title=payload.title or "",
+        image_url=payload.image_url,
+        attributes=payload.attributes or {},
         price=price,
     )

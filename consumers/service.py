@@ -1,4 +1,9 @@
-"""One object wires the service: the only place real parts are built from ``Settings``."""
+"""``loupe serve``: the workers and the model follower, run and supervised until stopped.
+
+The parts come from ``Application`` (consumers/app.py); this module runs them: a thread per
+worker, one following the alias, ``/readyz`` from a ``Readiness``, and a worker's death taking
+the process down for its supervisor to restart.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +13,20 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from loupe.consumers.edge_index import EdgeIndex
+from loupe.consumers.app import Application
+from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import ConfigError, WorkerDied
-from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import QdrantIndex, VectorIndex, collection_name
 from loupe.consumers.ingest import Indexer
-from loupe.consumers.kafka_io import (
-    answers_metadata,
-    checksums_in_c,
-    make_consumer,
-    make_producer,
-    make_transactional_producer,
-)
-from loupe.consumers.lifecycle import (
-    CollectionCard,
-    LiveModel,
-    ModelCard,
-    ModelFollower,
-    ModelInUse,
-    open_collection,
-    read_card,
-    write_card,
-)
+from loupe.consumers.kafka_io import answers_metadata, checksums_in_c
+from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse
 from loupe.consumers.metrics import HealthServer, LoupeMetrics
-from loupe.consumers.publisher import Publisher
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.consumers.topics import check_topics
-from loupe.encoders.fused import FusedEncoder
 
 log = logging.getLogger(__name__)
-
-POINTS_REPORT_INTERVAL_S = 1.0  # the ingest's point-count report on the live collection's card
 
 
 class EncoderGate:
@@ -80,191 +66,141 @@ class EncoderGate:
                 self._cond.notify_all()
 
 
+class Readiness:
+    """What ``/readyz`` says: starting (and doing what), failed (and why), catching up, or
+    the problems a running service has now (a worker retrying, the broker or the index away)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stage: str | None = "starting: checking the topics"  # None once built
+        self.failure: WorkerDied | None = None
+        self.workers: list[Any] = []
+        self.catching_up: Indexer | None = None  # a replica's ingest, until caught up
+        self.index: Callable[[], Any] = lambda: None  # the collection in use now
+
+    def __call__(self) -> tuple[bool, str]:
+        if self.failure is not None:
+            return False, f"not serving: {self.failure}"
+        if self.stage is not None:
+            return False, self.stage
+        catching_up = self.catching_up
+        if catching_up is not None and not catching_up.caught_up.is_set():
+            return False, "catching up: indexing the products topic before answering searches"
+        problems = [f"{w.role}: {w.waiting_on}" for w in self.workers if w.waiting_on is not None]
+        if not answers_metadata(self.settings.kafka_client_config(), timeout_s=1.0):
+            problems.append("broker unreachable")
+        try:
+            self.index().count()
+        except Exception as exc:
+            problems.append(f"index: {exc}")
+        return (not problems, "ready" if not problems else "; ".join(problems))
+
+
 class LoupeService:
     def __init__(self, settings: Settings, role: str = "all") -> None:
         check_role(settings, role)
         self.settings = settings
         self.role = role
-        self.failure: WorkerDied | None = None
+        self.app = Application(settings)
+        self.metrics: LoupeMetrics = self.app.metrics
+        self.readiness = Readiness(settings)
         self._stopped = threading.Event()
-        self.metrics = LoupeMetrics()
+        self.workers: list[Indexer | SearchService] = []
+        self.catalog: Catalog | None = None
+        self.live: LiveModel | None = None
+        self.follower: ModelFollower | None = None
+        # A replica's search waits for its own ingest to reach the end of the products topic.
+        self.catching_up: Indexer | None = None
         # Bound first: a taken port fails in a second, not after the model has loaded.
         self.health = HealthServer(
             self.metrics,
-            self.ready,
+            self.readiness,
             settings.metrics_host,
             settings.metrics_port,
             on_scrape=self._sample_device_memory,
         )
         try:
-            self._build(settings, role)
+            self._build()
         except BaseException:
             self._close_parts()
             raise
 
-    def _build(self, settings: Settings, role: str) -> None:
+    @property
+    def failure(self) -> WorkerDied | None:
+        return self.readiness.failure
+
+    def ready(self) -> tuple[bool, str]:
+        return self.readiness()
+
+    def _build(self) -> None:
+        settings, app, role = self.settings, self.app, self.role
         check_topics(settings, role)  # before the model loads: a wrong topic name fails fast
         if not checksums_in_c():
             log.warning(
                 "kafka-python checksums record batches in pure Python here (about 5 MB/s): "
                 "install the crc32c package (pip install 'kafka-python[crc32c]')"
             )
-        log.info("loading the model (%s + %s)", settings.image_backbone, settings.text_backbone)
-        profile = settings.model_profile()
-        self.encoder = FusedEncoder.from_profile(profile)
-        # The catalog of collections (alias, cards); each model version's collection is a
-        # sibling of it, opened for the model in use.
-        self.catalog = build_index(settings, self.encoder.model_version)
-        self.index = self._open_live_collection(profile)
-        self.encoder.warm_up()  # CUDA graphs for small batches: not in a shopper's first query
+        self.readiness.stage = "starting: loading the model"
+        self.catalog = app.open_catalog()
+        in_use = app.open_live_model(self.catalog)
+        self.live = LiveModel(in_use)
+        encoder = in_use.encoder
+        encoder.warm_up()  # CUDA graphs for small batches: not in a shopper's first query
         log.info(
             "model %s on %s (%s, micro-batch %d), collection %s",
-            self.encoder.model_version,
-            self.encoder.device,
-            self.encoder.acceleration.describe(),
-            self.encoder.batch_size,
-            self.index.collection,
+            encoder.model_version,
+            encoder.device,
+            encoder.acceleration.describe(),
+            encoder.batch_size,
+            in_use.collection,
         )
-        self.metrics.model_info.labels(
-            model_version=self.encoder.model_version, device=str(self.encoder.device)
-        ).set(1)
-        self.live = LiveModel(ModelInUse(self.encoder, self.index))
-        self.publishers: list[Publisher] = []  # one per worker, each with its own producer
-        fetcher = ImageFetcher(settings.fetch_policy())
+        self._model_info(in_use, 1)
         gate = EncoderGate()
-        self.workers: list[Indexer | SearchService] = []
-        # A replica's search waits for its own ingest to reach the end of the products topic.
-        self.catching_up: Indexer | None = None
-        shared = {
-            "index": self.index,
-            "encoder": self.encoder,
-            "fetcher": fetcher,
-            "metrics": self.metrics,
-            "live": self.live,
-        }
         if role in ("ingest", "all"):
-            ingest = Indexer(
-                consumer=make_consumer(settings, settings.ingest_group()),
-                publisher=self._publisher(settings, "ingest"),
-                topic=settings.products_topic,
-                encode_lock=gate.ingest,
-                poll_timeout_ms=settings.poll_timeout_ms,
-                fetch_workers=settings.fetch_workers,
-                report_points_every_s=POINTS_REPORT_INTERVAL_S,
-                **shared,
-            )
+            ingest = app.ingest_worker(self.live, hand_over=self.catalog, encode_lock=gate.ingest)
             self.workers.append(ingest)
             if settings.replica_id is not None:  # a replica runs both roles (check_role)
                 self.catching_up = ingest
         if role in ("search", "all"):
-            self.workers.append(
-                SearchService(
-                    consumer=make_consumer(
-                        settings,
-                        settings.search_group(),
-                        max_poll_records=settings.search_max_poll_records,
-                    ),
-                    publisher=self._publisher(settings, "search"),
-                    topic=settings.search_requests_topic,
-                    response_topic=settings.search_responses_topic,
-                    encode_lock=gate.search,
-                    fetch_workers=settings.fetch_workers,
-                    **shared,
-                )
-            )
-
+            self.workers.append(app.search_worker(self.live, encode_lock=gate.search))
         self.follower = ModelFollower(
             catalog=self.catalog,
             live=self.live,
-            local_profile=profile,
-            load_encoder=FusedEncoder.from_profile,
+            local_profile=app.profile,
+            load_encoder=app.load_encoder,
             workers=[worker.role for worker in self.workers],
             poll_interval_s=settings.alias_poll_interval_ms / 1000,
             on_switch=self._switched,
         )
+        self.readiness.workers = self.workers
+        self.readiness.catching_up = self.catching_up
+        self.readiness.index = lambda: self.index
+        self.readiness.stage = None
 
-    def _open_live_collection(self, profile) -> VectorIndex:
-        """The collection to serve: the configured model's when the alias names it or nothing
-        (a first start), else the live one, with the model its card names (a reindex moved
-        the alias; an instance that restarts with an older configuration must not move it
-        back, nor answer from a collection with the wrong model)."""
-        version = self.encoder.model_version
-        configured = collection_name(self.catalog.alias, version)
-        live = self.catalog.live_collection()
-        if live is None or live == configured:
-            index = self.catalog.for_version(version)
-            index.ensure_collection(self.encoder.dims, make_live=True)
-            if read_card(index, configured) is None:
-                write_card(
-                    index, configured, CollectionCard(ModelCard.of(profile, version), "live")
-                )
-            return index
-        log.warning(
-            "the configured model makes %s, but the alias %s names %s: serving that one with "
-            "the model its card names. `loupe reindex` builds the configured one and switches",
-            configured,
-            self.catalog.alias,
-            live,
-        )
-        self.encoder.close()
-        self.encoder, index = open_collection(
-            self.catalog, live, profile, FusedEncoder.from_profile
-        )
-        return index
+    @property
+    def encoder(self):
+        """The encoder in use now (it changes when the service follows a switch)."""
+        return self.live.current().encoder if self.live is not None else None
+
+    @property
+    def index(self):
+        return self.live.current().index if self.live is not None else None
+
+    def _model_info(self, in_use: ModelInUse, value: int) -> None:
+        encoder = in_use.encoder
+        self.metrics.model_info.labels(
+            model_version=encoder.model_version, device=str(encoder.device)
+        ).set(value)
 
     def _switched(self, old: ModelInUse, new: ModelInUse) -> None:
-        self.metrics.model_info.labels(
-            model_version=old.encoder.model_version, device=str(old.encoder.device)
-        ).set(0)
-        self.metrics.model_info.labels(
-            model_version=new.encoder.model_version, device=str(new.encoder.device)
-        ).set(1)
+        self._model_info(old, 0)
+        self._model_info(new, 1)
         self.metrics.model_switches.inc()
-        self.encoder, self.index = new.encoder, new.index
-
-    def _publisher(self, settings: Settings, role: str) -> Publisher:
-        """Each worker publishes through its own producer (a transaction holds one batch of one
-        consumer), and can replace it with a like one after a fatal error."""
-        if settings.exactly_once:
-            make = lambda: make_transactional_producer(settings, role)  # noqa: E731
-        else:
-            make = lambda: make_producer(settings)  # noqa: E731
-        publisher = Publisher(
-            make(),
-            settings.deadletter_topic,
-            self.metrics,
-            transactional=settings.exactly_once,
-            make_producer=make,
-            name=role,
-        )
-        self.publishers.append(publisher)
-        return publisher
 
     def _sample_device_memory(self) -> None:
-        encoder = getattr(self, "encoder", None)
+        encoder = self.encoder
         if encoder is not None:
             self.metrics.sample_device_memory(str(encoder.device))
-
-    def ready(self) -> tuple[bool, str]:
-        if self.failure is not None:
-            return False, f"not serving: {self.failure}"
-        if not hasattr(self, "index"):
-            return False, "starting: loading the model"
-        catching_up = getattr(self, "catching_up", None)  # None until the workers are built
-        if catching_up is not None and not catching_up.caught_up.is_set():
-            return False, "catching up: indexing the products topic before answering searches"
-        problems = [
-            f"{worker.role}: {worker.waiting_on}"
-            for worker in self.workers
-            if worker.waiting_on is not None
-        ]
-        if not answers_metadata(self.settings.kafka_client_config(), timeout_s=1.0):
-            problems.append("broker unreachable")
-        try:
-            self.index.count()
-        except Exception as exc:
-            problems.append(f"index: {exc}")
-        return (not problems, "ready" if not problems else "; ".join(problems))
 
     def stop(self) -> None:
         self._stopped.set()
@@ -298,16 +234,20 @@ class LoupeService:
             raise self.failure
         log.info("stopped cleanly")
 
+    def _died(self, failure: WorkerDied, exc: BaseException, what: str) -> None:
+        self.readiness.failure = failure
+        log.critical("%s; stopping the service", what, exc_info=exc)
+        self.stop()
+
     def _supervised(self, worker: Indexer | SearchService) -> None:
         try:
             if isinstance(worker, SearchService) and not self._caught_up():
                 return  # stopped before it caught up
             worker.run()
         except BaseException as exc:
-            self.failure = WorkerDied(f"the {worker.role} worker died: {type(exc).__name__}: {exc}")
             self.metrics.worker_deaths.labels(role=worker.role).inc()
-            log.critical("the %s worker died; stopping the service", worker.role, exc_info=exc)
-            self.stop()
+            failure = WorkerDied(f"the {worker.role} worker died: {type(exc).__name__}: {exc}")
+            self._died(failure, exc, f"the {worker.role} worker died")
 
     def _caught_up(self) -> bool:
         """A replica joins the search group only once its index holds every product the topic
@@ -337,23 +277,22 @@ class LoupeService:
         try:
             self.follower.run(self._stopped)
         except BaseException as exc:
-            self.failure = WorkerDied(f"cannot follow the live collection: {exc}")
-            log.critical("cannot follow the live collection; stopping the service", exc_info=exc)
-            self.stop()
+            failure = WorkerDied(f"cannot follow the live collection: {exc}")
+            self._died(failure, exc, "cannot follow the live collection")
 
     def _close_parts(self) -> None:
         """Close whatever was built (all of it after run, part of it if the build failed)."""
-        for worker in getattr(self, "workers", []):
+        for worker in self.workers:
             worker.close()  # idempotent: KafkaConsumer.close returns early once closed
-        for publisher in getattr(self, "publishers", []):
-            publisher.close()
-        follower = getattr(self, "follower", None)
-        if follower is not None:
-            follower.close()  # pairs the workers let go of
-        for name in ("index", "encoder", "catalog"):
-            part = getattr(self, name, None)
-            if part is not None:
-                part.close()
+        self.app.close_publishers()
+        if self.follower is not None:
+            self.follower.close()  # pairs the workers let go of
+        if self.live is not None:
+            in_use = self.live.current()
+            in_use.index.close()
+            in_use.encoder.close()
+        if self.catalog is not None:
+            self.catalog.close()
         self.health.stop()
 
     def install_signal_handlers(self) -> None:
@@ -370,41 +309,6 @@ def check_role(settings: Settings, role: str) -> None:
             f"own index and answers searches from it, so it runs both roles (--role all), not "
             f"--role {role}"
         )
-
-
-def build_index(settings: Settings, model_version: str) -> VectorIndex:
-    """The configured index: a Qdrant server (``LOUPE_INDEX_URL``), or an embedded engine
-    under the state directory (``LOUPE_INDEX_ENGINE``)."""
-    path = settings.resolved_index_path()
-    if path is not None and settings.index_engine == "edge":
-        older = settings.state_dir / "index" / "meta.json"  # qdrant-client's local mode
-        if settings.index_path is None and older.exists() and not path.exists():
-            log.warning(
-                "an index of qdrant-client's local mode is in %s, and this index starts empty "
-                "in %s (Qdrant Edge): replay the products topic into it, or set "
-                "LOUPE_INDEX_ENGINE=qdrant-local to keep the old one",
-                older.parent,
-                path,
-            )
-        return EdgeIndex(
-            model_version=model_version,
-            path=str(path),
-            prefix=settings.index_prefix,
-            hnsw_ef=settings.index_hnsw_ef,
-            acorn=settings.index_acorn,
-            quantization=settings.index_quantization,
-        )
-    return QdrantIndex(
-        model_version=model_version,
-        path=str(path) if path else None,
-        url=settings.index_url,
-        api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
-        prefix=settings.index_prefix,
-        hnsw_ef=settings.index_hnsw_ef,
-        acorn=settings.index_acorn,
-        quantization=settings.index_quantization,
-        topology=settings.index_topology(),
-    )
 
 
 def install_signal_handlers(

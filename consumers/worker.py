@@ -17,6 +17,7 @@ from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import BatchAborted, CommitRetriable
+from loupe.consumers.index import Collection
 from loupe.consumers.kafka_failures import describe
 from loupe.consumers.kafka_io import (
     TRANSIENT_KAFKA,
@@ -27,7 +28,7 @@ from loupe.consumers.kafka_io import (
     rewind_to_committed,
     update_lag,
 )
-from loupe.consumers.lifecycle import LiveModel, ModelInUse
+from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
 
@@ -85,18 +86,30 @@ class BatchWorker:
         # Set once a poll found nothing new on any partition this worker owns: it has read its
         # topic to the end at least once (a replica serves searches only from then on).
         self.caught_up = threading.Event()
-        # The model and collection this worker uses follow ``live`` (a reindex's switch).
+        # The model and collection this worker uses: ``live``'s pair, adopted between batches
+        # (a reindex's switch), so that a batch never mixes models. None: a worker without a
+        # model (the tests' own).
         self.live = live
-        self._generation = live.current().generation if live is not None else 0
+        self.in_use = live.current() if live is not None else None
         metrics.register_worker(self.role, topic)
         consumer.subscribe([topic], listener=_Rebalance(self))
 
     def handle(self, records: list[Any]) -> None:
         raise NotImplementedError
 
+    @property
+    def encoder(self) -> Any:
+        """The encoder of the pair in use (a ``FusedEncoder``)."""
+        return self.in_use.encoder
+
+    @property
+    def index(self) -> Collection:
+        """The collection of the pair in use."""
+        return self.in_use.index
+
     def switch_model(self, in_use: ModelInUse) -> None:
         """Use another model and collection from the next batch on (the live model moved)."""
-        raise NotImplementedError
+        self.in_use = in_use
 
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
         """Called inside ``poll`` when the group hands this worker partitions."""
@@ -114,11 +127,10 @@ class BatchWorker:
         if self.live is None:
             return
         current = self.live.current()
-        if current.generation != self._generation:
+        if current.generation != self.in_use.generation:
             log.info("%s: switching to %s", self.role, current.collection)
             self.switch_model(current)
-            self._generation = current.generation
-        self.live.adopted(self.role, self._generation)
+        self.live.adopted(self.role, self.in_use.generation)
 
     def run(self) -> None:
         """Process batches until ``stop_event``; an exception here is not one item's (those are

@@ -63,6 +63,12 @@ ProductEvent = Annotated[ProductUpserted | ProductDeleted, Field(discriminator="
 PRODUCT_EVENT_ADAPTER: TypeAdapter[ProductUpserted | ProductDeleted] = TypeAdapter(ProductEvent)
 
 
+def is_stale(incoming: int | None, current: int | None) -> bool:
+    """The version rule, per product key: an event older than the one applied is ignored. Equal
+    versions apply again (an idempotent replay); an unversioned event follows Kafka's order."""
+    return incoming is not None and current is not None and incoming < current
+
+
 def product_key(merchant_id: str, product_id: str) -> str:
     return f"{merchant_id}/{product_id}"
 

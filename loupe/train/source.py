@@ -25,7 +25,7 @@ from loupe.encoders.images import DecodeLimits, decode_image
 from loupe.encoders.preprocess import compose_product_text
 from loupe.progress import progress
 from loupe.schemas.errors import LoupeError
-from loupe.schemas.products import ProductUpserted, parse_product_record
+from loupe.schemas.products import ProductUpserted, is_stale, parse_product_record
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,7 @@ def latest_products(records: Iterable[Record], report: ReadReport) -> dict[str, 
             report.note(f"event {report.events}: {exc}")
             continue
         current = latest.get(event.key)
-        if (
-            current is not None
-            and event.version is not None
-            and current.version is not None
-            and event.version < current.version
-        ):
+        if current is not None and is_stale(event.version, current.version):
             report.superseded += 1
             continue
         if isinstance(event, ProductUpserted):

@@ -27,9 +27,9 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from bench.harness import SearchLoad, serve_env
+from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
-from loupe.consumers.lifecycle import open_collection
-from loupe.consumers.service import build_index
+from loupe.consumers.live_model import open_collection
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.kafka import free_loopback_port
@@ -204,14 +204,14 @@ def test_a_peer_killed_mid_stream_loses_nothing_and_answers_once(
     dead.close()
 
     settings = Settings(state_dir=tmp_path / "state", **index)
-    catalog = build_index(settings, "unused")
+    catalog = build_catalog(settings)
     encoder, collection = open_collection(
-        catalog, catalog.live_collection(), settings.model_profile(), FusedEncoder.from_profile
+        catalog, catalog.live(), settings.model_profile(), FusedEncoder.from_profile
     )
     try:
         ids = {pid: point_id("m", pid) for pid in expected}
         stored = collection.stored_versions(list(ids.values()))
-        info = collection.client.get_collection(collection.collection)
+        info = collection.store.client.get_collection(collection.collection)
     finally:
         collection.close()
         encoder.close()

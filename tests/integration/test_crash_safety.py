@@ -20,8 +20,8 @@ from kafka.errors import (
 )
 
 from bench.harness import serve_env
+from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
-from loupe.consumers.service import build_index
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
@@ -128,7 +128,8 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
 
     encoder_version = FusedEncoder.from_profile(Settings().model_profile()).model_version
     settings = Settings(index_engine=engine, state_dir=tmp_path / "state")
-    index = build_index(settings, encoder_version)
+    catalog = build_catalog(settings)
+    index = catalog.open(encoder_version)
     index.ensure_collection({"image": 1280, "text": 384, "fused": 1664})
     try:
         assert index.count() == PRODUCTS, "one point per product: none lost, none doubled"
@@ -136,3 +137,4 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
         assert len(index.stored_versions(ids)) == PRODUCTS
     finally:
         index.close()
+        catalog.close()

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from bench.harness import SearchLoad, serve_env
+from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import IndexQuery, collection_name, point_id
 from loupe.consumers.reindex import reindex_lock
-from loupe.consumers.service import build_index
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder
@@ -229,15 +229,17 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     assert mixed_would_differ > len(answers) // 2, "the check could tell a mixed answer"
 
     # Model B's collection holds every product: the catalog and those sent during the reindex.
-    index = build_index(settings, model_b.model_version)
+    catalog = build_catalog(settings)
+    index = catalog.open(model_b.model_version)
     index.ensure_collection(model_b.dims, make_live=False)
     try:
         ids = [point_id("m", pid) for pid in initial + products_during]
         assert len(index.stored_versions(ids)) == len(ids), "a product is missing from B"
         assert index.count() == len(ids)
-        assert index.live_collection() == collection_b
+        assert catalog.live() == collection_b
     finally:
         index.close()
+        catalog.close()
     # An instance restarted with the old configuration serves the live collection with the
     # model its card names: it neither moves the alias back nor mixes models.
     restart_log = tmp_path / "restart.log"
@@ -267,7 +269,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
 
 
 def _collections(settings: Settings) -> list[str]:
-    catalog = build_index(settings, "unused")
+    catalog = build_catalog(settings)
     try:
         return catalog.collections()
     finally:
@@ -296,7 +298,8 @@ def _text_cosine_mixed(query_model, index_model, query: str, product) -> float:
 
 def _points(state: Path, version: str, ids: list[str], index: dict) -> dict[str, tuple]:
     settings = Settings(state_dir=state, **index)
-    index = build_index(settings, version)
+    catalog = build_catalog(settings)
+    index = catalog.open(version)
     index.ensure_collection({"image": 1280, "text": 384, "fused": 1664}, make_live=False)
     try:
         assert len(index.stored_versions([point_id("m", pid) for pid in ids])) == len(ids)
@@ -316,6 +319,7 @@ def _points(state: Path, version: str, ids: list[str], index: dict) -> dict[str,
         return found
     finally:
         index.close()
+        catalog.close()
 
 
 @pytest.mark.parametrize("engine", ["edge", "qdrant-local", "server"])
@@ -478,9 +482,9 @@ def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
     assert all(len(items) == 1 for items in answers.values()), "exactly one answer each"
     assert {items[0]["model_version"] for items in answers.values()} == set(versions)
     settings = Settings(state_dir=state, **index)
-    catalog = build_index(settings, "unused")
+    catalog = build_catalog(settings)
     try:
-        assert catalog.live_collection() == collection_name(prefix, versions[0])
+        assert catalog.live() == collection_name(prefix, versions[0])
         assert collection_name(prefix, versions[1]) in catalog.collections(), "B is kept"
     finally:
         catalog.close()

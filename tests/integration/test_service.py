@@ -17,13 +17,9 @@ from typing import ClassVar
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from loupe.consumers.app import Application, fixed_model
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
-from loupe.consumers.index import QdrantIndex, point_id
-from loupe.consumers.ingest import Indexer
-from loupe.consumers.kafka_io import make_consumer, make_transactional_producer
-from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.publisher import Publisher
-from loupe.consumers.search_service import SearchService
+from loupe.consumers.index import point_id
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
@@ -123,10 +119,17 @@ def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
         "responses": make_topic("responses"),
         "deadletter": make_topic("deadletter"),
     }
-    settings = Settings(bootstrap_servers=bootstrap_servers, max_poll_records=50)
-    metrics = LoupeMetrics()
-    index = QdrantIndex(model_version=encoder.model_version, path=str(tmp_path / "index"))
-    index.ensure_collection(encoder.dims)
+    settings = Settings(
+        bootstrap_servers=bootstrap_servers,
+        max_poll_records=50,
+        group_id=group_id,
+        products_topic=topics["products"],
+        search_requests_topic=topics["requests"],
+        search_responses_topic=topics["responses"],
+        deadletter_topic=topics["deadletter"],
+        state_dir=tmp_path,
+        index_engine="qdrant-local",
+    )
     fetcher = ImageFetcher(
         FetchPolicy(
             allow_loopback=True,
@@ -136,27 +139,16 @@ def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
         ),
         resolver=_resolver,
     )
-    # As `loupe serve` runs them: each worker publishes through its own transactional producer.
-    producers = [make_transactional_producer(settings, role) for role in ("ingest", "search")]
-    indexer = Indexer(
-        consumer=make_consumer(settings, group_id + "-ingest"),
-        publisher=Publisher(producers[0], topics["deadletter"], metrics, transactional=True),
-        index=index,
-        encoder=encoder,
-        fetcher=fetcher,
-        metrics=metrics,
-        topic=topics["products"],
-    )
-    searcher = SearchService(
-        consumer=make_consumer(settings, group_id + "-search"),
-        publisher=Publisher(producers[1], topics["deadletter"], metrics, transactional=True),
-        index=index,
-        encoder=encoder,
-        fetcher=fetcher,
-        metrics=metrics,
-        topic=topics["requests"],
-        response_topic=topics["responses"],
-    )
+    # Wired as `loupe serve` wires them (each worker publishes through its own transactional
+    # producer), with the module's encoder and a fetcher that may reach the loopback CDN.
+    app = Application(settings, fetcher=fetcher, load_encoder=lambda profile: encoder)
+    catalog = app.open_catalog()
+    index = catalog.open(encoder.model_version)
+    index.ensure_collection(encoder.dims)
+    live = fixed_model(encoder, index)
+    metrics = app.metrics
+    indexer = app.ingest_worker(live)
+    searcher = app.search_worker(live)
     yield {
         "topics": topics,
         "metrics": metrics,
@@ -167,10 +159,10 @@ def service(bootstrap_servers, make_topic, group_id, tmp_path, encoder):
         "bootstrap": bootstrap_servers,
     }
     indexer.close()
-    searcher.consumer.close(autocommit=False)
-    for producer in producers:
-        producer.close()
+    searcher.close()
+    app.close_publishers()
     index.close()
+    catalog.close()
 
 
 def _event(product, version=1, cdn=None, inline=False, **override) -> dict:

@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from loupe.consumers.app import fixed_model
 from loupe.consumers.errors import ImageFetchError
 from loupe.consumers.index import IndexHit
+from loupe.consumers.live_model import ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.search_service import SearchService
 from loupe.encoders.fused import Encoded
@@ -114,8 +116,7 @@ def parts():
     service = SearchService(
         consumer=_Consumer(),
         publisher=publisher,
-        index=index,
-        encoder=encoder,
+        live=fixed_model(encoder, index),
         fetcher=_Fetcher(),
         metrics=LoupeMetrics(),
         topic="requests",
@@ -184,7 +185,7 @@ class _TwoViews:
 
 
 def test_a_photo_and_text_answer_starts_with_the_image_views_best_match(parts):
-    parts.service.index = _TwoViews()
+    parts.service.switch_model(ModelInUse(parts.encoder, _TwoViews()))
     parts.service.handle([_record(0, "r-both", image=PHOTO, text="ring", top_k=3)])
     hits = _answers(parts.publisher)["r-both"].hits
     assert [h.product_id for h in hits] == ["pA", "pB", "pC"]

@@ -156,8 +156,8 @@ def test_filters_become_the_contracts_filters():
 
 
 def test_collections_and_rollback_say_what_there_is(tmp_path, capsys, monkeypatch):
-    from loupe.consumers.edge_index import EdgeIndex
-    from loupe.consumers.lifecycle import CollectionCard, ModelCard, write_card
+    from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard
+    from loupe.consumers.edge_index import EdgeStore
     from loupe.encoders.profile import ModelProfile
 
     monkeypatch.setenv("LOUPE_STATE_DIR", str(tmp_path))
@@ -166,14 +166,13 @@ def test_collections_and_rollback_say_what_there_is(tmp_path, capsys, monkeypatc
     assert main(["reindex", "--rollback"]) == 2
     assert "nothing to roll back to" in capsys.readouterr().err
 
-    root = str(tmp_path / "edge-index")
+    catalog = Catalog(EdgeStore(path=str(tmp_path / "edge-index")))
     for version, live in (("old", False), ("new", True)):
-        index = EdgeIndex(model_version=version, path=root)
+        index = catalog.open(version)
         index.ensure_collection({"image": 4, "text": 4, "fused": 8}, make_live=live)
         state = "live" if live else "retired"
-        write_card(
-            index, index.collection, CollectionCard(ModelCard.of(ModelProfile(), version), state)
-        )
+        card = CollectionCard(ModelCard.of(ModelProfile(), version), state)
+        catalog.write_card(index.collection, card)
         index.close()
     assert main(["collections"]) == 0
     out = capsys.readouterr().out

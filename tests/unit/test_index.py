@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loupe.consumers.index import build_filter, collection_name, point_id
+from loupe.consumers.index import collection_name, point_id
+from loupe.consumers.qdrant_index import build_filter
 from loupe.schemas.search import SearchFilters
 
 
@@ -41,7 +42,7 @@ def test_filters_become_qdrant_conditions():
 def test_an_unreachable_qdrant_server_is_index_unavailable():
     """The retry policy's trigger: a server URL that refuses (a closed loopback port)."""
     from loupe.consumers.errors import IndexUnavailable
-    from loupe.consumers.index import QdrantIndex
+    from loupe.consumers.qdrant_index import QdrantIndex
     from loupe.dev.kafka import free_loopback_port
 
     index = QdrantIndex(
@@ -58,7 +59,7 @@ def test_an_unreachable_qdrant_server_is_index_unavailable():
 def test_how_the_graph_is_searched_reaches_every_collection_of_the_index(engine, tmp_path):
     from pydantic import ValidationError
 
-    from loupe.consumers.service import build_index
+    from loupe.consumers.catalog import build_catalog
     from loupe.consumers.settings import Settings
 
     settings = Settings(
@@ -68,13 +69,13 @@ def test_how_the_graph_is_searched_reaches_every_collection_of_the_index(engine,
         index_acorn=False,
         index_quantization="int8",
     )
-    index = build_index(settings, "m1")
+    catalog = build_catalog(settings)
     try:
-        assert (index.hnsw_ef, index.acorn, index.quantization) == (300, False, "int8")
-        sibling = index.for_version("m2")
-        assert (sibling.hnsw_ef, sibling.acorn, sibling.quantization) == (300, False, "int8")
+        for model_version in ("m1", "m2"):
+            store = catalog.open(model_version).store
+            assert (store.hnsw_ef, store.acorn, store.quantization) == (300, False, "int8")
     finally:
-        index.close()
+        catalog.close()
     with pytest.raises(ValidationError, match="index_hnsw_ef"):
         Settings(state_dir=tmp_path, index_hnsw_ef=0)
     with pytest.raises(ValidationError, match="index_quantization"):

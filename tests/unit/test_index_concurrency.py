@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from loupe.consumers.edge_index import EdgeIndex
-from loupe.consumers.index import IndexPoint, IndexQuery, QdrantIndex
+from loupe.consumers.index import IndexPoint, IndexQuery
+from loupe.consumers.qdrant_index import QdrantIndex
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 8, "text": 4, "fused": 12}

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from loupe.consumers.edge_index import EdgeIndex
-from loupe.consumers.index import IndexPoint, IndexQuery, QdrantIndex
+from loupe.consumers.index import IndexPoint, IndexQuery
+from loupe.consumers.qdrant_index import QdrantIndex
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 8, "text": 4, "fused": 12}
@@ -173,10 +174,11 @@ def test_the_alias_follows_the_newest_model_version(engine, tmp_path, engines):
         assert aliases == {"loupe": "loupe__m2"}
     elif engine.startswith("server"):
         idx = engines[engine](path, "m2")
-        assert idx.live_collection() == f"{idx.alias}__m2"
-        live = {a.alias_name: a.collection_name for a in idx.client.get_aliases().aliases}
+        store = idx.store
+        assert store.live_collection() == f"{store.alias}__m2"
+        live = {a.alias_name: a.collection_name for a in store.client.get_aliases().aliases}
         idx.close()
-        assert live[idx.alias] == f"{idx.alias}__m2"
+        assert live[store.alias] == f"{store.alias}__m2"
     else:
         from qdrant_client import QdrantClient
 

@@ -13,25 +13,15 @@ from dataclasses import dataclass, field
 import pytest
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers.edge_index import EdgeIndex
+from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, NothingToRollBack
+from loupe.consumers.edge_index import EdgeStore
 from loupe.consumers.errors import IndexUnavailable
-from loupe.consumers.index import QdrantIndex
+from loupe.consumers.handover import HandOver
 from loupe.consumers.ingest import Indexer
-from loupe.consumers.lifecycle import (
-    CollectionCard,
-    LiveModel,
-    ModelCard,
-    ModelFollower,
-    ModelInUse,
-    ModelSwitchError,
-    drop_expired,
-    read_card,
-    retire,
-    write_card,
-)
+from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse, ModelSwitchError
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.qdrant_index import QdrantStore
 from loupe.consumers.reindex import (
-    NothingToRollBack,
     ReindexBusy,
     counts_agree,
     reindex_lock,
@@ -42,8 +32,8 @@ from loupe.encoders.profile import ModelProfile
 
 DIMS = {"image": 8, "text": 4, "fused": 12}
 ENGINES = {
-    "qdrant-local": lambda path, version="m1": QdrantIndex(model_version=version, path=path),
-    "edge": lambda path, version="m1": EdgeIndex(model_version=version, path=path),
+    "qdrant-local": lambda path: Catalog(QdrantStore(path=path)),
+    "edge": lambda path: Catalog(EdgeStore(path=path)),
 }
 
 
@@ -56,29 +46,29 @@ def _card(version: str, state="live", image_weight=0.5, **fields) -> CollectionC
 def catalog(request, tmp_path, index_prefix):
     if request.param == "server":  # the session's server; this test's collections its own
         url = request.getfixturevalue("qdrant_server").url
-        index = QdrantIndex(model_version="m1", url=url, prefix=index_prefix)
+        catalog = Catalog(QdrantStore(url=url, prefix=index_prefix))
     else:
-        index = ENGINES[request.param](str(tmp_path / "index"))
-    yield index
-    index.close()
+        catalog = ENGINES[request.param](str(tmp_path / "index"))
+    yield catalog
+    catalog.close()
 
 
 def _collection(catalog, version: str, make_live: bool, card: CollectionCard | None = None):
-    index = catalog.for_version(version)
+    index = catalog.open(version)
     index.ensure_collection(DIMS, make_live=make_live)
     if card is not None:
-        write_card(index, index.collection, card)
+        catalog.write_card(index.collection, card)
     return index
 
 
 def test_the_alias_moves_only_when_asked_and_in_one_step(catalog):
     a = _collection(catalog, "a", make_live=True)
     b = _collection(catalog, "b", make_live=False)
-    assert catalog.live_collection() == a.collection, "a collection built aside is not live"
+    assert catalog.live() == a.collection, "a collection built aside is not live"
     assert catalog.collections() == sorted([a.collection, b.collection])
-    assert catalog.switch_alias(b.collection) == a.collection
-    assert catalog.live_collection() == b.collection
-    assert catalog.switch_alias(b.collection) == b.collection  # idempotent
+    assert catalog.store.switch_alias(b.collection) == a.collection
+    assert catalog.live() == b.collection
+    assert catalog.store.switch_alias(b.collection) == b.collection  # idempotent
     for index in (a, b):
         index.close()
 
@@ -86,10 +76,10 @@ def test_the_alias_moves_only_when_asked_and_in_one_step(catalog):
 def test_cards_round_trip_and_belong_to_their_collection(catalog):
     a = _collection(catalog, "a", make_live=True, card=_card("a", applied_offsets={"t:0": 7}))
     b = _collection(catalog, "b", make_live=False)
-    assert read_card(catalog, a.collection) == _card("a", applied_offsets={"t:0": 7})
-    assert read_card(catalog, b.collection) is None
-    retire(catalog, a.collection, grace_s=60, now=1000.0)
-    card = read_card(catalog, a.collection)
+    assert catalog.card(a.collection) == _card("a", applied_offsets={"t:0": 7})
+    assert catalog.card(b.collection) is None
+    catalog.retire(a.collection, grace_s=60, now=1000.0)
+    card = catalog.card(a.collection)
     assert (card.state, card.retired_at, card.drop_after) == ("retired", 1000.0, 1060.0)
     assert card.applied_offsets == {"t:0": 7}, "retiring keeps what the card knew"
     for index in (a, b):
@@ -102,21 +92,21 @@ def test_retired_collections_go_after_their_grace_never_the_live_one(catalog):
     c = _collection(catalog, "c", make_live=False, card=_card("c"))
     a.close()
     c.close()
-    retire(catalog, a.collection, grace_s=10, now=1000.0)
-    retire(catalog, c.collection, grace_s=100, now=1000.0)
-    retire(catalog, b.collection, grace_s=0, now=1000.0)  # odd, but the live one stays
-    assert drop_expired(catalog, keep=[], now=1005.0) == []
-    assert drop_expired(catalog, keep=[a.collection], now=1011.0) == [], "in use here: kept"
-    assert drop_expired(catalog, keep=[], now=1011.0) == [a.collection]
+    catalog.retire(a.collection, grace_s=10, now=1000.0)
+    catalog.retire(c.collection, grace_s=100, now=1000.0)
+    catalog.retire(b.collection, grace_s=0, now=1000.0)  # odd, but the live one stays
+    assert catalog.drop_expired(keep=[], now=1005.0) == []
+    assert catalog.drop_expired(keep=[a.collection], now=1011.0) == [], "in use here: kept"
+    assert catalog.drop_expired(keep=[], now=1011.0) == [a.collection]
     assert catalog.collections() == sorted([b.collection, c.collection])
-    assert read_card(catalog, a.collection) is None
+    assert catalog.card(a.collection) is None
     with pytest.raises(ValueError, match=f"the alias {catalog.alias} points at it"):
-        catalog.drop_collection(b.collection)
+        catalog.store.drop_collection(b.collection)
     b.close()
 
 
 def test_an_embedded_shard_another_process_has_open_is_not_dropped(tmp_path):
-    catalog = EdgeIndex(model_version="x", path=str(tmp_path))
+    catalog = Catalog(EdgeStore(path=str(tmp_path)))
     a = _collection(catalog, "a", make_live=False, card=_card("a", state="retired"))
     a.close()
     _collection(catalog, "b", make_live=True).close()
@@ -141,12 +131,12 @@ def test_an_embedded_shard_another_process_has_open_is_not_dropped(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(IndexUnavailable, match="another process has it open"):
-            catalog.drop_collection(a.collection)
+            catalog.store.drop_collection(a.collection)
         assert a.collection in catalog.collections()
     finally:
         holder.kill()
         holder.wait()
-    assert catalog.drop_collection(a.collection)
+    assert catalog.store.drop_collection(a.collection)
     assert a.collection not in catalog.collections()
 
 
@@ -183,10 +173,10 @@ def test_a_follower_loads_the_model_the_live_card_names_and_releases_the_old_one
         on_switch=lambda old, new: switches.append((old.collection, new.collection)),
     )
     assert follower.check_once() is None, "the alias has not moved"
-    catalog.switch_alias(catalog.for_version("v0.7").collection)
+    catalog.store.switch_alias(catalog.name_of("v0.7"))
     new = follower.check_once()
     assert new.encoder.model_version == "v0.7" and new.generation == 1
-    assert new.collection == catalog.for_version("v0.7").collection
+    assert new.collection == catalog.name_of("v0.7")
     assert switches == [(a.collection, new.collection)]
     live.adopted("ingest", 1)
     follower.check_once()
@@ -212,10 +202,10 @@ def test_a_card_that_loads_another_model_or_no_card_is_refused(catalog):
         workers=["search"],
         poll_interval_s=0.1,
     )
-    catalog.switch_alias(catalog.for_version("v0.9").collection)
+    catalog.store.switch_alias(catalog.name_of("v0.9"))
     with pytest.raises(ModelSwitchError, match=r"was made by model v0\.9, but .* loads v0\.3"):
         follower.check_once()
-    catalog.switch_alias(catalog.for_version("bare").collection)
+    catalog.store.switch_alias(catalog.name_of("bare"))
     with pytest.raises(ModelSwitchError, match="has no model card"):
         follower.check_once()
     a.close()
@@ -223,18 +213,18 @@ def test_a_card_that_loads_another_model_or_no_card_is_refused(catalog):
 
 def test_rollback_returns_to_the_last_retired_collection(tmp_path):
     settings = Settings(state_dir=tmp_path)
-    catalog = EdgeIndex(model_version="x", path=str(settings.resolved_index_path()))
+    catalog = Catalog(EdgeStore(path=str(settings.resolved_index_path())))
     with pytest.raises(NothingToRollBack):
         rollback(settings, grace_s=60)
     for version, state in (("a", "retired"), ("b", "retired"), ("c", "live")):
         _collection(catalog, version, make_live=state == "live", card=_card(version, state)).close()
-    retire(catalog, catalog.for_version("a").collection, grace_s=60, now=1000.0)
-    retire(catalog, catalog.for_version("b").collection, grace_s=60, now=2000.0)
+    catalog.retire(catalog.name_of("a"), grace_s=60, now=1000.0)
+    catalog.retire(catalog.name_of("b"), grace_s=60, now=2000.0)
     target, replaced = rollback(settings, grace_s=30)
-    assert (target, replaced) == (catalog.for_version("b").collection, "loupe__c")
-    assert catalog.live_collection() == "loupe__b"
-    assert read_card(catalog, "loupe__b").state == "live"
-    replaced_card = read_card(catalog, "loupe__c")
+    assert (target, replaced) == (catalog.name_of("b"), "loupe__c")
+    assert catalog.live() == "loupe__b"
+    assert catalog.card("loupe__b").state == "live"
+    replaced_card = catalog.card("loupe__c")
     assert replaced_card.state == "retired"
     assert replaced_card.drop_after == pytest.approx(time.time() + 30, abs=5)
     assert rollback(settings, grace_s=30) == ("loupe__c", "loupe__b"), "and back again"
@@ -278,7 +268,7 @@ class _Tracker:
 def test_counts_agree_within_what_events_in_between_explain(
     tmp_path, mine, points, reported, reported_offsets, allowed, agree
 ):
-    catalog = EdgeIndex(model_version="x", path=str(tmp_path))
+    catalog = Catalog(EdgeStore(path=str(tmp_path)))
     live = _collection(
         catalog, "a", True, card=_card("a", points=reported, points_offsets=reported_offsets)
     )
@@ -289,7 +279,7 @@ def test_counts_agree_within_what_events_in_between_explain(
 
 
 def test_counts_are_not_compared_without_a_live_collection_or_its_report(tmp_path):
-    catalog = EdgeIndex(model_version="x", path=str(tmp_path))
+    catalog = Catalog(EdgeStore(path=str(tmp_path)))
     assert counts_agree(catalog, None, 5, _Tracker({0: 5}), 0)[0]
     _collection(catalog, "a", True, card=_card("a")).close()
     ok, detail = counts_agree(catalog, "loupe__a", 5, _Tracker({0: 5}), 0)
@@ -328,7 +318,7 @@ class _Publisher:
 
 
 def test_the_ingest_resumes_a_partition_from_the_new_collections_offsets(tmp_path):
-    catalog = EdgeIndex(model_version="x", path=str(tmp_path))
+    catalog = Catalog(EdgeStore(path=str(tmp_path)))
     b = _collection(catalog, "b", True, card=_card("b", applied_offsets={"t:0": 40, "t:1": 50}))
     tp = [TopicPartition("t", p) for p in range(4)]
     consumer = _Consumer(
@@ -343,11 +333,11 @@ def test_the_ingest_resumes_a_partition_from_the_new_collections_offsets(tmp_pat
     indexer = Indexer(
         consumer=consumer,
         publisher=publisher,
-        index=b,
-        encoder=FakeEncoder("b"),
+        live=LiveModel(ModelInUse(FakeEncoder("b"), b)),
         fetcher=None,
         metrics=LoupeMetrics(),
         topic="t",
+        hand_over=HandOver(catalog, "t", report_every_s=1.0),
     )
     indexer.on_assigned(set(tp))
     records = [_Record("t", 0, 45), _Record("t", 1, 48), _Record("t", 3, 20)]

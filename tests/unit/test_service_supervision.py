@@ -30,13 +30,19 @@ def test_a_second_signal_exits_at_once(restore_signals):
     assert exits == [128 + signal.SIGINT]  # the second one: now
 
 
-def _stub(settings: Settings, failure=None, workers=()):
-    return SimpleNamespace(
-        settings=settings,
-        failure=failure,
-        index=SimpleNamespace(count=lambda: 3),
-        workers=list(workers),
-    )
+def _readiness(settings: Settings, failure=None, workers=()) -> service.Readiness:
+    """A built service's readiness: its workers, and an index that answers."""
+    readiness = service.Readiness(settings)
+    readiness.stage, readiness.failure, readiness.workers = None, failure, list(workers)
+    readiness.index = lambda: SimpleNamespace(count=lambda: 3)
+    return readiness
+
+
+def test_a_service_is_not_ready_while_it_starts():
+    readiness = service.Readiness(Settings())
+    assert readiness() == (False, "starting: checking the topics")
+    readiness.stage = "starting: loading the model"
+    assert readiness() == (False, "starting: loading the model")
 
 
 def test_readiness_probes_kafka_with_the_consumers_security_settings(monkeypatch):
@@ -51,7 +57,7 @@ def test_readiness_probes_kafka_with_the_consumers_security_settings(monkeypatch
     monkeypatch.setattr(
         service, "answers_metadata", lambda config, timeout_s: probed.append(config) or True
     )
-    assert service.LoupeService.ready(_stub(settings)) == (True, "ready")
+    assert _readiness(settings)() == (True, "ready")
     assert probed == [settings.kafka_client_config()]
     assert probed[0]["sasl_plain_password"] == "s3cret"
 
@@ -59,7 +65,7 @@ def test_readiness_probes_kafka_with_the_consumers_security_settings(monkeypatch
 def test_a_dead_worker_makes_the_service_unready_at_once(monkeypatch):
     monkeypatch.setattr(service, "answers_metadata", lambda config, timeout_s: True)
     died = WorkerDied("the search worker died: RuntimeError: boom")
-    ok, detail = service.LoupeService.ready(_stub(Settings(), failure=died))
+    ok, detail = _readiness(Settings(), failure=died)()
     assert not ok and detail == "not serving: the search worker died: RuntimeError: boom"
 
 
@@ -70,7 +76,7 @@ def test_a_worker_waiting_on_kafka_makes_the_service_unready_with_the_reason(mon
         waiting_on="publish and commit: retrying after [Error 7] RequestTimedOutError: after 5 s",
     )
     idle = SimpleNamespace(role="ingest", waiting_on=None)
-    ok, detail = service.LoupeService.ready(_stub(Settings(), workers=[waiting, idle]))
+    ok, detail = _readiness(Settings(), workers=[waiting, idle])()
     assert not ok
     assert detail == (
         "search: publish and commit: retrying after [Error 7] RequestTimedOutError: after 5 s; "

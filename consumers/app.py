@@ -1,0 +1,187 @@
+"""The application: the one place where Loupe's parts are built from ``Settings``.
+
+``Application`` makes the model, the catalog, the model in use, the publishers and the two
+workers; ``loupe serve`` (``consumers/service.py``), ``loupe reindex`` (``consumers/reindex.py``)
+and the integration tests build them here, so the three run the same wiring. Building is
+separate from constructing: ``Application(settings)`` does no I/O; each ``open_*`` or ``*_worker``
+call does its own, when the caller is ready for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, build_catalog
+from loupe.consumers.handover import HandOver
+from loupe.consumers.image_fetch import ImageFetcher
+from loupe.consumers.index import Collection
+from loupe.consumers.ingest import Indexer
+from loupe.consumers.kafka_io import make_consumer, make_producer, make_transactional_producer
+from loupe.consumers.live_model import LiveModel, ModelInUse, open_collection
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
+from loupe.consumers.search_service import SearchService
+from loupe.consumers.settings import Settings
+from loupe.encoders.fused import FusedEncoder
+from loupe.encoders.profile import ModelProfile
+
+log = logging.getLogger(__name__)
+
+POINTS_REPORT_INTERVAL_S = 1.0  # the ingest's point-count report on the live collection's card
+
+EncodeLock = Callable[[], AbstractContextManager[Any]]
+
+
+class Application:
+    """Builds Loupe's parts from ``settings``; ``metrics``, ``fetcher`` and ``load_encoder``
+    may be given (a test's loopback fetcher, an encoder loaded once for a module)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: LoupeMetrics | None = None,
+        fetcher: ImageFetcher | None = None,
+        load_encoder: Callable[[ModelProfile], FusedEncoder] = FusedEncoder.from_profile,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or LoupeMetrics()
+        self.load_encoder = load_encoder
+        self._fetcher = fetcher
+        self.publishers: list[Publisher] = []  # every one made here, to close at the end
+
+    @property
+    def profile(self) -> ModelProfile:
+        return self.settings.model_profile()
+
+    @property
+    def fetcher(self) -> ImageFetcher:
+        if self._fetcher is None:
+            self._fetcher = ImageFetcher(self.settings.fetch_policy())
+        return self._fetcher
+
+    def open_catalog(self) -> Catalog:
+        return build_catalog(self.settings)
+
+    # --- the model in use ------------------------------------------------------------------
+
+    def open_live_model(self, catalog: Catalog) -> ModelInUse:
+        """The model and collection to serve: the configured model's when the alias names it or
+        nothing (a first start: its collection is made and goes live), else the live one, with
+        the model its card names (a reindex moved the alias; an instance that restarts with an
+        older configuration must not move it back, nor answer from a collection with the
+        wrong model)."""
+        profile = self.profile
+        log.info("loading the model (%s + %s)", profile.image_backbone, profile.text_backbone)
+        encoder = self.load_encoder(profile)
+        try:
+            version = encoder.model_version
+            configured = catalog.name_of(version)
+            live = catalog.live()
+            if live is None or live == configured:
+                index = catalog.open(version)
+                index.ensure_collection(encoder.dims, make_live=True)
+                if catalog.card(configured) is None:
+                    card = CollectionCard(ModelCard.of(profile, version), "live")
+                    catalog.write_card(configured, card)
+            else:
+                log.warning(
+                    "the configured model makes %s, but the alias %s names %s: serving that one "
+                    "with the model its card names. `loupe reindex` builds the configured one "
+                    "and switches",
+                    configured,
+                    catalog.alias,
+                    live,
+                )
+                encoder.close()
+                encoder, index = open_collection(catalog, live, profile, self.load_encoder)
+        except BaseException:
+            encoder.close()
+            raise
+        return ModelInUse(encoder, index)
+
+    # --- the workers -----------------------------------------------------------------------
+
+    def publisher(self, name: str, *, transactional: bool | None = None) -> Publisher:
+        """A publisher with a producer of its own (a transaction holds one batch of one
+        consumer), which it can replace with a like one after a fatal error."""
+        settings = self.settings
+        transactional = settings.exactly_once if transactional is None else transactional
+        if transactional:
+            make = lambda: make_transactional_producer(settings, name)  # noqa: E731
+        else:
+            make = lambda: make_producer(settings)  # noqa: E731
+        publisher = Publisher(
+            make(),
+            settings.deadletter_topic,
+            self.metrics,
+            transactional=transactional,
+            make_producer=make,
+            name=name,
+        )
+        self.publishers.append(publisher)
+        return publisher
+
+    def ingest_worker(
+        self,
+        live: LiveModel,
+        *,
+        group: str | None = None,
+        hand_over: Catalog | None = None,
+        encode_lock: EncodeLock = contextlib.nullcontext,
+        publisher: Publisher | None = None,
+        **consumer_options: Any,
+    ) -> Indexer:
+        """The products consumer into ``live``'s collection, in ``group`` (the ingest's by
+        default). ``hand_over``: the catalog, for a worker that follows switches of the live
+        collection and reports its point count (the service's; not a reindex's)."""
+        settings = self.settings
+        return Indexer(
+            consumer=make_consumer(settings, group or settings.ingest_group(), **consumer_options),
+            publisher=publisher or self.publisher("ingest"),
+            live=live,
+            fetcher=self.fetcher,
+            metrics=self.metrics,
+            topic=settings.products_topic,
+            encode_lock=encode_lock,
+            poll_timeout_ms=settings.poll_timeout_ms,
+            fetch_workers=settings.fetch_workers,
+            hand_over=(
+                HandOver(hand_over, settings.products_topic, POINTS_REPORT_INTERVAL_S)
+                if hand_over is not None
+                else None
+            ),
+        )
+
+    def search_worker(
+        self, live: LiveModel, *, encode_lock: EncodeLock = contextlib.nullcontext
+    ) -> SearchService:
+        """The search-requests consumer, answering from ``live``'s collection."""
+        settings = self.settings
+        return SearchService(
+            consumer=make_consumer(
+                settings, settings.search_group(), max_poll_records=settings.search_max_poll_records
+            ),
+            publisher=self.publisher("search"),
+            live=live,
+            fetcher=self.fetcher,
+            metrics=self.metrics,
+            topic=settings.search_requests_topic,
+            response_topic=settings.search_responses_topic,
+            encode_lock=encode_lock,
+            fetch_workers=settings.fetch_workers,
+        )
+
+    def close_publishers(self) -> None:
+        for publisher in self.publishers:
+            publisher.close()
+        self.publishers = []
+
+
+def fixed_model(encoder: FusedEncoder, index: Collection) -> LiveModel:
+    """A ``LiveModel`` that never switches (a reindex's, a test's)."""
+    return LiveModel(ModelInUse(encoder, index))

@@ -1,0 +1,337 @@
+"""The collection catalog: which collection is live, which model made each, and how the live one
+changes.
+
+Each collection carries a card (Qdrant collection metadata, or a file beside an embedded shard):
+the model that made it, enough for any instance to load that model again; its state (building,
+live, retired); the products-topic offsets up to which it has applied every event; and, once
+retired, when it may be dropped. The alias names the live collection. ``Catalog`` is the one
+place that reads and changes them: ``switch`` (a reindex going live, a rollback), ``retire``,
+``drop_expired``, and the ingest's records of how far each collection got. A handle on one
+collection (``Collection``, consumers/index.py) only holds points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from loupe.consumers.errors import IndexUnavailable
+from loupe.consumers.index import Collection, CollectionStore, collection_name
+from loupe.consumers.settings import Settings
+from loupe.encoders.profile import ModelProfile
+from loupe.schemas.errors import LoupeError
+
+log = logging.getLogger(__name__)
+
+CARD_FORMAT = 1
+State = Literal["building", "live", "retired"]
+
+
+class CardError(LoupeError):
+    """A collection card this version of Loupe cannot read."""
+
+
+class NothingToRollBack(LoupeError):
+    """No retired collection is left to return to."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The part of a ``ModelProfile`` that decides the vectors: load it anywhere, get the same
+    model version. How the model runs (device, precision, batch sizes) stays each instance's."""
+
+    model_version: str
+    image_backbone: str
+    text_backbone: str
+    image_weights: str | None
+    text_weights: str | None
+    fusion_checkpoint: str | None  # a path every instance must be able to read
+    image_weight: float
+    fit: str
+    image_pooling: str
+    max_text_tokens: int
+    # None: the backbone's own input side (what every card before LOUPE_IMAGE_SIDE meant)
+    image_side: int | None = None
+
+    @classmethod
+    def of(cls, profile: ModelProfile, model_version: str) -> ModelCard:
+        return cls(
+            model_version=model_version,
+            image_backbone=profile.image_backbone,
+            text_backbone=profile.text_backbone,
+            image_weights=profile.image_weights,
+            text_weights=profile.text_weights,
+            fusion_checkpoint=(
+                str(Path(profile.fusion_checkpoint).resolve())
+                if profile.fusion_checkpoint
+                else None
+            ),
+            image_weight=profile.image_weight,
+            fit=profile.fit,
+            image_pooling=profile.image_pooling,
+            max_text_tokens=profile.max_text_tokens,
+            image_side=profile.image_side,
+        )
+
+    def profile(self, local: ModelProfile) -> ModelProfile:
+        """This model, run the way this instance runs models."""
+        return dataclasses.replace(
+            local,
+            image_backbone=self.image_backbone,
+            text_backbone=self.text_backbone,
+            image_weights=self.image_weights,
+            text_weights=self.text_weights,
+            fusion_checkpoint=Path(self.fusion_checkpoint) if self.fusion_checkpoint else None,
+            image_weight=self.image_weight,
+            fit=self.fit,  # type: ignore[arg-type]
+            image_pooling=self.image_pooling,  # type: ignore[arg-type]
+            max_text_tokens=self.max_text_tokens,
+            image_side=self.image_side,
+        )
+
+
+@dataclass
+class CollectionCard:
+    model: ModelCard
+    state: State = "building"
+    # "<topic>:<partition>" -> the next offset: every event before it is applied here.
+    applied_offsets: dict[str, int] = field(default_factory=dict)
+    retired_at: float | None = None  # unix seconds
+    drop_after: float | None = None  # unix seconds; a running service drops it after this
+    # The live ingest's last report: its point count, read right after committing ``offsets``
+    # ("<topic>:<partition>" -> next offset). A reindex compares its own count with it.
+    points: int | None = None
+    points_offsets: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": CARD_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> CollectionCard:
+        if raw.get("format") != CARD_FORMAT:
+            raise CardError(f"unknown collection card format {raw.get('format')!r}")
+        return cls(
+            model=ModelCard(**raw["model"]),
+            state=raw["state"],
+            applied_offsets={str(k): int(v) for k, v in (raw.get("applied_offsets") or {}).items()},
+            retired_at=raw.get("retired_at"),
+            drop_after=raw.get("drop_after"),
+            points=raw.get("points"),
+            points_offsets={str(k): int(v) for k, v in (raw.get("points_offsets") or {}).items()},
+        )
+
+    def offsets_of(self, topic: str, which: str = "applied") -> dict[int, int]:
+        """``applied_offsets`` (or ``points_offsets``) of one topic, by partition."""
+        stored = self.applied_offsets if which == "applied" else self.points_offsets
+        found = {}
+        for key, offset in stored.items():
+            name, _, partition = key.rpartition(":")
+            if name == topic:
+                found[int(partition)] = offset
+        return found
+
+
+def offset_key(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+class Catalog:
+    """The collections of one alias in one engine (``CollectionStore``), with their cards."""
+
+    def __init__(self, store: CollectionStore) -> None:
+        self.store = store
+        self.alias = store.alias
+
+    def close(self) -> None:
+        self.store.close()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def live(self) -> str | None:
+        """The collection the alias names (None before the first start)."""
+        return self.store.live_collection()
+
+    def collections(self) -> list[str]:
+        return self.store.collections()
+
+    def name_of(self, model_version: str) -> str:
+        return collection_name(self.alias, model_version)
+
+    def card(self, collection: str) -> CollectionCard | None:
+        raw = self.store.read_card(collection)
+        return CollectionCard.from_dict(raw) if raw else None
+
+    def open(self, model_version: str) -> Collection:
+        """A handle on ``model_version``'s collection (its ``ensure_collection`` makes it)."""
+        return self.store.open(model_version)
+
+    def describe(self) -> list[dict[str, object]]:
+        """Every collection under the alias's prefix, with what its card says."""
+        live = self.live()
+        rows: list[dict[str, object]] = []
+        for collection in self.collections():
+            card = self.card(collection)
+            rows.append(
+                {
+                    "collection": collection,
+                    "live": collection == live,
+                    "state": card.state if card else "unknown (no card)",
+                    "model_version": card.model.model_version if card else None,
+                    "points": card.points if card else None,
+                    "drop_after": card.drop_after if card else None,
+                }
+            )
+        return rows
+
+    # --- changing --------------------------------------------------------------------------
+
+    def write_card(self, collection: str, card: CollectionCard) -> None:
+        self.store.write_card(collection, card.to_dict())
+
+    def update_card(
+        self, collection: str, change: Callable[[CollectionCard], None]
+    ) -> CollectionCard | None:
+        """Read, change and write a collection's card as one step (nothing if it has none)."""
+        with self.store.card_lock():
+            card = self.card(collection)
+            if card is not None:
+                change(card)
+                self.write_card(collection, card)
+            return card
+
+    def switch(
+        self, target: str, grace_s: float, applied: Mapping[str, int] | None = None
+    ) -> str | None:
+        """Make ``target`` the live collection: its card says live (and, from a reindex, the
+        offsets it has ``applied``), the one live before is retired for ``grace_s`` (a rollback
+        can return to it), then the alias moves in one step. Returns the one live before."""
+        live = self.live()
+
+        def go_live(card: CollectionCard) -> None:
+            card.state, card.retired_at, card.drop_after = "live", None, None
+            card.applied_offsets.update(applied or {})
+
+        self.update_card(target, go_live)
+        if live is not None and live != target:
+            self.retire(live, grace_s)
+        return self.store.switch_alias(target)
+
+    def rollback(self, grace_s: float) -> tuple[str, str | None]:
+        """Switch back to the most recently retired collection (its model too, for a service
+        following the alias); the one that was live is retired in turn."""
+        live = self.live()
+        retired = []
+        for collection in self.collections():
+            card = self.card(collection)
+            if collection != live and card is not None and card.state == "retired":
+                retired.append((card.retired_at or 0.0, collection))
+        if not retired:
+            raise NothingToRollBack(
+                "nothing to roll back to: no retired collection is left (none was replaced, or "
+                "its grace period is over and it was dropped)"
+            )
+        _, target = max(retired)
+        return target, self.switch(target, grace_s)
+
+    def retire(self, collection: str, grace_s: float, now: float | None = None) -> None:
+        """Mark a collection retired: kept for ``grace_s`` (a rollback can return to it), then a
+        running service drops it."""
+        at = time.time() if now is None else now
+
+        def change(card: CollectionCard) -> None:
+            card.state, card.retired_at, card.drop_after = "retired", at, at + grace_s
+
+        self.update_card(collection, change)
+
+    def drop_expired(self, keep: Iterable[str] = (), now: float | None = None) -> list[str]:
+        """Drop every retired collection whose grace period is over (never the live one, nor one
+        in ``keep``); a collection another process still has open is left for the next call."""
+        now = time.time() if now is None else now
+        kept = {self.live(), *keep}
+        dropped = []
+        for collection in self.collections():
+            if collection in kept:
+                continue
+            card = self.card(collection)
+            if card is None or card.state != "retired" or card.drop_after is None:
+                continue
+            if now < card.drop_after:
+                continue
+            try:
+                if self.store.drop_collection(collection):
+                    log.info("dropped %s: retired, its grace period is over", collection)
+                    dropped.append(collection)
+            except IndexUnavailable as exc:
+                log.info("not dropping %s yet: %s", collection, exc)
+        return dropped
+
+    # --- how far each collection got (the ingest's records, for a hand-over) ---------------
+
+    def record_applied(self, collection: str, topic: str, offsets: Mapping[int, int]) -> None:
+        """Record that ``collection`` has applied ``topic`` up to ``offsets`` (by partition)."""
+        if not offsets:
+            return
+
+        def change(card: CollectionCard) -> None:
+            for partition, offset in offsets.items():
+                card.applied_offsets[offset_key(topic, partition)] = int(offset)
+
+        self.update_card(collection, change)
+
+    def report_points(
+        self, collection: str, topic: str, points: int, offsets: Mapping[int, int]
+    ) -> None:
+        """The live ingest's report: its collection's point count right after committing
+        ``offsets`` (by partition), for a reindex to compare with."""
+
+        def change(card: CollectionCard) -> None:
+            card.points = points
+            card.points_offsets.update({offset_key(topic, p): int(o) for p, o in offsets.items()})
+
+        self.update_card(collection, change)
+
+
+def build_catalog(settings: Settings) -> Catalog:
+    """The configured engine's catalog: a Qdrant server (``LOUPE_INDEX_URL``), or an embedded
+    engine under the state directory (``LOUPE_INDEX_ENGINE``). Opens nothing per model."""
+    path = settings.resolved_index_path()
+    if path is not None and settings.index_engine == "edge":
+        from loupe.consumers.edge_index import EdgeStore
+
+        older = settings.state_dir / "index" / "meta.json"  # qdrant-client's local mode
+        if settings.index_path is None and older.exists() and not path.exists():
+            log.warning(
+                "an index of qdrant-client's local mode is in %s, and this index starts empty "
+                "in %s (Qdrant Edge): replay the products topic into it, or set "
+                "LOUPE_INDEX_ENGINE=qdrant-local to keep the old one",
+                older.parent,
+                path,
+            )
+        return Catalog(
+            EdgeStore(
+                path=str(path),
+                prefix=settings.index_prefix,
+                hnsw_ef=settings.index_hnsw_ef,
+                acorn=settings.index_acorn,
+                quantization=settings.index_quantization,
+            )
+        )
+    from loupe.consumers.qdrant_index import QdrantStore
+
+    return Catalog(
+        QdrantStore(
+            path=str(path) if path else None,
+            url=settings.index_url,
+            api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
+            prefix=settings.index_prefix,
+            hnsw_ef=settings.index_hnsw_ef,
+            acorn=settings.index_acorn,
+            quantization=settings.index_quantization,
+            topology=settings.index_topology(),
+        )
+    )
