@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 def checksums_in_c() -> bool:
     """Whether kafka-python checksums record batches in C (the ``crc32c`` package, its
     ``crc32c`` extra, a dependency of Loupe). Without it every batch produced or fetched is
-    checksummed in pure Python, about 5 MB/s on one core: a burst of 500 photo queries (12 MB)
-    then costs seconds of CPU at each end (``bench.search --burst``)."""
+    checksummed in pure Python, which costs a burst of photo queries seconds of CPU at each end
+    (docs/architecture.md has the rate, measured with ``bench.search --burst``)."""
     from kafka.record import util
 
     return util.crc32c_c is not None

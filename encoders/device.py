@@ -38,13 +38,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 def autocast_dtype(device: torch.device, precision: Precision = "auto") -> torch.dtype | None:
     """The autocast dtype, or None for full fp32.
 
-    ``auto`` is fp16 on CUDA and fp32 elsewhere. Measured with CPU autocast on the jewelry
-    catalog (``bench.preprocess --precisions``, ``tests/unit/test_acceleration.py``): fp16 stays
-    within cosine 0.99999 of fp32 and bf16 within 0.9986; photo-query top-1 was 85.6% in fp32,
-    84.7% in fp16 and 83.5% in bf16. Tensor cores run both at the same speed, and the towers'
-    activations are bounded (ReLU6, LayerNorm), so fp16's range is enough; a vector that
-    overflows anyway fails its item (``VectorNotFinite``), and ``bf16`` remains a setting. On a
-    CPU, bf16 doubled throughput on an AVX512-BF16 machine but is opt-in for that top-1 cost.
+    ``auto`` is fp16 on CUDA and fp32 elsewhere: fp16 keeps closer to fp32 than bf16 does
+    (docs/gpu.md, "Precision", has the measurements and their command), tensor cores run both
+    at the same speed, and the towers' activations are bounded (ReLU6, LayerNorm), so fp16's
+    range is enough; a vector that overflows anyway fails its item (``VectorNotFinite``). On a
+    CPU, bf16 is opt-in: faster where the CPU has AVX512-BF16, for a little top-1.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")

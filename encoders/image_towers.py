@@ -169,8 +169,8 @@ GEM_P = 3.0  # the usual GeM exponent for instance retrieval (Radenović et al.,
 def pool(maps: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """``(B, D, h, w)`` feature maps to ``(B, D)``. ``gem``: generalised mean with p = 3, which
     weighs the strongest activations (the product) above the broad, weak ones (a table, a
-    hand); measured on the jewelry catalog it ranks a shopper's photo's own product first 86%
-    of the time against 81% for the average (``bench/quality.py``). The maps are >= 0 (ReLU)."""
+    hand): it ranks a shopper's photo's own product first more often than the average does
+    (docs/training.md has the measurement). The maps are >= 0 (ReLU)."""
     maps = maps.float()
     if pooling == "avg":
         return maps.mean(dim=(2, 3))  # (B, D)

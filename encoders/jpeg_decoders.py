@@ -6,13 +6,13 @@ caller, the same way for every decoder), or None where that photo failed: the ca
 that photo to Pillow, which says exactly what is wrong with it.
 
 - ``torchvision``: torchvision's batched ``decode_jpeg`` on CUDA (nvJPEG). Its Huffman decoding
-  runs on one CPU thread, which caps it near 4,000 photos of 850 x 850 per second on an H100
-  machine; it also runs on a CPU (libjpeg-turbo), which is how the tests exercise this path.
+  runs on one CPU thread, which caps its rate on a GPU machine (docs/gpu.md); it also runs on a
+  CPU (libjpeg-turbo), which is how the tests exercise this path.
 - ``nvimgcodec``: NVIDIA nvImageCodec (PyPI ``nvidia-nvimgcodec-cu13``, with
   ``nvidia-nvjpeg``), which uses the GPU's hardware JPEG decoders and falls back to its other
-  backends for what the hardware does not take (progressive JPEGs). 20% faster than
-  torchvision's on an H200 (49.6 against 61.1 ms for 256 catalog photos). Optional: where it
-  is not installed, ``auto`` takes torchvision's.
+  backends for what the hardware does not take (progressive JPEGs). Faster than torchvision's
+  on an H200 (docs/gpu.md has the table). Optional: where it is not installed, ``auto`` takes
+  torchvision's.
 """
 
 from __future__ import annotations
@@ -61,14 +61,13 @@ class TorchvisionJpegDecoder:
 
 # nvImageCodec's backends, in the order it tries them: "hw" (the GPU's JPEG engines), "cuda"
 # (nvJPEG's CUDA decoder), "hybrid" (Huffman on the CPU, the rest on the GPU), "cpu"; empty:
-# all of them, in the library's own order. Measured on an H200 with 256 catalog photos
-# (bench.device_check's decode lab): the hardware engines alone 40.6 ms but they refuse
-# progressive JPEGs (7 of the 256); every backend 49.6 ms and none refused; hardware + hybrid
-# 51.0 ms; hybrid alone 55.8 ms; torchvision's nvJPEG 61.1 ms. The CUDA-only decoder did not
-# start there ("Could not create decoder", code 7).
+# all of them, in the library's own order: the hardware engines alone refuse progressive JPEGs,
+# and every backend together was the fastest that refused none (docs/gpu.md, measured with
+# bench.device_check's decode lab).
 NVIMGCODEC_BACKENDS: tuple[str, ...] = ()
-# Decoder options, e.g. ":fancy_upsampling=1" (libjpeg-turbo's chroma upsampling): it cost 10%
-# and changed nothing on the catalog's 4:4:4 photos; CPU/GPU agreement holds without it.
+# Decoder options, e.g. ":fancy_upsampling=1" (libjpeg-turbo's chroma upsampling): it cost time
+# and changed nothing on the catalog's 4:4:4 photos (docs/gpu.md); CPU/GPU agreement holds
+# without it.
 NVIMGCODEC_OPTIONS = ""
 
 

@@ -39,7 +39,7 @@ class ModelProfile:
     fusion_checkpoint: Path | None = None  # None: untrained fusion (identity attention)
     image_weight: float = 0.5  # share of the fused cosine from the image view
     fit: Fit = "pad"  # pad beat center_crop on jewelry photos (bench/preprocess.py)
-    image_pooling: Pooling = "gem"  # gem beat avg for a shopper photo's own product (0.86/0.81)
+    image_pooling: Pooling = "gem"  # beat avg for a shopper photo's own product (docs/training.md)
     # The square side photos are resized to for the image tower; None: the backbone's own
     # (224 for EfficientNet-Lite0). 288 keeps the fine detail that tells look-alike jewelry
     # apart (docs/training.md, "Input size"); a multiple of 32.

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real Kafka broker per test session, fresh topics and groups per test."""
+"""Shared fixtures: one real Kafka broker and one real Qdrant server per test session, fresh
+topics, groups and index prefixes per test, and every index engine by name."""
 
 from __future__ import annotations
 
@@ -85,3 +86,52 @@ def group_id() -> str:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+# Every index engine the tests hold to one interface, by name. The embedded ones live in a
+# directory; the server's (marked integration: they start the session's Qdrant server) are
+# named after the test's own prefix and the directory's last part, so no two share one.
+EMBEDDED_ENGINES = ("edge", "edge-int8", "qdrant-local")
+SERVER_ENGINES = ("server", "server-int8")
+ENGINE_NAMES = [
+    *EMBEDDED_ENGINES,
+    *(pytest.param(name, marks=pytest.mark.integration) for name in SERVER_ENGINES),
+]
+
+
+class IndexEngines:
+    """``store(name, path)``: a ``CollectionStore`` of engine ``name``; ``handle(name, path,
+    version)``: a handle on one collection that owns a store of its own (closing it closes
+    everything it opened)."""
+
+    def __init__(self, request: pytest.FixtureRequest, prefix: str) -> None:
+        self.request, self.prefix = request, prefix
+
+    def _options(self, name: str, path: str) -> tuple[str, dict]:
+        if name in SERVER_ENGINES:
+            server = self.request.getfixturevalue("qdrant_server")  # started only when asked
+            quantization = "int8" if name.endswith("int8") else "none"
+            prefix = f"{self.prefix}_{Path(path).name}"
+            return "qdrant", {"url": server.url, "prefix": prefix, "quantization": quantization}
+        if name.startswith("edge"):
+            return "edge", {"path": path, **({"quantization": "int8"} if "int8" in name else {})}
+        return "qdrant", {"path": path}
+
+    def store(self, name: str, path: str):
+        from loupe.consumers.edge_index import EdgeStore
+        from loupe.consumers.qdrant_index import QdrantStore
+
+        kind, options = self._options(name, path)
+        return (EdgeStore if kind == "edge" else QdrantStore)(**options)
+
+    def handle(self, name: str, path: str, version: str = "m1"):
+        from loupe.consumers.edge_index import EdgeIndex
+        from loupe.consumers.qdrant_index import QdrantIndex
+
+        kind, options = self._options(name, path)
+        return (EdgeIndex if kind == "edge" else QdrantIndex)(model_version=version, **options)
+
+
+@pytest.fixture
+def index_engines(request: pytest.FixtureRequest, index_prefix: str) -> IndexEngines:
+    return IndexEngines(request, index_prefix)

@@ -20,6 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from loupe.consumers.app import Application, fixed_model
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.index import point_id
+from loupe.consumers.live_model import ModelInUse
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
@@ -271,7 +272,7 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn, overfl
     _drain(service["indexer"], len(events) + len(poison))
 
     assert index.count() == len(events)
-    point = index.client.retrieve(
+    point = index.store.client.retrieve(
         index.collection, ids=[point_id(MERCHANT, catalog[0].product_id)], with_payload=True
     )[0]
     assert point.payload["title"] == catalog[0].title
@@ -320,7 +321,7 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn, overfl
         key=_product_key,
     )
     _drain(service["indexer"], 2)
-    stored = index.client.retrieve(
+    stored = index.store.client.retrieve(
         index.collection, ids=[point_id(MERCHANT, target.product_id)], with_payload=True
     )[0]
     assert (stored.payload["title"], stored.payload["version"]) == ("Renamed Bangle", 5)
@@ -331,7 +332,7 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn, overfl
         key=_product_key,
     )
     _drain(service["indexer"], 1)
-    stored = index.client.retrieve(
+    stored = index.store.client.retrieve(
         index.collection, ids=[point_id(MERCHANT, target.product_id)], with_payload=True
     )[0]
     assert stored.payload["title"] == "Renamed Bangle", "an older event must not overwrite"
@@ -353,7 +354,9 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn, overfl
     )
     _drain(service["indexer"], 1)
     assert index.count() == len(events) - 1
-    assert not index.client.retrieve(index.collection, ids=[point_id(MERCHANT, gone.product_id)])
+    assert not index.store.client.retrieve(
+        index.collection, ids=[point_id(MERCHANT, gone.product_id)]
+    )
 
     # Metrics moved with the events.
     sample = service["metrics"].registry.get_sample_value
@@ -471,7 +474,7 @@ def test_index_outage_is_retried_without_committing(service, catalog, cdn):
 
     indexer = service["indexer"]
     flaky = _FlakyIndex(service["index"])
-    indexer.index = flaky
+    indexer.switch_model(ModelInUse(indexer.encoder, flaky))
     indexer.backoff = Backoff(initial_s=0.05, cap_s=0.2)
     _send(
         service["bootstrap"],

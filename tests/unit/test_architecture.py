@@ -199,7 +199,10 @@ def test_the_cluster_override_forms_three_peers_and_a_topology_loupe_accepts():
 
 
 # Classes allowed past MAX_CLASS_LINES in consumers/ and encoders/, each with its reason.
-LONG_CLASSES: dict[str, str] = {}
+LONG_CLASSES: dict[str, str] = {
+    "consumers/settings.py:Settings": "a flat declaration: one field per setting, each with its "
+    "README line as its description, and the cross-field rules; no logic to follow",
+}
 MAX_CLASS_LINES = 250
 
 

@@ -20,16 +20,9 @@ from loupe.consumers.search_service import SearchService
 from loupe.encoders.fused import Encoded
 from loupe.schemas.errors import ErrorCode
 from loupe.schemas.search import parse_search_response
+from tests.fakes import FakeConsumer
 
 DIMS = {"image": 4, "text": 3, "fused": 7}
-
-
-class _Consumer:
-    def subscribe(self, topics, listener=None) -> None:
-        pass
-
-    def close(self, autocommit=False) -> None:
-        pass
 
 
 class _Publisher:
@@ -114,7 +107,7 @@ def _record(offset: int, request_id: str, **body) -> SimpleNamespace:
 def parts():
     publisher, encoder, index = _Publisher(), _Encoder(), _Index(poison_top_k=7)
     service = SearchService(
-        consumer=_Consumer(),
+        consumer=FakeConsumer(),
         publisher=publisher,
         live=fixed_model(encoder, index),
         fetcher=_Fetcher(),

@@ -24,6 +24,7 @@ from loupe.consumers.kafka_io import Backoff
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import MAX_FATAL_IN_A_ROW, Publisher
 from loupe.consumers.worker import BatchWorker
+from tests.fakes import FakeConsumer
 
 TP = TopicPartition("requests", 0)
 OFFSETS = {TP: OffsetAndMetadata(8, "", -1)}
@@ -174,11 +175,6 @@ class _Factory:
         return producer
 
 
-class _GroupMember:
-    def group_metadata(self) -> str:
-        return "group"
-
-
 def _publisher(broker, failures, refusals=None) -> tuple[Publisher, _Producer, _Factory]:
     producer, factory = _Producer(broker, failures), _Factory(broker, refusals)
     publisher = Publisher(
@@ -193,10 +189,10 @@ def test_a_retriable_error_with_the_transaction_aborted_retries_the_same_records
     failure = _Fail("commit", kafka_errors.NotCoordinatorError())
     publisher, producer, factory = _publisher(broker, [failure])
     with pytest.raises(CommitRetriable) as raised:
-        publisher.commit(OFFSETS, _GroupMember())
+        publisher.commit(OFFSETS, FakeConsumer())
     assert raised.value.failure is Failure.RETRIABLE and producer.calls[-1] == "abort"
     assert not publisher.unsettled and factory.made == []
-    publisher.commit(OFFSETS, _GroupMember())  # what the worker's retry does
+    publisher.commit(OFFSETS, FakeConsumer())  # what the worker's retry does
     assert broker.visible == [b"answer"] and broker.committed == {TP: 8}
 
 
@@ -205,13 +201,13 @@ def test_a_timed_out_request_replaces_the_producer_and_leaves_the_answer_to_the_
     broker = _Broker()
     publisher, producer, factory = _publisher(broker, [_Fail(at, TIMED_OUT, fatal=True)])
     with pytest.raises(BatchAborted) as raised:
-        publisher.commit(OFFSETS, _GroupMember())
+        publisher.commit(OFFSETS, FakeConsumer())
     assert raised.value.failure is Failure.RETRIABLE
     assert producer.closed and len(factory.made) == 1 and publisher.producer is factory.made[0]
     assert publisher.unsettled, "only the committed offsets can say what happened"
     publisher.settle(published=False)
     publisher.send("responses", b"r1", b"answer", [])  # the batch handled again
-    publisher.commit(OFFSETS, _GroupMember())
+    publisher.commit(OFFSETS, FakeConsumer())
     assert broker.visible == [b"answer"]
 
 
@@ -220,10 +216,10 @@ def test_a_replacement_that_waits_for_the_broker_is_retried_then_settles():
     down = kafka_errors.KafkaTimeoutError("Timeout expired while initializing transactional state")
     publisher, _, factory = _publisher(broker, [_Fail("commit", TIMED_OUT, fatal=True)], [down])
     with pytest.raises(CommitRetriable):
-        publisher.commit(OFFSETS, _GroupMember())  # the broker is away: no producer yet
+        publisher.commit(OFFSETS, FakeConsumer())  # the broker is away: no producer yet
     assert publisher.producer is None and publisher.unsettled
     with pytest.raises(BatchAborted):  # back: a new producer, and the offsets to be read
-        publisher.commit(OFFSETS, _GroupMember())
+        publisher.commit(OFFSETS, FakeConsumer())
     assert len(factory.made) == 1 and broker.visible == []
 
 
@@ -232,7 +228,7 @@ def test_a_fenced_producer_is_replaced():
     fenced = _Fail("offsets", kafka_errors.ProducerFencedError(), fatal=True)
     publisher, producer, factory = _publisher(broker, [fenced])
     with pytest.raises(BatchAborted) as raised:
-        publisher.commit(OFFSETS, _GroupMember())
+        publisher.commit(OFFSETS, FakeConsumer())
     assert raised.value.failure is Failure.FATAL and producer.closed and len(factory.made) == 1
 
 
@@ -242,7 +238,7 @@ def test_a_replacement_refused_stops_with_the_reason():
     fenced = _Fail("offsets", kafka_errors.ProducerFencedError(), fatal=True)
     publisher, _, _ = _publisher(broker, [fenced], [refused])
     with pytest.raises(PublisherFailed, match="TransactionalIdAuthorizationFailed"):
-        publisher.commit(OFFSETS, _GroupMember())
+        publisher.commit(OFFSETS, FakeConsumer())
 
 
 def test_fatal_errors_that_keep_coming_stop_the_publisher():
@@ -254,11 +250,11 @@ def test_fatal_errors_that_keep_coming_stop_the_publisher():
         ]
         if n < MAX_FATAL_IN_A_ROW:
             with pytest.raises(BatchAborted):
-                publisher.commit(OFFSETS, _GroupMember())
+                publisher.commit(OFFSETS, FakeConsumer())
             publisher.settle(published=False)
         else:
             with pytest.raises(PublisherFailed, match="in a row"):
-                publisher.commit(OFFSETS, _GroupMember())
+                publisher.commit(OFFSETS, FakeConsumer())
     assert len(factory.made) == MAX_FATAL_IN_A_ROW
 
 
@@ -267,7 +263,7 @@ def test_an_abortable_error_aborts_without_replacing():
     moved = _Fail("offsets", kafka_errors.CommitFailedError())
     publisher, producer, factory = _publisher(broker, [moved])
     with pytest.raises(BatchAborted) as raised:
-        publisher.commit(OFFSETS, _GroupMember())
+        publisher.commit(OFFSETS, FakeConsumer())
     assert raised.value.failure is Failure.ABORTABLE
     assert producer.calls[-1] == "abort" and factory.made == [] and not publisher.unsettled
 
@@ -277,7 +273,7 @@ def test_without_a_factory_a_lost_producer_stops_the_publisher():
     producer = _Producer(broker, [_Fail("commit", TIMED_OUT, fatal=True)])
     publisher = Publisher(producer, "dlq", LoupeMetrics(), transactional=True)
     with pytest.raises(PublisherFailed, match="cannot be replaced"):
-        publisher.commit(OFFSETS, _GroupMember())
+        publisher.commit(OFFSETS, FakeConsumer())
 
 
 # --- the at-least-once path ----------------------------------------------------------------
@@ -309,23 +305,12 @@ class _PlainProducer:
         self.closed = True
 
 
-class _CommittingConsumer(_GroupMember):
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error, self.commits = error, []
-
-    def commit(self, offsets):
-        error, self.error = self.error, None
-        if error is not None:
-            raise error
-        self.commits.append(offsets)
-
-
 def test_at_least_once_a_fatal_send_replaces_the_producer_and_sends_again():
     first = _PlainProducer(kafka_errors.OutOfOrderSequenceNumberError())
     second = _PlainProducer()
     publisher = Publisher(first, "dlq", LoupeMetrics(), make_producer=lambda: second)
     publisher.send("responses", b"r1", b"answer", [])
-    consumer = _CommittingConsumer()
+    consumer = FakeConsumer()
     with pytest.raises(CommitRetriable):
         publisher.commit(OFFSETS, consumer)
     assert first.closed and publisher.producer is second
@@ -336,7 +321,7 @@ def test_at_least_once_a_fatal_send_replaces_the_producer_and_sends_again():
 def test_at_least_once_a_group_that_moved_on_aborts_the_batch():
     publisher = Publisher(_PlainProducer(), "dlq", LoupeMetrics())
     with pytest.raises(BatchAborted):
-        publisher.commit(OFFSETS, _CommittingConsumer(kafka_errors.CommitFailedError()))
+        publisher.commit(OFFSETS, FakeConsumer(commit_errors=[kafka_errors.CommitFailedError()]))
 
 
 # --- the worker: the committed offsets decide -----------------------------------------------
@@ -350,48 +335,6 @@ class _Record:
     key: bytes = b"k"
     value: bytes = b"v"
     headers: tuple = ()
-
-
-class _Consumer(_GroupMember):
-    """A consumer of one partition holding ``records``; ``committed`` reads the broker's."""
-
-    def __init__(self, broker: _Broker, records: list[_Record]) -> None:
-        self.broker, self.records, self.at = broker, records, 0
-
-    def subscribe(self, topics, listener=None):
-        pass
-
-    def poll(self, timeout_ms=0):
-        batch = [r for r in self.records if r.offset >= self.at]
-        self.at = self.records[-1].offset + 1 if batch else self.at
-        return {TP: batch} if batch else {}
-
-    def position(self, tp):
-        return self.at
-
-    def assignment(self):
-        return {TP}
-
-    def committed(self, tp, timeout_ms=None):
-        return self.broker.committed.get(tp)
-
-    def seek(self, tp, offset):
-        self.at = offset
-
-    def end_offsets(self, partitions):
-        return {tp: self.records[-1].offset + 1 for tp in partitions}
-
-    def pause(self, *partitions):
-        pass
-
-    def resume(self, *partitions):
-        pass
-
-    def paused(self):
-        return set()
-
-    def close(self, autocommit=False):
-        pass
 
 
 class _Answering(BatchWorker):
@@ -413,7 +356,7 @@ class _Answering(BatchWorker):
 def test_a_commit_lost_with_its_producer_is_answered_exactly_once(lands):
     broker = _Broker()
     records = [_Record("requests", 0, n, value=f"answer {n}".encode()) for n in range(3)]
-    consumer = _Consumer(broker, records)
+    consumer = FakeConsumer(records, committed=broker.committed)
     lost = _Fail("commit", TIMED_OUT, fatal=True, lands=lands)
     producer = _Producer(broker, [lost])
     publisher = Publisher(

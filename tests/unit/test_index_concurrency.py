@@ -13,9 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.index import IndexPoint, IndexQuery
-from loupe.consumers.qdrant_index import QdrantIndex
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 8, "text": 4, "fused": 12}
@@ -32,12 +30,9 @@ def _point(n: int, rng: np.random.Generator) -> IndexPoint:
     )
 
 
-ENGINES = {"qdrant-local": QdrantIndex, "edge": EdgeIndex}
-
-
-@pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_concurrent_upserts_deletes_and_searches_all_succeed(engine, tmp_path):
-    index = ENGINES[engine](model_version="m1", path=str(tmp_path / "index"))
+@pytest.mark.parametrize("engine", ["qdrant-local", "edge"])
+def test_concurrent_upserts_deletes_and_searches_all_succeed(engine, tmp_path, index_engines):
+    index = index_engines.handle(engine, str(tmp_path / "index"))
     index.ensure_collection(DIMS)
     errors: list[BaseException] = []
     searches = 0

@@ -7,54 +7,26 @@ alias and errors; int8 storage rescored returns the exact hits too."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from loupe.consumers.edge_index import EdgeIndex
 from loupe.consumers.index import IndexPoint, IndexQuery
-from loupe.consumers.qdrant_index import QdrantIndex
 from loupe.schemas.search import SearchFilters
+from tests.conftest import EMBEDDED_ENGINES, ENGINE_NAMES, SERVER_ENGINES
 
 DIMS = {"image": 8, "text": 4, "fused": 12}
-EMBEDDED = {
-    "qdrant-local": lambda path, version="m1": QdrantIndex(model_version=version, path=path),
-    "edge": lambda path, version="m1": EdgeIndex(model_version=version, path=path),
-    # int8 in memory, float32 on disk: the candidates are rescored, so the hits are the same
-    "edge-int8": lambda path, version="m1": EdgeIndex(
-        model_version=version, path=path, quantization="int8"
-    ),
-}
-SERVERS = ("server", "server-int8")
-ENGINE_NAMES = [
-    *sorted(EMBEDDED),
-    *(pytest.param(name, marks=pytest.mark.integration) for name in SERVERS),
-]
+ENGINES = [*EMBEDDED_ENGINES, *SERVER_ENGINES]
 
 
 @pytest.fixture
-def engines(request, index_prefix):
-    """Engine name -> ``make(path, version)``. A server's collections are named after the
-    test's own prefix and the path's last part, so no two indexes share one."""
-    makers = dict(EMBEDDED)
-
-    def on_server(quantization):
-        server = request.getfixturevalue("qdrant_server")  # started only when asked for
-
-        def make(path, version="m1"):
-            return QdrantIndex(
-                model_version=version,
-                url=server.url,
-                prefix=f"{index_prefix}_{Path(path).name}",
-                quantization=quantization,
-            )
-
-        return make
-
-    makers["server"] = lambda path, version="m1": on_server("none")(path, version)
-    makers["server-int8"] = lambda path, version="m1": on_server("int8")(path, version)
-    return makers
+def engines(index_engines) -> dict:
+    """Engine name -> ``make(path, version)``: a handle owning its store."""
+    return {
+        name: (lambda path, version="m1", name=name: index_engines.handle(name, path, version))
+        for name in ENGINES
+    }
 
 
 def _points(count: int = 90, seed: int = 5) -> list[IndexPoint]:

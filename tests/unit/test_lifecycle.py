@@ -20,7 +20,6 @@ from loupe.consumers.handover import HandOver
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse, ModelSwitchError
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.qdrant_index import QdrantStore
 from loupe.consumers.reindex import (
     ReindexBusy,
     counts_agree,
@@ -29,12 +28,9 @@ from loupe.consumers.reindex import (
 )
 from loupe.consumers.settings import Settings
 from loupe.encoders.profile import ModelProfile
+from tests.fakes import FakeConsumer
 
 DIMS = {"image": 8, "text": 4, "fused": 12}
-ENGINES = {
-    "qdrant-local": lambda path: Catalog(QdrantStore(path=path)),
-    "edge": lambda path: Catalog(EdgeStore(path=path)),
-}
 
 
 def _card(version: str, state="live", image_weight=0.5, **fields) -> CollectionCard:
@@ -42,13 +38,11 @@ def _card(version: str, state="live", image_weight=0.5, **fields) -> CollectionC
     return CollectionCard(ModelCard.of(profile, version), state, **fields)
 
 
-@pytest.fixture(params=[*sorted(ENGINES), pytest.param("server", marks=pytest.mark.integration)])
-def catalog(request, tmp_path, index_prefix):
-    if request.param == "server":  # the session's server; this test's collections its own
-        url = request.getfixturevalue("qdrant_server").url
-        catalog = Catalog(QdrantStore(url=url, prefix=index_prefix))
-    else:
-        catalog = ENGINES[request.param](str(tmp_path / "index"))
+@pytest.fixture(
+    params=["edge", "qdrant-local", pytest.param("server", marks=pytest.mark.integration)]
+)
+def catalog(request, tmp_path, index_engines):
+    catalog = Catalog(index_engines.store(request.param, str(tmp_path / "index")))
     yield catalog
     catalog.close()
 
@@ -286,29 +280,6 @@ def test_counts_are_not_compared_without_a_live_collection_or_its_report(tmp_pat
     assert ok and "reported no count" in detail
 
 
-class _Consumer:
-    """What the ingest's hand-over asks of a consumer."""
-
-    def __init__(self, committed: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self._committed = committed
-        self.seeks: dict[TopicPartition, int] = {}
-
-    def subscribe(self, topics, listener=None) -> None:
-        pass
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self._committed)
-
-    def committed(self, tp, metadata=False):
-        return self._committed.get(tp)
-
-    def beginning_offsets(self, partitions):
-        return {tp: 3 for tp in partitions}
-
-    def seek(self, tp, offset) -> None:
-        self.seeks[tp] = offset
-
-
 class _Publisher:
     def __init__(self) -> None:
         self.commits: list[dict] = []
@@ -321,13 +292,14 @@ def test_the_ingest_resumes_a_partition_from_the_new_collections_offsets(tmp_pat
     catalog = Catalog(EdgeStore(path=str(tmp_path)))
     b = _collection(catalog, "b", True, card=_card("b", applied_offsets={"t:0": 40, "t:1": 50}))
     tp = [TopicPartition("t", p) for p in range(4)]
-    consumer = _Consumer(
-        {
+    consumer = FakeConsumer(
+        begin=3,
+        committed={
             tp[0]: OffsetAndMetadata(45, "loupe__a", -1),  # went on in A past B's 40: rewind
             tp[1]: OffsetAndMetadata(48, "loupe__a", -1),  # behind B's 50: no rewind needed
             tp[2]: OffsetAndMetadata(9, "loupe__b", -1),  # already B's own progress
             tp[3]: OffsetAndMetadata(20, "loupe__a", -1),  # B's card does not know it: replay
-        }
+        },
     )
     publisher = _Publisher()
     indexer = Indexer(

@@ -12,6 +12,7 @@ from loupe.consumers.kafka_io import Backoff, checksums_in_c
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
 from loupe.schemas.errors import ErrorCode
+from tests.fakes import FakeConsumer
 
 OFFSETS = {TopicPartition("requests", 0): OffsetAndMetadata(8, "", -1)}
 
@@ -45,19 +46,8 @@ class _FlakyProducer:
         pass
 
 
-class _Consumer:
-    def __init__(self) -> None:
-        self.committed: list[dict] = []
-
-    def commit(self, offsets) -> None:
-        self.committed.append(offsets)
-
-    def group_metadata(self) -> str:
-        return "group"
-
-
 def test_failed_sends_are_resent_until_acknowledged_then_offsets_commit():
-    producer, consumer = _FlakyProducer(failures=2), _Consumer()
+    producer, consumer = _FlakyProducer(failures=2), FakeConsumer()
     publisher = Publisher(producer, "dlq", LoupeMetrics())
     for value in (b"a", b"b", b"c"):
         publisher.send("responses", value, value, [])
@@ -69,19 +59,19 @@ def test_failed_sends_are_resent_until_acknowledged_then_offsets_commit():
     )
     assert sorted(producer.delivered) == [b"a", b"b", b"c"]
     assert producer.attempts == {b"a": 3, b"b": 3, b"c": 3}
-    assert consumer.committed == [OFFSETS]
+    assert consumer.commits == [OFFSETS]
 
 
 def test_a_failed_send_commits_no_offsets_and_keeps_the_batch():
-    producer, consumer = _FlakyProducer(failures=1), _Consumer()
+    producer, consumer = _FlakyProducer(failures=1), FakeConsumer()
     publisher = Publisher(producer, "dlq", LoupeMetrics())
     publisher.send("responses", b"k", b"v", [])
     with pytest.raises(CommitRetriable) as failed:
         publisher.commit(OFFSETS, consumer)  # the failure is reported, never swallowed
     assert isinstance(failed.value.__cause__, NotLeaderForPartitionError)
-    assert consumer.committed == []
+    assert consumer.commits == []
     publisher.commit(OFFSETS, consumer)  # what the caller's retry does
-    assert producer.delivered == [b"v"] and consumer.committed == [OFFSETS]
+    assert producer.delivered == [b"v"] and consumer.commits == [OFFSETS]
 
 
 def test_a_flush_that_times_out_commits_nothing():
@@ -89,12 +79,12 @@ def test_a_flush_that_times_out_commits_nothing():
         def flush(self, timeout=None):
             raise KafkaTimeoutError("not flushed in time")
 
-    consumer = _Consumer()
+    consumer = FakeConsumer()
     publisher = Publisher(_SlowProducer(failures=0), "dlq", LoupeMetrics())
     publisher.send("responses", b"k", b"v", [])
     with pytest.raises(CommitRetriable):
         publisher.commit(OFFSETS, consumer)
-    assert consumer.committed == []
+    assert consumer.commits == []
 
 
 class _TransactionalProducer:
@@ -134,7 +124,7 @@ def test_a_transaction_holds_the_records_and_the_offsets():
     publisher = Publisher(producer, "dlq", metrics, transactional=True)
     publisher.send("responses", b"r1", b"answer", [])
     publisher.send("dlq", b"r2", b"letter", [], reason=ErrorCode.IMAGE_INVALID)
-    publisher.commit(OFFSETS, _Consumer())
+    publisher.commit(OFFSETS, FakeConsumer())
     assert producer.calls == ["begin", "send answer", "send letter", "offsets group", "commit"]
     count = metrics.registry.get_sample_value(
         "loupe_dead_letters_total", {"reason": "image_invalid"}
@@ -148,11 +138,11 @@ def test_a_failed_transaction_is_aborted_and_retried_whole_with_nothing_seen_twi
     publisher.send("responses", b"r1", b"answer", [])
     publisher.send("dlq", b"r2", b"letter", [], reason=ErrorCode.IMAGE_INVALID)
     with pytest.raises(CommitRetriable):
-        publisher.commit(OFFSETS, _Consumer())
+        publisher.commit(OFFSETS, FakeConsumer())
     assert producer.calls[-1] == "abort"
     count = metrics.registry.get_sample_value
     assert count("loupe_dead_letters_total", {"reason": "image_invalid"}) == 0
-    publisher.commit(OFFSETS, _Consumer())
+    publisher.commit(OFFSETS, FakeConsumer())
     assert producer.visible == [b"answer", b"letter"], "each record visible exactly once"
     assert count("loupe_dead_letters_total", {"reason": "image_invalid"}) == 1
 
@@ -162,7 +152,7 @@ def test_a_discarded_batch_publishes_nothing():
     publisher = Publisher(producer, "dlq", LoupeMetrics(), transactional=True)
     publisher.send("responses", b"r1", b"answer", [])
     publisher.discard()
-    publisher.commit({}, _Consumer())
+    publisher.commit({}, FakeConsumer())
     assert producer.visible == []
 
 

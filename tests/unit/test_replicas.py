@@ -5,7 +5,6 @@ searches only once its index has caught up with the products topic."""
 from __future__ import annotations
 
 import pytest
-from kafka.errors import KafkaTimeoutError
 from kafka.structs import TopicPartition
 
 from loupe.cli.main import main
@@ -15,6 +14,7 @@ from loupe.consumers.reindex import reindex_group
 from loupe.consumers.service import LoupeService
 from loupe.consumers.settings import Settings, load_settings
 from loupe.consumers.worker import BatchWorker
+from tests.fakes import FakeConsumer
 
 P0, P1 = TopicPartition("products", 0), TopicPartition("products", 1)
 
@@ -59,32 +59,6 @@ def test_loupe_serve_refuses_a_replica_role_before_it_looks_for_a_broker(monkeyp
     assert "LOUPE_REPLICA_ID=a" in err and "--role all" in err and "broker" not in err
 
 
-class _Consumer:
-    """Owns two partitions at ``positions``; the topic ends at ``ends``."""
-
-    def __init__(self, positions: dict, ends: dict) -> None:
-        self.positions, self.ends = positions, ends
-        self.end_errors = 0
-
-    def subscribe(self, topics, listener=None) -> None:
-        pass
-
-    def poll(self, timeout_ms=0):
-        return {}
-
-    def assignment(self):
-        return set(self.positions)
-
-    def position(self, tp):
-        return self.positions[tp]
-
-    def end_offsets(self, partitions):
-        if self.end_errors:
-            self.end_errors -= 1
-            raise KafkaTimeoutError("end offsets")
-        return {tp: self.ends[tp] for tp in partitions}
-
-
 class _Ingest(BatchWorker):
     role = "ingest"
 
@@ -94,7 +68,7 @@ def _worker(consumer) -> BatchWorker:
 
 
 def test_a_worker_is_caught_up_only_once_every_partition_is_read_to_its_end():
-    consumer = _Consumer({P0: 10, P1: 3}, {P0: 10, P1: 7})
+    consumer = FakeConsumer(positions={P0: 10, P1: 3}, ends={P0: 10, P1: 7})
     worker = _worker(consumer)
     worker.process_once()  # an empty poll, but partition 1 still has 4 events to come
     assert not worker.caught_up.is_set()
@@ -107,6 +81,6 @@ def test_a_worker_is_caught_up_only_once_every_partition_is_read_to_its_end():
 
 
 def test_a_worker_without_partitions_yet_is_not_caught_up():
-    worker = _worker(_Consumer({}, {}))
+    worker = _worker(FakeConsumer(positions={}, ends={}))
     worker.process_once()
     assert not worker.caught_up.is_set()

@@ -133,3 +133,15 @@ def test_the_server_versions_loupe_supports(version, supported):
     assert (problem is None) == supported
     if not supported:
         assert "Loupe supports 1.18 to 1.21" in problem
+
+
+def test_the_readmes_settings_table_is_the_one_the_settings_describe():
+    """Every setting has its line (with its real default), and no line names a setting that is
+    not there: `python -m loupe.dev.settings_table` rewrites the table from ``Settings``."""
+    from loupe.dev.settings_table import README, rewrite
+
+    readme = README.read_text()
+    assert rewrite(readme) == readme, "run: python -m loupe.dev.settings_table"
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"{name} has no description (its README line)"
+        assert f"`LOUPE_{name.upper()}`" in readme
