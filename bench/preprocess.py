@@ -20,6 +20,7 @@ from PIL import Image
 from bench.cli import summary
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.evaluation.photos import nearest_category_accuracy
 from loupe.evaluation.simulators import phone_photo
 
 FITS = ("pad", "center_crop", "squash")
@@ -44,13 +45,6 @@ def ranks(index: np.ndarray, queries: np.ndarray) -> np.ndarray:
     scores = queries @ index.T  # (Q, N)
     own = scores[np.arange(len(queries)), np.arange(len(queries))][:, None]
     return (scores > own).sum(axis=1) + 1
-
-
-def loo_category_accuracy(vectors: np.ndarray, labels: list[str]) -> float:
-    scores = vectors @ vectors.T
-    np.fill_diagonal(scores, -np.inf)
-    nearest = scores.argmax(axis=1)
-    return float(np.mean([labels[i] == labels[j] for i, j in enumerate(nearest)]))
 
 
 def main() -> None:
@@ -93,10 +87,10 @@ def main() -> None:
             ]
         )
         r = ranks(index, queries)
+        category = nearest_category_accuracy(index, labels)
         print(
             f"{fit:<12} {precision:<9} {np.mean(r == 1):>6.1%} {np.mean(r <= 10):>7.1%} "
-            f"{np.mean(1 / r):>6.3f} "
-            f"{loo_category_accuracy(index, labels):>13.1%} {time.perf_counter() - started:>6.1f}"
+            f"{np.mean(1 / r):>6.3f} {category:>13.1%} {time.perf_counter() - started:>6.1f}"
         )
         encoder.close()
 

@@ -97,6 +97,9 @@ class Readiness:
 
 
 class LoupeService:
+    """``loupe serve``: made without I/O; ``start()`` binds the metrics port and builds the parts
+    (the model loads there), ``run()`` runs them until stopped (starting first if need be)."""
+
     def __init__(self, settings: Settings, role: str = "all") -> None:
         check_role(settings, role)
         self.settings = settings
@@ -105,18 +108,25 @@ class LoupeService:
         self.metrics: LoupeMetrics = self.app.metrics
         self.readiness = Readiness(settings)
         self._stopped = threading.Event()
+        self.health: HealthServer | None = None
         self.workers: list[Indexer | SearchService] = []
         self.catalog: Catalog | None = None
         self.live: LiveModel | None = None
         self.follower: ModelFollower | None = None
         # A replica's search waits for its own ingest to reach the end of the products topic.
         self.catching_up: Indexer | None = None
-        # Bound first: a taken port fails in a second, not after the model has loaded.
+
+    def start(self) -> LoupeService:
+        """Bind the metrics port (first: a taken port fails in a second, not after the model has
+        loaded), check the topics, load the model, build the workers. What was built is closed
+        again if a step fails."""
+        if self.health is not None:
+            return self
         self.health = HealthServer(
             self.metrics,
             self.readiness,
-            settings.metrics_host,
-            settings.metrics_port,
+            self.settings.metrics_host,
+            self.settings.metrics_port,
             on_scrape=self._sample_device_memory,
         )
         try:
@@ -124,6 +134,7 @@ class LoupeService:
         except BaseException:
             self._close_parts()
             raise
+        return self
 
     @property
     def failure(self) -> WorkerDied | None:
@@ -212,6 +223,7 @@ class LoupeService:
         that was not one item's: a bug, a lost index) takes the service down with it: /readyz
         turns 503 at once, the other workers stop, and ``run`` raises ``WorkerDied`` so that the
         process exits non-zero and its supervisor restarts it; no zombie keeps answering."""
+        self.start()
         self.health.start()
         log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.health.port)
         threads = [
@@ -293,7 +305,8 @@ class LoupeService:
             in_use.encoder.close()
         if self.catalog is not None:
             self.catalog.close()
-        self.health.stop()
+        if self.health is not None:
+            self.health.stop()
 
     def install_signal_handlers(self) -> None:
         install_signal_handlers(self.stop)

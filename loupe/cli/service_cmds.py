@@ -57,7 +57,7 @@ def serve(role: str, create_topics: bool) -> int:
     require_broker(config, wait_s=SERVE_BROKER_WAIT_S)
     if create_topics:
         ensure_topics(config)
-    service = LoupeService(config, role=role)
+    service = LoupeService(config, role=role).start()
     service.install_signal_handlers()
     try:
         service.run()

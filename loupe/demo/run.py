@@ -139,7 +139,7 @@ def run_demo(
             }
         )
         ensure_topics(run)
-        service = LoupeService(run, role="all")
+        service = LoupeService(run, role="all").start()
         service_thread = threading.Thread(target=service.run, name="loupe", daemon=True)
         service_thread.start()
         metrics_url = f"http://127.0.0.1:{service.health.port}/metrics"

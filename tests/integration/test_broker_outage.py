@@ -118,8 +118,8 @@ def test_a_broker_paused_mid_commit_neither_stops_nor_duplicates(broker, tmp_pat
         producer_request_timeout_ms=REQUEST_TIMEOUT_MS,
         transaction_timeout_ms=60_000,  # the broker must not settle it for us
     )
-    service = LoupeService(settings)
-    ingest, search = service.publishers
+    service = LoupeService(settings).start()
+    ingest, search = service.app.publishers
     runner = threading.Thread(target=service.run, name="service")
     runner.start()
     try:

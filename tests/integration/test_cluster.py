@@ -26,16 +26,16 @@ from datetime import UTC, datetime
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from bench.harness import SearchLoad, serve_env
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
 from loupe.consumers.live_model import open_collection
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog, upserted_event
+from loupe.dev.drive import SearchLoad, loupe_process, serve_env
 from loupe.dev.kafka import free_loopback_port
 from loupe.dev.qdrant import LocalQdrant, find_qdrant
 from loupe.encoders.fused import FusedEncoder
-from tests.integration.processes import committed, loupe_process, service_topics, wait_for
+from tests.integration.processes import committed, service_topics, wait_for
 
 pytestmark = pytest.mark.integration
 

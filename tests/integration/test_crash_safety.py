@@ -19,11 +19,11 @@ from kafka.errors import (
     NotCoordinatorError,
 )
 
-from bench.harness import serve_env
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
+from loupe.dev.drive import serve_env
 from loupe.encoders.fused import FusedEncoder
 
 pytestmark = pytest.mark.integration

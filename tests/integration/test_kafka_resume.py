@@ -111,7 +111,7 @@ def test_serve_refuses_to_start_without_its_topics(bootstrap_servers, make_topic
         metrics_port=0,
     )
     with pytest.raises(TopicsMissing, match=r"loupe\.no-such-deadletter") as info:
-        LoupeService(settings, role="ingest")
+        LoupeService(settings, role="ingest").start()
     assert existing not in str(info.value)
     assert "--create-topics" in str(info.value)
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from kafka import KafkaProducer
 
-from bench.harness import serve_env
 from loupe.dev.catalog import load_catalog
+from loupe.dev.drive import serve_env
 from loupe.dev.kafka import free_loopback_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -16,24 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from bench.harness import SearchLoad, serve_env
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import IndexQuery, collection_name, point_id
 from loupe.consumers.reindex import reindex_lock
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
+from loupe.dev.drive import SearchLoad, loupe_process, serve_env
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.encoders.fusion import FusionModel, save_fusion
 from loupe.encoders.preprocess import compose_product_text
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.search import SearchFilters
-from tests.integration.processes import (
-    committed,
-    loupe_process,
-    send_products,
-    service_topics,
-    wait_for,
-)
+from tests.integration.processes import committed, send_products, service_topics, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -11,16 +11,10 @@ import urllib.request
 
 import pytest
 
-from bench.harness import SearchLoad, serve_env
 from loupe.dev.catalog import load_catalog
+from loupe.dev.drive import SearchLoad, loupe_process, serve_env
 from loupe.dev.kafka import free_loopback_port
-from tests.integration.processes import (
-    committed,
-    loupe_process,
-    send_products,
-    service_topics,
-    wait_for,
-)
+from tests.integration.processes import committed, send_products, service_topics, wait_for
 
 pytestmark = pytest.mark.integration
 

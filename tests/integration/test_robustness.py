@@ -26,8 +26,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from PIL import Image
 
-from bench.harness import serve_env
 from loupe.dev.catalog import load_catalog, upserted_event
+from loupe.dev.drive import serve_env
 from loupe.dev.kafka import free_loopback_port
 from loupe.evaluation.simulators import phone_photo
 from loupe.schemas.deadletter import DeadLetter

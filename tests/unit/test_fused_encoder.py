@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.preprocess import loo_category_accuracy
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.errors import Rejection
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 from loupe.encoders.preprocess import compose_product_text
+from loupe.evaluation.photos import nearest_category_accuracy
 
 TOLERANCE = 1e-4  # batch composition changes CPU kernel blocking, not results beyond this
 
@@ -130,8 +130,8 @@ def test_pretrained_weights_beat_random_ones_by_a_wide_margin(encoder, catalog):
     random_model = FusedEncoder.from_profile(ModelProfile(image_weights="random"))
     random_vectors = np.stack([r.vectors["image"] for r in random_model.encode_queries(queries)])
     random_model.close()
-    accuracy = loo_category_accuracy(pretrained, labels)
-    baseline = loo_category_accuracy(random_vectors, labels)
+    accuracy = nearest_category_accuracy(pretrained, labels)
+    baseline = nearest_category_accuracy(random_vectors, labels)
     print(f"LOO category accuracy: pretrained {accuracy:.1%}, random {baseline:.1%}")
     assert accuracy >= 0.85
     # Random CNN features already sort white-backdrop silhouettes (about 70% here, chance is
