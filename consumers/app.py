@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -134,6 +135,7 @@ class Application:
         hand_over: Catalog | None = None,
         encode_lock: EncodeLock = contextlib.nullcontext,
         publisher: Publisher | None = None,
+        stop_event: threading.Event | None = None,
         **consumer_options: Any,
     ) -> Indexer:
         """The products consumer into ``live``'s collection, in ``group`` (the ingest's by
@@ -155,6 +157,7 @@ class Application:
                 if hand_over is not None
                 else None
             ),
+            stop_event=stop_event,
         )
 
     def search_worker(

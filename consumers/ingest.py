@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
@@ -82,6 +83,7 @@ class Indexer(BatchWorker):
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
         hand_over: HandOver | None = None,
+        stop_event: threading.Event | None = None,
     ) -> None:
         """``hand_over``: the service's ingest follows switches of the live collection and
         reports its point count (None: a reindex, which writes one collection only)."""
@@ -93,6 +95,7 @@ class Indexer(BatchWorker):
             poll_timeout_ms=poll_timeout_ms,
             backoff=backoff,
             live=live,
+            stop_event=stop_event,
         )
         self.fetcher = fetcher
         self.encode_lock = encode_lock

@@ -218,7 +218,7 @@ class Reindex:
                 fresh.applied_offsets = card.applied_offsets
             catalog.write_card(target, fresh)
         # The service's ingest worker, in a group of its own, into the new collection only, and
-        # stopped by this loop once caught up. A static member (KIP-345): a reindex restarted
+        # stopped by ``_Watch.done`` once caught up. A static member (KIP-345): a reindex restarted
         # after a kill takes its partitions back at once, instead of waiting for the killed
         # one's session to time out. The session is short (the heartbeat thread beats every
         # 3 s), so that a killed reindex also leaves the group soon, which a second reindex on
@@ -227,43 +227,20 @@ class Reindex:
             fixed_model(encoder, index),
             group=reindex_group(settings, target),
             publisher=app.publisher("reindex", transactional=False),
+            stop_event=self.stop_event,  # a signal stops it between retries too
             group_instance_id="loupe-reindex",
             session_timeout_ms=REINDEX_SESSION_MS,
         )
-        indexer.stop_event = self.stop_event  # a signal stops it between retries too
         started = time.monotonic()
         tracker = _Tracker(indexer.consumer, settings.products_topic)
-        disagreeing_since: float | None = None
+        watch = _Watch(self, catalog, index, tracker, target, live)
         try:
-            self.report(tracker.measure(index).line(target))  # where it starts (or resumes)
-            last_report = time.monotonic()
-            while True:
-                if self.stop_event.is_set():
-                    raise KeyboardInterrupt
-                handled = indexer.process_once()
-                now = time.monotonic()
-                progress = tracker.measure(index)
-                self._export(progress)
-                if now - last_report >= self.progress_every_s:
-                    self.report(progress.line(target))
-                    last_report = now
-                if handled or not tracker.caught_up():
-                    continue
-                agree, detail = counts_agree(
-                    catalog, live, progress.points, tracker, self.allow_count_difference
-                )
-                if agree:
-                    break
-                disagreeing_since = disagreeing_since or now
-                if now - disagreeing_since > self.count_wait_s:
-                    raise CountsDisagree(
-                        f"caught up, but {detail} for {self.count_wait_s:.0f} s; nothing was "
-                        "switched. Look at the dead letters of both models; to switch anyway, "
-                        "pass --allow-count-difference"
-                    )
-            self.report(progress.line(target))
-            applied = tracker.positions()
-            events = tracker.done_this_run()
+            self.report(watch.progress.line(target))  # where it starts (or resumes)
+            indexer.run(until=watch.done)  # closes the worker
+            if self.stop_event.is_set():
+                raise KeyboardInterrupt
+            self.report(watch.progress.line(target))
+            applied, events = watch.applied, watch.events
         finally:
             indexer.close()
             app.close_publishers()
@@ -277,16 +254,66 @@ class Reindex:
             previous,
             True,
             events,
-            progress.points,
+            watch.progress.points,
             time.monotonic() - started,
-            detail,
+            watch.detail,
         )
 
-    def _export(self, progress: Progress) -> None:
+    def export(self, progress: Progress) -> None:
         self.progress_metrics.events_done.set(progress.done)
         self.progress_metrics.events_total.set(progress.total)
         self.progress_metrics.points.set(progress.points)
         self.progress_metrics.eta_seconds.set(progress.eta_s if progress.eta_s is not None else -1)
+
+
+class _Watch:
+    """The reindex's stop condition, asked after every batch: progress reported and exported,
+    and done once caught up with the counts in agreement (``CountsDisagree`` if they stay
+    apart longer than the reindex's ``count_wait_s``)."""
+
+    def __init__(
+        self,
+        reindex: Reindex,
+        catalog: Catalog,
+        index: Collection,
+        tracker: _Tracker,
+        target: str,
+        live: str | None,
+    ) -> None:
+        self.reindex, self.catalog, self.index = reindex, catalog, index
+        self.tracker, self.target, self.live = tracker, target, live
+        self.progress = tracker.measure(index)
+        self.detail = ""
+        self.applied: dict[int, int] = {}  # where it stands when done: the new card's offsets
+        self.events = 0  # events this run applied
+        self._reported_at = time.monotonic()
+        self._disagreeing_since: float | None = None
+
+    def done(self, handled: int) -> bool:
+        reindex, now = self.reindex, time.monotonic()
+        self.progress = self.tracker.measure(self.index)
+        reindex.export(self.progress)
+        if now - self._reported_at >= reindex.progress_every_s:
+            reindex.report(self.progress.line(self.target))
+            self._reported_at = now
+        if handled or not self.tracker.caught_up():
+            return False
+        agree, self.detail = counts_agree(
+            self.catalog, self.live, self.progress.points, self.tracker,
+            reindex.allow_count_difference,
+        )  # fmt: skip
+        if agree:  # read now: the worker closes its consumer once this says done
+            self.applied = self.tracker.positions()
+            self.events = self.tracker.done_this_run()
+            return True
+        self._disagreeing_since = self._disagreeing_since or now
+        if now - self._disagreeing_since > reindex.count_wait_s:
+            raise CountsDisagree(
+                f"caught up, but {self.detail} for {reindex.count_wait_s:.0f} s; nothing was "
+                "switched. Look at the dead letters of both models; to switch anyway, pass "
+                "--allow-count-difference"
+            )
+        return False
 
 
 class _Tracker:

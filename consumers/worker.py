@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
@@ -69,14 +70,17 @@ class BatchWorker:
         poll_timeout_ms: int = 500,
         backoff: Backoff | None = None,
         live: LiveModel | None = None,
+        stop_event: threading.Event | None = None,
     ) -> None:
+        """``stop_event``: set to stop (between batches, and between a retry's attempts); one
+        of the worker's own unless given (a reindex's, set by its signal handler)."""
         self.consumer = consumer
         self.publisher = publisher
         self.metrics = metrics
         self.topic = topic
         self.poll_timeout_ms = poll_timeout_ms
         self.backoff = backoff or Backoff()
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event or threading.Event()
         self.lost: set[TopicPartition] = set()  # revoked while a batch was in flight
         self._committed: dict[TopicPartition, int] = {}
         # What a retry is waiting for (a broker away, Qdrant down), for /readyz; None when not.
@@ -132,15 +136,18 @@ class BatchWorker:
             self.switch_model(current)
         self.live.adopted(self.role, self.in_use.generation)
 
-    def run(self) -> None:
-        """Process batches until ``stop_event``; an exception here is not one item's (those are
-        handled inside ``handle``): it ends the worker, and the service stops with it."""
+    def run(self, until: Callable[[int], bool] | None = None) -> None:
+        """Process batches until ``stop_event`` (or until ``until(records committed)`` says so
+        after a batch: a reindex's stop condition); an exception here is not one item's (those
+        are handled inside ``handle``): it ends the worker, and the service stops with it."""
         log.info("%s consumer running on %s", self.role, self.topic)
         self.metrics.worker_up.labels(role=self.role).set(1)
         try:
             while not self.stop_event.is_set():
                 self.follow_live_model()
-                self.process_once()
+                handled = self.process_once()
+                if until is not None and until(handled):
+                    break
         finally:
             self.metrics.worker_up.labels(role=self.role).set(0)
             self.close()

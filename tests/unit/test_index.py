@@ -80,3 +80,24 @@ def test_how_the_graph_is_searched_reaches_every_collection_of_the_index(engine,
         Settings(state_dir=tmp_path, index_hnsw_ef=0)
     with pytest.raises(ValidationError, match="index_quantization"):
         Settings(state_dir=tmp_path, index_quantization="int4")
+
+
+def test_a_payload_round_trips_and_an_older_one_reads_with_its_gaps_empty():
+    from loupe.consumers.index import ProductPayload
+
+    payload = ProductPayload(
+        merchant_id="m", product_id="p", title="Ring", description="", attributes={"k": 1},
+        category="ring", subcategory=None, material="gold", price=9.5, price_amount="9.50",
+        currency="EUR", image_url="https://cdn.example/p.jpg", version=3, model_version="v",
+        event_id="e", indexed_at="2026-12-03T00:00:00+00:00",
+    )  # fmt: skip
+    assert ProductPayload.from_dict(payload.to_dict()) == payload
+    old = ProductPayload.from_dict({"merchant_id": "m", "product_id": "p", "extra": 1})
+    assert (old.title, old.attributes, old.price, old.version) == ("", {}, None, None)
+
+
+def test_the_version_rule():
+    from loupe.schemas.products import is_stale
+
+    assert is_stale(1, 2) and not is_stale(2, 2) and not is_stale(3, 2)
+    assert not is_stale(None, 2) and not is_stale(1, None), "unversioned follows Kafka's order"
