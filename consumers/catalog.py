@@ -125,11 +125,10 @@ class CollectionCard:
             points_offsets={str(k): int(v) for k, v in (raw.get("points_offsets") or {}).items()},
         )
 
-    def offsets_of(self, topic: str, which: str = "applied") -> dict[int, int]:
-        """``applied_offsets`` (or ``points_offsets``) of one topic, by partition."""
-        stored = self.applied_offsets if which == "applied" else self.points_offsets
+    def applied_offsets_of(self, topic: str) -> dict[int, int]:
+        """``applied_offsets`` of one topic, by partition."""
         found = {}
-        for key, offset in stored.items():
+        for key, offset in self.applied_offsets.items():
             name, _, partition = key.rpartition(":")
             if name == topic:
                 found[int(partition)] = offset

@@ -57,7 +57,7 @@ class HandOver:
         """The partitions of ``partitions`` that must be read again for ``collection`` (their
         committed offset names another collection, further on), and from where."""
         card = self.catalog.card(collection)
-        applied = card.offsets_of(self.topic) if card is not None else {}
+        applied = card.applied_offsets_of(self.topic) if card is not None else {}
         rewound: dict[TopicPartition, int] = {}
         for tp in sorted(partitions):
             committed = consumer.committed(tp, metadata=True)
@@ -87,7 +87,7 @@ class HandOver:
 
     # --- the point-count report ----------------------------------------------------------
 
-    def committed(self) -> bool:
+    def due_after_commit(self) -> bool:
         """After a commit: whether a report is due now (else one is pending for when idle)."""
         self._unreported = True
         return time.monotonic() - self._reported_at >= self.report_every_s

@@ -99,11 +99,15 @@ class ProductPayload:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ProductPayload:
         """A stored payload; fields it lacks (a point from an older Loupe) read as empty."""
-        names = {f.name for f in fields(cls)}
-        known = {k: v for k, v in raw.items() if k in names}
-        defaults = {n: None for n in names} | {"title": "", "description": "", "attributes": {}}
-        return cls(**(defaults | known))
+        values = {name: raw.get(name, empty) for name, empty in _PAYLOAD_EMPTY.items()}
+        values["attributes"] = dict(values["attributes"] or {})  # a dict of its own, never None
+        return cls(**values)
 
+
+# Each payload field and what it reads as when a stored point lacks it (once, not per hit).
+_PAYLOAD_EMPTY: dict[str, Any] = {
+    f.name: {"title": "", "description": ""}.get(f.name) for f in fields(ProductPayload)
+}
 
 # The payload fields filters match exactly, and the ones they compare as numbers.
 KEYWORD_FIELDS = ("merchant_id", "category", "subcategory", "material", "currency")

@@ -144,7 +144,7 @@ class Indexer(BatchWorker):
         return [r for r in records if TopicPartition(r.topic, r.partition) not in rewound]
 
     def after_commit(self, records: list[Any]) -> None:
-        if self.hand_over is not None and self.hand_over.committed():
+        if self.hand_over is not None and self.hand_over.due_after_commit():
             self._report_points()  # an exact count, which the gauge takes too
             return
         # Approximate: an exact count after every batch would be a full count on a server.
