@@ -162,8 +162,14 @@ class Catalog:
         return collection_name(self.alias, model_version)
 
     def card(self, collection: str) -> CollectionCard | None:
+        """The collection's card, with the live ingest's latest point-count report."""
         raw = self.store.read_card(collection)
-        return CollectionCard.from_dict(raw) if raw else None
+        if not raw:
+            return None
+        report = self.store.read_report(collection)
+        if report:
+            raw = {**raw, "points": report.get("points"), "points_offsets": report.get("offsets")}
+        return CollectionCard.from_dict(raw)
 
     def open(self, model_version: str) -> Collection:
         """A handle on ``model_version``'s collection (its ``ensure_collection`` makes it)."""
@@ -286,13 +292,13 @@ class Catalog:
         self, collection: str, topic: str, points: int, offsets: Mapping[int, int]
     ) -> None:
         """The live ingest's report: its collection's point count right after committing
-        ``offsets`` (by partition), for a reindex to compare with."""
-
-        def change(card: CollectionCard) -> None:
-            card.points = points
-            card.points_offsets.update({offset_key(topic, p): int(o) for p, o in offsets.items()})
-
-        self.update_card(collection, change)
+        ``offsets`` (by partition), for a reindex to compare with. A record of its own, so
+        that the report never writes back a card another process is changing (a reindex
+        retiring this collection); the offsets of partitions other instances own are kept."""
+        with self.store.card_lock():
+            known = dict((self.store.read_report(collection) or {}).get("offsets") or {})
+            known.update({offset_key(topic, p): int(o) for p, o in offsets.items()})
+            self.store.write_report(collection, {"points": points, "offsets": known})
 
 
 def build_catalog(settings: Settings) -> Catalog:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 ALIASES_FILE = "aliases.json"
 CARD_SUFFIX = ".card.json"  # <collection>.card.json beside the shard: what made it, its state
+REPORT_SUFFIX = ".report.json"  # the live ingest's point-count report, beside the card
 
 
 class EdgeStore:
@@ -143,18 +144,29 @@ class EdgeStore:
         os.replace(shard_dir, doomed)
         shutil.rmtree(doomed)
         (self.root / f"{collection}{CARD_SUFFIX}").unlink(missing_ok=True)
+        (self.root / f"{collection}{REPORT_SUFFIX}").unlink(missing_ok=True)
         log.info("dropped collection %s", collection)
         return True
 
     def read_card(self, collection: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.root / f"{collection}{CARD_SUFFIX}").read_text())
-        except FileNotFoundError:
-            return None
+        return self._read_json(f"{collection}{CARD_SUFFIX}")
 
     def write_card(self, collection: str, card: Mapping[str, Any]) -> None:
         with self.card_lock():
             _write_atomically(self.root / f"{collection}{CARD_SUFFIX}", dict(card))
+
+    def read_report(self, collection: str) -> dict[str, Any] | None:
+        return self._read_json(f"{collection}{REPORT_SUFFIX}")
+
+    def write_report(self, collection: str, report: Mapping[str, Any]) -> None:
+        with self.card_lock():
+            _write_atomically(self.root / f"{collection}{REPORT_SUFFIX}", dict(report))
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.root / name).read_text())
+        except FileNotFoundError:
+            return None
 
     def _aliases(self) -> dict[str, str]:
         try:

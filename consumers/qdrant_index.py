@@ -41,6 +41,9 @@ from loupe.schemas.search import SearchFilters
 log = logging.getLogger(__name__)
 
 CARD_KEY = "loupe"  # the collection metadata key that holds its card (consumers/catalog.py)
+# The live ingest's point-count report, under a key of its own: Qdrant merges metadata updates
+# key by key, so writing it leaves the card as it is.
+REPORT_KEY = "loupe.report"
 
 
 class QdrantStore:
@@ -173,17 +176,29 @@ class QdrantStore:
         return bool(self.call("delete_collection", self.client.delete_collection, collection))
 
     def read_card(self, collection: str) -> dict[str, Any] | None:
+        return self._read_metadata(collection, CARD_KEY)
+
+    def write_card(self, collection: str, card: Mapping[str, Any]) -> None:
+        self._write_metadata(collection, CARD_KEY, card)
+
+    def read_report(self, collection: str) -> dict[str, Any] | None:
+        return self._read_metadata(collection, REPORT_KEY)
+
+    def write_report(self, collection: str, report: Mapping[str, Any]) -> None:
+        self._write_metadata(collection, REPORT_KEY, report)
+
+    def _read_metadata(self, collection: str, key: str) -> dict[str, Any] | None:
         if not self.call("collection_exists", self.client.collection_exists, collection):
             return None
         info = self.call("get_collection", self.client.get_collection, collection)
-        return dict((info.config.metadata or {}).get(CARD_KEY) or {}) or None
+        return dict((info.config.metadata or {}).get(key) or {}) or None
 
-    def write_card(self, collection: str, card: Mapping[str, Any]) -> None:
+    def _write_metadata(self, collection: str, key: str, value: Mapping[str, Any]) -> None:
         self.call(
             "update_collection",
             self.client.update_collection,
             collection,
-            metadata={CARD_KEY: dict(card)},
+            metadata={key: dict(value)},
         )
 
     def card_lock(self) -> contextlib.AbstractContextManager[Any]:
