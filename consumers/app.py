@@ -13,28 +13,28 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, build_catalog
 from loupe.consumers.handover import HandOver
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import Collection
-from loupe.consumers.ingest import Indexer
+from loupe.consumers.index_writer import IndexWriter
+from loupe.consumers.ingest import EncodeLock, Indexer
 from loupe.consumers.kafka_io import make_consumer, make_producer, make_transactional_producer
 from loupe.consumers.live_model import LiveModel, ModelInUse, open_collection
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
+from loupe.consumers.vector_encoder import VectorEncoder
+from loupe.consumers.vectors import VectorsOut, encode_group, ensure_vectors_topic, index_group
 from loupe.encoders.fused import FusedEncoder
 from loupe.encoders.profile import ModelProfile
 
 log = logging.getLogger(__name__)
 
 POINTS_REPORT_INTERVAL_S = 1.0  # the ingest's point-count report on the live collection's card
-
-EncodeLock = Callable[[], AbstractContextManager[Any]]
 
 
 class Application:
@@ -136,6 +136,7 @@ class Application:
         encode_lock: EncodeLock = contextlib.nullcontext,
         publisher: Publisher | None = None,
         stop_event: threading.Event | None = None,
+        vectors_out: VectorsOut | None = None,
         **consumer_options: Any,
     ) -> Indexer:
         """The products consumer into ``live``'s collection, in ``group`` (the ingest's by
@@ -157,6 +158,64 @@ class Application:
                 if hand_over is not None
                 else None
             ),
+            stop_event=stop_event,
+            vectors_out=vectors_out,
+        )
+
+    # --- encode once, index many (consumers/vectors.py) -------------------------------------
+
+    def vectors_out(self, publisher: Publisher, collection: str) -> VectorsOut:
+        """What publishes ``collection``'s vector records with ``publisher``'s batches (the
+        topic is made if missing)."""
+        topic, partitions = ensure_vectors_topic(self.settings, collection)
+        return VectorsOut(publisher, topic, collection, partitions)
+
+    def encode_worker(
+        self,
+        live: LiveModel,
+        catalog: Catalog,
+        *,
+        encode_lock: EncodeLock = contextlib.nullcontext,
+        stop_event: threading.Event | None = None,
+    ) -> VectorEncoder:
+        """The products consumer that encodes for ``live``'s collection into its vectors topic,
+        in that collection's encoders' group (one for every instance)."""
+        settings = self.settings
+        publisher = self.publisher("encode")
+        return VectorEncoder(
+            make_consumer=lambda c: make_consumer(settings, encode_group(settings, c)),
+            make_vectors_out=lambda c: self.vectors_out(publisher, c),
+            catalog=catalog,
+            publisher=publisher,
+            live=live,
+            fetcher=self.fetcher,
+            metrics=self.metrics,
+            topic=settings.products_topic,
+            encode_lock=encode_lock,
+            poll_timeout_ms=settings.poll_timeout_ms,
+            fetch_workers=settings.fetch_workers,
+            stop_event=stop_event,
+        )
+
+    def index_writer(
+        self, live: LiveModel, catalog: Catalog, *, stop_event: threading.Event | None = None
+    ) -> IndexWriter:
+        """The vectors consumer that writes ``live``'s collection, in this index's writers'
+        group; it reports the collection's point count in ``catalog``."""
+        settings = self.settings
+
+        def consumer_of(collection: str):
+            topic, _ = ensure_vectors_topic(settings, collection)
+            return make_consumer(settings, index_group(settings, collection)), topic
+
+        return IndexWriter(
+            make_consumer=consumer_of,
+            publisher=self.publisher("index"),
+            live=live,
+            metrics=self.metrics,
+            products_topic=settings.products_topic,
+            poll_timeout_ms=settings.poll_timeout_ms,
+            hand_over=HandOver(catalog, settings.products_topic, POINTS_REPORT_INTERVAL_S),
             stop_event=stop_event,
         )
 

@@ -107,6 +107,9 @@ class CollectionCard:
     # ("<topic>:<partition>" -> next offset). A reindex compares its own count with it.
     points: int | None = None
     points_offsets: dict[str, int] = field(default_factory=dict)
+    # With encode-once: the vectors topic that holds every product up to ``applied_offsets``
+    # (a reindex published what it encoded), where the encoders may start.
+    vectors_topic: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": CARD_FORMAT, **dataclasses.asdict(self)}
@@ -123,6 +126,7 @@ class CollectionCard:
             drop_after=raw.get("drop_after"),
             points=raw.get("points"),
             points_offsets={str(k): int(v) for k, v in (raw.get("points_offsets") or {}).items()},
+            vectors_topic=raw.get("vectors_topic"),
         )
 
     def applied_offsets_of(self, topic: str) -> dict[int, int]:

@@ -26,7 +26,6 @@ from loupe.consumers.errors import (
     BatchAborted,
     CommitRetriable,
     ImageFetchError,
-    IndexUnavailable,
     ItemFailed,
     ModelRejected,
     UnexpectedItemError,
@@ -34,11 +33,12 @@ from loupe.consumers.errors import (
 from loupe.consumers.handover import HandOver
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexPoint, ProductPayload, point_id
+from loupe.consumers.index_writer import WritesIndex
 from loupe.consumers.kafka_io import Backoff
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
-from loupe.consumers.worker import BatchWorker
+from loupe.consumers.vectors import VectorsOut
 from loupe.encoders.batching import iter_batch
 from loupe.encoders.fused import Encoded, EncodeInput
 from loupe.encoders.preprocess import compose_product_text
@@ -52,19 +52,20 @@ from loupe.schemas.products import (
 
 log = logging.getLogger(__name__)
 
+EncodeLock = Callable[[], AbstractContextManager[Any]]  # the model's turn (service.EncoderGate)
 FETCH_LOOKAHEAD = 2  # micro-batches fetched ahead of the one being encoded
 T = TypeVar("T")
 
 
 @dataclass
-class _Pending:
+class PendingEvent:
     record: Any
     event: ProductUpserted | ProductDeleted
     image: bytes | None = None
     media_type: str | None = None
 
 
-class Indexer(BatchWorker):
+class Indexer(WritesIndex):
     """Wires one Kafka consumer, a publisher, the index, the encoder and the image fetcher."""
 
     role = "ingest"
@@ -78,15 +79,18 @@ class Indexer(BatchWorker):
         fetcher: ImageFetcher,
         metrics: LoupeMetrics,
         topic: str,
-        encode_lock: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        encode_lock: EncodeLock = contextlib.nullcontext,
         poll_timeout_ms: int = 500,
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
         hand_over: HandOver | None = None,
         stop_event: threading.Event | None = None,
+        vectors_out: VectorsOut | None = None,
     ) -> None:
         """``hand_over``: the service's ingest follows switches of the live collection and
-        reports its point count (None: a reindex, which writes one collection only)."""
+        reports its point count (None: a reindex, which writes one collection only).
+        ``vectors_out``: also publish what was written to the collection's vectors topic (a
+        reindex, with encode-once)."""
         super().__init__(
             consumer=consumer,
             publisher=publisher,
@@ -100,6 +104,7 @@ class Indexer(BatchWorker):
         self.fetcher = fetcher
         self.encode_lock = encode_lock
         self.hand_over = hand_over
+        self.vectors_out = vectors_out
         self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self._unchecked: set[TopicPartition] = set()  # assigned, hand-over not checked yet
 
@@ -125,8 +130,7 @@ class Indexer(BatchWorker):
     def after_poll(self, records: list[Any]) -> list[Any]:
         if self.hand_over is None:
             return records
-        if not records and self.hand_over.due_when_idle():
-            self._report_points()  # idle: the last batches' count, exact
+        self.report_points_if_idle(records)
         if not self._unchecked:
             return records
         partitions = self._unchecked & set(self.consumer.assignment())
@@ -143,27 +147,10 @@ class Indexer(BatchWorker):
             )
         return [r for r in records if TopicPartition(r.topic, r.partition) not in rewound]
 
-    def after_commit(self, records: list[Any]) -> None:
-        if self.hand_over is not None and self.hand_over.due_after_commit():
-            self._report_points()  # an exact count, which the gauge takes too
-            return
-        # Approximate: an exact count after every batch would be a full count on a server.
-        points = self._retry("count", lambda: self.index.count(exact=False), (IndexUnavailable,))
-        self.metrics.index_points.set(points)
-
-    def _report_points(self) -> None:
-        index = self.index
-        exact = self.hand_over.report(
-            index.collection,
-            lambda: self._retry("count", lambda: index.count(exact=True), (IndexUnavailable,)),
-            self._committed,
-        )
-        self.metrics.index_points.set(exact)
-
     # --- stages ---------------------------------------------------------------------------
 
     def handle(self, records: list[Any]) -> None:
-        latest: dict[str, _Pending] = {}
+        latest: dict[str, PendingEvent] = {}
         with self.metrics.timer("parse"):
             for record in records:
                 try:
@@ -178,13 +165,15 @@ class Indexer(BatchWorker):
                     continue
                 if previous is not None:
                     self._count("stale")  # superseded within the batch: the later event wins
-                latest[key] = _Pending(record, event)
+                latest[key] = PendingEvent(record, event)
         upserts = [p for p in latest.values() if isinstance(p.event, ProductUpserted)]
         deletes = [p for p in latest.values() if isinstance(p.event, ProductDeleted)]
         points = self._fetch_and_encode(upserts)
         self._write(points, deletes)  # dead letters go out with the commit (BatchWorker)
 
-    def _fetch_and_encode(self, pending: list[_Pending]) -> list[tuple[_Pending, IndexPoint]]:
+    def _fetch_and_encode(
+        self, pending: list[PendingEvent]
+    ) -> list[tuple[PendingEvent, IndexPoint]]:
         """Fetch photos concurrently and encode them as they arrive, micro-batch by micro-batch:
         the fetch pool works ahead while the model runs, and the encoder's stream prepares
         each micro-batch (decode, tokenize) while the device runs the one before, so neither
@@ -192,7 +181,7 @@ class Indexer(BatchWorker):
         chunks = fetch_ahead(
             self._fetch_pool, self._load, pending, self.encoder.batch_size, self.keep_alive_if_due
         )
-        points: list[tuple[_Pending, IndexPoint]] = []
+        points: list[tuple[PendingEvent, IndexPoint]] = []
         stream = self.encoder.stream(products=True)
         while True:
             with self.metrics.timer("fetch"):  # time spent waiting for photos
@@ -225,7 +214,7 @@ class Indexer(BatchWorker):
             points.extend(self._points(done, results))
         return points
 
-    def _load(self, item: _Pending) -> _Pending | ItemFailed:
+    def _load(self, item: PendingEvent) -> PendingEvent | ItemFailed:
         try:
             item.image, item.media_type = self.fetcher.load(item.event.image)
         except ImageFetchError as exc:
@@ -236,8 +225,8 @@ class Indexer(BatchWorker):
         return item
 
     def _points(
-        self, pending: list[_Pending], results: list[Encoded]
-    ) -> list[tuple[_Pending, IndexPoint]]:
+        self, pending: list[PendingEvent], results: list[Encoded]
+    ) -> list[tuple[PendingEvent, IndexPoint]]:
         """The index points of encoded products; the ones that failed are dead-lettered."""
         points = []
         now = datetime.now(UTC).isoformat()
@@ -263,50 +252,27 @@ class Indexer(BatchWorker):
             points.append((item, point))
         return points
 
-    def _write(self, points: list[tuple[_Pending, IndexPoint]], deletes: list[_Pending]) -> None:
-        ids = [p.id for _, p in points] + [
-            point_id(d.event.merchant_id, d.event.product_id) for d in deletes
-        ]
-        if not ids:
-            return
-        with self.metrics.timer("index_write"):
-            stored = self._retry(
-                "read versions", lambda: self.index.stored_versions(ids), (IndexUnavailable,)
-            )
-            fresh = []
+    def _write(
+        self, points: list[tuple[PendingEvent, IndexPoint]], deletes: list[PendingEvent]
+    ) -> None:
+        written, gone = self.write_index(
+            [point for _, point in points],
+            [(event_point_id(d.event), d.event.version) for d in deletes],
+        )
+        if self.vectors_out is not None:  # a reindex's, publishing what it encodes
+            model_version = self.encoder.model_version
+            written_ids, gone_ids = {p.id for p in written}, set(gone)
             for item, point in points:
-                if is_stale(point.version, stored.get(point.id)):
-                    self._count("stale")
-                else:
-                    fresh.append((item, point))
-            to_delete = []
+                if point.id in written_ids:
+                    self.vectors_out.upsert(item.record, point, model_version)
             for item in deletes:
-                pid = point_id(item.event.merchant_id, item.event.product_id)
-                if is_stale(item.event.version, stored.get(pid)):
-                    self._count("stale")
-                else:
-                    to_delete.append(pid)
-            self._retry(
-                "upsert", lambda: self.index.upsert([p for _, p in fresh]), (IndexUnavailable,)
-            )
-            self._retry("delete", lambda: self.index.delete(to_delete), (IndexUnavailable,))
-        for _ in fresh:
-            self._count("indexed")
-        for _ in to_delete:
-            self._count("deleted")
+                pid = event_point_id(item.event)
+                if pid in gone_ids:
+                    self.vectors_out.delete(item.record, pid, item.event, model_version)
 
-    # --- helpers ----------------------------------------------------------------------------
 
-    def _retry(self, what: str, fn, transient):
-        stage = "index_write" if transient == (IndexUnavailable,) else "publish"
-        return self.retry(what, fn, transient, stage=stage)
-
-    def _dead_letter(self, record: Any, code, message: str, stage) -> None:
-        self.publisher.dead_letter(record, code, message, stage)
-        self._count("dead_lettered")
-
-    def _count(self, outcome: str) -> None:
-        self.metrics.events.labels(topic=self.topic, outcome=outcome).inc()
+def event_point_id(event: ProductUpserted | ProductDeleted) -> str:
+    return point_id(event.merchant_id, event.product_id)
 
 
 def fetch_ahead(

@@ -34,6 +34,8 @@ OUTCOMES = ("indexed", "deleted", "stale", "dead_lettered", "answered", "answere
 OUTCOMES_OF_ROLE = {
     "ingest": ("indexed", "deleted", "stale", "dead_lettered"),
     "search": ("answered", "answered_error"),
+    "encode": ("encoded", "deleted", "stale", "dead_lettered"),  # encode-once's encoder
+    "index": ("indexed", "deleted", "stale", "dead_lettered"),  # and its index writer
 }
 ROLES = tuple(OUTCOMES_OF_ROLE)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -82,8 +82,9 @@ class Publisher:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
         reason: ErrorCode | None = None,
+        partition: int | None = None,
     ) -> None:
-        self._pending.append(_Outgoing(topic, key, value, list(headers), reason))
+        self._pending.append(_Outgoing(topic, key, value, list(headers), reason, partition))
 
     def dead_letter(self, record: Any, code: ErrorCode, message: str, stage: Stage) -> None:
         headers = deadletter_headers(
@@ -156,9 +157,7 @@ class Publisher:
         try:
             producer.begin_transaction()
             for record in self._pending:
-                producer.send(
-                    record.topic, key=record.key, value=record.value, headers=record.headers
-                )
+                record.send_with(producer)
             if offsets:
                 producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
             producer.commit_transaction()
@@ -212,10 +211,7 @@ class Publisher:
 
     def _send_unacknowledged(self, timeout_s: float) -> None:
         unacked = [record for record in self._pending if not record.acked]
-        futures = [
-            (r, self.producer.send(r.topic, key=r.key, value=r.value, headers=r.headers))
-            for r in unacked
-        ]
+        futures = [(r, r.send_with(self.producer)) for r in unacked]
         self.producer.flush(timeout=timeout_s)
         first_error: KafkaError | None = None
         for record, future in futures:
@@ -278,4 +274,14 @@ class _Outgoing:
     value: bytes | None
     headers: list[tuple[str, bytes]]
     reason: ErrorCode | None = None  # a dead letter's code, counted once it is published
+    partition: int | None = None  # None: the producer's partitioner chooses by key
     acked: bool = False
+
+    def send_with(self, producer: KafkaProducer) -> Any:
+        return producer.send(
+            self.topic,
+            key=self.key,
+            value=self.value,
+            headers=self.headers,
+            partition=self.partition,
+        )

@@ -33,6 +33,7 @@ from loupe.consumers.errors import ConfigError
 from loupe.consumers.index import Collection
 from loupe.consumers.metrics import LoupeMetrics, ReindexMetrics
 from loupe.consumers.settings import Settings
+from loupe.consumers.vectors import vectors_topic
 from loupe.schemas.errors import LoupeError
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,8 @@ class Reindex:
         card = catalog.card(target)
         if card is None or card.state != "live":  # "live": it switched, then crashed; resume
             fresh = CollectionCard(ModelCard.of(app.profile, encoder.model_version))
+            if settings.encode_once:  # the vectors of what it applies go out with them
+                fresh.vectors_topic = vectors_topic(settings, target)
             if card is not None:  # a collection retired earlier, built again
                 fresh.applied_offsets = card.applied_offsets
             catalog.write_card(target, fresh)
@@ -223,10 +226,15 @@ class Reindex:
         # one's session to time out. The session is short (the heartbeat thread beats every
         # 3 s), so that a killed reindex also leaves the group soon, which a second reindex on
         # a shared server waits for (reindex_lock).
+        # With encode-once it also publishes what it encodes to the new collection's vectors
+        # topic: the index writers of every other index read it after the switch, and an index
+        # that starts later builds from it without encoding (consumers/vectors.py).
+        publisher = app.publisher("reindex", transactional=False)
         indexer = app.ingest_worker(
             fixed_model(encoder, index),
             group=reindex_group(settings, target),
-            publisher=app.publisher("reindex", transactional=False),
+            publisher=publisher,
+            vectors_out=app.vectors_out(publisher, target) if settings.encode_once else None,
             stop_event=self.stop_event,  # a signal stops it between retries too
             group_instance_id="loupe-reindex",
             session_timeout_ms=REINDEX_SESSION_MS,

@@ -18,13 +18,13 @@ from typing import Any
 from loupe.consumers.app import Application
 from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import ConfigError, WorkerDied
-from loupe.consumers.ingest import Indexer
 from loupe.consumers.kafka_io import answers_metadata, checksums_in_c
 from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse
 from loupe.consumers.metrics import HealthServer, LoupeMetrics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.consumers.topics import check_topics
+from loupe.consumers.worker import BatchWorker
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Readiness:
         self.stage: str | None = "starting: checking the topics"  # None once built
         self.failure: WorkerDied | None = None
         self.workers: list[Any] = []
-        self.catching_up: Indexer | None = None  # a replica's ingest, until caught up
+        self.catching_up: BatchWorker | None = None  # a replica's index writing, until caught up
         self.index: Callable[[], Any] = lambda: None  # the collection in use now
 
     def __call__(self) -> tuple[bool, str]:
@@ -85,7 +85,7 @@ class Readiness:
             return False, self.stage
         catching_up = self.catching_up
         if catching_up is not None and not catching_up.caught_up.is_set():
-            return False, "catching up: indexing the products topic before answering searches"
+            return False, f"catching up: indexing {catching_up.topic} before answering searches"
         problems = [f"{w.role}: {w.waiting_on}" for w in self.workers if w.waiting_on is not None]
         if not answers_metadata(self.settings.kafka_client_config(), timeout_s=1.0):
             problems.append("broker unreachable")
@@ -109,12 +109,12 @@ class LoupeService:
         self.readiness = Readiness(settings)
         self._stopped = threading.Event()
         self.health: HealthServer | None = None
-        self.workers: list[Indexer | SearchService] = []
+        self.workers: list[BatchWorker] = []
         self.catalog: Catalog | None = None
         self.live: LiveModel | None = None
         self.follower: ModelFollower | None = None
-        # A replica's search waits for its own ingest to reach the end of the products topic.
-        self.catching_up: Indexer | None = None
+        # A replica's search waits for its own index to catch up (the worker that writes it).
+        self.catching_up: BatchWorker | None = None
 
     def start(self) -> LoupeService:
         """Bind the metrics port (first: a taken port fails in a second, not after the model has
@@ -167,7 +167,14 @@ class LoupeService:
         )
         self._model_info(in_use, 1)
         gate = EncoderGate()
-        if role in ("ingest", "all"):
+        if role in ("ingest", "all") and settings.encode_once:
+            # Encode once, index many: encoders shared by every instance, a writer per index.
+            self.workers.append(app.encode_worker(self.live, self.catalog, encode_lock=gate.ingest))
+            writer = app.index_writer(self.live, self.catalog)
+            self.workers.append(writer)
+            if settings.replica_id is not None:
+                self.catching_up = writer
+        elif role in ("ingest", "all"):
             ingest = app.ingest_worker(self.live, hand_over=self.catalog, encode_lock=gate.ingest)
             self.workers.append(ingest)
             if settings.replica_id is not None:  # a replica runs both roles (check_role)
@@ -251,7 +258,7 @@ class LoupeService:
         log.critical("%s; stopping the service", what, exc_info=exc)
         self.stop()
 
-    def _supervised(self, worker: Indexer | SearchService) -> None:
+    def _supervised(self, worker: BatchWorker) -> None:
         try:
             if isinstance(worker, SearchService) and not self._caught_up():
                 return  # stopped before it caught up
@@ -264,15 +271,15 @@ class LoupeService:
     def _caught_up(self) -> bool:
         """A replica joins the search group only once its index holds every product the topic
         had when it started: before, it would answer without products the others find."""
-        ingest = self.catching_up
-        if ingest is None:
+        writing = self.catching_up
+        if writing is None:
             return True
         log.info(
             "replica %s: answering searches once the index has caught up with %s",
             self.settings.replica_id,
-            self.settings.products_topic,
+            writing.topic,
         )
-        while not ingest.caught_up.wait(timeout=0.2):
+        while not writing.caught_up.wait(timeout=0.2):
             if self._stopped.is_set():
                 return False
         log.info(

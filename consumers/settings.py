@@ -199,6 +199,17 @@ class Settings(BaseSettings):
         description="peers that must apply a write before it counts (at most the replication "
         "factor)",
     )
+    encode_once: bool = Field(
+        False,
+        description="encode each product once for every index: encoders publish vectors to a "
+        "compacted topic per collection and each index (every replica's, a server's) is written "
+        'from it (docs/architecture.md, "Encode once, index many")',
+    )
+    vectors_topic: str = Field(
+        "loupe.vectors",
+        pattern=r"^[A-Za-z0-9._-]{1,120}$",
+        description="with encode-once, the prefix of the vectors topics: `<prefix>.<collection>`",
+    )
     alias_poll_interval_ms: int = Field(
         2_000,
         ge=100,

@@ -115,6 +115,19 @@ class BatchWorker:
         """Use another model and collection from the next batch on (the live model moved)."""
         self.in_use = in_use
 
+    def replace_consumer(self, consumer: KafkaConsumer, topic: str) -> None:
+        """Between batches: go on with ``consumer`` on ``topic`` (a worker whose group or topic
+        is per collection, after a switch). The old consumer leaves its group uncommitted:
+        everything it handled was committed with its batch."""
+        self.consumer.close(autocommit=False)
+        self.consumer, self.topic = consumer, topic
+        self._committed = {}
+        self.lost.clear()
+        self.metrics.register_worker(self.role, topic)
+        consumer.subscribe([topic], listener=_Rebalance(self))
+        group = getattr(consumer, "config", {}).get("group_id")
+        log.info("%s: now reading %s in group %s", self.role, topic, group)
+
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
         """Called inside ``poll`` when the group hands this worker partitions."""
 

@@ -20,6 +20,7 @@ from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import IndexQuery, collection_name, point_id
 from loupe.consumers.reindex import reindex_lock
 from loupe.consumers.settings import Settings
+from loupe.consumers.vectors import encode_group, index_group, vectors_topic
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import SearchLoad, loupe_process, serve_env
 from loupe.encoders.fused import EncodeInput, FusedEncoder
@@ -27,7 +28,13 @@ from loupe.encoders.fusion import FusionModel, save_fusion
 from loupe.encoders.preprocess import compose_product_text
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.search import SearchFilters
-from tests.integration.processes import committed, send_products, service_topics, wait_for
+from tests.integration.processes import (
+    committed,
+    has_read_all,
+    send_products,
+    service_topics,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -76,9 +83,14 @@ def model_b(checkpoint_b) -> FusedEncoder:
     encoder.close()
 
 
-@pytest.mark.parametrize("engine", ["edge", "server"])
+@pytest.mark.parametrize(
+    ("engine", "encode_once"),
+    [("edge", False), ("server", False), ("edge", True)],
+    ids=["edge", "server", "edge-encode-once"],
+)
 def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     engine,
+    encode_once,
     bootstrap_servers,
     make_topic,
     group_id,
@@ -93,6 +105,12 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     catalog = load_catalog()
     topics = service_topics(make_topic)
     state = tmp_path / "state"
+    if encode_once:  # the products go through a vectors topic per collection (issue 25)
+        index_settings = {
+            **index_settings,
+            "encode_once": "true",
+            "vectors_topic": topics["products"] + ".vectors",
+        }
     env_a = serve_env(
         bootstrap_servers,
         topics,
@@ -103,7 +121,20 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         search_max_poll_records="4",
         **index_settings,
     )
-    settings = Settings(state_dir=state, **index_settings)
+    settings = Settings(state_dir=state, group_id=group_id, **index_settings)
+    collection_a = collection_name(prefix, model_a.model_version)
+    collection_b = collection_name(prefix, model_b.model_version)
+
+    def ingested(collection: str, products: int) -> bool:
+        """Whether the service's ingest has applied ``products`` events to ``collection``: its
+        committed offsets (with encode-once: the encoders' and the index writer's, which has
+        read the collection's vectors topic to its end)."""
+        if not encode_once:
+            return committed(bootstrap_servers, group_id + ".ingest") >= products
+        encoded = committed(bootstrap_servers, encode_group(settings, collection)) >= products
+        writers, topic = index_group(settings, collection), vectors_topic(settings, collection)
+        return encoded and has_read_all(bootstrap_servers, writers, topic)
+
     initial = [f"p{i}" for i in range(INITIAL)]
     send_products(bootstrap_servers, topics["products"], catalog, initial)
     serve_log = tmp_path / "serve.log"
@@ -111,7 +142,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     searches = contextlib.ExitStack()
     try:
         wait_for(
-            lambda: committed(bootstrap_servers, group_id + ".ingest") == INITIAL,
+            lambda: ingested(collection_a, INITIAL),
             "model A's ingest of the catalog",
             240,
             [service],
@@ -153,8 +184,6 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         assert f"switched: {prefix} -> {prefix}__" in output, output[-3000:]
         assert "events/s" in output, "progress lines are shown"
 
-        collection_a = collection_name(prefix, model_a.model_version)
-        collection_b = collection_name(prefix, model_b.model_version)
         # The service follows: its answers come from model B from some point on.
         wait_for(
             lambda: any(
@@ -182,9 +211,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         asked = {rid: texts[int(rid[1:]) % len(texts)] for rid in shopper.sent}
         products_during = list(during)
         wait_for(
-            lambda: (
-                committed(bootstrap_servers, group_id + ".ingest") >= INITIAL + len(products_during)
-            ),
+            lambda: ingested(collection_b, INITIAL + len(products_during)),
             "the ingest of the products sent during the reindex",
             120,
             [service],

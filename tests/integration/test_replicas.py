@@ -21,15 +21,29 @@ pytestmark = pytest.mark.integration
 PRODUCTS = 16
 
 
-def _answered(port: int) -> float:
-    """How many searches this replica answered, from its /metrics (0 before it serves them)."""
+def _metric(port: int, pattern: str) -> float:
+    """The sum of the series of this replica's /metrics that match ``pattern`` (0 before it
+    serves them)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
         return 0.0
-    found = re.findall(r'^loupe_events_total\{[^}]*outcome="answered"[^}]*\} (\S+)$', text, re.M)
-    return sum(float(value) for value in found)
+    return sum(float(value) for value in re.findall(rf"^{pattern} (\S+)$", text, re.M))
+
+
+def _answered(port: int) -> float:
+    """How many searches this replica answered."""
+    return _metric(port, r'loupe_events_total\{[^}]*outcome="answered"[^}]*\}')
+
+
+def _encoded(port: int) -> float:
+    """How many products this replica's encode-once encoder encoded."""
+    return _metric(port, r'loupe_events_total\{[^}]*outcome="encoded"[^}]*\}')
+
+
+def _points(port: int) -> float:
+    return _metric(port, "loupe_index_points")
 
 
 def _ready(port: int) -> bool:
@@ -122,3 +136,78 @@ def test_replicas_each_index_every_product_and_answer_each_search_once(
     caught_up = b_log.index("replica b: caught up")
     assert caught_up < b_log.index("search consumer running"), b_log[-3000:]
     assert f"({PRODUCTS} points)" in b_log[caught_up : caught_up + 200]
+
+
+def test_with_encode_once_every_replica_indexes_each_product_encoded_once(
+    bootstrap_servers, make_topic, group_id, tmp_path
+):
+    """LOUPE_ENCODE_ONCE: the replicas share one encoders' group, each index is written from
+    the vectors topic, and a replica that starts later catches up without encoding anything."""
+    catalog = load_catalog()[::14]
+    topics = service_topics(make_topic, requests=2)
+    ids = [f"p{i}" for i in range(PRODUCTS)]
+    send_products(bootstrap_servers, topics["products"], catalog, ids)
+    ports = {name: free_loopback_port() for name in ("a", "b")}
+    logs = {name: tmp_path / f"{name}.log" for name in ports}
+
+    def start(name: str):
+        env = serve_env(
+            bootstrap_servers,
+            topics,
+            group=group_id,
+            state_dir=tmp_path / name,
+            metrics_port=ports[name],
+            replica_id=name,
+            encode_once="true",
+            vectors_topic=topics["products"] + ".vectors",
+            max_poll_records="4",
+            search_max_poll_records="4",
+        )
+        return loupe_process(["serve"], env, logs[name])
+
+    titles = [product.title for product in catalog[:PRODUCTS]]
+    procs = {"a": start("a")}
+    try:
+        wait_for(lambda: _ready(ports["a"]), "replica a ready", 240, [procs["a"]], [logs["a"]])
+        assert _encoded(ports["a"]) == PRODUCTS
+        procs["b"] = start("b")
+        wait_for(lambda: _ready(ports["b"]), "replica b ready", 240, procs.values(), logs.values())
+        assert _encoded(ports["b"]) == 0, "b caught up from the vectors topic, encoding nothing"
+        send_products(bootstrap_servers, topics["products"], catalog[PRODUCTS:], ["late"])
+        for name in ports:
+            wait_for(
+                lambda name=name: _points(ports[name]) == PRODUCTS + 1,
+                f"replica {name} indexing the late product",
+                120,
+                procs.values(),
+                logs.values(),
+            )
+        encoded = {name: _encoded(port) for name, port in ports.items()}
+        with SearchLoad(
+            bootstrap_servers,
+            topics["requests"],
+            topics["responses"],
+            lambda n: {"text": titles[n % len(titles)], "top_k": 5},
+            every_s=0.1,
+        ) as shoppers:
+            wait_for(lambda: len(shoppers.sent) >= 20, "20 searches sent", 60)
+            shoppers.stop_sending()
+            assert shoppers.wait_for_answers(120), "every search is answered"
+            answers = {rid: [a for _, a in found] for rid, found in shoppers.answers.items()}
+            sent = list(shoppers.sent)
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        exits = {name: proc.wait(timeout=60) for name, proc in procs.items()}
+    assert exits == {"a": 0, "b": 0}, {name: logs[name].read_text()[-3000:] for name in procs}
+    # Each product encoded once in all (the late one by whichever replica owned its partition),
+    # though both indexes hold every product.
+    assert sum(encoded.values()) == PRODUCTS + 1, encoded
+    assert set(answers) == set(sent)
+    assert all(len(found) == 1 for found in answers.values()), "one answer per request"
+    for rid, [answer] in answers.items():
+        asked = titles[int(rid[1:]) % len(titles)]
+        assert answer["status"] == "ok", answer
+        assert asked in [hit["title"] for hit in answer["hits"]], (asked, answer["hits"])
+    b_log = logs["b"].read_text()
+    assert f"caught up ({PRODUCTS} points)" in b_log, b_log[-3000:]

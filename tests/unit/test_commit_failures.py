@@ -126,7 +126,7 @@ class _Producer:
         self.calls.append("begin")
         self._open, self._offsets = [], {}
 
-    def send(self, topic, key=None, value=None, headers=None):
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
         self._open.append(value)
 
     def send_offsets_to_transaction(self, offsets, group_metadata):
@@ -292,7 +292,7 @@ class _PlainProducer:
     def __init__(self, error: Exception | None = None) -> None:
         self.error, self.sent, self.closed = error, [], False
 
-    def send(self, topic, key=None, value=None, headers=None):
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
         error, self.error = self.error, None
         if error is None:
             self.sent.append(value)

@@ -35,7 +35,7 @@ class _FlakyProducer:
         self.attempts: dict[bytes, int] = {}
         self.delivered: list[bytes] = []
 
-    def send(self, topic, key=None, value=None, headers=None):
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
         count = self.attempts[value] = self.attempts.get(value, 0) + 1
         if count <= self.failures:
             return _Future(NotLeaderForPartitionError("leader moved"))
@@ -100,7 +100,7 @@ class _TransactionalProducer:
         self.calls.append("begin")
         self._open = []
 
-    def send(self, topic, key=None, value=None, headers=None):
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
         self.calls.append(f"send {value.decode()}")
         self._open.append(value)
 

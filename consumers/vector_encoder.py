@@ -1,0 +1,105 @@
+"""The encoder of encode-once: the products topic into the live collection's vectors topic.
+
+It runs the ingest's pipeline (parse, fetch, encode, the version rule within a batch, dead
+letters) but writes no index: each batch's vector records go out in the transaction that commits
+its offsets, for the index writers to apply (``consumers/vectors.py``). Its group is the
+collection's encoders' group, shared by every instance, so each event is encoded once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from loupe.consumers.catalog import Catalog
+from loupe.consumers.image_fetch import ImageFetcher
+from loupe.consumers.index import IndexPoint
+from loupe.consumers.ingest import EncodeLock, Indexer, PendingEvent, event_point_id
+from loupe.consumers.live_model import LiveModel, ModelInUse
+from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.publisher import Publisher
+from loupe.consumers.vectors import VectorsOut, unplaced_start
+
+
+class VectorEncoder(Indexer):
+    """Encodes for the live collection; after a switch, for the new one, in its group."""
+
+    role = "encode"
+
+    def __init__(
+        self,
+        *,
+        make_consumer: Callable[[str], KafkaConsumer],
+        make_vectors_out: Callable[[str], VectorsOut],
+        catalog: Catalog,
+        publisher: Publisher,
+        live: LiveModel,
+        fetcher: ImageFetcher,
+        metrics: LoupeMetrics,
+        topic: str,
+        encode_lock: EncodeLock,
+        poll_timeout_ms: int = 500,
+        fetch_workers: int = 8,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        """``make_consumer(collection)``: a consumer in that collection's encoders' group;
+        ``make_vectors_out(collection)``: its vectors topic (made if missing)."""
+        collection = live.current().collection
+        super().__init__(
+            consumer=make_consumer(collection),
+            publisher=publisher,
+            live=live,
+            fetcher=fetcher,
+            metrics=metrics,
+            topic=topic,
+            encode_lock=encode_lock,
+            poll_timeout_ms=poll_timeout_ms,
+            fetch_workers=fetch_workers,
+            stop_event=stop_event,
+            vectors_out=make_vectors_out(collection),
+        )
+        self.make_consumer = make_consumer
+        self.make_vectors_out = make_vectors_out
+        self.catalog = catalog
+        self._unplaced: set[TopicPartition] = set()  # assigned, start not checked yet
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self._unplaced |= partitions  # placed after the poll: a callback must not seek
+
+    def switch_model(self, in_use: ModelInUse) -> None:
+        super().switch_model(in_use)
+        self.vectors_out = self.make_vectors_out(in_use.collection)
+        self.replace_consumer(self.make_consumer(in_use.collection), self.topic)
+
+    def after_poll(self, records: list[Any]) -> list[Any]:
+        """A group that never committed a partition starts it where the collection's card says
+        its products are applied up to (a reindex built it that far), not at the beginning."""
+        partitions = self._unplaced & set(self.consumer.assignment())
+        self._unplaced = set()
+        if not partitions:
+            return records
+        starts = unplaced_start(
+            self.catalog, self.index.collection, self.consumer, partitions, self.topic
+        )
+        for tp, offset in starts.items():
+            self.consumer.seek(tp, offset)
+        return [r for r in records if TopicPartition(r.topic, r.partition) not in starts]
+
+    def _write(
+        self, points: list[tuple[PendingEvent, IndexPoint]], deletes: list[PendingEvent]
+    ) -> None:
+        model_version = self.encoder.model_version
+        for item, point in points:
+            self.vectors_out.upsert(item.record, point, model_version)
+            self._count("encoded")
+        for item in deletes:
+            pid = event_point_id(item.event)
+            self.vectors_out.delete(item.record, pid, item.event, model_version)
+            self._count("deleted")
+
+    def after_commit(self, records: list[Any]) -> None:
+        """Nothing to count: the index writers report their collections."""

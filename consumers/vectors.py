@@ -1,0 +1,165 @@
+"""Encode once, index many: the vectors topics between the encoders and the index writers.
+
+Each collection has its own compacted topic, ``<LOUPE_VECTORS_TOPIC>.<collection>`` (record
+format: ``schemas/vectors.py``). Two consumer groups per collection keep the hop exactly once:
+
+- the encoders, ``<group>.encode.<collection>``, shared by every instance that serves that
+  collection (replicas included), read the products topic and publish each product's vectors
+  in the same transaction as their offsets: each event is encoded once, whatever the number of
+  indexes;
+- the index writers, ``<group>.index.<collection>`` (``.<replica>`` added for a replica), read
+  the vectors topic with ``read_committed`` and apply it to their index with the version rule:
+  replays are idempotent, so at least once is exactly once for the index.
+
+A group per collection is what makes the reindex hand-over simple: after a switch, the encoders
+join the new collection's group, which starts where the reindex stopped (the card's applied
+offsets) unless it has committed offsets of its own; the writers join the new collection's
+topic, which holds every product of that model (the reindex publishes what it encodes too). A
+rollback goes back to the old groups, which resume where they left off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping
+
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from loupe.consumers.catalog import Catalog
+from loupe.consumers.index import IndexPoint
+from loupe.consumers.publisher import Publisher
+from loupe.consumers.settings import Settings
+from loupe.schemas.vectors import SourcePosition, VectorRecord
+
+log = logging.getLogger(__name__)
+
+MAX_TOPIC_NAME = 249  # Kafka's limit
+
+
+def vectors_topic(settings: Settings, collection: str) -> str:
+    """The vectors topic of ``collection`` (a collection name is a valid topic name; a long one
+    is shortened with a digest, so that two never share a topic)."""
+    name = f"{settings.vectors_topic}.{collection}"
+    if len(name) <= MAX_TOPIC_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name[: MAX_TOPIC_NAME - 17]}.{digest}"
+
+
+def encode_group(settings: Settings, collection: str) -> str:
+    """The encoders' group of ``collection``: one for every instance, replicas included."""
+    return f"{settings.group_id}.encode.{collection}"
+
+
+def index_group(settings: Settings, collection: str) -> str:
+    """The index writers' group of ``collection``: one per index (per replica)."""
+    return settings.writer_group(f"index.{collection}")
+
+
+class VectorsOut:
+    """Publishes a batch's vector records with the batch (``Publisher.send``), so they become
+    visible with its offsets, in one transaction when the publisher has one."""
+
+    def __init__(self, publisher: Publisher, topic: str, collection: str, partitions: int) -> None:
+        self.publisher = publisher
+        self.topic = topic
+        self.collection = collection
+        self.partitions = partitions
+
+    def upsert(self, record, point: IndexPoint, model_version: str) -> None:
+        """``record``: the products-topic record that ``point`` was made from."""
+        self._send(
+            record,
+            VectorRecord(
+                collection=self.collection,
+                point_id=point.id,
+                merchant_id=point.merchant_id,
+                product_id=point.product_id,
+                model_version=model_version,
+                version=point.version,
+                source=SourcePosition(record.topic, record.partition, record.offset),
+                vectors=point.vectors,
+                payload=point.payload,
+            ),
+        )
+
+    def delete(self, record, point_id: str, event, model_version: str) -> None:
+        self._send(
+            record,
+            VectorRecord(
+                collection=self.collection,
+                point_id=point_id,
+                merchant_id=event.merchant_id,
+                product_id=event.product_id,
+                model_version=model_version,
+                version=event.version,
+                source=SourcePosition(record.topic, record.partition, record.offset),
+            ),
+        )
+
+    def _send(self, source, record: VectorRecord) -> None:
+        # The products partition's records stay in order in one vectors partition: a writer
+        # that has read a vectors partition to offset N has applied its source up to a point.
+        partition = source.partition % self.partitions
+        self.publisher.send(self.topic, record.key(), record.to_json(), [], partition=partition)
+
+
+def ensure_vectors_topic(settings: Settings, collection: str) -> tuple[str, int]:
+    """Create ``collection``'s vectors topic if it is missing (compacted, with the products
+    topic's partition count); returns its name and partition count."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    from loupe.consumers.topics import COMPACTED
+
+    topic = vectors_topic(settings, collection)
+    admin = KafkaAdminClient(**settings.kafka_client_config())
+    try:
+        # Metadata of each: its partitions, or an error code for a topic that does not exist.
+        described = {t["name"]: t for t in admin.describe_topics([settings.products_topic, topic])}
+        existing = described.get(topic) or {}
+        if not existing.get("error_code") and existing.get("partitions"):
+            return topic, len(existing["partitions"])
+        products = (described.get(settings.products_topic) or {}).get("partitions") or []
+        partitions = max(1, len(products))
+        replicas = max(1, len(products[0].get("replica_nodes") or [])) if products else 1
+        try:
+            admin.create_topics(
+                [
+                    NewTopic(
+                        topic,
+                        num_partitions=partitions,
+                        replication_factor=replicas,  # as durable as the products topic
+                        topic_configs=COMPACTED,
+                    )
+                ]
+            )
+            log.info("created the vectors topic %s (%d partitions, compacted)", topic, partitions)
+        except TopicAlreadyExistsError:
+            pass  # another instance made it a moment ago
+        return topic, partitions
+    finally:
+        admin.close()
+
+
+def unplaced_start(
+    catalog: Catalog,
+    collection: str,
+    consumer: KafkaConsumer,
+    partitions: Iterable[TopicPartition],
+    products_topic: str,
+) -> Mapping[TopicPartition, int]:
+    """For an encoders' group: the partitions it has no committed offset for, and where they
+    start: where ``collection``'s card says its products are applied up to, if a reindex built
+    it that far and published those vectors (``vectors_topic``); else nothing: the group starts
+    at the beginning, and its records fill the vectors topic."""
+    card = catalog.card(collection)
+    published = card is not None and card.vectors_topic is not None
+    applied = card.applied_offsets_of(products_topic) if published else {}
+    starts = {}
+    for tp in partitions:
+        if tp.partition in applied and consumer.committed(tp) is None:
+            starts[tp] = applied[tp.partition]
+    return starts
