@@ -2,7 +2,7 @@
 again, the Kafka broker is paused (SIGSTOP) again and again, and an image server drips bytes.
 Then the books are checked.
 
-    .venv/bin/python -m bench.chaos [--engines edge,server] [--kills 10] [--pauses 10]
+    .venv/bin/python -m bench.chaos [--engines edge,server,edge-encode-once] [--kills 10]
 
 Everything runs on this machine: a local Kafka broker, the stand-in CDN, a dripping server,
 for ``server`` a Qdrant server process (``LOUPE_QDRANT_BIN``, ``qdrant`` on the PATH, or
@@ -65,15 +65,16 @@ from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
 from loupe.consumers.live_model import open_collection
 from loupe.consumers.settings import Settings
+from loupe.consumers.vectors import vectors_topic
 from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.cdn import cdn_process
-from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port
+from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port, has_read_all
 from loupe.dev.qdrant import LocalQdrant, find_qdrant
 from loupe.encoders.fused import FusedEncoder
 from loupe.evaluation.simulators import phone_photo
 
 MERCHANT = "giva"
-ENGINES = ("edge", "server")
+ENGINES = ("edge", "server", "edge-encode-once")
 BURST = 6  # photo searches sent to aim a pause at the search worker's commit
 
 
@@ -237,6 +238,28 @@ def group_lag(bootstrap: str, group: str, topic: str) -> int:
         admin.close()
 
 
+def ingest_done(bootstrap: str, group: str, products_topic: str) -> bool:
+    """Whether the service has applied every product event: its ingest group has no lag, or
+    with encode-once, its encoders' group has none and its index writers have read their
+    collection's vectors topic to the end."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        groups = [g.get("group_id", "") for g in admin.list_groups()]
+    finally:
+        admin.close()
+    encoders = [g for g in groups if g.startswith(f"{group}.encode.")]
+    if not encoders:
+        return group_lag(bootstrap, f"{group}.ingest", products_topic) == 0
+    if len(encoders) != 1:
+        return False  # a switch in flight
+    collection = encoders[0].removeprefix(f"{group}.encode.")
+    topic = vectors_topic(Settings(group_id=group), collection)
+    writers = f"{group}.index.{collection}"
+    return group_lag(bootstrap, encoders[0], products_topic) == 0 and has_read_all(
+        bootstrap, writers, topic
+    )
+
+
 # --- one run ------------------------------------------------------------------------------------
 
 
@@ -337,6 +360,8 @@ def run_engine(engine: str, args, catalog, plan, shopper_photos) -> Outcome:
         )
         admin.close()
         extra_settings = {}
+        if engine == "edge-encode-once":  # through the vectors topic (LOUPE_ENCODE_ONCE)
+            extra_settings["encode_once"] = "true"
         if engine == "server":
             qdrant = LocalQdrant(tmp / "qdrant", find_qdrant(os.environ.get("LOUPE_QDRANT_BIN")))
             stack.enter_context(qdrant.start(1))
@@ -467,10 +492,7 @@ def run_engine(engine: str, args, catalog, plan, shopper_photos) -> Outcome:
             for batch in reader.poll(timeout_ms=500).values():
                 for record in batch:
                     answers[record.key.decode()] += 1
-            if (
-                wanted <= set(answers)
-                and group_lag(bootstrap, f"{group}.ingest", topics["products"]) == 0
-            ):
+            if wanted <= set(answers) and ingest_done(bootstrap, group, topics["products"]):
                 break
         settle = time.monotonic() + 5
         while time.monotonic() < settle:
@@ -537,7 +559,11 @@ def report(outcome: Outcome) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=summary(__doc__))
-    parser.add_argument("--engines", default=",".join(ENGINES), help="edge, server or both")
+    parser.add_argument(
+        "--engines",
+        default="edge,server",
+        help=f"any of {', '.join(ENGINES)} (edge-encode-once: Edge, through the vectors topic)",
+    )
     parser.add_argument("--events", type=int, default=2000, help="product events (>= 2000)")
     parser.add_argument("--searches", type=int, default=200, help="search requests (>= 200)")
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs of loupe serve")

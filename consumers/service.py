@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,6 +67,44 @@ class EncoderGate:
                 self._cond.notify_all()
 
 
+class CatchUp:
+    """What a replica waits for before it answers searches: the worker that writes its index
+    has read its topic to the end. With encode-once, first the encoder (its partitions of the
+    products topic; the group's others are other instances', caught up in a running
+    deployment), then the writer once more: the encoder's last records must be in the index."""
+
+    def __init__(self, writing: BatchWorker, encoding: BatchWorker | None = None) -> None:
+        self.writing = writing
+        self.encoding = encoding
+        self.done = threading.Event()
+
+    @property
+    def topic(self) -> str:
+        return self.writing.topic
+
+    def wait(self, stopped: threading.Event) -> bool:
+        """Until caught up (True) or ``stopped`` (False)."""
+        writing = self.writing
+        if self.encoding is None:
+            caught_up = writing.caught_up.is_set
+        else:
+            if not _wait(self.encoding.caught_up.is_set, stopped):
+                return False
+            since = time.monotonic()  # its records are committed: visible to the writer now
+            caught_up = lambda: writing.at_end_as_of >= since  # noqa: E731
+        if not _wait(caught_up, stopped):
+            return False
+        self.done.set()
+        return True
+
+
+def _wait(condition: Callable[[], bool], stopped: threading.Event) -> bool:
+    while not condition():
+        if stopped.wait(timeout=0.2):
+            return False
+    return True
+
+
 class Readiness:
     """What ``/readyz`` says: starting (and doing what), failed (and why), catching up, or
     the problems a running service has now (a worker retrying, the broker or the index away)."""
@@ -75,7 +114,7 @@ class Readiness:
         self.stage: str | None = "starting: checking the topics"  # None once built
         self.failure: WorkerDied | None = None
         self.workers: list[Any] = []
-        self.catching_up: BatchWorker | None = None  # a replica's index writing, until caught up
+        self.catching_up: CatchUp | None = None  # a replica's, until caught up
         self.index: Callable[[], Any] = lambda: None  # the collection in use now
 
     def __call__(self) -> tuple[bool, str]:
@@ -84,7 +123,7 @@ class Readiness:
         if self.stage is not None:
             return False, self.stage
         catching_up = self.catching_up
-        if catching_up is not None and not catching_up.caught_up.is_set():
+        if catching_up is not None and not catching_up.done.is_set():
             return False, f"catching up: indexing {catching_up.topic} before answering searches"
         problems = [f"{w.role}: {w.waiting_on}" for w in self.workers if w.waiting_on is not None]
         if not answers_metadata(self.settings.kafka_client_config(), timeout_s=1.0):
@@ -113,8 +152,8 @@ class LoupeService:
         self.catalog: Catalog | None = None
         self.live: LiveModel | None = None
         self.follower: ModelFollower | None = None
-        # A replica's search waits for its own index to catch up (the worker that writes it).
-        self.catching_up: BatchWorker | None = None
+        # A replica's search waits for its own index to catch up (the workers that write it).
+        self.catching_up: CatchUp | None = None
 
     def start(self) -> LoupeService:
         """Bind the metrics port (first: a taken port fails in a second, not after the model has
@@ -169,16 +208,16 @@ class LoupeService:
         gate = EncoderGate()
         if role in ("ingest", "all") and settings.encode_once:
             # Encode once, index many: encoders shared by every instance, a writer per index.
-            self.workers.append(app.encode_worker(self.live, self.catalog, encode_lock=gate.ingest))
+            encoder = app.encode_worker(self.live, self.catalog, encode_lock=gate.ingest)
             writer = app.index_writer(self.live, self.catalog)
-            self.workers.append(writer)
+            self.workers += [encoder, writer]
             if settings.replica_id is not None:
-                self.catching_up = writer
+                self.catching_up = CatchUp(writer, encoder)
         elif role in ("ingest", "all"):
             ingest = app.ingest_worker(self.live, hand_over=self.catalog, encode_lock=gate.ingest)
             self.workers.append(ingest)
             if settings.replica_id is not None:  # a replica runs both roles (check_role)
-                self.catching_up = ingest
+                self.catching_up = CatchUp(ingest)
         if role in ("search", "all"):
             self.workers.append(app.search_worker(self.live, encode_lock=gate.search))
         self.follower = ModelFollower(
@@ -271,17 +310,16 @@ class LoupeService:
     def _caught_up(self) -> bool:
         """A replica joins the search group only once its index holds every product the topic
         had when it started: before, it would answer without products the others find."""
-        writing = self.catching_up
-        if writing is None:
+        catching_up = self.catching_up
+        if catching_up is None:
             return True
         log.info(
             "replica %s: answering searches once the index has caught up with %s",
             self.settings.replica_id,
-            writing.topic,
+            catching_up.topic,
         )
-        while not writing.caught_up.wait(timeout=0.2):
-            if self._stopped.is_set():
-                return False
+        if not catching_up.wait(self._stopped):
+            return False
         log.info(
             "replica %s: caught up (%d points); joining %s",
             self.settings.replica_id,

@@ -90,6 +90,9 @@ class BatchWorker:
         # Set once a poll found nothing new on any partition this worker owns: it has read its
         # topic to the end at least once (a replica serves searches only from then on).
         self.caught_up = threading.Event()
+        # When the last poll started that found the worker at the end of its topic (monotonic
+        # seconds): it had read everything visible then.
+        self.at_end_as_of = float("-inf")
         # The model and collection this worker uses: ``live``'s pair, adopted between batches
         # (a reindex's switch), so that a batch never mixes models. None: a worker without a
         # model (the tests' own).
@@ -171,6 +174,7 @@ class BatchWorker:
     def process_once(self) -> int:
         """Poll one batch and process it fully; returns how many records it committed."""
         self.lost.clear()
+        poll_started = time.monotonic()
         polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
         self._polled_at = time.monotonic()
         records = self.after_poll([r for batch in polled.values() for r in batch])
@@ -178,6 +182,7 @@ class BatchWorker:
             # Until caught up, every empty poll reads the lag: an empty poll alone does not say
             # the worker is at the end (a fetch may still be on its way); a zero lag does.
             if self._update_lag(force=not self.caught_up.is_set()) == 0:
+                self.at_end_as_of = poll_started
                 self._mark_caught_up()
             return 0
         self.metrics.batch_size.labels(role=self.role).observe(len(records))

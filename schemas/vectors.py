@@ -78,13 +78,28 @@ class VectorRecord:
         }
         value: dict[str, Any] = {"collection_name": self.collection, "id": self.point_id}
         if self.vectors is not None:
-            # float32 values as JSON numbers: they read back to the same float32 exactly.
-            value["vector"] = {
-                view: np.asarray(v, dtype=np.float32).tolist() for view, v in self.vectors.items()
-            }
+            value["vector"] = _VECTORS_HERE
             value["payload"] = dict(self.payload)
         value["loupe"] = loupe
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        if self.vectors is not None:
+            text = text.replace(json.dumps(_VECTORS_HERE), _vectors_json(self.vectors), 1)
+        return text.encode()
+
+
+# Where the vectors go in a record's JSON: written apart, with 9 significant digits (what a
+# float32 needs to read back as itself), a third shorter than json's 17 for a double.
+_VECTORS_HERE = "\u0000vectors"
+
+
+def _vectors_json(vectors: Mapping[str, np.ndarray]) -> str:
+    parts = []
+    for view, vector in vectors.items():
+        values = np.asarray(vector, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError(f"vector {view} holds a non-finite number")
+        parts.append(f'"{view}":[' + ",".join(f"{x:.9g}" for x in values.tolist()) + "]")
+    return "{" + ",".join(parts) + "}"
 
 
 def parse_vector_record(value: bytes | None) -> VectorRecord:

@@ -417,3 +417,34 @@ class LocalKafkaBroker:
             time.sleep(0.1)
         self.state_file.unlink(missing_ok=True)
         return True
+
+
+def has_read_all(bootstrap: str, group: str, topic: str) -> bool:
+    """Whether ``group`` has committed every record of ``topic`` (a transactional topic: its
+    commit markers take offsets too, so the committed offsets stop short of the end offsets;
+    what counts is that nothing is left to read after them)."""
+    from kafka import KafkaAdminClient, KafkaConsumer
+    from kafka.errors import KafkaError
+    from kafka.structs import TopicPartition
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    except KafkaError:  # not joined yet, or its coordinator is loading or moving
+        return False
+    finally:
+        admin.close()
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    try:
+        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+        if not partitions:
+            return False
+        reader.assign(partitions)
+        for tp in partitions:
+            at = offsets.get(tp)
+            reader.seek(tp, at.offset if at is not None and at.offset >= 0 else 0)
+        left = reader.poll(timeout_ms=1000)
+        ends = reader.end_offsets(partitions)
+        return not any(left.values()) and all(reader.position(tp) >= ends[tp] for tp in partitions)
+    finally:
+        reader.close()

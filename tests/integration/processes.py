@@ -11,13 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import (
     CoordinatorLoadInProgressError,
     CoordinatorNotAvailableError,
     NotCoordinatorError,
 )
-from kafka.structs import TopicPartition
 
 
 def service_topics(make_topic, products: int = 2, requests: int = 1) -> dict[str, str]:
@@ -66,33 +65,6 @@ def committed(bootstrap: str, group: str) -> int:
     finally:
         admin.close()
     return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
-
-
-def has_read_all(bootstrap: str, group: str, topic: str) -> bool:
-    """Whether ``group`` has committed every record of ``topic`` (a transactional topic: its
-    commit markers take offsets too, so the committed offsets stop short of the end offsets;
-    what counts is that nothing is left to read after them)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets(group).get(group, {})
-    except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
-        return False
-    finally:
-        admin.close()
-    reader = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
-    try:
-        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
-        if not partitions:
-            return False
-        reader.assign(partitions)
-        for tp in partitions:
-            at = offsets.get(tp)
-            reader.seek(tp, at.offset if at is not None and at.offset >= 0 else 0)
-        left = reader.poll(timeout_ms=1000)
-        ends = reader.end_offsets(partitions)
-        return not any(left.values()) and all(reader.position(tp) >= ends[tp] for tp in partitions)
-    finally:
-        reader.close()
 
 
 def wait_for(condition, what: str, timeout_s: float, procs=(), logs=()) -> None:

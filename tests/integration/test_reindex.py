@@ -23,18 +23,13 @@ from loupe.consumers.settings import Settings
 from loupe.consumers.vectors import encode_group, index_group, vectors_topic
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import SearchLoad, loupe_process, serve_env
+from loupe.dev.kafka import has_read_all
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.encoders.fusion import FusionModel, save_fusion
 from loupe.encoders.preprocess import compose_product_text
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.search import SearchFilters
-from tests.integration.processes import (
-    committed,
-    has_read_all,
-    send_products,
-    service_topics,
-    wait_for,
-)
+from tests.integration.processes import committed, send_products, service_topics, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -5,6 +5,8 @@ real broker in tests/integration (test_replicas.py, test_reindex.py)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +20,7 @@ from loupe.consumers.index import IndexPoint, point_id
 from loupe.consumers.index_writer import IndexWriter
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.service import CatchUp
 from loupe.consumers.settings import Settings
 from loupe.consumers.vector_encoder import VectorEncoder
 from loupe.consumers.vectors import (
@@ -333,3 +336,39 @@ def test_a_new_encoders_group_starts_where_the_reindex_published_up_to(catalog, 
         assert consumer.seeks == {} and kept == records
     encoder.close()
     b.close()
+
+
+# --- a replica's catch-up --------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    topic: str = "vectors"
+    caught_up: threading.Event = field(default_factory=threading.Event)
+    at_end_as_of: float = float("-inf")
+
+
+def test_a_replica_with_encode_once_is_caught_up_once_its_writer_read_past_the_encoders_end():
+    encoding, writing = _Worker("products"), _Worker()
+    writing.caught_up.set()  # the vectors topic was empty at the start: not enough
+    writing.at_end_as_of = time.monotonic()
+    catch_up, stopped = CatchUp(writing, encoding), threading.Event()
+    waiter = threading.Thread(target=catch_up.wait, args=(stopped,))
+    waiter.start()
+    time.sleep(0.5)
+    assert not catch_up.done.is_set(), "the encoder has not caught up"
+    encoding.caught_up.set()
+    time.sleep(0.5)
+    assert not catch_up.done.is_set(), "the writer has not read to the end since"
+    writing.at_end_as_of = time.monotonic()
+    waiter.join(timeout=5)
+    assert catch_up.done.is_set() and catch_up.topic == "vectors"
+
+
+def test_without_encode_once_the_ingest_alone_is_waited_for_and_a_stop_ends_the_wait():
+    ingest, stopped = _Worker("products"), threading.Event()
+    catch_up = CatchUp(ingest)
+    stopped.set()
+    assert catch_up.wait(stopped) is False and not catch_up.done.is_set()
+    ingest.caught_up.set()
+    assert catch_up.wait(threading.Event()) is True
