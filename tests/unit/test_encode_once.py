@@ -185,7 +185,16 @@ def catalog(tmp_path):
     catalog.close()
 
 
-def test_the_index_writer_applies_the_version_rule_and_letters_what_does_not_fit(catalog):
+@pytest.fixture(params=["edge", pytest.param("server", marks=pytest.mark.integration)])
+def any_catalog(request, tmp_path, index_engines):
+    """The embedded engine, and a real Qdrant server (the index a shared writer group writes)."""
+    catalog = Catalog(index_engines.store(request.param, str(tmp_path / "index")))
+    yield catalog
+    catalog.close()
+
+
+def test_the_index_writer_applies_the_version_rule_and_letters_what_does_not_fit(any_catalog):
+    catalog = any_catalog
     index = catalog.open("a")
     index.ensure_collection(DIMS, make_live=True)
     catalog.write_card(index.collection, _card("a"))
