@@ -1,7 +1,7 @@
 """Loupe on a three-peer Qdrant cluster: products/s into it, and search latency through Kafka
 with all peers up, with one peer down, and after it returns, side by side in one run.
 
-    .venv/bin/python -m bench.cluster [--products 236] [--phase-s 30] [--peer node2]
+    .venv/bin/python -m bench.cluster [--products 236] [--phase-s 30] [--peer node2] [--encode-once]
 
 Everything on this machine: a local Kafka broker, three Qdrant peers on loopback (the binary
 from LOUPE_QDRANT_BIN, the PATH or `make qdrant`), and `loupe serve` (ingest + search) with the
@@ -9,6 +9,8 @@ collection sharded 3 ways and replicated twice (write consistency 1). The produc
 (their photos inline) and their rate is measured from the committed offsets; then shoppers send
 a text or photo search every 0.2 s for three phases: all peers, ``--peer`` SIGKILLed, and
 ``--peer`` restarted. ``--peer node0`` kills the peer Loupe talks to (every call then waits).
+``--encode-once``: the products go through the vectors topic (``LOUPE_ENCODE_ONCE``), the
+cluster written by the index writer.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from bench.chaos import group_lag
+from bench.chaos import ingest_done
 from bench.cli import summary
 from bench.harness import (
     SearchLoad,
@@ -44,6 +46,9 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=236)
     parser.add_argument("--phase-s", type=float, default=30.0, help="seconds per search phase")
     parser.add_argument("--peer", default="node2", help="the peer to kill: node0, node1, node2")
+    parser.add_argument(
+        "--encode-once", action="store_true", help="through the vectors topic (LOUPE_ENCODE_ONCE)"
+    )
     args = parser.parse_args()
     catalog = load_catalog()
     photos = [phone_photo(p.image_path.read_bytes(), seed=n) for n, p in enumerate(catalog[::12])]
@@ -68,6 +73,7 @@ def main() -> None:
                 index_shards="3",
                 index_replication_factor="2",
                 index_write_consistency="1",
+                encode_once="true" if args.encode_once else "false",
             )
             log_path = work / "serve.log"
             service = loupe_process(["serve"], env, log_path)
@@ -82,7 +88,7 @@ def main() -> None:
                     value = product_event(product, image, product_id=pid)
                     producer.send(topics["products"], key=f"giva/{pid}".encode(), value=value)
                 producer.close()
-                while group_lag(bootstrap, "cluster.ingest", topics["products"]):
+                while not ingest_done(bootstrap, "cluster", topics["products"]):
                     if service.poll() is not None:
                         raise SystemExit(log_path.read_text()[-3000:])
                     time.sleep(0.5)
