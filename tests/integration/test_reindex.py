@@ -420,15 +420,28 @@ def test_two_reindexes_of_one_version_cannot_run_at_once(
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("encode_once", [False, True], ids=["direct", "encode-once"])
 def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
-    bootstrap_servers, make_topic, group_id, tmp_path, model_a, model_b, checkpoint_b, index_at
+    encode_once,
+    bootstrap_servers,
+    make_topic,
+    group_id,
+    tmp_path,
+    model_a,
+    model_b,
+    checkpoint_b,
+    index_at,
 ):
     """On a real Qdrant server: `loupe reindex` moves the alias to model B's collection, and
     `loupe reindex --rollback` moves it back to model A's, which its grace period kept. The
-    running service follows both moves by itself, and every search is answered once."""
+    running service follows both moves by itself, every search is answered once, and a product
+    sent after the rollback goes into A (with encode-once: A's encoders' and writers' groups
+    resume where they left off)."""
     index = index_at("server")
     prefix = index["index_prefix"]
     topics = service_topics(make_topic)
+    if encode_once:
+        index = {**index, "encode_once": "true", "vectors_topic": topics["products"] + ".v"}
     state = tmp_path / "state"
     env_a = serve_env(
         bootstrap_servers,
@@ -445,9 +458,19 @@ def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
     serve_log = tmp_path / "serve.log"
     service = loupe_process(["serve"], env_a, serve_log)
     versions = (model_a.model_version, model_b.model_version)
+    settings = Settings(state_dir=state, group_id=group_id, **index)
+    collection_a = collection_name(prefix, versions[0])
+
+    def ingested_into_a(products: int) -> bool:
+        if not encode_once:
+            return committed(bootstrap_servers, group_id + ".ingest") >= products
+        encoded = committed(bootstrap_servers, encode_group(settings, collection_a)) >= products
+        writers, topic = index_group(settings, collection_a), vectors_topic(settings, collection_a)
+        return encoded and has_read_all(bootstrap_servers, writers, topic)
+
     try:
         wait_for(
-            lambda: committed(bootstrap_servers, group_id + ".ingest") == len(ids),
+            lambda: ingested_into_a(len(ids)),
             "model A's ingest",
             240,
             [service],
@@ -487,6 +510,14 @@ def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
                 [service],
                 [serve_log],
             )
+            send_products(bootstrap_servers, topics["products"], load_catalog()[5:], ["after"])
+            wait_for(
+                lambda: ingested_into_a(len(ids) + 1),
+                "the product sent after the rollback, in A",
+                120,
+                [service],
+                [serve_log],
+            )
             time.sleep(1.0)
             shopper.stop_sending()
             assert shopper.wait_for_answers(120), "every search gets an answer"
@@ -497,12 +528,15 @@ def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
     assert exited == 0, serve_log.read_text()[-4000:]
     assert all(len(items) == 1 for items in answers.values()), "exactly one answer each"
     assert {items[0]["model_version"] for items in answers.values()} == set(versions)
-    settings = Settings(state_dir=state, **index)
     catalog = build_catalog(settings)
+    collection = catalog.open(versions[0])
     try:
-        assert catalog.live() == collection_name(prefix, versions[0])
+        assert catalog.live() == collection_a
         assert collection_name(prefix, versions[1]) in catalog.collections(), "B is kept"
+        wanted = [point_id("m", pid) for pid in [*ids, "after"]]
+        assert len(collection.stored_versions(wanted)) == len(wanted), "A has every product"
     finally:
+        collection.close()
         catalog.close()
     log_text = serve_log.read_text()
     assert log_text.count("switching to ") >= 2, "the service followed both moves"
