@@ -28,7 +28,13 @@ from pathlib import Path
 from kafka import KafkaProducer
 
 from bench.cli import summary
-from bench.harness import create_topic, local_broker, loupe_process, product_event, serve_env
+from bench.harness import (
+    create_service_topics,
+    local_broker,
+    loupe_process,
+    product_event,
+    serve_env,
+)
 from loupe.dev.catalog import load_catalog
 from loupe.dev.kafka import free_loopback_port
 
@@ -43,12 +49,7 @@ def main() -> None:
     catalog = load_catalog()
     with tempfile.TemporaryDirectory(prefix="loupe-catchup-") as tmp, local_broker() as bootstrap:
         work = Path(tmp)
-        topics = {
-            "products": create_topic(bootstrap, "products", 3),
-            "requests": create_topic(bootstrap, "requests", 3),
-            "responses": create_topic(bootstrap, "responses", 1),
-            "deadletter": create_topic(bootstrap, "dlq", 1),
-        }
+        topics = create_service_topics(bootstrap)
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
         for n in range(args.products):
             product = catalog[n % len(catalog)]

@@ -29,7 +29,7 @@ from bench.chaos import ingest_done
 from bench.cli import summary
 from bench.harness import (
     SearchLoad,
-    create_topic,
+    create_service_topics,
     local_broker,
     loupe_process,
     product_event,
@@ -54,12 +54,7 @@ def main() -> None:
     photos = [phone_photo(p.image_path.read_bytes(), seed=n) for n, p in enumerate(catalog[::12])]
     with tempfile.TemporaryDirectory(prefix="loupe-cluster-") as tmp, local_broker() as bootstrap:
         work = Path(tmp)
-        topics = {
-            "products": create_topic(bootstrap, "products", 3),
-            "requests": create_topic(bootstrap, "requests", 3),
-            "responses": create_topic(bootstrap, "responses", 1),
-            "deadletter": create_topic(bootstrap, "dlq", 1),
-        }
+        topics = create_service_topics(bootstrap)
         binary = find_qdrant(os.environ.get("LOUPE_QDRANT_BIN"))
         with LocalQdrant(work / "qdrant", binary).start(3) as cluster:
             port = free_loopback_port()

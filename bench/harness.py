@@ -19,6 +19,7 @@ from loupe.dev.kafka import LocalKafkaBroker
 
 __all__ = [
     "SearchLoad",
+    "create_service_topics",
     "create_topic",
     "local_broker",
     "loupe_process",
@@ -62,6 +63,16 @@ def create_topic(bootstrap: str, prefix: str, partitions: int = 3) -> str:
     admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
     admin.close()
     return name
+
+
+def create_service_topics(bootstrap: str) -> dict[str, str]:
+    """Fresh topics for one `loupe serve`, by the names ``serve_env`` takes."""
+    return {
+        "products": create_topic(bootstrap, "products", 3),
+        "requests": create_topic(bootstrap, "requests", 3),
+        "responses": create_topic(bootstrap, "responses", 1),
+        "deadletter": create_topic(bootstrap, "dlq", 1),
+    }
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ class Application:
         self.load_encoder = load_encoder
         self._fetcher = fetcher
         self.publishers: list[Publisher] = []  # every one made here, to close at the end
+        self._vectors_topics: dict[str, tuple[str, int]] = {}  # collection: (topic, partitions)
 
     @property
     def profile(self) -> ModelProfile:
@@ -164,10 +165,16 @@ class Application:
 
     # --- encode once, index many (consumers/vectors.py) -------------------------------------
 
+    def vectors_topic(self, collection: str) -> tuple[str, int]:
+        """``collection``'s vectors topic and its partition count, made if missing; asked of
+        the broker once per collection (the encoder and the writer both need it)."""
+        if collection not in self._vectors_topics:
+            self._vectors_topics[collection] = ensure_vectors_topic(self.settings, collection)
+        return self._vectors_topics[collection]
+
     def vectors_out(self, publisher: Publisher, collection: str) -> VectorsOut:
-        """What publishes ``collection``'s vector records with ``publisher``'s batches (the
-        topic is made if missing)."""
-        topic, partitions = ensure_vectors_topic(self.settings, collection)
+        """What publishes ``collection``'s vector records with ``publisher``'s batches."""
+        topic, partitions = self.vectors_topic(collection)
         return VectorsOut(publisher, topic, collection, partitions)
 
     def encode_worker(
@@ -205,7 +212,7 @@ class Application:
         settings = self.settings
 
         def consumer_of(collection: str):
-            topic, _ = ensure_vectors_topic(settings, collection)
+            topic, _ = self.vectors_topic(collection)
             return make_consumer(settings, index_group(settings, collection)), topic
 
         return IndexWriter(

@@ -72,34 +72,40 @@ class VectorsOut:
         """``record``: the products-topic record that ``point`` was made from."""
         self._send(
             record,
-            VectorRecord(
-                collection=self.collection,
-                point_id=point.id,
-                merchant_id=point.merchant_id,
-                product_id=point.product_id,
-                model_version=model_version,
-                version=point.version,
-                source=SourcePosition(record.topic, record.partition, record.offset),
-                vectors=point.vectors,
-                payload=point.payload,
-            ),
+            point.id,
+            point.merchant_id,
+            point.product_id,
+            point.version,
+            model_version,
+            vectors=point.vectors,
+            payload=point.payload,
         )
 
     def delete(self, record, point_id: str, event, model_version: str) -> None:
         self._send(
-            record,
-            VectorRecord(
-                collection=self.collection,
-                point_id=point_id,
-                merchant_id=event.merchant_id,
-                product_id=event.product_id,
-                model_version=model_version,
-                version=event.version,
-                source=SourcePosition(record.topic, record.partition, record.offset),
-            ),
+            record, point_id, event.merchant_id, event.product_id, event.version, model_version
         )
 
-    def _send(self, source, record: VectorRecord) -> None:
+    def _send(
+        self,
+        source,
+        point_id: str,
+        merchant_id: str,
+        product_id: str,
+        version: int | None,
+        model_version: str,
+        **vectors_and_payload,
+    ) -> None:
+        record = VectorRecord(
+            collection=self.collection,
+            point_id=point_id,
+            merchant_id=merchant_id,
+            product_id=product_id,
+            model_version=model_version,
+            version=version,
+            source=SourcePosition(source.topic, source.partition, source.offset),
+            **vectors_and_payload,
+        )
         # The products partition's records stay in order in one vectors partition: a writer
         # that has read a vectors partition to offset N has applied its source up to a point.
         partition = source.partition % self.partitions

@@ -121,14 +121,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     collection_b = collection_name(prefix, model_b.model_version)
 
     def ingested(collection: str, products: int) -> bool:
-        """Whether the service's ingest has applied ``products`` events to ``collection``: its
-        committed offsets (with encode-once: the encoders' and the index writer's, which has
-        read the collection's vectors topic to its end)."""
-        if not encode_once:
-            return committed(bootstrap_servers, group_id + ".ingest") >= products
-        encoded = committed(bootstrap_servers, encode_group(settings, collection)) >= products
-        writers, topic = index_group(settings, collection), vectors_topic(settings, collection)
-        return encoded and has_read_all(bootstrap_servers, writers, topic)
+        return _ingested(bootstrap_servers, settings, collection, products)
 
     initial = [f"p{i}" for i in range(INITIAL)]
     send_products(bootstrap_servers, topics["products"], catalog, initial)
@@ -282,6 +275,17 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
         f"\nreindex of {INITIAL}+ products took {took:.1f} s; {len(answers)} searches answered "
         f"during and after it; {len(products_during)} products sent during it"
     )
+
+
+def _ingested(bootstrap: str, settings: Settings, collection: str, products: int) -> bool:
+    """Whether the service's ingest has applied ``products`` events to ``collection``: its
+    committed offsets (with encode-once: the encoders', and the index writer's, which has read
+    the collection's vectors topic to its end)."""
+    if not settings.encode_once:
+        return committed(bootstrap, settings.ingest_group()) >= products
+    encoded = committed(bootstrap, encode_group(settings, collection)) >= products
+    writers, topic = index_group(settings, collection), vectors_topic(settings, collection)
+    return encoded and has_read_all(bootstrap, writers, topic)
 
 
 def _collections(settings: Settings) -> list[str]:
@@ -464,11 +468,7 @@ def test_a_service_on_a_server_follows_a_switch_and_a_rollback(
     collection_a = collection_name(prefix, versions[0])
 
     def ingested_into_a(products: int) -> bool:
-        if not encode_once:
-            return committed(bootstrap_servers, group_id + ".ingest") >= products
-        encoded = committed(bootstrap_servers, encode_group(settings, collection_a)) >= products
-        writers, topic = index_group(settings, collection_a), vectors_topic(settings, collection_a)
-        return encoded and has_read_all(bootstrap_servers, writers, topic)
+        return _ingested(bootstrap_servers, settings, collection_a, products)
 
     try:
         wait_for(

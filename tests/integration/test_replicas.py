@@ -19,6 +19,7 @@ from tests.integration.processes import committed, send_products, service_topics
 pytestmark = pytest.mark.integration
 
 PRODUCTS = 16
+IDS = [f"p{i}" for i in range(PRODUCTS)]
 
 
 def _metric(port: int, pattern: str) -> float:
@@ -54,28 +55,38 @@ def _ready(port: int) -> bool:
         return False
 
 
-def test_replicas_each_index_every_product_and_answer_each_search_once(
-    bootstrap_servers, make_topic, group_id, tmp_path
-):
-    catalog = load_catalog()[::14]  # one of every kind, so that titles tell products apart
-    topics = service_topics(make_topic, requests=4)
-    ids = [f"p{i}" for i in range(PRODUCTS)]
-    send_products(bootstrap_servers, topics["products"], catalog, ids)
+def _replicas(bootstrap: str, topics: dict[str, str], group: str, tmp_path, **settings: str):
+    """``start(name)`` for replicas ``a`` and ``b`` (own state, metrics port and log), with
+    their ports and logs; ``settings``: more LOUPE_* settings for both."""
     ports = {name: free_loopback_port() for name in ("a", "b")}
     logs = {name: tmp_path / f"{name}.log" for name in ports}
 
     def start(name: str):
         env = serve_env(
-            bootstrap_servers,
+            bootstrap,
             topics,
-            group=group_id,
+            group=group,
             state_dir=tmp_path / name,
             metrics_port=ports[name],
             replica_id=name,
             max_poll_records="4",
             search_max_poll_records="4",
+            **settings,
         )
         return loupe_process(["serve"], env, logs[name])
+
+    return start, ports, logs
+
+
+def test_replicas_each_index_every_product_and_answer_each_search_once(
+    bootstrap_servers, make_topic, group_id, tmp_path
+):
+    catalog = load_catalog()[::14]  # one of every kind, so that titles tell products apart
+    topics = service_topics(make_topic, requests=4)
+    send_products(
+        bootstrap_servers, topics["products"], catalog, [f"p{i}" for i in range(PRODUCTS)]
+    )
+    start, ports, logs = _replicas(bootstrap_servers, topics, group_id, tmp_path)
 
     titles = [product.title for product in catalog[:PRODUCTS]]
     procs = {"a": start("a")}
@@ -145,25 +156,17 @@ def test_with_encode_once_every_replica_indexes_each_product_encoded_once(
     the vectors topic, and a replica that starts later catches up without encoding anything."""
     catalog = load_catalog()[::14]
     topics = service_topics(make_topic, requests=2)
-    ids = [f"p{i}" for i in range(PRODUCTS)]
-    send_products(bootstrap_servers, topics["products"], catalog, ids)
-    ports = {name: free_loopback_port() for name in ("a", "b")}
-    logs = {name: tmp_path / f"{name}.log" for name in ports}
-
-    def start(name: str):
-        env = serve_env(
-            bootstrap_servers,
-            topics,
-            group=group_id,
-            state_dir=tmp_path / name,
-            metrics_port=ports[name],
-            replica_id=name,
-            encode_once="true",
-            vectors_topic=topics["products"] + ".vectors",
-            max_poll_records="4",
-            search_max_poll_records="4",
-        )
-        return loupe_process(["serve"], env, logs[name])
+    send_products(
+        bootstrap_servers, topics["products"], catalog, [f"p{i}" for i in range(PRODUCTS)]
+    )
+    start, ports, logs = _replicas(
+        bootstrap_servers,
+        topics,
+        group_id,
+        tmp_path,
+        encode_once="true",
+        vectors_topic=topics["products"] + ".vectors",
+    )
 
     titles = [product.title for product in catalog[:PRODUCTS]]
     procs = {"a": start("a")}
