@@ -118,7 +118,7 @@ def _surface(size: tuple[int, int], rng: random.Random) -> Image.Image:
         other = tuple(min(255, max(0, c + rng.randint(-60, 60))) for c in base)
         ramp = Image.linear_gradient("L").resize(size).rotate(rng.uniform(0, 360))
         return Image.composite(Image.new("RGB", size, base), Image.new("RGB", size, other), ramp)
-    grain = Image.effect_noise((max(1, width // 8), max(1, height // 8)), rng.uniform(20, 60))
+    grain = _gaussian_noise((max(1, width // 8), max(1, height // 8)), rng.uniform(20, 60), rng)
     grain = grain.resize(size, Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
     tint = Image.new("RGB", size, base)
     return Image.blend(tint, Image.merge("RGB", (grain, grain, grain)), rng.uniform(0.2, 0.5))
@@ -242,5 +242,12 @@ def _white_balance(image: Image.Image, shift: float) -> Image.Image:
 
 
 def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
-    noise = Image.effect_noise(image.size, rng.uniform(8, 25)).convert("RGB")
+    noise = _gaussian_noise(image.size, rng.uniform(8, 25), rng).convert("RGB")
     return Image.blend(image, noise, rng.uniform(0.04, 0.12))
+
+
+def _gaussian_noise(size: tuple[int, int], sigma: float, rng: random.Random) -> Image.Image:
+    """Grey noise around 128, drawn from ``rng``: Pillow's ``effect_noise`` draws from the C
+    library's unseeded generator, so the same seed gave other photos on every call."""
+    values = np.random.default_rng(rng.getrandbits(64)).normal(128.0, sigma, (size[1], size[0]))
+    return Image.fromarray(values.clip(0, 255).astype(np.uint8), "L")

@@ -34,7 +34,7 @@ from loupe.train.source import TrainingProduct
 
 log = logging.getLogger(__name__)
 
-FEATURE_FORMAT = "5"  # bump when the simulator or the query templates change: stale cache
+FEATURE_FORMAT = "6"  # bump when the simulator or the query templates change: stale cache
 PRODUCTS_PER_CHUNK = 8  # products whose photos are simulated and encoded together
 
 
