@@ -27,6 +27,7 @@ per (queries, catalog, tower). The text view is the frozen tower's, trained or n
     .venv/bin/python -m bench.quality                      # 3 seeds, both simulators
     .venv/bin/python -m bench.quality --seeds 0 --ablation # and without each choice
     .venv/bin/python -m bench.quality --languages          # English and Chinese text, both towers
+    .venv/bin/python -m bench.quality --tower-steps 300    # and the image tower's last block tuned
     LOUPE_TEXT_BACKBONE=multilingual-e5-small .venv/bin/python -m bench.quality  # its photo tables
 """
 
@@ -35,7 +36,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,12 +46,15 @@ import torch
 from bench.cli import summary
 from loupe.consumers.settings import load_settings
 from loupe.dev.catalog import load_catalog, training_products
+from loupe.encoders.fused import FusedEncoder
+from loupe.encoders.fusion import save_fusion
 from loupe.evaluation.photos import shopper_queries
 from loupe.evaluation.simulators import SIMULATORS
 from loupe.train.config import TrainConfig
 from loupe.train.evaluate import KINDS
 from loupe.train.features import extract_features
 from loupe.train.pipeline import untrained_encoder
+from loupe.train.tower import through_tail, tune_tower
 from loupe.train.trainer import evaluate_splits, train
 
 METRICS = ("recall_at_1", "recall_at_10", "category_p10")
@@ -68,6 +74,14 @@ def main() -> None:
         help="also InfoNCE alone, and Loupe without: the photo + text answer anchored on the "
         "image view's best match, the words in the fused query's neighbourhood target, the "
         "frozen text view",
+    )
+    parser.add_argument(
+        "--tower-steps",
+        type=int,
+        default=0,
+        help="also tune the image tower's last block this many steps (loupe train --tower-steps) "
+        "and report it alone and with the heads trained on it, its query photos encoded by the "
+        "tuned tower as the service would",
     )
     parser.add_argument(
         "--languages",
@@ -102,7 +116,14 @@ def main() -> None:
     feature_s, train_s = [], []
     for seed in seeds:
         started = time.perf_counter()
-        features = extract_features(encoder, products, views=args.views, seed=seed, cache_dir=cache)
+        features = extract_features(
+            encoder,
+            products,
+            views=args.views,
+            seed=seed,
+            cache_dir=cache,
+            tower_maps=args.tower_steps > 0,
+        )
         queries = {
             sim: shopper_queries(encoder, products, sim, seed, cache_dir=cache)
             for sim in simulators
@@ -136,6 +157,13 @@ def main() -> None:
                         queries=asked,
                     )
                     runs[sim].setdefault("no anchor", []).append(scores)
+        if args.tower_steps:
+            config = TrainConfig(
+                views=args.views, steps=args.steps, tower_steps=args.tower_steps, seed=seed
+            )
+            for sim, models in tuned_tower_runs(encoder, settings, products, features, config):
+                for name, scores in models.items():
+                    runs[sim].setdefault(name, []).append(scores)
         print(f"seed {seed} done in {time.perf_counter() - started:.0f} s", flush=True)
     for sim in simulators:
         order = ["untrained", *(m for m in runs[sim] if m != "untrained")]
@@ -145,6 +173,41 @@ def main() -> None:
     print(f"features and evaluation photos: {', '.join(f'{s:.0f}' for s in feature_s)} s per seed")
     print(f"training ({args.steps} steps): {', '.join(f'{s:.0f}' for s in train_s)} s per seed")
     encoder.close()
+
+
+def tuned_tower_runs(encoder, settings, products, features, config: TrainConfig):
+    """``(simulator, {model: scores})`` of the image tower tuned as ``loupe train
+    --tower-steps`` tunes it: alone (untrained heads), and with the heads trained on its
+    vectors. The evaluation photos are encoded by the tuned tower through a checkpoint loaded
+    as the service loads one."""
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    tail = tune_tower(encoder.image_encoder, features, config, device=encoder.device)
+    tuned = through_tail(features, tail, encoder.device)
+    torch.manual_seed(config.seed)
+    heads = train(tuned, encoder.fusion, config, device=encoder.device).model
+    print(f"  tower tuned and heads trained in {time.perf_counter() - started:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory() as where:
+        path = Path(where) / "tuned.safetensors"
+        save_fusion(heads.cpu(), path, base=encoder.base_version, image_tower=tail.tower_tensors())
+        profile = settings.model_copy(update={"fusion_checkpoint": path}).model_profile()
+        served = FusedEncoder.from_profile(profile)
+    try:
+        cache = settings.state_dir / "train-cache"
+        for sim in SIMULATORS:
+            asked = shopper_queries(served, products, sim, config.seed, cache_dir=cache)
+            queries = (asked.photo, asked.text)
+            yield (
+                sim,
+                {
+                    name: evaluate_splits(
+                        model, tuned, config, device=encoder.device, queries=queries
+                    )
+                    for name, model in (("tower tuned", encoder.fusion), ("tower + heads", heads))
+                },
+            )
+    finally:
+        served.close()
 
 
 TEXT_TOWERS = ("all-minilm-l6-v2", "multilingual-e5-small")

@@ -126,6 +126,8 @@ class FusedEncoder:
         if profile.fusion_checkpoint is not None:
             checkpoint = load_fusion(profile.fusion_checkpoint)
             checkpoint.require_base(base_version(image, text, profile.fit))
+            if checkpoint.image_tower:  # trained with the tower's last block: the model's own
+                image.load_tuned(checkpoint.image_tower)
             fusion = checkpoint.model
         else:
             fusion = FusionModel(

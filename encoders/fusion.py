@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loupe.encoders.errors import EncoderError, WeightsNotFound
+from loupe.encoders.weights import tensors_digest
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,9 @@ _CONFIG_KEY = "loupe.fusion.config"
 _BASE_KEY = "loupe.fusion.base"  # which towers and preprocessing the heads were trained on
 _TRAINING_KEY = "loupe.fusion.training"  # how it was trained and what it measured (JSON)
 _FORMAT_KEY = "loupe.fusion.format"
-_FORMAT = "2"  # 2: FusionModel (heads + attention); 1 was the attention alone
+_FORMAT = "3"  # 3: and the image tower's tuned tail; 2: FusionModel (heads + attention)
+_READABLE = ("2", "3")  # 1 was the attention alone
+TOWER_PREFIX = "image_tower."  # a tuned tail's tensors, under the backbone's own names
 
 
 class CheckpointMismatch(EncoderError, ValueError):
@@ -187,6 +190,9 @@ class FusionCheckpoint:
     base: str  # the towers' and preprocessing's identity (``FusedEncoder.base_version``)
     training: dict = field(default_factory=dict)
     path: Path | None = None
+    # The image tower's tuned weights (``encoders.tower_tail``), for ``ImageEncoder.load_tuned``;
+    # empty when only the heads were trained.
+    image_tower: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def require_base(self, base: str) -> None:
         """Refuse to use these heads on vectors of other towers or other preprocessing."""
@@ -200,12 +206,22 @@ class FusionCheckpoint:
             )
 
 
-def save_fusion(module: FusionModel, path: Path, *, base: str, training: dict | None = None) -> str:
-    """Write the weights, config, base and training record as safetensors; return the model's
-    hash (``fusion_digest``), written atomically so a reader never sees half a file."""
+def save_fusion(
+    module: FusionModel,
+    path: Path,
+    *,
+    base: str,
+    training: dict | None = None,
+    image_tower: dict[str, torch.Tensor] | None = None,
+) -> str:
+    """Write the weights (the heads', and the image tower's tuned ones if any), config, base
+    and training record as safetensors; return the checkpoint's hash (``checkpoint_digest``),
+    written atomically so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    for name, tensor in (image_tower or {}).items():
+        tensors[TOWER_PREFIX + name] = tensor.detach().cpu().contiguous()
     metadata = {
         _FORMAT_KEY: _FORMAT,
         _CONFIG_KEY: json.dumps(asdict(module.config)),
@@ -215,7 +231,7 @@ def save_fusion(module: FusionModel, path: Path, *, base: str, training: dict | 
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)
     partial.replace(path)
-    return fusion_digest(module)
+    return checkpoint_digest(module, image_tower)
 
 
 def load_fusion(path: Path) -> FusionCheckpoint:
@@ -234,19 +250,36 @@ def load_fusion(path: Path) -> FusionCheckpoint:
         raise WeightsNotFound(f"{path} is not a readable safetensors file: {exc}") from exc
     if _CONFIG_KEY not in metadata:
         raise WeightsNotFound(f"{path} is not a Loupe fusion checkpoint (no {_CONFIG_KEY})")
-    if metadata.get(_FORMAT_KEY) != _FORMAT:
+    if metadata.get(_FORMAT_KEY) not in _READABLE:
         raise WeightsNotFound(
             f"{path} is a fusion checkpoint of format {metadata.get(_FORMAT_KEY, '1')}; this "
-            f"Loupe reads format {_FORMAT}: train it again with `loupe train`"
+            f"Loupe reads formats {', '.join(_READABLE)}: train it again with `loupe train`"
         )
     module = FusionModel(FusionConfig(**json.loads(metadata[_CONFIG_KEY])))
-    module.load_state_dict(load_file(str(path)), strict=True)
+    tensors = load_file(str(path))
+    tower = {k[len(TOWER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(TOWER_PREFIX)}
+    heads = {k: v for k, v in tensors.items() if not k.startswith(TOWER_PREFIX)}
+    module.load_state_dict(heads, strict=True)
     return FusionCheckpoint(
         model=module.eval(),
         base=metadata.get(_BASE_KEY, ""),
         training=json.loads(metadata.get(_TRAINING_KEY, "{}")),
         path=path,
+        image_tower=tower,
     )
+
+
+def checkpoint_digest(
+    module: FusionModel, image_tower: dict[str, torch.Tensor] | None = None
+) -> str:
+    """A checkpoint's short hash: the heads' (``fusion_digest``) when the tower was not tuned,
+    else over the heads' and the tower's tuned weights. Names its file; the model version
+    holds the two parts apart (the tower's in its weights' identity)."""
+    if not image_tower:
+        return fusion_digest(module)
+    digest = hashlib.sha256(fusion_digest(module).encode())
+    digest.update(tensors_digest(image_tower).encode())
+    return digest.hexdigest()[:8]
 
 
 def fusion_digest(module: FusionModel) -> str:

@@ -7,7 +7,7 @@ needs (input side, mean, std), so that lives next to the backbone.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from loupe.encoders.errors import UnknownBackbone, WeightsNotFound
 from loupe.encoders.profile import POOLINGS, Pooling
-from loupe.encoders.weights import file_digest, state_digest
+from loupe.encoders.weights import file_digest, state_digest, tensors_digest
 
 RANDOM = "random"  # the explicit way to ask for random initialisation (tests only)
 
@@ -177,6 +177,11 @@ def pool(maps: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     return maps.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)  # (B, D)
 
 
+def tuned_weights_id(weights_id: str, tuned: Mapping[str, torch.Tensor]) -> str:
+    """The identity of a tower's weights with some of them replaced by ``tuned`` ones."""
+    return f"{weights_id}t{tensors_digest(tuned)[:8]}"
+
+
 class ImageEncoder(nn.Module):
     """``encode(pixels)``: ``(B, 3, S, S)`` floats in [0, 1] to ``(B, D)`` unit vectors."""
 
@@ -230,6 +235,23 @@ class ImageEncoder(nn.Module):
         )
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
         self.eval()
+
+    def load_tuned(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace some of the backbone's weights by tuned ones (a checkpoint's tuned last
+        block, ``loupe train``). Its identity (``weights_id``, so the model version) gains their
+        hash: a tuned tower's vectors are another model's. Raises ``WeightsNotFound`` when a
+        tensor's name or shape is not the backbone's, before anything is changed."""
+        own = self.backbone.state_dict()
+        unknown = sorted(k for k in tensors if k not in own)
+        wrong = sorted(k for k in tensors if k in own and own[k].shape != tensors[k].shape)
+        if unknown or wrong:
+            raise WeightsNotFound(
+                f"tuned weights do not fit {self.name}: unknown {unknown[:5]}, wrong shape "
+                f"{wrong[:5]}"
+            )
+        own.update({k: v.to(own[k].dtype) for k, v in tensors.items()})
+        self.backbone.load_state_dict(own)
+        self.weights_id = tuned_weights_id(self.weights_id, tensors)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dim() != 4 or pixels.shape[1] != 3:

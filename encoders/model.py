@@ -9,13 +9,14 @@ two together.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from loupe.encoders.fusion import FusionModel, fusion_digest
-from loupe.encoders.image_towers import ImageEncoder
+from loupe.encoders.image_towers import ImageEncoder, tuned_weights_id
 from loupe.encoders.images import Fit
 from loupe.encoders.text_towers import TextEncoder
 
@@ -96,13 +97,18 @@ def model_version(base: str, fusion: FusionModel) -> str:
     return f"{base}.fusion-{fusion_digest(fusion)}"
 
 
-def base_version(image: ImageEncoder, text: TextEncoder, fit: Fit) -> str:
+def base_version(
+    image: ImageEncoder,
+    text: TextEncoder,
+    fit: Fit,
+    tuned: Mapping[str, torch.Tensor] | None = None,
+) -> str:
     """The frozen part's identity: towers, their weights and the preprocessing. A fusion
     checkpoint is valid only on the base it was trained on. The model version is this plus the
     fusion's hash; it changes whenever weights or preprocessing change, and is safe as a
     collection name."""
     version = (
-        f"{_image_identity(image)}.{_text_identity(text)}"
+        f"{_image_identity(image, tuned)}.{_text_identity(text)}"
         f".{_image_reading(image, fit)}-t{text.max_tokens}"
     )
     return _safe(version)
@@ -120,8 +126,9 @@ def _safe(version: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", version)
 
 
-def _image_identity(image: ImageEncoder) -> str:
-    return f"{image.name}-{image.weights_id}"
+def _image_identity(image: ImageEncoder, tuned: Mapping[str, torch.Tensor] | None = None) -> str:
+    weights = image.weights_id if not tuned else tuned_weights_id(image.weights_id, tuned)
+    return f"{image.name}-{weights}"
 
 
 def _image_reading(image: ImageEncoder, fit: Fit) -> str:

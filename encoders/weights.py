@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,8 +20,13 @@ def file_digest(path: Path, chunk_bytes: int = 4 * 1024 * 1024) -> str:
 
 def state_digest(module: torch.nn.Module) -> str:
     """SHA-256 over a module's parameters and buffers (names, shapes, bytes), hex."""
+    return tensors_digest(module.state_dict())
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors (names, shapes, bytes), hex."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(

@@ -29,6 +29,12 @@ class TrainConfig:
     # text-only queries and cost photo + text recall (bench.quality --ablation).
     train_text_head: bool = False
     head_rank: int = 128  # rank of the residual projection heads
+    # Steps tuning the image tower's last block before the heads (``loupe.train.tower``); 0
+    # keeps the towers frozen, as they are pretrained.
+    tower_steps: int = 0
+    tower_batch_size: int = 64  # products per tower step
+    tower_photos_per_product: int = 2  # shopper photos per product per tower step
+    tower_learning_rate: float = 1e-4
     eval_every: int = 100  # steps between evaluations (progress lines)
     eval_queries: int = 2000  # products asked for per split and evaluation, at most (sampled)
     seed: int = 0
@@ -40,9 +46,19 @@ class TrainConfig:
             raise ValueError(
                 f"query_words_share must be within [0, 1], got {self.query_words_share}"
             )
-        for name in ("views", "steps", "batch_size", "eval_every", "photos_per_product"):
+        for name in (
+            "views",
+            "steps",
+            "batch_size",
+            "eval_every",
+            "photos_per_product",
+            "tower_batch_size",
+            "tower_photos_per_product",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.tower_steps < 0:
+            raise ValueError(f"tower_steps must be at least 0, got {self.tower_steps}")
         if self.batch_size < 2:
             raise ValueError(
                 f"batch_size must be at least 2 (in-batch negatives), got {self.batch_size}"

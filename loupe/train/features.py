@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.encoders.images import DecodeLimits
+from loupe.encoders.preprocess import Photo
+from loupe.encoders.tower_tail import TowerTail, trunk
 from loupe.progress import progress
 from loupe.train.augment import shopper_photo, studio_photo
 from loupe.train.queries import evaluation_query, training_queries
@@ -36,6 +39,17 @@ log = logging.getLogger(__name__)
 
 FEATURE_FORMAT = "6"  # bump when the simulator or the query templates change: stale cache
 PRODUCTS_PER_CHUNK = 8  # products whose photos are simulated and encoded together
+
+
+@dataclass(frozen=True)
+class TowerMaps:
+    """The photos' maps where the image tower's tunable tail starts (``encoders.tower_tail``),
+    float16 on the host, row ``i`` product ``i``: what ``loupe.train.tower`` tunes the tail on,
+    and what the pooled image arrays of ``CatalogFeatures`` are the frozen tail's vectors of."""
+
+    catalog: torch.Tensor  # (N, C, h, w)
+    views: torch.Tensor  # (N, K, C, h, w)
+    eval: torch.Tensor  # (N, C, h, w)
 
 
 @dataclass
@@ -51,6 +65,8 @@ class CatalogFeatures:
     view_text: np.ndarray  # (N, K, Dt) a short query text per view
     eval_image: np.ndarray  # (N, Di) a simulated photo training never draws
     eval_text: np.ndarray  # (N, Dt) the held-back query template
+    # The image tower's maps before its tuned tail (``tower_maps``), for tuning the tower.
+    maps: TowerMaps | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -69,6 +85,7 @@ def product_digest(product: TrainingProduct, tower_base: str, views: int, seed: 
 
 
 IMAGE_ARRAYS = ("catalog_image", "view_image", "eval_image")
+MAP_ARRAYS = ("catalog_maps", "view_maps", "eval_maps")
 TEXT_ARRAYS = ("catalog_text", "view_text", "eval_text")
 
 
@@ -80,16 +97,22 @@ def extract_features(
     seed: int,
     cache_dir: Path | None,
     workers: int | None = None,
+    tower_maps: bool = False,
 ) -> CatalogFeatures:
     """Every product's tower vectors, from the cache where present; shows progress. Photos are
     simulated on ``workers`` threads (default: one per CPU; Pillow releases the GIL). Each
     tower's vectors are cached apart (``<cache>/image/<image base>``, ``<cache>/text/<text
-    base>``): changing the text tower computes only texts, the cheap half."""
+    base>``): changing the text tower computes only texts, the cheap half. ``tower_maps``: also
+    the photos' maps where the image tower's tunable tail starts (``maps``; cached apart, about
+    31 KB a photo at 288 pixels), the image vectors computed from them by the frozen tail."""
     workers = workers or min(32, os.cpu_count() or 2)
     chunk_size = max(PRODUCTS_PER_CHUNK, workers)
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
-    halves = {"image": (encoder.image_base, IMAGE_ARRAYS), "text": (encoder.text_base, TEXT_ARRAYS)}
+    image_half = (encoder.image_base, IMAGE_ARRAYS)
+    if tower_maps:
+        image_half = (f"{encoder.image_base}-maps", IMAGE_ARRAYS + MAP_ARRAYS)
+    halves = {"image": image_half, "text": (encoder.text_base, TEXT_ARRAYS)}
     rows: dict[str, list[dict[str, np.ndarray] | None]] = {
         h: [None] * len(products) for h in halves
     }
@@ -112,6 +135,7 @@ def extract_features(
         views + 2,
     )
     todo = sorted(set(missing["image"]) | set(missing["text"]))
+    tail = TowerTail(encoder.image_encoder).to(encoder.device).eval() if tower_maps else None
     if todo:
         with (
             ThreadPoolExecutor(workers, thread_name_prefix="simulate") as pool,
@@ -122,7 +146,7 @@ def extract_features(
                 need = {h: [i for i in chunk if rows[h][i] is None] for h in halves}
                 computed = {
                     "image": _compute_images(
-                        encoder, [products[i] for i in need["image"]], views, seed, pool
+                        encoder, [products[i] for i in need["image"]], views, seed, pool, tail
                     ),
                     "text": _compute_texts(
                         encoder, [products[i] for i in need["text"]], views, seed
@@ -140,9 +164,13 @@ def extract_features(
         for half, (_, names) in halves.items()
         for name in names
     }
+    maps = None
+    if tower_maps:
+        maps = TowerMaps(*(torch.from_numpy(arrays.pop(name)) for name in MAP_ARRAYS))
     return CatalogFeatures(
         keys=[p.key for p in products],
         categories=np.array(categories) if all(categories) else None,
+        maps=maps,
         **arrays,
     )
 
@@ -161,6 +189,7 @@ def _compute_images(
     views: int,
     seed: int,
     pool: ThreadPoolExecutor,
+    tail: TowerTail | None = None,
 ) -> list[dict[str, np.ndarray]]:
     if not products:
         return []
@@ -171,20 +200,50 @@ def _compute_images(
         )
         for photo in product_photos
     ]  # per product: `views` training photos, then the evaluation photo
+    if tail is not None:
+        catalog = [Photo(p.image, p.media_type) for p in products]
+        return _rows_with_maps(encoder, tail, catalog, [Photo(p) for p in photos], views)
     items = [EncodeInput(image=p.image, media_type=p.media_type) for p in products]
     items += [EncodeInput(image=photo) for photo in photos]
     vectors = tower_vectors(encoder, items, "image")
-    catalog, simulated = vectors[: len(products)], vectors[len(products) :]
+    return _image_rows(vectors, len(products), views)
+
+
+def _image_rows(vectors: Sequence, products: int, views: int, suffix: str = "image") -> list:
+    """Per product, its catalog photo's, ``views`` training photos' and the progress photo's
+    rows of ``vectors`` (the catalog photos first, then each product's simulated ones)."""
+    catalog, simulated = vectors[:products], vectors[products:]
     rows = []
-    for n in range(len(products)):
+    for n in range(products):
         photos_n = simulated[n * (views + 1) : (n + 1) * (views + 1)]
         rows.append(
             {
-                "catalog_image": catalog[n].astype(np.float16),
-                "view_image": np.stack(photos_n[:views]).astype(np.float16),
-                "eval_image": photos_n[views].astype(np.float16),
+                f"catalog_{suffix}": np.asarray(catalog[n]).astype(np.float16),
+                f"view_{suffix}": np.stack(photos_n[:views]).astype(np.float16),
+                f"eval_{suffix}": np.asarray(photos_n[views]).astype(np.float16),
             }
         )
+    return rows
+
+
+def _rows_with_maps(
+    encoder: FusedEncoder, tail: TowerTail, catalog: list[Photo], simulated: list[Photo], views: int
+) -> list[dict[str, np.ndarray]]:
+    """``_image_rows`` with the photos' trunk maps beside their vectors, both from one pass:
+    the trunk, then the frozen tail (the rest of the tower, its pooling included)."""
+    maps, vectors = [], []
+    photos = catalog + simulated
+    for start in range(0, len(photos), 32):
+        pixels, _, failures = encoder.preprocessor.batch(photos[start : start + 32])
+        if failures:  # the products were checked when read: a failure here is a bug
+            raise RuntimeError(f"encoding training photos failed: {next(iter(failures.values()))}")
+        with torch.inference_mode():
+            chunk = trunk(encoder.image_encoder, pixels)
+            vectors += list(tail(chunk).float().cpu().numpy())
+        maps += list(chunk.half().cpu().numpy())
+    rows = _image_rows(vectors, len(catalog), views)
+    for row, with_maps in zip(rows, _image_rows(maps, len(catalog), views, "maps"), strict=True):
+        row.update(with_maps)
     return rows
 
 

@@ -8,17 +8,22 @@ serving it means a new collection, never vectors of two models in one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from loupe.consumers.settings import Settings
 from loupe.encoders.fused import FusedEncoder
-from loupe.encoders.fusion import fusion_digest, save_fusion
-from loupe.encoders.model import model_version
+from loupe.encoders.fusion import checkpoint_digest, save_fusion
+from loupe.encoders.model import base_version, model_version
+from loupe.encoders.tower_tail import tail_start
 from loupe.train.config import TrainConfig
 from loupe.train.features import extract_features
 from loupe.train.source import CatalogSourceError, TrainingProduct
+from loupe.train.tower import through_tail, tune_tower
 from loupe.train.trainer import TrainResult, held_out_mask, train
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ def train_checkpoint(
     out: Path | None = None,
     use_cache: bool = True,
     on_evaluation: Callable[[dict], None] | None = None,
+    on_tower_progress: Callable[[dict], None] | None = None,
 ) -> TrainedCheckpoint:
     """Train on ``products`` from the encoder's current fusion model and save the checkpoint
     (``out``, or ``<state_dir>/models/fusion-<hash>.safetensors``)."""
@@ -68,19 +74,48 @@ def train_checkpoint(
             f"--holdout {config.holdout} keeps {int((~held).sum())} of {len(products)} products "
             "for training; lower it (the default is 0.2)"
         )
+    if config.tower_steps:
+        tail_start(encoder.image_encoder)  # refuses a tower without a tunable tail, up front
     features = extract_features(
         encoder,
         products,
         views=config.views,
         seed=config.seed,
         cache_dir=state_dir / "train-cache" if use_cache else None,
+        tower_maps=config.tower_steps > 0,
     )
+    tower: dict[str, torch.Tensor] = {}
+    heads_features = features
+    if config.tower_steps:
+        started = time.perf_counter()
+        tail = tune_tower(
+            encoder.image_encoder,
+            features,
+            config,
+            device=encoder.device,
+            on_progress=on_tower_progress,
+        )
+        tower = tail.tower_tensors()
+        heads_features = through_tail(features, tail, encoder.device)
+        log.info("image tower tuned in %.0f s", time.perf_counter() - started)
     result = train(
-        features, encoder.fusion, config, device=encoder.device, on_evaluation=on_evaluation
+        heads_features,
+        encoder.fusion,
+        config,
+        device=encoder.device,
+        on_evaluation=on_evaluation,
+        baseline=features if tower else None,
     )
-    digest = fusion_digest(result.model)
+    digest = checkpoint_digest(result.model, tower)
     path = out or default_checkpoint_path(state_dir, digest)
-    save_fusion(result.model.cpu(), path, base=encoder.base_version, training=result.record(config))
+    save_fusion(
+        result.model.cpu(),
+        path,
+        base=encoder.base_version,
+        training=result.record(config),
+        image_tower=tower,
+    )
+    base = base_version(encoder.image_encoder, encoder.text_encoder, encoder.fit, tower)
     return TrainedCheckpoint(
-        path=path, model_version=model_version(encoder.base_version, result.model), result=result
+        path=path, model_version=model_version(base, result.model), result=result
     )

@@ -125,9 +125,12 @@ def train(
     *,
     device: torch.device | None = None,
     on_evaluation: Callable[[dict], None] | None = None,
+    baseline: CatalogFeatures | None = None,
 ) -> TrainResult:
     """Train a copy of ``model`` (its untrained state is the frozen reference); return it with
-    the scores before and after. ``on_evaluation`` gets each progress record."""
+    the scores before and after. ``on_evaluation`` gets each progress record. ``baseline``: the
+    features the scores before are measured on, when ``features`` are a tuned tower's (the
+    frozen towers' vectors: what the service answered with before training)."""
     device = device or torch.device("cpu")
     started = time.perf_counter()
     held = held_out_mask(features.keys, config.holdout, config.seed)
@@ -156,9 +159,16 @@ def train(
     def scores(m: FusionModel) -> Scores:
         return _scores(m, data, features.categories, held, config.eval_queries)
 
+    before = (
+        scores(frozen)
+        if baseline is None
+        else _scores(
+            frozen, _Tensors(baseline, device), baseline.categories, held, config.eval_queries
+        )
+    )
     result = TrainResult(
         model=trained,
-        before=scores(frozen),
+        before=before,
         after={},
         products=len(features),
         held_out=int(held.sum()),

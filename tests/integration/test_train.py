@@ -50,21 +50,23 @@ def test_train_from_the_products_topic_then_serve_the_checkpoint(
         monkeypatch.setenv("LOUPE_PRODUCTS_TOPIC", topic)
         monkeypatch.setenv("LOUPE_STATE_DIR", str(tmp_path / "state"))
         monkeypatch.setenv("LOUPE_FETCH_ALLOW_LOOPBACK", "true")
-        code = main(["train", "--views", "3", "--steps", "150", "--out", str(out)])
+        args = ["train", "--views", "3", "--steps", "150", "--tower-steps", "20"]
+        code = main([*args, "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "33 events: 30 products, 1 deleted, 0 superseded, 1 invalid" in printed
     assert "1 products left out: their image could not be read" in printed
     assert "held-out photo" in printed or "held-out:" in printed
     assert "photo+text" in printed and "R@10" in printed
+    assert "20 steps tuning the image tower" in printed and "tower step    20" in printed
 
     checkpoint = load_fusion(out)
     assert checkpoint.training["products"] == 29
+    assert "_conv_head.weight" in checkpoint.image_tower, "the tuned tower travels with the heads"
     losses = checkpoint.training["losses"]
     assert losses[-1] < losses[0], "training lowers the loss"
     summary = json.loads(printed.strip().splitlines()[-1])
     assert summary["checkpoint"] == str(out)
-    assert summary["model_version"].startswith(checkpoint.base)
 
     # Served: a new model version (so a new collection), named after the checkpoint.
     assert main(["embed", "--text", "gold ring", "--json"]) == 0
@@ -73,9 +75,13 @@ def test_train_from_the_products_topic_then_serve_the_checkpoint(
     assert main(["embed", "--text", "gold ring", "--json"]) == 0
     trained = json.loads(capsys.readouterr().out.splitlines()[0])["model_version"]
     assert trained == summary["model_version"] != untrained
+    # The served tower is the tuned one: its weights' identity (so the version) says so.
+    tower = untrained.split(".")[0]  # efficientnet-lite0-<weights>
+    assert trained.startswith(tower + "t") and not checkpoint.base.startswith(tower + "t")
     assert main(["models"]) == 0
-    assert f"fusion: {out} (base {checkpoint.base}; trained on 29 products" in (
-        capsys.readouterr().out
+    assert (
+        f"fusion: {out} (base {checkpoint.base}; trained on 29 products, the image tower's last "
+        "block tuned" in capsys.readouterr().out
     )
 
     # Heads trained on one preprocessing are refused on another, with a way out.

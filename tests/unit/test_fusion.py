@@ -175,7 +175,7 @@ def test_loading_something_else_says_so(tmp_path):
         str(old),
         metadata={"loupe.fusion.config": json.dumps(asdict(CONFIG))},
     )
-    with pytest.raises(WeightsNotFound, match="format 1; this Loupe reads format 2"):
+    with pytest.raises(WeightsNotFound, match="format 1; this Loupe reads formats 2, 3"):
         load_fusion(old)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
