@@ -237,7 +237,7 @@ def _rows_with_maps(
         pixels, _, failures = encoder.preprocessor.batch(photos[start : start + 32])
         if failures:  # the products were checked when read: a failure here is a bug
             raise RuntimeError(f"encoding training photos failed: {next(iter(failures.values()))}")
-        with torch.inference_mode():
+        with torch.inference_mode(), encoder.runtime.autocast():  # as the service encodes
             chunk = trunk(encoder.image_encoder, pixels)
             vectors += list(tail(chunk).float().cpu().numpy())
         maps += list(chunk.half().cpu().numpy())
