@@ -24,6 +24,7 @@ import torch
 from loupe.encoders.image_towers import ImageEncoder
 from loupe.encoders.tower_tail import TowerTail
 from loupe.train.config import TrainConfig
+from loupe.train.evaluate import retrieval_scores
 from loupe.train.features import CatalogFeatures, TowerMaps
 from loupe.train.objective import info_nce, neighbourhood_kl
 from loupe.train.trainer import held_out_mask
@@ -141,10 +142,8 @@ def _progress_recall(
     tail: TowerTail, maps: TowerMaps, mask: np.ndarray, device: torch.device, most: int
 ) -> float:
     """Photo R@1 of (at most ``most`` of) the ``mask``ed products' progress photos against the
-    whole catalog."""
+    whole catalog, ranked as ``loupe.train.evaluate`` ranks every query."""
     rows = np.flatnonzero(mask)[:most]
-    catalog = torch.from_numpy(_vectors(tail, maps.catalog, device).astype(np.float32))
+    catalog = _vectors(tail, maps.catalog, device).astype(np.float32)
     asked = _vectors(tail, maps.eval[torch.from_numpy(rows)], device).astype(np.float32)
-    scores = torch.from_numpy(asked) @ catalog.T  # (q, N)
-    own = scores[torch.arange(len(rows)), torch.from_numpy(rows)][:, None]
-    return float(((scores > own).sum(dim=1) == 0).float().mean())
+    return retrieval_scores(asked, catalog, recall=True, categories=None, rows=rows).recall_at_1

@@ -159,13 +159,8 @@ def train(
     def scores(m: FusionModel) -> Scores:
         return _scores(m, data, features.categories, held, config.eval_queries)
 
-    before = (
-        scores(frozen)
-        if baseline is None
-        else _scores(
-            frozen, _Tensors(baseline, device), baseline.categories, held, config.eval_queries
-        )
-    )
+    before_data = data if baseline is None else _Tensors(baseline, device)
+    before = _scores(frozen, before_data, features.categories, held, config.eval_queries)
     result = TrainResult(
         model=trained,
         before=before,
