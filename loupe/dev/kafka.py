@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -21,12 +20,12 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loupe.consumers.errors import LoupeError
 from loupe.consumers.kafka_io import answers_metadata
+from loupe.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +62,6 @@ def _require_tool(name: str, purpose: str) -> str:
             "maven`) and try again."
         )
     return path
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise jar provisioning between processes (two test sessions, a test and a user)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # The broker's runtime jars; nothing is built from it. Kafka 4.1 logs through SLF4J 1.7: route it
@@ -123,7 +110,7 @@ def provision_jars(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     marker = libs / ".complete"
     if marker.exists():
         return libs
-    with _file_lock(cache_dir / f"{KAFKA_VERSION}.lock"):
+    with file_lock(cache_dir / f"{KAFKA_VERSION}.lock"):
         if marker.exists():
             return libs
         mvn = _require_tool("mvn", "download Apache Kafka's jars from Maven Central")

@@ -20,15 +20,16 @@ ALLOWED = {
     "schemas": {"schemas"},
     # The model knows nothing of the wire contract nor of Kafka: it raises its own exceptions
     # (encoders/errors.py), which the consumers map to the contract's error codes.
-    "encoders": {"encoders"},
+    "encoders": {"encoders", "locks"},
     "consumers": {"consumers", "encoders", "schemas"},
     "client": {"client", "consumers", "encoders", "schemas"},
     "progress": {"progress"},
+    "locks": {"locks"},
     # Training never sees the simulators it is judged by (loupe.evaluation imports it, not the
     # other way round).
     "train": {"train", "progress", "consumers", "encoders", "schemas"},
     "evaluation": {"evaluation", "train", "progress", "consumers", "encoders", "schemas"},
-    "dev": {"dev", "train", "consumers", "encoders", "schemas"},
+    "dev": {"dev", "train", "consumers", "encoders", "schemas", "locks"},
     "demo": {
         "demo",
         "dev",
