@@ -1,6 +1,8 @@
 """Retrieval quality of the fusion model on the real jewelry catalog, judged by simulators that
-training never uses: untrained and trained as `loupe train` trains, side by side, over several
-seeds; ``--ablation`` adds InfoNCE alone and Loupe's training without each of its other choices.
+training never uses: untrained, trained as `loupe train` trains (the image view whitened, the
+fusion trained), and trained as it did before the whitening (the heads, the image one
+included), side by side over several seeds; ``--ablation`` adds InfoNCE alone, the image head
+trained on the whitened view, and Loupe's training without each of its other choices.
 
 Every product is asked for three ways: a shopper photo, that photo with a short text (the
 held-back ``subcategory`` template, e.g. "diamond ring"), and the text alone; the index is the
@@ -103,11 +105,15 @@ def main() -> None:
     cache = settings.state_dir / "train-cache"
     products = training_products(load_catalog()[: args.limit])
     print(f"{len(products)} products; model base {encoder.base_version} on {encoder.device}")
-    variants = {"Loupe": {}}
+    # What `loupe train` did before the image view was whitened, beside what it does now.
+    before = {"whitening_shrinkage": 0.0, "train_image_head": True}
+    variants = {"heads, not whitened": before, "Loupe": {}}
     if args.ablation:
         variants = {
-            "InfoNCE alone": {"neighbourhood_weight": 0.0},
+            "InfoNCE alone": {**before, "neighbourhood_weight": 0.0},
+            "heads, not whitened": before,
             "Loupe": {},
+            "image head trained": {"train_image_head": True},
             "query target: fused": {"query_words_share": 0.0},
             "text head trained": {"train_text_head": True},
         }

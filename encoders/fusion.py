@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ class FusionConfig:
     n_heads: int = 4  # attention heads; must divide token_dim
     image_weight: float = 0.5  # share of the fused cosine that comes from the image (0..1)
     head_rank: int = 128  # rank of the residual projection heads; 0: no heads (identity views)
+    # A fixed linear map of the image vector before its head (``ImageWhitening``), fitted by
+    # ``loupe train``; off in the untrained model.
+    image_whitening: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_dim", "text_dim"):
@@ -146,6 +149,21 @@ class ProjectionHead(nn.Module):
         return x + self.up(self.down(x))  # (B, D)
 
 
+class ImageWhitening(nn.Module):
+    """``normalize((x - mean) @ matrix)``: the image vector with the directions in which a
+    shopper's photo of a product differs from its catalog photo (crop, light, blur) shrunk, and
+    the others kept. Not learnt by gradient: ``loupe train`` fits it in closed form from the
+    simulated photos (``loupe.train.whitening``). Starts as the identity."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("matrix", torch.eye(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize((x.float() - self.mean) @ self.matrix, dim=-1)  # (B, D)
+
+
 class FusionModel(nn.Module):
     """The three views from the towers' vectors: ``image``, ``text`` and ``fused``, each unit
     length. This is what a fusion checkpoint holds and what ``loupe train`` fits."""
@@ -153,19 +171,39 @@ class FusionModel(nn.Module):
     def __init__(self, config: FusionConfig) -> None:
         super().__init__()
         self.config = config
+        self.image_whitening = ImageWhitening(config.image_dim) if config.image_whitening else None
         self.image_head = ProjectionHead(config.image_dim, config.head_rank, seed=1)
         self.text_head = ProjectionHead(config.text_dim, config.head_rank, seed=2)
         self.attention = AttentionFusion(config)
 
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The image view before its final normalisation: whitened if so fitted, then the head."""
+        if self.image_whitening is not None:
+            image = self.image_whitening(image)
+        return self.image_head(image)  # (B, image_dim)
+
     def image(self, image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_head(image), dim=-1)  # (B, image_dim)
+        return F.normalize(self.image_features(image), dim=-1)  # (B, image_dim)
 
     def text(self, text: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_head(text), dim=-1)  # (B, text_dim)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The fused view of image and text vectors of the same items: ``(B, image + text)``."""
-        return self.attention(self.image_head(image), self.text_head(text))
+        return self.attention(self.image_features(image), self.text_head(text))
+
+
+def with_image_whitening(
+    model: FusionModel, mean: torch.Tensor, matrix: torch.Tensor
+) -> FusionModel:
+    """A copy of ``model`` whose image vectors are whitened by ``(mean, matrix)`` before its
+    image head (``ImageWhitening``); its other weights are ``model``'s."""
+    whitened = FusionModel(replace(model.config, image_whitening=True))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("image_whitening.")}
+    state["image_whitening.mean"] = mean.detach().float().cpu()
+    state["image_whitening.matrix"] = matrix.detach().float().cpu()
+    whitened.load_state_dict(state, strict=True)
+    return whitened
 
 
 _CONFIG_KEY = "loupe.fusion.config"
@@ -224,7 +262,7 @@ def save_fusion(
         tensors[TOWER_PREFIX + name] = tensor.detach().cpu().contiguous()
     metadata = {
         _FORMAT_KEY: _FORMAT,
-        _CONFIG_KEY: json.dumps(asdict(module.config)),
+        _CONFIG_KEY: json.dumps(config_record(module.config)),
         _BASE_KEY: base,
         _TRAINING_KEY: json.dumps(training or {}, sort_keys=True),
     }
@@ -284,8 +322,23 @@ def checkpoint_digest(
 
 def fusion_digest(module: FusionModel) -> str:
     """A short hash of the config and weights: part of the model version."""
-    digest = hashlib.sha256(json.dumps(asdict(module.config), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(config_record(module.config), sort_keys=True).encode())
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:8]
+
+
+# Fields added to FusionConfig after checkpoint format 2, with the value that leaves the model
+# as it was: written only when set otherwise, so that the untrained model and earlier
+# checkpoints keep their model versions (and their collections).
+_LATER_FIELDS = {"image_whitening": False}
+
+
+def config_record(config: FusionConfig) -> dict:
+    """``config`` as a checkpoint and the model version record it."""
+    record = asdict(config)
+    for name, unchanged in _LATER_FIELDS.items():
+        if record[name] == unchanged:
+            del record[name]
+    return record

@@ -155,9 +155,10 @@ def _fusion_summary(path: Path | None) -> str:
     held = record.get("after", {}).get("held_out", {}).get("photo", {})
     measured = f", held-out photo R@1 {held['recall_at_1']:.3f}" if held.get("recall_at_1") else ""
     tuned = ", the image tower's last block tuned" if checkpoint.image_tower else ""
+    whitened = ", the image view whitened" if checkpoint.model.config.image_whitening else ""
     return (
         f"{path} (base {checkpoint.base}; trained on {record.get('products', '?')} products"
-        f"{tuned}{measured})"
+        f"{tuned}{whitened}{measured})"
     )
 
 

@@ -28,7 +28,16 @@ class TrainConfig:
     # tower's vectors and the fusion reads them as they are. Trained, it gained nothing for
     # text-only queries and cost photo + text recall (bench.quality --ablation).
     train_text_head: bool = False
+    # Train the image view's head. Off (the default): photo queries use the whitened tower
+    # vectors as they are, and the fusion alone learns. On top of the whitening the head gave
+    # photo-only answers more of the product's category after the first hit, and cost 1 to 5
+    # points of R@1 on photos that cut the product (bench.quality --ablation; docs/training.md).
+    train_image_head: bool = False
     head_rank: int = 128  # rank of the residual projection heads
+    # The image view's whitening (``loupe.train.whitening``), fitted before the heads are
+    # trained: its shrinkage toward the identity, larger keeps more of the tower's own
+    # geometry; 0 fits none (the heads alone read the tower's vectors).
+    whitening_shrinkage: float = 1.0
     # Steps tuning the image tower's last block before the heads (``loupe.train.tower``); 0
     # keeps the towers frozen, as they are pretrained.
     tower_steps: int = 0
@@ -57,6 +66,10 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.whitening_shrinkage < 0:
+            raise ValueError(
+                f"whitening_shrinkage must be at least 0, got {self.whitening_shrinkage}"
+            )
         if self.tower_steps < 0:
             raise ValueError(f"tower_steps must be at least 0, got {self.tower_steps}")
         if self.batch_size < 2:

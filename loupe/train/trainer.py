@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from loupe.encoders.fusion import FusionModel
+from loupe.encoders.fusion import FusionModel, with_image_whitening
 from loupe.train.config import TrainConfig
 from loupe.train.evaluate import RetrievalScores, evaluate
 from loupe.train.features import CatalogFeatures
 from loupe.train.objective import info_nce, neighbourhood_kl
+from loupe.train.whitening import fit_whitening
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,21 @@ def train(
     frozen = copy.deepcopy(model).to(device).eval()
     for parameter in frozen.parameters():
         parameter.requires_grad_(False)
-    trained = copy.deepcopy(model).to(device).train()
+    trained = copy.deepcopy(model)
+    if config.whitening_shrinkage:
+        fitted = fit_whitening(
+            features.catalog_image,
+            features.view_image,
+            train_rows,
+            config.whitening_shrinkage,
+            device,
+        )
+        trained = with_image_whitening(trained, *fitted)
+    trained = trained.to(device).train()
     if not config.train_text_head:
         trained.text_head.requires_grad_(False)
+    if not config.train_image_head:
+        trained.image_head.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     optimiser = torch.optim.AdamW(
@@ -223,12 +236,12 @@ def _loss(
     words = data.view_text[asked, pick_text].float()  # (Q, Dt) a short query text each
     image, text = data.catalog_image[rows].float(), data.catalog_text[rows].float()  # (B, .)
 
-    query_image, index_image = model.image(photo), model.image(image)  # (Q, Di), (B, Di)
     query_fused, index_fused = model(photo, words), model(image, text)  # (Q, D), (B, D)
     t = config.temperature
-    loss = info_nce(query_image, index_image, t, own)
-    if config.fused_weight:
-        loss = loss + config.fused_weight * info_nce(query_fused, index_fused, t, own)
+    loss = config.fused_weight * info_nce(query_fused, index_fused, t, own)
+    if config.train_image_head:  # else the image view has nothing to learn: leave it out
+        query_image, index_image = model.image(photo), model.image(image)  # (Q, Di), (B, Di)
+        loss = loss + info_nce(query_image, index_image, t, own)
     if config.neighbourhood_weight:
         with torch.no_grad():
             f_index_fused, f_query_fused = frozen(image, text), frozen(photo, words)
@@ -236,17 +249,10 @@ def _loss(
         tn = config.neighbourhood_temperature
         share = config.query_words_share
         keep = (
-            # catalog to catalog: the index's own neighbourhoods. The image view learns them
-            # from the frozen fused view (image + text), whose neighbours share a category far
-            # more often than the image view's alone: a photo-only query then finds the
-            # photographed product first and products of its kind after it.
-            neighbourhood_kl(f_index_fused @ f_index_fused.T, index_image @ index_image.T, tn)
-            + neighbourhood_kl(f_index_fused @ f_index_fused.T, index_fused @ index_fused.T, tn)
+            # catalog to catalog: the index's own neighbourhoods.
+            neighbourhood_kl(f_index_fused @ f_index_fused.T, index_fused @ index_fused.T, tn)
             # query to catalog, own product left out: what a query finds besides its product.
             # A photo + text query's: products that look like it and match its words.
-            + neighbourhood_kl(
-                (f_index_fused @ f_index_fused.T)[own], query_image @ index_image.T, tn, own=own
-            )
             + neighbourhood_kl(
                 (1 - share) * (f_query_fused @ f_index_fused.T)
                 + share * (f_query_text @ f_index_text.T),
@@ -255,6 +261,21 @@ def _loss(
                 own=own,
             )
         )
+        if config.train_image_head:
+            # The image view learns its neighbourhoods from the frozen fused view (image +
+            # text), whose neighbours share a category far more often than the image view's
+            # alone: a photo-only query then finds the photographed product first and products
+            # of its kind after it.
+            keep = (
+                keep
+                + neighbourhood_kl(f_index_fused @ f_index_fused.T, index_image @ index_image.T, tn)
+                + neighbourhood_kl(
+                    (f_index_fused @ f_index_fused.T)[own],
+                    query_image @ index_image.T,
+                    tn,
+                    own=own,
+                )
+            )
         if config.train_text_head:  # else the text view is the frozen one: nothing to keep
             query_text, index_text = model.text(words), model.text(text)  # (Q, Dt), (B, Dt)
             keep = keep + neighbourhood_kl(

@@ -59,10 +59,12 @@ def test_train_from_the_products_topic_then_serve_the_checkpoint(
     assert "held-out photo" in printed or "held-out:" in printed
     assert "photo+text" in printed and "R@10" in printed
     assert "20 steps tuning the image tower" in printed and "tower step    20" in printed
+    assert "the image view whitened" in printed
 
     checkpoint = load_fusion(out)
     assert checkpoint.training["products"] == 29
     assert "_conv_head.weight" in checkpoint.image_tower, "the tuned tower travels with the heads"
+    assert checkpoint.model.config.image_whitening, "the whitening travels with the heads"
     losses = checkpoint.training["losses"]
     assert losses[-1] < losses[0], "training lowers the loss"
     summary = json.loads(printed.strip().splitlines()[-1])
@@ -81,7 +83,7 @@ def test_train_from_the_products_topic_then_serve_the_checkpoint(
     assert main(["models"]) == 0
     assert (
         f"fusion: {out} (base {checkpoint.base}; trained on 29 products, the image tower's last "
-        "block tuned" in capsys.readouterr().out
+        "block tuned, the image view whitened" in capsys.readouterr().out
     )
 
     # Heads trained on one preprocessing are refused on another, with a way out.
