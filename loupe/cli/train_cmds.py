@@ -79,7 +79,7 @@ DEFAULTS = TrainConfig()  # the options' defaults are the config's: written once
     "--train-image-head",
     is_flag=True,
     help="Train the image view's head as well: photo-only answers then keep more of the "
-    "product's category after the first hit, for 1 to 5 points less R@1 on photos that cut the "
+    "product's category after the first hit, for up to 4 points less R@1 on photos that cut the "
     "product (docs/training.md, 'Whitening the image view').",
 )
 @click.option(

@@ -30,7 +30,7 @@ class TrainConfig:
     train_text_head: bool = False
     # Train the image view's head. Off (the default): photo queries use the whitened tower
     # vectors as they are, and the fusion alone learns. On top of the whitening the head gave
-    # photo-only answers more of the product's category after the first hit, and cost 1 to 5
+    # photo-only answers more of the product's category after the first hit, and cost up to 4
     # points of R@1 on photos that cut the product (bench.quality --ablation; docs/training.md).
     train_image_head: bool = False
     head_rank: int = 128  # rank of the residual projection heads

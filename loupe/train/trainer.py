@@ -71,14 +71,19 @@ class TrainResult:
 
 def progress_line(record: dict) -> str:
     """One evaluation record (``train``'s ``on_evaluation``) as a progress line: the held-out
-    numbers (the seen ones when nothing is held out)."""
+    numbers (the seen ones when nothing is held out). Photo + text R@1 is photo R@1 (its answer
+    starts with the photo's best match), so the line shows what the fusion moves instead: the
+    share of a photo + text answer in the product's category."""
     split = record["held_out"] or record["seen"]
-    text_p10 = split["text"]["category_p10"]
+
+    def p10(kind: str) -> str:
+        value = split[kind]["category_p10"]
+        return "-" if value is None else f"{value:.3f}"
+
     return (
         f"    step {record['step']:>6}  loss {record['loss']:.4f}  held-out: photo R@1 "
-        f"{split['photo']['recall_at_1']:.3f}  photo+text R@1 "
-        f"{split['photo+text']['recall_at_1']:.3f}  text P@10 "
-        f"{'-' if text_p10 is None else f'{text_p10:.3f}'}  ({record['seconds']:.0f} s)"
+        f"{split['photo']['recall_at_1']:.3f}  photo+text P@10 {p10('photo+text')}  "
+        f"text P@10 {p10('text')}  ({record['seconds']:.0f} s)"
     )
 
 

@@ -440,3 +440,15 @@ def test_a_simulated_photo_is_the_same_bytes_for_the_same_seed():
     first = [shopper_photo(studio, seed) for seed in range(40)]
     assert [shopper_photo(studio, seed) for seed in range(40)] == first
     assert len(set(first)) == 40, "each seed its own photo"
+
+
+def test_a_progress_line_shows_what_training_moves():
+    from loupe.train.trainer import progress_line
+
+    def scores(r1: float, p10: float | None) -> dict:
+        return {"recall_at_1": r1, "recall_at_10": 1.0, "category_p10": p10}
+
+    held = {"photo": scores(0.9, 0.8), "photo+text": scores(0.9, 0.95), "text": scores(0, None)}
+    line = progress_line({"step": 100, "loss": 0.5, "seconds": 12.0, "held_out": held})
+    assert "photo R@1 0.900" in line and "photo+text P@10 0.950" in line
+    assert "text P@10 -" in line and "(12 s)" in line
