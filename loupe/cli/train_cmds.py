@@ -120,11 +120,12 @@ def train(
     max_products: int,
     no_cache: bool,
 ) -> int:
-    """Train the fusion model (projection heads + attention fusion) on the catalog.
+    """Train the fusion model (image whitening, heads, attention fusion) on the catalog.
 
     Reads the latest state of every product (deleted ones left out), simulates shopper photos
-    of each and short query texts from its title and attributes, and fits the heads on top of
-    the towers so that a photo (with or without words) finds its own product, while the
+    of each and short query texts from its title and attributes, fits the image view's
+    whitening to what those photos change (so that a photo finds its own product), then the
+    attention fusion (so that photo + text answers keep to the kind the words name) while the
     catalog's neighbourhoods are kept; with --tower-steps, the image tower's last block is
     tuned first and travels in the checkpoint. Prints the held-out metrics as it goes and, at
     the end, the checkpoint to put into service: LOUPE_FUSION_CHECKPOINT=<path> loupe reindex.
