@@ -150,8 +150,7 @@ def train(
     frozen = copy.deepcopy(model).to(device).eval()
     for parameter in frozen.parameters():
         parameter.requires_grad_(False)
-    trained = copy.deepcopy(model)
-    if config.whitening_shrinkage:
+    if config.whitening_shrinkage:  # a new model with the whitening, the rest model's weights
         fitted = fit_whitening(
             features.catalog_image,
             features.view_image,
@@ -159,7 +158,9 @@ def train(
             config.whitening_shrinkage,
             device,
         )
-        trained = with_image_whitening(trained, *fitted)
+        trained = with_image_whitening(model, *fitted)
+    else:
+        trained = copy.deepcopy(model)
     trained = trained.to(device).train()
     if not config.train_text_head:
         trained.text_head.requires_grad_(False)
@@ -251,11 +252,12 @@ def _loss(
         with torch.no_grad():
             f_index_fused, f_query_fused = frozen(image, text), frozen(photo, words)
             f_index_text, f_query_text = frozen.text(text), frozen.text(words)
+            f_catalog = f_index_fused @ f_index_fused.T  # (B, B) the frozen fused neighbourhoods
         tn = config.neighbourhood_temperature
         share = config.query_words_share
         keep = (
             # catalog to catalog: the index's own neighbourhoods.
-            neighbourhood_kl(f_index_fused @ f_index_fused.T, index_fused @ index_fused.T, tn)
+            neighbourhood_kl(f_catalog, index_fused @ index_fused.T, tn)
             # query to catalog, own product left out: what a query finds besides its product.
             # A photo + text query's: products that look like it and match its words.
             + neighbourhood_kl(
@@ -273,13 +275,8 @@ def _loss(
             # of its kind after it.
             keep = (
                 keep
-                + neighbourhood_kl(f_index_fused @ f_index_fused.T, index_image @ index_image.T, tn)
-                + neighbourhood_kl(
-                    (f_index_fused @ f_index_fused.T)[own],
-                    query_image @ index_image.T,
-                    tn,
-                    own=own,
-                )
+                + neighbourhood_kl(f_catalog, index_image @ index_image.T, tn)
+                + neighbourhood_kl(f_catalog[own], query_image @ index_image.T, tn, own=own)
             )
         if config.train_text_head:  # else the text view is the frozen one: nothing to keep
             query_text, index_text = model.text(words), model.text(text)  # (Q, Dt), (B, Dt)
