@@ -82,8 +82,8 @@ def main() -> None:
         type=int,
         default=0,
         help="also tune the image tower's last block this many steps (loupe train --tower-steps) "
-        "and report it alone and with the heads trained on it, its query photos encoded by the "
-        "tuned tower as the service would",
+        "and report it alone and with the rest of training (whitening, fusion) on top, its query "
+        "photos encoded by the tuned tower as the service would",
     )
     parser.add_argument(
         "--languages",
@@ -183,19 +183,23 @@ def main() -> None:
 
 def tuned_tower_runs(encoder, settings, products, features, config: TrainConfig):
     """``(simulator, {model: scores})`` of the image tower tuned as ``loupe train
-    --tower-steps`` tunes it: alone (untrained heads), and with the heads trained on its
-    vectors. The evaluation photos are encoded by the tuned tower through a checkpoint loaded
-    as the service loads one."""
+    --tower-steps`` tunes it: alone (the untrained model on top), and with what ``loupe train``
+    fits on its vectors (the whitening, the fusion). The evaluation photos are encoded by the
+    tuned tower through a checkpoint loaded as the service loads one."""
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     tail = tune_tower(encoder.image_encoder, features, config, device=encoder.device)
     tuned = through_tail(features, tail, encoder.device)
     torch.manual_seed(config.seed)
-    heads = train(tuned, encoder.fusion, config, device=encoder.device).model
-    print(f"  tower tuned and heads trained in {time.perf_counter() - started:.0f} s", flush=True)
+    trained = train(tuned, encoder.fusion, config, device=encoder.device).model
+    print(
+        f"  tower tuned and the rest trained in {time.perf_counter() - started:.0f} s", flush=True
+    )
     with tempfile.TemporaryDirectory() as where:
         path = Path(where) / "tuned.safetensors"
-        save_fusion(heads.cpu(), path, base=encoder.base_version, image_tower=tail.tower_tensors())
+        save_fusion(
+            trained.cpu(), path, base=encoder.base_version, image_tower=tail.tower_tensors()
+        )
         profile = settings.model_copy(update={"fusion_checkpoint": path}).model_profile()
         served = FusedEncoder.from_profile(profile)
     try:
@@ -209,7 +213,10 @@ def tuned_tower_runs(encoder, settings, products, features, config: TrainConfig)
                     name: evaluate_splits(
                         model, tuned, config, device=encoder.device, queries=queries
                     )
-                    for name, model in (("tower tuned", encoder.fusion), ("tower + heads", heads))
+                    for name, model in (
+                        ("tower tuned", encoder.fusion),
+                        ("tower + whitening", trained),
+                    )
                 },
             )
     finally:
