@@ -86,6 +86,14 @@ def main() -> None:
         "photos encoded by the tuned tower as the service would",
     )
     parser.add_argument(
+        "--photo-kind-weight",
+        type=float,
+        default=0.0,
+        help="also rank Loupe's photo-only answers as LOUPE_PHOTO_KIND_WEIGHT does: the best "
+        "match first, then the image view's top 50 by image cosine plus this times the fused-view "
+        "cosine with the best match",
+    )
+    parser.add_argument(
         "--languages",
         action="store_true",
         help="only the text table: English and Chinese queries and catalogs, both text towers",
@@ -152,6 +160,17 @@ def main() -> None:
                     scores = evaluate_splits(
                         model, features, config, device=encoder.device, queries=asked
                     )
+                    runs[sim].setdefault(name, []).append(scores)
+                if args.photo_kind_weight > 0 and label == "Loupe":
+                    scores = evaluate_splits(
+                        result.model,
+                        features,
+                        config,
+                        device=encoder.device,
+                        queries=asked,
+                        photo_kind_weight=args.photo_kind_weight,
+                    )
+                    name = f"Loupe, kind kept ({args.photo_kind_weight:g})"
                     runs[sim].setdefault(name, []).append(scores)
                 if args.ablation and label == "Loupe":
                     scores = evaluate_splits(

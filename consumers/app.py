@@ -243,6 +243,7 @@ class Application:
             response_topic=settings.search_responses_topic,
             encode_lock=encode_lock,
             fetch_workers=settings.fetch_workers,
+            photo_kind_weight=settings.photo_kind_weight,
         )
 
     def close_publishers(self) -> None:

@@ -1,15 +1,17 @@
 """The search consumer: every request gets exactly one visible answer, then its offset commits.
 
 A request is encoded (photo, text or both), searched in the view that fits (image only ->
-``image``, text only -> ``text``, both -> ``fused``, with the image view's best match first:
-``ranking.py``) within the merchant scope and filters, and answered on ``reply_to`` or the
-default response topic, keyed and correlated by ``request_id``.
+``image``, text only -> ``text``, both -> ``fused``, with the image view's best match first;
+a photo alone can keep that match's kind after it: ``ranking.py``) within the merchant scope
+and filters, and answered on ``reply_to`` or the default response topic, keyed and correlated
+by ``request_id``.
 A request that cannot be served is answered with ``status: "error"`` and also dead-lettered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff
 from loupe.consumers.live_model import LiveModel
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
-from loupe.consumers.ranking import anchored
+from loupe.consumers.ranking import KIND_CANDIDATES, anchored, kind_kept
 from loupe.consumers.worker import BatchWorker
 from loupe.encoders.fused import EncodeInput
 from loupe.schemas.common import Price, is_identifier
@@ -69,6 +71,7 @@ class SearchService(BatchWorker):
         poll_timeout_ms: int = 200,
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
+        photo_kind_weight: float = 0.0,
     ) -> None:
         super().__init__(
             consumer=consumer,
@@ -82,6 +85,7 @@ class SearchService(BatchWorker):
         self.fetcher = fetcher
         self.response_topic = response_topic
         self.encode_lock = encode_lock
+        self.photo_kind_weight = photo_kind_weight  # ranking.kind_kept; 0: the image view alone
         self._answered: list[SearchRequested] = []
         self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self._known_topics: set[str] = set()
@@ -181,7 +185,7 @@ class SearchService(BatchWorker):
     def _search(self, queries: list[_Query]) -> None:
         if not queries:
             return
-        lookups = [_index_query(q) for q in queries]
+        lookups = [_index_query(q, self.photo_kind_weight) for q in queries]
         anchors = [_anchor_query(q) for q in queries]  # photo + text: the image view's best
         batch = lookups + [a for a in anchors if a is not None]
         self.keep_alive_if_due()
@@ -208,6 +212,14 @@ class SearchService(BatchWorker):
             if failed is not None:
                 query.error = failed
                 continue
+            if _keeps_kind(lookup, self.photo_kind_weight):
+                hits = kind_kept(
+                    hits,
+                    query.request.top_k,
+                    self.photo_kind_weight,
+                    score=lambda h: h.score,
+                    fused=lambda h: h.vectors.get("fused"),
+                )
             ranked = [_hit(h, lookup.view, query.vectors) for h in hits]
             first = None
             if best:
@@ -216,7 +228,7 @@ class SearchService(BatchWorker):
                 if score is not None:  # scored in the view the query used, as the others
                     first = first.model_copy(update={"score": score})
             query.hits = anchored(
-                ranked, first, lookup.top_k, key=lambda h: (h.merchant_id, h.product_id)
+                ranked, first, query.request.top_k, key=lambda h: (h.merchant_id, h.product_id)
             )
 
     def _search_one(self, lookup: IndexQuery) -> list[IndexHit]:
@@ -306,11 +318,24 @@ class _Query:
         return self.error is None
 
 
-def _index_query(query: _Query) -> IndexQuery:
-    """The view that fits the query: fused for photo + text, else the one it has."""
+def _index_query(query: _Query, photo_kind_weight: float = 0.0) -> IndexQuery:
+    """The view that fits the query: fused for photo + text, else the one it has. A photo alone
+    whose answer keeps the best match's kind asks for more candidates, with their fused
+    vectors (``ranking.kind_kept``)."""
     vectors = query.vectors
     view = "fused" if "fused" in vectors else ("image" if "image" in vectors else "text")
-    return _lookup(query, view, query.request.top_k)
+    lookup = _lookup(query, view, query.request.top_k)
+    if view == "image" and photo_kind_weight > 0:
+        lookup = dataclasses.replace(
+            lookup,
+            top_k=max(lookup.top_k, KIND_CANDIDATES),
+            with_vectors=[*lookup.with_vectors, "fused"],
+        )
+    return lookup
+
+
+def _keeps_kind(lookup: IndexQuery, photo_kind_weight: float) -> bool:
+    return lookup.view == "image" and photo_kind_weight > 0
 
 
 def _anchor_query(query: _Query) -> IndexQuery | None:

@@ -107,6 +107,15 @@ class Settings(BaseSettings):
         description="search requests per batch: fetched together, encoded in one call, searched in "
         "one index call, answered and committed together (`bench.search --burst 236`)",
     )
+    photo_kind_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="photo-only answers: after the best match, rank the image view's top 50 by "
+        "image cosine plus this times their fused-view cosine with the best match, so that the "
+        "rest keeps the photographed product's kind (0: the image view alone; 0.5 measured in "
+        "docs/training.md, Limits)",
+    )
     max_poll_interval_ms: int = Field(
         300_000,
         ge=10_000,

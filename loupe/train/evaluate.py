@@ -7,6 +7,8 @@ measure is where its own product ranks (recall@1, recall@10); for every kind, ho
 top ten share the product's category (category precision@10). A text names a kind of product,
 not one product, so it has no recall. A photo + text query is ranked as the service ranks it:
 the image view's best match first, then the fused view's ranking (``consumers/ranking.py``).
+A photo is ranked by the image view, or, given a ``photo_kind_weight``, as the service ranks it
+with ``LOUPE_PHOTO_KIND_WEIGHT`` (the best match first, then its kind: ``ranking.kind_kept``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from loupe.consumers.ranking import anchored
+from loupe.consumers.ranking import KIND_CANDIDATES, anchored, kind_kept
 from loupe.encoders.fusion import FusionModel
 
 KINDS = ("photo", "photo+text", "text")
@@ -42,12 +44,17 @@ def retrieval_scores(
     categories: np.ndarray | None,
     rows: np.ndarray,
     anchors: np.ndarray | None = None,
+    kind: tuple[float, np.ndarray] | None = None,
     chunk: int = 256,
 ) -> RetrievalScores:
     """``queries`` ``(Q, D)``, query ``j`` about product ``rows[j]``, against ``index``
     ``(N, D)`` unit vectors, ``chunk`` queries at a time (a 100k catalog's score matrix would
     not fit). ``recall`` False for text queries. ``anchors[j]``: the product ranked first
-    whatever the scores (a photo + text query's image view best match)."""
+    whatever the scores (a photo + text query's image view best match). ``kind``: ``(weight,
+    fused)``, the products' fused-view vectors ``(N, Df)``: the top ten re-ranked after the best
+    match by ``ranking.kind_kept``, as the service ranks a photo alone."""
+    if kind is not None and kind[0] > 0:
+        return _kind_kept_scores(queries, index, kind, categories=categories, rows=rows)
     ranks, precisions = [], []
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]  # the products asked for
@@ -81,6 +88,45 @@ def retrieval_scores(
     return RetrievalScores(recall_1, recall_10, precision, len(rows))
 
 
+def _kind_kept_scores(
+    queries: np.ndarray,
+    index: np.ndarray,
+    kind: tuple[float, np.ndarray],
+    *,
+    categories: np.ndarray | None,
+    rows: np.ndarray,
+) -> RetrievalScores:
+    """``retrieval_scores`` of photos ranked by ``ranking.kind_kept`` over the image view's top
+    ``KIND_CANDIDATES``, a query at a time (the service's ranking, item by item)."""
+    weight, fused = kind
+    ranks, precisions = [], []
+    for j, product in enumerate(rows):
+        scores = index @ queries[j]  # (N,)
+        n = min(KIND_CANDIDATES, len(scores))
+        candidates = np.argpartition(-scores, n - 1)[:n]
+        candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
+        top = kind_kept(
+            list(candidates),
+            TOP_K,
+            weight,
+            score=lambda r, scores=scores: float(scores[r]),
+            fused=lambda r: fused[r],
+        )
+        if product in top:
+            ranks.append(top.index(product) + 1)
+        else:  # behind the ten shown, wherever the image view had it
+            ranks.append(max(int((scores > scores[product]).sum()) + 1, TOP_K + 1))
+        if categories is not None:
+            precisions.append(float(np.mean(categories[top] == categories[product])))
+    rank = np.asarray(ranks)
+    precision = float(np.mean(precisions)) if precisions else None
+    if not len(rank):
+        return RetrievalScores(None, None, precision, 0)
+    return RetrievalScores(
+        float(np.mean(rank == 1)), float(np.mean(rank <= TOP_K)), precision, len(rows)
+    )
+
+
 @torch.inference_mode()
 def evaluate(
     model: FusionModel,
@@ -92,11 +138,13 @@ def evaluate(
     rows: np.ndarray,
     *,
     anchor: bool = True,
+    photo_kind_weight: float = 0.0,
 ) -> dict[str, RetrievalScores]:
     """Scores per query kind. Tensors are the frozen towers' vectors, row ``i`` = product ``i``:
     ``catalog_image`` ``(N, Di)``, ``catalog_text`` ``(N, Dt)``, the evaluation ``photo`` ``(N,
     Di)`` and ``query_text`` ``(N, Dt)``. ``anchor`` False ranks photo + text by the fused view
-    alone (the ablation)."""
+    alone (the ablation). ``photo_kind_weight``: photos ranked as the service ranks them with
+    ``LOUPE_PHOTO_KIND_WEIGHT`` (``ranking.kind_kept``)."""
     model.eval()
     catalog_image, catalog_text = catalog_image.float(), catalog_text.float()
     photo, query_text = photo[rows].float(), query_text[rows].float()
@@ -121,6 +169,7 @@ def evaluate(
             categories=categories,
             rows=rows,
             anchors=anchors if kind == "photo+text" else None,
+            kind=(photo_kind_weight, index["photo+text"]) if kind == "photo" else None,
         )
         for kind in KINDS
     }

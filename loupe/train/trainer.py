@@ -306,16 +306,21 @@ def evaluate_splits(
     anchor: bool = True,
     device: torch.device | None = None,
     queries: tuple[np.ndarray, np.ndarray] | None = None,
+    photo_kind_weight: float = 0.0,
 ) -> Scores:
     """``model``'s scores on the seen and held-out products of ``config``'s split, as training
     reports them (``anchor`` False: photo + text ranked by the fused view alone). ``queries``:
     other query photos and texts to ask with, row ``i`` about product ``i`` (the tower vectors
-    of another simulator's photos: ``loupe.evaluation``); default the held-back view."""
+    of another simulator's photos: ``loupe.evaluation``); default the held-back view.
+    ``photo_kind_weight``: photos ranked as with ``LOUPE_PHOTO_KIND_WEIGHT``."""
     held = held_out_mask(features.keys, config.holdout, config.seed)
     data = _Tensors(features, device or torch.device("cpu"))
     if queries is not None:
         data.use_queries(*queries)
-    return _scores(model.eval(), data, features.categories, held, config.eval_queries, anchor)
+    return _scores(
+        model.eval(), data, features.categories, held, config.eval_queries, anchor,
+        photo_kind_weight,
+    )  # fmt: skip
 
 
 def _scores(
@@ -325,6 +330,7 @@ def _scores(
     held: np.ndarray,
     max_queries: int,
     anchor: bool = True,
+    photo_kind_weight: float = 0.0,
 ) -> Scores:
     splits = {
         "seen": _sample(np.flatnonzero(~held), max_queries),
@@ -340,6 +346,7 @@ def _scores(
             categories,
             rows,
             anchor=anchor,
+            photo_kind_weight=photo_kind_weight,
         )
         for split, rows in splits.items()
         if len(rows)

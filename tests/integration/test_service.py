@@ -518,6 +518,61 @@ def test_index_outage_is_retried_without_committing(service, catalog, cdn):
     assert service["index"].count() == 3
 
 
+def test_a_photo_alone_can_keep_the_best_matchs_kind(service, catalog):
+    """LOUPE_PHOTO_KIND_WEIGHT through the real index and broker: the best match stays, and the
+    hits after it are of its kind more often than the image view alone ranks them."""
+    bootstrap, topics = service["bootstrap"], service["topics"]
+    _send(
+        bootstrap, topics["products"], [_event(p, inline=True) for p in catalog], key=_product_key
+    )
+    _drain(service["indexer"], len(catalog))
+    now = datetime.now(UTC).isoformat()
+
+    def ask(weight: float) -> dict:
+        service["searcher"].photo_kind_weight = weight
+        requests = [
+            {
+                "type": "search.requested",
+                "request_id": f"r-{weight}-{i}",
+                "occurred_at": now,
+                "image": {
+                    "data": base64.b64encode(
+                        phone_photo(p.image_path.read_bytes(), seed=i)
+                    ).decode(),
+                    "media_type": "image/jpeg",
+                },
+                "top_k": 3,
+            }
+            for i, p in enumerate(catalog)
+        ]
+        _send(bootstrap, topics["requests"], requests, key=lambda v: v["request_id"])
+        _drain(service["searcher"], len(requests))
+        return {
+            r["request_id"].rsplit("-", 1)[1]: r
+            for r in (
+                parse_search_response(record.value).model_dump()
+                for record in _read_all(bootstrap, topics["responses"], 2 * len(requests))
+            )
+            if r["request_id"].startswith(f"r-{weight}-")
+        }
+
+    by_look, by_kind = ask(0.0), ask(1.0)
+    assert len(by_look) == len(by_kind) == len(catalog)
+    category = {p.product_id: p.category for p in catalog}
+    same_kind = {"look": 0, "kind": 0}
+    for i in range(len(catalog)):
+        look, kind = by_look[str(i)]["hits"], by_kind[str(i)]["hits"]
+        assert len(look) == len(kind) == 3
+        assert kind[0]["product_id"] == look[0]["product_id"], "the best match stays first"
+        for name, hits in (("look", look), ("kind", kind)):
+            same_kind[name] += sum(
+                category[h["product_id"]] == category[hits[0]["product_id"]] for h in hits[1:]
+            )
+        assert all(h["score"] == h["scores"]["image"] for h in kind), "image cosines, as before"
+    # Two products of each category: the best match's twin is among the next two far more often.
+    assert same_kind["kind"] > same_kind["look"], same_kind
+
+
 def test_publish_and_search_commands(service, catalog, cdn, monkeypatch, tmp_path, capsys):
     """`loupe publish FILE.jsonl` then `loupe search --image ...`, as a user runs them."""
     from loupe.cli import main

@@ -186,3 +186,43 @@ def test_a_photo_and_text_answer_starts_with_the_image_views_best_match(parts):
     expected = float(np.dot(fused_query, parts.service.index.fused_of["pA"]))
     assert hits[0].score == pytest.approx(expected), "scored in the fused view, as the others"
     assert hits[0].scores.image == pytest.approx(0.95)
+
+
+class _PhotoCandidates:
+    """The image view ranks a chain (pB) second, ahead of a ring like the best match (pC)."""
+
+    def __init__(self) -> None:
+        self.queries = []
+        self.fused_of = {"pA": [1.0, 0.0], "pB": [0.0, 1.0], "pC": [0.95, 0.05]}
+
+    def search_batch(self, queries):
+        self.queries.extend(queries)
+
+        def hit(product, score, query):
+            vectors = {}
+            if "fused" in query.with_vectors:
+                vectors["fused"] = np.array(self.fused_of[product], dtype=np.float32)
+            payload = {"product_id": product, "merchant_id": "m", "title": product}
+            return IndexHit(id=product, score=score, payload=payload, vectors=vectors)
+
+        ranked = [("pA", 0.9), ("pB", 0.85), ("pC", 0.8)]
+        return [[hit(p, s, q) for p, s in ranked[: q.top_k]] for q in queries]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_a_photo_alone_keeps_the_best_matchs_kind_when_asked_to(parts, weight):
+    parts.service.photo_kind_weight = weight
+    index = _PhotoCandidates()
+    parts.service.switch_model(ModelInUse(parts.encoder, index))
+    parts.service.handle([_record(0, "r-photo", image=PHOTO, top_k=2)])
+    hits = _answers(parts.publisher)["r-photo"].hits
+    (lookup,) = index.queries
+    assert lookup.view == "image"
+    if weight:
+        assert lookup.top_k == 50 and list(lookup.with_vectors) == ["fused"]
+        assert [h.product_id for h in hits] == ["pA", "pC"], "the ring of the best match's kind"
+    else:
+        assert lookup.top_k == 2 and not lookup.with_vectors
+        assert [h.product_id for h in hits] == ["pA", "pB"], "the image view's order"
+    assert [h.score for h in hits] == [h.scores.image for h in hits], "image cosines, as before"
+    assert all(h.scores.fused is None for h in hits), "a photo alone has no fused score"

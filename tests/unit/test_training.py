@@ -359,6 +359,68 @@ def test_photo_and_text_ranks_put_the_anchor_first_as_the_service_does():
     assert anchored(["x", "y"], None, 5) == ["x", "y"]
 
 
+def test_kind_kept_keeps_the_best_match_first_then_ranks_by_look_and_its_kind():
+    from loupe.consumers.ranking import kind_kept
+
+    fused = {"ring": [1.0, 0.0], "ring2": [0.9, 0.1], "chain": [0.0, 1.0], "bare": None}
+    image = {"ring": 0.9, "chain": 0.85, "ring2": 0.8, "bare": 0.7}
+    order = sorted(image, key=image.get, reverse=True)  # ring, chain, ring2, bare
+
+    def ranked(weight: float, k: int = 4) -> list[str]:
+        return kind_kept(
+            order,
+            k,
+            weight,
+            score=image.get,
+            fused=lambda p: None if fused[p] is None else np.array(fused[p]),
+        )
+
+    assert ranked(0.0) == order, "weight 0: the image view's order"
+    # 0.8 + 0.5 * 0.994 beats 0.85 + 0: the ring of the same kind moves ahead of the chain
+    assert ranked(0.5) == ["ring", "ring2", "chain", "bare"]
+    assert ranked(0.01) == order, "a small weight only breaks near ties"
+    assert ranked(0.5, k=2) == ["ring", "ring2"]
+    assert kind_kept(["bare", "ring"], 5, 1.0, score=image.get, fused=lambda p: None) == [
+        "bare",
+        "ring",
+    ], "no fused vector for the best match: the order as it was"
+
+
+def test_photos_ranked_by_kind_are_scored_as_the_service_ranks_them():
+    from loupe.consumers.ranking import kind_kept
+    from loupe.train.evaluate import retrieval_scores
+
+    rng = np.random.default_rng(5)
+    index = rng.standard_normal((80, 8)).astype(np.float32)
+    fused = rng.standard_normal((80, 6)).astype(np.float32)
+    queries = rng.standard_normal((25, 8)).astype(np.float32)
+    rows = rng.integers(0, 80, 25)
+    categories = rng.choice(["a", "b", "c"], 80)
+    weight = 0.7
+    hits, precision = [], []
+    for j in range(25):  # by brute force: the image view's top 50, re-ranked as the service does
+        scores = index @ queries[j]
+        top = kind_kept(
+            list(np.argsort(-scores)[:50]), 10, weight, score=lambda r, s=scores: s[r],
+            fused=lambda r: fused[r],
+        )  # fmt: skip
+        hits.append((top[0] == rows[j], rows[j] in top))
+        precision.append(np.mean(categories[top] == categories[rows[j]]))
+    kept = retrieval_scores(
+        queries, index, recall=True, categories=categories, rows=rows, kind=(weight, fused)
+    )
+    plain = retrieval_scores(queries, index, recall=True, categories=categories, rows=rows)
+    assert kept.recall_at_1 == pytest.approx(np.mean([h[0] for h in hits]))
+    assert kept.recall_at_10 == pytest.approx(np.mean([h[1] for h in hits]))
+    assert kept.category_p10 == pytest.approx(np.mean(precision))
+    assert kept.recall_at_1 == plain.recall_at_1, "the best match stays first"
+    assert kept.category_p10 != plain.category_p10, "the rest is ranked otherwise"
+    zero = retrieval_scores(
+        queries, index, recall=True, categories=categories, rows=rows, kind=(0.0, fused)
+    )
+    assert zero == plain
+
+
 def test_too_small_a_catalog_or_split_is_refused_before_any_work(tmp_path):
     """A clear error (the CLI's exit 2), before minutes of feature extraction: no encoder is
     even touched."""
