@@ -125,6 +125,14 @@ def main() -> None:
             "query target: fused": {"query_words_share": 0.0},
             "text head trained": {"train_text_head": True},
         }
+    # Loupe's model ranked otherwise than the service's defaults: name -> evaluate_splits options
+    rankings: dict[str, dict] = {}
+    if args.photo_kind_weight > 0:
+        rankings[f"Loupe, kind kept ({args.photo_kind_weight:g})"] = {
+            "photo_kind_weight": args.photo_kind_weight
+        }
+    if args.ablation:
+        rankings["no anchor"] = {"anchor": False}
     # runs[simulator][model] -> one scores dict per seed
     runs: dict[str, dict[str, list]] = {sim: {} for sim in simulators}
     feature_s, train_s = [], []
@@ -161,27 +169,12 @@ def main() -> None:
                         model, features, config, device=encoder.device, queries=asked
                     )
                     runs[sim].setdefault(name, []).append(scores)
-                if args.photo_kind_weight > 0 and label == "Loupe":
+                for name, ranking in rankings.items() if label == "Loupe" else ():
                     scores = evaluate_splits(
-                        result.model,
-                        features,
-                        config,
-                        device=encoder.device,
-                        queries=asked,
-                        photo_kind_weight=args.photo_kind_weight,
-                    )
-                    name = f"Loupe, kind kept ({args.photo_kind_weight:g})"
+                        result.model, features, config, device=encoder.device, queries=asked,
+                        **ranking,
+                    )  # fmt: skip
                     runs[sim].setdefault(name, []).append(scores)
-                if args.ablation and label == "Loupe":
-                    scores = evaluate_splits(
-                        result.model,
-                        features,
-                        config,
-                        anchor=False,
-                        device=encoder.device,
-                        queries=asked,
-                    )
-                    runs[sim].setdefault("no anchor", []).append(scores)
         if args.tower_steps:
             config = TrainConfig(
                 views=args.views, steps=args.steps, tower_steps=args.tower_steps, seed=seed

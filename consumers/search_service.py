@@ -325,7 +325,7 @@ def _index_query(query: _Query, photo_kind_weight: float = 0.0) -> IndexQuery:
     vectors = query.vectors
     view = "fused" if "fused" in vectors else ("image" if "image" in vectors else "text")
     lookup = _lookup(query, view, query.request.top_k)
-    if view == "image" and photo_kind_weight > 0:
+    if _keeps_kind(lookup, photo_kind_weight):
         lookup = dataclasses.replace(
             lookup,
             top_k=max(lookup.top_k, KIND_CANDIDATES),
@@ -335,6 +335,7 @@ def _index_query(query: _Query, photo_kind_weight: float = 0.0) -> IndexQuery:
 
 
 def _keeps_kind(lookup: IndexQuery, photo_kind_weight: float) -> bool:
+    """A photo alone, answered by ``ranking.kind_kept``."""
     return lookup.view == "image" and photo_kind_weight > 0
 
 
