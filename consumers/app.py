@@ -25,8 +25,10 @@ from loupe.consumers.kafka_io import make_consumer, make_producer, make_transact
 from loupe.consumers.live_model import LiveModel, ModelInUse, open_collection
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
+from loupe.consumers.reply_topics import ReplyTopics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
+from loupe.consumers.topics import cleanup_policy
 from loupe.consumers.vector_encoder import VectorEncoder
 from loupe.consumers.vectors import VectorsOut, encode_group, ensure_vectors_topic, index_group
 from loupe.encoders.fused import FusedEncoder
@@ -244,6 +246,17 @@ class Application:
             encode_lock=encode_lock,
             fetch_workers=settings.fetch_workers,
             photo_kind_weight=settings.photo_kind_weight,
+            reply_topics=ReplyTopics.of(
+                settings.search_responses_topic,
+                settings.reply_to_pattern,
+                own=[
+                    settings.products_topic,
+                    settings.search_requests_topic,
+                    settings.deadletter_topic,
+                ],
+                own_prefixes=[f"{settings.vectors_topic}."],
+            ),
+            cleanup_policy=lambda topic: cleanup_policy(settings, topic),
         )
 
     def close_publishers(self) -> None:

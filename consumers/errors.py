@@ -17,6 +17,7 @@ __all__ = [
     "LoupeError",
     "ModelRejected",
     "PublisherFailed",
+    "TopicConfigUnknown",
     "UnexpectedItemError",
     "WorkerDied",
 ]
@@ -58,6 +59,11 @@ class BatchAborted(PublishFailure):
 class PublisherFailed(LoupeError):
     """The producer failed and no replacement can be made (refused, or fenced again and again).
     Policy: stop the service with the reason, for its supervisor and its operator."""
+
+
+class TopicConfigUnknown(LoupeError):
+    """The broker did not describe a topic's configuration (no DescribeConfigs ACL, or the
+    topic went away). Policy: treat the topic as unsafe to write (a ``reply_to`` is refused)."""
 
 
 class IndexUnavailable(LoupeError):

@@ -23,6 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from loupe.consumers.reply_topics import Refusal
 from loupe.schemas.errors import ErrorCode, LoupeError
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,15 @@ class LoupeMetrics:
             ["role"],
             registry=r,
         )
+        self.reply_to_refused = Counter(
+            "loupe_reply_to_refused_total",
+            "Search requests whose reply_to was refused (answered on the default response "
+            "topic), by reason",
+            ["reason"],
+            registry=r,
+        )
+        for refusal in Refusal:
+            self.reply_to_refused.labels(reason=refusal.value)
         self.worker_deaths = Counter(
             "loupe_worker_deaths_total",
             "Workers that died of an error that was not one item's (the process then exits)",

@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer
+from kafka.errors import TopicAuthorizationFailedError
 
 from loupe.consumers.errors import (
     IndexUnavailable,
     ItemFailed,
     ModelRejected,
+    TopicConfigUnknown,
     UnexpectedItemError,
 )
 from loupe.consumers.image_fetch import ImageFetcher
@@ -37,7 +39,8 @@ from loupe.consumers.live_model import LiveModel
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.ranking import KIND_CANDIDATES, anchored, kind_kept
-from loupe.consumers.worker import BatchWorker
+from loupe.consumers.reply_topics import KnownTopics, ReplyGate, ReplyTopics
+from loupe.consumers.worker import BatchWorker, refused
 from loupe.encoders.fused import EncodeInput
 from loupe.schemas.common import Price, is_identifier
 from loupe.schemas.errors import ErrorCode, InvalidEvent
@@ -72,7 +75,11 @@ class SearchService(BatchWorker):
         fetch_workers: int = 8,
         backoff: Backoff | None = None,
         photo_kind_weight: float = 0.0,
+        reply_topics: ReplyTopics | None = None,
+        cleanup_policy: Callable[[str], str] | None = None,
     ) -> None:
+        """``reply_topics``: where a ``reply_to`` may point (by default: only at the response
+        topic); ``cleanup_policy``: a topic's ``cleanup.policy`` as the broker reports it."""
         super().__init__(
             consumer=consumer,
             publisher=publisher,
@@ -88,8 +95,8 @@ class SearchService(BatchWorker):
         self.photo_kind_weight = photo_kind_weight  # ranking.kind_kept; 0: the image view alone
         self._answered: list[SearchRequested] = []
         self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
-        self._known_topics: set[str] = set()
-        self._topics_checked_at = float("-inf")
+        nowhere_else = ReplyTopics.of(response_topic, r"(?!)", own=[topic])
+        self.replies = _reply_gate(self, reply_topics or nowhere_else, cleanup_policy or _unknown)
 
     def handle(self, records: list[Any]) -> None:
         """Answer every request of the batch, together: photos fetched concurrently, all
@@ -124,16 +131,27 @@ class SearchService(BatchWorker):
             request_id = (record.key or b"").decode("utf-8", "replace")[:128] or "unknown"
             self._respond_error(record, request_id, None, exc.code, str(exc), "parse", started)
             return None
-        if request.reply_to is not None and not self._topic_exists(request.reply_to):
-            # Sending there would block until a metadata timeout, and again on every retry.
-            message = f"reply_to topic {request.reply_to!r} does not exist; answered here instead"
+        refusal = self.replies.refusal(request.reply_to)
+        if refusal is not None:  # (dead-lettered too: its warning names the request)
+            reason, message = refusal
+            self.metrics.reply_to_refused.labels(reason=reason.value).inc()
             self._respond_error(
-                record, request.request_id, None, ErrorCode.INVALID_EVENT, message, "publish",
-                started,
+                record, request.request_id, None, ErrorCode.REPLY_TO_REFUSED,
+                f"{message}; answered on the default response topic instead", "publish", started,
             )  # fmt: skip
             self._answered.append(request)
             return None
         return _Query(record, request, started)
+
+    def on_aborted(self, records: list[Any], cause: BaseException) -> None:
+        """An ACL refused a write: requests that named a reply topic are answered on the default
+        one on the replay (not failed for ever); else an ACL is missing: stop, naming it."""
+        named = _reply_topics_of(records) - {self.response_topic}
+        if not isinstance(cause, TopicAuthorizationFailedError) or not named:
+            refused(self.role, cause)
+            return
+        log.warning("search: the broker refused a write to a reply topic of %s: %s", named, cause)
+        self.replies.refuse_writes(named, "TOPIC_AUTHORIZATION_FAILED")
 
     def _fetch(self, queries: list[_Query]) -> None:
         with self.metrics.timer("fetch"):
@@ -268,16 +286,6 @@ class SearchService(BatchWorker):
             [(CORRELATION_HEADER, request_id.encode())],
         )
 
-    def _topic_exists(self, topic: str) -> bool:
-        """Known topics, refreshed from the cluster at most every TOPICS_REFRESH_S on a miss."""
-        if topic in self._known_topics:
-            return True
-        now = time.monotonic()
-        if now - self._topics_checked_at >= TOPICS_REFRESH_S:
-            self._known_topics = self.retry("list topics", self.consumer.topics, TRANSIENT_KAFKA)
-            self._topics_checked_at = now
-        return topic in self._known_topics
-
     def _respond_error(
         self, record, request_id, reply_to, code: ErrorCode, message: str, stage, started: float
     ) -> None:
@@ -359,7 +367,36 @@ def _lookup(query: _Query, view: str, top_k: int) -> IndexQuery:
     )
 
 
-TOPICS_REFRESH_S = 10.0
+def _unknown(topic: str) -> str:
+    raise TopicConfigUnknown(f"no way to describe topic {topic!r} was given")
+
+
+def _reply_gate(
+    worker: BatchWorker, topics: ReplyTopics, cleanup_policy: Callable[[str], str]
+) -> ReplyGate:
+    """``topics``' rule, asking the broker through ``worker``'s retries."""
+    return ReplyGate(
+        topics,
+        KnownTopics(
+            lambda: worker.retry("list topics", worker.consumer.topics, TRANSIENT_KAFKA)
+        ).exists,
+        lambda topic: worker.retry(
+            "describe a reply topic", lambda: cleanup_policy(topic), TRANSIENT_KAFKA
+        ),
+    )
+
+
+def _reply_topics_of(records: list[Any]) -> set[str]:
+    """The ``reply_to`` topics the batch's requests name."""
+    named = set()
+    for record in records:
+        with contextlib.suppress(InvalidEvent):
+            reply_to = parse_search_request(record.value).reply_to
+            if reply_to is not None:
+                named.add(reply_to)
+    return named
+
+
 # Under Kafka's default 1 MiB message.max.bytes, with room for the key and headers.
 MAX_RESPONSE_BYTES = 900_000
 

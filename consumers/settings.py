@@ -29,6 +29,7 @@ from loupe.consumers.index import (
     Quantization,
     Topology,
 )
+from loupe.consumers.reply_topics import DEFAULT_REPLY_TO_PATTERN
 from loupe.encoders.profile import Fit, JpegDecoderName, ModelProfile, Pooling, Precision
 from loupe.schemas.deadletter import DEADLETTER_TOPIC
 from loupe.schemas.products import PRODUCTS_TOPIC
@@ -84,6 +85,13 @@ class Settings(BaseSettings):
     search_requests_topic: str = Field(SEARCH_REQUESTS_TOPIC, description="search requests in")
     search_responses_topic: str = Field(
         SEARCH_RESPONSES_TOPIC, description="answers out, unless a request names its `reply_to`"
+    )
+    reply_to_pattern: str = Field(
+        DEFAULT_REPLY_TO_PATTERN,
+        max_length=500,
+        description="the topics a search's `reply_to` may name (a regular expression over the "
+        "whole name); whatever it allows, never one of Loupe's own topics, an internal, missing "
+        "or compacted one (docs/security.md)",
     )
     deadletter_topic: str = Field(
         DEADLETTER_TOPIC,
@@ -370,6 +378,15 @@ class Settings(BaseSettings):
     def _a_power_of_two(cls, value: int) -> int:
         if value & (value - 1):
             raise ValueError(f"must be a power of two (16, 32, ... 1024), got {value}")
+        return value
+
+    @field_validator("reply_to_pattern")
+    @classmethod
+    def _a_regular_expression(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
         return value
 
     @field_validator("replica_id")

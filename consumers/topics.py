@@ -17,7 +17,7 @@ import logging
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from loupe.consumers.errors import LoupeError
+from loupe.consumers.errors import LoupeError, TopicConfigUnknown
 from loupe.consumers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,14 @@ def cleanup_policy(settings: Settings, topic: str) -> str:
         )
     finally:
         admin.close()
-    return str(described["topic"][topic]["cleanup.policy"]["value"])
+    # kafka-python drops a resource's error code: a refused or unknown topic comes back empty.
+    entry = described.get("topic", {}).get(topic, {}).get("cleanup.policy")
+    if entry is None:
+        raise TopicConfigUnknown(
+            f"the broker did not describe topic {topic!r} (DescribeConfigs not allowed, or no "
+            "such topic)"
+        )
+    return str(entry["value"])
 
 
 def warn_unless_compacted(settings: Settings) -> bool:

@@ -14,12 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
-from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.errors import (
+    CommitFailedError,
+    GroupAuthorizationFailedError,
+    RebalanceInProgressError,
+    TopicAuthorizationFailedError,
+)
 from kafka.structs import TopicPartition
 
-from loupe.consumers.errors import BatchAborted, CommitRetriable
+from loupe.consumers.errors import BatchAborted, CommitRetriable, PublisherFailed
 from loupe.consumers.index import Collection
-from loupe.consumers.kafka_failures import describe
+from loupe.consumers.kafka_failures import describe, root_cause
 from loupe.consumers.kafka_io import (
     TRANSIENT_KAFKA,
     Abandoned,
@@ -40,6 +45,9 @@ LAG_INTERVAL_S = 1.0
 # record, however slow, holds it past max_poll_interval_ms and out of its group.
 KEEP_ALIVE_INTERVAL_S = 5.0
 SLOW_BATCH_S = 5.0  # a batch slower than this is logged (its records held the worker)
+# Refusals that replaying a batch cannot cure (the transactional id's and the cluster's are
+# fatal already: the publisher stops when a replacement producer is refused too).
+AUTHORIZATION_ERRORS = (TopicAuthorizationFailedError, GroupAuthorizationFailedError)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -207,6 +215,7 @@ class BatchWorker:
             log.warning(
                 "%s batch of %d aborted (%s): %s", self.role, len(records), exc.failure.value, exc
             )
+            self.on_aborted(records, root_cause(exc))
             return self._settle(records, offsets)
         self._committed_batch(records, offsets, started)
         return len(records)
@@ -266,6 +275,11 @@ class BatchWorker:
     def after_commit(self, records: list[Any]) -> None:
         """Hook for bookkeeping once a batch is committed."""
 
+    def on_aborted(self, records: list[Any], cause: BaseException) -> None:
+        """After a batch was aborted and rewound, with the error at its root: an ACL's refusal
+        would come back on every replay, so it stops the worker (``refused``)."""
+        refused(self.role, cause)
+
     def retry(self, what: str, fn, transient, *, stage: str = "publish"):
         """``fn()``, retried with backoff on ``transient`` errors; while it is retried,
         ``waiting_on`` says what for (``/readyz`` shows it)."""
@@ -301,3 +315,13 @@ class BatchWorker:
         finally:
             self.consumer.resume(*self.consumer.paused())
             self._polled_at = time.monotonic()
+
+
+def refused(role: str, cause: BaseException) -> None:
+    """Raise ``PublisherFailed`` naming the refusal if ``cause`` is the broker refusing this
+    principal (an ACL the operator must add); return for any other cause."""
+    if isinstance(cause, AUTHORIZATION_ERRORS):
+        raise PublisherFailed(
+            f"{role}: the broker refused this principal ({type(cause).__name__}: {cause}); "
+            f"grant the ACLs deploy/README.md lists for the {role} role"
+        ) from cause

@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     ENCODER_FAILED = "encoder_failed"  # the model could not encode this item
     INDEX_UNAVAILABLE = "index_unavailable"  # the vector index could not be reached in time
     INTERNAL_ERROR = "internal_error"  # a bug in Loupe; details in the service log
+    REPLY_TO_REFUSED = "reply_to_refused"  # not a reply topic: answered on the default one
 
 
 class LoupeError(Exception):

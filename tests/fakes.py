@@ -20,7 +20,8 @@ class FakeConsumer:
     offset unless ``positions`` says otherwise). ``committed``: the group's committed offsets
     (ints or ``OffsetAndMetadata``; a dict the test may share with a fake broker). ``ends``: the
     partitions' end offsets (default: past their last record). ``commit_errors``: raised by
-    the next commits, one each. ``end_errors``: how many ``end_offsets`` calls fail first."""
+    the next commits, one each. ``end_errors``: how many ``end_offsets`` calls fail first.
+    ``topics``: the topics the cluster has (``topics()``)."""
 
     def __init__(
         self,
@@ -33,8 +34,10 @@ class FakeConsumer:
         begin: int = 0,
         commit_errors: Iterable[BaseException] = (),
         end_errors: int = 0,
+        topics: Iterable[str] = (),
     ) -> None:
         self.records = list(records)
+        self.cluster_topics = set(topics)
         self.positions = dict(positions or {})
         for record in self.records:
             self.positions.setdefault(_tp(record), record.offset)
@@ -54,6 +57,9 @@ class FakeConsumer:
 
     def subscribe(self, topics, listener=None) -> None:
         self.listener = listener
+
+    def topics(self) -> set[str]:
+        return self.cluster_topics | {tp.topic for tp in self._assigned}
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._assigned)
@@ -114,9 +120,6 @@ class FakeConsumer:
 
     def paused(self) -> set[TopicPartition]:
         return set(self._paused)
-
-    def topics(self) -> set[str]:
-        return {tp.topic for tp in self._assigned}
 
     def close(self, autocommit: bool = False) -> None:
         self.closed = True

@@ -639,13 +639,97 @@ def test_a_reply_to_topic_that_does_not_exist_does_not_jam_search(service):
     }
     assert answers["r-next"].status == "ok"
     nowhere = answers["r-nowhere"]
-    assert nowhere.status == "error" and nowhere.error.code == "invalid_event"
-    assert "reply_to topic 'no.such.topic' does not exist" in nowhere.error.message
+    assert nowhere.status == "error" and nowhere.error.code == "reply_to_refused"
+    assert "reply_to 'no.such.topic' is not a reply topic" in nowhere.error.message
     letters = _read_all(service["bootstrap"], topics["deadletter"], 1)
     assert (
         DeadLetter.from_record(letters[0].key, letters[0].value, letters[0].headers).stage
         == "publish"
     )
+
+
+@pytest.fixture
+def compacted_topics(bootstrap_servers):
+    """``make(name)``: a compacted topic of that name (one record per key survives the cleaner),
+    deleted after the test."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="loupe-tests")
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        config = {"cleanup.policy": "compact"}
+        admin.create_topics([NewTopic(name, 1, 1, topic_configs=config)])
+        made.append(name)
+        return name
+
+    yield make
+    admin.delete_topics(made)
+    admin.close()
+
+
+def test_a_search_request_cannot_write_into_the_products_or_a_vectors_topic(
+    service, catalog, cdn, compacted_topics
+):
+    """The attack: a request whose id is a product's key and whose reply_to names the compacted
+    products topic (or a vectors topic, or a compacted topic the pattern allows) would, once the
+    cleaner ran, replace that product for good. Every one is answered on the default topic, and
+    the compacted topics hold only what Loupe ingested."""
+    bootstrap, topics = service["bootstrap"], service["topics"]
+    product = catalog[0]
+    _send(bootstrap, topics["products"], [_event(product, cdn=cdn)], key=_product_key)
+    _drain(service["indexer"], 1)
+    suffix = uuid.uuid4().hex[:8]
+    vectors = compacted_topics(f"loupe.vectors.loupe_m_{suffix}")
+    kept_replies = compacted_topics(f"loupe.search.responses.kept-{suffix}")
+    product_key = f"{MERCHANT}/{product.product_id}"
+    now = datetime.now(UTC).isoformat()
+    hostile = {
+        "products": topics["products"],
+        "requests": topics["requests"],
+        "deadletter": topics["deadletter"],
+        "vectors": vectors,
+        "compacted": kept_replies,
+        "internal": "__consumer_offsets",
+    }
+    requests = [
+        {
+            "type": "search.requested",
+            "request_id": f"{product_key}" if name == "products" else f"{product_key}/{name}",
+            "occurred_at": now,
+            "text": "ring",
+            "reply_to": topic,
+        }
+        for name, topic in hostile.items()
+    ]
+    _send(
+        bootstrap,
+        topics["requests"],
+        [json.dumps(r).encode() for r in requests],
+        key=lambda v: json.loads(v)["request_id"],
+    )
+    _drain(service["searcher"], len(requests), timeout_s=60)
+
+    answers = [
+        parse_search_response(r.value)
+        for r in _read_all(bootstrap, topics["responses"], len(requests))
+    ]
+    assert sorted(a.request_id for a in answers) == sorted(r["request_id"] for r in requests)
+    assert {a.error.code for a in answers} == {"reply_to_refused"}
+    # The products topic holds the product event alone; the others hold nothing Loupe did not
+    # put there (the dead letters of the refused requests, with their own keys).
+    (only,) = _read_all(bootstrap, topics["products"], 1)
+    assert only.key == product_key.encode() and json.loads(only.value)["type"] == "product.upserted"
+    assert _read_all(bootstrap, vectors, 0, timeout_s=2) == []
+    assert _read_all(bootstrap, kept_replies, 0, timeout_s=2) == []
+    assert len(_read_all(bootstrap, topics["requests"], len(requests))) == len(requests)
+    letters = _read_all(bootstrap, topics["deadletter"], len(requests))
+    assert all(dict(r.headers)["loupe.error.code"] == b"reply_to_refused" for r in letters)
+    sample = service["metrics"].registry.get_sample_value
+    assert sample("loupe_reply_to_refused_total", {"reason": "loupe_topic"}) == 4
+    assert sample("loupe_reply_to_refused_total", {"reason": "compacted"}) == 1
+    assert sample("loupe_reply_to_refused_total", {"reason": "internal"}) == 1
 
 
 def test_a_tombstone_deletes_its_product_and_one_without_a_product_key_is_dead_lettered(

@@ -10,12 +10,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from kafka import errors as kafka_errors
 
 from loupe.consumers.app import fixed_model
-from loupe.consumers.errors import ImageFetchError
+from loupe.consumers.errors import ImageFetchError, PublisherFailed
 from loupe.consumers.index import IndexHit
 from loupe.consumers.live_model import ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.reply_topics import DEFAULT_REPLY_TO_PATTERN, ReplyTopics
 from loupe.consumers.search_service import SearchService
 from loupe.encoders.fused import Encoded
 from loupe.schemas.errors import ErrorCode
@@ -226,3 +228,93 @@ def test_a_photo_alone_keeps_the_best_matchs_kind_when_asked_to(parts, weight):
         assert [h.product_id for h in hits] == ["pA", "pB"], "the image view's order"
     assert [h.score for h in hits] == [h.scores.image for h in hits], "image cosines, as before"
     assert all(h.scores.fused is None for h in hits), "a photo alone has no fused score"
+
+
+def _guarded_service(publisher: _Publisher, policies: dict[str, str]) -> SearchService:
+    """A service whose reply topics are the defaults', on a broker with ``policies``' topics."""
+    topics = ReplyTopics.of(
+        "responses", DEFAULT_REPLY_TO_PATTERN, own=["products", "requests", "dlq"]
+    )
+    return SearchService(
+        consumer=FakeConsumer(topics=set(policies) | {"products", "requests", "responses"}),
+        publisher=publisher,
+        live=fixed_model(_Encoder(), _Index()),
+        fetcher=_Fetcher(),
+        metrics=LoupeMetrics(),
+        topic="requests",
+        response_topic="responses",
+        reply_topics=topics,
+        cleanup_policy=policies.__getitem__,
+    )
+
+
+def test_a_reply_to_that_is_not_a_reply_topic_is_answered_on_the_default_one():
+    publisher = _Publisher()
+    service = _guarded_service(
+        publisher,
+        {"loupe.search.responses.app": "delete", "loupe.search.responses.kept": "compact"},
+    )
+    try:
+        service.handle(
+            [
+                # The attack: a product's key as the request id, the products topic as reply_to.
+                _record(0, "m1/ring-42", text="ring", reply_to="products"),
+                _record(1, "r-internal", text="ring", reply_to="__consumer_offsets"),
+                _record(2, "r-compacted", text="ring", reply_to="loupe.search.responses.kept"),
+                _record(3, "r-elsewhere", text="ring", reply_to="orders"),
+                _record(4, "r-app", text="ring", reply_to="loupe.search.responses.app"),
+            ]
+        )
+    finally:
+        service._fetch_pool.shutdown()
+    where = {key.decode(): topic for topic, key, _ in publisher.sent}
+    assert where == {
+        "m1/ring-42": "responses",
+        "r-internal": "responses",
+        "r-compacted": "responses",
+        "r-elsewhere": "responses",
+        "r-app": "loupe.search.responses.app",
+    }
+    answers = _answers(publisher)
+    for refused in ("m1/ring-42", "r-internal", "r-compacted", "r-elsewhere"):
+        assert answers[refused].error.code == "reply_to_refused", refused
+    assert "one of Loupe's own topics" in answers["m1/ring-42"].error.message
+    assert "compacted" in answers["r-compacted"].error.message
+    assert answers["r-app"].status == "ok"
+    sample = service.metrics.registry.get_sample_value
+    assert sample("loupe_reply_to_refused_total", {"reason": "loupe_topic"}) == 1
+    assert sample("loupe_reply_to_refused_total", {"reason": "internal"}) == 1
+    assert sample("loupe_reply_to_refused_total", {"reason": "compacted"}) == 1
+    assert sample("loupe_reply_to_refused_total", {"reason": "not_allowed"}) == 1
+
+
+def test_a_reply_topic_the_broker_will_not_let_loupe_write_is_refused_on_the_replay():
+    """An ACL refuses the write: the batch is aborted, and when it is handled again the request
+    is answered on the default topic, instead of failing again for ever."""
+    publisher = _Publisher()
+    service = _guarded_service(publisher, {"loupe.search.responses.acl": "delete"})
+    records = [_record(0, "r-acl", text="ring", reply_to="loupe.search.responses.acl")]
+    try:
+        service.handle(records)
+        assert publisher.sent[0][0] == "loupe.search.responses.acl"
+        publisher.sent.clear()
+        refused = kafka_errors.TopicAuthorizationFailedError({"loupe.search.responses.acl"})
+        service.on_aborted(records, refused)
+        service.handle(records)  # the replay
+    finally:
+        service._fetch_pool.shutdown()
+    ((topic, _, value),) = publisher.sent
+    assert topic == "responses"
+    assert parse_search_response(value).error.code == "reply_to_refused"
+
+
+def test_a_refused_write_to_the_default_topic_stops_the_service_naming_the_acl():
+    publisher = _Publisher()
+    service = _guarded_service(publisher, {})
+    records = [_record(0, "r-1", text="ring")]
+    try:
+        with pytest.raises(PublisherFailed, match=r"refused this principal.*ACLs"):
+            service.on_aborted(records, kafka_errors.TopicAuthorizationFailedError({"responses"}))
+        service.on_aborted(records, kafka_errors.NotCoordinatorError())  # not a refusal: replay
+    finally:
+        service._fetch_pool.shutdown()

@@ -376,3 +376,24 @@ def test_a_commit_lost_with_its_producer_is_answered_exactly_once(lands):
     assert broker.committed == {TP: 3}
     assert worker.handled == [0, 1, 2] if lands else [0, 1, 2, 0, 1, 2]
     assert worker.waiting_on is None
+
+
+def test_a_topic_the_acls_refuse_stops_the_worker_instead_of_replaying_for_ever():
+    """Replaying a batch cannot cure a missing ACL: the worker stops, naming what was refused."""
+    broker = _Broker()
+    records = [_Record("requests", 0, 0)]
+    refusal = kafka_errors.TopicAuthorizationFailedError({"responses"})
+    producer = _Producer(broker, [_Fail("commit", refusal)])
+    publisher = Publisher(
+        producer, "dlq", LoupeMetrics(), transactional=True, make_producer=_Factory(broker)
+    )
+    worker = _Answering(
+        consumer=FakeConsumer(records, committed=broker.committed),
+        publisher=publisher,
+        metrics=LoupeMetrics(),
+        topic="requests",
+        backoff=Backoff(initial_s=0.001, cap_s=0.002),
+    )
+    with pytest.raises(PublisherFailed, match=r"TopicAuthorizationFailedError.*grant the ACLs"):
+        worker.process_once()
+    assert broker.visible == [] and producer.calls[-1] == "abort"
