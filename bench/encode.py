@@ -16,6 +16,7 @@ latency of a single query of each kind: photo, text, photo + text.
     .venv/bin/python -m bench.encode                 # CPU: batch sizes 1, 8, 32
     .venv/bin/python -m bench.encode --device cuda --stages --latency
     .venv/bin/python -m bench.encode --precisions fp32,bf16   # precisions side by side
+    .venv/bin/python -m bench.encode --backends torch,onnxruntime   # the CPU's two runtimes
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ def measure(
 
     def bare_products() -> None:
         with torch.inference_mode(), encoder.runtime.autocast():
-            image = encoder.image_encoder.encode(pixels)
+            image = encoder.runtime.image_vectors(pixels)
             text = torch.nn.functional.normalize(encoder.text_encoder(**tokens).float(), dim=-1)
             encoder.fusion(image, text)
 
     def bare_images() -> None:
         with torch.inference_mode(), encoder.runtime.autocast():
-            encoder.image_encoder.encode(pixels)
+            encoder.runtime.image_vectors(pixels)
 
     def text_only() -> None:
         with torch.inference_mode(), encoder.runtime.autocast():
@@ -166,7 +167,7 @@ def stage_profile(
         def run() -> object:
             with torch.inference_mode(), encoder.runtime.autocast():
                 if part == "image":
-                    return encoder.image_encoder.encode(pixels)
+                    return encoder.runtime.image_vectors(pixels)
                 return torch.nn.functional.normalize(encoder.text_encoder(**tokens).float(), dim=-1)
 
         return run
@@ -238,6 +239,12 @@ def main(argv: list[str] | None = None) -> dict:
         default="auto",
         help="comma-separated: auto, fp32, bf16, fp16; each batch size runs each in turn",
     )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated: torch, onnxruntime (the image tower's runtime); each precision "
+        "runs on each (default: the device's own)",
+    )
     parser.add_argument("--stream-batches", type=int, default=8, help="micro-batches per call")
     parser.add_argument("--stages", action="store_true", help="stage breakdown of one batch")
     parser.add_argument("--latency", action="store_true", help="one query of each kind")
@@ -253,9 +260,13 @@ def main(argv: list[str] | None = None) -> dict:
     catalog = load_catalog()
     base = FusedEncoder.from_profile(ModelProfile(device=args.device, batch_size=1024, **text))
     device = base.device
-    encoders = {  # one set of towers, one encoder per precision
-        precision: base.with_options(acceleration=Acceleration.for_device(device, precision))
+    backends = args.backends.split(",") if args.backends else [None]
+    encoders = {  # one set of towers, one encoder per precision and backend
+        f"{precision}/{backend}" if backend else precision: base.with_options(
+            acceleration=Acceleration.for_device(device, precision), backend=backend
+        )
         for precision in args.precisions.split(",")
+        for backend in backends
     }
     encoder = next(iter(encoders.values()))
     sizes = (
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"model {encoder.model_version}"
     )
     print(
-        f"{'precision':<10} {'batch':>5} {'products/s full':>16} {'products/s bare':>16} "
+        f"{'precision':<18} {'batch':>5} {'products/s full':>16} {'products/s bare':>16} "
         f"{'full/bare':>9} {'images/s full':>14} {'images/s bare':>14} {'texts/s':>8}"
     )
     report: dict = {"device": str(device), "model_version": encoder.model_version, "rows": []}
@@ -281,9 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
             row = measure(encoder, items, args.min_seconds, args.stream_batches)
             row["precision"] = precision
             row["acceleration"] = encoder.acceleration.describe()
+            row["backend"] = encoder.backend
             report["rows"].append(row)
             print(
-                f"{precision:<10} {size:>5} {row['products_per_s_full']:>16.1f} "
+                f"{precision:<18} {size:>5} {row['products_per_s_full']:>16.1f} "
                 f"{row['products_per_s_bare']:>16.1f} "
                 f"{row['full_over_bare']:>9.2f} {row['images_per_s_full']:>14.1f} "
                 f"{row['images_per_s_bare']:>14.1f} {row['texts_per_s']:>8.1f}"

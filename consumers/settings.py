@@ -30,7 +30,14 @@ from loupe.consumers.index import (
     Topology,
 )
 from loupe.consumers.reply_topics import DEFAULT_REPLY_TO_PATTERN
-from loupe.encoders.profile import Fit, JpegDecoderName, ModelProfile, Pooling, Precision
+from loupe.encoders.profile import (
+    EncoderBackend,
+    Fit,
+    JpegDecoderName,
+    ModelProfile,
+    Pooling,
+    Precision,
+)
 from loupe.schemas.deadletter import DEADLETTER_TOPIC
 from loupe.schemas.products import PRODUCTS_TOPIC
 from loupe.schemas.search import SEARCH_REQUESTS_TOPIC, SEARCH_RESPONSES_TOPIC
@@ -324,6 +331,12 @@ class Settings(BaseSettings):
         description="`auto`: fp16 on CUDA, fp32 elsewhere; `bf16` doubles CPU throughput where the "
         "CPU has AVX512-BF16 or AMX, for a little top-1 (`bench/encode.py`)",
     )
+    encoder_backend: EncoderBackend = Field(
+        _MODEL.encoder_backend,
+        description="what runs the image tower: `auto` (ONNX Runtime on a CPU in fp32, PyTorch "
+        "on a GPU), `torch`, `onnxruntime`; the vectors and the model version are the same "
+        "(docs/architecture.md, The CPU path)",
+    )
     encode_batch_size: int | None = Field(
         _MODEL.batch_size,
         ge=1,
@@ -478,6 +491,7 @@ class Settings(BaseSettings):
             max_text_tokens=self.max_text_tokens,
             device=self.device,
             precision=self.precision,
+            encoder_backend=self.encoder_backend,
             batch_size=self.encode_batch_size,
             decode_workers=self.decode_workers,
             jpeg_decoder=self.jpeg_decoder,

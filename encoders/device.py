@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from loupe.encoders.errors import DeviceUnavailable
-from loupe.encoders.profile import JPEG_DECODERS, PRECISIONS, JpegDecoderName, Precision
+from loupe.encoders.profile import (
+    ENCODER_BACKENDS,
+    JPEG_DECODERS,
+    PRECISIONS,
+    EncoderBackend,
+    JpegDecoderName,
+    Precision,
+)
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PRECISION_OF = {dtype: name for name, dtype in _AMP_DTYPES.items()}
@@ -142,3 +149,20 @@ def stack_on(tensors: list[torch.Tensor], device: torch.device, *, pinned: bool)
     batch[on_host] = moved
     batch[on_device] = torch.stack([tensors[j] for j in on_device])
     return batch
+
+
+def use_onnxruntime(
+    backend: EncoderBackend, device: torch.device, acceleration: Acceleration
+) -> bool:
+    """Whether the image tower runs on ONNX Runtime: asked for, or ``auto`` on a CPU. Only a
+    CPU plan in fp32 can (the graph is fp32, for the CPU); asking for it elsewhere is an error.
+    """
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"unknown encoder backend {backend!r}; expected one of {ENCODER_BACKENDS}")
+    fits = device.type == "cpu" and acceleration.amp_dtype is None
+    if backend == "onnxruntime" and not fits:
+        raise DeviceUnavailable(
+            f"encoder backend onnxruntime runs on the CPU in fp32, not on {device} in "
+            f"{_PRECISION_OF[acceleration.amp_dtype]}; use LOUPE_ENCODER_BACKEND=auto or torch"
+        )
+    return backend == "onnxruntime" or (backend == "auto" and fits)

@@ -18,13 +18,14 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from loupe.encoders.device import Acceleration, pick_device
+from loupe.encoders.device import Acceleration, pick_device, use_onnxruntime
 from loupe.encoders.fusion import FusionConfig, FusionModel, load_fusion
 from loupe.encoders.graphs import SmallBatchGraphs
 from loupe.encoders.image_towers import ImageEncoder
 from loupe.encoders.images import DecodeLimits, Fit
 from loupe.encoders.items import VIEWS, Encoded, EncodeInput, check_inputs
 from loupe.encoders.model import FusedModel, base_version
+from loupe.encoders.onnx_tower import OnnxImageTower, OnnxUnavailable
 from loupe.encoders.preprocess import DEVICE_DECODE_PIXELS, ImagePreprocessor
 from loupe.encoders.profile import ModelProfile
 from loupe.encoders.runtime import EncoderRuntime, EncodeStream
@@ -55,10 +56,12 @@ class FusedEncoder:
         decode_workers: int = 2,
         acceleration: Acceleration | None = None,
         device_decode_pixels: int = DEVICE_DECODE_PIXELS,
+        image_backend: OnnxImageTower | None = None,
     ) -> None:
         """``acceleration``: None for the device's defaults (``Acceleration.for_device``); tests
         switch single CUDA steps on for a CPU run. ``device_decode_pixels`` bounds one batch
-        JPEG decode call."""
+        JPEG decode call. ``image_backend``: the image tower on ONNX Runtime, used where the
+        plan is the CPU's in fp32 (``EncoderRuntime``)."""
         acceleration = acceleration or Acceleration.for_device(device)
         acceleration.check(device)
         self.model = FusedModel(
@@ -78,7 +81,13 @@ class FusedEncoder:
             decode_workers=decode_workers,
             device_decode_pixels=device_decode_pixels,
         )
-        self.runtime = EncoderRuntime(self.model, preprocessor, acceleration, batch_size=batch_size)
+        self.runtime = EncoderRuntime(
+            self.model,
+            preprocessor,
+            acceleration,
+            batch_size=batch_size,
+            image_backend=image_backend,
+        )
 
     # --- what it is ------------------------------------------------------------------------
 
@@ -96,6 +105,7 @@ class FusedEncoder:
     acceleration = property(lambda self: self.runtime.acceleration)
     batch_size = property(lambda self: self.runtime.batch_size)
     preprocessor = property(lambda self: self.runtime.preprocessor)
+    backend = property(lambda self: self.runtime.backend)  # what runs the image tower
 
     @property
     def graphs(self) -> SmallBatchGraphs | None:
@@ -143,6 +153,12 @@ class FusedEncoder:
             graph_max_batch=profile.cuda_graph_max_batch,
         )
         batch_size = profile.batch_size or (128 if on_cuda else 16)
+        image_backend = None
+        if use_onnxruntime(profile.encoder_backend, device, acceleration):
+            try:
+                image_backend = OnnxImageTower.load(image)
+            except OnnxUnavailable as exc:
+                log.warning("the image tower runs in PyTorch: %s", exc)
         decode_workers = profile.decode_workers or (min(16, os.cpu_count() or 2) if on_cuda else 2)
         return cls(
             image,
@@ -154,6 +170,7 @@ class FusedEncoder:
             batch_size=batch_size,
             decode_workers=decode_workers,
             acceleration=acceleration,
+            image_backend=image_backend,
         )
 
     def with_options(
@@ -163,11 +180,20 @@ class FusedEncoder:
         batch_size: int | None = None,
         device_decode_pixels: int | None = None,
         fusion: FusionModel | None = None,
+        backend: str | None = None,
     ) -> FusedEncoder:
         """Another encoder over the same towers (loaded once), with other batching or device
         steps; unset options are copied. The towers are shared: a channels-last plan changes
         their memory layout for both encoders, not their values. ``fusion``: other heads on the
-        same towers (a trained checkpoint; the model version follows)."""
+        same towers (a trained checkpoint; the model version follows). ``backend``: ``torch`` or
+        ``onnxruntime`` for the image tower (its graph loaded if this encoder has none)."""
+        onnx_image = self.runtime.onnx_image
+        if backend == "torch":
+            onnx_image = None
+        elif backend == "onnxruntime" and onnx_image is None:
+            onnx_image = OnnxImageTower.load(self.image_encoder)
+        elif backend not in (None, "onnxruntime"):
+            raise ValueError(f"backend must be torch or onnxruntime, got {backend!r}")
         return FusedEncoder(
             self.image_encoder,
             self.text_encoder,
@@ -179,6 +205,7 @@ class FusedEncoder:
             decode_workers=self.preprocessor.decode_workers,
             acceleration=acceleration or self.acceleration,
             device_decode_pixels=device_decode_pixels or self.preprocessor.device_decode_pixels,
+            image_backend=onnx_image,
         )
 
     def warm_up(self) -> int:

@@ -16,6 +16,10 @@ FITS: tuple[str, ...] = get_args(Fit)
 Pooling = Literal["gem", "avg"]  # how the image tower's feature maps become one vector
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# What runs the image tower: auto is ONNX Runtime on a CPU in fp32 (encoders/onnx_tower.py),
+# PyTorch elsewhere; the vectors are the same either way.
+EncoderBackend = Literal["auto", "torch", "onnxruntime"]
+ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
 JpegDecoderName = Literal["auto", "nvimgcodec", "torchvision"]  # encoders/jpeg_decoders.py
 JPEG_DECODERS: tuple[str, ...] = get_args(JpegDecoderName)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -47,6 +51,7 @@ class ModelProfile:
     max_text_tokens: int = MAX_TEXT_TOKENS
     device: str = "auto"  # auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere
+    encoder_backend: EncoderBackend = "auto"  # the image tower's runtime (ENCODER_BACKENDS)
     batch_size: int | None = None  # None: 16 on a CPU (cache-bound, bench/encode.py), 128 on GPU
     # Threads decoding images with Pillow (it releases the GIL). None: 2 on a CPU, whose cores
     # the towers need; one per core, up to 16, where a GPU runs the towers.

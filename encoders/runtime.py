@@ -25,6 +25,7 @@ from loupe.encoders.errors import EncodeFailed, VectorNotFinite
 from loupe.encoders.graphs import SmallBatchGraphs
 from loupe.encoders.items import Encoded, EncodeInput, check_inputs
 from loupe.encoders.model import FusedModel
+from loupe.encoders.onnx_tower import OnnxImageTower
 from loupe.encoders.preprocess import ImagePreprocessor, Photo
 from loupe.encoders.profile import MAX_TEXT_CHARS
 
@@ -56,7 +57,10 @@ class EncoderRuntime:
         acceleration: Acceleration,
         *,
         batch_size: int,
+        image_backend: OnnxImageTower | None = None,
     ) -> None:
+        """``image_backend``: the image tower on ONNX Runtime; used only under a plan it computes
+        the same vectors in (the CPU, fp32: no autocast, no channels-last, no graphs)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model = model
@@ -65,6 +69,9 @@ class EncoderRuntime:
         self.batch_size = batch_size
         self.device = model.device
         on_cuda = self.device.type == "cuda"
+        self.onnx_image = image_backend
+        plain_cpu = not on_cuda and acceleration.amp_dtype is None and not acceleration.cuda_graphs
+        self._onnx_in_use = image_backend if plain_cpu and not acceleration.channels_last else None
         self._stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-stage")
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._stage_stream = (
@@ -195,7 +202,7 @@ class EncoderRuntime:
                     tensor.record_stream(stream)
         with torch.inference_mode(), self.autocast():
             image_vecs = (
-                self._image_vectors(prepared.pixels) if prepared.pixels is not None else None
+                self.image_vectors(prepared.pixels) if prepared.pixels is not None else None
             )  # (Bi, Di)
             text_vecs = (
                 self._text_vectors(prepared.tokens) if prepared.tokens is not None else None
@@ -219,7 +226,20 @@ class EncoderRuntime:
                 result.vectors, result.error = {}, VectorNotFinite(bad)
         return out
 
-    def _image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
+    @property
+    def backend(self) -> str:
+        """What runs the image tower: ``onnxruntime`` or ``torch``."""
+        return "onnxruntime" if self._onnx_in_use is not None else "torch"
+
+    def image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` pixels to the image tower's unit vectors, by whichever runs it
+        (ONNX Runtime, a captured graph, or the tower itself)."""
+        onnx = self._onnx_in_use
+        if onnx is not None and not onnx.serves(self.model.image_encoder):
+            log.warning("the image tower's weights changed since its graph was made: PyTorch")
+            self._onnx_in_use = onnx = None
+        if onnx is not None:
+            return onnx(pixels)
         graphed = self.graphs.image(pixels) if self.graphs is not None else None
         return graphed if graphed is not None else self.model.image_towers(pixels)
 

@@ -18,6 +18,7 @@ MODEL_SETTINGS = (
     "image_pooling",
     "device",
     "precision",
+    "encoder_backend",
 )
 
 
@@ -58,6 +59,7 @@ def embed(images: tuple[Path, ...], text: str | None, values: int, as_json: bool
     if not as_json:
         click.echo(f"model version: {encoder.model_version}")
         click.echo(f"device:        {encoder.device} ({encoder.acceleration.describe()})")
+        click.echo(f"image tower:   {encoder.backend}")
     failed = 0
     for label, result in zip(labels, results, strict=True):
         # In the contract's words, as the service would dead-letter or answer it.
@@ -87,7 +89,11 @@ def embed(images: tuple[Path, ...], text: str | None, values: int, as_json: bool
     return 1 if failed else 0
 
 
-@click.command(epilog=settings_epilog("image_backbone", "text_backbone", "allow_model_download"))
+@click.command(
+    epilog=settings_epilog(
+        "image_backbone", "text_backbone", "allow_model_download", "device", "encoder_backend"
+    )
+)
 @global_options
 def models() -> int:
     """List the backbones Loupe knows, their dimensions, and where their weights come from.
@@ -141,7 +147,28 @@ def models() -> int:
         "directory also works as LOUPE_TEXT_BACKBONE."
     )
     click.echo(f"\nfusion: {_fusion_summary(config.fusion_checkpoint)}")
+    click.echo(f"image tower runs on: {_backend_summary(config)}")
     return 0
+
+
+def _backend_summary(config) -> str:
+    """What will run the image tower (LOUPE_ENCODER_BACKEND on this machine's device), in one
+    line, without loading the model."""
+    from loupe.encoders.device import Acceleration, pick_device, use_onnxruntime
+
+    device = pick_device(config.device)
+    plan = Acceleration.for_device(device, config.precision)
+    setting = f"LOUPE_ENCODER_BACKEND={config.encoder_backend}"
+    if not use_onnxruntime(config.encoder_backend, device, plan):
+        return f"PyTorch on {device} ({setting})"
+    try:
+        import onnxruntime
+    except ImportError:
+        return f"PyTorch on {device}: onnxruntime is not installed ({setting})"
+    return (
+        f"ONNX Runtime {onnxruntime.__version__} on the CPU ({setting}; its graph is exported "
+        "on first use into ~/.cache/loupe/models/onnx)"
+    )
 
 
 def _fusion_summary(path: Path | None) -> str:

@@ -80,7 +80,9 @@ def test_the_cuda_steps_agree_with_fp32_on_real_products(reference, name, accele
 
 
 def test_a_non_finite_vector_fails_its_item_not_the_batch(reference):
-    model = FusedEncoder.from_profile(ModelProfile(batch_size=16, image_weights="random"))
+    # PyTorch's tower: the fault is injected with a hook on its module.
+    profile = ModelProfile(batch_size=16, image_weights="random", encoder_backend="torch")
+    model = FusedEncoder.from_profile(profile)
     # Fault injection: the image tower overflows on the second item only.
     model.image_encoder.register_forward_hook(
         lambda module, args, out: out.index_fill(0, torch.tensor([1]), float("nan"))
