@@ -100,16 +100,23 @@ class EncoderRuntime:
     # --- whole batches ---------------------------------------------------------------------
 
     def encode(self, items: Sequence[EncodeInput], towers_only: bool = False) -> list[Encoded]:
-        """Every item, in micro-batches, overlapped; one result per item, in order."""
-        batches = list(iter_batch(items, self.batch_size))
-        if len(batches) == 1:  # nothing to overlap: no hop to the stage thread (a query)
-            return self.encode_isolated(batches[0], towers_only)
+        """Every item, in micro-batches, overlapped; one result per item, in order.
+
+        Items are batched by the length of their text: a micro-batch's texts are padded to its
+        longest, so one product description among short queries (training's texts) would make
+        the text tower read every query at the description's length."""
+        if len(items) <= self.batch_size:  # nothing to overlap: no hop to the stage thread
+            return self.encode_isolated(list(items), towers_only) if items else []
+        order = sorted(range(len(items)), key=lambda i: len(items[i].text or ""))
         stream = EncodeStream(self, towers_only=towers_only)
         results: list[Encoded] = []
-        for batch in batches:
+        for batch in iter_batch([items[i] for i in order], self.batch_size):
             results.extend(r for _, done in stream.put(batch) for r in done)
         results.extend(r for _, done in stream.flush() for r in done)
-        return results
+        in_order: list[Encoded] = [Encoded()] * len(items)
+        for position, result in zip(order, results, strict=True):
+            in_order[position] = result
+        return in_order
 
     def encode_isolated(self, batch: list[EncodeInput], towers_only: bool) -> list[Encoded]:
         """One micro-batch, at once; if its preparation or forward pass raises, item by item,

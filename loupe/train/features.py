@@ -31,7 +31,7 @@ from loupe.encoders.images import DecodeLimits
 from loupe.encoders.preprocess import Photo
 from loupe.encoders.tower_tail import TowerTail, trunk
 from loupe.progress import progress
-from loupe.train.augment import shopper_photo, studio_photo
+from loupe.train.augment import shopper_photo, studio_masks, studio_photo
 from loupe.train.queries import evaluation_query, training_queries
 from loupe.train.source import TrainingProduct
 
@@ -291,7 +291,8 @@ def _simulate(product: TrainingProduct, views: int, seed: int, limits: DecodeLim
     its catalog photo is decoded once for all of them."""
     base = _product_seed(product.key, seed)
     studio = studio_photo(product.image, limits)
-    return [shopper_photo(studio, base + k) for k in range(views + 1)]
+    masks = studio_masks(studio)
+    return [shopper_photo(studio, base + k, masks) for k in range(views + 1)]
 
 
 def _product_seed(key: str, seed: int) -> int:

@@ -157,3 +157,27 @@ def test_embed_cli_reports_a_bad_image(tmp_path, capsys):
     bad.write_text("hello")
     assert main(["embed", "--image", str(bad)]) == 1
     assert "error image_invalid: not a JPEG, PNG or WebP image" in capsys.readouterr().out
+
+
+def test_texts_are_batched_by_length_and_answered_in_order(encoder, catalog):
+    """Training encodes a product's description among a dozen short queries: batched as they
+    come, every micro-batch would be padded to the description's length."""
+    small = encoder.with_options(batch_size=4)
+    long_text = _product(catalog[0]).text
+    items = [
+        EncodeInput(text=long_text if i % 4 == 0 else f"ring {i}", query=True) for i in range(8)
+    ]
+    widths: list[int] = []
+    hook = small.text_encoder.register_forward_hook(
+        lambda module, args, kwargs, out: widths.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True,
+    )
+    try:
+        batched = small.encode_queries(items)
+    finally:
+        hook.remove()
+        small.close()
+    assert len(widths) == 2 and min(widths) <= 8 < max(widths), widths
+    alone = [encoder.encode_queries([item])[0] for item in items]
+    for one, other in zip(alone, batched, strict=True):
+        np.testing.assert_allclose(one.vectors["text"], other.vectors["text"], atol=TOLERANCE)
