@@ -1,4 +1,4 @@
-"""Shopper photos for evaluation: two simulators, each independent of the training one.
+"""Shopper photos for evaluation: three simulators, each independent of the training one.
 
 - ``phone_photo`` ("loupe"): Loupe's own evaluation family, also the demo's and the
   benchmarks' shoppers: the product on a tinted table, tilted, framed off-centre in 4:3 with
@@ -9,6 +9,9 @@
   colour jitter (brightness, contrast and saturation 0.4, hue 0.05), Gaussian blur (half the
   photos, sigma 0.1-3.0), a downscale (the long side 160-640 pixels) and JPEG at quality
   30-80. The studio backdrop is left as it is: only the jitter tints it.
+- ``scene_photo`` ("scenes", ``loupe.evaluation.scenes``): the product cut out and laid on a
+  generated surface (wood, fabric, marble, a wrist, a velvet box, a cluttered table), 30-70%
+  of the frame, rotated, tilted, shadowed, then a phone's light, optics and compression.
 
 Training's own simulator (``loupe.train.augment.shopper_photo``) crops 30-100% of the area,
 rotates up to 30 degrees, and compresses at quality 15-90 on other backdrops.
@@ -109,4 +112,14 @@ def torchvision_photo(image_bytes: bytes, seed: int, limits: DecodeLimits | None
     return encode_jpeg(image, quality=quality).numpy().tobytes()
 
 
-SIMULATORS: dict[str, Simulator] = {"loupe": phone_photo, "torchvision": torchvision_photo}
+def _scene_photo(image_bytes: bytes, seed: int, limits: DecodeLimits | None = None) -> bytes:
+    from loupe.evaluation.scenes import scene_photo  # its own module: generators of scenes
+
+    return scene_photo(image_bytes, seed, limits)
+
+
+SIMULATORS: dict[str, Simulator] = {
+    "loupe": phone_photo,
+    "torchvision": torchvision_photo,
+    "scenes": _scene_photo,
+}
