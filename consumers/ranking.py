@@ -13,6 +13,11 @@ look-alikes of any kind (a pendant's chain next to a chain necklace). ``kind_kep
 their image cosine plus that weight times their fused-view cosine with the best match, the
 photographed product's look and then its kind (docs/training.md, "Limits", measures it).
 
+A photo query is encoded whole and in the part where its product is (``encoders/regions.py``):
+``sharper`` says which of the two answers it, the one whose best match is closer. A product
+lying in a wider scene is then matched by itself, and a photo that is all product keeps its own
+answer (the part of it matches less well than the whole).
+
 The service (``search_service``) and the training's evaluation (``loupe.train.evaluate``) both
 rank with these, so the measured numbers are the service's.
 """
@@ -72,3 +77,9 @@ def kind_kept(
 
     rest = sorted(candidates[1:], key=combined, reverse=True)  # stable: ties keep their order
     return [candidates[0], *rest][: max(k, 0)]
+
+
+def sharper(whole_best: float, region_best: float | None) -> bool:
+    """Whether a photo query is answered by its region: its best match is closer than the whole
+    photo's best match (``region_best`` None: the photo has no region)."""
+    return region_best is not None and region_best > whole_best

@@ -38,15 +38,19 @@ from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff
 from loupe.consumers.live_model import LiveModel
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
-from loupe.consumers.ranking import KIND_CANDIDATES, anchored, kind_kept
+from loupe.consumers.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.consumers.reply_topics import KnownTopics, ReplyGate, ReplyTopics
 from loupe.consumers.worker import BatchWorker, refused
 from loupe.encoders.fused import EncodeInput
+from loupe.encoders.images import upright_size
+from loupe.encoders.items import Region
+from loupe.encoders.regions import photo_box
 from loupe.schemas.common import Price, is_identifier
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.search import (
     CORRELATION_HEADER,
     HitScores,
+    PhotoRegion,
     SearchCompleted,
     SearchError,
     SearchHit,
@@ -196,16 +200,18 @@ class SearchService(BatchWorker):
             encoded = self.encoder.encode_queries(items)  # fails items, never the batch
         for query, result in zip(queries, encoded, strict=True):
             if result.ok:
-                query.vectors = result.vectors
+                query.vectors, query.region = result.vectors, result.region
             else:
                 query.error = ModelRejected(result.error)
 
     def _search(self, queries: list[_Query]) -> None:
         if not queries:
             return
-        lookups = [_index_query(q, self.photo_kind_weight) for q in queries]
-        anchors = [_anchor_query(q) for q in queries]  # photo + text: the image view's best
-        batch = lookups + [a for a in anchors if a is not None]
+        # Each query asked with its whole photo, and a photo query with its part too (_Ask).
+        asks = [_asks(q, self.photo_kind_weight, self.encoder.fit) for q in queries]
+        flat = [ask for per_query in asks for ask in per_query]
+        lookups = [a.lookup for a in flat if a.searched]
+        batch = lookups + [a.anchor for a in flat if a.anchor is not None]
         self.keep_alive_if_due()
         with self.metrics.timer("search"):
             try:
@@ -221,33 +227,13 @@ class SearchService(BatchWorker):
                     "a batched search failed; searching its %d queries alone", len(queries)
                 )
                 found = [self._guarded("search", self._search_one, lookup) for lookup in batch]
-        anchor_hits = iter(found[len(lookups) :])
-        for query, lookup, anchor, hits in zip(
-            queries, lookups, anchors, found[: len(lookups)], strict=True
-        ):
-            best = next(anchor_hits) if anchor is not None else []
-            failed = next((r for r in (hits, best) if isinstance(r, ItemFailed)), None)
-            if failed is not None:
-                query.error = failed
-                continue
-            if _keeps_kind(lookup, self.photo_kind_weight):
-                hits = kind_kept(
-                    hits,
-                    query.request.top_k,
-                    self.photo_kind_weight,
-                    score=lambda h: h.score,
-                    fused=lambda h: h.vectors.get("fused"),
-                )
-            ranked = [_hit(h, lookup.view, query.vectors) for h in hits]
-            first = None
-            if best:
-                first = _hit(best[0], anchor.view, query.vectors)
-                score = getattr(first.scores, lookup.view)
-                if score is not None:  # scored in the view the query used, as the others
-                    first = first.model_copy(update={"score": score})
-            query.hits = anchored(
-                ranked, first, query.request.top_k, key=lambda h: (h.merchant_id, h.product_id)
-            )
+        hits, bests = iter(found[: len(lookups)]), iter(found[len(lookups) :])
+        for per_query in asks:
+            for ask in per_query:
+                ask.hits = next(hits) if ask.searched else per_query[0].hits
+                ask.best = next(bests) if ask.anchor is not None else []
+        for query, per_query in zip(queries, asks, strict=True):
+            _answer(query, _sharpest(per_query), self.photo_kind_weight)
 
     def _search_one(self, lookup: IndexQuery) -> list[IndexHit]:
         return self._retry(
@@ -318,12 +304,87 @@ class _Query:
     image: bytes | None = None
     media_type: str | None = None
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    region: Region | None = None  # where in the photo its product is (encoders/regions.py)
     hits: list[SearchHit] = field(default_factory=list)
     error: ItemFailed | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass
+class _Ask:
+    """One way to ask the index for a query's answer: with the whole photo, or with the part
+    where its product is (``encoders/regions.py``); ``ranking.sharper`` picks the answer."""
+
+    lookup: IndexQuery
+    anchor: IndexQuery | None  # photo + text: the image view's best match
+    vectors: dict[str, np.ndarray]  # the query's, the image view's the part's for a part
+    region: PhotoRegion | None = None  # the part, in shares of the photo
+    searched: bool = True  # False: the part's answer shares the whole's lookup (photo + text)
+    hits: list[IndexHit] | ItemFailed = field(default_factory=list)
+    best: list[IndexHit] | ItemFailed = field(default_factory=list)
+
+    def best_image_score(self) -> float | None:
+        """The image view's best match's score, the one ``ranking.sharper`` compares."""
+        found = self.best if self.anchor is not None else self.hits
+        return None if isinstance(found, ItemFailed) or not found else found[0].score
+
+
+def _asks(query: _Query, photo_kind_weight: float, fit: str) -> list[_Ask]:
+    """The whole photo's ask, then the part's where the encoder found one."""
+    whole = _Ask(_index_query(query, photo_kind_weight), _anchor_query(query), query.vectors)
+    region, size = query.region, upright_size(query.image) if query.image else None
+    if region is None or size is None or whole.lookup.view == "text":
+        return [whole]
+    left, top, width, height = photo_box(region.box, *size, fit)
+    part = _Ask(
+        whole.lookup,
+        None if whole.anchor is None else dataclasses.replace(whole.anchor, vector=region.image),
+        {**query.vectors, "image": region.image},
+        PhotoRegion(left=left, top=top, width=width, height=height),
+        searched=whole.lookup.view == "image",
+    )
+    if part.searched:
+        part.lookup = dataclasses.replace(whole.lookup, vector=region.image)
+    return [whole, part]
+
+
+def _sharpest(asks: list[_Ask]) -> _Ask:
+    """The whole photo's answer, or the part's where ``ranking.sharper`` says so."""
+    whole, part = asks[0], asks[-1]
+    whole_best = whole.best_image_score()
+    if part is whole or whole_best is None:
+        return whole
+    return part if sharper(whole_best, part.best_image_score()) else whole
+
+
+def _answer(query: _Query, ask: _Ask, photo_kind_weight: float) -> None:
+    """``query``'s hits from ``ask``'s results, ranked as ``ranking.py`` says."""
+    lookup, anchor, hits, best = ask.lookup, ask.anchor, ask.hits, ask.best
+    failed = next((r for r in (hits, best) if isinstance(r, ItemFailed)), None)
+    if failed is not None:
+        query.error = failed
+        return
+    if _keeps_kind(lookup, photo_kind_weight):
+        hits = kind_kept(
+            hits,
+            query.request.top_k,
+            photo_kind_weight,
+            score=lambda h: h.score,
+            fused=lambda h: h.vectors.get("fused"),
+        )
+    ranked = [_hit(h, lookup.view, ask.vectors, ask.region) for h in hits]
+    first = None
+    if best:
+        first = _hit(best[0], anchor.view, ask.vectors, ask.region)
+        score = getattr(first.scores, lookup.view)
+        if score is not None:  # scored in the view the query used, as the others
+            first = first.model_copy(update={"score": score})
+    query.hits = anchored(
+        ranked, first, query.request.top_k, key=lambda h: (h.merchant_id, h.product_id)
+    )
 
 
 def _index_query(query: _Query, photo_kind_weight: float = 0.0) -> IndexQuery:
@@ -425,7 +486,9 @@ def fit_response(response: SearchCompleted, limit: int = MAX_RESPONSE_BYTES) -> 
     return raw
 
 
-def _hit(hit: IndexHit, view: str, query: dict[str, np.ndarray]) -> SearchHit:
+def _hit(
+    hit: IndexHit, view: str, query: dict[str, np.ndarray], region: PhotoRegion | None = None
+) -> SearchHit:
     scores: dict[str, float | None] = {"image": None, "text": None, "fused": None}
     scores[view] = hit.score
     for other, vector in hit.vectors.items():
@@ -444,4 +507,5 @@ def _hit(hit: IndexHit, view: str, query: dict[str, np.ndarray]) -> SearchHit:
         image_url=payload.image_url,
         attributes=payload.attributes or {},
         price=price,
+        region=region,
     )

@@ -337,6 +337,12 @@ class Settings(BaseSettings):
         "on a GPU), `torch`, `onnxruntime`; the vectors and the model version are the same "
         "(docs/architecture.md, The CPU path)",
     )
+    query_regions: bool = Field(
+        _MODEL.query_regions,
+        description="a photo query is also encoded in the part where its product is, and "
+        "answered by that part when it matches closer (a product lying in a wider scene; "
+        "docs/training.md, Photos of scenes)",
+    )
     encode_batch_size: int | None = Field(
         _MODEL.batch_size,
         ge=1,
@@ -492,6 +498,7 @@ class Settings(BaseSettings):
             device=self.device,
             precision=self.precision,
             encoder_backend=self.encoder_backend,
+            query_regions=self.query_regions,
             batch_size=self.encode_batch_size,
             decode_workers=self.decode_workers,
             jpeg_decoder=self.jpeg_decoder,

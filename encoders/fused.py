@@ -57,6 +57,7 @@ class FusedEncoder:
         acceleration: Acceleration | None = None,
         device_decode_pixels: int = DEVICE_DECODE_PIXELS,
         image_backend: OnnxImageTower | None = None,
+        query_regions: bool = True,
     ) -> None:
         """``acceleration``: None for the device's defaults (``Acceleration.for_device``); tests
         switch single CUDA steps on for a CPU run. ``device_decode_pixels`` bounds one batch
@@ -87,6 +88,7 @@ class FusedEncoder:
             acceleration,
             batch_size=batch_size,
             image_backend=image_backend,
+            query_regions=query_regions,
         )
 
     # --- what it is ------------------------------------------------------------------------
@@ -171,6 +173,7 @@ class FusedEncoder:
             decode_workers=decode_workers,
             acceleration=acceleration,
             image_backend=image_backend,
+            query_regions=profile.query_regions,
         )
 
     def with_options(
@@ -206,6 +209,7 @@ class FusedEncoder:
             acceleration=acceleration or self.acceleration,
             device_decode_pixels=device_decode_pixels or self.preprocessor.device_decode_pixels,
             image_backend=onnx_image,
+            query_regions=self.runtime.query_regions,
         )
 
     def warm_up(self) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 
 from loupe.encoders.errors import UnknownBackbone, WeightsNotFound
 from loupe.encoders.profile import POOLINGS, Pooling
+from loupe.encoders.regions import heat_of
 from loupe.encoders.weights import file_digest, state_digest, tensors_digest
 
 RANDOM = "random"  # the explicit way to ask for random initialisation (tests only)
@@ -262,3 +263,11 @@ class ImageEncoder(nn.Module):
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self(pixels).float(), dim=-1)
+
+    def encode_with_heat(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode``'s ``(B, D)`` unit vectors and, from the same pass, where the last maps
+        respond: ``(B, h, w)`` (``encoders/regions.py``)."""
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels of shape (B, 3, S, S), got {tuple(pixels.shape)}")
+        maps = self.spec.features(self.backbone, (pixels - self.mean) / self.std)  # (B, D, h, w)
+        return F.normalize(pool(maps, self.pooling), dim=-1), heat_of(maps)

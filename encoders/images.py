@@ -293,3 +293,15 @@ def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
             batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False
         )
     return batch.clamp_(0.0, 1.0)
+
+
+def upright_size(data: bytes) -> tuple[int, int] | None:
+    """The photo's width and height as shown (its EXIF orientation applied), from its header
+    alone; None where Pillow cannot read the header."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)  # 5 to 8: stored turned a quarter
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -24,12 +24,22 @@ class EncodeInput:
     query: bool = False
 
 
+@dataclass(frozen=True)
+class Region:
+    """The part of a query photo where the product is (``encoders/regions.py``)."""
+
+    box: tuple[float, float, float, float]  # left, top, width, height: shares of the square
+    image: np.ndarray  # that part's image-view unit vector (the tower's, from encode_towers)
+
+
 @dataclass
 class Encoded:
-    """Per-view unit vectors that exist for an item, or why it could not be encoded."""
+    """Per-view unit vectors that exist for an item, or why it could not be encoded; a photo
+    query also has the ``region`` where its product is, when the encoder looks for one."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     error: ItemRejected | None = None
+    region: Region | None = None
 
     @property
     def ok(self) -> bool:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "models" / "onnx"
 # Bumped whenever what is exported changes (the wrapper below, the opset): old graphs are not
 # read again, they are made anew under another name.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: the heat map is an output too
 OPSET = 17
 # A graph must give the tower's vectors: the smallest cosine over the probe photos.
 MIN_PROBE_COSINE = 0.9999
@@ -46,14 +46,15 @@ class OnnxUnavailable(EncoderError):
 
 
 class _Encode(nn.Module):
-    """``ImageEncoder.encode`` as a module to trace: pixels in [0, 1] to unit vectors."""
+    """``ImageEncoder.encode_with_heat`` as a module to trace: pixels in [0, 1] to unit vectors
+    and the heat of the last maps."""
 
     def __init__(self, tower: ImageEncoder) -> None:
         super().__init__()
         self.tower = tower
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
-        return F.normalize(self.tower(pixels).float(), dim=-1)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tower.encode_with_heat(pixels)  # (B, 3, S, S) -> (B, D), (B, h, w)
 
 
 def graph_name(tower: ImageEncoder) -> str:
@@ -132,9 +133,16 @@ class OnnxImageTower:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` floats in [0, 1] to ``(B, D)`` unit vectors, as ``encode``."""
+        return self.with_heat(pixels, heat=False)[0]
+
+    def with_heat(
+        self, pixels: torch.Tensor, heat: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``encode_with_heat``'s vectors and heat (None unless ``heat``)."""
         array = np.ascontiguousarray(pixels.detach().float().cpu().numpy())
-        (vectors,) = self.session.run(None, {self._input: array})
-        return torch.from_numpy(vectors)
+        names = ["vectors", "heat"] if heat else ["vectors"]
+        outputs = self.session.run(names, {self._input: array})
+        return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1]) if heat else None
 
     def agreement(self, tower: ImageEncoder) -> float:
         """The smallest cosine between this graph's and the tower's vectors on probe photos:
@@ -164,8 +172,12 @@ def _export(tower: ImageEncoder, path: Path) -> None:
                 (torch.rand(2, 3, side, side, device=device),),
                 str(partial),
                 input_names=["pixels"],
-                output_names=["vectors"],
-                dynamic_axes={"pixels": {0: "batch"}, "vectors": {0: "batch"}},
+                output_names=["vectors", "heat"],
+                dynamic_axes={
+                    "pixels": {0: "batch"},
+                    "vectors": {0: "batch"},
+                    "heat": {0: "batch"},
+                },
                 opset_version=OPSET,
                 dynamo=False,
             )

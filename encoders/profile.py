@@ -52,6 +52,8 @@ class ModelProfile:
     device: str = "auto"  # auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere
     encoder_backend: EncoderBackend = "auto"  # the image tower's runtime (ENCODER_BACKENDS)
+    # A photo query is also encoded in the part where its product is (encoders/regions.py).
+    query_regions: bool = True
     batch_size: int | None = None  # None: 16 on a CPU (cache-bound, bench/encode.py), 128 on GPU
     # Threads decoding images with Pillow (it releases the GIL). None: 2 on a CPU, whose cores
     # the towers need; one per core, up to 16, where a GPU runs the towers.

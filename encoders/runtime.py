@@ -23,11 +23,12 @@ from loupe.encoders.batching import iter_batch
 from loupe.encoders.device import Acceleration
 from loupe.encoders.errors import EncodeFailed, VectorNotFinite
 from loupe.encoders.graphs import SmallBatchGraphs
-from loupe.encoders.items import Encoded, EncodeInput, check_inputs
+from loupe.encoders.items import Encoded, EncodeInput, Region, check_inputs
 from loupe.encoders.model import FusedModel
 from loupe.encoders.onnx_tower import OnnxImageTower
 from loupe.encoders.preprocess import ImagePreprocessor, Photo
 from loupe.encoders.profile import MAX_TEXT_CHARS
+from loupe.encoders.regions import crop_regions, region_boxes
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,18 @@ class EncoderRuntime:
         *,
         batch_size: int,
         image_backend: OnnxImageTower | None = None,
+        query_regions: bool = True,
     ) -> None:
         """``image_backend``: the image tower on ONNX Runtime; used only under a plan it computes
-        the same vectors in (the CPU, fp32: no autocast, no channels-last, no graphs)."""
+        the same vectors in (the CPU, fp32: no autocast, no channels-last, no graphs).
+        ``query_regions``: a photo query also encodes the part where its product is."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model = model
         self.preprocessor = preprocessor
         self.acceleration = acceleration
         self.batch_size = batch_size
+        self.query_regions = query_regions
         self.device = model.device
         on_cuda = self.device.type == "cuda"
         self.onnx_image = image_backend
@@ -208,9 +212,7 @@ class EncoderRuntime:
                 if tensor is not None:
                     tensor.record_stream(stream)
         with torch.inference_mode(), self.autocast():
-            image_vecs = (
-                self.image_vectors(prepared.pixels) if prepared.pixels is not None else None
-            )  # (Bi, Di)
+            image_vecs, regions = self._image_and_regions(prepared)  # (Bi, Di)
             text_vecs = (
                 self._text_vectors(prepared.tokens) if prepared.tokens is not None else None
             )  # (Bt, Dt)
@@ -227,6 +229,8 @@ class EncoderRuntime:
             array = vecs.float().cpu().numpy()
             for j, i in enumerate(rows):
                 out[i].vectors[view] = array[j]
+        if regions is not None:
+            self._set_regions(out, image_rows, regions, towers_only)
         for result in out:
             bad = [v for v, vec in result.vectors.items() if not np.isfinite(vec).all()]
             if bad:
@@ -237,6 +241,31 @@ class EncoderRuntime:
     def backend(self) -> str:
         """What runs the image tower: ``onnxruntime`` or ``torch``."""
         return "onnxruntime" if self._onnx_in_use is not None else "torch"
+
+    def _image_and_regions(self, prepared: PreparedBatch):
+        """The batch's image tower vectors and, for its photo queries, ``(rows, boxes, region
+        tower vectors)`` (None without photo queries, or with regions off)."""
+        pixels = prepared.pixels
+        if pixels is None:
+            return None, None
+        asked = [j for j, i in enumerate(prepared.image_rows) if prepared.items[i].query]
+        if not asked or not self.query_regions:
+            return self.image_vectors(pixels), None
+        if self._onnx_in_use is not None and self._onnx_in_use.serves(self.model.image_encoder):
+            vectors, heat = self._onnx_in_use.with_heat(pixels)
+        else:  # eager: a captured graph gives the vectors alone
+            vectors, heat = self.model.image_encoder.encode_with_heat(pixels)
+        boxes = region_boxes(heat[asked])  # (Bq, 4)
+        return vectors, (asked, boxes, self.image_vectors(crop_regions(pixels[asked], boxes)))
+
+    def _set_regions(self, out: list[Encoded], image_rows: list[int], regions, towers_only) -> None:
+        asked, boxes, region_vecs = regions
+        with torch.inference_mode(), self.autocast():
+            views = region_vecs if towers_only else self.model.fusion.image(region_vecs)
+        vectors = views.float().cpu().numpy()
+        for j, box, vector in zip(asked, boxes.tolist(), vectors, strict=True):
+            if np.isfinite(vector).all():  # else the photo is answered whole
+                out[image_rows[j]].region = Region(tuple(box), vector)
 
     def image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` pixels to the image tower's unit vectors, by whichever runs it

@@ -118,6 +118,19 @@ class HitScores(Contract):
     fused: float | None = None
 
 
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class PhotoRegion(Contract):
+    """A part of the shopper's photo, upright as shown: its left and top edges and its size,
+    as shares of the photo's width and height."""
+
+    left: Share
+    top: Share
+    width: Share
+    height: Share
+
+
 class SearchHit(Contract):
     product_id: Identifier
     merchant_id: MerchantId
@@ -127,6 +140,12 @@ class SearchHit(Contract):
     image_url: str | None = None
     attributes: Attributes = Field(default_factory=dict)
     price: Price | None = None
+    region: PhotoRegion | None = Field(
+        default=None,
+        description="where in the shopper's photo the product was found, when Loupe matched a "
+        "part of the photo rather than the whole (a product lying in a wider scene); null when "
+        "the whole photo matched, or the query had no photo",
+    )
 
 
 class SearchError(Contract):

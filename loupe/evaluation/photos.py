@@ -2,9 +2,10 @@
 simulator (``simulators``) and the held-back query text, through the frozen towers, cached.
 
 Row ``i`` is product ``i`` of the catalog features (``loupe.train.features``); the trainer's
-``evaluate_splits(..., queries=(photo, text))`` ranks them against the catalog as the service
-would. The seeds come from another hash than training's, so no evaluation photo is a training
-one however the seeds line up.
+``evaluate_splits(..., queries=(photo, text, region))`` ranks them against the catalog as the
+service would (a photo by the whole or by the part where its product is: ``ranking.sharper``).
+The seeds come from another hash than training's, so no evaluation photo is a training one
+however the seeds line up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from loupe.encoders.fused import EncodeInput, FusedEncoder
+from loupe.encoders.regions import REGION_SHARE
 from loupe.evaluation.simulators import SIMULATORS
 from loupe.progress import progress
 from loupe.train.features import tower_vectors
@@ -36,6 +38,9 @@ class ShopperQueries:
     seed: int
     photo: np.ndarray  # (N, Di) the simulated shopper photos' image vectors
     text: np.ndarray  # (N, Dt) the held-back query template's text vectors
+    # (N, Di) the image vectors of the part of each photo where its product is, as the service
+    # encodes a photo query (``encoders/regions.py``); a photo without one repeats ``photo``
+    region: np.ndarray | None = None
 
 
 def photo_seed(simulator: str, seed: int, key: str) -> int:
@@ -57,18 +62,25 @@ def shopper_queries(
         raise ValueError(f"unknown simulator {simulator!r}; known: {', '.join(SIMULATORS)}")
     make = SIMULATORS[simulator]
 
-    def photos() -> np.ndarray:
+    def photos() -> np.ndarray:  # (N, 2, Di): the whole photo's vector, its region's
         vectors = []
         with progress(total=len(products), desc=f"{simulator} photos", unit="product") as bar:
             for start in range(0, len(products), CHUNK):
                 chunk = products[start : start + CHUNK]
                 items = [
                     EncodeInput(
-                        image=make(p.image, photo_seed(simulator, seed, p.key), encoder.limits)
+                        image=make(p.image, photo_seed(simulator, seed, p.key), encoder.limits),
+                        query=True,  # as a shopper's photo: with its region
                     )
                     for p in chunk
                 ]
-                vectors += tower_vectors(encoder, items, "image", "evaluation queries")
+                for result in encoder.encode_towers(items):
+                    if not result.ok:
+                        raise RuntimeError(
+                            f"evaluation queries could not be encoded: {result.error}"
+                        )
+                    whole = result.vectors["image"]
+                    vectors.append([whole, result.region.image if result.region else whole])
                 bar.update(len(chunk))
         return np.stack(vectors).astype(np.float16)
 
@@ -80,9 +92,10 @@ def shopper_queries(
             np.float16
         )
 
-    photo = _cached(cache_dir, "image", encoder.image_base, simulator, seed, products, photos)
+    what = f"{simulator}-regions{REGION_SHARE}"
+    photo = _cached(cache_dir, "image", encoder.image_base, what, seed, products, photos)
     text = _cached(cache_dir, "text", encoder.text_base, "queries", seed, products, texts)
-    return ShopperQueries(simulator, seed, photo, text)
+    return ShopperQueries(simulator, seed, photo[:, 0], text, photo[:, 1])
 
 
 def _cached(cache_dir, half, base, what, seed, products, compute) -> np.ndarray:

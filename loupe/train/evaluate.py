@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from loupe.consumers.ranking import KIND_CANDIDATES, anchored, kind_kept
+from loupe.consumers.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.encoders.fusion import FusionModel
 
 KINDS = ("photo", "photo+text", "text")
@@ -139,12 +139,15 @@ def evaluate(
     *,
     anchor: bool = True,
     photo_kind_weight: float = 0.0,
+    region: torch.Tensor | None = None,
 ) -> dict[str, RetrievalScores]:
     """Scores per query kind. Tensors are the frozen towers' vectors, row ``i`` = product ``i``:
     ``catalog_image`` ``(N, Di)``, ``catalog_text`` ``(N, Dt)``, the evaluation ``photo`` ``(N,
     Di)`` and ``query_text`` ``(N, Dt)``. ``anchor`` False ranks photo + text by the fused view
     alone (the ablation). ``photo_kind_weight``: photos ranked as the service ranks them with
-    ``LOUPE_PHOTO_KIND_WEIGHT`` (``ranking.kind_kept``)."""
+    ``LOUPE_PHOTO_KIND_WEIGHT`` (``ranking.kind_kept``). ``region``: ``(N, Di)``, the part of
+    each photo where its product is; a photo is then answered by the whole or the part, as the
+    service answers it (``ranking.sharper``)."""
     model.eval()
     catalog_image, catalog_text = catalog_image.float(), catalog_text.float()
     photo, query_text = photo[rows].float(), query_text[rows].float()
@@ -160,6 +163,9 @@ def evaluate(
     }
     asked = {kind: vectors.float().cpu().numpy() for kind, vectors in asked.items()}
     index = {kind: vectors.float().cpu().numpy() for kind, vectors in index.items()}
+    if region is not None:
+        parts = model.image(region[rows].float()).float().cpu().numpy()
+        asked["photo"] = _sharper_of(asked["photo"], parts, index["photo"])
     anchors = _best_matches(asked["photo"], index["photo"]) if anchor else None
     return {
         kind: retrieval_scores(
@@ -181,6 +187,15 @@ def scores_from_record(record: dict) -> dict[str, dict[str, RetrievalScores]]:
         split: {kind: RetrievalScores(**values) for kind, values in kinds.items()}
         for split, kinds in record.items()
     }
+
+
+def _sharper_of(whole: np.ndarray, parts: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Each query's whole-photo vector, or its part's where ``ranking.sharper`` says so."""
+    chosen = whole.copy()
+    for j in range(len(whole)):
+        if sharper(float((index @ whole[j]).max()), float((index @ parts[j]).max())):
+            chosen[j] = parts[j]
+    return chosen
 
 
 def _best_matches(queries: np.ndarray, index: np.ndarray, chunk: int = 256) -> np.ndarray:

@@ -110,12 +110,19 @@ class _Tensors:
         self.view_text = t(features.view_text)  # (N, K, Dt)
         self.eval_image = t(features.eval_image)  # (N, Di)
         self.eval_text = t(features.eval_text)  # (N, Dt)
+        self.eval_region: torch.Tensor | None = None  # (N, Di): the photos' product parts
 
     def _on_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float16)).to(self.device)
 
-    def use_queries(self, photo: np.ndarray, text: np.ndarray) -> None:
-        """Evaluate with these query vectors, ``(N, Di)`` and ``(N, Dt)``, instead."""
+    def use_queries(
+        self, photo: np.ndarray, text: np.ndarray, region: np.ndarray | None = None
+    ) -> None:
+        """Evaluate with these query vectors, ``(N, Di)`` and ``(N, Dt)``, instead, and the
+        photos' regions ``(N, Di)`` where given."""
+        if region is not None and region.shape != photo.shape:
+            raise ValueError(f"regions {region.shape} do not fit the photos {photo.shape}")
+        self.eval_region = None if region is None else self._on_device(region)
         if photo.shape != self.eval_image.shape or text.shape != self.eval_text.shape:
             raise ValueError(
                 f"queries {photo.shape}, {text.shape} do not fit the catalog's "
@@ -305,13 +312,14 @@ def evaluate_splits(
     *,
     anchor: bool = True,
     device: torch.device | None = None,
-    queries: tuple[np.ndarray, np.ndarray] | None = None,
+    queries: tuple[np.ndarray, ...] | None = None,
     photo_kind_weight: float = 0.0,
 ) -> Scores:
     """``model``'s scores on the seen and held-out products of ``config``'s split, as training
     reports them (``anchor`` False: photo + text ranked by the fused view alone). ``queries``:
     other query photos and texts to ask with, row ``i`` about product ``i`` (the tower vectors
-    of another simulator's photos: ``loupe.evaluation``); default the held-back view.
+    of another simulator's photos: ``loupe.evaluation``), and optionally their regions (a photo
+    then answered by the whole or its part, as the service does); default the held-back view.
     ``photo_kind_weight``: photos ranked as with ``LOUPE_PHOTO_KIND_WEIGHT``."""
     held = held_out_mask(features.keys, config.holdout, config.seed)
     data = _Tensors(features, device or torch.device("cpu"))
@@ -347,6 +355,7 @@ def _scores(
             rows,
             anchor=anchor,
             photo_kind_weight=photo_kind_weight,
+            region=data.eval_region,
         )
         for split, rows in splits.items()
         if len(rows)

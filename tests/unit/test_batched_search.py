@@ -20,6 +20,7 @@ from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.reply_topics import DEFAULT_REPLY_TO_PATTERN, ReplyTopics
 from loupe.consumers.search_service import SearchService
 from loupe.encoders.fused import Encoded
+from loupe.encoders.items import Region
 from loupe.schemas.errors import ErrorCode
 from loupe.schemas.search import parse_search_response
 from tests.fakes import FakeConsumer
@@ -41,6 +42,7 @@ class _Publisher:
 
 class _Encoder:
     model_version = "m1"
+    fit = "pad"
 
     def __init__(self) -> None:
         self.calls: list[int] = []
@@ -318,3 +320,82 @@ def test_a_refused_write_to_the_default_topic_stops_the_service_naming_the_acl()
         service.on_aborted(records, kafka_errors.NotCoordinatorError())  # not a refusal: replay
     finally:
         service._fetch_pool.shutdown()
+
+
+class _PartEncoder(_Encoder):
+    """A photo whose whole looks like the table (pT), whose part looks like the ring (pR)."""
+
+    def encode_queries(self, items):
+        out = super().encode_queries(items)
+        for item, result in zip(items, out, strict=True):
+            if item.image is not None:
+                result.vectors["image"] = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+                part = np.array([0.0, 1.0, 0.0, 0.0], dtype=np.float32)
+                result.region = Region((0.25, 0.5, 0.4, 0.4), part)
+        return out
+
+
+class _ByCosine:
+    """The image view holds a table-like product and a ring; the fused view the ring first."""
+
+    def __init__(self) -> None:
+        self.products = {"pT": [0.8, 0.6, 0.0, 0.0], "pR": [0.1, 0.99, 0.0, 0.0]}
+        self.queries = []
+
+    def search_batch(self, queries):
+        self.queries.extend(queries)
+        answers = []
+        for q in queries:
+            scored = []
+            for product, vector in self.products.items():
+                score = float(np.dot(q.vector, vector)) if q.view == "image" else 0.5
+                payload = {"product_id": product, "merchant_id": "m", "title": product}
+                scored.append(IndexHit(id=product, score=score, payload=payload))
+            answers.append(sorted(scored, key=lambda h: -h.score)[: q.top_k])
+        return answers
+
+
+def _square_photo() -> dict:
+    from io import BytesIO
+
+    from PIL import Image
+
+    data = BytesIO()
+    Image.new("RGB", (400, 300), "white").save(data, "JPEG")
+    return {"data": base64.b64encode(data.getvalue()).decode(), "media_type": "image/jpeg"}
+
+
+def test_a_photo_is_answered_by_the_part_where_its_product_is_when_that_matches_closer(parts):
+    index = _ByCosine()
+    parts.service.switch_model(ModelInUse(_PartEncoder(), index))
+    photo = _square_photo()
+    parts.service.handle(
+        [
+            _record(0, "r-photo", image=photo, top_k=2),
+            _record(1, "r-both", image=photo, text="ring", top_k=2),
+            _record(2, "r-text", text="ring", top_k=2),
+        ]
+    )
+    answers = _answers(parts.publisher)
+    photo_hits = answers["r-photo"].hits
+    assert [h.product_id for h in photo_hits] == ["pR", "pT"], "the part's answer: closer"
+    assert photo_hits[0].score == pytest.approx(0.99)
+    # The box was found in the 400 x 300 photo padded to a square: its shares of the photo,
+    # clipped at the photo's bottom edge.
+    region = photo_hits[0].region
+    assert (region.left, region.width) == pytest.approx((0.25, 0.4))
+    assert (region.top, region.height) == pytest.approx(((0.5 - 0.125) / 0.75, 0.5))
+    assert answers["r-both"].hits[0].product_id == "pR", "the anchor from the part too"
+    assert answers["r-text"].hits[0].region is None
+    views = [q.view for q in index.queries]
+    assert views.count("image") == 4, "whole and part for the photo, and for the anchor"
+
+
+def test_a_photo_whose_whole_matches_closer_keeps_its_own_answer(parts):
+    index = _ByCosine()
+    index.products = {"pT": [0.99, 0.1, 0.0, 0.0], "pR": [0.0, 0.6, 0.8, 0.0]}
+    parts.service.switch_model(ModelInUse(_PartEncoder(), index))
+    parts.service.handle([_record(0, "r-photo", image=_square_photo(), top_k=2)])
+    hits = _answers(parts.publisher)["r-photo"].hits
+    assert [h.product_id for h in hits] == ["pT", "pR"]
+    assert all(h.region is None for h in hits)

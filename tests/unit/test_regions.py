@@ -1,0 +1,78 @@
+"""Finding the part of a query photo where the product is: the box around the tower's strongest
+response, that part read at the tower's full size, and the box in the shopper's photo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loupe.dev.catalog import load_catalog
+from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
+from loupe.encoders.regions import crop_regions, photo_box, region_boxes
+from loupe.evaluation.scenes import scene_photo
+
+
+def test_the_box_is_centred_on_the_hottest_cell_and_kept_inside_the_square():
+    heat = torch.zeros(3, 9, 9)
+    heat[0, 4, 4] = 1.0  # the centre
+    heat[1, 0, 8] = 1.0  # the top-right corner
+    heat[2, 6, 1] = 1.0
+    boxes = region_boxes(heat, share=0.4)
+    assert boxes[0].tolist() == pytest.approx([0.3, 0.3, 0.4, 0.4])
+    assert boxes[1].tolist() == pytest.approx([0.6, 0.0, 0.4, 0.4])  # moved inside
+    assert boxes[2].tolist() == pytest.approx([0.0, 6.5 / 9 - 0.2, 0.4, 0.4])  # left edge
+    with pytest.raises(ValueError, match="share"):
+        region_boxes(heat, share=0.0)
+
+
+def test_a_region_is_cut_from_the_pixels_and_read_at_full_size():
+    pixels = torch.zeros(1, 3, 100, 100)
+    pixels[:, :, 20:60, 40:80] = 1.0  # a white square: the box below
+    crop = crop_regions(pixels, torch.tensor([[0.4, 0.2, 0.4, 0.4]]))
+    assert crop.shape == (1, 3, 100, 100)
+    assert float(crop.min()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("size", "fit", "box", "expected"),
+    [
+        ((400, 400), "pad", (0.1, 0.2, 0.4, 0.4), (0.1, 0.2, 0.4, 0.4)),
+        ((400, 200), "pad", (0.0, 0.25, 0.5, 0.5), (0.0, 0.0, 0.5, 1.0)),  # the band's middle
+        ((400, 200), "pad", (0.5, 0.0, 0.5, 0.5), (0.5, 0.0, 0.5, 0.5)),  # clipped to the photo
+        ((400, 400), "squash", (0.1, 0.2, 0.4, 0.4), (0.1, 0.2, 0.4, 0.4)),
+        ((800, 400), "center_crop", (0.0, 0.0, 1.0, 1.0), (0.28125, 0.0625, 0.4375, 0.875)),
+    ],
+)
+def test_a_box_in_the_models_square_is_given_in_shares_of_the_photo(size, fit, box, expected):
+    assert photo_box(box, *size, fit) == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    served = FusedEncoder.from_profile(ModelProfile(batch_size=8))
+    yield served, served.with_options(backend="torch")
+    served.close()
+
+
+def test_a_photo_query_has_a_region_on_either_backend_and_nothing_else_does(encoders):
+    served, reference = encoders
+    catalog = load_catalog()[:3]
+    photos = [scene_photo(p.image_path.read_bytes(), i) for i, p in enumerate(catalog)]
+    queries = [EncodeInput(image=p) for p in photos] + [EncodeInput(text="a gold ring")]
+    ours, theirs = served.encode_queries(queries), reference.encode_queries(queries)
+    for a, b in zip(ours[:3], theirs[:3], strict=True):
+        assert a.region is not None and a.region.box == pytest.approx(b.region.box, abs=1e-6)
+        assert float(np.dot(a.region.image, b.region.image)) >= 0.9999
+        assert abs(float(np.linalg.norm(a.region.image)) - 1.0) < 1e-5
+    assert ours[3].region is None
+    products = served.encode_products(
+        [EncodeInput(image=photos[0], text="a product", media_type="image/jpeg")]
+    )
+    assert products[0].region is None, "a catalog photo is indexed whole"
+    off = served.with_options()
+    off.runtime.query_regions = False
+    try:
+        assert off.encode_queries(queries[:1])[0].region is None
+    finally:
+        off.close()
