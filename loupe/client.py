@@ -183,4 +183,10 @@ def describe_answer(response: SearchCompleted) -> list[str]:
         cells = [f"{v:6.3f}" if v is not None else "     -" for v in (s.image, s.text, s.fused)]
         price = f"{hit.price.amount} {hit.price.currency}" if hit.price else ""
         lines.append(f"{rank:>2} {hit.score:6.3f} {' '.join(cells)}  {price:>12}  {hit.title}")
+    region = response.hits[0].region if response.hits else None
+    if region is not None:
+        lines.append(
+            f"matched the part of the photo {region.left:.0%} from its left and {region.top:.0%} "
+            f"from its top, {region.width:.0%} of its width by {region.height:.0%} of its height"
+        )
     return lines

@@ -203,3 +203,31 @@ def test_library_loggers_keep_their_warnings_only_unless_verbose(restore_logging
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
     assert main(["-v", "--version"]) == 0
     assert logging.getLogger("httpx").isEnabledFor(logging.DEBUG)
+
+
+def test_an_answer_from_a_part_of_the_photo_says_which_part():
+    from datetime import UTC, datetime
+
+    from loupe.client import describe_answer
+    from loupe.schemas.search import HitScores, PhotoRegion, SearchCompleted, SearchHit
+
+    hit = SearchHit(
+        product_id="p1",
+        merchant_id="m",
+        score=0.8,
+        scores=HitScores(image=0.8),
+        title="Gold ring",
+        region=PhotoRegion(left=0.25, top=0.5, width=0.4, height=0.3),
+    )
+    answer = SearchCompleted(
+        request_id="r1", status="ok", hits=[hit], model_version="m", took_ms=12.0,
+        completed_at=datetime(2026, 12, 7, tzinfo=UTC),
+    )  # fmt: skip
+    lines = describe_answer(answer)
+    assert "Gold ring" in lines[2]
+    assert lines[-1] == (
+        "matched the part of the photo 25% from its left and 50% from its top, 40% of its width "
+        "by 30% of its height"
+    )
+    whole = answer.model_copy(update={"hits": [hit.model_copy(update={"region": None})]})
+    assert len(describe_answer(whole)) == 3
