@@ -53,7 +53,10 @@ h1{margin-bottom:.2rem} .muted{color:#666}
 .summary{display:flex;gap:2rem;flex-wrap:wrap;background:#f6f6f4;padding:1rem;border-radius:8px}
 .summary div b{display:block;font-size:1.4rem}
 .query{display:flex;gap:1.5rem;border-top:1px solid #ddd;padding:1.2rem 0;align-items:flex-start}
-.ask{width:190px;flex:none} .ask img{width:170px;border:1px solid #ccc;border-radius:6px}
+.ask{width:190px;flex:none} .ask img{width:170px;border:1px solid #ccc;border-radius:6px;
+  display:block}
+.photo{position:relative;width:170px} .region{position:absolute;border:2px dashed #e76f51;
+  box-sizing:border-box;border-radius:3px}
 .hits{display:flex;gap:.8rem;flex-wrap:wrap}
 .hit{width:170px;font-size:.82rem} .hit img{width:160px;height:160px;object-fit:contain;
   border:1px solid #e3e3e3;border-radius:6px;background:#fff}
@@ -84,6 +87,24 @@ def _scores_html(hit_scores: dict[str, float | None], ranked_by: str | None) -> 
         css = " class='ranked'" if view == ranked_by else ""
         cells.append(f"<span{css}>{view[0]} {shown}</span>")
     return " · ".join(cells)
+
+
+def _photo_html(query: DemoQuery) -> str:
+    """The query photo, with a frame on the part of it Loupe matched, where a part did."""
+    hits = query.response.hits if query.response is not None else []
+    region = hits[0].region if hits else None
+    frame = ""
+    if region is not None:
+        box = (region.left, region.top, region.width, region.height)
+        left, top, width, height = (f"{100 * v:.1f}%" for v in box)
+        frame = (
+            f"<span class='region' style='left:{left};top:{top};width:{width};height:{height}'"
+            " title='the part of the photo Loupe matched'></span>"
+        )
+    return (
+        f"<div class='photo'><img src='{thumbnail(query.photo, 340)}' alt='query photo'>"
+        f"{frame}</div>"
+    )
 
 
 def ranking_view(query: DemoQuery) -> str:
@@ -156,13 +177,14 @@ def render_report(
         + "; ".join(f"<b>{view[0]}</b> = {view}, {what}" for view, what in VIEW_LEGEND)
         + ". The view the hits are ranked by is in <span class='ranked'>bold</span>; "
         "'&ndash;' where the query has no such view. A green frame marks the product the shopper "
-        "photographed.</div>"
+        "photographed; a dashed frame on a shopper's photo, the part of it Loupe matched "
+        "(where the product lies in a wider scene).</div>"
     )
     for query in queries:
         parts.append("<div class='query'><div class='ask'>")
         parts.append(f"<div class='kind'>{html.escape(query.kind)}</div>")
         if query.photo:
-            parts.append(f"<img src='{thumbnail(query.photo, 340)}' alt='query photo'>")
+            parts.append(_photo_html(query))
         if query.text:
             parts.append(f"<p>&ldquo;{html.escape(query.text)}&rdquo;</p>")
         if query.filters:

@@ -24,6 +24,7 @@ from loupe.demo.report import DemoQuery, format_filters, render_report, thumbnai
 from loupe.dev.catalog import CatalogProduct, load_catalog, upserted_event
 from loupe.dev.cdn import StandInCdn
 from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port
+from loupe.evaluation.scenes import scene_photo
 from loupe.evaluation.simulators import phone_photo
 from loupe.progress import progress
 from loupe.schemas.search import parse_search_response
@@ -45,7 +46,7 @@ def _queries(catalog: list[CatalogProduct], count: int) -> list[DemoQuery]:
     """A mix of every kind; photos are altered as a phone camera would, never catalog bytes."""
     picks = catalog[7::19]
     queries: list[DemoQuery] = []
-    kinds = ["photo", "text", "photo + text", "text + filters", "photo"]
+    kinds = ["photo", "text", "photo + text", "text + filters", "photo of a scene"]
     for n in range(count):
         kind = kinds[n % len(kinds)]
         product = picks[n % len(picks)]
@@ -55,6 +56,15 @@ def _queries(catalog: list[CatalogProduct], count: int) -> list[DemoQuery]:
                     kind,
                     f"a shopper's photo of '{product.title}'",
                     photo=phone_photo(product.image_path.read_bytes(), seed=n),
+                    expected_product_id=product.product_id,
+                )
+            )
+        elif kind == "photo of a scene":  # lying on a table, a wrist, in a box
+            queries.append(
+                DemoQuery(
+                    kind,
+                    f"'{product.title}' photographed where it lies",
+                    photo=scene_photo(product.image_path.read_bytes(), seed=n),
                     expected_product_id=product.product_id,
                 )
             )
