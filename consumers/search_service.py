@@ -208,7 +208,7 @@ class SearchService(BatchWorker):
         if not queries:
             return
         # Each query asked with its whole photo, and a photo query with its part too (_Ask).
-        asks = [_asks(q, self.photo_kind_weight, self.encoder.fit) for q in queries]
+        asks = [_asks(q, self.photo_kind_weight) for q in queries]
         flat = [ask for per_query in asks for ask in per_query]
         lookups = [a.lookup for a in flat if a.searched]
         batch = lookups + [a.anchor for a in flat if a.anchor is not None]
@@ -233,7 +233,7 @@ class SearchService(BatchWorker):
                 ask.hits = next(hits) if ask.searched else per_query[0].hits
                 ask.best = next(bests) if ask.anchor is not None else []
         for query, per_query in zip(queries, asks, strict=True):
-            _answer(query, _sharpest(per_query), self.photo_kind_weight)
+            _answer(query, _sharpest(per_query), self.photo_kind_weight, self.encoder.fit)
 
     def _search_one(self, lookup: IndexQuery) -> list[IndexHit]:
         return self._retry(
@@ -321,7 +321,7 @@ class _Ask:
     lookup: IndexQuery
     anchor: IndexQuery | None  # photo + text: the image view's best match
     vectors: dict[str, np.ndarray]  # the query's, the image view's the part's for a part
-    region: PhotoRegion | None = None  # the part, in shares of the photo
+    box: tuple[float, float, float, float] | None = None  # the part, in the model's square
     searched: bool = True  # False: the part's answer shares the whole's lookup (photo + text)
     hits: list[IndexHit] | ItemFailed = field(default_factory=list)
     best: list[IndexHit] | ItemFailed = field(default_factory=list)
@@ -332,22 +332,20 @@ class _Ask:
         return None if isinstance(found, ItemFailed) or not found else found[0].score
 
 
-def _asks(query: _Query, photo_kind_weight: float, fit: str) -> list[_Ask]:
+def _asks(query: _Query, photo_kind_weight: float) -> list[_Ask]:
     """The whole photo's ask, then the part's where the encoder found one."""
     whole = _Ask(_index_query(query, photo_kind_weight), _anchor_query(query), query.vectors)
-    region, size = query.region, upright_size(query.image) if query.image else None
-    if region is None or size is None or whole.lookup.view == "text":
+    region = query.region
+    if region is None or whole.lookup.view == "text":
         return [whole]
-    left, top, width, height = photo_box(region.box, *size, fit)
+    searched = whole.lookup.view == "image"  # photo + text: only the anchor differs
     part = _Ask(
-        whole.lookup,
+        dataclasses.replace(whole.lookup, vector=region.image) if searched else whole.lookup,
         None if whole.anchor is None else dataclasses.replace(whole.anchor, vector=region.image),
         {**query.vectors, "image": region.image},
-        PhotoRegion(left=left, top=top, width=width, height=height),
-        searched=whole.lookup.view == "image",
+        region.box,
+        searched,
     )
-    if part.searched:
-        part.lookup = dataclasses.replace(whole.lookup, vector=region.image)
     return [whole, part]
 
 
@@ -360,8 +358,9 @@ def _sharpest(asks: list[_Ask]) -> _Ask:
     return part if sharper(whole_best, part.best_image_score()) else whole
 
 
-def _answer(query: _Query, ask: _Ask, photo_kind_weight: float) -> None:
-    """``query``'s hits from ``ask``'s results, ranked as ``ranking.py`` says."""
+def _answer(query: _Query, ask: _Ask, photo_kind_weight: float, fit: str) -> None:
+    """``query``'s hits from ``ask``'s results, ranked as ``ranking.py`` says; answered by a
+    part of the photo (``fit`` made the model's square of it), they say which part."""
     lookup, anchor, hits, best = ask.lookup, ask.anchor, ask.hits, ask.best
     failed = next((r for r in (hits, best) if isinstance(r, ItemFailed)), None)
     if failed is not None:
@@ -375,10 +374,11 @@ def _answer(query: _Query, ask: _Ask, photo_kind_weight: float) -> None:
             score=lambda h: h.score,
             fused=lambda h: h.vectors.get("fused"),
         )
-    ranked = [_hit(h, lookup.view, ask.vectors, ask.region) for h in hits]
+    region = _photo_region(query.image, ask.box, fit) if ask.box is not None else None
+    ranked = [_hit(h, lookup.view, ask.vectors, region) for h in hits]
     first = None
     if best:
-        first = _hit(best[0], anchor.view, ask.vectors, ask.region)
+        first = _hit(best[0], anchor.view, ask.vectors, region)
         score = getattr(first.scores, lookup.view)
         if score is not None:  # scored in the view the query used, as the others
             first = first.model_copy(update={"score": score})
@@ -426,6 +426,18 @@ def _lookup(query: _Query, view: str, top_k: int) -> IndexQuery:
         filters=query.request.filters,
         with_vectors=[v for v in query.vectors if v != view],
     )
+
+
+def _photo_region(
+    photo: bytes, box: tuple[float, float, float, float], fit: str
+) -> PhotoRegion | None:
+    """``box`` (shares of the model's square) in shares of the upright photo; None where its
+    header cannot be read again."""
+    size = upright_size(photo)
+    if size is None:
+        return None
+    left, top, width, height = photo_box(box, *size, fit)
+    return PhotoRegion(left=left, top=top, width=width, height=height)
 
 
 def _unknown(topic: str) -> str:

@@ -151,6 +151,17 @@ def stack_on(tensors: list[torch.Tensor], device: torch.device, *, pinned: bool)
     return batch
 
 
+def onnx_fits(device: torch.device, acceleration: Acceleration) -> bool:
+    """Whether the ONNX graph computes the plan's vectors: the CPU in fp32, in the tower's own
+    layout (the graph is fp32, for the CPU)."""
+    return (
+        device.type == "cpu"
+        and acceleration.amp_dtype is None
+        and not acceleration.channels_last
+        and not acceleration.cuda_graphs
+    )
+
+
 def use_onnxruntime(
     backend: EncoderBackend, device: torch.device, acceleration: Acceleration
 ) -> bool:
@@ -159,7 +170,7 @@ def use_onnxruntime(
     """
     if backend not in ENCODER_BACKENDS:
         raise ValueError(f"unknown encoder backend {backend!r}; expected one of {ENCODER_BACKENDS}")
-    fits = device.type == "cpu" and acceleration.amp_dtype is None
+    fits = onnx_fits(device, acceleration)
     if backend == "onnxruntime" and not fits:
         raise DeviceUnavailable(
             f"encoder backend onnxruntime runs on the CPU in fp32, not on {device} in "

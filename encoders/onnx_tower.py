@@ -3,11 +3,12 @@
 PyTorch's eager mode runs a small CNN far below what a CPU can do (every layer is its own call,
 with its own allocations); ONNX Runtime runs the same graph with fused, pre-packed kernels.
 ``OnnxImageTower`` exports the whole image tower once (normalisation, the trunk with any tuned
-blocks, the pooling, the L2 normalisation: ``ImageEncoder.encode``), caches the graph, and runs
-it in place of the tower. The vectors are the tower's: a probe is compared at every load, and a
-graph that disagrees (or fails to export or load) is not used; the caller falls back to PyTorch.
-So the backend is not part of the model version. docs/architecture.md, "The CPU path", has the
-measurements, and why the text tower and the heads stay in PyTorch.
+blocks, the pooling, the L2 normalisation, and the heat map that finds a photo's product:
+``ImageEncoder.encode_with_heat``), caches the graph, and runs it in place of the tower. The
+vectors are the tower's: a probe is compared at every load, and a graph that disagrees (or fails
+to export or load) is not used; the caller falls back to PyTorch. So the backend is not part of
+the model version. docs/cpu.md has the measurements, and why the text tower and the heads stay
+in PyTorch.
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ class OnnxImageTower:
 
 
 def _export(tower: ImageEncoder, path: Path) -> None:
-    """Trace ``tower.encode`` into an ONNX graph at ``path`` (written whole, then renamed, so a
-    reader never sees half a file), with a dynamic batch size."""
+    """Trace ``tower.encode_with_heat`` into an ONNX graph at ``path`` (written whole, then
+    renamed, so a reader never sees half a file), with a dynamic batch size."""
     path.parent.mkdir(parents=True, exist_ok=True)
     side = tower.input_side
     started = time.perf_counter()

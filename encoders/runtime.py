@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from loupe.encoders.batching import iter_batch
-from loupe.encoders.device import Acceleration
+from loupe.encoders.device import Acceleration, onnx_fits
 from loupe.encoders.errors import EncodeFailed, VectorNotFinite
 from loupe.encoders.graphs import SmallBatchGraphs
 from loupe.encoders.items import Encoded, EncodeInput, Region, check_inputs
@@ -74,8 +74,7 @@ class EncoderRuntime:
         self.device = model.device
         on_cuda = self.device.type == "cuda"
         self.onnx_image = image_backend
-        plain_cpu = not on_cuda and acceleration.amp_dtype is None and not acceleration.cuda_graphs
-        self._onnx_in_use = image_backend if plain_cpu and not acceleration.channels_last else None
+        self._onnx_in_use = image_backend if onnx_fits(self.device, acceleration) else None
         self._stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-stage")
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._stage_stream = (
@@ -117,7 +116,7 @@ class EncoderRuntime:
         for batch in iter_batch([items[i] for i in order], self.batch_size):
             results.extend(r for _, done in stream.put(batch) for r in done)
         results.extend(r for _, done in stream.flush() for r in done)
-        in_order: list[Encoded] = [Encoded()] * len(items)
+        in_order: list[Encoded | None] = [None] * len(items)
         for position, result in zip(order, results, strict=True):
             in_order[position] = result
         return in_order
@@ -222,6 +221,8 @@ class EncoderRuntime:
             else:
                 pairs = ([image_rows.index(i) for i in both], [text_rows.index(i) for i in both])
                 views = self.model.heads(image_vecs, text_vecs, pairs)
+            if regions is not None and not towers_only:  # the parts' image view
+                regions = (*regions[:2], self.model.fusion.image(regions[2]))
         for view, rows in (("image", image_rows), ("text", text_rows), ("fused", both)):
             vecs = views.get(view)
             if vecs is None:
@@ -230,7 +231,7 @@ class EncoderRuntime:
             for j, i in enumerate(rows):
                 out[i].vectors[view] = array[j]
         if regions is not None:
-            self._set_regions(out, image_rows, regions, towers_only)
+            _attach_regions(out, image_rows, *regions)
         for result in out:
             bad = [v for v, vec in result.vectors.items() if not np.isfinite(vec).all()]
             if bad:
@@ -251,29 +252,26 @@ class EncoderRuntime:
         asked = [j for j, i in enumerate(prepared.image_rows) if prepared.items[i].query]
         if not asked or not self.query_regions:
             return self.image_vectors(pixels), None
-        if self._onnx_in_use is not None and self._onnx_in_use.serves(self.model.image_encoder):
-            vectors, heat = self._onnx_in_use.with_heat(pixels)
+        onnx = self._onnx_graph()
+        if onnx is not None:
+            vectors, heat = onnx.with_heat(pixels)
         else:  # eager: a captured graph gives the vectors alone
             vectors, heat = self.model.image_encoder.encode_with_heat(pixels)
         boxes = region_boxes(heat[asked])  # (Bq, 4)
         return vectors, (asked, boxes, self.image_vectors(crop_regions(pixels[asked], boxes)))
 
-    def _set_regions(self, out: list[Encoded], image_rows: list[int], regions, towers_only) -> None:
-        asked, boxes, region_vecs = regions
-        with torch.inference_mode(), self.autocast():
-            views = region_vecs if towers_only else self.model.fusion.image(region_vecs)
-        vectors = views.float().cpu().numpy()
-        for j, box, vector in zip(asked, boxes.tolist(), vectors, strict=True):
-            if np.isfinite(vector).all():  # else the photo is answered whole
-                out[image_rows[j]].region = Region(tuple(box), vector)
+    def _onnx_graph(self) -> OnnxImageTower | None:
+        """The ONNX graph in use, given up once the tower's weights changed (``load_tuned``)."""
+        onnx = self._onnx_in_use
+        if onnx is not None and not onnx.serves(self.model.image_encoder):
+            log.warning("the image tower's weights changed since its graph was made: PyTorch")
+            self._onnx_in_use = None
+        return self._onnx_in_use
 
     def image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` pixels to the image tower's unit vectors, by whichever runs it
         (ONNX Runtime, a captured graph, or the tower itself)."""
-        onnx = self._onnx_in_use
-        if onnx is not None and not onnx.serves(self.model.image_encoder):
-            log.warning("the image tower's weights changed since its graph was made: PyTorch")
-            self._onnx_in_use = onnx = None
+        onnx = self._onnx_graph()
         if onnx is not None:
             return onnx(pixels)
         graphed = self.graphs.image(pixels) if self.graphs is not None else None
@@ -296,6 +294,20 @@ class EncoderRuntime:
         return torch.autocast(
             device_type=self.device.type, dtype=dtype, cache_enabled=not graph_safe
         )
+
+
+def _attach_regions(
+    out: list[Encoded],
+    image_rows: list[int],
+    asked: list[int],
+    boxes: torch.Tensor,
+    vectors: torch.Tensor,
+) -> None:
+    """Each photo query's region: ``asked`` rows of the pixels, their boxes and vectors."""
+    array = vectors.float().cpu().numpy()
+    for j, box, vector in zip(asked, boxes.tolist(), array, strict=True):
+        if np.isfinite(vector).all():  # else the photo is answered whole
+            out[image_rows[j]].region = Region(tuple(box), vector)
 
 
 class EncodeStream:

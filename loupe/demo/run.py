@@ -42,6 +42,13 @@ def _step(number: int, total: int, text: str) -> None:
     print(f"\n==> [{number}/{total}] {text}", flush=True)
 
 
+# The photo queries: how each is simulated, and how the report describes it.
+PHOTOS = {
+    "photo": (phone_photo, "a shopper's photo of '{title}'"),
+    "photo of a scene": (scene_photo, "'{title}' photographed where it lies"),
+}
+
+
 def _queries(catalog: list[CatalogProduct], count: int) -> list[DemoQuery]:
     """A mix of every kind; photos are altered as a phone camera would, never catalog bytes."""
     picks = catalog[7::19]
@@ -50,21 +57,13 @@ def _queries(catalog: list[CatalogProduct], count: int) -> list[DemoQuery]:
     for n in range(count):
         kind = kinds[n % len(kinds)]
         product = picks[n % len(picks)]
-        if kind == "photo":
+        if kind in PHOTOS:  # a phone photo of the product, or of it lying on a table, a wrist
+            simulate, described = PHOTOS[kind]
             queries.append(
                 DemoQuery(
                     kind,
-                    f"a shopper's photo of '{product.title}'",
-                    photo=phone_photo(product.image_path.read_bytes(), seed=n),
-                    expected_product_id=product.product_id,
-                )
-            )
-        elif kind == "photo of a scene":  # lying on a table, a wrist, in a box
-            queries.append(
-                DemoQuery(
-                    kind,
-                    f"'{product.title}' photographed where it lies",
-                    photo=scene_photo(product.image_path.read_bytes(), seed=n),
+                    described.format(title=product.title),
+                    photo=simulate(product.image_path.read_bytes(), seed=n),
                     expected_product_id=product.product_id,
                 )
             )
