@@ -32,6 +32,21 @@ class BrokerUnreachable(ConfigError):
     the setting and the address tried (a broker lost later is retried, never a reason to stop)."""
 
 
+class BrokerAuthenticationFailed(ConfigError):
+    """The broker answers but refuses Loupe's SASL credentials. Policy: stop at start-up naming
+    the settings to fix; waiting cannot help."""
+
+
+class IndexAccessRefused(ConfigError):
+    """The Qdrant server refuses Loupe's API key (none, a wrong one, or one without the rights
+    a call needs). Policy: stop, naming LOUPE_INDEX_API_KEY; retrying cannot help."""
+
+
+class IndexCertificateUntrusted(ConfigError):
+    """The Qdrant server's TLS certificate cannot be verified. Policy: stop, naming
+    LOUPE_INDEX_CA; retrying cannot help."""
+
+
 class WorkerDied(LoupeError):
     """A worker thread ended with an error that was not one item's (a bug, a lost index).
     Policy: stop the service and exit non-zero, so that systemd or Kubernetes restarts it."""

@@ -15,11 +15,14 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers.errors import BrokerUnreachable
+from loupe.consumers import kafka_eof
+from loupe.consumers.errors import BrokerAuthenticationFailed, BrokerUnreachable
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.settings import Settings
 
 log = logging.getLogger(__name__)
+
+kafka_eof.install()  # a broker's last words before it closes reach kafka-python (kafka_eof.py)
 
 
 def checksums_in_c() -> bool:
@@ -225,7 +228,8 @@ TRANSIENT_KAFKA = (KafkaError,)
 def answers_metadata(client_config: dict[str, Any], timeout_s: float = 2.0) -> bool:
     """True if the cluster answers a metadata request now, with the same connection and security
     options as the consumers (``Settings.kafka_client_config()``): a SASL/TLS cluster is probed
-    the way it is used."""
+    the way it is used. Raises ``BrokerAuthenticationFailed`` when the broker answers but refuses
+    the credentials: waiting cannot fix that."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaConfigurationError
 
@@ -237,6 +241,9 @@ def answers_metadata(client_config: dict[str, Any], timeout_s: float = 2.0) -> b
     except (OSError, ValueError):
         return False
     timeout_ms = int(timeout_s * 1000)
+    refusals = _Refusals()
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(refusals)
     try:
         admin = KafkaAdminClient(
             **client_config,
@@ -247,7 +254,11 @@ def answers_metadata(client_config: dict[str, Any], timeout_s: float = 2.0) -> b
     except KafkaConfigurationError:
         raise  # a bug in this probe or a bad setting, not "broker not up yet"
     except (KafkaError, OSError):
+        if refusals.seen is not None:
+            raise BrokerAuthenticationFailed(_refusal(client_config, refusals.seen)) from None
         return False
+    finally:
+        kafka_log.removeHandler(refusals)
     try:
         admin.describe_cluster()
         return True
@@ -255,6 +266,36 @@ def answers_metadata(client_config: dict[str, Any], timeout_s: float = 2.0) -> b
         return False
     finally:
         admin.close()
+
+
+class _Refusals(logging.Handler):
+    """Notices a refused authentication while a client bootstraps. kafka-python retries a
+    bootstrap connection the broker refused until its timeout and then reports only "unable to
+    bootstrap"; the refusal itself it passes to its log, as the exception object. (Its 3.0
+    internals: where they change, nothing is noticed and the probe says "unreachable".)"""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from kafka.errors import SaslAuthenticationFailedError
+
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in args:
+            if isinstance(arg, SaslAuthenticationFailedError):
+                self.seen = arg
+
+
+def _refusal(client_config: dict[str, Any], failure: BaseException) -> str:
+    user = client_config.get("sasl_plain_username")
+    mechanism = client_config.get("sasl_mechanism")
+    return (
+        f"Kafka at {','.join(client_config['bootstrap_servers'])} refused Loupe's credentials "
+        f"(user {user!r}, {mechanism}): check LOUPE_SASL_PLAIN_USERNAME and "
+        f"LOUPE_SASL_PLAIN_PASSWORD, and that the user exists on the cluster "
+        f"({type(failure).__name__})"
+    )
 
 
 def require_broker(settings: Settings, wait_s: float = 0.0) -> None:

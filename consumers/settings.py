@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import (
     Field,
+    FilePath,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -173,7 +174,14 @@ class Settings(BaseSettings):
     index_url: str | None = Field(
         None, description="a Qdrant server or cluster, instead of the embedded index"
     )
-    index_api_key: SecretStr | None = Field(None, description="the Qdrant server's API key")
+    index_api_key: SecretStr | None = Field(
+        None, description="the Qdrant server's API key (its `service.api_key`; masked in logs)"
+    )
+    index_ca: FilePath | None = Field(
+        None,
+        description="the CA certificate (PEM) that signed the Qdrant server's TLS certificate, "
+        "for an `https://` LOUPE_INDEX_URL under a private CA; unset: the system's trust store",
+    )
     index_prefix: str = Field(
         "loupe",
         description="the alias naming the live collection; each collection is `<prefix>__<model "
@@ -435,6 +443,11 @@ class Settings(BaseSettings):
                 f"LOUPE_INDEX_REPLICATION_FACTOR ({self.index_replication_factor}): a write "
                 "cannot wait for more copies than there are"
             ) from None
+        if self.index_ca is not None and not (self.index_url or "").startswith("https://"):
+            raise ValueError(
+                "LOUPE_INDEX_CA verifies a Qdrant server's TLS certificate: set an https:// "
+                "LOUPE_INDEX_URL too"
+            )
         if topology != Topology() and not self.index_url:
             raise ValueError(
                 "LOUPE_INDEX_SHARDS, LOUPE_INDEX_REPLICATION_FACTOR and "
@@ -465,6 +478,13 @@ class Settings(BaseSettings):
         """The search's consumer group, shared by every instance (replicas included): each
         request is answered by one of them."""
         return f"{self.group_id}.search"
+
+    def secrets(self) -> list[str]:
+        """The secret values set (a password, an API key): never to be shown or logged."""
+        found = (self.sasl_plain_password, self.index_api_key)
+        return [
+            secret.get_secret_value() for secret in found if secret and secret.get_secret_value()
+        ]
 
     def kafka_client_config(self) -> dict[str, Any]:
         """Connection and security options shared by every kafka-python client."""

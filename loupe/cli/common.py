@@ -24,10 +24,34 @@ CONTEXT_SETTINGS: dict[str, Any] = {
 LIBRARY_LOGGERS = ("kafka", "httpx", "httpcore", "urllib3", "qdrant_client")
 
 
+class RedactSecrets(logging.Filter):
+    """Writes each secret it was told of as ``***`` in every log line. Loupe never logs one, but
+    libraries log their configuration at debug (``-v``): kafka-python's admin client logs its
+    options, the SASL password among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            if any(secret in message for secret in self.secrets):
+                for secret in self.secrets:
+                    message = message.replace(secret, "***")
+                record.msg, record.args = message, None
+        return True
+
+
+REDACT_SECRETS = RedactSecrets()
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(REDACT_SECRETS)
     # kafka-python narrates every connection at INFO, httpx every request to a Qdrant server
     # (an alias poll every 2 s): keep their warnings only, unless -v.
     for library in LIBRARY_LOGGERS:
@@ -80,5 +104,6 @@ def settings() -> Settings:
     found = ctx.find_object(Settings)
     if found is None:
         found = load_settings()
+        REDACT_SECRETS.secrets.update(found.secrets())
         ctx.obj = found
     return found
