@@ -25,7 +25,9 @@ from loupe.consumers.errors import TopicConfigUnknown
 # Kafka's own topics (__consumer_offsets, __transaction_state, __cluster_metadata) and the
 # convention of tools around it (_schemas, _confluent-*) start with an underscore.
 INTERNAL_PREFIX = "_"
-DEFAULT_REPLY_TO_PATTERN = r"loupe\.search\.responses\..+"
+# The topics a request may name by default: those under this prefix (a prefixed ACL grants them).
+REPLY_TOPICS_PREFIX = "loupe.search.responses."
+DEFAULT_REPLY_TO_PATTERN = re.escape(REPLY_TOPICS_PREFIX) + ".+"
 # How long a topic's verdict from the broker (exists, cleanup.policy, refused a write) is kept:
 # an operator who fixes a topic waits at most this long, and a hostile stream of requests costs
 # the broker one look-up per topic per period.

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from loupe.consumers.acls import refusal
 from loupe.consumers.app import Application
 from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import ConfigError, WorkerDied
@@ -292,7 +293,7 @@ class LoupeService:
             raise self.failure
         log.info("stopped cleanly")
 
-    def _died(self, failure: WorkerDied, exc: BaseException, what: str) -> None:
+    def _died(self, failure: WorkerDied, exc: BaseException | None, what: str) -> None:
         self.readiness.failure = failure
         log.critical("%s; stopping the service", what, exc_info=exc)
         self.stop()
@@ -304,6 +305,11 @@ class LoupeService:
             worker.run()
         except BaseException as exc:
             self.metrics.worker_deaths.labels(role=worker.role).inc()
+            refused = refusal(exc, self.settings, worker.role)
+            if refused is not None:  # the deployment's ACLs, not a bug: no traceback
+                failure = WorkerDied(f"the {worker.role} worker stopped: {refused}")
+                self._died(failure, None, str(failure))
+                return
             failure = WorkerDied(f"the {worker.role} worker died: {type(exc).__name__}: {exc}")
             self._died(failure, exc, f"the {worker.role} worker died")
 

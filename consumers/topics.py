@@ -47,10 +47,18 @@ def check_topics(settings: Settings, role: str) -> None:
         admin.close()
     missing = [t for t in required_topics(settings, role) if t not in existing]
     if missing:
+        # A broker lists only the topics the principal may describe: one without that ACL sees
+        # an existing topic as missing.
+        hidden = (
+            f", or hidden from user {settings.sasl_plain_username!r} by its ACLs (Describe: "
+            "`loupe acls` lists them)"
+            if settings.sasl_plain_username
+            else ""
+        )
         raise TopicsMissing(
-            f"topics missing on {settings.bootstrap_servers}: {', '.join(missing)}; create them "
-            "with `loupe topics create` (the compose stack does), or in development start with "
-            "`loupe serve --create-topics`"
+            f"topics missing on {settings.bootstrap_servers}{hidden}: {', '.join(missing)}; "
+            "create them with `loupe topics create` (the compose stack does), or in development "
+            "start with `loupe serve --create-topics`"
         )
     if role in ("ingest", "all"):
         warn_unless_compacted(settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 import click
+from kafka.errors import KafkaError
 
 from loupe import __version__
 from loupe.cli import (
@@ -57,10 +58,25 @@ def main(argv: list[str] | None = None) -> int:
     except (LoupeError, ModelError) as exc:
         print(f"loupe: error: {exc}", file=sys.stderr)
         return 2
+    except KafkaError as exc:
+        refused = _refusal(exc, argv if argv is not None else sys.argv[1:])
+        if refused is None:
+            raise  # a bug, or a broker failure this command should have handled
+        print(f"loupe: error: {refused}", file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, click.Abort):
         print("interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _refusal(exc: KafkaError, argv: list[str]) -> str | None:
+    """One line for an ACL the broker found missing, naming it; None for any other error."""
+    from loupe.consumers.acls import refusal
+    from loupe.consumers.settings import load_settings
+
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    return refusal(exc, load_settings(), command)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loupe.cli.common import KAFKA_SETTINGS, global_options, settings, settings_epilog
+from loupe.consumers.acls import PRINCIPALS
 from loupe.consumers.topics import ROLES
 
 # How long `serve` waits for the broker at start-up: long enough for a broker that starts beside
@@ -133,4 +134,50 @@ def topics_check(role: str) -> int:
     return 0
 
 
-COMMANDS = [serve, topics]
+@click.command(
+    "acls",
+    epilog=settings_epilog(
+        "group_id",
+        "products_topic",
+        "search_requests_topic",
+        "search_responses_topic",
+        "deadletter_topic",
+        "vectors_topic",
+    ),
+)
+@click.argument("principals", nargs=-1, type=click.Choice(PRINCIPALS))
+@click.option(
+    "--user",
+    "users",
+    multiple=True,
+    metavar="PRINCIPAL=USER",
+    help="The Kafka user of a principal (default: the principal's name), e.g. ingest=loupe-ingest.",
+)
+@global_options
+def acls(principals: tuple[str, ...], users: tuple[str, ...]) -> int:
+    """Print the Kafka ACLs each of Loupe's principals needs, as kafka-acls.sh commands.
+
+    ingest runs `serve --role ingest` (encode-once included), search `serve --role search`,
+    operator `topics create` and `reindex`; `serve --role all` needs ingest's and search's. The
+    names come from the LOUPE_* settings below. Add your --bootstrap-server and
+    --command-config to each line. Nothing else is needed where the broker denies by default.
+    """
+    from loupe.consumers.acls import required_acls
+
+    config = settings()
+    named = dict(user.split("=", 1) for user in users if "=" in user)
+    unknown = set(named) - set(PRINCIPALS) or {u for u in users if "=" not in u}
+    if unknown:
+        raise click.BadParameter(
+            f"{', '.join(sorted(unknown))}: expected PRINCIPAL=USER with PRINCIPAL one of "
+            f"{', '.join(PRINCIPALS)}",
+            param_hint="--user",
+        )
+    for principal in principals or PRINCIPALS:
+        click.echo(f"# {principal}" + (" (LOUPE_ENCODE_ONCE=true)" if config.encode_once else ""))
+        for acl in required_acls(config, principal):
+            click.echo(acl.command(f"User:{named.get(principal, principal)}"))
+    return 0
+
+
+COMMANDS = [serve, topics, acls]

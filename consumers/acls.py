@@ -1,0 +1,161 @@
+"""The Kafka ACLs each of Loupe's principals needs, and nothing more: one list, derived from the
+configured names, that ``loupe acls`` prints for an operator, ``deploy/README.md`` shows, and the
+least-privilege integration test grants on a broker that allows nothing else
+(``tests/integration/test_secure_broker.py``).
+
+Three principals:
+- ``ingest``: ``loupe serve --role ingest``, which reads the catalog and writes the index (and,
+  with encode-once, its vectors topics);
+- ``search``: ``loupe serve --role search``, which reads requests and writes answers;
+- ``operator``: ``loupe topics create`` and ``loupe reindex``, run by hand or as a job.
+``loupe serve --role all`` (one principal for both consumers) needs ``ingest`` and ``search``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loupe.consumers.reply_topics import REPLY_TOPICS_PREFIX
+from loupe.consumers.settings import Settings
+
+PRINCIPALS = ("ingest", "search", "operator")
+
+# Loupe's consumer groups are ``<LOUPE_GROUP_ID>.<worker>[...]`` (settings.py, vectors.py,
+# reindex.py), its transactional ids ``<LOUPE_GROUP_ID>.<worker>.<host>.<pid>``
+# (kafka_io.make_transactional_producer): prefixed ACLs grant each principal its workers'.
+
+
+@dataclass(frozen=True)
+class Acl:
+    """Allow ``operations`` on one resource: a topic, a consumer group or a transactional id,
+    named exactly (``literal``) or by prefix (``prefixed``)."""
+
+    resource: str  # topic | group | transactional-id
+    name: str
+    pattern: str  # literal | prefixed
+    operations: tuple[str, ...]  # Kafka's names: Read, Write, Create, Describe, DescribeConfigs
+
+    def command(self, principal: str) -> str:
+        """The ``kafka-acls.sh`` line that grants it to ``principal`` (``User:<name>``)."""
+        options = " ".join(f"--operation {operation}" for operation in self.operations)
+        pattern = " --resource-pattern-type prefixed" if self.pattern == "prefixed" else ""
+        return (
+            f"kafka-acls.sh --add --allow-principal {principal} {options} "
+            f"--{self.resource} {self.name}{pattern}"
+        )
+
+
+def _topic(name: str, *operations: str, prefixed: bool = False) -> Acl:
+    return Acl("topic", name, "prefixed" if prefixed else "literal", operations)
+
+
+def _by_prefix(resource: str, group: str, parts: tuple[str, ...], *operations: str) -> list[Acl]:
+    return [Acl(resource, f"{group}.{part}", "prefixed", operations) for part in parts]
+
+
+def required_acls(settings: Settings, principal: str) -> list[Acl]:
+    """What ``principal`` (one of ``PRINCIPALS``) needs with ``settings``' names and mode
+    (encode-once or not)."""
+    group = settings.group_id
+    dead_letters = _topic(settings.deadletter_topic, "Write", "Describe")
+    # With encode-once, the encoders and index writers make and use the vectors topics.
+    vectors = (
+        [_topic(f"{settings.vectors_topic}.", "Create", "Read", "Write", "Describe", prefixed=True)]
+        if settings.encode_once
+        else []
+    )
+    if principal == "ingest":
+        groups, transactions = (
+            (("encode.", "index."), ("encode.", "index."))
+            if settings.encode_once
+            else (("ingest",), ("ingest.",))  # "ingest": a replica's group is ingest.<id>
+        )
+        return [
+            _topic(settings.products_topic, "Read", "Describe", "DescribeConfigs"),
+            dead_letters,
+            *vectors,
+            *_by_prefix("group", group, groups, "Read"),
+            *_by_prefix("transactional-id", group, transactions, "Write", "Describe"),
+        ]
+    if principal == "search":
+        return [
+            _topic(settings.search_requests_topic, "Read", "Describe"),
+            _topic(settings.search_responses_topic, "Write", "Describe"),
+            # Reply topics a request may name (LOUPE_REPLY_TO_PATTERN's default): written, and
+            # their cleanup policy read, since a compacted one is refused.
+            _topic(REPLY_TOPICS_PREFIX, "Write", "Describe", "DescribeConfigs", prefixed=True),
+            dead_letters,
+            Acl("group", settings.search_group(), "literal", ("Read",)),
+            *_by_prefix("transactional-id", group, ("search.",), "Write", "Describe"),
+        ]
+    if principal == "operator":
+        return [
+            _topic(settings.products_topic, "Create", "Read", "Describe", "DescribeConfigs"),
+            _topic(settings.search_requests_topic, "Create", "Describe"),
+            _topic(settings.search_responses_topic, "Create", "Describe"),
+            _topic(settings.deadletter_topic, "Create", "Write", "Describe"),
+            *vectors,
+            *_by_prefix("group", group, ("reindex.",), "Read", "Describe"),
+        ]
+    raise ValueError(f"principal must be one of {', '.join(PRINCIPALS)}; got {principal!r}")
+
+
+# Which principal runs each worker (``BatchWorker.role``) and each operator command.
+PRINCIPAL_OF_ROLE = {
+    "ingest": "ingest",
+    "encode": "ingest",
+    "index": "ingest",
+    "search": "search",
+    "reindex": "operator",
+    "topics": "operator",
+}
+
+_REFUSED = {
+    "GroupAuthorizationFailedError": "group",
+    "TopicAuthorizationFailedError": "topic",
+    "TransactionalIdAuthorizationFailedError": "transactional-id",
+    "ClusterAuthorizationFailedError": "cluster",
+}
+
+
+def refusal(exc: BaseException, settings: Settings, role: str) -> str | None:
+    """One line saying which ACL the broker found missing when it refused ``role``'s principal
+    (``exc``: a Kafka authorization error, however wrapped), or None if ``exc`` is not one."""
+    from kafka.errors import AuthorizationError
+
+    from loupe.consumers.kafka_failures import root_cause
+
+    cause = root_cause(exc)
+    if not isinstance(cause, AuthorizationError):
+        return None
+    principal = PRINCIPAL_OF_ROLE.get(role, role)
+    user = settings.sasl_plain_username or "this client"
+    resource = _REFUSED.get(type(cause).__name__, "")
+    named = str(cause).split(": ", 1)[1] if ": " in str(cause) else ""
+    names = {name.strip(" '{}") for name in named.split(",")} - {""}
+    wanted = [
+        acl
+        for acl in (required_acls(settings, principal) if principal in PRINCIPALS else [])
+        if acl.resource == resource
+        and (
+            not names
+            or any(
+                name == acl.name or (acl.pattern == "prefixed" and name.startswith(acl.name))
+                for name in names
+            )
+        )
+    ]
+    missing = "; ".join(
+        f"{'/'.join(acl.operations)} on {acl.resource} {acl.name}"
+        + (" (prefixed)" if acl.pattern == "prefixed" else "")
+        for acl in wanted
+    )
+    if not names and len(wanted) > 1:  # the broker did not say which: do not list them all
+        missing = f"its {resource} ACLs"
+    return (
+        f"the broker refused {user!r} ({type(cause).__name__}"
+        + (f": {named}" if named else "")
+        + ")"
+        + (f"; the {principal} principal needs {missing}" if missing else "")
+        + f"; `loupe acls {principal}` prints all it needs (deploy/README.md, Secure)"
+    )
