@@ -337,6 +337,7 @@ def build_catalog(settings: Settings) -> Catalog:
             path=str(path) if path else None,
             url=settings.index_url,
             api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
+            ca=settings.index_ca,
             prefix=settings.index_prefix,
             hnsw_ef=settings.index_hnsw_ef,
             acorn=settings.index_acorn,

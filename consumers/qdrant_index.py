@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from loupe.consumers.errors import IndexUnavailable
+from loupe.consumers.errors import (
+    IndexAccessRefused,
+    IndexCertificateUntrusted,
+    IndexUnavailable,
+)
 from loupe.consumers.index import (
     DEFAULT_ACORN,
     DEFAULT_HNSW_EF,
@@ -55,6 +61,7 @@ class QdrantStore:
         path: str | None = None,
         url: str | None = None,
         api_key: str | None = None,
+        ca: str | Path | None = None,
         prefix: str = "loupe",
         timeout_s: int = 10,
         hnsw_ef: int = DEFAULT_HNSW_EF,
@@ -65,7 +72,9 @@ class QdrantStore:
         """``quantization``: for a server's new collections, as ``EdgeIndex``'s (an int8 copy
         in memory, float32 on disk to rescore); local mode searches exactly and ignores it.
         A server's existing collection keeps the storage it was created with. ``topology``:
-        how a server's new collections are sharded and replicated (a cluster's)."""
+        how a server's new collections are sharded and replicated (a cluster's). ``api_key``:
+        the server's ``service.api_key``; ``ca``: the certificate that signed an ``https://``
+        server's (else the system's trust store)."""
         from qdrant_client import QdrantClient
 
         if quantization not in QUANTIZATIONS:
@@ -76,6 +85,7 @@ class QdrantStore:
         self.topology = topology or Topology()
         self.alias = prefix
         self.embedded = path is not None
+        self.url, self.api_key_sent, self.ca = url, api_key is not None, ca
         self._card_lock = threading.RLock()
         # qdrant-client's embedded mode is not safe for concurrent use: an upsert in one thread
         # during a search in another raised IndexError in its payload-mask code. Every call on
@@ -89,8 +99,9 @@ class QdrantStore:
             else:
                 # Loupe checks the server's version itself, once, against the versions it
                 # supports (check_server_version), instead of the client's warning per start.
+                tls = {"verify": ssl.create_default_context(cafile=str(ca))} if ca else {}
                 self.client = QdrantClient(
-                    url=url, api_key=api_key, timeout=timeout_s, check_compatibility=False
+                    url=url, api_key=api_key, timeout=timeout_s, check_compatibility=False, **tls
                 )
         except (RuntimeError, OSError, ValueError) as exc:  # e.g. a path locked by another process
             raise IndexUnavailable(f"cannot open Qdrant at {path or url}: {exc}") from exc
@@ -102,6 +113,8 @@ class QdrantStore:
         answer yet is not a reason to fail here (every later call retries it)."""
         try:
             version = self.call("info", self.client.info).version
+            # "/" answers without a key: a call that needs one says now whether it is right.
+            self.call("list aliases", self.client.get_aliases)
         except IndexUnavailable as exc:
             log.warning("the Qdrant server at %s did not say its version: %s", url, exc)
             return
@@ -119,13 +132,41 @@ class QdrantStore:
             with self._lock:
                 return fn(*args, **kwargs)
         except UnexpectedResponse as exc:
+            if exc.status_code in (401, 403):
+                raise IndexAccessRefused(self._refused(what, exc.status_code)) from None
             if exc.status_code is not None and 400 <= exc.status_code < 500:
                 raise  # our request is wrong: a bug, not an outage
             raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
         except (ResponseHandlingException, ConnectionError, TimeoutError, OSError) as exc:
+            untrusted = _certificate_error(exc)
+            if untrusted is not None:
+                raise IndexCertificateUntrusted(self._untrusted(untrusted)) from None
             raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
         except RuntimeError as exc:  # the embedded client raises this once closed
             raise IndexUnavailable(f"Qdrant {what} failed: {exc}") from exc
+
+    def _refused(self, what: str, status: int) -> str:
+        if status == 403:
+            why = "its API key does not allow it (a read-only key?)"
+        elif self.api_key_sent:
+            why = "it refused the API key"
+        else:
+            why = "it needs an API key and none was set"
+        return (
+            f"Qdrant at {self.url} answered {status} to {what}: {why}; set LOUPE_INDEX_API_KEY "
+            "to the server's service.api_key"
+        )
+
+    def _untrusted(self, error: ssl.SSLCertVerificationError) -> str:
+        told = (
+            f"LOUPE_INDEX_CA={self.ca} did not sign it"
+            if self.ca
+            else "set LOUPE_INDEX_CA to the CA certificate that signed it"
+        )
+        return (
+            f"cannot verify the TLS certificate of Qdrant at {self.url} "
+            f"({error.verify_message or error.reason}): {told}"
+        )
 
     @property
     def quantized(self) -> bool:
@@ -385,3 +426,14 @@ def build_filter(merchant_id: str | None, filters: SearchFilters):
             gte, lte = values
             must.append(models.FieldCondition(key=key, range=models.Range(gte=gte, lte=lte)))
     return models.Filter(must=must) if must else None
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure under ``exc`` (httpx and qdrant-client wrap it)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

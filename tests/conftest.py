@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from loupe.dev.kafka import BrokerState, LocalKafkaBroker
-from loupe.dev.qdrant import LocalQdrant, find_qdrant
+from loupe.dev.qdrant import LocalQdrant, QdrantSecurity, find_qdrant
+from loupe.dev.tls import make_certificates
 
 
 @pytest.fixture(scope="session")
@@ -34,11 +35,15 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSta
 
 @pytest.fixture(scope="session")
 def qdrant_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalQdrant]:
-    """A real Qdrant server (one node, loopback, its own storage) for the whole session. The
-    binary: LOUPE_QDRANT_BIN, else `qdrant` on the PATH, else `make qdrant`'s; none is an
-    error, never a skip. Tests keep apart by giving their index a prefix of their own."""
+    """A real Qdrant server (one node, loopback, its own storage) for the whole session, as
+    production runs one: behind an API key, over TLS with a certificate made here (its
+    ``settings()`` and ``store_options()`` carry the key and the CA). The binary:
+    LOUPE_QDRANT_BIN, else `qdrant` on the PATH, else `make qdrant`'s; none is an error, never a
+    skip. Tests keep apart by giving their index a prefix of their own."""
     binary = find_qdrant(os.environ.get("LOUPE_QDRANT_BIN"))
-    server = LocalQdrant(tmp_path_factory.mktemp("qdrant"), binary).start(1)
+    root = tmp_path_factory.mktemp("qdrant")
+    security = QdrantSecurity(uuid.uuid4().hex, make_certificates(root / "certs"))
+    server = LocalQdrant(root / "server", binary, security).start(1)
     try:
         yield server
     finally:
@@ -112,7 +117,8 @@ class IndexEngines:
             server = self.request.getfixturevalue("qdrant_server")  # started only when asked
             quantization = "int8" if name.endswith("int8") else "none"
             prefix = f"{self.prefix}_{Path(path).name}"
-            return "qdrant", {"url": server.url, "prefix": prefix, "quantization": quantization}
+            options = {"prefix": prefix, "quantization": quantization}
+            return "qdrant", {**server.store_options(), **options}
         if name.startswith("edge"):
             return "edge", {"path": path, **({"quantization": "int8"} if "int8" in name else {})}
         return "qdrant", {"path": path}

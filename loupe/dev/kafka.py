@@ -14,17 +14,21 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from loupe.consumers.acls import Acl
 from loupe.consumers.errors import LoupeError
 from loupe.consumers.kafka_io import answers_metadata
+from loupe.dev.tls import Certificates
 from loupe.locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,66 @@ DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "loupe" / "kafka"
 
 class BrokerError(LoupeError):
     """The local Kafka broker could not be provisioned, started, reached or stopped."""
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """A broker that authenticates and authorizes, as a production one does: one ``SASL_SSL``
+    listener (SCRAM-SHA-512 over TLS with ``certificates``), the KRaft ``StandardAuthorizer``
+    with ``allow.everyone.if.no.acl.found=false`` (no ACL, no access), and ``users``' SCRAM
+    credentials written at format time. ``admin`` is the broker's own principal and the only
+    super user; every other user can do exactly what ACLs grant it."""
+
+    certificates: Certificates
+    users: dict[str, str] = field(default_factory=dict)  # user -> password, besides the admin
+    admin: str = "admin"
+    admin_password: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def client_config(self, user: str | None = None) -> dict[str, Any]:
+        """kafka-python's options for ``user`` (the admin by default), bootstrap aside."""
+        user = user or self.admin
+        password = self.admin_password if user == self.admin else self.users[user]
+        return {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": user,
+            "sasl_plain_password": password,
+            "ssl_cafile": str(self.certificates.ca),
+        }
+
+    def properties(self, state_dir: Path) -> str:
+        keystore = state_dir / "keystore.pem"  # Kafka's PEM key store: the key, then the chain
+        keystore.write_text(
+            self.certificates.key.read_text()
+            + self.certificates.cert.read_text()
+            + self.certificates.ca.read_text()
+        )
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{self.admin}" password="{self.admin_password}";'
+        )
+        # The controller listener stays PLAINTEXT on loopback: its principal is ANONYMOUS, and
+        # the controller must let the broker (itself) register, so ANONYMOUS is a super user.
+        return f"""\
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={jaas}
+ssl.keystore.type=PEM
+ssl.keystore.location={keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={self.certificates.ca}
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:{self.admin};User:ANONYMOUS
+"""
+
+    def format_args(self) -> list[str]:
+        users = {self.admin: self.admin_password, **self.users}
+        return [
+            arg
+            for user, password in users.items()
+            for arg in ("--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]")
+        ]
 
 
 @dataclass(frozen=True)
@@ -208,17 +272,20 @@ logger.state.level = WARN
 """
 
 
-def _server_properties(data_dir: Path, broker_port: int, controller_port: int) -> str:
+def _server_properties(
+    data_dir: Path, broker_port: int, controller_port: int, secure: bool = False
+) -> str:
     # Single node, both roles, replication 1: a development broker, not a production one.
+    listener = "SASL_SSL" if secure else "PLAINTEXT"
     return f"""\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{broker_port}
+listeners={listener}://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners={listener}://127.0.0.1:{broker_port}
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name={listener}
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,{listener}:{listener}
 log.dirs={data_dir}
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -247,14 +314,66 @@ class LocalKafkaBroker:
         cache_dir: Path = DEFAULT_CACHE_DIR,
         heap: str = "512m",
         die_with_parent: bool = False,
+        security: BrokerSecurity | None = None,
     ) -> None:
         """``die_with_parent``: the broker gets SIGTERM when the process that started it dies,
         even by SIGKILL (tests, the demo). ``loupe kafka start`` leaves it off: that broker must
-        outlive the command."""
+        outlive the command. ``security``: SASL_SSL and ACLs instead of one PLAINTEXT
+        listener that lets anyone do anything."""
         self.state_dir = Path(state_dir)
         self.cache_dir = Path(cache_dir)
         self.heap = heap
         self.die_with_parent = die_with_parent
+        self.security = security
+
+    def client_config(self, bootstrap_servers: str, user: str | None = None) -> dict[str, Any]:
+        """kafka-python's options to reach this broker, as ``user`` where it is secured."""
+        config: dict[str, Any] = {"bootstrap_servers": [bootstrap_servers]}
+        if self.security is not None:
+            config.update(self.security.client_config(user))
+        return config
+
+    def grant(self, bootstrap_servers: str, user: str, acls: list[Acl]) -> None:
+        """Allow ``user`` exactly ``acls`` on this (secured) broker, as its admin."""
+        from kafka import KafkaAdminClient
+        from kafka.admin import (
+            ACL,
+            ACLOperation,
+            ACLPermissionType,
+            ACLResourcePatternType,
+            ResourcePattern,
+            ResourceType,
+        )
+
+        resources = {
+            "topic": ResourceType.TOPIC,
+            "group": ResourceType.GROUP,
+            "transactional-id": ResourceType.TRANSACTIONAL_ID,
+        }
+        patterns = {
+            "literal": ACLResourcePatternType.LITERAL,
+            "prefixed": ACLResourcePatternType.PREFIXED,
+        }
+        entries = [
+            ACL(
+                principal=f"User:{user}",
+                host="*",
+                operation=ACLOperation[re.sub(r"(?<!^)(?=[A-Z])", "_", operation).upper()],
+                permission_type=ACLPermissionType.ALLOW,
+                resource_pattern=ResourcePattern(
+                    resources[acl.resource], acl.name, patterns[acl.pattern]
+                ),
+            )
+            for acl in acls
+            for operation in acl.operations
+        ]
+        admin = KafkaAdminClient(**self.client_config(bootstrap_servers))
+        try:
+            result = admin.create_acls(entries)
+        finally:
+            admin.close()
+        if result.get("failed"):
+            raise BrokerError(f"the broker refused ACLs for {user}: {result['failed']}")
 
     @property
     def state_file(self) -> Path:
@@ -298,7 +417,10 @@ class LocalKafkaBroker:
         shutil.rmtree(data_dir, ignore_errors=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         properties = self.state_dir / "server.properties"
-        properties.write_text(_server_properties(data_dir, broker_port, controller_port))
+        text = _server_properties(data_dir, broker_port, controller_port, self.security is not None)
+        if self.security is not None:
+            text += self.security.properties(self.state_dir)
+        properties.write_text(text)
         log4j = self.state_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2_PROPERTIES.format(log_file=self.log_file))
 
@@ -307,6 +429,8 @@ class LocalKafkaBroker:
         jvm += ["-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}"]
         cluster_id = new_cluster_id()
         format_args = ["format", "-t", cluster_id, "-c", str(properties)]
+        if self.security is not None:
+            format_args += self.security.format_args()
         fmt = subprocess.run(
             [*jvm, "-cp", classpath, "kafka.tools.StorageTool", *format_args],
             capture_output=True,
@@ -368,7 +492,7 @@ class LocalKafkaBroker:
                     f"the broker exited with status {proc.returncode} during start-up; "
                     f"last lines of {self.log_file}:\n{self._log_tail()}"
                 )
-            if answers_metadata({"bootstrap_servers": [state.bootstrap_servers]}):
+            if answers_metadata(self.client_config(state.bootstrap_servers)):
                 return
             if time.monotonic() > deadline:
                 raise BrokerError(

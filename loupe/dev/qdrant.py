@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tarfile
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from loupe.consumers.errors import LoupeError
 from loupe.dev.kafka import free_loopback_port
+from loupe.dev.tls import Certificates
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,16 @@ def provision_qdrant(explicit: str | None = None, cache_dir: Path = DEFAULT_CACH
 
 
 @dataclass(frozen=True)
+class QdrantSecurity:
+    """A server as production runs one: every call but the health checks needs ``api_key``
+    (``service.api_key``), and the API speaks TLS with ``certificates`` (``service.enable_tls``;
+    the peers' p2p port stays plain, on loopback)."""
+
+    api_key: str
+    certificates: Certificates
+
+
+@dataclass(frozen=True)
 class QdrantNode:
     """One running (or stopped) node: its ports, its storage, its process."""
 
@@ -113,10 +125,11 @@ class QdrantNode:
     grpc_port: int
     p2p_port: int
     state_dir: Path
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     @property
     def p2p_uri(self) -> str:
@@ -128,9 +141,12 @@ class LocalQdrant:
     of three peers (Raft consensus over the p2p ports). Nodes can be killed and restarted with
     their storage (``kill``/``restart``), as a crashed peer comes back."""
 
-    def __init__(self, state_dir: Path, binary: Path | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, binary: Path | None = None, security: QdrantSecurity | None = None
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.binary = binary or find_qdrant()
+        self.security = security
         self.nodes: list[QdrantNode] = []
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -138,6 +154,34 @@ class LocalQdrant:
     def url(self) -> str:
         """The first node's URL: a client may talk to any peer of a cluster."""
         return self.nodes[0].url
+
+    def settings(self) -> dict[str, str]:
+        """The ``LOUPE_*`` settings (lower-case names) that point Loupe at this server."""
+        found = {"index_url": self.url}
+        if self.security is not None:
+            found["index_api_key"] = self.security.api_key
+            found["index_ca"] = str(self.security.certificates.ca)
+        return found
+
+    def store_options(self) -> dict[str, str]:
+        """``QdrantStore``'s connection options for this server."""
+        if self.security is None:
+            return {"url": self.url}
+        return {
+            "url": self.url,
+            "api_key": self.security.api_key,
+            "ca": str(self.security.certificates.ca),
+        }
+
+    def _get(self, node: QdrantNode, path: str) -> tuple[int, bytes]:
+        """GET ``path`` from ``node`` as a client with the key and the CA would."""
+        request = urllib.request.Request(f"{node.url}{path}")
+        context = None
+        if self.security is not None:
+            request.add_header("api-key", self.security.api_key)
+            context = ssl.create_default_context(cafile=str(self.security.certificates.ca))
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
+            return response.status, response.read()
 
     @property
     def clustered(self) -> bool:
@@ -153,6 +197,7 @@ class LocalQdrant:
                 grpc_port=free_loopback_port(),
                 p2p_port=free_loopback_port(),
                 state_dir=self.state_dir / f"node{n}",
+                tls=self.security is not None,
             )
             self.nodes.append(node)
             self._launch(node, bootstrap=self.nodes[0] if n > 0 else None, clustered=peers > 1)
@@ -207,15 +252,14 @@ class LocalQdrant:
 
     def _cluster(self, node: QdrantNode) -> dict | None:
         try:
-            with urllib.request.urlopen(f"{node.url}/cluster", timeout=2) as response:
-                return json.loads(response.read())["result"]
+            return json.loads(self._get(node, "/cluster")[1])["result"]
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             return None
 
     def _launch(self, node: QdrantNode, bootstrap: QdrantNode | None, clustered: bool) -> None:
         node.state_dir.mkdir(parents=True, exist_ok=True)
         config = node.state_dir / "config.yaml"
-        config.write_text(_config(node, clustered))
+        config.write_text(_config(node, clustered, self.security))
         args = [str(self.binary), "--config-path", str(config), "--disable-telemetry"]
         if clustered:
             args += ["--uri", node.p2p_uri]
@@ -240,9 +284,8 @@ class LocalQdrant:
                     f"its log:\n{self.log_tail(node.name)}"
                 )
             try:
-                with urllib.request.urlopen(f"{node.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
+                if self._get(node, "/readyz")[0] == 200:
+                    return
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
@@ -260,7 +303,7 @@ class LocalQdrant:
             return "(no log written)"
 
 
-def _config(node: QdrantNode, clustered: bool) -> str:
+def _config(node: QdrantNode, clustered: bool, security: QdrantSecurity | None = None) -> str:
     # JSON is YAML: no YAML writer needed. Loopback only; telemetry off.
     config = {
         "log_level": "WARN",
@@ -281,6 +324,12 @@ def _config(node: QdrantNode, clustered: bool) -> str:
             "consensus": {"tick_period_ms": 100},
         },
     }
+    if security is not None:
+        config["service"].update({"api_key": security.api_key, "enable_tls": True})
+        config["tls"] = {
+            "cert": str(security.certificates.cert),
+            "key": str(security.certificates.key),
+        }
     return json.dumps(config, indent=2)
 
 

@@ -44,8 +44,8 @@ def index_at(request, index_prefix):
 
     def settings(engine: str, name: str = "main") -> dict[str, str]:
         if engine == "server":
-            url = request.getfixturevalue("qdrant_server").url
-            return {"index_url": url, "index_prefix": f"{index_prefix}_{name}"}
+            server = request.getfixturevalue("qdrant_server")
+            return {**server.settings(), "index_prefix": f"{index_prefix}_{name}"}
         return {"index_engine": engine}
 
     return settings
@@ -561,7 +561,7 @@ def test_with_a_shared_server_a_live_reindex_group_refuses_a_second_reindex(
         group_id=group_id,
         products_topic=topic,
         state_dir=tmp_path,
-        index_url=qdrant_server.url,
+        **qdrant_server.settings(),
     )
     collection = "loupe__elsewhere"
     with reindex_lock(settings, collection):  # nobody in the group: this one may run
