@@ -16,6 +16,8 @@
 3. **Pipeline**: preparation alone, forward passes alone, both through the stream, and how
    much of the GIL each stage leaves another thread; for the default and the last variant.
 4. **Stages** of one batch of 256, and **batch-1 latency** per query kind, graphs on and off.
+5. **ONNX Runtime** on the device (``bench.onnx_device``): the image tower's graph on the CUDA
+   and TensorRT providers against PyTorch fp32 and fp16, where onnxruntime-gpu provides them.
 
 The decode lab first times nvImageCodec's backends, and several decoders at once.
 ``--sections`` runs a subset (the CPU reference always runs).
@@ -65,7 +67,7 @@ VARIANTS: dict[str, dict] = {
     "engines only": {"nvimgcodec_backends": ("hw",)},
     "engines only + graphs 256": {"nvimgcodec_backends": ("hw",), **GRAPHS_256},
 }
-SECTIONS = ("decode", "agreement", "throughput", "pipeline", "stages", "latency")
+SECTIONS = ("decode", "agreement", "throughput", "pipeline", "stages", "latency", "onnxruntime")
 
 
 def _inputs(count: int) -> list[EncodeInput]:
@@ -486,6 +488,15 @@ def main() -> int:
                 )
             other.close()
 
+    def onnxruntime() -> None:
+        """The image tower on ONNX Runtime's CUDA and TensorRT providers against PyTorch on
+        the device (bench/onnx_device.py): no switch without a measured win."""
+        from bench.onnx_device import measure_providers
+
+        sizes = [1, 16, *(int(s) for s in args.batch_sizes.split(","))]
+        tower = base["encoder"].image_encoder
+        report.data["onnxruntime"] = measure_providers(tower, device, sizes, args.min_seconds)
+
     chosen = set(args.sections.split(","))
     if "decode" in chosen:
         report.section("decode lab", decode_lab)
@@ -497,6 +508,7 @@ def main() -> int:
         ("pipeline", pipeline),
         ("stages", stages),
         ("latency", latency),
+        ("onnxruntime", onnxruntime),
     ):
         if name in chosen and not args.skip_bench:
             report.section(name, section)

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,17 @@ class OnnxImageTower:
 
     @classmethod
     def load(
-        cls, tower: ImageEncoder, cache_dir: Path = DEFAULT_CACHE_DIR, threads: int | None = None
+        cls,
+        tower: ImageEncoder,
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+        threads: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> OnnxImageTower:
         """The graph of ``tower``, exported into ``cache_dir`` on first use (under a file lock,
         so two processes export it once), loaded, and checked against the tower on probe
-        photos. Raises ``OnnxUnavailable`` with the reason when any step fails."""
+        photos. Raises ``OnnxUnavailable`` with the reason when any step fails. ``providers``:
+        ONNX Runtime's execution providers, in order of preference (the service uses the CPU's;
+        ``bench.device_check`` measures CUDA's and TensorRT's where onnxruntime-gpu has them)."""
         try:
             import onnxruntime as ort
             from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
@@ -109,7 +116,7 @@ class OnnxImageTower:
             options.intra_op_num_threads = threads or torch.get_num_threads()
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), options, providers=list(providers))
         except failures as exc:
             raise OnnxUnavailable(f"{path}: {type(exc).__name__}: {exc}") from exc
         loaded = cls(session, tower.weights_id, path)
