@@ -58,6 +58,12 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
     (encode-once or not)."""
     group = settings.group_id
     dead_letters = _topic(settings.deadletter_topic, "Write", "Describe")
+
+    def catalog(*operations: str) -> Acl:  # per merchant: every merchant's products topic
+        if settings.merchant_topics:
+            return _topic(f"{settings.products_topic}.", *operations, prefixed=True)
+        return _topic(settings.products_topic, *operations)
+
     # With encode-once, the encoders and index writers make and use the vectors topics.
     vectors = (
         [_topic(f"{settings.vectors_topic}.", "Create", "Read", "Write", "Describe", prefixed=True)]
@@ -71,7 +77,7 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
             else (("ingest",), ("ingest.",))  # "ingest": a replica's group is ingest.<id>
         )
         return [
-            _topic(settings.products_topic, "Read", "Describe", "DescribeConfigs"),
+            catalog("Read", "Describe", "DescribeConfigs"),
             dead_letters,
             *vectors,
             *_by_prefix("group", group, groups, "Read"),
@@ -90,7 +96,7 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
         ]
     if principal == "operator":
         return [
-            _topic(settings.products_topic, "Create", "Read", "Describe", "DescribeConfigs"),
+            catalog("Create", "Read", "Describe", "DescribeConfigs"),
             _topic(settings.search_requests_topic, "Create", "Describe"),
             _topic(settings.search_responses_topic, "Create", "Describe"),
             _topic(settings.deadletter_topic, "Create", "Write", "Describe"),
@@ -98,6 +104,13 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
             *_by_prefix("group", group, ("reindex.",), "Read", "Describe"),
         ]
     raise ValueError(f"principal must be one of {', '.join(PRINCIPALS)}; got {principal!r}")
+
+
+def merchant_acls(settings: Settings, merchant_id: str) -> list[Acl]:
+    """A merchant system's, with per-merchant topics: write its own products topic, no other.
+    (ValueError if the merchant id cannot name a topic.)"""
+    topic = settings.products_topics().merchant_topic(merchant_id)
+    return [_topic(topic, "Write", "Describe")]
 
 
 # Which principal runs each worker (``BatchWorker.role``) and each operator command.

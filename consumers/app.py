@@ -152,12 +152,12 @@ class Application:
             live=live,
             fetcher=self.fetcher,
             metrics=self.metrics,
-            topic=settings.products_topic,
+            topic=settings.products_topics(),
             encode_lock=encode_lock,
             poll_timeout_ms=settings.poll_timeout_ms,
             fetch_workers=settings.fetch_workers,
             hand_over=(
-                HandOver(hand_over, settings.products_topic, POINTS_REPORT_INTERVAL_S)
+                HandOver(hand_over, settings.products_topics(), POINTS_REPORT_INTERVAL_S)
                 if hand_over is not None
                 else None
             ),
@@ -199,7 +199,7 @@ class Application:
             live=live,
             fetcher=self.fetcher,
             metrics=self.metrics,
-            topic=settings.products_topic,
+            topic=settings.products_topics(),
             encode_lock=encode_lock,
             poll_timeout_ms=settings.poll_timeout_ms,
             fetch_workers=settings.fetch_workers,
@@ -222,9 +222,9 @@ class Application:
             publisher=self.publisher("index"),
             live=live,
             metrics=self.metrics,
-            products_topic=settings.products_topic,
+            products=settings.products_topics(),
             poll_timeout_ms=settings.poll_timeout_ms,
-            hand_over=HandOver(catalog, settings.products_topic, POINTS_REPORT_INTERVAL_S),
+            hand_over=HandOver(catalog, settings.products_topics(), POINTS_REPORT_INTERVAL_S),
             stop_event=stop_event,
         )
 

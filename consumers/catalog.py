@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kafka.structs import TopicPartition
+
 from loupe.consumers.errors import IndexUnavailable
 from loupe.consumers.index import Collection, CollectionStore, collection_name
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.settings import Settings
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.errors import LoupeError
@@ -129,18 +132,23 @@ class CollectionCard:
             vectors_topic=raw.get("vectors_topic"),
         )
 
-    def applied_offsets_of(self, topic: str) -> dict[int, int]:
-        """``applied_offsets`` of one topic, by partition."""
-        found = {}
-        for key, offset in self.applied_offsets.items():
-            name, _, partition = key.rpartition(":")
-            if name == topic:
-                found[int(partition)] = offset
-        return found
+    def applied_offsets_in(self, topics: ProductsTopics) -> dict[TopicPartition, int]:
+        """``applied_offsets`` of the products topics."""
+        return offsets_in(self.applied_offsets, topics)
 
 
 def offset_key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
+
+
+def offsets_in(keyed: Mapping[str, int], topics: ProductsTopics) -> dict[TopicPartition, int]:
+    """Offsets stored by ``offset_key``, of the products topics only, by partition."""
+    found = {}
+    for key, offset in keyed.items():
+        name, _, partition = key.rpartition(":")
+        if topics.holds(name):
+            found[TopicPartition(name, int(partition))] = int(offset)
+    return found
 
 
 class Catalog:
@@ -281,19 +289,19 @@ class Catalog:
 
     # --- how far each collection got (the ingest's records, for a hand-over) ---------------
 
-    def record_applied(self, collection: str, topic: str, offsets: Mapping[int, int]) -> None:
-        """Record that ``collection`` has applied ``topic`` up to ``offsets`` (by partition)."""
+    def record_applied(self, collection: str, offsets: Mapping[TopicPartition, int]) -> None:
+        """Record that ``collection`` has applied its source up to ``offsets``."""
         if not offsets:
             return
 
         def change(card: CollectionCard) -> None:
-            for partition, offset in offsets.items():
-                card.applied_offsets[offset_key(topic, partition)] = int(offset)
+            for tp, offset in offsets.items():
+                card.applied_offsets[offset_key(tp.topic, tp.partition)] = int(offset)
 
         self.update_card(collection, change)
 
     def report_points(
-        self, collection: str, topic: str, points: int, offsets: Mapping[int, int]
+        self, collection: str, points: int, offsets: Mapping[TopicPartition, int]
     ) -> None:
         """The live ingest's report: its collection's point count right after committing
         ``offsets`` (by partition), for a reindex to compare with. A record of its own, so
@@ -301,7 +309,7 @@ class Catalog:
         retiring this collection); the offsets of partitions other instances own are kept."""
         with self.store.card_lock():
             known = dict((self.store.read_report(collection) or {}).get("offsets") or {})
-            known.update({offset_key(topic, p): int(o) for p, o in offsets.items()})
+            known.update({offset_key(tp.topic, tp.partition): int(o) for tp, o in offsets.items()})
             self.store.write_report(collection, {"points": points, "offsets": known})
 
 

@@ -22,6 +22,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import IndexUnavailable
+from loupe.consumers.products_topics import ProductsTopics
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,9 @@ log = logging.getLogger(__name__)
 class HandOver:
     """One ingest worker's records in the catalog. Not thread-safe: the worker's thread only."""
 
-    def __init__(self, catalog: Catalog, topic: str, report_every_s: float) -> None:
+    def __init__(self, catalog: Catalog, topics: ProductsTopics, report_every_s: float) -> None:
         self.catalog = catalog
-        self.topic = topic
+        self.topics = topics
         self.report_every_s = report_every_s
         self._reported_at = float("-inf")
         self._unreported = False
@@ -44,12 +45,12 @@ class HandOver:
         applied = {}
         for tp in consumer.assignment():
             if tp in committed:
-                applied[tp.partition] = committed[tp]
+                applied[tp] = committed[tp]
             else:
                 stored = consumer.committed(tp, metadata=True)
                 if stored is not None and stored.metadata == collection:
-                    applied[tp.partition] = stored.offset
-        self.catalog.record_applied(collection, self.topic, applied)
+                    applied[tp] = stored.offset
+        self.catalog.record_applied(collection, applied)
 
     def rewinds(
         self, collection: str, consumer: KafkaConsumer, partitions: set[TopicPartition]
@@ -57,13 +58,13 @@ class HandOver:
         """The partitions of ``partitions`` that must be read again for ``collection`` (their
         committed offset names another collection, further on), and from where."""
         card = self.catalog.card(collection)
-        applied = card.applied_offsets_of(self.topic) if card is not None else {}
+        applied = card.applied_offsets_in(self.topics) if card is not None else {}
         rewound: dict[TopicPartition, int] = {}
         for tp in sorted(partitions):
             committed = consumer.committed(tp, metadata=True)
             if committed is None or committed.metadata in ("", collection):
                 continue  # nothing committed, or committed by this collection's own ingest
-            target = applied.get(tp.partition)
+            target = applied.get(tp)
             if target is None:  # the card does not say: replay the partition from its start
                 target = consumer.beginning_offsets([tp])[tp]
             if target < committed.offset:
@@ -107,9 +108,9 @@ class HandOver:
         self._reported_at = time.monotonic()
         self._unreported = False
         exact = count()
-        offsets = {tp.partition: o for tp, o in committed.items() if tp.topic == self.topic}
+        offsets = {tp: o for tp, o in committed.items() if self.topics.holds(tp.topic)}
         try:
-            self.catalog.report_points(collection, self.topic, exact, offsets)
+            self.catalog.report_points(collection, exact, offsets)
         except (IndexUnavailable, OSError) as exc:
             log.warning("could not report the point count: %s", exc)
         return exact

@@ -23,6 +23,7 @@ from loupe.consumers.index import IndexPoint, point_id
 from loupe.consumers.kafka_io import Backoff
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.worker import BatchWorker
 from loupe.schemas.errors import ErrorCode, InvalidEvent
@@ -116,7 +117,7 @@ class IndexWriter(WritesIndex):
         publisher: Publisher,
         live: LiveModel,
         metrics: LoupeMetrics,
-        products_topic: str,
+        products: ProductsTopics,
         poll_timeout_ms: int = 500,
         backoff: Backoff | None = None,
         hand_over: HandOver | None = None,
@@ -136,7 +137,7 @@ class IndexWriter(WritesIndex):
             live=live,
             stop_event=stop_event,
         )
-        self.products_topic = products_topic
+        self.products = products
         self.hand_over = hand_over
         # How far into the products topic the applied records reach: the report's offsets.
         self._source: dict[TopicPartition, int] = {}
@@ -181,7 +182,7 @@ class IndexWriter(WritesIndex):
         self.write_index(upserts, deletes)
         for _, vectors in latest.values():
             source = TopicPartition(vectors.source.topic, vectors.source.partition)
-            if source.topic == self.products_topic:
+            if self.products.holds(source.topic):
                 self._source[source] = max(self._source.get(source, 0), vectors.source.offset + 1)
 
 

@@ -37,6 +37,7 @@ from loupe.consumers.index_writer import WritesIndex
 from loupe.consumers.kafka_io import Backoff
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.vectors import VectorsOut
 from loupe.encoders.batching import iter_batch
@@ -78,7 +79,7 @@ class Indexer(WritesIndex):
         live: LiveModel,
         fetcher: ImageFetcher,
         metrics: LoupeMetrics,
-        topic: str,
+        topic: ProductsTopics,
         encode_lock: EncodeLock = contextlib.nullcontext,
         poll_timeout_ms: int = 500,
         fetch_workers: int = 8,
@@ -155,6 +156,7 @@ class Indexer(WritesIndex):
             for record in records:
                 try:
                     event = parse_product_record(record.key, record.value, record_time(record))
+                    self.source.check(record.topic, event.merchant_id)  # per-merchant topics
                 except InvalidEvent as exc:
                     self._dead_letter(record, exc.code, str(exc), "parse")
                     continue

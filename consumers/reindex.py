@@ -32,6 +32,7 @@ from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, build_ca
 from loupe.consumers.errors import ConfigError
 from loupe.consumers.index import Collection
 from loupe.consumers.metrics import LoupeMetrics, ReindexMetrics
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.settings import Settings
 from loupe.consumers.vectors import vectors_topic
 from loupe.schemas.errors import LoupeError
@@ -200,7 +201,8 @@ class Reindex:
                 return ReindexOutcome(target, live, False, 0, 0, 0.0, f"{target} is already live")
             with reindex_lock(self.settings, target):
                 serving = f"{live} stays live meanwhile" if live else "nothing is live yet"
-                self.report(f"building {target} from {self.settings.products_topic}; {serving}")
+                source = self.settings.products_topics().label
+                self.report(f"building {target} from {source}; {serving}")
                 return self._build(app, catalog, encoder, target, live)
         finally:
             encoder.close()
@@ -240,7 +242,7 @@ class Reindex:
             session_timeout_ms=REINDEX_SESSION_MS,
         )
         started = time.monotonic()
-        tracker = _Tracker(indexer.consumer, settings.products_topic)
+        tracker = _Tracker(indexer.consumer, settings.products_topics())
         watch = _Watch(self, catalog, index, tracker, target, live)
         try:
             self.report(watch.progress.line(target))  # where it starts (or resumes)
@@ -253,9 +255,10 @@ class Reindex:
             indexer.close()
             app.close_publishers()
             index.close()  # an embedded shard opens in one process at a time: the service's next
-        topic = settings.products_topic
         previous = catalog.switch(
-            target, self.grace_s, {offset_key(topic, p): o for p, o in applied.items()}
+            target,
+            self.grace_s,
+            {offset_key(tp.topic, tp.partition): o for tp, o in applied.items()},
         )
         return ReindexOutcome(
             target,
@@ -292,7 +295,8 @@ class _Watch:
         self.tracker, self.target, self.live = tracker, target, live
         self.progress = tracker.measure(index)
         self.detail = ""
-        self.applied: dict[int, int] = {}  # where it stands when done: the new card's offsets
+        # Where it stands when done: the new card's offsets.
+        self.applied: dict[TopicPartition, int] = {}
         self.events = 0  # events this run applied
         self._reported_at = time.monotonic()
         self._disagreeing_since: float | None = None
@@ -324,33 +328,56 @@ class _Watch:
         return False
 
 
-class _Tracker:
-    """Where the reindex stands in the topic: done and total events, and whether it caught up."""
+FIND_TOPICS_S = 5.0  # per merchant: how often a reindex looks for new merchant topics
 
-    def __init__(self, consumer: KafkaConsumer, topic: str) -> None:
+
+class _Tracker:
+    """Where the reindex stands in the products topics: done and total events, and whether it
+    caught up. Per merchant, a merchant topic made during the reindex joins the count when the
+    consumer's subscription finds it."""
+
+    def __init__(self, consumer: KafkaConsumer, products: ProductsTopics) -> None:
         self.consumer = consumer
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise ConfigError(f"topic {topic} does not exist (or has no partitions)")
-        self.partitions = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self.begin = consumer.beginning_offsets(self.partitions)
-        self._end = consumer.end_offsets(self.partitions)
+        self.products = products
+        self.partitions: list[TopicPartition] = []
+        self.begin: dict[TopicPartition, int] = {}
+        self._end: dict[TopicPartition, int] = {}
+        self._find_partitions()
+        if not self.partitions and not products.per_merchant:
+            raise ConfigError(f"topic {products.base} does not exist (or has no partitions)")
         self._started_at = time.monotonic()
         self._start_done = self._done(self.positions())  # a resumed run starts past zero
 
-    def positions(self) -> dict[int, int]:
+    def _find_partitions(self) -> None:
+        """The partitions of the products topics the broker has now, assigned or not."""
+        topics = self.products.among(self.consumer.topics())
+        found = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(self.consumer.partitions_for_topic(topic) or ())
+        ]
+        self._found_at = time.monotonic()
+        new = [tp for tp in found if tp not in self.begin]
+        if new:
+            self.begin.update(self.consumer.beginning_offsets(new))
+            self._end.update(self.consumer.end_offsets(new))
+        self.partitions = found
+
+    def positions(self) -> dict[TopicPartition, int]:
         assigned = self.consumer.assignment()
         found = {}
         for tp in self.partitions:
             if tp in assigned:
-                found[tp.partition] = self.consumer.position(tp)
+                found[tp] = self.consumer.position(tp)
             else:
                 committed = self.consumer.committed(tp)
-                found[tp.partition] = committed if committed is not None else self.begin[tp]
+                found[tp] = committed if committed is not None else self.begin[tp]
         return found
 
     def measure(self, index: Collection) -> Progress:
-        self._end = self.consumer.end_offsets(self.partitions)
+        if self.products.per_merchant and time.monotonic() - self._found_at > FIND_TOPICS_S:
+            self._find_partitions()
+        self._end = self.consumer.end_offsets(self.partitions) if self.partitions else {}
         done = self._done(self.positions())
         total = sum(self._end[tp] - self.begin[tp] for tp in self.partitions)
         elapsed = max(time.monotonic() - self._started_at, 1e-6)
@@ -361,8 +388,8 @@ class _Tracker:
     def done_this_run(self) -> int:
         return self._done(self.positions()) - self._start_done
 
-    def _done(self, positions: dict[int, int]) -> int:
-        return sum(positions[tp.partition] - self.begin[tp] for tp in self.partitions)
+    def _done(self, positions: dict[TopicPartition, int]) -> int:
+        return sum(positions[tp] - self.begin[tp] for tp in self.partitions)
 
     def caught_up(self) -> bool:
         """Every partition assigned to us and read to its end (as of the last measure)."""
@@ -398,7 +425,7 @@ def counts_agree(
     slack = 0
     for tp in tracker.partitions:
         reported = card.points_offsets.get(offset_key(tp.topic, tp.partition), tracker.begin[tp])
-        slack += abs(mine[tp.partition] - reported)
+        slack += abs(mine[tp] - reported)
     difference = abs(points - card.points)
     detail = (
         f"{points} points here, {card.points} in {live} (difference {difference}, "

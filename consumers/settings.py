@@ -30,6 +30,7 @@ from loupe.consumers.index import (
     Quantization,
     Topology,
 )
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.reply_topics import DEFAULT_REPLY_TO_PATTERN
 from loupe.encoders.profile import (
     EncoderBackend,
@@ -89,6 +90,12 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = Field(None, description="this client's private key (mutual TLS)")
     products_topic: str = Field(
         PRODUCTS_TOPIC, description="catalog events in (the v1 contract, `schemas/`)"
+    )
+    merchant_topics: bool = Field(
+        False,
+        description="a products topic per merchant, `<LOUPE_PRODUCTS_TOPIC>.<merchant_id>`, so "
+        "that the broker's ACLs decide who writes for whom; an event whose merchant is not its "
+        'topic\'s is refused (docs/security.md, "Tenancy")',
     )
     search_requests_topic: str = Field(SEARCH_REQUESTS_TOPIC, description="search requests in")
     search_responses_topic: str = Field(
@@ -432,6 +439,30 @@ class Settings(BaseSettings):
                 "instance shares the server's: set one of them"
             )
         return value
+
+    @model_validator(mode="after")
+    def _merchant_topics_apart(self) -> Settings:
+        """Per merchant, every topic under ``<products topic>.`` is a merchant's: none of
+        Loupe's other topics may be named so."""
+        if self.merchant_topics:
+            prefix = f"{self.products_topic}."
+            others = {
+                "LOUPE_SEARCH_REQUESTS_TOPIC": self.search_requests_topic,
+                "LOUPE_SEARCH_RESPONSES_TOPIC": self.search_responses_topic,
+                "LOUPE_DEADLETTER_TOPIC": self.deadletter_topic,
+                "LOUPE_VECTORS_TOPIC": f"{self.vectors_topic}.",
+            }
+            clashing = [name for name, topic in others.items() if topic.startswith(prefix)]
+            if clashing:
+                raise ValueError(
+                    f"with LOUPE_MERCHANT_TOPICS every topic named {prefix}<...> is a "
+                    f"merchant's products topic: {', '.join(clashing)} must be named otherwise"
+                )
+        return self
+
+    def products_topics(self) -> ProductsTopics:
+        """Where the catalog lives: the products topic, or one per merchant."""
+        return ProductsTopics(self.products_topic, per_merchant=self.merchant_topics)
 
     @model_validator(mode="after")
     def _a_topology_for_a_server(self) -> Settings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -31,8 +32,10 @@ class TopicsMissing(LoupeError):
 
 
 def required_topics(settings: Settings, role: str) -> list[str]:
+    """The topics ``role`` needs before it starts (per merchant, a merchant's products topic is
+    read once it exists: none is required)."""
     topics = [settings.deadletter_topic]
-    if role in ("ingest", "all"):
+    if role in ("ingest", "all") and not settings.merchant_topics:
         topics.append(settings.products_topic)
     if role in ("search", "all"):
         topics += [settings.search_requests_topic, settings.search_responses_topic]
@@ -61,7 +64,9 @@ def check_topics(settings: Settings, role: str) -> None:
             "start with `loupe serve --create-topics`"
         )
     if role in ("ingest", "all"):
-        warn_unless_compacted(settings)
+        for topic in settings.products_topics().among(existing) or [settings.products_topic]:
+            if topic in existing:
+                warn_unless_compacted(settings, topic)
 
 
 def cleanup_policy(settings: Settings, topic: str) -> str:
@@ -84,9 +89,11 @@ def cleanup_policy(settings: Settings, topic: str) -> str:
     return str(entry["value"])
 
 
-def warn_unless_compacted(settings: Settings) -> bool:
-    """Log a warning if the products topic is not compacted; return whether it is."""
-    policy = cleanup_policy(settings, settings.products_topic)
+def warn_unless_compacted(settings: Settings, topic: str | None = None) -> bool:
+    """Log a warning if the products topic (or ``topic``, a merchant's) is not compacted;
+    return whether it is."""
+    topic = topic or settings.products_topic
+    policy = cleanup_policy(settings, topic)
     compacted = "compact" in policy.split(",")
     if not compacted:
         log.warning(
@@ -95,16 +102,24 @@ def warn_unless_compacted(settings: Settings) -> bool:
             "new model's ingest cannot see them. Make it the catalog's source of truth: "
             "kafka-configs.sh --alter --entity-type topics --entity-name %s --add-config "
             "cleanup.policy=compact",
-            settings.products_topic,
+            topic,
             policy,
-            settings.products_topic,
+            topic,
         )
     return compacted
 
 
-def all_topics(settings: Settings) -> list[str]:
+def all_topics(settings: Settings, merchants: Iterable[str] = ()) -> list[str]:
+    """Loupe's topics; per merchant, the products topics of ``merchants`` in place of the
+    products topic."""
+    products = settings.products_topics()
+    catalog = (
+        [products.merchant_topic(m) for m in merchants]
+        if settings.merchant_topics
+        else [settings.products_topic]
+    )
     return [
-        settings.products_topic,
+        *catalog,
         settings.search_requests_topic,
         settings.search_responses_topic,
         settings.deadletter_topic,
@@ -112,9 +127,14 @@ def all_topics(settings: Settings) -> list[str]:
 
 
 def ensure_topics(
-    settings: Settings, partitions: int = 3, replication_factor: int = 1
+    settings: Settings,
+    partitions: int = 3,
+    replication_factor: int = 1,
+    merchants: Iterable[str] = (),
 ) -> list[str]:
-    """Create whichever of Loupe's topics are missing; return the names created."""
+    """Create whichever of Loupe's topics are missing (per merchant, ``merchants``' products
+    topics, compacted); return the names created."""
+    products = settings.products_topics()
     admin = KafkaAdminClient(**settings.kafka_client_config(), client_id="loupe-admin")
     try:
         existing = set(admin.list_topics())
@@ -123,9 +143,9 @@ def ensure_topics(
                 t,
                 num_partitions=partitions,
                 replication_factor=replication_factor,
-                topic_configs=COMPACTED if t == settings.products_topic else {},
+                topic_configs=COMPACTED if products.holds(t) else {},
             )
-            for t in all_topics(settings)
+            for t in all_topics(settings, merchants)
             if t not in existing
         ]
         if missing:

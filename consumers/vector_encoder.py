@@ -21,6 +21,7 @@ from loupe.consumers.index import IndexPoint
 from loupe.consumers.ingest import EncodeLock, Indexer, PendingEvent, event_point_id
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.vectors import VectorsOut, unplaced_start
 
@@ -40,7 +41,7 @@ class VectorEncoder(Indexer):
         live: LiveModel,
         fetcher: ImageFetcher,
         metrics: LoupeMetrics,
-        topic: str,
+        topic: ProductsTopics,
         encode_lock: EncodeLock,
         poll_timeout_ms: int = 500,
         fetch_workers: int = 8,
@@ -73,7 +74,7 @@ class VectorEncoder(Indexer):
     def switch_model(self, in_use: ModelInUse) -> None:
         super().switch_model(in_use)
         self.vectors_out = self.make_vectors_out(in_use.collection)
-        self.replace_consumer(self.make_consumer(in_use.collection), self.topic)
+        self.replace_consumer(self.make_consumer(in_use.collection), self.source)
 
     def after_poll(self, records: list[Any]) -> list[Any]:
         """A group that never committed a partition starts it where the collection's card says
@@ -83,7 +84,7 @@ class VectorEncoder(Indexer):
         if not partitions:
             return records
         starts = unplaced_start(
-            self.catalog, self.index.collection, self.consumer, partitions, self.topic
+            self.catalog, self.index.collection, self.consumer, partitions, self.source
         )
         for tp, offset in starts.items():
             self.consumer.seek(tp, offset)

@@ -29,6 +29,7 @@ from kafka.structs import TopicPartition
 
 from loupe.consumers.catalog import Catalog
 from loupe.consumers.index import IndexPoint
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.settings import Settings
 from loupe.schemas.vectors import SourcePosition, VectorRecord
@@ -155,7 +156,7 @@ def unplaced_start(
     collection: str,
     consumer: KafkaConsumer,
     partitions: Iterable[TopicPartition],
-    products_topic: str,
+    products: ProductsTopics,
 ) -> Mapping[TopicPartition, int]:
     """For an encoders' group: the partitions it has no committed offset for, and where they
     start: where ``collection``'s card says its products are applied up to, if a reindex built
@@ -163,9 +164,9 @@ def unplaced_start(
     at the beginning, and its records fill the vectors topic."""
     card = catalog.card(collection)
     published = card is not None and card.vectors_topic is not None
-    applied = card.applied_offsets_of(products_topic) if published else {}
+    applied = card.applied_offsets_in(products) if published else {}
     starts = {}
     for tp in partitions:
-        if tp.partition in applied and consumer.committed(tp) is None:
-            starts[tp] = applied[tp.partition]
+        if tp in applied and consumer.committed(tp) is None:
+            starts[tp] = applied[tp]
     return starts

@@ -36,6 +36,7 @@ from loupe.consumers.kafka_io import (
 )
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,16 @@ SLOW_BATCH_S = 5.0  # a batch slower than this is logged (its records held the w
 # Refusals that replaying a batch cannot cure (the transactional id's and the cluster's are
 # fatal already: the publisher stops when a replacement producer is refused too).
 AUTHORIZATION_ERRORS = (TopicAuthorizationFailedError, GroupAuthorizationFailedError)
+
+
+def _subscribe(consumer: KafkaConsumer, topic: str | ProductsTopics, listener) -> str:
+    """Subscribe ``consumer`` to a topic or to the products topics (per merchant: a pattern);
+    returns how logs and metrics name what it reads."""
+    if isinstance(topic, ProductsTopics):
+        topic.subscribe(consumer, listener)
+        return topic.label
+    consumer.subscribe([topic], listener=listener)
+    return topic
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -74,7 +85,7 @@ class BatchWorker:
         consumer: KafkaConsumer,
         publisher: Publisher,
         metrics: LoupeMetrics,
-        topic: str,
+        topic: str | ProductsTopics,
         poll_timeout_ms: int = 500,
         backoff: Backoff | None = None,
         live: LiveModel | None = None,
@@ -85,7 +96,6 @@ class BatchWorker:
         self.consumer = consumer
         self.publisher = publisher
         self.metrics = metrics
-        self.topic = topic
         self.poll_timeout_ms = poll_timeout_ms
         self.backoff = backoff or Backoff()
         self.stop_event = stop_event or threading.Event()
@@ -106,8 +116,7 @@ class BatchWorker:
         # model (the tests' own).
         self.live = live
         self.in_use = live.current() if live is not None else None
-        metrics.register_worker(self.role, topic)
-        consumer.subscribe([topic], listener=_Rebalance(self))
+        self._read(consumer, topic)
 
     def handle(self, records: list[Any]) -> None:
         raise NotImplementedError
@@ -126,16 +135,18 @@ class BatchWorker:
         """Use another model and collection from the next batch on (the live model moved)."""
         self.in_use = in_use
 
-    def replace_consumer(self, consumer: KafkaConsumer, topic: str) -> None:
+    def replace_consumer(self, consumer: KafkaConsumer, topic: str | ProductsTopics) -> None:
         """Between batches: go on with ``consumer`` on ``topic`` (a worker whose group or topic
         is per collection, after a switch). The old consumer leaves its group uncommitted:
         everything it handled was committed with its batch."""
         self.consumer.close(autocommit=False)
-        self.consumer, self.topic = consumer, topic
-        self._committed = {}
-        self.lost.clear()
-        self.metrics.register_worker(self.role, topic)
-        consumer.subscribe([topic], listener=_Rebalance(self))
+        self._committed, self.lost = {}, set()  # the old consumer's
+        self._read(consumer, topic)
+
+    def _read(self, consumer: KafkaConsumer, topic: str | ProductsTopics) -> None:
+        self.consumer, self.source = consumer, topic  # a topic, or the products topics
+        self.topic = _subscribe(consumer, topic, _Rebalance(self))
+        self.metrics.register_worker(self.role, self.topic)
         group = getattr(consumer, "config", {}).get("group_id")
         log.info("%s: now reading %s in group %s", self.role, topic, group)
 

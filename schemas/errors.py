@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     INDEX_UNAVAILABLE = "index_unavailable"  # the vector index could not be reached in time
     INTERNAL_ERROR = "internal_error"  # a bug in Loupe; details in the service log
     REPLY_TO_REFUSED = "reply_to_refused"  # not a reply topic: answered on the default one
+    MERCHANT_MISMATCH = "merchant_mismatch"  # per-merchant topics: another merchant's topic
 
 
 class LoupeError(Exception):

@@ -21,6 +21,7 @@ class _Line:
     raw: bytes
     topic_kind: str  # "products" or "searches"
     key: bytes
+    merchant_id: str = ""  # a product event's
 
 
 def _check_line(number: int, line: str) -> _Line:
@@ -40,7 +41,7 @@ def _check_line(number: int, line: str) -> _Line:
         request = parse_search_request(raw)
         return _Line(number, raw, "searches", request.request_id.encode())
     event = parse_product_event(raw)
-    return _Line(number, raw, "products", event.key.encode())
+    return _Line(number, raw, "products", event.key.encode(), event.merchant_id)
 
 
 def _read_lines(file: str) -> list[str]:
@@ -93,11 +94,18 @@ def publish(file: str, validate: bool) -> int:
 
     config = settings()
     require_broker(config)
-    topic = {"products": config.products_topic, "searches": config.search_requests_topic}
+    products = config.products_topics()
+
+    def topic(line: _Line) -> str:
+        if line.topic_kind == "searches":
+            return config.search_requests_topic
+        # Per merchant: the merchant's own topic (a producer with that merchant's ACLs).
+        return products.merchant_topic(line.merchant_id) if products.per_merchant else products.base
+
     producer = make_producer(config)
     try:
         for line in checked:
-            producer.send(topic[line.topic_kind], key=line.key, value=line.raw)
+            producer.send(topic(line), key=line.key, value=line.raw)
         producer.flush()
     finally:
         producer.close()

@@ -93,8 +93,15 @@ def topics() -> None:
 @click.option(
     "--replication-factor", type=click.IntRange(1, 16), default=1, help="Copies of each partition."
 )
+@click.option(
+    "--merchant",
+    "merchants",
+    multiple=True,
+    metavar="MERCHANT_ID",
+    help="With LOUPE_MERCHANT_TOPICS: create this merchant's products topic (repeatable).",
+)
 @global_options
-def topics_create(partitions: int, replication_factor: int) -> int:
+def topics_create(partitions: int, replication_factor: int, merchants: tuple[str, ...]) -> int:
     """Create whichever of Loupe's topics are missing (existing ones are left as they are).
 
     The products topic is created compacted (cleanup.policy=compact): Kafka keeps the latest
@@ -106,11 +113,21 @@ def topics_create(partitions: int, replication_factor: int) -> int:
     from loupe.consumers.topics import all_topics, ensure_topics
 
     config = settings()
+    if merchants and not config.merchant_topics:
+        raise click.UsageError(
+            "--merchant creates a merchant's products topic: set LOUPE_MERCHANT_TOPICS=true"
+        )
+    products = config.products_topics()
+    for merchant in merchants:
+        try:
+            products.merchant_topic(merchant)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--merchant") from None
     require_broker(config)
-    created = ensure_topics(config, partitions, replication_factor)
-    for topic in all_topics(config):
+    created = ensure_topics(config, partitions, replication_factor, merchants)
+    for topic in all_topics(config, merchants):
         shown = "created" if topic in created else "exists"
-        if topic == config.products_topic and topic in created:
+        if products.holds(topic) and topic in created:
             shown += " (compacted)"
         click.echo(f"{topic}: {shown}")
     return 0
@@ -128,7 +145,7 @@ def topics_check(role: str) -> int:
     require_broker(config)
     check_topics(config, role)  # logs a warning if the products topic is not compacted
     click.echo(f"all present: {', '.join(required_topics(config, role))}")
-    if role in ("ingest", "all"):
+    if role in ("ingest", "all") and not config.merchant_topics:
         policy = cleanup_policy(config, config.products_topic)
         click.echo(f"{config.products_topic}: cleanup.policy={policy}")
     return 0
@@ -147,6 +164,14 @@ def topics_check(role: str) -> int:
 )
 @click.argument("principals", nargs=-1, type=click.Choice(PRINCIPALS))
 @click.option(
+    "--merchant",
+    "merchants",
+    multiple=True,
+    metavar="MERCHANT_ID",
+    help="With LOUPE_MERCHANT_TOPICS: also what this merchant's system needs (repeatable; its "
+    "user: --user MERCHANT_ID=USER).",
+)
+@click.option(
     "--user",
     "users",
     multiple=True,
@@ -154,7 +179,7 @@ def topics_check(role: str) -> int:
     help="The Kafka user of a principal (default: the principal's name), e.g. ingest=loupe-ingest.",
 )
 @global_options
-def acls(principals: tuple[str, ...], users: tuple[str, ...]) -> int:
+def acls(principals: tuple[str, ...], merchants: tuple[str, ...], users: tuple[str, ...]) -> int:
     """Print the Kafka ACLs each of Loupe's principals needs, as kafka-acls.sh commands.
 
     ingest runs `serve --role ingest` (encode-once included), search `serve --role search`,
@@ -162,21 +187,40 @@ def acls(principals: tuple[str, ...], users: tuple[str, ...]) -> int:
     names come from the LOUPE_* settings below. Add your --bootstrap-server and
     --command-config to each line. Nothing else is needed where the broker denies by default.
     """
-    from loupe.consumers.acls import required_acls
+    from loupe.consumers.acls import merchant_acls, required_acls
 
     config = settings()
+    if merchants and not config.merchant_topics:
+        raise click.UsageError("--merchant: set LOUPE_MERCHANT_TOPICS=true (docs/security.md)")
     named = dict(user.split("=", 1) for user in users if "=" in user)
-    unknown = set(named) - set(PRINCIPALS) or {u for u in users if "=" not in u}
+    unknown = set(named) - {*PRINCIPALS, *merchants} or {u for u in users if "=" not in u}
     if unknown:
         raise click.BadParameter(
             f"{', '.join(sorted(unknown))}: expected PRINCIPAL=USER with PRINCIPAL one of "
             f"{', '.join(PRINCIPALS)}",
             param_hint="--user",
         )
-    for principal in principals or PRINCIPALS:
-        click.echo(f"# {principal}" + (" (LOUPE_ENCODE_ONCE=true)" if config.encode_once else ""))
+    modes = [
+        name
+        for name, on in (
+            ("LOUPE_MERCHANT_TOPICS", config.merchant_topics),
+            ("LOUPE_ENCODE_ONCE", config.encode_once),
+        )
+        if on
+    ]
+    shown = f" ({', '.join(f'{name}=true' for name in modes)})" if modes else ""
+    for principal in principals or (() if merchants else PRINCIPALS):
+        click.echo(f"# {principal}{shown}")
         for acl in required_acls(config, principal):
             click.echo(acl.command(f"User:{named.get(principal, principal)}"))
+    for merchant in merchants:
+        try:
+            found = merchant_acls(config, merchant)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--merchant") from None
+        click.echo(f"# merchant {merchant}: its own products topic only")
+        for acl in found:
+            click.echo(acl.command(f"User:{named.get(merchant, merchant)}"))
     return 0
 
 

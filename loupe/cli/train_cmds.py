@@ -162,10 +162,10 @@ def train(
         latest = latest_products(read_jsonl(events), report)
     else:
         require_broker(current, wait_s=5.0)
-        where = f"{current.products_topic} on {current.bootstrap_servers}"
+        where = f"{current.products_topics().label} on {current.bootstrap_servers}"
         click.echo(f"==> reading {where} from the beginning")
         latest = latest_products(
-            read_topic(current.kafka_client_config(), current.products_topic), report
+            read_topic(current.kafka_client_config(), current.products_topics()), report
         )
     click.echo(
         f"    {report.events} events: {len(latest)} products, {report.deleted} deleted, "

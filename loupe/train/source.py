@@ -20,11 +20,12 @@ from pathlib import Path
 
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.ingest import record_time
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.encoders.errors import ModelError
 from loupe.encoders.images import DecodeLimits, decode_image
 from loupe.encoders.preprocess import compose_product_text
 from loupe.progress import progress
-from loupe.schemas.errors import LoupeError
+from loupe.schemas.errors import ErrorCode, InvalidEvent, LoupeError
 from loupe.schemas.products import ProductUpserted, is_stale, parse_product_record
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,23 @@ class TrainingProduct:
         """The ``category`` attribute, used only to measure category precision."""
         value = self.attributes.get("category")
         return value.strip().lower() if isinstance(value, str) and value.strip() else None
+
+
+def _its_merchants(products: ProductsTopics, record) -> bool:
+    """Per merchant: whether the event in ``record`` is its topic's merchant's (the service
+    dead-letters one that is not, so training leaves it out too; one that does not parse is
+    left for ``latest_products`` to count as invalid)."""
+    if not products.per_merchant:
+        return True
+    try:
+        event = parse_product_record(record.key, record.value, record_time(record))
+        products.check(record.topic, event.merchant_id)
+    except InvalidEvent as exc:
+        if exc.code != ErrorCode.MERCHANT_MISMATCH:
+            return True
+        log.warning("left out of training: %s", exc)
+        return False
+    return True
 
 
 @dataclass
@@ -155,11 +173,15 @@ def read_jsonl(path: Path) -> Iterator[Record]:
                 yield None, line.rstrip(b"\r\n"), datetime.now(UTC)
 
 
-def read_topic(client_config: dict, topic: str, stall_timeout_s: float = 15.0) -> Iterator[Record]:
-    """Every committed value on ``topic`` from the beginning up to the end it had when reading
-    started, with a group-less consumer (nothing is committed, no group is joined). Stops with a
-    warning if no partition moves for ``stall_timeout_s`` (a transaction left open by a crashed
-    producer holds committed readers back until the broker aborts it)."""
+def read_topic(
+    client_config: dict, products: ProductsTopics, stall_timeout_s: float = 15.0
+) -> Iterator[Record]:
+    """Every committed value on the products topics (per merchant: every merchant's) from the
+    beginning up to the end they had when reading started, with a group-less consumer (nothing
+    is committed, no group is joined). Stops with a warning if no partition moves for
+    ``stall_timeout_s`` (a transaction left open by a crashed producer holds committed readers
+    back until the broker aborts it). An event read from another merchant's topic than its own
+    is skipped as invalid, as the service refuses it."""
     import time
 
     from kafka import KafkaConsumer, TopicPartition
@@ -172,13 +194,17 @@ def read_topic(client_config: dict, topic: str, stall_timeout_s: float = 15.0) -
         max_partition_fetch_bytes=16 * 1024 * 1024,
     )
     try:
-        numbers = reader.partitions_for_topic(topic)
-        if not numbers:
+        topics = products.among(reader.topics())
+        if not topics:
             raise CatalogSourceError(
-                f"the topic {topic} does not exist on the broker (LOUPE_PRODUCTS_TOPIC); "
+                f"no topic {products.label} exists on the broker (LOUPE_PRODUCTS_TOPIC); "
                 "publish the catalog first, or train from a file with --events"
             )
-        partitions = [TopicPartition(topic, p) for p in sorted(numbers)]
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(reader.partitions_for_topic(topic) or ())
+        ]
         reader.assign(partitions)
         reader.seek_to_beginning(*partitions)
         ends = reader.end_offsets(partitions)
@@ -187,18 +213,20 @@ def read_topic(client_config: dict, topic: str, stall_timeout_s: float = 15.0) -
         while any(positions[tp] < ends[tp] for tp in partitions):
             for tp, records in reader.poll(timeout_ms=500).items():
                 for record in records:
-                    if record.offset < ends[tp]:
+                    if record.offset < ends[tp] and _its_merchants(products, record):
                         yield record.key, record.value, record_time(record)
             # Positions, not records, tell progress: transaction markers take offsets too.
             now = {tp: reader.position(tp) for tp in partitions}
             if now != positions:
                 positions, moved_at = now, time.monotonic()
             elif time.monotonic() - moved_at > stall_timeout_s:
-                behind = {f"{tp.partition}": ends[tp] - positions[tp] for tp in partitions}
+                behind = {
+                    f"{tp.topic}:{tp.partition}": ends[tp] - positions[tp] for tp in partitions
+                }
                 log.warning(
                     "reading %s stalled for %.0f s with records left per partition %s; "
                     "training on what was read",
-                    topic,
+                    products.label,
                     stall_timeout_s,
                     behind,
                 )

@@ -32,7 +32,9 @@ pytestmark = pytest.mark.integration
 # Each mode's users, and one given the search ACLs less one: what an operator who forgot a
 # line gets.
 SHORT_OF_ONE = "search-short"
-USERS = [f"{p}-{mode}" for p in PRINCIPALS for mode in ("direct", "once")] + [SHORT_OF_ONE]
+MERCHANTS = ("shop-a", "shop-b")  # per-merchant topics: each merchant's system a user
+MODES = ("direct", "once", "tenant")
+USERS = [f"{p}-{mode}" for p in PRINCIPALS for mode in MODES] + [SHORT_OF_ONE, *MERCHANTS]
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +74,12 @@ def _admin(secure) -> dict:
     return broker.client_config(bootstrap)
 
 
-def _upserted(product, product_id: str, title: str | None = None) -> dict:
+def _upserted(product, product_id: str, title: str | None = None, merchant: str = "m") -> dict:
     return {
         "type": "product.upserted",
         "event_id": uuid.uuid4().hex,
         "occurred_at": datetime.now(UTC).isoformat(),
-        "merchant_id": "m",
+        "merchant_id": merchant,
         "product_id": product_id,
         "title": title or product.title,
         "attributes": product.attributes(),
@@ -96,13 +98,14 @@ def _send(secure, topic: str, bodies: list[dict], key) -> None:
     producer.close()
 
 
-def _search(text: str, reply_to: str | None = None) -> dict:
+def _search(text: str, reply_to: str | None = None, merchant: str | None = None) -> dict:
     body = {
         "type": "search.requested",
         "request_id": f"r-{uuid.uuid4().hex[:10]}",
         "occurred_at": datetime.now(UTC).isoformat(),
         "text": text,
         "top_k": 5,
+        **({"merchant_id": merchant} if merchant else {}),
     }
     return body if reply_to is None else {**body, "reply_to": reply_to}
 
@@ -335,3 +338,147 @@ def test_a_principal_lacking_an_acl_stops_with_the_acl_named(secure, tmp_path):
     last = output.strip().splitlines()[-1]
     assert last.startswith(f"loupe: error: the broker refused '{SHORT_OF_ONE}'"), output[-3000:]
     assert "TopicAuthorizationFailedError" in last and "loupe acls operator" in last, last
+
+
+def test_per_merchant_topics_let_the_broker_decide_who_writes_for_whom(
+    secure, qdrant_server, index_prefix, tmp_path
+):
+    """LOUPE_MERCHANT_TOPICS: each merchant's system may write its own products topic only
+    (the broker refuses the other's), an event claiming another merchant in its own topic is
+    dead-lettered, and ingest, search and a reindex read every merchant's topic."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import TopicAuthorizationFailedError
+
+    from loupe.consumers.acls import merchant_acls
+
+    broker, bootstrap, _ = secure
+    users = {principal: f"{principal}-tenant" for principal in PRINCIPALS}
+    names = {
+        "products_topic": "tenant.products",
+        "search_requests_topic": "tenant.requests",
+        "search_responses_topic": "tenant.responses",
+        "deadletter_topic": "tenant.deadletter",
+        "group_id": "loupe-tenant",
+    }
+    settings = Settings(bootstrap_servers=bootstrap, merchant_topics=True, **names)
+    for principal, user in users.items():
+        broker.grant(bootstrap, user, required_acls(settings, principal))
+    for merchant in MERCHANTS:
+        broker.grant(bootstrap, merchant, merchant_acls(settings, merchant))
+    common = {
+        **qdrant_server.settings(),
+        **names,
+        "merchant_topics": "true",
+        "index_prefix": index_prefix,
+        "alias_poll_interval_ms": "300",
+    }
+    logs = {name: tmp_path / f"{name}.log" for name in ("operator", "ingest", "search")}
+    create = ["topics", "create", *(arg for m in MERCHANTS for arg in ("--merchant", m))]
+    topics = loupe_process(create, _env(secure, users["operator"], **common), logs["operator"])
+    assert topics.wait(timeout=120) == 0, logs["operator"].read_text()[-3000:]
+    topic_of = {m: settings.products_topics().merchant_topic(m) for m in MERCHANTS}
+    assert "tenant.products.shop-a: created (compacted)" in logs["operator"].read_text()
+
+    catalog = load_catalog()[::14][:3]
+    key = lambda body: f"{body['merchant_id']}/{body['product_id']}"  # noqa: E731
+
+    def publish_as(merchant: str, topic: str, bodies: list[dict]) -> None:
+        producer = KafkaProducer(**broker.client_config(bootstrap, merchant), acks="all")
+        try:
+            for body in bodies:
+                producer.send(topic, key=key(body).encode(), value=json.dumps(body).encode()).get(
+                    timeout=30
+                )
+        finally:
+            producer.close()
+
+    publish_as("shop-a", topic_of["shop-a"], [_upserted(catalog[0], "a1", merchant="shop-a")])
+    publish_as("shop-b", topic_of["shop-b"], [_upserted(catalog[1], "b1", merchant="shop-b")])
+    # shop-a cannot write shop-b's topic: the broker refuses it.
+    with pytest.raises(TopicAuthorizationFailedError):
+        publish_as("shop-a", topic_of["shop-b"], [_upserted(catalog[2], "x", merchant="shop-b")])
+    # In its own topic it can claim to be shop-b: Loupe refuses that event.
+    forged = _upserted(catalog[2], "forged", merchant="shop-b")
+    publish_as("shop-a", topic_of["shop-a"], [forged])
+
+    procs = {
+        role: loupe_process(
+            ["serve", "--role", role],
+            _env(secure, users[role], metrics_port="0", state_dir=str(tmp_path / role), **common),
+            logs[role],
+        )
+        for role in ("ingest", "search")
+    }
+    service_logs = [logs[role] for role in procs]
+    answers = Answers(secure, settings.search_responses_topic)
+    try:
+
+        def asked(*requests: dict) -> list[dict]:
+            _send(secure, settings.search_requests_topic, list(requests), lambda b: b["request_id"])
+            ids = [r["request_id"] for r in requests]
+            answers.wait(ids, 240, procs.values(), service_logs)
+            return [answers.found[i][1] for i in ids]
+
+        def hits(answer: dict) -> list[tuple[str, str]]:
+            return [(hit["merchant_id"], hit["product_id"]) for hit in answer["hits"]]
+
+        wait_for(
+            lambda: ("shop-b", "b1") in hits(asked(_search(catalog[1].title))[0]),
+            "both merchants' products indexed",
+            240,
+        )
+        mine, theirs = asked(
+            _search(catalog[0].title, merchant="shop-a"),
+            _search(catalog[2].title, merchant="shop-b"),
+        )
+        assert hits(mine)[0] == ("shop-a", "a1"), mine
+        assert ("shop-b", "forged") not in hits(theirs), "the forged product is not indexed"
+        assert {h[0] for h in hits(theirs)} <= {"shop-b"}, theirs
+
+        # The reindex reads every merchant's topic too.
+        reindex = loupe_process(
+            ["reindex", "--grace-s", "0", "--metrics-port", "0"],
+            _env(
+                secure,
+                users["operator"],
+                state_dir=str(tmp_path / "operator"),
+                image_weight="0.7",
+                **common,
+            ),
+            logs["operator"],
+        )
+        assert reindex.wait(timeout=300) == 0, logs["operator"].read_text()[-4000:]
+        assert "switched:" in logs["operator"].read_text()
+        before = mine["model_version"]
+        wait_for(
+            lambda: (
+                asked(_search(catalog[0].title, merchant="shop-a"))[0]["model_version"] != before
+            ),
+            "answers from the reindexed model",
+            120,
+        )
+        [after] = asked(_search(catalog[1].title, merchant="shop-b"))
+        assert hits(after)[0] == ("shop-b", "b1"), after
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        exits = {role: proc.wait(timeout=60) for role, proc in procs.items()}
+        answers.reader.close()
+    assert exits == {"ingest": 0, "search": 0}, {r: logs[r].read_text()[-3000:] for r in procs}
+
+    # The forged event is in the dead letters, with its reason.
+    letters = KafkaConsumer(
+        settings.deadletter_topic,
+        **_admin(secure),
+        group_id=None,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        consumer_timeout_ms=5000,
+    )
+    found = [dict(record.headers) for record in letters]
+    letters.close()
+    codes = [headers.get("loupe.error.code") for headers in found]
+    assert codes.count(b"merchant_mismatch") >= 1, found
+    admin = KafkaAdminClient(**_admin(secure))
+    assert set(topic_of.values()) <= set(admin.list_topics())
+    admin.close()

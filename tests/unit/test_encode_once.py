@@ -20,6 +20,7 @@ from loupe.consumers.index import IndexPoint, point_id
 from loupe.consumers.index_writer import IndexWriter
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.service import CatchUp
 from loupe.consumers.settings import Settings
 from loupe.consumers.vector_encoder import VectorEncoder
@@ -225,8 +226,8 @@ def test_the_index_writer_applies_the_version_rule_and_letters_what_does_not_fit
         publisher=publisher,
         live=LiveModel(ModelInUse(_Encoder("a"), index)),
         metrics=metrics,
-        products_topic="products",
-        hand_over=HandOver(catalog, "products", report_every_s=0.0),
+        products=ProductsTopics("products"),
+        hand_over=HandOver(catalog, ProductsTopics("products"), report_every_s=0.0),
     )
     assert writer.process_once() == len(values)
     versions = index.stored_versions([point_id("m", p) for p in ("p1", "p2", "p3", "p4")])
@@ -271,7 +272,7 @@ def test_the_index_writer_moves_to_the_new_collections_topic_and_group_on_a_swit
         publisher=_Publisher(),
         live=live,
         metrics=LoupeMetrics(),
-        products_topic="products",
+        products=ProductsTopics("products"),
     )
     assert writer.topic == "vectors.loupe__a"
     writer.switch_model(ModelInUse(_Encoder("b"), b))
@@ -333,7 +334,7 @@ def test_a_new_encoders_group_starts_where_the_reindex_published_up_to(catalog, 
         live=LiveModel(ModelInUse(_Encoder("b"), b)),
         fetcher=None,
         metrics=LoupeMetrics(),
-        topic="products",
+        topic=ProductsTopics("products"),
         encode_lock=lambda: __import__("contextlib").nullcontext(),
     )
     encoder.on_assigned(set(tp))

@@ -20,6 +20,7 @@ from loupe.consumers.handover import HandOver
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse, ModelSwitchError
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.reindex import (
     ReindexBusy,
     counts_agree,
@@ -242,9 +243,9 @@ class _Tracker:
     def __init__(self, positions: dict[int, int]) -> None:
         self.partitions = [TopicPartition("t", p) for p in positions]
         self.begin = {tp: 0 for tp in self.partitions}
-        self._positions = positions
+        self._positions = {TopicPartition("t", p): o for p, o in positions.items()}
 
-    def positions(self) -> dict[int, int]:
+    def positions(self) -> dict[TopicPartition, int]:
         return self._positions
 
 
@@ -308,8 +309,8 @@ def test_the_ingest_resumes_a_partition_from_the_new_collections_offsets(tmp_pat
         live=LiveModel(ModelInUse(FakeEncoder("b"), b)),
         fetcher=None,
         metrics=LoupeMetrics(),
-        topic="t",
-        hand_over=HandOver(catalog, "t", report_every_s=1.0),
+        topic=ProductsTopics("t"),
+        hand_over=HandOver(catalog, ProductsTopics("t"), report_every_s=1.0),
     )
     indexer.on_assigned(set(tp))
     records = [_Record("t", 0, 45), _Record("t", 1, 48), _Record("t", 3, 20)]
