@@ -148,7 +148,7 @@ class BatchWorker:
         self.topic = _subscribe(consumer, topic, _Rebalance(self))
         self.metrics.register_worker(self.role, self.topic)
         group = getattr(consumer, "config", {}).get("group_id")
-        log.info("%s: now reading %s in group %s", self.role, topic, group)
+        log.info("%s: now reading %s in group %s", self.role, self.topic, group)
 
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
         """Called inside ``poll`` when the group hands this worker partitions."""

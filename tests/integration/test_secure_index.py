@@ -15,15 +15,15 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def _collections(qdrant_server, index_prefix: str, **settings: str | None):
-    """``loupe collections`` against the session's server, with ``settings`` over its own
-    (None: unset); returns the exit code, the output and how long it took."""
+def _collections(qdrant_server, index_prefix: str, *flags: str, **settings: str | None):
+    """``loupe [flags] collections`` against the session's server, with ``settings`` over its
+    own (None: unset); returns the exit code, the output and how long it took."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOUPE_")}
     chosen = {**qdrant_server.settings(), "index_prefix": index_prefix, **settings}
     env.update({f"LOUPE_{k.upper()}": v for k, v in chosen.items() if v is not None})
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "loupe", "collections"],
+        [sys.executable, "-m", "loupe", *flags, "collections"],
         env=env,
         capture_output=True,
         text=True,
@@ -42,9 +42,11 @@ def _one_line(output: str) -> str:
 
 def test_with_the_key_and_the_ca_loupe_reaches_the_server(qdrant_server, index_prefix):
     assert qdrant_server.url.startswith("https://")
-    code, output, _ = _collections(qdrant_server, index_prefix)
+    code, output, _ = _collections(qdrant_server, index_prefix, "-v")
     assert code == 0, output
     assert "no collections yet" in output
+    assert "DEBUG" in output, "ran at -v"
+    assert qdrant_server.security.api_key not in output, "the key is in no log line"
 
 
 @pytest.mark.parametrize(
