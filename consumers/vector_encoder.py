@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer
-from kafka.structs import TopicPartition
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.catalog import Catalog
+from loupe.consumers.errors import BatchAborted, CommitRetriable
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import IndexPoint
 from loupe.consumers.ingest import EncodeLock, Indexer, PendingEvent, event_point_id
@@ -88,6 +89,17 @@ class VectorEncoder(Indexer):
         )
         for tp, offset in starts.items():
             self.consumer.seek(tp, offset)
+        if starts:
+            # Committed at once, so that the group's offsets say where it stands (its lag, and
+            # "read to the end") also for a partition no new event reaches for a while.
+            self._committed.update(starts)
+            meta = self.commit_metadata()
+            offsets = {tp: OffsetAndMetadata(o, meta, -1) for tp, o in starts.items()}
+            self.retry(
+                "commit where the encoders start",
+                lambda: self.publisher.commit(offsets, self.consumer),
+                (CommitRetriable, BatchAborted),  # offsets alone: trying again is always right
+            )
         return [r for r in records if TopicPartition(r.topic, r.partition) not in starts]
 
     def _write(

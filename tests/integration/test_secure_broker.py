@@ -245,8 +245,10 @@ def test_each_principal_runs_loupe_with_exactly_the_documented_acls(
         first_model = found[0][1]["model_version"]
 
         # The operator rebuilds the index under another model; the fleet follows the switch.
+        # A grace, as in production: the search process reads the old collection until it
+        # sees the switch, and the ingest process would drop a collection whose grace is over.
         reindex = loupe_process(
-            ["-v", "reindex", "--grace-s", "0", "--metrics-port", "0"],
+            ["-v", "reindex", "--grace-s", "600", "--metrics-port", "0"],
             _env(
                 secure,
                 users["operator"],
@@ -436,8 +438,8 @@ def test_per_merchant_topics_let_the_broker_decide_who_writes_for_whom(
         assert {h[0] for h in hits(theirs)} <= {"shop-b"}, theirs
 
         # The reindex reads every merchant's topic too.
-        reindex = loupe_process(
-            ["reindex", "--grace-s", "0", "--metrics-port", "0"],
+        reindex = loupe_process(  # with a grace, as above
+            ["reindex", "--grace-s", "600", "--metrics-port", "0"],
             _env(
                 secure,
                 users["operator"],

@@ -326,11 +326,12 @@ def test_a_new_encoders_group_starts_where_the_reindex_published_up_to(catalog, 
         [_Source("products", 0, 31), _Source("products", 1, 12)],
         committed={tp[0]: OffsetAndMetadata(31, "loupe__b", -1)},  # this one has its own
     )
+    publisher = _Publisher()
     encoder = VectorEncoder(
         make_consumer=lambda collection: consumer,
         make_vectors_out=lambda c: VectorsOut(_Publisher(), f"vectors.{c}", c, 2),
         catalog=catalog,
-        publisher=_Publisher(),
+        publisher=publisher,
         live=LiveModel(ModelInUse(_Encoder("b"), b)),
         fetcher=None,
         metrics=LoupeMetrics(),
@@ -342,8 +343,10 @@ def test_a_new_encoders_group_starts_where_the_reindex_published_up_to(catalog, 
     kept = encoder.after_poll(records)
     if published:
         assert consumer.seeks == {tp[1]: 40} and kept == records[:1]
+        # Committed at once: the group's offsets say where it stands before any new event.
+        assert publisher.commits == [{tp[1]: OffsetAndMetadata(40, "loupe__b", -1)}]
     else:
-        assert consumer.seeks == {} and kept == records
+        assert consumer.seeks == {} and kept == records and publisher.commits == []
     encoder.close()
     b.close()
 
