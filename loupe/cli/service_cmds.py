@@ -156,10 +156,12 @@ def topics_check(role: str) -> int:
     epilog=settings_epilog(
         "group_id",
         "products_topic",
+        "merchant_topics",
         "search_requests_topic",
         "search_responses_topic",
         "deadletter_topic",
         "vectors_topic",
+        "encode_once",
     ),
 )
 @click.argument("principals", nargs=-1, type=click.Choice(PRINCIPALS))

@@ -110,6 +110,25 @@ def _search(text: str, reply_to: str | None = None, merchant: str | None = None)
     return body if reply_to is None else {**body, "reply_to": reply_to}
 
 
+def _reindex(secure, user: str, tmp_path, log_path, *flags: str, **settings: str) -> None:
+    """`loupe reindex` as ``user`` to another model (another image weight), to its switch. With a
+    grace, as in production: the search process reads the old collection until it sees the
+    switch, and the ingest process would drop a collection whose grace is over."""
+    env = _env(secure, user, state_dir=str(tmp_path / "operator"), image_weight="0.7", **settings)
+    args = [*flags, "reindex", "--grace-s", "600", "--metrics-port", "0"]
+    assert loupe_process(args, env, log_path).wait(timeout=300) == 0, log_path.read_text()[-4000:]
+    assert "switched:" in log_path.read_text()
+
+
+def _stop(procs: dict, answers: Answers) -> dict[str, int]:
+    """SIGTERM the services (each finishes its batch); their exit codes."""
+    for proc in procs.values():
+        proc.send_signal(signal.SIGTERM)
+    exits = {role: proc.wait(timeout=60) for role, proc in procs.items()}
+    answers.reader.close()
+    return exits
+
+
 class Answers:
     """Every committed answer on some topics, read as a shopper-facing app (the admin) reads."""
 
@@ -245,21 +264,7 @@ def test_each_principal_runs_loupe_with_exactly_the_documented_acls(
         first_model = found[0][1]["model_version"]
 
         # The operator rebuilds the index under another model; the fleet follows the switch.
-        # A grace, as in production: the search process reads the old collection until it
-        # sees the switch, and the ingest process would drop a collection whose grace is over.
-        reindex = loupe_process(
-            ["-v", "reindex", "--grace-s", "600", "--metrics-port", "0"],
-            _env(
-                secure,
-                users["operator"],
-                state_dir=str(tmp_path / "operator"),
-                image_weight="0.7",
-                **common,
-            ),
-            logs["operator"],
-        )
-        assert reindex.wait(timeout=300) == 0, logs["operator"].read_text()[-4000:]
-        assert "switched:" in logs["operator"].read_text()
+        _reindex(secure, users["operator"], tmp_path, logs["operator"], "-v", **common)
 
         def new_model() -> bool:
             nonlocal asks
@@ -268,10 +273,7 @@ def test_each_principal_runs_loupe_with_exactly_the_documented_acls(
 
         wait_for(new_model, "answers from the reindexed model", 120)
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        exits = {role: proc.wait(timeout=60) for role, proc in procs.items()}
-        answers.reader.close()
+        exits = _stop(procs, answers)
     assert exits == {"ingest": 0, "search": 0}, {r: logs[r].read_text()[-3000:] for r in procs}
 
     # No password, of any principal, in any log line, at -v.
@@ -438,19 +440,7 @@ def test_per_merchant_topics_let_the_broker_decide_who_writes_for_whom(
         assert {h[0] for h in hits(theirs)} <= {"shop-b"}, theirs
 
         # The reindex reads every merchant's topic too.
-        reindex = loupe_process(  # with a grace, as above
-            ["reindex", "--grace-s", "600", "--metrics-port", "0"],
-            _env(
-                secure,
-                users["operator"],
-                state_dir=str(tmp_path / "operator"),
-                image_weight="0.7",
-                **common,
-            ),
-            logs["operator"],
-        )
-        assert reindex.wait(timeout=300) == 0, logs["operator"].read_text()[-4000:]
-        assert "switched:" in logs["operator"].read_text()
+        _reindex(secure, users["operator"], tmp_path, logs["operator"], **common)
         before = mine["model_version"]
         wait_for(
             lambda: (
@@ -462,10 +452,7 @@ def test_per_merchant_topics_let_the_broker_decide_who_writes_for_whom(
         [after] = asked(_search(catalog[1].title, merchant="shop-b"))
         assert hits(after)[0] == ("shop-b", "b1"), after
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        exits = {role: proc.wait(timeout=60) for role, proc in procs.items()}
-        answers.reader.close()
+        exits = _stop(procs, answers)
     assert exits == {"ingest": 0, "search": 0}, {r: logs[r].read_text()[-3000:] for r in procs}
 
     # The forged event is in the dead letters, with its reason.
