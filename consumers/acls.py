@@ -113,14 +113,15 @@ def merchant_acls(settings: Settings, merchant_id: str) -> list[Acl]:
     return [_topic(topic, "Write", "Describe")]
 
 
-# Which principal runs each worker (``BatchWorker.role``) and each operator command.
-PRINCIPAL_OF_ROLE = {
-    "ingest": "ingest",
-    "encode": "ingest",
-    "index": "ingest",
-    "search": "search",
-    "reindex": "operator",
-    "topics": "operator",
+# Which principals' ACLs each worker (``BatchWorker.role``), command and ``serve --role`` needs.
+PRINCIPALS_OF_ROLE = {
+    "ingest": ("ingest",),
+    "encode": ("ingest",),
+    "index": ("ingest",),
+    "search": ("search",),
+    "all": ("ingest", "search"),
+    "reindex": ("operator",),
+    "topics": ("operator",),
 }
 
 _REFUSED = {
@@ -133,7 +134,8 @@ _REFUSED = {
 
 def refusal(exc: BaseException, settings: Settings, role: str) -> str | None:
     """One line saying which ACL the broker found missing when it refused ``role``'s principal
-    (``exc``: a Kafka authorization error, however wrapped), or None if ``exc`` is not one."""
+    (``exc``: a Kafka authorization error, however wrapped), or None if ``exc`` is not one.
+    ``role``: a worker's, a command's (``topics``, ``reindex``), or a ``serve --role``."""
     from kafka.errors import AuthorizationError
 
     from loupe.consumers.kafka_failures import root_cause
@@ -141,14 +143,15 @@ def refusal(exc: BaseException, settings: Settings, role: str) -> str | None:
     cause = root_cause(exc)
     if not isinstance(cause, AuthorizationError):
         return None
-    principal = PRINCIPAL_OF_ROLE.get(role, role)
+    principals = PRINCIPALS_OF_ROLE.get(role, ())
     user = settings.sasl_plain_username or "this client"
     resource = _REFUSED.get(type(cause).__name__, "")
     named = str(cause).split(": ", 1)[1] if ": " in str(cause) else ""
     names = {name.strip(" '{}") for name in named.split(",")} - {""}
     wanted = [
         acl
-        for acl in (required_acls(settings, principal) if principal in PRINCIPALS else [])
+        for principal in principals
+        for acl in required_acls(settings, principal)
         if acl.resource == resource
         and (
             not names
@@ -161,14 +164,16 @@ def refusal(exc: BaseException, settings: Settings, role: str) -> str | None:
     missing = "; ".join(
         f"{'/'.join(acl.operations)} on {acl.resource} {acl.name}"
         + (" (prefixed)" if acl.pattern == "prefixed" else "")
-        for acl in wanted
+        for acl in dict.fromkeys(wanted)
     )
     if not names and len(wanted) > 1:  # the broker did not say which: do not list them all
         missing = f"its {resource} ACLs"
+    who = " and ".join(principals)
     return (
         f"the broker refused {user!r} ({type(cause).__name__}"
         + (f": {named}" if named else "")
         + ")"
-        + (f"; the {principal} principal needs {missing}" if missing else "")
-        + f"; `loupe acls {principal}` prints all it needs (deploy/README.md, Secure)"
+        + (f"; the {who} principal needs {missing}" if missing and who else "")
+        + f"; `loupe acls{' ' + ' '.join(principals) if principals else ''}` prints what "
+        "Loupe's principals need (deploy/README.md, Secure)"
     )

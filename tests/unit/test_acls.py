@@ -91,7 +91,34 @@ def test_a_refusal_names_the_missing_acl():
     line = refusal(TopicAuthorizationFailedError(), settings, "topics")
     assert line is not None and "operator principal needs its topic ACLs" in line
     assert refusal(ValueError("not a refusal"), settings, "search") is None
+    # `serve --role all` runs both principals' workers; a command that is not Loupe's own
+    # principal's gets the general hint.
+    line = refusal(TransactionalIdAuthorizationFailedError("loupe.search.h.1"), settings, "all")
+    assert "ingest and search principal needs Write/Describe on transactional-id loupe.search." in (
+        line or ""
+    )
+    assert "`loupe acls ingest search`" in (line or "")
+    line = refusal(TopicAuthorizationFailedError(), settings, "publish")
+    assert line is not None and "principal needs" not in line and "`loupe acls` prints" in line
     assert all(required_acls(settings, principal) for principal in PRINCIPALS)
+
+
+def test_the_cli_names_the_acl_of_the_serve_role_it_was_given(monkeypatch, capsys):
+    """A refusal at start-up (a transactional producer's first call) is the role's."""
+    import importlib
+
+    cli_main = importlib.import_module("loupe.cli.main")
+
+    def refused(*args, **kwargs):
+        raise TransactionalIdAuthorizationFailedError()
+
+    monkeypatch.setattr(cli_main.cli, "main", refused)
+    assert main(["serve", "--role", "search"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loupe: error: the broker refused 'this client' (Transactional")
+    assert "`loupe acls search`" in err and "serve" not in err.split("`loupe acls")[1]
+    assert main(["-v", "serve"]) == 2
+    assert "`loupe acls ingest search`" in capsys.readouterr().err
 
 
 def test_secrets_are_redacted_from_every_log_line():
