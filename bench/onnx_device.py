@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.cli import summary
 
@@ -32,13 +31,6 @@ PROVIDERS = {
     ),
     "cpu": (("CPUExecutionProvider",),),
 }
-
-
-def _photos(count: int, side: int) -> torch.Tensor:
-    """Smooth random pixels with a few edges, as photos have; the same every run."""
-    generator = torch.Generator().manual_seed(1)
-    coarse = torch.rand(count, 3, side // 16, side // 16, generator=generator)
-    return F.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
 
 
 def _rate(fn, images: int, min_seconds: float) -> float:
@@ -56,7 +48,7 @@ def measure_providers(
     """``tower``: the image tower (``ImageEncoder``) on ``device``."""
     import onnxruntime as ort
 
-    from loupe.encoders.onnx_tower import OnnxImageTower, OnnxUnavailable
+    from loupe.encoders.onnx_tower import OnnxImageTower, OnnxUnavailable, probe_photos
 
     available = ort.get_available_providers()
     report: dict = {"onnxruntime": ort.__version__, "available": available, "runs": []}
@@ -69,7 +61,7 @@ def measure_providers(
         print(report["skipped"], flush=True)
         return report
     side = tower.input_side
-    largest = _photos(max(batch_sizes), side)
+    largest = probe_photos(max(batch_sizes), side)
     with torch.inference_mode():
         reference = tower.encode(largest.to(device)).float().cpu()  # PyTorch fp32 on the device
     for chain in wanted:

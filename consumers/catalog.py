@@ -222,7 +222,7 @@ class Catalog:
             return card
 
     def switch(
-        self, target: str, grace_s: float, applied: Mapping[str, int] | None = None
+        self, target: str, grace_s: float, applied: Mapping[TopicPartition, int] | None = None
     ) -> str | None:
         """Make ``target`` the live collection: its card says live (and, from a reindex, the
         offsets it has ``applied``), the one live before is retired for ``grace_s`` (a rollback
@@ -231,7 +231,8 @@ class Catalog:
 
         def go_live(card: CollectionCard) -> None:
             card.state, card.retired_at, card.drop_after = "live", None, None
-            card.applied_offsets.update(applied or {})
+            for tp, offset in (applied or {}).items():
+                card.applied_offsets[offset_key(tp.topic, tp.partition)] = int(offset)
 
         self.update_card(target, go_live)
         if live is not None and live != target:

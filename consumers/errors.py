@@ -47,6 +47,10 @@ class IndexCertificateUntrusted(ConfigError):
     LOUPE_INDEX_CA; retrying cannot help."""
 
 
+class BrokerRefused(ConfigError):
+    """The broker's ACLs refuse what a role needs at start-up. Policy: stop, naming the ACL."""
+
+
 class WorkerDied(LoupeError):
     """A worker thread ended with an error that was not one item's (a bug, a lost index).
     Policy: stop the service and exit non-zero, so that systemd or Kubernetes restarts it."""

@@ -18,10 +18,7 @@ them is left alone (the refusal then shows as "unreachable" again, and
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 _PENDING_END = "_loupe_pending_end"
 

@@ -18,7 +18,7 @@ from loupe.schemas.errors import ErrorCode, InvalidEvent
 
 # The merchant part of a per-merchant topic: what a Kafka topic name may hold.
 MERCHANT_IN_TOPIC = r"[A-Za-z0-9._-]+"
-MAX_TOPIC_NAME = 249
+MAX_TOPIC_NAME = 249  # Kafka's limit on a topic's name
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,9 @@ class QdrantStore:
             self._check_version(url)
 
     def _check_version(self, url: str) -> None:
-        """Once, at start: is this a server version Loupe supports? A server that does not
-        answer yet is not a reason to fail here (every later call retries it)."""
+        """Once, at start: is this a server version Loupe supports, and does it take the key
+        (and its certificate verify)? A server that does not answer yet is not a reason to fail
+        here (every later call retries it); a refused key or certificate is."""
         try:
             version = self.call("info", self.client.info).version
             # "/" answers without a key: a call that needs one says now whether it is right.

@@ -255,11 +255,7 @@ class Reindex:
             indexer.close()
             app.close_publishers()
             index.close()  # an embedded shard opens in one process at a time: the service's next
-        previous = catalog.switch(
-            target,
-            self.grace_s,
-            {offset_key(tp.topic, tp.partition): o for tp, o in applied.items()},
-        )
+        previous = catalog.switch(target, self.grace_s, applied)
         return ReindexOutcome(
             target,
             previous,

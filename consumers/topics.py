@@ -64,9 +64,8 @@ def check_topics(settings: Settings, role: str) -> None:
             "start with `loupe serve --create-topics`"
         )
     if role in ("ingest", "all"):
-        for topic in settings.products_topics().among(existing) or [settings.products_topic]:
-            if topic in existing:
-                warn_unless_compacted(settings, topic)
+        for topic in settings.products_topics().among(existing):
+            warn_unless_compacted(settings, topic)
 
 
 def cleanup_policy(settings: Settings, topic: str) -> str:

@@ -29,14 +29,12 @@ from kafka.structs import TopicPartition
 
 from loupe.consumers.catalog import Catalog
 from loupe.consumers.index import IndexPoint
-from loupe.consumers.products_topics import ProductsTopics
+from loupe.consumers.products_topics import MAX_TOPIC_NAME, ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.settings import Settings
 from loupe.schemas.vectors import SourcePosition, VectorRecord
 
 log = logging.getLogger(__name__)
-
-MAX_TOPIC_NAME = 249  # Kafka's limit
 
 
 def vectors_topic(settings: Settings, collection: str) -> str:

@@ -155,13 +155,18 @@ class OnnxImageTower:
     def agreement(self, tower: ImageEncoder) -> float:
         """The smallest cosine between this graph's and the tower's vectors on probe photos:
         smooth gradients with a few edges, as photos have, the same every time."""
-        side = tower.input_side
-        generator = torch.Generator().manual_seed(0)
-        coarse = torch.rand(PROBE_PHOTOS, 3, side // 16, side // 16, generator=generator)
-        probe = F.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
+        probe = probe_photos(PROBE_PHOTOS, tower.input_side)
         with torch.inference_mode():
             reference = tower.encode(probe.to(tower.mean.device)).float().cpu()
         return float((reference * self(probe)).sum(dim=1).min())
+
+
+def probe_photos(count: int, side: int) -> torch.Tensor:
+    """``count`` photo-like pixel batches (smooth gradients with a few edges), the same every
+    time: what a graph and its tower are compared on."""
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(count, 3, side // 16, side // 16, generator=generator)
+    return F.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
 
 
 def _export(tower: ImageEncoder, path: Path) -> None:

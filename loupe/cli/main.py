@@ -75,14 +75,7 @@ def _refusal(exc: KafkaError, argv: list[str]) -> str | None:
     from loupe.consumers.acls import refusal
     from loupe.consumers.settings import load_settings
 
-    command = next((arg for arg in argv if not arg.startswith("-")), "")
-    if command == "serve":  # its principal is its role's
-        command = "all"
-        for i, arg in enumerate(argv):
-            if arg == "--role" and i + 1 < len(argv):
-                command = argv[i + 1]
-            elif arg.startswith("--role="):
-                command = arg.split("=", 1)[1]
+    command = next((arg for arg in argv if not arg.startswith("-")), "")  # its principal's
     return refusal(exc, load_settings(), command)
 
 

@@ -45,7 +45,10 @@ def serve(role: str, create_topics: bool) -> int:
     Prints the effective settings (secrets masked) at start. SIGTERM finishes the batch in
     flight, commits and exits; a second signal exits at once.
     """
-    from loupe.consumers.errors import WorkerDied
+    from kafka.errors import KafkaError
+
+    from loupe.consumers.acls import refusal
+    from loupe.consumers.errors import BrokerRefused, WorkerDied
     from loupe.consumers.kafka_io import require_broker
     from loupe.consumers.service import LoupeService, check_role
     from loupe.consumers.topics import ensure_topics
@@ -58,7 +61,13 @@ def serve(role: str, create_topics: bool) -> int:
     require_broker(config, wait_s=SERVE_BROKER_WAIT_S)
     if create_topics:
         ensure_topics(config)
-    service = LoupeService(config, role=role).start()
+    try:
+        service = LoupeService(config, role=role).start()
+    except KafkaError as exc:  # a producer's or group's first call: the role's principal's ACLs
+        refused = refusal(exc, config, role)
+        if refused is None:
+            raise
+        raise BrokerRefused(refused) from None
     service.install_signal_handlers()
     try:
         service.run()

@@ -105,14 +105,13 @@ def test_a_refusal_names_the_missing_acl():
 
 def test_the_cli_names_the_acl_of_the_serve_role_it_was_given(monkeypatch, capsys):
     """A refusal at start-up (a transactional producer's first call) is the role's."""
-    import importlib
+    from loupe.consumers import kafka_io, service
 
-    cli_main = importlib.import_module("loupe.cli.main")
-
-    def refused(*args, **kwargs):
+    def refused(self):
         raise TransactionalIdAuthorizationFailedError()
 
-    monkeypatch.setattr(cli_main.cli, "main", refused)
+    monkeypatch.setattr(kafka_io, "require_broker", lambda config, wait_s=0.0: None)
+    monkeypatch.setattr(service.LoupeService, "start", refused)
     assert main(["serve", "--role", "search"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loupe: error: the broker refused 'this client' (Transactional")

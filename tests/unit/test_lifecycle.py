@@ -337,7 +337,9 @@ def test_a_switch_makes_the_target_live_with_its_offsets_and_retires_the_old_one
     _collection(catalog, "a", make_live=True, card=_card("a")).close()
     _collection(catalog, "b", make_live=False, card=_card("b", state="building")).close()
     before = time.time()
-    previous = catalog.switch(catalog.name_of("b"), grace_s=60, applied={"t:0": 12})
+    previous = catalog.switch(
+        catalog.name_of("b"), grace_s=60, applied={TopicPartition("t", 0): 12}
+    )
     assert previous == catalog.name_of("a") and catalog.live() == catalog.name_of("b")
     new, old = catalog.card(catalog.name_of("b")), catalog.card(catalog.name_of("a"))
     assert (new.state, new.applied_offsets, new.drop_after) == ("live", {"t:0": 12}, None)
