@@ -63,9 +63,9 @@ from bench.harness import loupe_process, serve_env
 from loupe.client import encode_request, search_request
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
+from loupe.consumers.kafka_names import ENCODE, KafkaNames
 from loupe.consumers.live_model import open_collection
 from loupe.consumers.settings import Settings
-from loupe.consumers.vectors import vectors_topic
 from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.cdn import cdn_process
 from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port, has_read_all
@@ -247,16 +247,15 @@ def ingest_done(bootstrap: str, group: str, products_topic: str) -> bool:
         groups = [g.get("group_id", "") for g in admin.list_groups()]
     finally:
         admin.close()
-    encoders = [g for g in groups if g.startswith(f"{group}.encode.")]
+    names = KafkaNames.of(Settings(group_id=group))
+    encoders = [g for g in groups if g.startswith(names.groups_of(ENCODE))]
     if not encoders:
-        return group_lag(bootstrap, f"{group}.ingest", products_topic) == 0
+        return group_lag(bootstrap, names.ingest_group(), products_topic) == 0
     if len(encoders) != 1:
         return False  # a switch in flight
-    collection = encoders[0].removeprefix(f"{group}.encode.")
-    topic = vectors_topic(Settings(group_id=group), collection)
-    writers = f"{group}.index.{collection}"
+    collection = encoders[0].removeprefix(names.groups_of(ENCODE))
     return group_lag(bootstrap, encoders[0], products_topic) == 0 and has_read_all(
-        bootstrap, writers, topic
+        bootstrap, names.index_group(collection), names.vectors_topic(collection)
     )
 
 

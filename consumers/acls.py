@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loupe.consumers.kafka_names import ENCODE, INDEX, INGEST, REINDEX, SEARCH, KafkaNames
 from loupe.consumers.reply_topics import REPLY_TOPICS_PREFIX
 from loupe.consumers.settings import Settings
 
 PRINCIPALS = ("ingest", "search", "operator")
 
-# Loupe's consumer groups are ``<LOUPE_GROUP_ID>.<worker>[...]`` (settings.py, vectors.py,
-# reindex.py), its transactional ids ``<LOUPE_GROUP_ID>.<worker>.<host>.<pid>``
-# (kafka_io.make_transactional_producer): prefixed ACLs grant each principal its workers'.
+# Prefixed ACLs grant each principal its workers' groups and transactional ids
+# (kafka_names: ``<LOUPE_GROUP_ID>.<worker>...``).
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,21 @@ def _topic(name: str, *operations: str, prefixed: bool = False) -> Acl:
     return Acl("topic", name, "prefixed" if prefixed else "literal", operations)
 
 
-def _by_prefix(resource: str, group: str, parts: tuple[str, ...], *operations: str) -> list[Acl]:
-    return [Acl(resource, f"{group}.{part}", "prefixed", operations) for part in parts]
+def _groups(names: KafkaNames, workers: tuple[str, ...], *operations: str) -> list[Acl]:
+    return [Acl("group", names.groups_of(w), "prefixed", operations) for w in workers]
+
+
+def _transactions(names: KafkaNames, workers: tuple[str, ...]) -> list[Acl]:
+    return [
+        Acl("transactional-id", names.transactional_ids_of(w), "prefixed", ("Write", "Describe"))
+        for w in workers
+    ]
 
 
 def required_acls(settings: Settings, principal: str) -> list[Acl]:
     """What ``principal`` (one of ``PRINCIPALS``) needs with ``settings``' names and mode
     (encode-once or not)."""
-    group = settings.group_id
+    names = KafkaNames.of(settings)
     dead_letters = _topic(settings.deadletter_topic, "Write", "Describe")
 
     def catalog(*operations: str) -> Acl:  # per merchant: every merchant's products topic
@@ -66,22 +73,18 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
 
     # With encode-once, the encoders and index writers make and use the vectors topics.
     vectors = (
-        [_topic(f"{settings.vectors_topic}.", "Create", "Read", "Write", "Describe", prefixed=True)]
+        [_topic(names.vectors_prefix, "Create", "Read", "Write", "Describe", prefixed=True)]
         if settings.encode_once
         else []
     )
     if principal == "ingest":
-        groups, transactions = (
-            (("encode.", "index."), ("encode.", "index."))
-            if settings.encode_once
-            else (("ingest",), ("ingest.",))  # "ingest": a replica's group is ingest.<id>
-        )
+        workers = (ENCODE, INDEX) if settings.encode_once else (INGEST,)
         return [
             catalog("Read", "Describe", "DescribeConfigs"),
             dead_letters,
             *vectors,
-            *_by_prefix("group", group, groups, "Read"),
-            *_by_prefix("transactional-id", group, transactions, "Write", "Describe"),
+            *_groups(names, workers, "Read"),
+            *_transactions(names, workers),
         ]
     if principal == "search":
         return [
@@ -91,8 +94,8 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
             # their cleanup policy read, since a compacted one is refused.
             _topic(REPLY_TOPICS_PREFIX, "Write", "Describe", "DescribeConfigs", prefixed=True),
             dead_letters,
-            Acl("group", settings.search_group(), "literal", ("Read",)),
-            *_by_prefix("transactional-id", group, ("search.",), "Write", "Describe"),
+            Acl("group", names.search_group(), "literal", ("Read",)),
+            *_transactions(names, (SEARCH,)),
         ]
     if principal == "operator":
         return [
@@ -101,7 +104,7 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
             _topic(settings.search_responses_topic, "Create", "Describe"),
             _topic(settings.deadletter_topic, "Create", "Write", "Describe"),
             *vectors,
-            *_by_prefix("group", group, ("reindex.",), "Read", "Describe"),
+            *_groups(names, (REINDEX,), "Read", "Describe"),
         ]
     raise ValueError(f"principal must be one of {', '.join(PRINCIPALS)}; got {principal!r}")
 

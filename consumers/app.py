@@ -22,6 +22,7 @@ from loupe.consumers.index import Collection
 from loupe.consumers.index_writer import IndexWriter
 from loupe.consumers.ingest import EncodeLock, Indexer
 from loupe.consumers.kafka_io import make_consumer, make_producer, make_transactional_producer
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.live_model import LiveModel, ModelInUse, open_collection
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.publisher import Publisher
@@ -30,7 +31,7 @@ from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.consumers.topics import cleanup_policy
 from loupe.consumers.vector_encoder import VectorEncoder
-from loupe.consumers.vectors import VectorsOut, encode_group, ensure_vectors_topic, index_group
+from loupe.consumers.vectors import VectorsOut, ensure_vectors_topic
 from loupe.encoders.fused import FusedEncoder
 from loupe.encoders.profile import ModelProfile
 
@@ -52,6 +53,7 @@ class Application:
         load_encoder: Callable[[ModelProfile], FusedEncoder] = FusedEncoder.from_profile,
     ) -> None:
         self.settings = settings
+        self.names = KafkaNames.of(settings)
         self.metrics = metrics or LoupeMetrics()
         self.load_encoder = load_encoder
         self._fetcher = fetcher
@@ -147,7 +149,9 @@ class Application:
         collection and reports its point count (the service's; not a reindex's)."""
         settings = self.settings
         return Indexer(
-            consumer=make_consumer(settings, group or settings.ingest_group(), **consumer_options),
+            consumer=make_consumer(
+                settings, group or self.names.ingest_group(), **consumer_options
+            ),
             publisher=publisher or self.publisher("ingest"),
             live=live,
             fetcher=self.fetcher,
@@ -192,7 +196,7 @@ class Application:
         settings = self.settings
         publisher = self.publisher("encode")
         return VectorEncoder(
-            make_consumer=lambda c: make_consumer(settings, encode_group(settings, c)),
+            make_consumer=lambda c: make_consumer(settings, self.names.encode_group(c)),
             make_vectors_out=lambda c: self.vectors_out(publisher, c),
             catalog=catalog,
             publisher=publisher,
@@ -215,7 +219,7 @@ class Application:
 
         def consumer_of(collection: str):
             topic, _ = self.vectors_topic(collection)
-            return make_consumer(settings, index_group(settings, collection)), topic
+            return make_consumer(settings, self.names.index_group(collection)), topic
 
         return IndexWriter(
             make_consumer=consumer_of,
@@ -235,7 +239,9 @@ class Application:
         settings = self.settings
         return SearchService(
             consumer=make_consumer(
-                settings, settings.search_group(), max_poll_records=settings.search_max_poll_records
+                settings,
+                self.names.search_group(),
+                max_poll_records=settings.search_max_poll_records,
             ),
             publisher=self.publisher("search"),
             live=live,
@@ -249,12 +255,8 @@ class Application:
             reply_topics=ReplyTopics.of(
                 settings.search_responses_topic,
                 settings.reply_to_pattern,
-                own=[
-                    settings.products_topic,
-                    settings.search_requests_topic,
-                    settings.deadletter_topic,
-                ],
-                own_prefixes=[f"{settings.vectors_topic}."],
+                own=self.names.own_topics(),
+                own_prefixes=[self.names.vectors_prefix],
             ),
             cleanup_policy=lambda topic: cleanup_policy(settings, topic),
         )

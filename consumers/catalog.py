@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from kafka.structs import TopicPartition
@@ -26,7 +25,7 @@ from loupe.consumers.errors import IndexUnavailable
 from loupe.consumers.index import Collection, CollectionStore, collection_name
 from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.settings import Settings
-from loupe.encoders.profile import ModelProfile
+from loupe.encoders.profile import RECIPE, ModelProfile
 from loupe.schemas.errors import LoupeError
 
 log = logging.getLogger(__name__)
@@ -43,59 +42,40 @@ class NothingToRollBack(LoupeError):
     """No retired collection is left to return to."""
 
 
+# What a card written before a recipe field existed meant by its absence.
+_BEFORE_IT_EXISTED: dict[str, Any] = {"image_side": None}  # None: the backbone's own side
+
+
 @dataclass(frozen=True)
 class ModelCard:
-    """The part of a ``ModelProfile`` that decides the vectors: load it anywhere, get the same
-    model version. How the model runs (device, precision, batch sizes) stays each instance's."""
+    """The model a collection's vectors come from: its version and its recipe (the fields of a
+    ``ModelProfile`` that decide the vectors, ``ModelProfile.recipe``). Load it anywhere, get the
+    same model version; how the model runs (device, precision, batch sizes) stays each
+    instance's."""
 
     model_version: str
-    image_backbone: str
-    text_backbone: str
-    image_weights: str | None
-    text_weights: str | None
-    fusion_checkpoint: str | None  # a path every instance must be able to read
-    image_weight: float
-    fit: str
-    image_pooling: str
-    max_text_tokens: int
-    # None: the backbone's own input side (what every card before LOUPE_IMAGE_SIDE meant)
-    image_side: int | None = None
+    recipe: Mapping[str, Any]
 
     @classmethod
     def of(cls, profile: ModelProfile, model_version: str) -> ModelCard:
-        return cls(
-            model_version=model_version,
-            image_backbone=profile.image_backbone,
-            text_backbone=profile.text_backbone,
-            image_weights=profile.image_weights,
-            text_weights=profile.text_weights,
-            fusion_checkpoint=(
-                str(Path(profile.fusion_checkpoint).resolve())
-                if profile.fusion_checkpoint
-                else None
-            ),
-            image_weight=profile.image_weight,
-            fit=profile.fit,
-            image_pooling=profile.image_pooling,
-            max_text_tokens=profile.max_text_tokens,
-            image_side=profile.image_side,
-        )
+        return cls(model_version, profile.recipe())
 
     def profile(self, local: ModelProfile) -> ModelProfile:
         """This model, run the way this instance runs models."""
-        return dataclasses.replace(
-            local,
-            image_backbone=self.image_backbone,
-            text_backbone=self.text_backbone,
-            image_weights=self.image_weights,
-            text_weights=self.text_weights,
-            fusion_checkpoint=Path(self.fusion_checkpoint) if self.fusion_checkpoint else None,
-            image_weight=self.image_weight,
-            fit=self.fit,  # type: ignore[arg-type]
-            image_pooling=self.image_pooling,  # type: ignore[arg-type]
-            max_text_tokens=self.max_text_tokens,
-            image_side=self.image_side,
-        )
+        return local.following(self.recipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_version": self.model_version, **self.recipe}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelCard:
+        recipe = {name: raw.get(name, _BEFORE_IT_EXISTED.get(name)) for name in RECIPE}
+        missing = [name for name in RECIPE if name not in raw and name not in _BEFORE_IT_EXISTED]
+        if missing or "model_version" not in raw:
+            raise CardError(
+                f"a collection card's model lacks {', '.join(missing or ['model_version'])}"
+            )
+        return cls(str(raw["model_version"]), recipe)
 
 
 @dataclass
@@ -115,14 +95,18 @@ class CollectionCard:
     vectors_topic: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": CARD_FORMAT, **dataclasses.asdict(self)}
+        return {
+            "format": CARD_FORMAT,
+            **dataclasses.asdict(self),
+            "model": self.model.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CollectionCard:
         if raw.get("format") != CARD_FORMAT:
             raise CardError(f"unknown collection card format {raw.get('format')!r}")
         return cls(
-            model=ModelCard(**raw["model"]),
+            model=ModelCard.from_dict(raw["model"]),
             state=raw["state"],
             applied_offsets={str(k): int(v) for k, v in (raw.get("applied_offsets") or {}).items()},
             retired_at=raw.get("retired_at"),

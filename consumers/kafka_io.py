@@ -5,7 +5,6 @@ What a batch publishes, and the failure policy of its commit, is ``publisher.Pub
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +16,8 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers import kafka_eof
 from loupe.consumers.errors import BrokerAuthenticationFailed, BrokerUnreachable
+from loupe.consumers.kafka_admin import KafkaAdmin
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.settings import Settings
 
@@ -75,12 +76,9 @@ def reader_at_end(settings: Settings, topic: str) -> KafkaConsumer:
 def make_transactional_producer(settings: Settings, role: str) -> KafkaProducer:
     """A producer whose sends and offset commits form one transaction per batch (KIP-98), its
     zombies fenced by the consumer group's generation (KIP-447)."""
-    # Unique among live processes; a restarted container (same host name, same pid 1) reuses
-    # it, which aborts the transaction its predecessor left open instead of waiting it out.
-    transactional_id = f"{settings.group_id}.{role}.{socket.gethostname()}.{os.getpid()}"
     producer = KafkaProducer(
         **settings.kafka_client_config(),
-        transactional_id=transactional_id,
+        transactional_id=KafkaNames.of(settings).transactional_id(role),
         acks="all",
         linger_ms=5,
         max_request_size=2 * 1024 * 1024,
@@ -230,7 +228,6 @@ def answers_metadata(client_config: dict[str, Any], timeout_s: float = 2.0) -> b
     options as the consumers (``Settings.kafka_client_config()``): a SASL/TLS cluster is probed
     the way it is used. Raises ``BrokerAuthenticationFailed`` when the broker answers but refuses
     the credentials: waiting cannot fix that."""
-    from kafka import KafkaAdminClient
     from kafka.errors import KafkaConfigurationError
 
     first = client_config["bootstrap_servers"][0]
@@ -245,11 +242,11 @@ def answers_metadata(client_config: dict[str, Any], timeout_s: float = 2.0) -> b
     kafka_log = logging.getLogger("kafka")
     kafka_log.addHandler(refusals)
     try:
-        admin = KafkaAdminClient(
-            **client_config,
+        admin = KafkaAdmin(
+            client_config,
+            "loupe-probe",
             request_timeout_ms=timeout_ms,
             bootstrap_timeout_ms=timeout_ms,
-            client_id="loupe-probe",
         )
     except KafkaConfigurationError:
         raise  # a bug in this probe or a bad setting, not "broker not up yet"
@@ -259,13 +256,8 @@ def answers_metadata(client_config: dict[str, Any], timeout_s: float = 2.0) -> b
         return False
     finally:
         kafka_log.removeHandler(refusals)
-    try:
-        admin.describe_cluster()
-        return True
-    except (KafkaError, OSError):
-        return False
-    finally:
-        admin.close()
+    with admin:
+        return admin.answers()
 
 
 class _Refusals(logging.Handler):

@@ -181,7 +181,7 @@ def open_collection(
         raise ModelSwitchError(
             f"{collection} was made by model {card.model.model_version}, but its card's "
             f"profile loads {encoder.model_version} here (a checkpoint file changed at "
-            f"{card.model.fusion_checkpoint}?)"
+            f"{card.model.recipe.get('fusion_checkpoint')}?)"
         )
     encoder.warm_up()
     index = catalog.open(card.model.model_version)

@@ -31,10 +31,11 @@ from loupe.consumers.app import Application, fixed_model
 from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, build_catalog, offset_key
 from loupe.consumers.errors import ConfigError
 from loupe.consumers.index import Collection
+from loupe.consumers.kafka_admin import KafkaAdmin
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.metrics import LoupeMetrics, ReindexMetrics
 from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.settings import Settings
-from loupe.consumers.vectors import vectors_topic
 from loupe.schemas.errors import LoupeError
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,12 @@ def reindex_lock(settings: Settings, collection: str) -> Iterator[None]:
         handle.flush()
         try:
             if settings.index_url is not None:
-                _require_no_members(settings, reindex_group(settings, collection))
+                _require_no_members(settings, KafkaNames.of(settings).reindex_group(collection))
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-GROUP_LOOKUP_S = 30.0  # how long a group's coordinator may take to appear
 REINDEX_SESSION_MS = 15_000  # the reindex consumer's session (kafka-python's default: 45 s)
 # A reindex killed a moment ago stays a member of its group until its session times out; a
 # reindex running elsewhere stays for good. So members are waited out this long before they
@@ -137,30 +137,8 @@ def _require_no_members(settings: Settings, group: str) -> None:
 
 
 def _members(settings: Settings, group: str) -> int:
-    from kafka.admin import KafkaAdminClient
-    from kafka.errors import KafkaError
-
-    admin = KafkaAdminClient(**settings.kafka_client_config())
-    deadline = time.monotonic() + GROUP_LOOKUP_S
-    try:
-        while True:
-            try:
-                described = admin.describe_groups([group])  # {group id: {"members": [...]}}
-                break
-            except KafkaError as exc:
-                # A broker creates its offsets topic, and so its group coordinators, on first
-                # use: until then a lookup answers "coordinator not available". Retriable.
-                if not exc.retriable or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-    finally:
-        admin.close()
-    return sum(len(g.get("members") or []) for g in described.values())
-
-
-def reindex_group(settings: Settings, collection: str) -> str:
-    """Beside the ingest's group: a replica rebuilds its own index under a group of its own."""
-    return settings.writer_group(f"reindex.{collection}")
+    with KafkaAdmin(settings.kafka_client_config()) as admin:
+        return admin.group_members(group)
 
 
 class Reindex:
@@ -218,7 +196,7 @@ class Reindex:
         if card is None or card.state != "live":  # "live": it switched, then crashed; resume
             fresh = CollectionCard(ModelCard.of(app.profile, encoder.model_version))
             if settings.encode_once:  # the vectors of what it applies go out with them
-                fresh.vectors_topic = vectors_topic(settings, target)
+                fresh.vectors_topic = KafkaNames.of(settings).vectors_topic(target)
             if card is not None:  # a collection retired earlier, built again
                 fresh.applied_offsets = card.applied_offsets
             catalog.write_card(target, fresh)
@@ -234,7 +212,7 @@ class Reindex:
         publisher = app.publisher("reindex", transactional=False)
         indexer = app.ingest_worker(
             fixed_model(encoder, index),
-            group=reindex_group(settings, target),
+            group=KafkaNames.of(settings).reindex_group(target),
             publisher=publisher,
             vectors_out=app.vectors_out(publisher, target) if settings.encode_once else None,
             stop_event=self.stop_event,  # a signal stops it between retries too

@@ -6,6 +6,7 @@ passes what each part needs through constructors.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -494,22 +495,6 @@ class Settings(BaseSettings):
             write_consistency=self.index_write_consistency,
         )
 
-    def ingest_group(self) -> str:
-        """The ingest's consumer group: one for every instance that writes a shared index, or
-        one per replica (each indexes the whole catalog into its own)."""
-        return self.writer_group("ingest")
-
-    def writer_group(self, name: str) -> str:
-        """``<group_id>.<name>`` for a consumer that writes the index; a replica's own
-        (``.<replica_id>`` added), as it writes an index of its own."""
-        group = f"{self.group_id}.{name}"
-        return group if self.replica_id is None else f"{group}.{self.replica_id}"
-
-    def search_group(self) -> str:
-        """The search's consumer group, shared by every instance (replicas included): each
-        request is answered by one of them."""
-        return f"{self.group_id}.search"
-
     def secrets(self) -> list[str]:
         """The secret values set (a password, an API key): never to be shown or logged."""
         found = (self.sasl_plain_password, self.index_api_key)
@@ -535,30 +520,13 @@ class Settings(BaseSettings):
         return config
 
     def model_profile(self) -> ModelProfile:
+        """The model these settings describe: each ``ModelProfile`` field from the setting of
+        its name (``_PROFILE_SETTING`` where the setting's name says more)."""
         return ModelProfile(
-            image_backbone=self.image_backbone,
-            text_backbone=self.text_backbone,
-            image_weights=self.image_weights,
-            text_weights=self.text_weights,
-            fusion_checkpoint=self.fusion_checkpoint,
-            image_weight=self.image_weight,
-            fit=self.image_fit,
-            image_pooling=self.image_pooling,
-            image_side=self.image_side,
-            max_text_tokens=self.max_text_tokens,
-            device=self.device,
-            precision=self.precision,
-            encoder_backend=self.encoder_backend,
-            query_regions=self.query_regions,
-            batch_size=self.encode_batch_size,
-            decode_workers=self.decode_workers,
-            jpeg_decoder=self.jpeg_decoder,
-            host_decode_share=self.host_decode_share,
-            cuda_graphs=self.cuda_graphs,
-            cuda_graph_max_batch=self.cuda_graph_max_batch,
-            max_image_bytes=self.max_image_bytes,
-            max_image_pixels=self.max_image_pixels,
-            allow_download=self.allow_model_download,
+            **{
+                f.name: getattr(self, _PROFILE_SETTING.get(f.name, f.name))
+                for f in dataclasses.fields(ModelProfile)
+            }
         )
 
     def fetch_policy(self) -> FetchPolicy:
@@ -585,6 +553,12 @@ class Settings(BaseSettings):
         return {name: str(value) for name, value in self.model_dump().items()}
 
 
+# ModelProfile fields whose setting has a longer name (LOUPE_IMAGE_FIT, not LOUPE_FIT).
+_PROFILE_SETTING = {
+    "fit": "image_fit",
+    "batch_size": "encode_batch_size",
+    "allow_download": "allow_model_download",
+}
 _REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

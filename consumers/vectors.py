@@ -1,7 +1,8 @@
 """Encode once, index many: the vectors topics between the encoders and the index writers.
 
 Each collection has its own compacted topic, ``<LOUPE_VECTORS_TOPIC>.<collection>`` (record
-format: ``schemas/vectors.py``). Two consumer groups per collection keep the hop exactly once:
+format: ``schemas/vectors.py``). Two consumer groups per collection keep the hop exactly once
+(their names: ``kafka_names``):
 
 - the encoders, ``<group>.encode.<collection>``, shared by every instance that serves that
   collection (replicas included), read the products topic and publish each product's vectors
@@ -20,7 +21,6 @@ rollback goes back to the old groups, which resume where they left off.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -29,32 +29,14 @@ from kafka.structs import TopicPartition
 
 from loupe.consumers.catalog import Catalog
 from loupe.consumers.index import IndexPoint
-from loupe.consumers.products_topics import MAX_TOPIC_NAME, ProductsTopics
+from loupe.consumers.kafka_admin import COMPACTED, KafkaAdmin, TopicShape, TopicSpec
+from loupe.consumers.kafka_names import KafkaNames
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.settings import Settings
 from loupe.schemas.vectors import SourcePosition, VectorRecord
 
 log = logging.getLogger(__name__)
-
-
-def vectors_topic(settings: Settings, collection: str) -> str:
-    """The vectors topic of ``collection`` (a collection name is a valid topic name; a long one
-    is shortened with a digest, so that two never share a topic)."""
-    name = f"{settings.vectors_topic}.{collection}"
-    if len(name) <= MAX_TOPIC_NAME:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return f"{name[: MAX_TOPIC_NAME - 17]}.{digest}"
-
-
-def encode_group(settings: Settings, collection: str) -> str:
-    """The encoders' group of ``collection``: one for every instance, replicas included."""
-    return f"{settings.group_id}.encode.{collection}"
-
-
-def index_group(settings: Settings, collection: str) -> str:
-    """The index writers' group of ``collection``: one per index (per replica)."""
-    return settings.writer_group(f"index.{collection}")
 
 
 class VectorsOut:
@@ -113,40 +95,16 @@ class VectorsOut:
 
 def ensure_vectors_topic(settings: Settings, collection: str) -> tuple[str, int]:
     """Create ``collection``'s vectors topic if it is missing (compacted, with the products
-    topic's partition count); returns its name and partition count."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    from loupe.consumers.topics import COMPACTED
-
-    topic = vectors_topic(settings, collection)
-    admin = KafkaAdminClient(**settings.kafka_client_config())
-    try:
-        # Metadata of each: its partitions, or an error code for a topic that does not exist.
-        described = {t["name"]: t for t in admin.describe_topics([settings.products_topic, topic])}
-        existing = described.get(topic) or {}
-        if not existing.get("error_code") and existing.get("partitions"):
-            return topic, len(existing["partitions"])
-        products = (described.get(settings.products_topic) or {}).get("partitions") or []
-        partitions = max(1, len(products))
-        replicas = max(1, len(products[0].get("replica_nodes") or [])) if products else 1
-        try:
-            admin.create_topics(
-                [
-                    NewTopic(
-                        topic,
-                        num_partitions=partitions,
-                        replication_factor=replicas,  # as durable as the products topic
-                        topic_configs=COMPACTED,
-                    )
-                ]
-            )
-            log.info("created the vectors topic %s (%d partitions, compacted)", topic, partitions)
-        except TopicAlreadyExistsError:
-            pass  # another instance made it a moment ago
-        return topic, partitions
-    finally:
-        admin.close()
+    topic's partitions and replicas: as durable as it); returns its name and partition count."""
+    topic = KafkaNames.of(settings).vectors_topic(collection)
+    with KafkaAdmin(settings.kafka_client_config()) as admin:
+        shapes = admin.shapes([settings.products_topic, topic])
+        if topic in shapes:
+            return topic, shapes[topic].partitions
+        products = shapes.get(settings.products_topic, TopicShape(1, 1))
+        spec = TopicSpec(topic, products.partitions, products.replication_factor, COMPACTED)
+        admin.create_missing([spec])  # or another instance made it a moment ago, alike
+        return topic, products.partitions
 
 
 def unplaced_start(

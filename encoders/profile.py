@@ -7,9 +7,11 @@ written once. Importing this module is cheap, so the CLI and the settings can us
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 Fit = Literal["pad", "center_crop", "squash"]  # how a photo becomes a square
 FITS: tuple[str, ...] = get_args(Fit)
@@ -34,7 +36,11 @@ MAX_TEXT_CHARS = 4000  # cut before tokenising: the tokenizer's cost grows with 
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """Which backbones, weights and preprocessing make up the model, and how it runs."""
+    """Which backbones, weights and preprocessing make up the model, and how it runs.
+
+    The fields named in ``RECIPE`` decide the vectors, and so the model version: a collection's
+    card keeps them (``recipe``), so that any instance loads the same model. The others say how
+    this instance runs it (device, precision, batch sizes) and stay its own."""
 
     image_backbone: str = "efficientnet-lite0"  # a name in IMAGE_BACKBONES
     text_backbone: str = "all-minilm-l6-v2"  # a name in TEXT_BACKBONES or a model directory
@@ -65,3 +71,39 @@ class ModelProfile:
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_download: bool = False  # never on by default: no model hub at run time
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that decide the vectors, as JSON values (a checkpoint's path resolved,
+        since every instance must find the same file)."""
+        recipe = {name: getattr(self, name) for name in RECIPE}
+        if recipe["fusion_checkpoint"] is not None:
+            recipe["fusion_checkpoint"] = str(Path(recipe["fusion_checkpoint"]).resolve())
+        return recipe
+
+    def following(self, recipe: Mapping[str, Any]) -> ModelProfile:
+        """The model ``recipe`` (a card's) describes, run the way this profile runs models."""
+        unknown = set(recipe) - set(RECIPE)
+        if unknown:
+            raise ValueError(f"not part of a model's recipe: {', '.join(sorted(unknown))}")
+        values = dict(recipe)
+        if "fusion_checkpoint" in values:
+            checkpoint = values["fusion_checkpoint"]
+            values["fusion_checkpoint"] = Path(checkpoint) if checkpoint else None
+        return dataclasses.replace(self, **values)
+
+
+# The fields of ``ModelProfile`` that decide the vectors. A field added here is kept on every
+# collection's card from then on; a card written before then says what it meant by its absence
+# (``catalog._BEFORE_IT_EXISTED``).
+RECIPE: tuple[str, ...] = (
+    "image_backbone",
+    "text_backbone",
+    "image_weights",
+    "text_weights",
+    "fusion_checkpoint",
+    "image_weight",
+    "fit",
+    "image_pooling",
+    "max_text_tokens",
+    "image_side",
+)

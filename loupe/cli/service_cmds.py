@@ -119,7 +119,8 @@ def topics_create(partitions: int, replication_factor: int, merchants: tuple[str
     tombstone (null value under its key) deletes it too and lets compaction forget it.
     """
     from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.topics import all_topics, ensure_topics
+    from loupe.consumers.kafka_names import KafkaNames
+    from loupe.consumers.topics import ensure_topics
 
     config = settings()
     if merchants and not config.merchant_topics:
@@ -134,7 +135,7 @@ def topics_create(partitions: int, replication_factor: int, merchants: tuple[str
             raise click.BadParameter(str(exc), param_hint="--merchant") from None
     require_broker(config)
     created = ensure_topics(config, partitions, replication_factor, merchants)
-    for topic in all_topics(config, merchants):
+    for topic in KafkaNames.of(config).all_topics(merchants):
         shown = "created" if topic in created else "exists"
         if products.holds(topic) and topic in created:
             shown += " (compacted)"
@@ -148,12 +149,13 @@ def topics_create(partitions: int, replication_factor: int, merchants: tuple[str
 def topics_check(role: str) -> int:
     """Check that the topics a role needs exist (what `serve` checks at start)."""
     from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.topics import check_topics, cleanup_policy, required_topics
+    from loupe.consumers.kafka_names import KafkaNames
+    from loupe.consumers.topics import check_topics, cleanup_policy
 
     config = settings()
     require_broker(config)
     check_topics(config, role)  # logs a warning if the products topic is not compacted
-    click.echo(f"all present: {', '.join(required_topics(config, role))}")
+    click.echo(f"all present: {', '.join(KafkaNames.of(config).required(role))}")
     if role in ("ingest", "all") and not config.merchant_topics:
         policy = cleanup_policy(config, config.products_topic)
         click.echo(f"{config.products_topic}: cleanup.policy={policy}")

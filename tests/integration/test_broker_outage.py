@@ -25,6 +25,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.service import LoupeService
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
@@ -177,7 +178,7 @@ def test_a_broker_paused_mid_commit_neither_stops_nor_duplicates(broker, tmp_pat
         assert {rid: n for rid, n in answers.items() if n != 1} == {}, "answered exactly once"
         assert service.index.count() == len(ids), "each product indexed once"
         _wait(
-            lambda: committed(bootstrap, settings.ingest_group()) == len(ids),
+            lambda: committed(bootstrap, KafkaNames.of(settings).ingest_group()) == len(ids),
             "the ingest to commit every product",
             60,
             service,

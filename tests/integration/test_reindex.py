@@ -18,9 +18,9 @@ import torch
 
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import IndexQuery, collection_name, point_id
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.reindex import reindex_lock
 from loupe.consumers.settings import Settings
-from loupe.consumers.vectors import encode_group, index_group, vectors_topic
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import SearchLoad, loupe_process, serve_env
 from loupe.dev.kafka import has_read_all
@@ -281,10 +281,11 @@ def _ingested(bootstrap: str, settings: Settings, collection: str, products: int
     """Whether the service's ingest has applied ``products`` events to ``collection``: its
     committed offsets (with encode-once: the encoders', and the index writer's, which has read
     the collection's vectors topic to its end)."""
+    names = KafkaNames.of(settings)
     if not settings.encode_once:
-        return committed(bootstrap, settings.ingest_group()) >= products
-    encoded = committed(bootstrap, encode_group(settings, collection)) >= products
-    writers, topic = index_group(settings, collection), vectors_topic(settings, collection)
+        return committed(bootstrap, names.ingest_group()) >= products
+    encoded = committed(bootstrap, names.encode_group(collection)) >= products
+    writers, topic = names.index_group(collection), names.vectors_topic(collection)
     return encoded and has_read_all(bootstrap, writers, topic)
 
 
@@ -553,7 +554,7 @@ def test_with_a_shared_server_a_live_reindex_group_refuses_a_second_reindex(
     from kafka import KafkaConsumer
 
     from loupe.consumers import reindex as reindex_module
-    from loupe.consumers.reindex import ReindexBusy, reindex_group
+    from loupe.consumers.reindex import ReindexBusy
 
     topic = make_topic("products")
     settings = Settings(
@@ -567,7 +568,9 @@ def test_with_a_shared_server_a_live_reindex_group_refuses_a_second_reindex(
     with reindex_lock(settings, collection):  # nobody in the group: this one may run
         pass
     elsewhere = KafkaConsumer(
-        topic, bootstrap_servers=bootstrap_servers, group_id=reindex_group(settings, collection)
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        group_id=KafkaNames.of(settings).reindex_group(collection),
     )
     try:
         wait_for(lambda: bool(elsewhere.poll(timeout_ms=200) or elsewhere.assignment()), "join", 30)

@@ -18,19 +18,14 @@ from loupe.consumers.edge_index import EdgeStore
 from loupe.consumers.handover import HandOver
 from loupe.consumers.index import IndexPoint, point_id
 from loupe.consumers.index_writer import IndexWriter
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.products_topics import ProductsTopics
+from loupe.consumers.products_topics import MAX_TOPIC_NAME, ProductsTopics
 from loupe.consumers.service import CatchUp
 from loupe.consumers.settings import Settings
 from loupe.consumers.vector_encoder import VectorEncoder
-from loupe.consumers.vectors import (
-    MAX_TOPIC_NAME,
-    VectorsOut,
-    encode_group,
-    index_group,
-    vectors_topic,
-)
+from loupe.consumers.vectors import VectorsOut
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.vectors import (
@@ -139,11 +134,11 @@ def test_non_finite_numbers_are_refused():
 
 
 def test_topic_and_group_names():
-    settings = Settings(group_id="shop", replica_id="r1", vectors_topic="v")
-    assert vectors_topic(settings, "loupe__a") == "v.loupe__a"
-    assert encode_group(settings, "loupe__a") == "shop.encode.loupe__a", "shared by replicas"
-    assert index_group(settings, "loupe__a") == "shop.index.loupe__a.r1", "one per index"
-    long_a, long_b = (vectors_topic(settings, "c" * 300 + s) for s in "ab")
+    names = KafkaNames.of(Settings(group_id="shop", replica_id="r1", vectors_topic="v"))
+    assert names.vectors_topic("loupe__a") == "v.loupe__a"
+    assert names.encode_group("loupe__a") == "shop.encode.loupe__a", "shared by replicas"
+    assert names.index_group("loupe__a") == "shop.index.loupe__a.r1", "one per index"
+    long_a, long_b = (names.vectors_topic("c" * 300 + s) for s in "ab")
     assert len(long_a) <= MAX_TOPIC_NAME and long_a != long_b
     with pytest.raises(ValueError):
         Settings(vectors_topic="no spaces")

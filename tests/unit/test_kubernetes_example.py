@@ -9,6 +9,7 @@ import click
 import yaml
 
 from loupe.cli.main import cli
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
@@ -102,7 +103,7 @@ def test_replicas_keep_their_index_on_their_own_volume_and_are_named_by_their_po
     # The settings a pod would read: accepted (an index URL beside a replica id is refused).
     settings = Settings(**{k[len("LOUPE_") :].lower(): v for k, v in config.items()},
                         replica_id="loupe-replica-0")  # fmt: skip
-    assert settings.ingest_group() == f"{settings.group_id}.ingest.loupe-replica-0"
+    assert KafkaNames.of(settings).ingest_group() == f"{settings.group_id}.ingest.loupe-replica-0"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts[config["LOUPE_STATE_DIR"]] == "state"
     (claim,) = replicas["spec"]["volumeClaimTemplates"]

@@ -9,8 +9,8 @@ from kafka.structs import TopicPartition
 
 from loupe.cli.main import main
 from loupe.consumers.errors import ConfigError
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.reindex import reindex_group
 from loupe.consumers.service import LoupeService
 from loupe.consumers.settings import Settings, load_settings
 from loupe.consumers.worker import BatchWorker
@@ -20,15 +20,15 @@ P0, P1 = TopicPartition("products", 0), TopicPartition("products", 1)
 
 
 def test_each_replica_ingests_under_its_own_group_and_all_share_the_search_group():
-    shared = Settings(group_id="shop")
-    a, b = Settings(group_id="shop", replica_id="a"), Settings(group_id="shop", replica_id="b")
+    shared = KafkaNames.of(Settings(group_id="shop"))
+    a, b = (KafkaNames.of(Settings(group_id="shop", replica_id=r)) for r in "ab")
     assert shared.ingest_group() == "shop.ingest"
     assert (a.ingest_group(), b.ingest_group()) == ("shop.ingest.a", "shop.ingest.b")
     assert shared.search_group() == a.search_group() == b.search_group() == "shop.search"
     # A reindex rebuilds the replica's own index: a group of its own too, or two replicas'
     # reindexes would split the topic's partitions between them.
-    assert reindex_group(a, "c1") == "shop.reindex.c1.a" != reindex_group(b, "c1")
-    assert reindex_group(shared, "c1") == "shop.reindex.c1"
+    assert a.reindex_group("c1") == "shop.reindex.c1.a" != b.reindex_group("c1")
+    assert shared.reindex_group("c1") == "shop.reindex.c1"
 
 
 @pytest.mark.parametrize("bad", ["", "-a", "a b", "a/b", "x" * 65, "é"])
