@@ -26,6 +26,8 @@ from loupe.consumers.index import IndexPoint
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.kafka_io import make_consumer, make_producer
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.product_stage import ProductStage
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.qdrant_index import QdrantIndex
 from loupe.consumers.settings import Settings
@@ -84,13 +86,17 @@ def main() -> None:
         index = QdrantIndex(model_version=encoder.model_version, path=f"{tmp}/service")
         index.ensure_collection(encoder.dims)
         producer = make_producer(run_settings)
+        publisher = Publisher(producer, dlq, metrics)
+        products = ProductsTopics(topic)
         indexer = Indexer(
             consumer=make_consumer(run_settings, "bench-service"),
-            publisher=Publisher(producer, dlq, metrics),
+            publisher=publisher,
             live=fixed_model(encoder, index),
-            fetcher=fetcher,
+            stage=ProductStage(
+                fetcher=fetcher, publisher=publisher, metrics=metrics, source=products
+            ),
             metrics=metrics,
-            topic=topic,
+            topic=products,
         )
         indexer.process_once()  # join the group before the clock starts
         started = time.perf_counter()

@@ -20,11 +20,12 @@ from loupe.consumers.handover import HandOver
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import Collection
 from loupe.consumers.index_writer import IndexWriter
-from loupe.consumers.ingest import EncodeLock, Indexer
+from loupe.consumers.ingest import Indexer
 from loupe.consumers.kafka_io import make_consumer, make_producer, make_transactional_producer
 from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.live_model import LiveModel, ModelInUse, open_collection
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.product_stage import EncodeLock, ProductStage
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.reply_topics import ReplyTopics
 from loupe.consumers.search_service import SearchService
@@ -132,6 +133,18 @@ class Application:
         self.publishers.append(publisher)
         return publisher
 
+    def product_stage(self, publisher: Publisher, encode_lock: EncodeLock) -> ProductStage:
+        """Parse, fetch and encode product events, dead-lettering through ``publisher``: the
+        stage of the ingest and of encode-once's encoders."""
+        return ProductStage(
+            fetcher=self.fetcher,
+            publisher=publisher,
+            metrics=self.metrics,
+            source=self.settings.products_topics(),
+            encode_lock=encode_lock,
+            fetch_workers=self.settings.fetch_workers,
+        )
+
     def ingest_worker(
         self,
         live: LiveModel,
@@ -148,18 +161,17 @@ class Application:
         default). ``hand_over``: the catalog, for a worker that follows switches of the live
         collection and reports its point count (the service's; not a reindex's)."""
         settings = self.settings
+        publisher = publisher or self.publisher("ingest")
         return Indexer(
             consumer=make_consumer(
                 settings, group or self.names.ingest_group(), **consumer_options
             ),
-            publisher=publisher or self.publisher("ingest"),
+            publisher=publisher,
             live=live,
-            fetcher=self.fetcher,
+            stage=self.product_stage(publisher, encode_lock),
             metrics=self.metrics,
             topic=settings.products_topics(),
-            encode_lock=encode_lock,
             poll_timeout_ms=settings.poll_timeout_ms,
-            fetch_workers=settings.fetch_workers,
             hand_over=(
                 HandOver(hand_over, settings.products_topics(), POINTS_REPORT_INTERVAL_S)
                 if hand_over is not None
@@ -201,12 +213,10 @@ class Application:
             catalog=catalog,
             publisher=publisher,
             live=live,
-            fetcher=self.fetcher,
+            stage=self.product_stage(publisher, encode_lock),
             metrics=self.metrics,
             topic=settings.products_topics(),
-            encode_lock=encode_lock,
             poll_timeout_ms=settings.poll_timeout_ms,
-            fetch_workers=settings.fetch_workers,
             stop_event=stop_event,
         )
 

@@ -26,6 +26,7 @@ from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.worker import BatchWorker
+from loupe.encoders.profile import ModelIdentity
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.products import is_stale
 from loupe.schemas.vectors import VectorRecord, parse_vector_record
@@ -157,12 +158,11 @@ class IndexWriter(WritesIndex):
 
     def handle(self, records: list[Any]) -> None:
         latest: dict[str, tuple[Any, VectorRecord]] = {}
-        model_version = self.encoder.model_version
-        dims = self.encoder.dims
+        model = self.in_use.identity  # a writer never encodes: the model's name and sizes
         for record in records:
             try:
                 vectors = parse_vector_record(record.value)
-                _check_fits(vectors, model_version, dims)
+                _check_fits(vectors, model)
             except InvalidEvent as exc:
                 self._dead_letter(record, exc.code, str(exc), "parse")
                 continue
@@ -186,9 +186,10 @@ class IndexWriter(WritesIndex):
                 self._source[source] = max(self._source.get(source, 0), vectors.source.offset + 1)
 
 
-def _check_fits(record: VectorRecord, model_version: str, dims: Mapping[str, int]) -> None:
+def _check_fits(record: VectorRecord, model: ModelIdentity) -> None:
     """A record of another model, or with vectors of other sizes, would poison the collection
     (or fail its upsert for ever): refused, named."""
+    model_version, dims = model.model_version, model.dims
     if record.model_version != model_version:
         raise InvalidEvent(
             ErrorCode.INVALID_EVENT,

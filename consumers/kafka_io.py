@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -34,6 +35,11 @@ def checksums_in_c() -> bool:
     from kafka.record import util
 
     return util.crc32c_c is not None
+
+
+def record_time(record: Any) -> datetime:
+    """A Kafka record's timestamp (a tombstone's only 'occurred at')."""
+    return datetime.fromtimestamp(max(0, record.timestamp) / 1000, UTC)
 
 
 def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> KafkaConsumer:

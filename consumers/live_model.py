@@ -19,7 +19,7 @@ from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import IndexUnavailable
 from loupe.consumers.index import Collection
 from loupe.encoders.errors import ModelError
-from loupe.encoders.profile import ModelProfile
+from loupe.encoders.profile import ModelIdentity, ModelProfile
 from loupe.schemas.errors import LoupeError
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ class ModelInUse:
     @property
     def collection(self) -> str:
         return self.index.collection
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """What a writer of the collection needs of the model: its version and view sizes."""
+        return ModelIdentity(self.encoder.model_version, dict(self.encoder.dims))
 
 
 class LiveModel:

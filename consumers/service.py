@@ -196,25 +196,25 @@ class LoupeService:
         self.catalog = app.open_catalog()
         in_use = app.open_live_model(self.catalog)
         self.live = LiveModel(in_use)
-        encoder = in_use.encoder
-        encoder.warm_up()  # CUDA graphs for small batches: not in a shopper's first query
+        model = in_use.encoder
+        model.warm_up()  # CUDA graphs for small batches: not in a shopper's first query
         log.info(
             "model %s on %s (%s, micro-batch %d), collection %s",
-            encoder.model_version,
-            encoder.device,
-            encoder.acceleration.describe(),
-            encoder.batch_size,
+            model.model_version,
+            model.device,
+            model.acceleration.describe(),
+            model.batch_size,
             in_use.collection,
         )
         self._model_info(in_use, 1)
         gate = EncoderGate()
         if role in ("ingest", "all") and settings.encode_once:
             # Encode once, index many: encoders shared by every instance, a writer per index.
-            encoder = app.encode_worker(self.live, self.catalog, encode_lock=gate.ingest)
+            encoding = app.encode_worker(self.live, self.catalog, encode_lock=gate.ingest)
             writer = app.index_writer(self.live, self.catalog)
-            self.workers += [encoder, writer]
+            self.workers += [encoding, writer]
             if settings.replica_id is not None:
-                self.catching_up = CatchUp(writer, encoder)
+                self.catching_up = CatchUp(writer, encoding)
         elif role in ("ingest", "all"):
             ingest = app.ingest_worker(self.live, hand_over=self.catalog, encode_lock=gate.ingest)
             self.workers.append(ingest)

@@ -1,8 +1,9 @@
 """The encoder of encode-once: the products topic into the live collection's vectors topic.
 
-It runs the ingest's pipeline (parse, fetch, encode, the version rule within a batch, dead
-letters) but writes no index: each batch's vector records go out in the transaction that commits
-its offsets, for the index writers to apply (``consumers/vectors.py``). Its group is the
+It runs the ingest's stage (``product_stage``: parse, fetch, encode, the version rule within a
+batch, dead letters) into another sink: no index, but the collection's vectors topic, whose
+records go out in the transaction that commits the batch's offsets, for the index writers to
+apply (``consumers/vectors.py``). Its group is the
 collection's encoders' group, shared by every instance, so each event is encoded once.
 """
 
@@ -17,17 +18,16 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import BatchAborted, CommitRetriable
-from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import IndexPoint
-from loupe.consumers.ingest import EncodeLock, Indexer, PendingEvent, event_point_id
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.product_stage import ProductStage, StageOutput, event_point_id
 from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.publisher import Publisher
 from loupe.consumers.vectors import VectorsOut, unplaced_start
+from loupe.consumers.worker import BatchWorker
 
 
-class VectorEncoder(Indexer):
+class VectorEncoder(BatchWorker):
     """Encodes for the live collection; after a switch, for the new one, in its group."""
 
     role = "encode"
@@ -40,12 +40,10 @@ class VectorEncoder(Indexer):
         catalog: Catalog,
         publisher: Publisher,
         live: LiveModel,
-        fetcher: ImageFetcher,
+        stage: ProductStage,
         metrics: LoupeMetrics,
         topic: ProductsTopics,
-        encode_lock: EncodeLock,
         poll_timeout_ms: int = 500,
-        fetch_workers: int = 8,
         stop_event: threading.Event | None = None,
     ) -> None:
         """``make_consumer(collection)``: a consumer in that collection's encoders' group;
@@ -54,16 +52,14 @@ class VectorEncoder(Indexer):
         super().__init__(
             consumer=make_consumer(collection),
             publisher=publisher,
-            live=live,
-            fetcher=fetcher,
             metrics=metrics,
             topic=topic,
-            encode_lock=encode_lock,
             poll_timeout_ms=poll_timeout_ms,
-            fetch_workers=fetch_workers,
+            live=live,
             stop_event=stop_event,
-            vectors_out=make_vectors_out(collection),
         )
+        self.stage = stage
+        self.vectors_out = make_vectors_out(collection)
         self.make_consumer = make_consumer
         self.make_vectors_out = make_vectors_out
         self.catalog = catalog
@@ -85,7 +81,7 @@ class VectorEncoder(Indexer):
         if not partitions:
             return records
         starts = unplaced_start(
-            self.catalog, self.index.collection, self.consumer, partitions, self.source
+            self.catalog, self.in_use.collection, self.consumer, partitions, self.source
         )
         for tp, offset in starts.items():
             self.consumer.seek(tp, offset)
@@ -102,17 +98,23 @@ class VectorEncoder(Indexer):
             )
         return [r for r in records if TopicPartition(r.topic, r.partition) not in starts]
 
-    def _write(
-        self, points: list[tuple[PendingEvent, IndexPoint]], deletes: list[PendingEvent]
-    ) -> None:
+    def close(self) -> None:
+        self.stage.close()
+        super().close()
+
+    def commit_metadata(self) -> str:
+        return self.in_use.collection  # each committed offset names the collection it went to
+
+    def handle(self, records: list[Any]) -> None:
+        out = self.stage.run(records, self.encoder, self.keep_alive_if_due)
+        self._publish(out)  # with the commit (BatchWorker)
+
+    def _publish(self, out: StageOutput) -> None:
         model_version = self.encoder.model_version
-        for item, point in points:
+        for item, point in out.points:
             self.vectors_out.upsert(item.record, point, model_version)
-            self._count("encoded")
-        for item in deletes:
+            self.stage.count("encoded")
+        for item in out.deletes:
             pid = event_point_id(item.event)
             self.vectors_out.delete(item.record, pid, item.event, model_version)
-            self._count("deleted")
-
-    def after_commit(self, records: list[Any]) -> None:
-        """Nothing to count: the index writers report their collections."""
+            self.stage.count("deleted")

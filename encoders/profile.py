@@ -92,6 +92,15 @@ class ModelProfile:
         return dataclasses.replace(self, **values)
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model made a vector, and the size of each of its views: what a collection, a
+    vectors topic and their writers need to know of a model, without holding it."""
+
+    model_version: str
+    dims: Mapping[str, int]  # view (image, text, fused) -> numbers in its vector
+
+
 # The fields of ``ModelProfile`` that decide the vectors. A field added here is kept on every
 # collection's card from then on; a card written before then says what it meant by its absence
 # (``catalog._BEFORE_IT_EXISTED``).

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
-from loupe.consumers.ingest import record_time
+from loupe.consumers.kafka_io import record_time
 from loupe.consumers.products_topics import ProductsTopics
 from loupe.encoders.errors import ModelError
 from loupe.encoders.images import DecodeLimits, decode_image

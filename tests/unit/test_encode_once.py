@@ -21,6 +21,7 @@ from loupe.consumers.index_writer import IndexWriter
 from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.product_stage import ProductStage
 from loupe.consumers.products_topics import MAX_TOPIC_NAME, ProductsTopics
 from loupe.consumers.service import CatchUp
 from loupe.consumers.settings import Settings
@@ -328,10 +329,14 @@ def test_a_new_encoders_group_starts_where_the_reindex_published_up_to(catalog, 
         catalog=catalog,
         publisher=publisher,
         live=LiveModel(ModelInUse(_Encoder("b"), b)),
-        fetcher=None,
+        stage=ProductStage(
+            fetcher=None,
+            publisher=publisher,
+            metrics=LoupeMetrics(),
+            source=ProductsTopics("products"),
+        ),
         metrics=LoupeMetrics(),
         topic=ProductsTopics("products"),
-        encode_lock=lambda: __import__("contextlib").nullcontext(),
     )
     encoder.on_assigned(set(tp))
     records = [_Source("products", 0, 31), _Source("products", 1, 12)]

@@ -20,6 +20,7 @@ from loupe.consumers.handover import HandOver
 from loupe.consumers.ingest import Indexer
 from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse, ModelSwitchError
 from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.product_stage import ProductStage
 from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.reindex import (
     ReindexBusy,
@@ -307,7 +308,9 @@ def test_the_ingest_resumes_a_partition_from_the_new_collections_offsets(tmp_pat
         consumer=consumer,
         publisher=publisher,
         live=LiveModel(ModelInUse(FakeEncoder("b"), b)),
-        fetcher=None,
+        stage=ProductStage(
+            fetcher=None, publisher=publisher, metrics=LoupeMetrics(), source=ProductsTopics("t")
+        ),
         metrics=LoupeMetrics(),
         topic=ProductsTopics("t"),
         hand_over=HandOver(catalog, ProductsTopics("t"), report_every_s=1.0),
@@ -322,7 +325,7 @@ def test_the_ingest_resumes_a_partition_from_the_new_collections_offsets(tmp_pat
     ], "the hand-over is committed at once, naming the new collection"
     assert indexer.commit_metadata() == "loupe__b"
     assert indexer.after_poll(records) == records, "checked once per assignment"
-    indexer._fetch_pool.shutdown()
+    indexer.stage.close()
     b.close()
 
 
