@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -168,23 +168,40 @@ def next_offsets(
     return offsets
 
 
-def update_lag(consumer: KafkaConsumer, metrics: LoupeMetrics) -> int | None:
-    """Lag per assigned partition: the end offset minus our position. Returns the total, or
-    None when it was not read (no partitions yet, or the broker did not answer)."""
+def update_lag(consumer: KafkaConsumer, metrics: LoupeMetrics) -> dict[TopicPartition, int] | None:
+    """Export the lag of each assigned partition (its end offset minus our position); returns
+    the end offsets read, or None when they were not (no partitions yet, or the broker did not
+    answer)."""
     try:
         assigned = list(consumer.assignment())
         if not assigned:
             return None
         ends = consumer.end_offsets(assigned)
-        total = 0
         for tp in assigned:
             lag = max(0, ends.get(tp, 0) - consumer.position(tp))
             metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
-            total += lag
     except KafkaError as exc:
         log.debug("lag not updated: %s", exc)
         return None
-    return total
+    return ends
+
+
+def read_to_end(
+    consumer: KafkaConsumer,
+    partitions: Iterable[TopicPartition],
+    ends: Mapping[TopicPartition, int],
+) -> bool:
+    """Loupe's one meaning of "caught up": every one of ``partitions`` is assigned to
+    ``consumer``, and its position has reached its end offset in ``ends`` (read from the broker
+    after the poll that came back empty). A partition whose end is not known is not read to its
+    end. A worker's ``caught_up`` (a replica's readiness, ``service.CatchUp``, encode-once) asks
+    it of the partitions it was assigned; the reindex (``reindex_progress.ReindexTracker``), of
+    every partition of the products topics: a group that shares them has not caught up alone."""
+    partitions = list(partitions)
+    assigned = consumer.assignment()
+    return bool(partitions) and all(
+        tp in assigned and tp in ends and consumer.position(tp) >= ends[tp] for tp in partitions
+    )
 
 
 def rewind(consumer: KafkaConsumer, records: Sequence[Any]) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse
 from loupe.consumers.metrics import HealthServer, LoupeMetrics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
+from loupe.consumers.signals import install_signal_handlers
 from loupe.consumers.topics import check_topics
 from loupe.consumers.worker import BatchWorker
 
@@ -374,24 +373,3 @@ def check_role(settings: Settings, role: str) -> None:
             f"own index and answers searches from it, so it runs both roles (--role all), not "
             f"--role {role}"
         )
-
-
-def install_signal_handlers(
-    stop: Callable[[], None], exit_now: Callable[[int], None] = os._exit
-) -> None:
-    """SIGTERM/SIGINT: ``stop`` (finish the batch in flight, commit, stop). A second one exits
-    at once (nothing uncommitted is lost: it is replayed after the restart)."""
-    received: list[int] = []
-
-    def handle(signum, _frame) -> None:
-        name = signal.Signals(signum).name
-        if received:
-            log.warning("received %s again: exiting now, without finishing the batch", name)
-            exit_now(128 + signum)
-            return
-        received.append(signum)
-        log.info("received %s: finishing the batch in flight, then stopping", name)
-        stop()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)

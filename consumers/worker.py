@@ -30,6 +30,7 @@ from loupe.consumers.kafka_io import (
     Abandoned,
     Backoff,
     next_offsets,
+    read_to_end,
     rewind,
     rewind_to_committed,
     update_lag,
@@ -200,7 +201,8 @@ class BatchWorker:
         if not records:
             # Until caught up, every empty poll reads the lag: an empty poll alone does not say
             # the worker is at the end (a fetch may still be on its way); a zero lag does.
-            if self._update_lag(force=not self.caught_up.is_set()) == 0:
+            ends = self._update_lag(force=not self.caught_up.is_set()) or {}
+            if read_to_end(self.consumer, ends, ends):  # every assigned partition
                 self.at_end_as_of = poll_started
                 self._mark_caught_up()
             return 0
@@ -274,9 +276,8 @@ class BatchWorker:
             log.info("%s: caught up with %s", self.role, self.topic)
             self.caught_up.set()
 
-    def _update_lag(self, force: bool = False) -> int | None:
-        """Lag costs a request to the broker: at most once per LAG_INTERVAL_S, not per poll
-        (unless ``force``). Returns the total lag, or None when it was not read."""
+    def _update_lag(self, force: bool = False) -> dict[TopicPartition, int] | None:
+        """End offsets, lag exported (None: not read); a request, so once per LAG_INTERVAL_S."""
         now = time.monotonic()
         if not force and now - self._lag_updated_at < LAG_INTERVAL_S:
             return None

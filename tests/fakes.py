@@ -64,6 +64,11 @@ class FakeConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self._assigned)
 
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        """The cluster's partitions of ``topic``: those assigned, positioned or with an end."""
+        known = {*self._assigned, *self.positions, *(self.ends or {})}
+        return {tp.partition for tp in known if tp.topic == topic}
+
     def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list]:
         polled = {}
         for tp in sorted(self._assigned - self._paused):

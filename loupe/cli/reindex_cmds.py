@@ -80,10 +80,8 @@ def reindex(
     model as for `loupe serve` (e.g. LOUPE_FUSION_CHECKPOINT=new.pt loupe reindex).
     """
     from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.metrics import HealthServer, LoupeMetrics
     from loupe.consumers.reindex import CountsDisagree, Reindex
     from loupe.consumers.reindex import rollback as roll_back
-    from loupe.consumers.service import install_signal_handlers
 
     config = settings()
     grace = float(config.reindex_grace_s if grace_s is None else grace_s)
@@ -95,20 +93,15 @@ def reindex(
         )
         return 0
     require_broker(config, wait_s=5.0)
-    metrics = LoupeMetrics()
-    health = HealthServer(
-        metrics, lambda: (True, "reindexing"), config.metrics_host, metrics_port
-    ).start()
-    click.echo(f"progress metrics on http://{config.metrics_host}:{health.port}/metrics")
     job = Reindex(
         config,
-        metrics=metrics,
         report=lambda line: click.echo(line),
         grace_s=grace,
         allow_count_difference=allow_count_difference,
         count_wait_s=count_wait_s,
-    )
-    install_signal_handlers(job.stop)
+    ).start(metrics_port)
+    click.echo(f"progress metrics on http://{config.metrics_host}:{job.health.port}/metrics")
+    job.install_signal_handlers()
     try:
         outcome = job.run()
     except CountsDisagree as exc:
@@ -117,8 +110,6 @@ def reindex(
     except KeyboardInterrupt:
         click.echo("interrupted: run `loupe reindex` again to resume where it stopped", err=True)
         return 130
-    finally:
-        health.stop()
     if not outcome.switched:
         click.echo(f"nothing to do: {outcome.detail}")
         return 0

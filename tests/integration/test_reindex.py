@@ -7,9 +7,11 @@ exactly the result of one that was not."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import IndexQuery, collection_name, point_id
 from loupe.consumers.kafka_names import KafkaNames
-from loupe.consumers.reindex import reindex_lock
+from loupe.consumers.reindex_lock import reindex_lock
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import SearchLoad, loupe_process, serve_env
@@ -385,6 +387,11 @@ def test_a_reindex_killed_midway_resumes_to_the_same_result(
         [first],
         [log_path],
     )
+    # Its /readyz says how far it is (the reindex serves its own metrics, as serve does).
+    port = re.findall(r"progress metrics on http://[^:]+:(\d+)/metrics", log_path.read_text())[-1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+        status = answer.read().decode()
+    assert status.startswith(f"reindex {collection_b}: ") and "/40 events" in status, status
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     assert committed(bootstrap_servers, reindex_group) < len(ids), "killed midway"
@@ -553,8 +560,8 @@ def test_with_a_shared_server_a_live_reindex_group_refuses_a_second_reindex(
     elsewhere shows as members in the reindex's consumer group, and that refuses this one."""
     from kafka import KafkaConsumer
 
-    from loupe.consumers import reindex as reindex_module
-    from loupe.consumers.reindex import ReindexBusy
+    from loupe.consumers import reindex_lock as reindex_module
+    from loupe.consumers.reindex_lock import ReindexBusy
 
     topic = make_topic("products")
     settings = Settings(

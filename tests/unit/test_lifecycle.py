@@ -22,12 +22,9 @@ from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse, Mod
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.product_stage import ProductStage
 from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.reindex import (
-    ReindexBusy,
-    counts_agree,
-    reindex_lock,
-    rollback,
-)
+from loupe.consumers.reindex import rollback
+from loupe.consumers.reindex_lock import ReindexBusy, reindex_lock
+from loupe.consumers.reindex_progress import counts_agree
 from loupe.consumers.settings import Settings
 from loupe.encoders.profile import ModelProfile
 from tests.fakes import FakeConsumer

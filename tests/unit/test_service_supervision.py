@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loupe.consumers import service
+from loupe.consumers import service, signals
 from loupe.consumers.errors import WorkerDied
 from loupe.consumers.settings import Settings
 
@@ -22,7 +22,7 @@ def restore_signals():
 
 def test_a_second_signal_exits_at_once(restore_signals):
     stops, exits = [], []
-    service.install_signal_handlers(lambda: stops.append(1), exits.append)
+    signals.install_signal_handlers(lambda: stops.append(1), exits.append)
     handler = signal.getsignal(signal.SIGTERM)
     handler(signal.SIGTERM, None)
     assert stops == [1] and exits == []  # the first one: finish the batch, then stop
