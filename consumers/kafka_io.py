@@ -4,6 +4,7 @@ What a batch publishes, and the failure policy of its commit, is ``publisher.Pub
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -184,6 +185,15 @@ def update_lag(consumer: KafkaConsumer, metrics: LoupeMetrics) -> dict[TopicPart
         log.debug("lag not updated: %s", exc)
         return None
     return ends
+
+
+def forget_lag(metrics: LoupeMetrics, partitions: Iterable[TopicPartition]) -> None:
+    """Drop the lag of partitions this instance no longer reads (revoked, or a consumer it
+    replaced): another instance reports them now, and a sum over instances (a dashboard, an
+    autoscaler) must not count a stale value twice."""
+    for tp in partitions:
+        with contextlib.suppress(KeyError):  # never reported
+            metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
 
 def read_to_end(

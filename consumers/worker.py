@@ -29,6 +29,7 @@ from loupe.consumers.kafka_io import (
     TRANSIENT_KAFKA,
     Abandoned,
     Backoff,
+    forget_lag,
     next_offsets,
     read_to_end,
     rewind,
@@ -70,6 +71,7 @@ class _Rebalance(ConsumerRebalanceListener):
         if revoked:
             log.info("%s: partitions revoked: %s", self.worker.role, sorted(map(tuple, revoked)))
             self.worker.lost.update(revoked)
+            forget_lag(self.worker.metrics, revoked)
 
     def on_partitions_assigned(self, assigned) -> None:
         if assigned:
@@ -137,9 +139,9 @@ class BatchWorker:
         self.in_use = in_use
 
     def replace_consumer(self, consumer: KafkaConsumer, topic: str | ProductsTopics) -> None:
-        """Between batches: go on with ``consumer`` on ``topic`` (a worker whose group or topic
-        is per collection, after a switch). The old consumer leaves its group uncommitted:
-        everything it handled was committed with its batch."""
+        """Between batches: go on with ``consumer`` on ``topic`` (after a switch, for a worker
+        whose group or topic is per collection). The old one leaves its group uncommitted."""
+        forget_lag(self.metrics, self.consumer.assignment())
         self.consumer.close(autocommit=False)
         self._committed, self.lost = {}, set()  # the old consumer's
         self._read(consumer, topic)

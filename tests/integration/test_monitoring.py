@@ -253,6 +253,12 @@ def test_every_panel_and_alert_query_against_a_real_prometheus(
         for name, expr in _alert_expressions():
             answer = _query(api, expr)
             assert answer["status"] == "success", f"{name}: {expr}: {answer}"
+        # keda-encode-once.yaml's query: the products lag, summed over the pods that report it.
+        keda = yaml.safe_load((DEPLOY / "kubernetes" / "keda-encode-once.yaml").read_text())
+        query = keda["spec"]["triggers"][0]["metadata"]["query"]
+        lag = _query(api, query.replace('"loupe.products.v1"', f'"{topics["products"]}"'))
+        assert lag["status"] == "success" and lag["data"]["result"], lag
+        assert float(lag["data"]["result"][0]["value"][1]) == 0.0, "every event was ingested"
         dead = _query(api, 'loupe_dead_letters_total{reason="invalid_json"}')
         assert float(dead["data"]["result"][0]["value"][1]) == 1.0
     finally:

@@ -52,3 +52,26 @@ def test_a_merchant_topic_assigned_before_the_reindex_found_it_is_not_read_to_it
 class _NoIndex:
     def count(self, exact: bool = False) -> int:
         return 0
+
+
+def test_a_partition_no_longer_read_here_has_no_lag_reported_here():
+    from loupe.consumers.metrics import LoupeMetrics
+    from loupe.consumers.worker import BatchWorker
+
+    class _Ingest(BatchWorker):
+        role = "ingest"
+
+    metrics = LoupeMetrics()
+    consumer = FakeConsumer(positions={P0: 4, P1: 3}, ends={P0: 10, P1: 7})
+    worker = _Ingest(consumer=consumer, publisher=None, metrics=metrics, topic="products")
+    worker.process_once()
+
+    def lag(tp: TopicPartition) -> float | None:
+        labels = {"topic": tp.topic, "partition": str(tp.partition)}
+        return metrics.registry.get_sample_value("loupe_consumer_lag", labels)
+
+    assert (lag(P0), lag(P1)) == (6, 4)
+    consumer.listener.on_partitions_revoked({P1})  # another instance reads it now
+    assert (lag(P0), lag(P1)) == (6, None), "a sum over instances counts P1 once"
+    worker.replace_consumer(FakeConsumer(), "products")  # after a switch: another group
+    assert lag(P0) is None

@@ -76,6 +76,24 @@ def test_keda_scales_each_role_on_its_own_group_topic_and_partition_count():
         assert args == ["serve", "--role", role]
 
 
+def test_with_encode_once_keda_scales_the_ingest_on_the_products_lag_the_pods_report():
+    docs = _docs()
+    settings = Settings()
+    direct = docs[("ScaledObject", "loupe-ingest")]
+    scaled = docs[("ScaledObject", "loupe-ingest-encode-once")]
+    assert scaled["spec"]["scaleTargetRef"] == direct["spec"]["scaleTargetRef"]
+    assert scaled["spec"]["maxReplicaCount"] == direct["spec"]["maxReplicaCount"]
+    (trigger,) = scaled["spec"]["triggers"]
+    (kafka,) = direct["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["threshold"] == kafka["metadata"]["lagThreshold"]
+    # The products lag, whatever the group (the encoders' changes with each reindex); the
+    # query itself runs on a real Prometheus in tests/integration/test_monitoring.py.
+    query = trigger["metadata"]["query"]
+    assert query.startswith("sum(loupe_consumer_lag{") and "encode" not in query
+    assert f'topic="{settings.products_topic}"' in query
+
+
 def test_probes_and_metrics_use_the_metrics_port_and_checkpoints_share_a_volume():
     docs = _docs()
     port = int(docs[("ConfigMap", "loupe-config")]["data"]["LOUPE_METRICS_PORT"])
