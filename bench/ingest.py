@@ -3,7 +3,7 @@
 All three process the same products (the jewelry catalog, photos by URL from a loopback
 server) in one run:
 - encoder: ``encode_products`` on photo bytes already in memory (the ceiling);
-- service: events produced to Kafka, consumed by ``Indexer`` (fetch, encode, upsert, commit),
+- service: events produced to Kafka, consumed by ``IngestWorker`` (fetch, encode, upsert, commit),
   timed from the first produce to the last commit;
 - naive: one event at a time (poll 1, fetch, encode 1, upsert 1, commit).
 
@@ -23,7 +23,7 @@ from bench.harness import create_topic, local_broker, photo_server, product_even
 from loupe.consumers.app import fixed_model
 from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.index import IndexPoint
-from loupe.consumers.ingest import Indexer
+from loupe.consumers.ingest import IngestWorker
 from loupe.consumers.kafka_io import make_consumer, make_producer
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.product_stage import ProductStage
@@ -88,7 +88,7 @@ def main() -> None:
         producer = make_producer(run_settings)
         publisher = Publisher(producer, dlq, metrics)
         products = ProductsTopics(topic)
-        indexer = Indexer(
+        indexer = IngestWorker(
             consumer=make_consumer(run_settings, "bench-service"),
             publisher=publisher,
             live=fixed_model(encoder, index),

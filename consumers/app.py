@@ -16,11 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, build_catalog
+from loupe.consumers.encode_worker import EncodeWorker
 from loupe.consumers.handover import HandOver
 from loupe.consumers.image_fetch import ImageFetcher
 from loupe.consumers.index import Collection
-from loupe.consumers.index_writer import IndexWriter
-from loupe.consumers.ingest import Indexer
+from loupe.consumers.index_writer import IndexWorker
+from loupe.consumers.ingest import IngestWorker
 from loupe.consumers.kafka_io import make_consumer, make_producer, make_transactional_producer
 from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.live_model import LiveModel, ModelInUse, open_collection
@@ -31,7 +32,6 @@ from loupe.consumers.reply_topics import ReplyTopics
 from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
 from loupe.consumers.topics import cleanup_policy
-from loupe.consumers.vector_encoder import VectorEncoder
 from loupe.consumers.vectors import VectorsOut, ensure_vectors_topic
 from loupe.encoders.fused import FusedEncoder
 from loupe.encoders.profile import ModelProfile
@@ -156,13 +156,13 @@ class Application:
         stop_event: threading.Event | None = None,
         vectors_out: VectorsOut | None = None,
         **consumer_options: Any,
-    ) -> Indexer:
+    ) -> IngestWorker:
         """The products consumer into ``live``'s collection, in ``group`` (the ingest's by
         default). ``hand_over``: the catalog, for a worker that follows switches of the live
         collection and reports its point count (the service's; not a reindex's)."""
         settings = self.settings
         publisher = publisher or self.publisher("ingest")
-        return Indexer(
+        return IngestWorker(
             consumer=make_consumer(
                 settings, group or self.names.ingest_group(), **consumer_options
             ),
@@ -202,12 +202,12 @@ class Application:
         *,
         encode_lock: EncodeLock = contextlib.nullcontext,
         stop_event: threading.Event | None = None,
-    ) -> VectorEncoder:
+    ) -> EncodeWorker:
         """The products consumer that encodes for ``live``'s collection into its vectors topic,
         in that collection's encoders' group (one for every instance)."""
         settings = self.settings
         publisher = self.publisher("encode")
-        return VectorEncoder(
+        return EncodeWorker(
             make_consumer=lambda c: make_consumer(settings, self.names.encode_group(c)),
             make_vectors_out=lambda c: self.vectors_out(publisher, c),
             catalog=catalog,
@@ -220,9 +220,9 @@ class Application:
             stop_event=stop_event,
         )
 
-    def index_writer(
+    def index_worker(
         self, live: LiveModel, catalog: Catalog, *, stop_event: threading.Event | None = None
-    ) -> IndexWriter:
+    ) -> IndexWorker:
         """The vectors consumer that writes ``live``'s collection, in this index's writers'
         group; it reports the collection's point count in ``catalog``."""
         settings = self.settings
@@ -231,7 +231,7 @@ class Application:
             topic, _ = self.vectors_topic(collection)
             return make_consumer(settings, self.names.index_group(collection)), topic
 
-        return IndexWriter(
+        return IndexWorker(
             make_consumer=consumer_of,
             publisher=self.publisher("index"),
             live=live,

@@ -103,7 +103,7 @@ class WritesIndex(BatchWorker):
         self.metrics.events.labels(topic=self.topic, outcome=outcome).inc()
 
 
-class IndexWriter(WritesIndex):
+class IndexWorker(WritesIndex):
     """A collection's vectors topic into the collection in use, in the index writers' group of
     that collection. When the live model moves, it moves to the new collection's topic and
     group (``make_consumer``), and reads that topic from where the group stands: from its

@@ -30,7 +30,7 @@ from loupe.consumers.vectors import VectorsOut
 log = logging.getLogger(__name__)
 
 
-class Indexer(WritesIndex):
+class IngestWorker(WritesIndex):
     """The ingest: the product stage into the collection in use (and, for a reindex with
     encode-once, into its vectors topic too)."""
 

@@ -147,7 +147,7 @@ class Reindex:
         # topic: the index writers of every other index read it after the switch, and an index
         # that starts later builds from it without encoding (consumers/vectors.py).
         publisher = app.publisher("reindex", transactional=False)
-        indexer = app.ingest_worker(
+        ingest = app.ingest_worker(
             fixed_model(encoder, index),
             group=KafkaNames.of(settings).reindex_group(target),
             publisher=publisher,
@@ -157,17 +157,17 @@ class Reindex:
             session_timeout_ms=REINDEX_SESSION_MS,
         )
         started = time.monotonic()
-        tracker = ReindexTracker(indexer.consumer, settings.products_topics())
+        tracker = ReindexTracker(ingest.consumer, settings.products_topics())
         watch = _Watch(self, catalog, index, tracker, target, live)
         try:
             self.report(watch.progress.line(target))  # where it starts (or resumes)
-            indexer.run(until=watch.done)  # closes the worker
+            ingest.run(until=watch.done)  # closes the worker
             if self.stop_event.is_set():
                 raise KeyboardInterrupt
             self.report(watch.progress.line(target))
             applied, events = watch.applied, watch.events
         finally:
-            indexer.close()
+            ingest.close()
             app.close_publishers()
             index.close()  # an embedded shard opens in one process at a time: the service's next
         previous = catalog.switch(target, self.grace_s, applied)

@@ -210,7 +210,7 @@ class LoupeService:
         if role in ("ingest", "all") and settings.encode_once:
             # Encode once, index many: encoders shared by every instance, a writer per index.
             encoding = app.encode_worker(self.live, self.catalog, encode_lock=gate.ingest)
-            writer = app.index_writer(self.live, self.catalog)
+            writer = app.index_worker(self.live, self.catalog)
             self.workers += [encoding, writer]
             if settings.replica_id is not None:
                 self.catching_up = CatchUp(writer, encoding)

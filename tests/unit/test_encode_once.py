@@ -15,9 +15,10 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard
 from loupe.consumers.edge_index import EdgeStore
+from loupe.consumers.encode_worker import EncodeWorker
 from loupe.consumers.handover import HandOver
 from loupe.consumers.index import IndexPoint, point_id
-from loupe.consumers.index_writer import IndexWriter
+from loupe.consumers.index_writer import IndexWorker
 from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.live_model import LiveModel, ModelInUse
 from loupe.consumers.metrics import LoupeMetrics
@@ -25,7 +26,6 @@ from loupe.consumers.product_stage import ProductStage
 from loupe.consumers.products_topics import MAX_TOPIC_NAME, ProductsTopics
 from loupe.consumers.service import CatchUp
 from loupe.consumers.settings import Settings
-from loupe.consumers.vector_encoder import VectorEncoder
 from loupe.consumers.vectors import VectorsOut
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.errors import ErrorCode, InvalidEvent
@@ -217,7 +217,7 @@ def test_the_index_writer_applies_the_version_rule_and_letters_what_does_not_fit
     consumer = FakeConsumer(_Kafka("vectors", 0, n, v) for n, v in enumerate(values))
     publisher = _Publisher()
     metrics = LoupeMetrics()
-    writer = IndexWriter(
+    writer = IndexWorker(
         make_consumer=lambda collection: (consumer, "vectors"),
         publisher=publisher,
         live=LiveModel(ModelInUse(_Encoder("a"), index)),
@@ -263,7 +263,7 @@ def test_the_index_writer_moves_to_the_new_collections_topic_and_group_on_a_swit
         return consumers[collection], f"vectors.{collection}"
 
     live = LiveModel(ModelInUse(_Encoder("a"), a))
-    writer = IndexWriter(
+    writer = IndexWorker(
         make_consumer=make_consumer,
         publisher=_Publisher(),
         live=live,
@@ -323,7 +323,7 @@ def test_a_new_encoders_group_starts_where_the_reindex_published_up_to(catalog, 
         committed={tp[0]: OffsetAndMetadata(31, "loupe__b", -1)},  # this one has its own
     )
     publisher = _Publisher()
-    encoder = VectorEncoder(
+    encoder = EncodeWorker(
         make_consumer=lambda collection: consumer,
         make_vectors_out=lambda c: VectorsOut(_Publisher(), f"vectors.{c}", c, 2),
         catalog=catalog,

@@ -17,7 +17,7 @@ from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, NothingT
 from loupe.consumers.edge_index import EdgeStore
 from loupe.consumers.errors import IndexUnavailable
 from loupe.consumers.handover import HandOver
-from loupe.consumers.ingest import Indexer
+from loupe.consumers.ingest import IngestWorker
 from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse, ModelSwitchError
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.product_stage import ProductStage
@@ -301,7 +301,7 @@ def test_the_ingest_resumes_a_partition_from_the_new_collections_offsets(tmp_pat
         },
     )
     publisher = _Publisher()
-    indexer = Indexer(
+    indexer = IngestWorker(
         consumer=consumer,
         publisher=publisher,
         live=LiveModel(ModelInUse(FakeEncoder("b"), b)),

@@ -27,7 +27,7 @@ from loupe.consumers.vectors import VectorsOut, unplaced_start
 from loupe.consumers.worker import BatchWorker
 
 
-class VectorEncoder(BatchWorker):
+class EncodeWorker(BatchWorker):
     """Encodes for the live collection; after a switch, for the new one, in its group."""
 
     role = "encode"
