@@ -163,7 +163,7 @@ def main() -> None:
         settings = Settings(state_dir=work_dir / "state")
         index_catalog = build_catalog(settings)
         index = index_catalog.open(report["model_b"])
-        index.ensure_collection({"image": 1280, "text": 384, "fused": 1664}, make_live=False)
+        index.ensure_collection({"image": 1280, "text": 384, "fused": 1664})
         ids = [point_id(MERCHANT, p.product_id) for p in catalog] + [
             point_id(MERCHANT, pid) for pid in report.pop("products_sent_ids")
         ]

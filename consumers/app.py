@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, build_catalog
+from loupe.consumers.catalog import Catalog, ModelCard, build_catalog
 from loupe.consumers.encode_worker import EncodeWorker
 from loupe.consumers.handover import HandOver
 from loupe.consumers.image_fetch import ImageFetcher
@@ -90,11 +90,7 @@ class Application:
             configured = catalog.name_of(version)
             live = catalog.live()
             if live is None or live == configured:
-                index = catalog.open(version)
-                index.ensure_collection(encoder.dims, make_live=True)
-                if catalog.card(configured) is None:
-                    card = CollectionCard(ModelCard.of(profile, version), "live")
-                    catalog.write_card(configured, card)
+                index = catalog.serve_first(ModelCard.of(profile, version), encoder.dims)
             else:
                 log.warning(
                     "the configured model makes %s, but the alias %s names %s: serving that one "

@@ -171,6 +171,46 @@ class Catalog:
         """A handle on ``model_version``'s collection (its ``ensure_collection`` makes it)."""
         return self.store.open(model_version)
 
+    # --- making collections: only here are cards made and the alias moved --------------------
+
+    def serve_first(self, model: ModelCard, dims: Mapping[str, int]) -> Collection:
+        """The configured model's collection, for a service that finds nothing live or finds it
+        live already: made if missing, with a live card (written before the alias moves, so
+        that no instance ever follows the alias to a collection without one), and live."""
+        collection = self.name_of(model.model_version)
+        index = self._made(model.model_version, dims)
+        if self.card(collection) is None:
+            self.write_card(collection, CollectionCard(model, "live"))
+        if self.live() != collection:
+            self.store.switch_alias(collection)
+        return index
+
+    def begin_build(
+        self, model: ModelCard, dims: Mapping[str, int], vectors_topic: str | None = None
+    ) -> Collection:
+        """A reindex's collection: made if missing, not live, with a card that says it is being
+        built (a card that says live: it switched, then crashed, and resumes as it is). A
+        collection retired earlier and built again keeps the offsets it had applied.
+        ``vectors_topic``: where the reindex publishes what it encodes (encode-once)."""
+        collection = self.name_of(model.model_version)
+        index = self._made(model.model_version, dims)
+        card = self.card(collection)
+        if card is None or card.state != "live":
+            fresh = CollectionCard(model, vectors_topic=vectors_topic)
+            if card is not None:
+                fresh.applied_offsets = card.applied_offsets
+            self.write_card(collection, fresh)
+        return index
+
+    def _made(self, model_version: str, dims: Mapping[str, int]) -> Collection:
+        index = self.open(model_version)
+        try:
+            index.ensure_collection(dims)
+        except BaseException:
+            index.close()
+            raise
+        return index
+
     def describe(self) -> list[dict[str, object]]:
         """Every collection under the alias's prefix, with what its card says."""
         live = self.live()

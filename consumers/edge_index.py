@@ -209,7 +209,7 @@ class EdgeIndex:
         self._lock = threading.RLock()
         self._shard: Any = None
 
-    def ensure_collection(self, dims: Mapping[str, int], *, make_live: bool = True) -> None:
+    def ensure_collection(self, dims: Mapping[str, int]) -> None:
         from qdrant_edge import (
             Distance,
             EdgeConfig,
@@ -246,8 +246,6 @@ class EdgeIndex:
                         )
             except (OSError, RuntimeError, ValueError) as exc:
                 raise IndexUnavailable(f"cannot open the shard in {shard_dir}: {exc}") from exc
-        if make_live and self.store.live_collection() != self.collection:
-            self.store.switch_alias(self.collection)
 
     def optimize(self) -> bool:
         """Run Qdrant's segment optimizers now (merges segments, builds the HNSW and payload

@@ -191,7 +191,7 @@ def open_collection(
     encoder.warm_up()
     index = catalog.open(card.model.model_version)
     try:
-        index.ensure_collection(encoder.dims, make_live=False)
+        index.ensure_collection(encoder.dims)
     except BaseException:
         encoder.close()
         raise

@@ -268,16 +268,12 @@ class QdrantIndex:
         self.model_version = model_version
         self.collection = collection_name(self.store.alias, model_version)
 
-    def ensure_collection(self, dims: Mapping[str, int], *, make_live: bool = True) -> None:
-        """Create this version's collection if missing; with ``make_live``, point the alias at
-        it when the alias points nowhere or elsewhere (a re-index passes False: it switches
-        only once the new collection has caught up)."""
+    def ensure_collection(self, dims: Mapping[str, int]) -> None:
+        """Create this version's collection if missing (the alias stays: ``Catalog``'s)."""
         store = self.store
         if not store.call("collection_exists", store.client.collection_exists, self.collection):
             log.info("creating collection %s (%s)", self.collection, dict(dims))
             self._create(dims)
-        if make_live and store.live_collection() != self.collection:
-            store.switch_alias(self.collection)
 
     def _create(self, dims: Mapping[str, int]) -> None:
         from qdrant_client import models

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from kafka.structs import TopicPartition
 
 from loupe.consumers.app import Application, fixed_model
-from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, build_catalog
+from loupe.consumers.catalog import Catalog, ModelCard, build_catalog
 from loupe.consumers.index import Collection
 from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.metrics import HealthServer, ReindexMetrics
@@ -127,16 +127,13 @@ class Reindex:
         self, app: Application, catalog: Catalog, encoder, target: str, live: str | None
     ) -> ReindexOutcome:
         settings = self.settings
-        index = catalog.open(encoder.model_version)
-        index.ensure_collection(encoder.dims, make_live=False)  # the card needs the collection
-        card = catalog.card(target)
-        if card is None or card.state != "live":  # "live": it switched, then crashed; resume
-            fresh = CollectionCard(ModelCard.of(app.profile, encoder.model_version))
-            if settings.encode_once:  # the vectors of what it applies go out with them
-                fresh.vectors_topic = KafkaNames.of(settings).vectors_topic(target)
-            if card is not None:  # a collection retired earlier, built again
-                fresh.applied_offsets = card.applied_offsets
-            catalog.write_card(target, fresh)
+        names = KafkaNames.of(settings)
+        index = catalog.begin_build(
+            ModelCard.of(app.profile, encoder.model_version),
+            encoder.dims,
+            # with encode-once, the vectors of what it applies go out with them
+            vectors_topic=names.vectors_topic(target) if settings.encode_once else None,
+        )
         # The service's ingest worker, in a group of its own, into the new collection only, and
         # stopped by ``_Watch.done`` once caught up. A static member (KIP-345): a reindex restarted
         # after a kill takes its partitions back at once, instead of waiting for the killed
@@ -149,7 +146,7 @@ class Reindex:
         publisher = app.publisher("reindex", transactional=False)
         ingest = app.ingest_worker(
             fixed_model(encoder, index),
-            group=KafkaNames.of(settings).reindex_group(target),
+            group=names.reindex_group(target),
             publisher=publisher,
             vectors_out=app.vectors_out(publisher, target) if settings.encode_once else None,
             stop_event=self.stop_event,  # a signal stops it between retries too

@@ -242,7 +242,7 @@ def test_reindex_switches_models_while_searches_and_products_keep_flowing(
     # Model B's collection holds every product: the catalog and those sent during the reindex.
     catalog = build_catalog(settings)
     index = catalog.open(model_b.model_version)
-    index.ensure_collection(model_b.dims, make_live=False)
+    index.ensure_collection(model_b.dims)
     try:
         ids = [point_id("m", pid) for pid in initial + products_during]
         assert len(index.stored_versions(ids)) == len(ids), "a product is missing from B"
@@ -323,7 +323,7 @@ def _points(state: Path, version: str, ids: list[str], index: dict) -> dict[str,
     settings = Settings(state_dir=state, **index)
     catalog = build_catalog(settings)
     index = catalog.open(version)
-    index.ensure_collection({"image": 1280, "text": 384, "fused": 1664}, make_live=False)
+    index.ensure_collection({"image": 1280, "text": 384, "fused": 1664})
     try:
         assert len(index.stored_versions([point_id("m", pid) for pid in ids])) == len(ids)
         # Every point with its vectors and payload: one query that ranks them all.

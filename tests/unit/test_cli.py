@@ -169,7 +169,9 @@ def test_collections_and_rollback_say_what_there_is(tmp_path, capsys, monkeypatc
     catalog = Catalog(EdgeStore(path=str(tmp_path / "edge-index")))
     for version, live in (("old", False), ("new", True)):
         index = catalog.open(version)
-        index.ensure_collection({"image": 4, "text": 4, "fused": 8}, make_live=live)
+        index.ensure_collection({"image": 4, "text": 4, "fused": 8})
+        if live:
+            catalog.store.switch_alias(index.collection)
         state = "live" if live else "retired"
         card = CollectionCard(ModelCard.of(ModelProfile(), version), state)
         catalog.write_card(index.collection, card)

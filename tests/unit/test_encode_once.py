@@ -192,9 +192,7 @@ def any_catalog(request, tmp_path, index_engines):
 
 def test_the_index_writer_applies_the_version_rule_and_letters_what_does_not_fit(any_catalog):
     catalog = any_catalog
-    index = catalog.open("a")
-    index.ensure_collection(DIMS, make_live=True)
-    catalog.write_card(index.collection, _card("a"))
+    index = catalog.serve_first(_card("a").model, DIMS)
     stored = _vectors()
     index.upsert(
         [
@@ -253,9 +251,8 @@ def _query(vector):
 
 
 def test_the_index_writer_moves_to_the_new_collections_topic_and_group_on_a_switch(catalog):
-    a, b = catalog.open("a"), catalog.open("b")
-    a.ensure_collection(DIMS, make_live=True)
-    b.ensure_collection(DIMS, make_live=False)
+    a = catalog.serve_first(_card("a").model, DIMS)
+    b = catalog.begin_build(_card("b").model, DIMS)
     consumers = {}
 
     def make_consumer(collection):
@@ -307,8 +304,7 @@ def _card(collection_version: str, **fields) -> CollectionCard:
 def test_a_new_encoders_group_starts_where_the_reindex_published_up_to(catalog, published):
     """A group that never committed starts at the card's applied offsets only if the reindex
     published those vectors; else from the beginning, so the vectors topic gets everything."""
-    b = catalog.open("b")
-    b.ensure_collection(DIMS, make_live=True)
+    b = catalog.serve_first(_card("b").model, DIMS)
     catalog.write_card(
         b.collection,
         _card(

@@ -48,10 +48,43 @@ def catalog(request, tmp_path, index_engines):
 
 def _collection(catalog, version: str, make_live: bool, card: CollectionCard | None = None):
     index = catalog.open(version)
-    index.ensure_collection(DIMS, make_live=make_live)
+    index.ensure_collection(DIMS)
+    if make_live:
+        catalog.store.switch_alias(index.collection)
     if card is not None:
         catalog.write_card(index.collection, card)
     return index
+
+
+def test_only_the_catalog_makes_a_collection_live_and_always_with_its_card(catalog):
+    model_a, model_b = _card("a").model, _card("b").model
+    a = catalog.open("a")
+    a.ensure_collection(DIMS)
+    assert catalog.live() is None, "an engine makes a collection, never moves the alias"
+    a.close()
+
+    a = catalog.serve_first(model_a, DIMS)  # a first start
+    assert catalog.live() == a.collection
+    assert (catalog.card(a.collection).state, catalog.card(a.collection).model) == ("live", model_a)
+    catalog.record_applied(a.collection, {TopicPartition("t", 0): 9})
+    a.close()  # an embedded shard opens once at a time
+    a = catalog.serve_first(model_a, DIMS)  # a restart: its card is kept
+    assert catalog.card(a.collection).applied_offsets == {"t:0": 9}
+
+    b = catalog.begin_build(model_b, DIMS, vectors_topic="v.loupe__b")
+    assert catalog.live() == a.collection, "built aside"
+    card = catalog.card(b.collection)
+    assert (card.state, card.vectors_topic, card.model) == ("building", "v.loupe__b", model_b)
+    catalog.switch(b.collection, 60.0, {TopicPartition("t", 0): 12})
+    b.close()
+    catalog.begin_build(model_b, DIMS).close()  # switched, then crashed: resumes as it is
+    assert catalog.card(b.collection).state == "live"
+    assert catalog.card(b.collection).applied_offsets == {"t:0": 12}
+    catalog.rollback(60.0)  # b retired, then built again: its applied offsets stay
+    catalog.begin_build(model_b, DIMS).close()
+    card = catalog.card(b.collection)
+    assert (card.state, card.applied_offsets) == ("building", {"t:0": 12})
+    a.close()
 
 
 def test_the_alias_moves_only_when_asked_and_in_one_step(catalog):
@@ -112,7 +145,7 @@ def test_an_embedded_shard_another_process_has_open_is_not_dropped(tmp_path):
                 import sys, time
                 from loupe.consumers.edge_index import EdgeIndex
                 index = EdgeIndex(model_version="a", path={str(tmp_path)!r})
-                index.ensure_collection({DIMS!r}, make_live=False)
+                index.ensure_collection({DIMS!r})
                 print("open", flush=True)
                 time.sleep(60)
                 """
