@@ -60,9 +60,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LOUPE_", frozen=True, extra="ignore")
 
-    # Each field's description is its line in the README's settings table, which
-    # ``python -m loupe.dev.settings_table`` writes from here (a unit test checks that the two
-    # agree). Measured figures live in docs/, beside the commands that measured them.
+    # Each field's description is its line in the README's settings tables, which
+    # ``python -m loupe.dev.settings_table`` writes from here, a table per "# --- concern ---"
+    # comment below (a unit test checks that the two agree). Measured figures live in docs/,
+    # beside the commands that measured them.
 
     state_dir: Path = Field(
         default_factory=_default_state_dir,

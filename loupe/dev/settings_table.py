@@ -6,6 +6,8 @@ a unit test fails when the two disagree, so a setting cannot be added without it
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -32,13 +34,35 @@ def _default(name: str) -> str:
     return f"`{value}`"
 
 
+# ``Settings`` groups its fields by concern under comments of this form; they head the tables.
+SECTION = re.compile(r"^    # --- (.+) ---$")
+FIELD = re.compile(r"^    (\w+): ")
+
+
+def sections() -> list[tuple[str, list[str]]]:
+    """The settings by concern: each section comment of ``Settings`` with the fields declared
+    under it, in order (the fields before the first: "Where Loupe keeps its state")."""
+    found: list[tuple[str, list[str]]] = [("Where Loupe keeps its state", [])]
+    for line in inspect.getsource(Settings).splitlines():
+        if heading := SECTION.match(line):
+            title = heading.group(1)
+            found.append((title[0].upper() + title[1:], []))
+        elif (field := FIELD.match(line)) and field.group(1) in Settings.model_fields:
+            found[-1][1].append(field.group(1))
+    return [(title, names) for title, names in found if names]
+
+
 def render() -> str:
-    """The table, one row per setting, in the order ``Settings`` declares them."""
+    """A table per concern, one row per setting, in the order ``Settings`` declares them."""
     prefix = Settings.model_config["env_prefix"]
-    rows = ["| setting | default | what it does |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        rows.append(f"| `{prefix}{name.upper()}` | {_default(name)} | {field.description} |")
-    return "\n".join(rows)
+    parts = []
+    for title, names in sections():
+        rows = [f"### {title}", "", "| setting | default | what it does |", "|---|---|---|"]
+        for name in names:
+            description = Settings.model_fields[name].description
+            rows.append(f"| `{prefix}{name.upper()}` | {_default(name)} | {description} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)
 
 
 def rewrite(text: str) -> str:

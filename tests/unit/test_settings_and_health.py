@@ -138,10 +138,13 @@ def test_the_server_versions_loupe_supports(version, supported):
 def test_the_readmes_settings_table_is_the_one_the_settings_describe():
     """Every setting has its line (with its real default), and no line names a setting that is
     not there: `python -m loupe.dev.settings_table` rewrites the table from ``Settings``."""
-    from loupe.dev.settings_table import README, rewrite
+    from loupe.dev.settings_table import README, rewrite, sections
 
     readme = README.read_text()
     assert rewrite(readme) == readme, "run: python -m loupe.dev.settings_table"
+    grouped = [name for _, names in sections() for name in names]
+    assert grouped == list(Settings.model_fields), "each setting in one table, in order"
+    assert [title for title, _ in sections()][1:3] == ["Kafka", "The index"]
     for name, field in Settings.model_fields.items():
         assert field.description, f"{name} has no description (its README line)"
         assert f"`LOUPE_{name.upper()}`" in readme
