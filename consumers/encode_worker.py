@@ -2,9 +2,9 @@
 
 It runs the ingest's stage (``product_stage``: parse, fetch, encode, the version rule within a
 batch, dead letters) into another sink: no index, but the collection's vectors topic, whose
-records go out in the transaction that commits the batch's offsets, for the index writers to
-apply (``consumers/vectors.py``). Its group is the
-collection's encoders' group, shared by every instance, so each event is encoded once.
+records go out in the transaction that commits the batch's offsets, for the index workers to
+apply (``consumers/vectors.py``). Its group is the collection's encoders' group, shared by every
+instance, so each event is encoded once.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from kafka.structs import TopicPartition
 from loupe.consumers.app import Application, fixed_model
 from loupe.consumers.catalog import Catalog, ModelCard, build_catalog
 from loupe.consumers.index import Collection
-from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.metrics import HealthServer, ReindexMetrics
 from loupe.consumers.reindex_lock import REINDEX_SESSION_MS, reindex_lock
 from loupe.consumers.reindex_progress import Progress, ReindexTracker, counts_agree
@@ -101,12 +100,13 @@ class Reindex:
 
     def run(self) -> ReindexOutcome:
         try:
-            return self._run(self.app)
+            return self._run()
         finally:
             if self.health is not None:
                 self.health.stop()
 
-    def _run(self, app: Application) -> ReindexOutcome:
+    def _run(self) -> ReindexOutcome:
+        app = self.app
         encoder = app.load_encoder(app.profile)
         catalog = app.open_catalog()
         try:
@@ -118,16 +118,13 @@ class Reindex:
                 serving = f"{live} stays live meanwhile" if live else "nothing is live yet"
                 source = self.settings.products_topics().label
                 self.report(f"building {target} from {source}; {serving}")
-                return self._build(app, catalog, encoder, target, live)
+                return self._build(catalog, encoder, target, live)
         finally:
             encoder.close()
             catalog.close()
 
-    def _build(
-        self, app: Application, catalog: Catalog, encoder, target: str, live: str | None
-    ) -> ReindexOutcome:
-        settings = self.settings
-        names = KafkaNames.of(settings)
+    def _build(self, catalog: Catalog, encoder, target: str, live: str | None) -> ReindexOutcome:
+        settings, app, names = self.settings, self.app, self.app.names
         index = catalog.begin_build(
             ModelCard.of(app.profile, encoder.model_version),
             encoder.dims,

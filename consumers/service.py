@@ -19,7 +19,6 @@ from loupe.consumers.app import Application
 from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import ConfigError, WorkerDied
 from loupe.consumers.kafka_io import answers_metadata, checksums_in_c
-from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse
 from loupe.consumers.metrics import HealthServer, LoupeMetrics
 from loupe.consumers.search_service import SearchService
@@ -330,7 +329,7 @@ class LoupeService:
             "replica %s: caught up (%d points); joining %s",
             self.settings.replica_id,
             self.index.count(),
-            KafkaNames.of(self.settings).search_group(),
+            self.app.names.search_group(),
         )
         return True
 

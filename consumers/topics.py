@@ -85,10 +85,10 @@ def ensure_topics(
 ) -> list[str]:
     """Create whichever of Loupe's topics are missing (the products topics compacted); return
     the names created."""
-    products = settings.products_topics()
+    names = KafkaNames.of(settings)
     specs = [
-        TopicSpec(t, partitions, replication_factor, COMPACTED if products.holds(t) else {})
-        for t in KafkaNames.of(settings).all_topics(tuple(merchants))
+        TopicSpec(t, partitions, replication_factor, COMPACTED if names.products.holds(t) else {})
+        for t in names.all_topics(tuple(merchants))
     ]
     with KafkaAdmin(settings.kafka_client_config()) as admin:
         return admin.create_missing(specs)
