@@ -2,7 +2,8 @@
 again, the Kafka broker is paused (SIGSTOP) again and again, and an image server drips bytes.
 Then the books are checked.
 
-    .venv/bin/python -m bench.chaos [--engines edge,server,edge-encode-once] [--kills 10]
+    .venv/bin/python -m bench.chaos [--engines edge,server,edge-encode-once,server-encode-once]
+        [--kills 10]
 
 Everything runs on this machine: a local Kafka broker, the stand-in CDN, a dripping server,
 for ``server`` a Qdrant server process (``LOUPE_QDRANT_BIN``, ``qdrant`` on the PATH, or
@@ -74,7 +75,7 @@ from loupe.encoders.fused import FusedEncoder
 from loupe.evaluation.simulators import phone_photo
 
 MERCHANT = "giva"
-ENGINES = ("edge", "server", "edge-encode-once")
+ENGINES = ("edge", "server", "edge-encode-once", "server-encode-once")
 BURST = 6  # photo searches sent to aim a pause at the search worker's commit
 
 
@@ -359,9 +360,9 @@ def run_engine(engine: str, args, catalog, plan, shopper_photos) -> Outcome:
         )
         admin.close()
         extra_settings = {}
-        if engine == "edge-encode-once":  # through the vectors topic (LOUPE_ENCODE_ONCE)
+        if engine.endswith("-encode-once"):  # through the vectors topic (LOUPE_ENCODE_ONCE)
             extra_settings["encode_once"] = "true"
-        if engine == "server":
+        if engine.startswith("server"):
             qdrant = LocalQdrant(tmp / "qdrant", find_qdrant(os.environ.get("LOUPE_QDRANT_BIN")))
             stack.enter_context(qdrant.start(1))
             extra_settings["index_url"] = qdrant.url
@@ -561,7 +562,7 @@ def main() -> None:
     parser.add_argument(
         "--engines",
         default="edge,server",
-        help=f"any of {', '.join(ENGINES)} (edge-encode-once: Edge, through the vectors topic)",
+        help=f"any of {', '.join(ENGINES)} (*-encode-once: through the vectors topic)",
     )
     parser.add_argument("--events", type=int, default=2000, help="product events (>= 2000)")
     parser.add_argument("--searches", type=int, default=200, help="search requests (>= 200)")
