@@ -17,9 +17,14 @@ catalog, so that a product's vector does not depend on which other products exis
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "models" / "centres"
 
 REFERENCE_TEXTS: tuple[str, ...] = (
     # English: jewelry, then other things shops sell, then product-title length
@@ -102,3 +107,29 @@ def mean_direction(text_encoder, texts: tuple[str, ...] = REFERENCE_TEXTS) -> to
         for query in (True, False)
     ]
     return torch.cat(vectors).mean(dim=0)
+
+
+def cached_mean_direction(
+    text_encoder, key: str, cache_dir: Path = DEFAULT_CACHE_DIR
+) -> torch.Tensor:
+    """``mean_direction(text_encoder)``, computed on a tower's first start and read back on
+    the later ones (a second's encoding saved at every start). ``key`` names the tower, its
+    weights' fingerprint, the reference texts and anything else that moves the centre, so that
+    another model never reads this one's. A file that cannot be read or written is only a cost:
+    the centre is computed."""
+    path = cache_dir / f"{key}.pt"
+    try:
+        centre = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(centre, torch.Tensor) and centre.shape == (text_encoder.dim,):
+            return centre.to(next(text_encoder.model.parameters()).device)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        pass  # missing, torn or foreign: computed again below
+    centre = mean_direction(text_encoder)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        torch.save(centre.detach().cpu(), staging)
+        staging.replace(path)  # atomic: a reader sees a whole file or none
+    except OSError:
+        pass
+    return centre

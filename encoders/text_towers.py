@@ -20,7 +20,7 @@ from torch import nn
 from loupe.encoders.errors import UnknownBackbone, WeightsNotFound
 from loupe.encoders.image_towers import RANDOM
 from loupe.encoders.profile import MAX_TEXT_TOKENS
-from loupe.encoders.text_centre import mean_direction, reference_id
+from loupe.encoders.text_centre import cached_mean_direction, reference_id
 from loupe.encoders.weights import file_digest, state_digest
 
 # Characters kept per token the tower reads: WordPiece averages 4 to 5 characters a token on
@@ -38,27 +38,29 @@ def _cut_at_space(text: str, limit: int) -> str:
 
 
 def _batch_tokenizer(tokenizer, max_tokens: int):
-    """A private copy of a fast tokenizer's Rust backend, set to truncate and pad exactly as
+    """A fast tokenizer's Rust backend, set to truncate and pad exactly as
     ``tokenizer(texts, padding=True, truncation=True, max_length=max_tokens)`` does, or None
     for a slow tokenizer. transformers' own call spends most of its time turning the Rust
     encodings into Python dicts of lists; reading the encodings straight into arrays skips
-    that."""
+    that.
+
+    The backend is shared, not copied: a copy goes through the tokenizer's JSON, a second at
+    every start for a 250k-piece vocabulary. The tower tokenizes only through this backend
+    (transformers' call sets the backend's truncation and padding itself each time, so one
+    made elsewhere still gets its own)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not getattr(tokenizer, "is_fast", False):
         return None
-    from tokenizers import Tokenizer
-
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.enable_truncation(
+    backend.enable_truncation(
         max_length=max_tokens, strategy="longest_first", direction=tokenizer.truncation_side
     )
-    copy.enable_padding(
+    backend.enable_padding(
         direction=tokenizer.padding_side,
         pad_id=tokenizer.pad_token_id,
         pad_type_id=tokenizer.pad_token_type_id,
         pad_token=tokenizer.pad_token,
     )
-    return copy
+    return backend
 
 
 def _minilm_dir(allow_download: bool) -> str:
@@ -218,8 +220,9 @@ class TextEncoder(nn.Module):
         self.centre_id = ""
         self.register_buffer("centre", None, persistent=False)
         if spec is not None and spec.centred:
-            self.centre = mean_direction(self)  # (D,), moves with the module
             self.centre_id = "-centre" + reference_id()
+            key = f"{name}-{self.weights_id}{self.centre_id}-t{max_tokens}"
+            self.centre = cached_mean_direction(self, key)  # (D,), moves with the module
 
     def tokenize(
         self,
