@@ -217,10 +217,16 @@ class Application:
         )
 
     def index_worker(
-        self, live: LiveModel, catalog: Catalog, *, stop_event: threading.Event | None = None
+        self,
+        live: LiveModel,
+        catalog: Catalog,
+        *,
+        stop_event: threading.Event | None = None,
+        report_points: bool = True,
     ) -> IndexWorker:
         """The vectors consumer that writes ``live``'s collection, in this index's writers'
-        group; it reports the collection's point count in ``catalog``."""
+        group; it reports the collection's point count in ``catalog`` (the service's, which
+        a reindex compares with; not a reindex's own: ``report_points=False``)."""
         settings = self.settings
 
         def consumer_of(collection: str):
@@ -234,7 +240,11 @@ class Application:
             metrics=self.metrics,
             products=settings.products_topics(),
             poll_timeout_ms=settings.poll_timeout_ms,
-            hand_over=HandOver(catalog, settings.products_topics(), POINTS_REPORT_INTERVAL_S),
+            hand_over=(
+                HandOver(catalog, settings.products_topics(), POINTS_REPORT_INTERVAL_S)
+                if report_points
+                else None
+            ),
             stop_event=stop_event,
         )
 

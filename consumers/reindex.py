@@ -10,6 +10,12 @@ the live collection's, see ``counts_agree``), it records the offsets it has appl
 collection's card, marks the old collection retired (kept for a grace period, for
 ``--rollback``), and switches the alias in one step. Running services follow the alias
 (consumers/live_model.py) and hand ingest over from those offsets (consumers/handover.py).
+
+With encode-once, another instance's reindex (a replica's, with an index of its own) may
+already have published the new collection's vectors topic. A reindex then builds from that
+topic, as a late replica's index writer does, and encodes nothing (``reads_vectors``): it writes
+in the index writers' group of the new collection, which this index's service joins after the
+switch, so it goes on from where the reindex stopped.
 """
 
 from __future__ import annotations
@@ -17,15 +23,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kafka.structs import TopicPartition
 
 from loupe.consumers.app import Application, fixed_model
 from loupe.consumers.catalog import Catalog, ModelCard, build_catalog
+from loupe.consumers.errors import ConfigError
 from loupe.consumers.index import Collection
+from loupe.consumers.ingest import IngestWorker
+from loupe.consumers.kafka_io import make_consumer
+from loupe.consumers.live_model import LiveModel
 from loupe.consumers.metrics import HealthServer, ReindexMetrics
+from loupe.consumers.products_topics import ProductsTopics
 from loupe.consumers.reindex_lock import REINDEX_SESSION_MS, reindex_lock
 from loupe.consumers.reindex_progress import Progress, ReindexTracker, counts_agree
 from loupe.consumers.settings import Settings
@@ -67,8 +78,17 @@ class Reindex:
         allow_count_difference: int = 0,
         count_wait_s: float = COUNT_WAIT_S,
         progress_every_s: float = PROGRESS_EVERY_S,
+        from_vectors: bool | None = None,
     ) -> None:
+        """``from_vectors``: build from the new collection's vectors topic (True), encode the
+        products topic (False), or decide (None, ``reads_vectors``)."""
+        if from_vectors and not settings.encode_once:
+            raise ConfigError(
+                "building from a vectors topic needs LOUPE_ENCODE_ONCE=true (without it no "
+                "vectors topic is published)"
+            )
         self.settings = settings
+        self.from_vectors = from_vectors
         self.app = Application(settings)
         self.metrics = self.app.metrics
         self.progress_metrics = ReindexMetrics(self.metrics.registry)
@@ -116,14 +136,23 @@ class Reindex:
                 return ReindexOutcome(target, live, False, 0, 0, 0.0, f"{target} is already live")
             with reindex_lock(self.settings, target):
                 serving = f"{live} stays live meanwhile" if live else "nothing is live yet"
-                source = self.settings.products_topics().label
+                from_vectors = self.from_vectors
+                if from_vectors is None:
+                    from_vectors, why = reads_vectors(self.app, target)
+                    log.info("building %s from %s", target, why)
+                if from_vectors:
+                    source = f"{self.app.names.vectors_topic(target)}, encoding nothing"
+                else:
+                    source = self.settings.products_topics().label
                 self.report(f"building {target} from {source}; {serving}")
-                return self._build(catalog, encoder, target, live)
+                return self._build(catalog, encoder, target, live, from_vectors)
         finally:
             encoder.close()
             catalog.close()
 
-    def _build(self, catalog: Catalog, encoder, target: str, live: str | None) -> ReindexOutcome:
+    def _build(
+        self, catalog: Catalog, encoder, target: str, live: str | None, from_vectors: bool
+    ) -> ReindexOutcome:
         settings, app, names = self.settings, self.app, self.app.names
         index = catalog.begin_build(
             ModelCard.of(app.profile, encoder.model_version),
@@ -131,40 +160,38 @@ class Reindex:
             # with encode-once, the vectors of what it applies go out with them
             vectors_topic=names.vectors_topic(target) if settings.encode_once else None,
         )
-        # The service's ingest worker, in a group of its own, into the new collection only, and
-        # stopped by ``_Watch.done`` once caught up. A static member (KIP-345): a reindex restarted
-        # after a kill takes its partitions back at once, instead of waiting for the killed
-        # one's session to time out. The session is short (the heartbeat thread beats every
-        # 3 s), so that a killed reindex also leaves the group soon, which a second reindex on
-        # a shared server waits for (reindex_lock).
-        # With encode-once it also publishes what it encodes to the new collection's vectors
-        # topic: the index writers of every other index read it after the switch, and an index
-        # that starts later builds from it without encoding (consumers/vectors.py).
-        publisher = app.publisher("reindex", transactional=False)
-        ingest = app.ingest_worker(
-            fixed_model(encoder, index),
-            group=names.reindex_group(target),
-            publisher=publisher,
-            vectors_out=app.vectors_out(publisher, target) if settings.encode_once else None,
-            stop_event=self.stop_event,  # a signal stops it between retries too
-            group_instance_id="loupe-reindex",
-            session_timeout_ms=REINDEX_SESSION_MS,
-        )
+        model = fixed_model(encoder, index)
+        if from_vectors:
+            # The index writer of the new collection, as a late replica's service runs it.
+            worker = app.index_worker(
+                model, catalog, stop_event=self.stop_event, report_points=False
+            )
+            tracker = ReindexTracker(worker.consumer, ProductsTopics(worker.topic))
+            applied = worker.report_offsets  # how far into the products topics, per record
+        else:
+            worker = self._ingest(model, target)
+            tracker = ReindexTracker(worker.consumer, settings.products_topics())
+            applied = tracker.positions
         started = time.monotonic()
-        tracker = ReindexTracker(ingest.consumer, settings.products_topics())
-        watch = _Watch(self, catalog, index, tracker, target, live)
+        hint = (
+            "; built from a vectors topic, which lacks what its publisher has not published "
+            "yet: run it again once that reindex is done, or with --encode"
+            if from_vectors
+            else ""
+        )
+        watch = _Watch(self, catalog, index, tracker, applied, target, live, hint)
         try:
             self.report(watch.progress.line(target))  # where it starts (or resumes)
-            ingest.run(until=watch.done)  # closes the worker
+            worker.run(until=watch.done)  # closes the worker
             if self.stop_event.is_set():
                 raise KeyboardInterrupt
             self.report(watch.progress.line(target))
-            applied, events = watch.applied, watch.events
+            events = watch.events
         finally:
-            ingest.close()
+            worker.close()
             app.close_publishers()
             index.close()  # an embedded shard opens in one process at a time: the service's next
-        previous = catalog.switch(target, self.grace_s, applied)
+        previous = catalog.switch(target, self.grace_s, watch.applied)
         return ReindexOutcome(
             target,
             previous,
@@ -173,6 +200,29 @@ class Reindex:
             watch.progress.points,
             time.monotonic() - started,
             watch.detail,
+        )
+
+    def _ingest(self, model: LiveModel, target: str) -> IngestWorker:
+        """The service's ingest worker, in a group of its own, into the new collection only,
+        stopped by ``_Watch.done`` once caught up. A static member (KIP-345): a reindex
+        restarted after a kill takes its partitions back at once, instead of waiting for the
+        killed one's session to time out. The session is short (the heartbeat thread beats
+        every 3 s), so that a killed reindex also leaves the group soon, which a second reindex
+        on a shared server waits for (reindex_lock).
+
+        With encode-once it also publishes what it encodes to the new collection's vectors
+        topic: the index writers of every other index read it after the switch, and an index
+        that starts later (or reindexes later) builds from it without encoding."""
+        app = self.app
+        publisher = app.publisher("reindex", transactional=False)
+        return app.ingest_worker(
+            model,
+            group=app.names.reindex_group(target),
+            publisher=publisher,
+            vectors_out=app.vectors_out(publisher, target) if self.settings.encode_once else None,
+            stop_event=self.stop_event,  # a signal stops it between retries too
+            group_instance_id="loupe-reindex",
+            session_timeout_ms=REINDEX_SESSION_MS,
         )
 
     def export(self, progress: Progress, collection: str) -> None:
@@ -194,11 +244,17 @@ class _Watch:
         catalog: Catalog,
         index: Collection,
         tracker: ReindexTracker,
+        applied: Callable[[], Mapping[TopicPartition, int]],
         target: str,
         live: str | None,
+        stuck_hint: str = "",
     ) -> None:
+        """``applied()``: how far into each products partition the new collection reaches;
+        ``stuck_hint``: what to add when the counts stay apart."""
         self.reindex, self.catalog, self.index = reindex, catalog, index
         self.tracker, self.target, self.live = tracker, target, live
+        self._source_applied = applied
+        self.stuck_hint = stuck_hint
         self.progress = tracker.measure(index)
         self.detail = ""
         # Where it stands when done: the new card's offsets.
@@ -206,6 +262,7 @@ class _Watch:
         self.events = 0  # events this run applied
         self._reported_at = time.monotonic()
         self._disagreeing_since: float | None = None
+        self._disagreeing_points = -1
 
     def done(self, handled: int) -> bool:
         reindex, now = self.reindex, time.monotonic()
@@ -216,20 +273,24 @@ class _Watch:
             self._reported_at = now
         if handled or not self.tracker.caught_up():
             return False
+        applied = dict(self._source_applied())
         agree, self.detail = counts_agree(
-            self.catalog, self.live, self.progress.points, self.tracker,
-            reindex.allow_count_difference,
+            self.catalog, self.live, self.progress.points, applied,
+            reindex.allow_count_difference, self.tracker.begin,
         )  # fmt: skip
         if agree:  # read now: the worker closes its consumer once this says done
-            self.applied = self.tracker.positions()
+            self.applied = applied
             self.events = self.tracker.done_this_run()
             return True
-        self._disagreeing_since = self._disagreeing_since or now
+        if self.progress.points != self._disagreeing_points:
+            # Still growing: from a vectors topic that another reindex is publishing now, the
+            # counts meet when it is done. The wait is for counts that stopped moving.
+            self._disagreeing_since, self._disagreeing_points = now, self.progress.points
         if now - self._disagreeing_since > reindex.count_wait_s:
             raise CountsDisagree(
                 f"caught up, but {self.detail} for {reindex.count_wait_s:.0f} s; nothing was "
                 "switched. Look at the dead letters of both models; to switch anyway, pass "
-                "--allow-count-difference"
+                "--allow-count-difference" + self.stuck_hint
             )
         return False
 
@@ -250,3 +311,34 @@ def describe_collections(settings: Settings) -> list[dict[str, object]]:
         return catalog.describe()
     finally:
         catalog.close()
+
+
+def reads_vectors(app: Application, target: str) -> tuple[bool, str]:
+    """Whether a reindex to ``target`` should build from its vectors topic, and why: with
+    encode-once, when that topic holds records that this index's own reindex did not start
+    (its group has committed nothing), i.e. another instance published them. A reindex of this
+    index that was stopped midway goes on as it began."""
+    if not app.settings.encode_once:
+        return False, "the products topics (no vectors topics without LOUPE_ENCODE_ONCE)"
+    names = app.names
+    topic = names.vectors_topic(target)
+    consumer = make_consumer(app.settings, names.reindex_group(target))
+    try:
+        topics = consumer.topics()
+        if topic not in topics:
+            return False, f"the products topics ({topic} does not exist yet)"
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        begin, end = consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)
+        records = sum(end[tp] - begin[tp] for tp in partitions)
+        if records == 0:
+            return False, f"the products topics ({topic} is empty)"
+        products = [
+            TopicPartition(t, p)
+            for t in names.products.among(topics)
+            for p in consumer.partitions_for_topic(t) or ()
+        ]
+        if any(consumer.committed(tp) is not None for tp in products):
+            return False, "the products topics (this index's reindex began there: it goes on)"
+        return True, f"{topic} ({records} records published by another instance)"
+    finally:
+        consumer.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer
@@ -41,7 +42,8 @@ FIND_TOPICS_S = 5.0  # per merchant: how often a reindex looks for new merchant 
 
 
 class ReindexTracker:
-    """Where the reindex stands in the products topics: done and total events, and whether it
+    """Where the reindex stands in the topics it reads (``products``: the products topics, or
+    for a reindex from a vectors topic that one topic): done and total events, and whether it
     caught up. Per merchant, a merchant topic made during the reindex joins the count when the
     consumer's subscription finds it."""
 
@@ -111,15 +113,18 @@ def counts_agree(
     catalog: Catalog,
     live: str | None,
     points: int,
-    tracker: ReindexTracker,
+    applied: Mapping[TopicPartition, int],
     allowed: int,
+    begin: Mapping[TopicPartition, int] | None = None,
 ) -> tuple[bool, str]:
     """Whether the new collection's ``points`` agree with the live collection's count.
 
     The live service's ingest reports its exact count together with the offsets it had
     committed (consumers/ingest.py). Each event changes a count by at most one, so the two
     collections may differ by at most the events one has applied and the other had not (the
-    distance between the reindex's offsets and the reported ones), plus ``allowed``."""
+    distance between ``applied``, how far into each products partition the new collection
+    reaches, and the reported offsets), plus ``allowed``. ``begin``: where each partition
+    starts, for one the report does not name (default 0)."""
     if live is None:
         return True, f"{points} points (no live collection to compare with)"
     card = catalog.card(live)
@@ -130,11 +135,11 @@ def counts_agree(
             live,
         )
         return True, f"{points} points ({live} reported no count)"
-    mine = tracker.positions()
+    begin = begin or {}
     slack = 0
-    for tp in tracker.partitions:
-        reported = card.points_offsets.get(offset_key(tp.topic, tp.partition), tracker.begin[tp])
-        slack += abs(mine[tp] - reported)
+    for tp, offset in applied.items():
+        reported = card.points_offsets.get(offset_key(tp.topic, tp.partition), begin.get(tp, 0))
+        slack += abs(offset - reported)
     difference = abs(points - card.points)
     detail = (
         f"{points} points here, {card.points} in {live} (difference {difference}, "

@@ -54,6 +54,14 @@ def _when(unix_s: float | None) -> str:
     help="How long counts may disagree once caught up before giving up (nothing switched).",
 )
 @click.option(
+    "--from-vectors/--encode",
+    "from_vectors",
+    default=None,
+    help="With LOUPE_ENCODE_ONCE: build from the new collection's vectors topic, which another "
+    "instance's reindex published (a replica's), or encode the products topic. Default: from "
+    "the vectors topic when it holds records and this index's own reindex did not begin.",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=REINDEX_METRICS_PORT,
@@ -65,6 +73,7 @@ def reindex(
     grace_s: int | None,
     allow_count_difference: int,
     count_wait_s: float,
+    from_vectors: bool | None,
     metrics_port: int,
 ) -> int:
     """Build the index for the configured model from the products topic, then switch to it.
@@ -75,6 +84,10 @@ def reindex(
     (no lag, point counts agree), the alias moves to the new collection in one step; running
     services load the new model and follow without a restart. The old collection is kept for
     the grace period (`--rollback` returns to it), then a running service drops it.
+
+    With LOUPE_ENCODE_ONCE it publishes what it encodes to the new collection's vectors topic.
+    A replica (LOUPE_REPLICA_ID) whose reindex runs after another's builds its index from that
+    topic and encodes nothing (see --from-vectors).
 
     Interrupted or killed, it resumes from where it committed when run again. Configure the new
     model as for `loupe serve` (e.g. LOUPE_FUSION_CHECKPOINT=new.pt loupe reindex).
@@ -99,6 +112,7 @@ def reindex(
         grace_s=grace,
         allow_count_difference=allow_count_difference,
         count_wait_s=count_wait_s,
+        from_vectors=from_vectors,
     ).start(metrics_port)
     click.echo(f"progress metrics on http://{config.metrics_host}:{job.health.port}/metrics")
     job.install_signal_handlers()

@@ -214,3 +214,56 @@ def test_with_encode_once_every_replica_indexes_each_product_encoded_once(
         assert asked in [hit["title"] for hit in answer["hits"]], (asked, answer["hits"])
     b_log = logs["b"].read_text()
     assert f"caught up ({PRODUCTS} points)" in b_log, b_log[-3000:]
+
+
+def test_a_replicas_reindex_builds_from_the_vectors_topic_another_one_published(
+    bootstrap_servers, make_topic, group_id, tmp_path
+):
+    """LOUPE_ENCODE_ONCE with replicas: replica a's reindex encodes the catalog and publishes
+    the new collection's vectors; replica b's reindex to the same model builds its own index
+    from that topic, encoding nothing, and leaves its index writers' group where its service
+    goes on from."""
+    from loupe.consumers.kafka_names import KafkaNames
+    from loupe.consumers.reindex import Reindex
+    from loupe.consumers.settings import Settings
+
+    catalog = load_catalog()[::14]
+    topics = service_topics(make_topic)
+    send_products(bootstrap_servers, topics["products"], catalog, IDS)
+
+    def settings(replica: str) -> Settings:
+        return Settings(
+            bootstrap_servers=bootstrap_servers,
+            group_id=group_id,
+            replica_id=replica,
+            state_dir=tmp_path / replica,
+            products_topic=topics["products"],
+            deadletter_topic=topics["deadletter"],
+            search_requests_topic=topics["requests"],
+            search_responses_topic=topics["responses"],
+            encode_once=True,
+            vectors_topic=topics["products"] + ".vectors",
+        )
+
+    outcomes, samples, said = {}, {}, {}
+    for replica in ("a", "b"):
+        lines: list[str] = []
+        job = Reindex(settings(replica), report=lines.append, grace_s=0)
+        outcomes[replica] = job.run()
+        samples[replica] = job.metrics.registry.get_sample_value
+        said[replica] = lines[0]
+    a, b = outcomes["a"], outcomes["b"]
+    assert a.collection == b.collection and a.switched and b.switched
+    assert a.points == b.points == PRODUCTS
+    encodes = {r: samples[r]("loupe_stage_seconds_count", {"stage": "encode"}) for r in "ab"}
+    assert encodes["a"] > 0 and not encodes["b"], f"b encoded nothing: {encodes}"
+    vectors_topic = KafkaNames.of(settings("b")).vectors_topic(b.collection)
+    applied = samples["b"]("loupe_events_total", {"topic": vectors_topic, "outcome": "indexed"})
+    assert applied == PRODUCTS, "b applied each product's vectors"
+    assert "from the products topic" not in said["b"]
+    assert f"building {b.collection} from {vectors_topic}, encoding nothing" in said["b"]
+    assert f"from {topics['products']};" in said["a"]
+    # b's service, once it follows the switch, writes from where b's reindex stopped.
+    index_group = KafkaNames.of(settings("b")).index_group(b.collection)
+    assert index_group.endswith(".b")
+    assert committed(bootstrap_servers, index_group) == PRODUCTS

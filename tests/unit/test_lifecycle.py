@@ -15,14 +15,14 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, NothingToRollBack
 from loupe.consumers.edge_index import EdgeStore
-from loupe.consumers.errors import IndexUnavailable
+from loupe.consumers.errors import ConfigError, IndexUnavailable
 from loupe.consumers.handover import HandOver
 from loupe.consumers.ingest import IngestWorker
 from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse, ModelSwitchError
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.product_stage import ProductStage
 from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.reindex import rollback
+from loupe.consumers.reindex import Reindex, rollback
 from loupe.consumers.reindex_lock import ReindexBusy, reindex_lock
 from loupe.consumers.reindex_progress import counts_agree
 from loupe.consumers.settings import Settings
@@ -270,14 +270,8 @@ def test_one_reindex_per_collection(tmp_path):
         pass
 
 
-class _Tracker:
-    def __init__(self, positions: dict[int, int]) -> None:
-        self.partitions = [TopicPartition("t", p) for p in positions]
-        self.begin = {tp: 0 for tp in self.partitions}
-        self._positions = {TopicPartition("t", p): o for p, o in positions.items()}
-
-    def positions(self) -> dict[TopicPartition, int]:
-        return self._positions
+def _applied(positions: dict[int, int]) -> dict[TopicPartition, int]:
+    return {TopicPartition("t", p): o for p, o in positions.items()}
 
 
 @pytest.mark.parametrize(
@@ -299,16 +293,16 @@ def test_counts_agree_within_what_events_in_between_explain(
         catalog, "a", True, card=_card("a", points=reported, points_offsets=reported_offsets)
     )
     live.close()
-    ok, detail = counts_agree(catalog, live.collection, points, _Tracker(mine), allowed)
+    ok, detail = counts_agree(catalog, live.collection, points, _applied(mine), allowed)
     assert ok is agree, detail
     assert f"{points} points here, {reported} in {live.collection}" in detail
 
 
 def test_counts_are_not_compared_without_a_live_collection_or_its_report(tmp_path):
     catalog = Catalog(EdgeStore(path=str(tmp_path)))
-    assert counts_agree(catalog, None, 5, _Tracker({0: 5}), 0)[0]
+    assert counts_agree(catalog, None, 5, _applied({0: 5}), 0)[0]
     _collection(catalog, "a", True, card=_card("a")).close()
-    ok, detail = counts_agree(catalog, "loupe__a", 5, _Tracker({0: 5}), 0)
+    ok, detail = counts_agree(catalog, "loupe__a", 5, _applied({0: 5}), 0)
     assert ok and "reported no count" in detail
 
 
@@ -379,3 +373,8 @@ def test_a_switch_makes_the_target_live_with_its_offsets_and_retires_the_old_one
     assert old.state == "retired" and old.drop_after >= before + 60
     assert catalog.switch(catalog.name_of("b"), grace_s=60) == catalog.name_of("b"), "idempotent"
     assert catalog.card(catalog.name_of("b")).state == "live"
+
+
+def test_building_from_a_vectors_topic_without_encode_once_is_refused_with_the_setting(tmp_path):
+    with pytest.raises(ConfigError, match="LOUPE_ENCODE_ONCE=true"):
+        Reindex(Settings(state_dir=tmp_path), report=print, grace_s=0, from_vectors=True)
