@@ -221,21 +221,26 @@ class Application:
         live: LiveModel,
         catalog: Catalog,
         *,
+        group: Callable[[str], str] | None = None,
+        publisher: Publisher | None = None,
         stop_event: threading.Event | None = None,
         report_points: bool = True,
+        **consumer_options: Any,
     ) -> IndexWorker:
         """The vectors consumer that writes ``live``'s collection, in this index's writers'
-        group; it reports the collection's point count in ``catalog`` (the service's, which
-        a reindex compares with; not a reindex's own: ``report_points=False``)."""
+        group (``group(collection)``: another, a reindex's); it reports the collection's point
+        count in ``catalog`` (the service's, which a reindex compares with; not a reindex's
+        own: ``report_points=False``)."""
         settings = self.settings
+        group_of = group or self.names.index_group
 
         def consumer_of(collection: str):
             topic, _ = self.vectors_topic(collection)
-            return make_consumer(settings, self.names.index_group(collection)), topic
+            return make_consumer(settings, group_of(collection), **consumer_options), topic
 
         return IndexWorker(
             make_consumer=consumer_of,
-            publisher=self.publisher("index"),
+            publisher=publisher or self.publisher("index"),
             live=live,
             metrics=self.metrics,
             products=settings.products_topics(),

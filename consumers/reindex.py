@@ -13,9 +13,10 @@ collection's card, marks the old collection retired (kept for a grace period, fo
 
 With encode-once, another instance's reindex (a replica's, with an index of its own) may
 already have published the new collection's vectors topic. A reindex then builds from that
-topic, as a late replica's index writer does, and encodes nothing (``reads_vectors``): it writes
-in the index writers' group of the new collection, which this index's service joins after the
-switch, so it goes on from where the reindex stopped.
+topic, as a late replica's index writer does, and encodes nothing (``reads_vectors``). It reads
+in its own group, as the encoding reindex does (the operator's ACLs, and the lock on a shared
+server, stay the same); after the switch this index's writers read the topic again from its
+start in their own group, which costs index reads, not encodes (each record is stale by then).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from loupe.schemas.errors import LoupeError
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 5.0
+REINDEX_MEMBER = "loupe-reindex"  # the reindex's static member id (KIP-345)
 COUNT_WAIT_S = 60.0  # how long counts may disagree at lag zero before the reindex gives up
 
 
@@ -162,9 +164,17 @@ class Reindex:
         )
         model = fixed_model(encoder, index)
         if from_vectors:
-            # The index writer of the new collection, as a late replica's service runs it.
+            # The index writer of the new collection, as a late replica's service runs it, in
+            # the reindex's group (a static member, as below).
             worker = app.index_worker(
-                model, catalog, stop_event=self.stop_event, report_points=False
+                model,
+                catalog,
+                group=names.reindex_group,
+                publisher=app.publisher("reindex", transactional=False),
+                stop_event=self.stop_event,
+                report_points=False,
+                group_instance_id=REINDEX_MEMBER,
+                session_timeout_ms=REINDEX_SESSION_MS,
             )
             tracker = ReindexTracker(worker.consumer, ProductsTopics(worker.topic))
             applied = worker.report_offsets  # how far into the products topics, per record
@@ -221,7 +231,7 @@ class Reindex:
             publisher=publisher,
             vectors_out=app.vectors_out(publisher, target) if self.settings.encode_once else None,
             stop_event=self.stop_event,  # a signal stops it between retries too
-            group_instance_id="loupe-reindex",
+            group_instance_id=REINDEX_MEMBER,
             session_timeout_ms=REINDEX_SESSION_MS,
         )
 
@@ -315,9 +325,9 @@ def describe_collections(settings: Settings) -> list[dict[str, object]]:
 
 def reads_vectors(app: Application, target: str) -> tuple[bool, str]:
     """Whether a reindex to ``target`` should build from its vectors topic, and why: with
-    encode-once, when that topic holds records that this index's own reindex did not start
-    (its group has committed nothing), i.e. another instance published them. A reindex of this
-    index that was stopped midway goes on as it began."""
+    encode-once, when that topic holds records that this index's own reindex did not publish
+    (its group has committed no products offset), i.e. another instance published them. A
+    reindex of this index that was stopped midway goes on as it began."""
     if not app.settings.encode_once:
         return False, "the products topics (no vectors topics without LOUPE_ENCODE_ONCE)"
     names = app.names

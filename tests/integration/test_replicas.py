@@ -224,7 +224,7 @@ def test_a_replicas_reindex_builds_from_the_vectors_topic_another_one_published(
     from that topic, encoding nothing, and leaves its index writers' group where its service
     goes on from."""
     from loupe.consumers.kafka_names import KafkaNames
-    from loupe.consumers.reindex import Reindex
+    from loupe.consumers.reindex import Reindex, reads_vectors
     from loupe.consumers.settings import Settings
 
     catalog = load_catalog()[::14]
@@ -263,7 +263,13 @@ def test_a_replicas_reindex_builds_from_the_vectors_topic_another_one_published(
     assert "from the products topic" not in said["b"]
     assert f"building {b.collection} from {vectors_topic}, encoding nothing" in said["b"]
     assert f"from {topics['products']};" in said["a"]
-    # b's service, once it follows the switch, writes from where b's reindex stopped.
-    index_group = KafkaNames.of(settings("b")).index_group(b.collection)
-    assert index_group.endswith(".b")
-    assert committed(bootstrap_servers, index_group) == PRODUCTS
+    # b read the topic in its own reindex group (the operator's), to the topic's end.
+    reindex_group = KafkaNames.of(settings("b")).reindex_group(b.collection)
+    assert reindex_group.endswith(".b")
+    assert committed(bootstrap_servers, reindex_group) == PRODUCTS
+    # Run again (say after a kill), each goes on as it began: a encoding, b from the topic.
+    again = {
+        r: reads_vectors(Reindex(settings(r), report=print, grace_s=0).app, b.collection)[0]
+        for r in "ab"
+    }
+    assert again == {"a": False, "b": True}
