@@ -534,6 +534,7 @@ def run_engine(engine: str, args, catalog, plan, shopper_photos) -> Outcome:
         outcome.duplicated = sorted(r for r, n in answers.items() if r in wanted and n > 1)
         outcome.exits, outcome.starts = service.exits, service.starts
         if args.log_dir:
+            Path(args.log_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.log_dir) / f"chaos-{engine}.log").write_text(log)
     outcome.minutes = (time.monotonic() - started_run) / 60
     return outcome
@@ -591,9 +592,10 @@ def main() -> None:
     shopper_photos = [
         phone_photo(p.image_path.read_bytes(), seed=i) for i, p in enumerate(catalog[::20])
     ]
-    outcomes = [run_engine(e, args, catalog, plan, shopper_photos) for e in engines]
-    for outcome in outcomes:
-        report(outcome)
+    outcomes = []
+    for engine in engines:  # each engine's results as soon as it is done
+        outcomes.append(run_engine(engine, args, catalog, plan, shopper_photos))
+        report(outcomes[-1])
     sys.exit(1 if any(o.failed for o in outcomes) else 0)
 
 
