@@ -20,6 +20,7 @@ from loupe.consumers.reply_topics import REPLY_TOPICS_PREFIX
 from loupe.consumers.settings import Settings
 
 PRINCIPALS = ("ingest", "search", "operator")
+VECTORS_OPERATIONS = ("Create", "Read", "Write", "Describe")
 
 # Prefixed ACLs grant each principal its workers' groups and transactional ids
 # (kafka_names: ``<LOUPE_GROUP_ID>.<worker>...``).
@@ -64,6 +65,7 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
     """What ``principal`` (one of ``PRINCIPALS``) needs with ``settings``' names and mode
     (encode-once or not)."""
     names = KafkaNames.of(settings)
+    encode_once = settings.encode_once
     dead_letters = _topic(settings.deadletter_topic, "Write", "Describe")
 
     def catalog(*operations: str) -> Acl:  # per merchant: every merchant's products topic
@@ -73,7 +75,7 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
 
     # With encode-once, the encoders and index writers make and use the vectors topics.
     vectors = (
-        [_topic(names.vectors_prefix, "Create", "Read", "Write", "Describe", prefixed=True)]
+        [_topic(names.vectors_prefix, *VECTORS_OPERATIONS, prefixed=True)]
         if settings.encode_once
         else []
     )
@@ -98,13 +100,20 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
             *_transactions(names, (SEARCH,)),
         ]
     if principal == "operator":
+        # ``loupe collections --prune`` deletes the vectors topics and groups of dropped
+        # collections (consumers/kafka_leftovers.py): Delete on both, Describe to list groups.
         return [
             catalog("Create", "Read", "Describe", "DescribeConfigs"),
             _topic(settings.search_requests_topic, "Create", "Describe"),
             _topic(settings.search_responses_topic, "Create", "Describe"),
             _topic(settings.deadletter_topic, "Create", "Write", "Describe"),
-            *vectors,
-            *_groups(names, (REINDEX,), "Read", "Describe"),
+            *(
+                [_topic(names.vectors_prefix, *VECTORS_OPERATIONS, "Delete", prefixed=True)]
+                if encode_once
+                else []
+            ),
+            *_groups(names, (REINDEX,), "Read", "Describe", "Delete"),
+            *(_groups(names, (ENCODE, INDEX), "Describe", "Delete") if encode_once else []),
         ]
     raise ValueError(f"principal must be one of {', '.join(PRINCIPALS)}; got {principal!r}")
 
@@ -125,6 +134,7 @@ PRINCIPALS_OF_ROLE = {
     "all": ("ingest", "search"),
     "reindex": ("operator",),
     "topics": ("operator",),
+    "collections": ("operator",),
 }
 
 _REFUSED = {

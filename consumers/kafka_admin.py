@@ -1,6 +1,7 @@
-"""Loupe's one door to Kafka's admin API: listing, creating and describing topics, and counting a
-group's members. Every admin client Loupe makes is made here, with the deployment's connection
-and security options; the names it is asked about come from ``kafka_names``.
+"""Loupe's one door to Kafka's admin API: listing, creating, describing and deleting topics, and
+listing, counting and deleting groups. Every admin client Loupe makes is made here, with the
+deployment's connection and security options; the names it is asked about come from
+``kafka_names``.
 
 kafka-python's admin answers some failures in-band rather than raising (a topic it cannot
 describe comes back with an error code, a config it will not describe comes back empty): the
@@ -16,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import kafka.errors
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -134,6 +136,25 @@ class KafkaAdmin:
                     raise
                 time.sleep(0.5)
         return sum(len(g.get("members") or []) for g in described.values())
+
+    def groups(self) -> set[str]:
+        """The consumer groups this principal may describe."""
+        return {g["group_id"] for g in self.client.list_groups() if g.get("group_id")}
+
+    def delete_groups(self, groups: Sequence[str]) -> None:
+        """Delete ``groups`` (their committed offsets). A group the broker would not delete
+        raises its error (``GroupAuthorizationFailedError``: no Delete ACL)."""
+        results = self.client.delete_groups(list(groups))  # {group: "OK" or the error's name}
+        for group, result in sorted(results.items()):
+            if result != "OK":
+                error = getattr(kafka.errors, result, KafkaError)
+                raise error(group)  # as the broker names a refused resource
+        log.info("deleted groups %s", list(groups))
+
+    def delete_topics(self, topics: Sequence[str]) -> None:
+        """Delete ``topics``; the first refusal raises."""
+        self.client.delete_topics(list(topics))
+        log.info("deleted topics %s", list(topics))
 
     def answers(self) -> bool:
         """Whether the cluster answers a request now."""

@@ -34,7 +34,10 @@ from loupe.consumers.catalog import Catalog, ModelCard, build_catalog
 from loupe.consumers.errors import ConfigError
 from loupe.consumers.index import Collection
 from loupe.consumers.ingest import IngestWorker
+from loupe.consumers.kafka_admin import KafkaAdmin
 from loupe.consumers.kafka_io import make_consumer
+from loupe.consumers.kafka_leftovers import Leftovers, delete_leftovers, find_leftovers
+from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.live_model import LiveModel
 from loupe.consumers.metrics import HealthServer, ReindexMetrics
 from loupe.consumers.products_topics import ProductsTopics
@@ -352,3 +355,18 @@ def reads_vectors(app: Application, target: str) -> tuple[bool, str]:
         return True, f"{topic} ({records} records published by another instance)"
     finally:
         consumer.close()
+
+
+def kafka_leftovers(settings: Settings, delete: bool) -> Leftovers:
+    """The vectors topics and groups of collections this index no longer holds
+    (``consumers/kafka_leftovers.py``), deleted when ``delete``."""
+    catalog = build_catalog(settings)
+    try:
+        collections = catalog.collections()
+    finally:
+        catalog.close()
+    with KafkaAdmin(settings.kafka_client_config()) as admin:
+        found = find_leftovers(admin, KafkaNames.of(settings), settings.index_prefix, collections)
+        if delete and found:
+            delete_leftovers(admin, found)
+    return found

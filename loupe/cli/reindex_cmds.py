@@ -139,13 +139,46 @@ def reindex(
     return 0
 
 
-@click.command(epilog=settings_epilog("index_url", "index_engine", "state_dir", "index_prefix"))
+@click.command(
+    epilog=settings_epilog(
+        "index_url", "index_engine", "state_dir", "index_prefix", "vectors_topic", "group_id"
+    )
+)
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Delete what Kafka keeps of collections the index no longer holds: their vectors "
+    "topics and their encoders', index writers' and reindexes' groups (the operator's ACLs).",
+)
+@click.option("--dry-run", is_flag=True, help="With --prune: say what it would delete, only.")
 @global_options
-def collections() -> int:
-    """List the index's collections: which is live, their models, states and sizes."""
-    from loupe.consumers.reindex import describe_collections
+def collections(prune: bool, dry_run: bool) -> int:
+    """List the index's collections: which is live, their models, states and sizes.
 
-    rows = describe_collections(settings())
+    A running service drops a retired collection from its index once its grace is over; the
+    collection's vectors topic (LOUPE_ENCODE_ONCE) and consumer groups stay in Kafka until
+    `--prune` removes them. A group with members (another replica still on that model) is
+    kept, with its topic, and named."""
+    from loupe.consumers.reindex import describe_collections, kafka_leftovers
+
+    config = settings()
+    if dry_run and not prune:
+        raise click.UsageError("--dry-run goes with --prune")
+    if prune:
+        from loupe.consumers.kafka_io import require_broker
+
+        require_broker(config, wait_s=5.0)
+        found = kafka_leftovers(config, delete=not dry_run)
+        verb = "would delete" if dry_run else "deleted"
+        for kind, names in (("topic", found.topics), ("group", found.groups)):
+            for name in names:
+                click.echo(f"{verb} {kind} {name}")
+        for name in found.busy:
+            click.echo(f"kept {name}: a consumer still reads it (another index on that model)")
+        if not found and not found.busy:
+            click.echo("nothing to prune: Kafka keeps nothing of dropped collections")
+        return 0
+    rows = describe_collections(config)
     if not rows:
         click.echo("no collections yet")
         return 0

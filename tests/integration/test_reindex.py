@@ -587,3 +587,86 @@ def test_with_a_shared_server_a_live_reindex_group_refuses_a_second_reindex(
             pass
     finally:
         elsewhere.close()
+
+
+def test_collections_prune_deletes_what_kafka_keeps_of_dropped_collections(
+    bootstrap_servers, make_topic, group_id, tmp_path, monkeypatch, capsys
+):
+    """`loupe collections --prune`: the vectors topic and groups of a collection the index no
+    longer holds go; those of a collection it holds stay, and so does a dropped collection's
+    that a consumer still reads (another replica on that model)."""
+    from kafka import KafkaConsumer
+    from kafka.structs import OffsetAndMetadata, TopicPartition
+
+    from loupe.cli import main
+    from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
+    from loupe.consumers.reindex import kafka_leftovers
+
+    products = make_topic("products")
+    settings = Settings(
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        products_topic=products,
+        state_dir=tmp_path,
+        encode_once=True,
+        vectors_topic=products + ".vectors",
+    )
+    names = KafkaNames.of(settings)
+    catalog = build_catalog(settings)
+    held = catalog.name_of("held")
+    catalog.open("held").ensure_collection({"image": 4, "text": 4, "fused": 8})
+    catalog.close()
+    gone, busy = f"{settings.index_prefix}__gone", f"{settings.index_prefix}__busy"
+    with KafkaAdmin({"bootstrap_servers": bootstrap_servers}) as admin:
+        admin.create_missing([TopicSpec(names.vectors_topic(c), 1, 1) for c in (held, gone, busy)])
+
+    def commit(group: str, collection: str) -> None:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=group)
+        consumer.commit(
+            {TopicPartition(names.vectors_topic(collection), 0): OffsetAndMetadata(0, "", -1)}
+        )
+        consumer.close()
+
+    commit(names.encode_group(held), held)
+    commit(names.reindex_group(held), held)
+    commit(names.encode_group(gone), gone)
+    commit(names.index_group(gone) + ".b", gone)  # a replica's
+    reader = KafkaConsumer(
+        names.vectors_topic(busy),
+        bootstrap_servers=bootstrap_servers,
+        group_id=names.index_group(busy),
+    )
+    try:
+        wait_for(lambda: bool(reader.poll(timeout_ms=200) or reader.assignment()), "join", 30)
+        found = kafka_leftovers(settings, delete=False)
+        assert found.topics == [names.vectors_topic(gone)]
+        assert found.groups == sorted([names.encode_group(gone), names.index_group(gone) + ".b"])
+        assert found.busy == [names.index_group(busy), names.vectors_topic(busy)]
+        for name, value in {
+            "LOUPE_BOOTSTRAP_SERVERS": bootstrap_servers,
+            "LOUPE_GROUP_ID": group_id,
+            "LOUPE_PRODUCTS_TOPIC": products,
+            "LOUPE_STATE_DIR": str(tmp_path),
+            "LOUPE_ENCODE_ONCE": "true",
+            "LOUPE_VECTORS_TOPIC": products + ".vectors",
+        }.items():
+            monkeypatch.setenv(name, value)
+        assert main(["collections", "--prune"]) == 0
+        said = capsys.readouterr().out
+        assert f"deleted topic {names.vectors_topic(gone)}" in said
+        assert f"kept {names.index_group(busy)}: a consumer still reads it" in said
+    finally:
+        reader.close()
+    with KafkaAdmin({"bootstrap_servers": bootstrap_servers}) as admin:
+        wait_for(lambda: names.vectors_topic(gone) not in admin.topics(), "the topic deleted", 30)
+        topics, groups = admin.topics(), admin.groups()
+    assert {names.vectors_topic(held), names.vectors_topic(busy)} <= topics
+    assert {names.encode_group(held), names.reindex_group(held)} <= groups
+    assert not {names.encode_group(gone), names.index_group(gone) + ".b"} & groups
+    # Once its reader has left, the busy one is a leftover like the others.
+    again = kafka_leftovers(settings, delete=False)
+    assert (again.topics, again.groups, again.busy) == (
+        [names.vectors_topic(busy)],
+        [names.index_group(busy)],
+        [],
+    )

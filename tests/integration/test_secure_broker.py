@@ -120,6 +120,34 @@ def _reindex(secure, user: str, tmp_path, log_path, *flags: str, **settings: str
     assert "switched:" in log_path.read_text()
 
 
+def _prune(secure, user: str, settings: Settings, log_path, env: dict[str, str]) -> None:
+    """A dropped collection's leftovers, made as the admin; then `loupe collections --prune` as
+    ``user`` deletes them."""
+    from kafka.structs import OffsetAndMetadata, TopicPartition
+
+    from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
+    from loupe.consumers.kafka_names import KafkaNames
+
+    names = KafkaNames.of(settings)
+    gone = f"{env['index_prefix']}__gone"
+    topic = names.vectors_topic(gone) if settings.encode_once else settings.products_topic
+    groups = [names.reindex_group(gone)]
+    if settings.encode_once:
+        groups += [names.encode_group(gone), names.index_group(gone)]
+        with KafkaAdmin(_admin(secure)) as admin:
+            admin.create_missing([TopicSpec(topic, 1, 1)])
+    for group in groups:
+        consumer = KafkaConsumer(**_admin(secure), group_id=group)
+        consumer.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "", -1)})
+        consumer.close()
+    prune = loupe_process(["-v", "collections", "--prune"], _env(secure, user, **env), log_path)
+    assert prune.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    said = log_path.read_text()
+    for group in groups:
+        assert f"deleted group {group}" in said, said[-3000:]
+    assert (f"deleted topic {topic}" in said) is settings.encode_once, said[-3000:]
+
+
 def _stop(procs: dict, answers: Answers) -> dict[str, int]:
     """SIGTERM the services (each finishes its batch); their exit codes."""
     for proc in procs.values():
@@ -275,6 +303,10 @@ def test_each_principal_runs_loupe_with_exactly_the_documented_acls(
     finally:
         exits = _stop(procs, answers)
     assert exits == {"ingest": 0, "search": 0}, {r: logs[r].read_text()[-3000:] for r in procs}
+
+    # The operator prunes what Kafka keeps of a collection the index no longer holds (left
+    # here by the admin: its groups, and with encode-once its vectors topic).
+    _prune(secure, users["operator"], settings, logs["operator"], common)
 
     # No password, of any principal, in any log line, at -v.
     for name, path in logs.items():
