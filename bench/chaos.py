@@ -56,14 +56,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
+from kafka import KafkaConsumer, KafkaProducer
 
 from bench.cli import summary
 from bench.harness import loupe_process, serve_env
 from loupe.client import encode_request, search_request
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
+from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
 from loupe.consumers.kafka_names import ENCODE, KafkaNames
 from loupe.consumers.live_model import open_collection
 from loupe.consumers.settings import Settings
@@ -221,7 +221,7 @@ def group_lag(bootstrap: str, group: str, topic: str) -> int:
     from kafka.errors import KafkaError
     from kafka.structs import TopicPartition
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = KafkaAdmin({"bootstrap_servers": bootstrap})
     consumer = KafkaConsumer(bootstrap_servers=bootstrap)
     try:
         partitions = [
@@ -229,10 +229,9 @@ def group_lag(bootstrap: str, group: str, topic: str) -> int:
         ]
         ends = consumer.end_offsets(partitions)
         try:
-            committed = admin.list_group_offsets(group).get(group, {})
+            done = admin.committed(group)
         except KafkaError:
             return sum(ends.values())  # the group has not joined yet
-        done = {tp: meta.offset for tp, meta in committed.items() if meta.offset >= 0}
         return sum(max(0, ends[tp] - done.get(tp, 0)) for tp in partitions)
     finally:
         consumer.close()
@@ -243,11 +242,8 @@ def ingest_done(bootstrap: str, group: str, products_topic: str) -> bool:
     """Whether the service has applied every product event: its ingest group has no lag, or
     with encode-once, its encoders' group has none and its index writers have read their
     collection's vectors topic to the end."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        groups = [g.get("group_id", "") for g in admin.list_groups()]
-    finally:
-        admin.close()
+    with KafkaAdmin({"bootstrap_servers": bootstrap}) as admin:
+        groups = admin.groups()
     names = KafkaNames.of(Settings(group_id=group))
     encoders = [g for g in groups if g.startswith(names.groups_of(ENCODE))]
     if not encoders:
@@ -354,11 +350,8 @@ def run_engine(engine: str, args, catalog, plan, shopper_photos) -> Outcome:
             "responses": "chaos.responses",
             "deadletter": "chaos.deadletter",
         }
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-        admin.create_topics(
-            [NewTopic(t, num_partitions=3, replication_factor=1) for t in topics.values()]
-        )
-        admin.close()
+        with KafkaAdmin({"bootstrap_servers": bootstrap}) as admin:
+            admin.create_missing([TopicSpec(t, 3) for t in topics.values()])
         extra_settings = {}
         if engine.endswith("-encode-once"):  # through the vectors topic (LOUPE_ENCODE_ONCE)
             extra_settings["encode_once"] = "true"

@@ -9,9 +9,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
-
+from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
 from loupe.dev.catalog import CatalogProduct, upserted_event
 from loupe.dev.cdn import cdn_process
 from loupe.dev.drive import SearchLoad, loupe_process, percentiles, serve_env
@@ -59,9 +57,8 @@ def pure_python_crc32c() -> Iterator[None]:
 
 def create_topic(bootstrap: str, prefix: str, partitions: int = 3) -> str:
     name = f"{prefix}.{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-    admin.close()
+    with KafkaAdmin({"bootstrap_servers": bootstrap}) as admin:
+        admin.create_missing([TopicSpec(name, partitions)])
     return name
 
 

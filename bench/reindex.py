@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from kafka import KafkaAdminClient, KafkaProducer
-from kafka.admin import NewTopic
+from kafka import KafkaProducer
 
 from bench.chaos import group_lag
 from bench.cli import summary
@@ -39,6 +38,7 @@ from bench.harness import (
 )
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
+from loupe.consumers.kafka_admin import COMPACTED, KafkaAdmin, TopicSpec
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
@@ -65,19 +65,13 @@ def seeded_checkpoint(path: Path, seed: int = 11) -> Path:
 def _topics(bootstrap: str) -> dict[str, str]:
     suffix = str(int(time.time()))
     names = {k: f"bench.{k}.{suffix}" for k in ("products", "requests", "responses", "deadletter")}
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics(
-        [
-            NewTopic(
-                name,
-                num_partitions=3 if kind == "products" else 1,
-                replication_factor=1,
-                topic_configs={"cleanup.policy": "compact"} if kind == "products" else {},
-            )
-            for kind, name in names.items()
-        ]
-    )
-    admin.close()
+    with KafkaAdmin({"bootstrap_servers": bootstrap}) as admin:
+        admin.create_missing(
+            [
+                TopicSpec(name, 3, 1, COMPACTED) if kind == "products" else TopicSpec(name, 1)
+                for kind, name in names.items()
+            ]
+        )
     return names
 
 

@@ -21,6 +21,7 @@ import kafka.errors
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import TopicConfigUnknown
 
@@ -140,6 +141,18 @@ class KafkaAdmin:
     def groups(self) -> set[str]:
         """The consumer groups this principal may describe."""
         return {g["group_id"] for g in self.client.list_groups() if g.get("group_id")}
+
+    def committed(self, group: str) -> dict[TopicPartition, int]:
+        """The offsets ``group`` has committed, by partition (none for a group that never
+        committed). Raises kafka-python's error while its coordinator is missing or moving."""
+        offsets = self.client.list_group_offsets(group).get(group, {})
+        return {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+    def create_acls(self, entries: Sequence[Any]) -> None:
+        """Create kafka-python ACL ``entries``; the first the broker refuses raises."""
+        result = self.client.create_acls(list(entries))
+        if result.get("failed"):
+            raise KafkaError(f"the broker refused ACLs: {result['failed']}")
 
     def delete_groups(self, groups: Sequence[str]) -> None:
         """Delete ``groups`` (their committed offsets). A group the broker would not delete

@@ -64,15 +64,14 @@ def bootstrap_servers(kafka_broker: BrokerState) -> str:
 @pytest.fixture
 def make_topic(bootstrap_servers: str) -> Iterator[Callable[..., str]]:
     """Factory: ``make_topic(partitions=3)`` creates a uniquely named topic for this test."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
+    from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="loupe-tests")
+    admin = KafkaAdmin({"bootstrap_servers": bootstrap_servers}, client_id="loupe-tests")
     created: list[str] = []
 
     def _make(prefix: str = "test", partitions: int = 1) -> str:
         name = f"{prefix}.{uuid.uuid4().hex[:12]}"
-        admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        admin.create_missing([TopicSpec(name, partitions, 1)])
         created.append(name)
         return name
 

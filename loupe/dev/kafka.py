@@ -335,7 +335,6 @@ class LocalKafkaBroker:
 
     def grant(self, bootstrap_servers: str, user: str, acls: list[Acl]) -> None:
         """Allow ``user`` exactly ``acls`` on this (secured) broker, as its admin."""
-        from kafka import KafkaAdminClient
         from kafka.admin import (
             ACL,
             ACLOperation,
@@ -367,13 +366,10 @@ class LocalKafkaBroker:
             for acl in acls
             for operation in acl.operations
         ]
-        admin = KafkaAdminClient(**self.client_config(bootstrap_servers))
-        try:
-            result = admin.create_acls(entries)
-        finally:
-            admin.close()
-        if result.get("failed"):
-            raise BrokerError(f"the broker refused ACLs for {user}: {result['failed']}")
+        from loupe.consumers.kafka_admin import KafkaAdmin
+
+        with KafkaAdmin(self.client_config(bootstrap_servers)) as admin:
+            admin.create_acls(entries)
 
     @property
     def state_file(self) -> Path:
@@ -534,17 +530,17 @@ def has_read_all(bootstrap: str, group: str, topic: str) -> bool:
     """Whether ``group`` has committed every record of ``topic`` (a transactional topic: its
     commit markers take offsets too, so the committed offsets stop short of the end offsets;
     what counts is that nothing is left to read after them)."""
-    from kafka import KafkaAdminClient, KafkaConsumer
+    from kafka import KafkaConsumer
     from kafka.errors import KafkaError
     from kafka.structs import TopicPartition
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets(group).get(group, {})
-    except KafkaError:  # not joined yet, or its coordinator is loading or moving
-        return False
-    finally:
-        admin.close()
+    from loupe.consumers.kafka_admin import KafkaAdmin
+
+    with KafkaAdmin({"bootstrap_servers": bootstrap}) as admin:
+        try:
+            offsets = admin.committed(group)
+        except KafkaError:  # not joined yet, or its coordinator is loading or moving
+            return False
     reader = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     try:
         partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
@@ -552,8 +548,7 @@ def has_read_all(bootstrap: str, group: str, topic: str) -> bool:
             return False
         reader.assign(partitions)
         for tp in partitions:
-            at = offsets.get(tp)
-            reader.seek(tp, at.offset if at is not None and at.offset >= 0 else 0)
+            reader.seek(tp, offsets.get(tp, 0))
         left = reader.poll(timeout_ms=1000)
         ends = reader.end_offsets(partitions)
         return not any(left.values()) and all(reader.position(tp) >= ends[tp] for tp in partitions)

@@ -11,12 +11,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaProducer
 from kafka.errors import (
     CoordinatorLoadInProgressError,
     CoordinatorNotAvailableError,
     NotCoordinatorError,
 )
+
+from loupe.consumers.kafka_admin import KafkaAdmin
 
 
 def service_topics(make_topic, products: int = 2, requests: int = 1) -> dict[str, str]:
@@ -57,14 +59,13 @@ def send_products(bootstrap: str, topic: str, catalog, ids: list[str]) -> None:
 
 
 def committed(bootstrap: str, group: str) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets(group).get(group, {})
-    except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
-        return 0  # not joined yet, or the coordinator is loading or moving: nothing committed
-    finally:
-        admin.close()
-    return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+    """The sum of ``group``'s committed offsets (0 before it committed)."""
+    with KafkaAdmin({"bootstrap_servers": bootstrap}) as admin:
+        try:
+            offsets = admin.committed(group)
+        except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+            return 0  # not joined yet, or the coordinator is loading or moving
+    return sum(offsets.values())
 
 
 def wait_for(condition, what: str, timeout_s: float, procs=(), logs=()) -> None:

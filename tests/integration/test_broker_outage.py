@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
+from kafka import KafkaConsumer, KafkaProducer
 
+from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
 from loupe.consumers.kafka_names import KafkaNames
 from loupe.consumers.service import LoupeService
 from loupe.consumers.settings import Settings
@@ -78,11 +78,8 @@ def _topics(bootstrap: str) -> dict[str, str]:
     suffix = uuid.uuid4().hex[:8]
     topics = {name: f"outage.{name}.{suffix}" for name in ("products", "requests", "responses")}
     topics["deadletter"] = f"outage.deadletter.{suffix}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics(
-        [NewTopic(t, num_partitions=2, replication_factor=1) for t in topics.values()]
-    )
-    admin.close()
+    with KafkaAdmin({"bootstrap_servers": bootstrap}) as admin:
+        admin.create_missing([TopicSpec(t, 2, 1) for t in topics.values()])
     return topics
 
 

@@ -12,12 +12,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from kafka import KafkaAdminClient, KafkaProducer
-from kafka.errors import (
-    CoordinatorLoadInProgressError,
-    CoordinatorNotAvailableError,
-    NotCoordinatorError,
-)
+from kafka import KafkaProducer
 
 from loupe.consumers.catalog import build_catalog
 from loupe.consumers.index import point_id
@@ -25,23 +20,11 @@ from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import serve_env
 from loupe.encoders.fused import FusedEncoder
+from tests.integration.processes import committed
 
 pytestmark = pytest.mark.integration
 
 PRODUCTS = 48
-
-
-def _committed(bootstrap: str, group: str) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets(group).get(group, {})
-    except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
-        # The group has not joined yet, or the broker is still loading or moving its
-        # coordinator (seen once, in the first test after the broker started): ask again.
-        return 0
-    finally:
-        admin.close()
-    return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
 
 
 def _serve(env: dict[str, str], log_path) -> subprocess.Popen:
@@ -107,16 +90,16 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
     log_path = tmp_path / "serve.log"
     first = _serve(env, log_path)
     _wait_for(
-        lambda: _committed(bootstrap_servers, group) >= 8, "a first commit", 120, first, log_path
+        lambda: committed(bootstrap_servers, group) >= 8, "a first commit", 120, first, log_path
     )
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
-    at_kill = _committed(bootstrap_servers, group)
+    at_kill = committed(bootstrap_servers, group)
     assert at_kill < PRODUCTS, "the kill should land mid-stream"
 
     second = _serve(env, log_path)
     _wait_for(
-        lambda: _committed(bootstrap_servers, group) == PRODUCTS,
+        lambda: committed(bootstrap_servers, group) == PRODUCTS,
         "all commits",
         180,
         second,

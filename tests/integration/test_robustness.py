@@ -22,8 +22,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
+from kafka import KafkaConsumer, KafkaProducer
 from PIL import Image
 
 from loupe.dev.catalog import load_catalog, upserted_event
@@ -32,6 +31,7 @@ from loupe.dev.kafka import free_loopback_port
 from loupe.evaluation.simulators import phone_photo
 from loupe.schemas.deadletter import DeadLetter
 from loupe.schemas.search import parse_search_response
+from tests.integration.processes import committed
 
 pytestmark = pytest.mark.integration
 
@@ -88,18 +88,6 @@ def _read(bootstrap: str, topic: str, until, timeout_s: float = 120) -> list:
     finally:
         consumer.close()
     return records
-
-
-def _committed(bootstrap: str, group: str) -> dict:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        return admin.list_group_offsets(group).get(group, {})
-    except KafkaError as exc:
-        if exc.retriable:  # no coordinator yet, or it is loading or moving: nothing committed
-            return {}
-        raise
-    finally:
-        admin.close()
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +187,7 @@ def test_a_strip_photo_fails_alone_as_a_search_and_as_a_product(served):
     assert _readyz(served["port"]) == 200
     deadline = time.monotonic() + 30
     search_group = served["group"] + ".search"
-    while sum(m.offset for m in _committed(served["bootstrap"], search_group).values()) < 2:
+    while committed(served["bootstrap"], search_group) < 2:
         assert time.monotonic() < deadline, "the search offsets must move past both requests"
         time.sleep(0.5)
 

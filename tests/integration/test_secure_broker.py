@@ -20,6 +20,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from loupe.consumers.acls import PRINCIPALS, required_acls
+from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import loupe_process
@@ -125,7 +126,6 @@ def _prune(secure, user: str, settings: Settings, log_path, env: dict[str, str])
     ``user`` deletes them."""
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
-    from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
     from loupe.consumers.kafka_names import KafkaNames
 
     names = KafkaNames.of(settings)
@@ -215,12 +215,8 @@ def test_each_principal_runs_loupe_with_exactly_the_documented_acls(
         ["-v", "topics", "create"], _env(secure, users["operator"], **names), logs["operator"]
     )
     assert topics.wait(timeout=120) == 0, logs["operator"].read_text()[-3000:]
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-
-    admin = KafkaAdminClient(**_admin(secure))
-    admin.create_topics([NewTopic(reply_topic, num_partitions=1, replication_factor=1)])
-    admin.close()
+    with KafkaAdmin(_admin(secure)) as admin:
+        admin.create_missing([TopicSpec(reply_topic, 1)])
 
     catalog = load_catalog()[::14][:6]
     ids = [f"p{i}" for i in range(len(catalog))]
@@ -344,9 +340,6 @@ def test_a_principal_lacking_an_acl_stops_with_the_acl_named(secure, tmp_path):
     """The search ACLs less the group's: `serve` stops (no retry loop) with the missing ACL;
     without the Create ACLs, `topics create` says so in one line."""
     broker, bootstrap, _ = secure
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-
     names = {
         "products_topic": f"short.products.{uuid.uuid4().hex[:8]}",
         "search_requests_topic": f"short.requests.{uuid.uuid4().hex[:8]}",
@@ -354,9 +347,8 @@ def test_a_principal_lacking_an_acl_stops_with_the_acl_named(secure, tmp_path):
         "deadletter_topic": f"short.deadletter.{uuid.uuid4().hex[:8]}",
         "group_id": f"short-{uuid.uuid4().hex[:8]}",
     }
-    admin = KafkaAdminClient(**_admin(secure))
-    admin.create_topics([NewTopic(names[key], 1, 1) for key in names if key.endswith("_topic")])
-    admin.close()
+    with KafkaAdmin(_admin(secure)) as admin:
+        admin.create_missing([TopicSpec(names[k], 1) for k in names if k.endswith("_topic")])
     settings = Settings(bootstrap_servers=bootstrap, **names)
     acls = [acl for acl in required_acls(settings, "search") if acl.resource != "group"]
     broker.grant(bootstrap, SHORT_OF_ONE, acls)
@@ -382,7 +374,6 @@ def test_per_merchant_topics_let_the_broker_decide_who_writes_for_whom(
     """LOUPE_MERCHANT_TOPICS: each merchant's system may write its own products topic only
     (the broker refuses the other's), an event claiming another merchant in its own topic is
     dead-lettered, and ingest, search and a reindex read every merchant's topic."""
-    from kafka import KafkaAdminClient
     from kafka.errors import TopicAuthorizationFailedError
 
     from loupe.consumers.acls import merchant_acls
@@ -500,6 +491,5 @@ def test_per_merchant_topics_let_the_broker_decide_who_writes_for_whom(
     letters.close()
     codes = [headers.get("loupe.error.code") for headers in found]
     assert codes.count(b"merchant_mismatch") >= 1, found
-    admin = KafkaAdminClient(**_admin(secure))
-    assert set(topic_of.values()) <= set(admin.list_topics())
-    admin.close()
+    with KafkaAdmin(_admin(secure)) as admin:
+        assert set(topic_of.values()) <= admin.topics()

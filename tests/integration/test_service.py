@@ -652,20 +652,19 @@ def test_a_reply_to_topic_that_does_not_exist_does_not_jam_search(service):
 def compacted_topics(bootstrap_servers):
     """``make(name)``: a compacted topic of that name (one record per key survives the cleaner),
     deleted after the test."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
+    from loupe.consumers.kafka_admin import COMPACTED, KafkaAdmin, TopicSpec
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="loupe-tests")
+    admin = KafkaAdmin({"bootstrap_servers": bootstrap_servers}, client_id="loupe-tests")
     made: list[str] = []
 
     def make(name: str) -> str:
-        config = {"cleanup.policy": "compact"}
-        admin.create_topics([NewTopic(name, 1, 1, topic_configs=config)])
+        admin.create_missing([TopicSpec(name, 1, 1, COMPACTED)])
         made.append(name)
         return name
 
     yield make
-    admin.delete_topics(made)
+    if made:
+        admin.delete_topics(made)
     admin.close()
 
 

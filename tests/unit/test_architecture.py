@@ -232,3 +232,19 @@ def test_every_reason_the_model_fails_an_item_has_its_error_code():
         "decode",
         "too big",
     )
+
+
+def test_kafkas_admin_client_is_made_in_one_module():
+    """``consumers/kafka_admin.py`` is the one door to Kafka's admin API, for the service and for
+    the tests, benchmarks and development tools that administer a broker."""
+    sources = [
+        *_python_sources(),
+        *(REPO / "tests").rglob("*.py"),
+        *(PACKAGE / "train").rglob("*.py"),
+    ]
+    makers = {
+        p
+        for p in sources
+        if "KafkaAdminClient(" in p.read_text() and p.name != "test_architecture.py"
+    }
+    assert makers == {REPO / "consumers" / "kafka_admin.py"}
