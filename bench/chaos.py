@@ -61,12 +61,12 @@ from kafka import KafkaConsumer, KafkaProducer
 from bench.cli import summary
 from bench.harness import loupe_process, serve_env
 from loupe.client import encode_request, search_request
-from loupe.consumers.catalog import build_catalog
-from loupe.consumers.index import point_id
-from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
-from loupe.consumers.kafka_names import ENCODE, KafkaNames
-from loupe.consumers.live_model import open_collection
+from loupe.consumers.index.catalog import build_catalog
+from loupe.consumers.index.interface import point_id
+from loupe.consumers.kafka.admin import KafkaAdmin, TopicSpec
+from loupe.consumers.kafka.names import ENCODE, KafkaNames
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.live_model import open_collection
 from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.cdn import cdn_process
 from loupe.dev.kafka import LocalKafkaBroker, free_loopback_port, has_read_all

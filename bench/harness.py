@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
+from loupe.consumers.kafka.admin import KafkaAdmin, TopicSpec
 from loupe.dev.catalog import CatalogProduct, upserted_event
 from loupe.dev.cdn import cdn_process
 from loupe.dev.drive import SearchLoad, loupe_process, percentiles, serve_env

@@ -27,15 +27,15 @@ import numpy as np
 
 from bench.cli import summary
 from bench.harness import percentiles
-from loupe.consumers.edge_index import EdgeIndex
-from loupe.consumers.index import (
+from loupe.consumers.index.edge import EdgeIndex
+from loupe.consumers.index.interface import (
     DEFAULT_HNSW_EF,
     DEFAULT_QUANTIZATION,
     QUANTIZATIONS,
     IndexPoint,
     IndexQuery,
 )
-from loupe.consumers.qdrant_index import QdrantIndex
+from loupe.consumers.index.qdrant import QdrantIndex
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 1280, "text": 384, "fused": 1664}

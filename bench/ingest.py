@@ -20,17 +20,17 @@ from kafka import KafkaProducer
 
 from bench.cli import summary
 from bench.harness import create_topic, local_broker, photo_server, product_event
-from loupe.consumers.app import fixed_model
-from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
-from loupe.consumers.index import IndexPoint
-from loupe.consumers.ingest import IngestWorker
-from loupe.consumers.kafka_io import make_consumer, make_producer
+from loupe.consumers.index.interface import IndexPoint
+from loupe.consumers.index.qdrant import QdrantIndex
+from loupe.consumers.kafka.io import make_consumer, make_producer
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.product_stage import ProductStage
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.publisher import Publisher
-from loupe.consumers.qdrant_index import QdrantIndex
+from loupe.consumers.service.app import fixed_model
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.consumers.workers.ingest import IngestWorker
+from loupe.consumers.workers.product_stage import ProductStage
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.encoders.preprocess import compose_product_text

@@ -36,16 +36,16 @@ from kafka import KafkaConsumer, KafkaProducer
 from bench.cli import summary
 from bench.harness import create_topic, local_broker, percentiles, pure_python_crc32c
 from loupe.client import encode_request, search_request
-from loupe.consumers.app import fixed_model
-from loupe.consumers.edge_index import EdgeIndex
-from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
-from loupe.consumers.index import IndexPoint
-from loupe.consumers.kafka_io import make_consumer, make_producer
+from loupe.consumers.index.edge import EdgeIndex
+from loupe.consumers.index.interface import IndexPoint
+from loupe.consumers.index.qdrant import QdrantIndex
+from loupe.consumers.kafka.io import make_consumer, make_producer
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.publisher import Publisher
-from loupe.consumers.qdrant_index import QdrantIndex
-from loupe.consumers.search_service import SearchService
+from loupe.consumers.service.app import fixed_model
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.consumers.workers.search import SearchService
 from loupe.dev.catalog import encode_input, load_catalog
 from loupe.encoders.fused import EncodeInput, FusedEncoder
 from loupe.evaluation.simulators import phone_photo

@@ -1,6 +1,6 @@
 """Errors raised by the service layer. Each has one policy, named in its docstring."""
 
-from loupe.consumers.kafka_failures import Failure
+from loupe.consumers.kafka.failures import Failure
 from loupe.encoders.errors import ItemRejected, Rejection
 from loupe.schemas.errors import ErrorCode, InvalidEvent, ItemFailed, LoupeError
 

@@ -23,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from loupe.consumers.reply_topics import Refusal
+from loupe.consumers.kafka.reply_topics import Refusal
 from loupe.schemas.errors import ErrorCode, LoupeError
 
 log = logging.getLogger(__name__)

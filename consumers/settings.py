@@ -23,16 +23,16 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loupe.consumers.errors import ConfigError
-from loupe.consumers.image_fetch import FetchPolicy
-from loupe.consumers.index import (
+from loupe.consumers.index.interface import (
     DEFAULT_ACORN,
     DEFAULT_HNSW_EF,
     DEFAULT_QUANTIZATION,
     Quantization,
     Topology,
 )
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.reply_topics import DEFAULT_REPLY_TO_PATTERN
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.kafka.reply_topics import DEFAULT_REPLY_TO_PATTERN
+from loupe.consumers.workers.image_fetch import FetchPolicy
 from loupe.encoders.profile import (
     EncoderBackend,
     Fit,

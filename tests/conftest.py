@@ -64,7 +64,7 @@ def bootstrap_servers(kafka_broker: BrokerState) -> str:
 @pytest.fixture
 def make_topic(bootstrap_servers: str) -> Iterator[Callable[..., str]]:
     """Factory: ``make_topic(partitions=3)`` creates a uniquely named topic for this test."""
-    from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
+    from loupe.consumers.kafka.admin import KafkaAdmin, TopicSpec
 
     admin = KafkaAdmin({"bootstrap_servers": bootstrap_servers}, client_id="loupe-tests")
     created: list[str] = []
@@ -123,15 +123,15 @@ class IndexEngines:
         return "qdrant", {"path": path}
 
     def store(self, name: str, path: str):
-        from loupe.consumers.edge_index import EdgeStore
-        from loupe.consumers.qdrant_index import QdrantStore
+        from loupe.consumers.index.edge import EdgeStore
+        from loupe.consumers.index.qdrant import QdrantStore
 
         kind, options = self._options(name, path)
         return (EdgeStore if kind == "edge" else QdrantStore)(**options)
 
     def handle(self, name: str, path: str, version: str = "m1"):
-        from loupe.consumers.edge_index import EdgeIndex
-        from loupe.consumers.qdrant_index import QdrantIndex
+        from loupe.consumers.index.edge import EdgeIndex
+        from loupe.consumers.index.qdrant import QdrantIndex
 
         kind, options = self._options(name, path)
         return (EdgeIndex if kind == "edge" else QdrantIndex)(model_version=version, **options)

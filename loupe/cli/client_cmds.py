@@ -90,7 +90,7 @@ def publish(file: str, validate: bool) -> int:
         )
         return 1 if invalid else 0
 
-    from loupe.consumers.kafka_io import make_producer, require_broker
+    from loupe.consumers.kafka.io import make_producer, require_broker
 
     config = settings()
     require_broker(config)
@@ -182,7 +182,7 @@ def search(
     except ValidationError as exc:
         raise click.UsageError(first_error(exc)) from None
 
-    from loupe.consumers.kafka_io import make_producer, reader_at_end, require_broker
+    from loupe.consumers.kafka.io import make_producer, reader_at_end, require_broker
 
     config = settings()
     require_broker(config)

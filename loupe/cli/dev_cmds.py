@@ -80,7 +80,7 @@ def kafka_stop(state_dir: Path | None) -> int:
 def kafka_status(state_dir: Path | None) -> int:
     """Say whether the broker runs and answers. Exits 0 if it does, 1 if it runs but does not
     answer, 3 if it is not running."""
-    from loupe.consumers.kafka_io import answers_metadata
+    from loupe.consumers.kafka.io import answers_metadata
 
     broker = _broker(state_dir)
     state = broker.running_state()

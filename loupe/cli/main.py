@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _refusal(exc: KafkaError, argv: list[str]) -> str | None:
     """One line for an ACL the broker found missing, naming it; None for any other error."""
-    from loupe.consumers.acls import refusal
+    from loupe.consumers.kafka.acls import refusal
     from loupe.consumers.settings import load_settings
 
     command = next((arg for arg in argv if not arg.startswith("-")), "")  # its principal's

@@ -92,9 +92,9 @@ def reindex(
     Interrupted or killed, it resumes from where it committed when run again. Configure the new
     model as for `loupe serve` (e.g. LOUPE_FUSION_CHECKPOINT=new.pt loupe reindex).
     """
-    from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.reindex import CountsDisagree, Reindex
-    from loupe.consumers.reindex import rollback as roll_back
+    from loupe.consumers.kafka.io import require_broker
+    from loupe.consumers.service.reindex import CountsDisagree, Reindex
+    from loupe.consumers.service.reindex import rollback as roll_back
 
     config = settings()
     grace = float(config.reindex_grace_s if grace_s is None else grace_s)
@@ -159,13 +159,13 @@ def collections(prune: bool, dry_run: bool) -> int:
     collection's vectors topic (LOUPE_ENCODE_ONCE) and consumer groups stay in Kafka until
     `--prune` removes them. A group with members (another replica still on that model) is
     kept, with its topic, and named."""
-    from loupe.consumers.reindex import describe_collections, kafka_leftovers
+    from loupe.consumers.service.reindex import describe_collections, kafka_leftovers
 
     config = settings()
     if dry_run and not prune:
         raise click.UsageError("--dry-run goes with --prune")
     if prune:
-        from loupe.consumers.kafka_io import require_broker
+        from loupe.consumers.kafka.io import require_broker
 
         require_broker(config, wait_s=5.0)
         found = kafka_leftovers(config, delete=not dry_run)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from loupe.cli.common import KAFKA_SETTINGS, global_options, settings, settings_epilog
-from loupe.consumers.acls import PRINCIPALS
-from loupe.consumers.topics import ROLES
+from loupe.consumers.kafka.acls import PRINCIPALS
+from loupe.consumers.kafka.topics import ROLES
 
 # How long `serve` waits for the broker at start-up: long enough for a broker that starts beside
 # it (compose, a test), short enough that a wrong address is reported while someone watches.
@@ -47,11 +47,11 @@ def serve(role: str, create_topics: bool) -> int:
     """
     from kafka.errors import KafkaError
 
-    from loupe.consumers.acls import refusal
     from loupe.consumers.errors import BrokerRefused, WorkerDied
-    from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.service import LoupeService, check_role
-    from loupe.consumers.topics import ensure_topics
+    from loupe.consumers.kafka.acls import refusal
+    from loupe.consumers.kafka.io import require_broker
+    from loupe.consumers.kafka.topics import ensure_topics
+    from loupe.consumers.service.lifecycle import LoupeService, check_role
 
     config = settings()
     check_role(config, role)  # before the broker and the model: a wrong role fails at once
@@ -118,9 +118,9 @@ def topics_create(partitions: int, replication_factor: int, merchants: tuple[str
     (`loupe train`, a new model's ingest). Delete a product with a product.deleted event; a
     tombstone (null value under its key) deletes it too and lets compaction forget it.
     """
-    from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.kafka_names import KafkaNames
-    from loupe.consumers.topics import ensure_topics
+    from loupe.consumers.kafka.io import require_broker
+    from loupe.consumers.kafka.names import KafkaNames
+    from loupe.consumers.kafka.topics import ensure_topics
 
     config = settings()
     if merchants and not config.merchant_topics:
@@ -148,9 +148,9 @@ def topics_create(partitions: int, replication_factor: int, merchants: tuple[str
 @global_options
 def topics_check(role: str) -> int:
     """Check that the topics a role needs exist (what `serve` checks at start)."""
-    from loupe.consumers.kafka_io import require_broker
-    from loupe.consumers.kafka_names import KafkaNames
-    from loupe.consumers.topics import check_topics, cleanup_policy
+    from loupe.consumers.kafka.io import require_broker
+    from loupe.consumers.kafka.names import KafkaNames
+    from loupe.consumers.kafka.topics import check_topics, cleanup_policy
 
     config = settings()
     require_broker(config)
@@ -200,7 +200,7 @@ def acls(principals: tuple[str, ...], merchants: tuple[str, ...], users: tuple[s
     names come from the LOUPE_* settings below. Add your --bootstrap-server and
     --command-config to each line. Nothing else is needed where the broker denies by default.
     """
-    from loupe.consumers.acls import merchant_acls, required_acls
+    from loupe.consumers.kafka.acls import merchant_acls, required_acls
 
     config = settings()
     if merchants and not config.merchant_topics:

@@ -132,7 +132,7 @@ def train(
     A new checkpoint is a new model version, so the index is rebuilt under it (a new
     collection).
     """
-    from loupe.consumers.kafka_io import require_broker
+    from loupe.consumers.kafka.io import require_broker
     from loupe.train.evaluate import scores_table
     from loupe.train.pipeline import untrained_encoder
     from loupe.train.source import (

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from loupe.client import encode_request, search_request
-from loupe.consumers.kafka_io import make_producer, reader_at_end
+from loupe.consumers.kafka.io import make_producer, reader_at_end
 from loupe.consumers.settings import Settings
 from loupe.demo.report import DemoQuery, format_filters, render_report, thumbnail
 from loupe.dev.catalog import CatalogProduct, load_catalog, upserted_event
@@ -104,8 +104,8 @@ def run_demo(
     inline_every: int = 5,
     train: bool = True,
 ) -> int:
-    from loupe.consumers.service import LoupeService
-    from loupe.consumers.topics import ensure_topics
+    from loupe.consumers.kafka.topics import ensure_topics
+    from loupe.consumers.service.lifecycle import LoupeService
 
     total_steps = 7
     started_at = time.perf_counter()

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loupe.consumers.acls import Acl
 from loupe.consumers.errors import LoupeError
-from loupe.consumers.kafka_io import answers_metadata
+from loupe.consumers.kafka.acls import Acl
+from loupe.consumers.kafka.io import answers_metadata
 from loupe.dev.tls import Certificates
 from loupe.locks import file_lock
 
@@ -366,7 +366,7 @@ class LocalKafkaBroker:
             for acl in acls
             for operation in acl.operations
         ]
-        from loupe.consumers.kafka_admin import KafkaAdmin
+        from loupe.consumers.kafka.admin import KafkaAdmin
 
         with KafkaAdmin(self.client_config(bootstrap_servers)) as admin:
             admin.create_acls(entries)
@@ -534,7 +534,7 @@ def has_read_all(bootstrap: str, group: str, topic: str) -> bool:
     from kafka.errors import KafkaError
     from kafka.structs import TopicPartition
 
-    from loupe.consumers.kafka_admin import KafkaAdmin
+    from loupe.consumers.kafka.admin import KafkaAdmin
 
     with KafkaAdmin({"bootstrap_servers": bootstrap}) as admin:
         try:

@@ -33,7 +33,7 @@ from loupe.dev.tls import Certificates
 log = logging.getLogger(__name__)
 
 # The server version the tests and the compose stack run; Loupe supports the versions in
-# consumers/index.py (SUPPORTED_SERVER_VERSIONS).
+# consumers/index/interface.py (SUPPORTED_SERVER_VERSIONS).
 QDRANT_VERSION = "1.18.3"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loupe" / "qdrant"
 # Qdrant's official release binary (statically linked, Linux x86_64), for `make qdrant`.

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
-from loupe.consumers.kafka_io import record_time
-from loupe.consumers.products_topics import ProductsTopics
+from loupe.consumers.kafka.io import record_time
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.encoders.errors import ModelError
 from loupe.encoders.images import DecodeLimits, decode_image
 from loupe.encoders.preprocess import compose_product_text

@@ -18,7 +18,7 @@ from kafka.errors import (
     NotCoordinatorError,
 )
 
-from loupe.consumers.kafka_admin import KafkaAdmin
+from loupe.consumers.kafka.admin import KafkaAdmin
 
 
 def service_topics(make_topic, products: int = 2, requests: int = 1) -> dict[str, str]:

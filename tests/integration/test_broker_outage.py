@@ -24,9 +24,9 @@ from collections.abc import Iterator
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
-from loupe.consumers.kafka_names import KafkaNames
-from loupe.consumers.service import LoupeService
+from loupe.consumers.kafka.admin import KafkaAdmin, TopicSpec
+from loupe.consumers.kafka.names import KafkaNames
+from loupe.consumers.service.lifecycle import LoupeService
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.dev.kafka import BrokerState, LocalKafkaBroker

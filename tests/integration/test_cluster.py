@@ -26,10 +26,10 @@ from datetime import UTC, datetime
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from loupe.consumers.catalog import build_catalog
-from loupe.consumers.index import point_id
-from loupe.consumers.live_model import open_collection
+from loupe.consumers.index.catalog import build_catalog
+from loupe.consumers.index.interface import point_id
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.live_model import open_collection
 from loupe.dev.catalog import load_catalog, upserted_event
 from loupe.dev.drive import SearchLoad, loupe_process, serve_env
 from loupe.dev.kafka import free_loopback_port

@@ -99,9 +99,9 @@ def test_group_resumes_exactly_after_committed_offsets(bootstrap_servers, make_t
 
 
 def test_serve_refuses_to_start_without_its_topics(bootstrap_servers, make_topic):
-    from loupe.consumers.service import LoupeService
+    from loupe.consumers.kafka.topics import TopicsMissing
+    from loupe.consumers.service.lifecycle import LoupeService
     from loupe.consumers.settings import Settings
-    from loupe.consumers.topics import TopicsMissing
 
     existing = make_topic("products")
     settings = Settings(

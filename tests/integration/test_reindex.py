@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from loupe.consumers.catalog import build_catalog
-from loupe.consumers.index import IndexQuery, collection_name, point_id
-from loupe.consumers.kafka_names import KafkaNames
-from loupe.consumers.reindex_lock import reindex_lock
+from loupe.consumers.index.catalog import build_catalog
+from loupe.consumers.index.interface import IndexQuery, collection_name, point_id
+from loupe.consumers.kafka.names import KafkaNames
+from loupe.consumers.service.reindex_lock import reindex_lock
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import SearchLoad, loupe_process, serve_env
@@ -560,8 +560,8 @@ def test_with_a_shared_server_a_live_reindex_group_refuses_a_second_reindex(
     elsewhere shows as members in the reindex's consumer group, and that refuses this one."""
     from kafka import KafkaConsumer
 
-    from loupe.consumers import reindex_lock as reindex_module
-    from loupe.consumers.reindex_lock import ReindexBusy
+    from loupe.consumers.service import reindex_lock as reindex_module
+    from loupe.consumers.service.reindex_lock import ReindexBusy
 
     topic = make_topic("products")
     settings = Settings(
@@ -599,8 +599,8 @@ def test_collections_prune_deletes_what_kafka_keeps_of_dropped_collections(
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
     from loupe.cli import main
-    from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
-    from loupe.consumers.reindex import kafka_leftovers
+    from loupe.consumers.kafka.admin import KafkaAdmin, TopicSpec
+    from loupe.consumers.service.reindex import kafka_leftovers
 
     products = make_topic("products")
     settings = Settings(

@@ -223,8 +223,8 @@ def test_a_replicas_reindex_builds_from_the_vectors_topic_another_one_published(
     the new collection's vectors; replica b's reindex to the same model builds its own index
     from that topic, encoding nothing, and leaves its index writers' group where its service
     goes on from."""
-    from loupe.consumers.kafka_names import KafkaNames
-    from loupe.consumers.reindex import Reindex, reads_vectors
+    from loupe.consumers.kafka.names import KafkaNames
+    from loupe.consumers.service.reindex import Reindex, reads_vectors
     from loupe.consumers.settings import Settings
 
     catalog = load_catalog()[::14]

@@ -263,7 +263,8 @@ def test_a_worker_that_dies_stops_the_service_instead_of_leaving_a_zombie(
     # inside the process the moment the service has noticed (before it closes its server).
     inject = (
         "import sys, urllib.request, urllib.error\n"
-        "from loupe.consumers import search_service, service\n"
+        "from loupe.consumers.service import lifecycle as service\n"
+        "from loupe.consumers.workers import search as search_service\n"
         "def broken(self, records):\n"
         "    raise RuntimeError('injected fault outside any item')\n"
         "search_service.SearchService.handle = broken\n"

@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from loupe.consumers.acls import PRINCIPALS, required_acls
-from loupe.consumers.kafka_admin import KafkaAdmin, TopicSpec
+from loupe.consumers.kafka.acls import PRINCIPALS, required_acls
+from loupe.consumers.kafka.admin import KafkaAdmin, TopicSpec
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import loupe_process
@@ -126,7 +126,7 @@ def _prune(secure, user: str, settings: Settings, log_path, env: dict[str, str])
     ``user`` deletes them."""
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
-    from loupe.consumers.kafka_names import KafkaNames
+    from loupe.consumers.kafka.names import KafkaNames
 
     names = KafkaNames.of(settings)
     gone = f"{env['index_prefix']}__gone"
@@ -376,7 +376,7 @@ def test_per_merchant_topics_let_the_broker_decide_who_writes_for_whom(
     dead-lettered, and ingest, search and a reindex read every merchant's topic."""
     from kafka.errors import TopicAuthorizationFailedError
 
-    from loupe.consumers.acls import merchant_acls
+    from loupe.consumers.kafka.acls import merchant_acls
 
     broker, bootstrap, _ = secure
     users = {principal: f"{principal}-tenant" for principal in PRINCIPALS}

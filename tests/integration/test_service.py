@@ -17,11 +17,11 @@ from typing import ClassVar
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from loupe.consumers.app import Application, fixed_model
-from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
-from loupe.consumers.index import point_id
-from loupe.consumers.live_model import ModelInUse
+from loupe.consumers.index.interface import point_id
+from loupe.consumers.service.app import Application, fixed_model
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.consumers.workers.live_model import ModelInUse
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
 from loupe.evaluation.simulators import phone_photo
@@ -470,7 +470,7 @@ def _committed(service, group_suffix="-ingest"):
 
 
 def test_index_outage_is_retried_without_committing(service, catalog, cdn):
-    from loupe.consumers.kafka_io import Backoff
+    from loupe.consumers.kafka.io import Backoff
 
     indexer = service["indexer"]
     flaky = _FlakyIndex(service["index"])
@@ -652,7 +652,7 @@ def test_a_reply_to_topic_that_does_not_exist_does_not_jam_search(service):
 def compacted_topics(bootstrap_servers):
     """``make(name)``: a compacted topic of that name (one record per key survives the cleaner),
     deleted after the test."""
-    from loupe.consumers.kafka_admin import COMPACTED, KafkaAdmin, TopicSpec
+    from loupe.consumers.kafka.admin import COMPACTED, KafkaAdmin, TopicSpec
 
     admin = KafkaAdmin({"bootstrap_servers": bootstrap_servers}, client_id="loupe-tests")
     made: list[str] = []

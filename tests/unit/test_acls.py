@@ -19,8 +19,8 @@ from kafka.errors import (
 
 from loupe.cli import main
 from loupe.cli.common import RedactSecrets
-from loupe.consumers import kafka_eof
-from loupe.consumers.acls import PRINCIPALS, Acl, refusal, required_acls
+from loupe.consumers.kafka import eof as kafka_eof
+from loupe.consumers.kafka.acls import PRINCIPALS, Acl, refusal, required_acls
 from loupe.consumers.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "deploy" / "README.md"
@@ -105,7 +105,8 @@ def test_a_refusal_names_the_missing_acl():
 
 def test_the_cli_names_the_acl_of_the_serve_role_it_was_given(monkeypatch, capsys):
     """A refusal at start-up (a transactional producer's first call) is the role's."""
-    from loupe.consumers import kafka_io, service
+    from loupe.consumers.kafka import io as kafka_io
+    from loupe.consumers.service import lifecycle as service
 
     def refused(self):
         raise TransactionalIdAuthorizationFailedError()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -59,8 +60,16 @@ ALLOWED = {
 
 
 def _modules() -> dict[str, Path]:
+    """Every module of the package, by its dotted name. ``consumers``, ``encoders`` and
+    ``schemas`` are links in the repository, which ``Path.rglob`` does not follow: walked here."""
     found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
+    paths = [
+        Path(root) / name
+        for root, _, names in os.walk(PACKAGE, followlinks=True)
+        for name in names
+        if name.endswith(".py")
+    ]
+    for path in sorted(paths):
         parts = path.relative_to(PACKAGE).with_suffix("").parts
         if parts[-1] == "__init__" and len(parts) > 1:
             parts = parts[:-1]
@@ -161,7 +170,7 @@ def test_the_compose_stack_runs_the_qdrant_the_tests_run():
     which Loupe's start-up check supports, and so does the client Loupe locks."""
     from importlib.metadata import version
 
-    from loupe.consumers.index import SUPPORTED_SERVER_VERSIONS, check_server_version
+    from loupe.consumers.index.interface import SUPPORTED_SERVER_VERSIONS, check_server_version
     from loupe.dev.qdrant import QDRANT_VERSION
 
     compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
@@ -235,7 +244,7 @@ def test_every_reason_the_model_fails_an_item_has_its_error_code():
 
 
 def test_kafkas_admin_client_is_made_in_one_module():
-    """``consumers/kafka_admin.py`` is the one door to Kafka's admin API, for the service and for
+    """``consumers/kafka/admin.py`` is the one door to Kafka's admin API, for the service and for
     the tests, benchmarks and development tools that administer a broker."""
     sources = [
         *_python_sources(),
@@ -247,4 +256,63 @@ def test_kafkas_admin_client_is_made_in_one_module():
         for p in sources
         if "KafkaAdminClient(" in p.read_text() and p.name != "test_architecture.py"
     }
-    assert makers == {REPO / "consumers" / "kafka_admin.py"}
+    assert makers == {REPO / "consumers" / "kafka" / "admin.py"}
+
+
+# Inside the service (``loupe.consumers``): its parts, each a subpackage, and who may import
+# whom. ``common`` is the package's own modules (settings, errors, metrics), which every part
+# reads; they may import only the value types of the parts that settings build (``COMMON_READS``).
+CONSUMER_PARTS = {
+    "common": {"common"},
+    "kafka": {"kafka", "common"},
+    "index": {"index", "kafka", "common"},
+    "workers": {"workers", "index", "kafka", "common"},
+    "service": {"service", "workers", "index", "kafka", "common"},
+}
+COMMON_READS = {
+    "loupe.consumers.kafka.failures",  # the failure classes errors carry
+    "loupe.consumers.kafka.products_topics",  # Settings.products_topics()
+    "loupe.consumers.kafka.reply_topics",  # the reply-to rule's default and refusal reasons
+    "loupe.consumers.workers.image_fetch",  # Settings.fetch_policy()
+    "loupe.consumers.index.interface",  # the index's topology and quantisation values
+}
+
+
+def _part(module: str) -> str | None:
+    """The part of ``loupe.consumers`` that ``module`` belongs to (None: outside it)."""
+    parts = module.split(".")
+    if parts[:2] != ["loupe", "consumers"]:
+        return None
+    if len(parts) > 3 and parts[2] in CONSUMER_PARTS:
+        return parts[2]
+    if len(parts) == 3 and parts[2] in CONSUMER_PARTS:
+        return parts[2]  # the subpackage itself
+    return "common"
+
+
+def test_the_services_parts_import_only_the_parts_below_them():
+    problems = []
+    for name, path in _modules().items():
+        part = _part(name)
+        if part is None:
+            continue
+        for imported in _imports(path, module_level_only=False):
+            target = _part(imported)
+            if target is None or target in CONSUMER_PARTS[part]:
+                continue
+            owner = ".".join(imported.split(".")[:4])
+            if part == "common" and owner in COMMON_READS:
+                continue
+            problems.append(f"{name} ({part}) imports {imported} ({target})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_common_modules_read_only_leaf_modules_of_the_parts():
+    """What settings, errors and metrics read of the parts imports nothing of the service
+    itself but the common modules, so the parts stay layered above them."""
+    modules = _modules()
+    for leaf in COMMON_READS:
+        for imported in _imports(modules[leaf], module_level_only=False):
+            assert _part(imported) in (None, "common") or imported.startswith(
+                tuple(COMMON_READS)
+            ), f"{leaf} imports {imported}"

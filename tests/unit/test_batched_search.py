@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from kafka import errors as kafka_errors
 
-from loupe.consumers.app import fixed_model
 from loupe.consumers.errors import ImageFetchError, PublisherFailed
-from loupe.consumers.index import IndexHit
-from loupe.consumers.live_model import ModelInUse
+from loupe.consumers.index.interface import IndexHit
+from loupe.consumers.kafka.reply_topics import DEFAULT_REPLY_TO_PATTERN, ReplyTopics
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.reply_topics import DEFAULT_REPLY_TO_PATTERN, ReplyTopics
-from loupe.consumers.search_service import SearchService
+from loupe.consumers.service.app import fixed_model
+from loupe.consumers.workers.live_model import ModelInUse
+from loupe.consumers.workers.search import SearchService
 from loupe.encoders.fused import Encoded
 from loupe.encoders.items import Region
 from loupe.schemas.errors import ErrorCode

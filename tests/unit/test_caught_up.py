@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from kafka.structs import TopicPartition
 
-from loupe.consumers.kafka_io import read_to_end
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.reindex_progress import ReindexTracker
+from loupe.consumers.kafka.io import read_to_end
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.service.reindex_progress import ReindexTracker
 from tests.fakes import FakeConsumer
 
 P0, P1 = TopicPartition("products", 0), TopicPartition("products", 1)
@@ -56,7 +56,7 @@ class _NoIndex:
 
 def test_a_partition_no_longer_read_here_has_no_lag_reported_here():
     from loupe.consumers.metrics import LoupeMetrics
-    from loupe.consumers.worker import BatchWorker
+    from loupe.consumers.workers.batch import BatchWorker
 
     class _Ingest(BatchWorker):
         role = "ingest"

@@ -156,8 +156,8 @@ def test_filters_become_the_contracts_filters():
 
 
 def test_collections_and_rollback_say_what_there_is(tmp_path, capsys, monkeypatch):
-    from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard
-    from loupe.consumers.edge_index import EdgeStore
+    from loupe.consumers.index.catalog import Catalog, CollectionCard, ModelCard
+    from loupe.consumers.index.edge import EdgeStore
     from loupe.encoders.profile import ModelProfile
 
     monkeypatch.setenv("LOUPE_STATE_DIR", str(tmp_path))

@@ -19,11 +19,11 @@ from kafka.producer.transaction_manager import (
 from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.errors import BatchAborted, CommitRetriable, PublisherFailed
-from loupe.consumers.kafka_failures import Failure, classify, describe, root_cause
-from loupe.consumers.kafka_io import Backoff
+from loupe.consumers.kafka.failures import Failure, classify, describe, root_cause
+from loupe.consumers.kafka.io import Backoff
+from loupe.consumers.kafka.publisher import MAX_FATAL_IN_A_ROW, Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.publisher import MAX_FATAL_IN_A_ROW, Publisher
-from loupe.consumers.worker import BatchWorker
+from loupe.consumers.workers.batch import BatchWorker
 from tests.fakes import FakeConsumer
 
 TP = TopicPartition("requests", 0)

@@ -13,20 +13,20 @@ import numpy as np
 import pytest
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard
-from loupe.consumers.edge_index import EdgeStore
-from loupe.consumers.encode_worker import EncodeWorker
-from loupe.consumers.handover import HandOver
-from loupe.consumers.index import IndexPoint, point_id
-from loupe.consumers.index_writer import IndexWorker
-from loupe.consumers.kafka_names import KafkaNames
-from loupe.consumers.live_model import LiveModel, ModelInUse
+from loupe.consumers.index.catalog import Catalog, CollectionCard, ModelCard
+from loupe.consumers.index.edge import EdgeStore
+from loupe.consumers.index.interface import IndexPoint, point_id
+from loupe.consumers.kafka.names import KafkaNames
+from loupe.consumers.kafka.products_topics import MAX_TOPIC_NAME, ProductsTopics
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.product_stage import ProductStage
-from loupe.consumers.products_topics import MAX_TOPIC_NAME, ProductsTopics
-from loupe.consumers.service import CatchUp
+from loupe.consumers.service.lifecycle import CatchUp
 from loupe.consumers.settings import Settings
-from loupe.consumers.vectors import VectorsOut
+from loupe.consumers.workers.encode import EncodeWorker
+from loupe.consumers.workers.handover import HandOver
+from loupe.consumers.workers.index_writer import IndexWorker
+from loupe.consumers.workers.live_model import LiveModel, ModelInUse
+from loupe.consumers.workers.product_stage import ProductStage
+from loupe.consumers.workers.vectors import VectorsOut
 from loupe.encoders.profile import ModelProfile
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.vectors import (
@@ -244,7 +244,7 @@ def test_the_index_writer_applies_the_version_rule_and_letters_what_does_not_fit
 
 
 def _query(vector):
-    from loupe.consumers.index import IndexQuery
+    from loupe.consumers.index.interface import IndexQuery
     from loupe.schemas.search import SearchFilters
 
     return IndexQuery("fused", vector, 1, None, SearchFilters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from loupe.consumers.service import EncoderGate
+from loupe.consumers.service.lifecycle import EncoderGate
 
 
 def test_search_overtakes_queued_ingest_batches():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from loupe.consumers.errors import ImageFetchError
-from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher
+from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher
 
 POLICY = FetchPolicy(
     connect_timeout_s=1.0, read_timeout_s=1.0, total_timeout_s=1.5, allow_loopback=True

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from loupe.consumers.errors import ImageFetchError
-from loupe.consumers.image_fetch import FetchPolicy, ImageFetcher, address_verdict
+from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher, address_verdict
 from loupe.schemas.errors import ErrorCode
 
 STRICT = FetchPolicy()

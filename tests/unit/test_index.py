@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loupe.consumers.index import collection_name, point_id
-from loupe.consumers.qdrant_index import build_filter
+from loupe.consumers.index.interface import collection_name, point_id
+from loupe.consumers.index.qdrant import build_filter
 from loupe.schemas.search import SearchFilters
 
 
@@ -42,7 +42,7 @@ def test_filters_become_qdrant_conditions():
 def test_an_unreachable_qdrant_server_is_index_unavailable():
     """The retry policy's trigger: a server URL that refuses (a closed loopback port)."""
     from loupe.consumers.errors import IndexUnavailable
-    from loupe.consumers.qdrant_index import QdrantIndex
+    from loupe.consumers.index.qdrant import QdrantIndex
     from loupe.dev.kafka import free_loopback_port
 
     index = QdrantIndex(
@@ -59,7 +59,7 @@ def test_an_unreachable_qdrant_server_is_index_unavailable():
 def test_how_the_graph_is_searched_reaches_every_collection_of_the_index(engine, tmp_path):
     from pydantic import ValidationError
 
-    from loupe.consumers.catalog import build_catalog
+    from loupe.consumers.index.catalog import build_catalog
     from loupe.consumers.settings import Settings
 
     settings = Settings(
@@ -83,7 +83,7 @@ def test_how_the_graph_is_searched_reaches_every_collection_of_the_index(engine,
 
 
 def test_a_payload_round_trips_and_an_older_one_reads_with_its_gaps_empty():
-    from loupe.consumers.index import ProductPayload
+    from loupe.consumers.index.interface import ProductPayload
 
     payload = ProductPayload(
         merchant_id="m", product_id="p", title="Ring", description="", attributes={"k": 1},

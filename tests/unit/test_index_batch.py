@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from loupe.consumers.index import IndexPoint, IndexQuery
-from loupe.consumers.qdrant_index import QdrantIndex
+from loupe.consumers.index.interface import IndexPoint, IndexQuery
+from loupe.consumers.index.qdrant import QdrantIndex
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 8, "text": 4, "fused": 12}

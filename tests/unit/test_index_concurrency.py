@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from loupe.consumers.index import IndexPoint, IndexQuery
+from loupe.consumers.index.interface import IndexPoint, IndexQuery
 from loupe.schemas.search import SearchFilters
 
 DIMS = {"image": 8, "text": 4, "fused": 12}

@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from loupe.consumers.edge_index import EdgeIndex
-from loupe.consumers.index import IndexPoint, IndexQuery
+from loupe.consumers.index.edge import EdgeIndex
+from loupe.consumers.index.interface import IndexPoint, IndexQuery
 from loupe.schemas.search import SearchFilters
 from tests.conftest import EMBEDDED_ENGINES, ENGINE_NAMES, SERVER_ENGINES
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from loupe.consumers.kafka_io import answers_metadata
+from loupe.consumers.kafka.io import answers_metadata
 from loupe.dev import kafka as kafka_broker
 from loupe.dev.kafka import BrokerError, LocalKafkaBroker
 

@@ -1,4 +1,4 @@
-"""Kafka's names, written once (consumers/kafka_names.py): every group and transactional id a
+"""Kafka's names, written once (consumers/kafka/names.py): every group and transactional id a
 worker takes is one that its principal's ACLs grant, in every mode; the topics are where the
 workers and ``loupe topics create`` look for them."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from loupe.consumers.acls import Acl, required_acls
-from loupe.consumers.kafka_names import ENCODE, INDEX, INGEST, REINDEX, SEARCH, KafkaNames
+from loupe.consumers.kafka.acls import Acl, required_acls
+from loupe.consumers.kafka.names import ENCODE, INDEX, INGEST, REINDEX, SEARCH, KafkaNames
 from loupe.consumers.settings import Settings
 
 COLLECTION = "loupe__m_0123456789ab"

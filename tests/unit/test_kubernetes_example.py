@@ -9,7 +9,7 @@ import click
 import yaml
 
 from loupe.cli.main import cli
-from loupe.consumers.kafka_names import KafkaNames
+from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"

@@ -13,19 +13,24 @@ from dataclasses import dataclass, field
 import pytest
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers.catalog import Catalog, CollectionCard, ModelCard, NothingToRollBack
-from loupe.consumers.edge_index import EdgeStore
 from loupe.consumers.errors import ConfigError, IndexUnavailable
-from loupe.consumers.handover import HandOver
-from loupe.consumers.ingest import IngestWorker
-from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse, ModelSwitchError
+from loupe.consumers.index.catalog import Catalog, CollectionCard, ModelCard, NothingToRollBack
+from loupe.consumers.index.edge import EdgeStore
+from loupe.consumers.kafka.products_topics import ProductsTopics
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.product_stage import ProductStage
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.reindex import Reindex, rollback
-from loupe.consumers.reindex_lock import ReindexBusy, reindex_lock
-from loupe.consumers.reindex_progress import counts_agree
+from loupe.consumers.service.reindex import Reindex, rollback
+from loupe.consumers.service.reindex_lock import ReindexBusy, reindex_lock
+from loupe.consumers.service.reindex_progress import counts_agree
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.handover import HandOver
+from loupe.consumers.workers.ingest import IngestWorker
+from loupe.consumers.workers.live_model import (
+    LiveModel,
+    ModelFollower,
+    ModelInUse,
+    ModelSwitchError,
+)
+from loupe.consumers.workers.product_stage import ProductStage
 from loupe.encoders.profile import ModelProfile
 from tests.fakes import FakeConsumer
 
@@ -143,7 +148,7 @@ def test_an_embedded_shard_another_process_has_open_is_not_dropped(tmp_path):
             textwrap.dedent(
                 f"""
                 import sys, time
-                from loupe.consumers.edge_index import EdgeIndex
+                from loupe.consumers.index.edge import EdgeIndex
                 index = EdgeIndex(model_version="a", path={str(tmp_path)!r})
                 index.ensure_collection({DIMS!r})
                 print("open", flush=True)

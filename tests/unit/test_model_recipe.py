@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loupe.consumers.catalog import CardError, CollectionCard, ModelCard
+from loupe.consumers.index.catalog import CardError, CollectionCard, ModelCard
 from loupe.consumers.settings import Settings
 from loupe.encoders.profile import RECIPE, ModelProfile
 

@@ -8,9 +8,9 @@ import pytest
 from kafka.structs import TopicPartition
 
 from loupe.cli.main import main
-from loupe.consumers.acls import merchant_acls, required_acls
-from loupe.consumers.catalog import CollectionCard, ModelCard, offsets_in
-from loupe.consumers.products_topics import ProductsTopics
+from loupe.consumers.index.catalog import CollectionCard, ModelCard, offsets_in
+from loupe.consumers.kafka.acls import merchant_acls, required_acls
+from loupe.consumers.kafka.products_topics import ProductsTopics
 from loupe.consumers.settings import Settings
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.train.source import _its_merchants

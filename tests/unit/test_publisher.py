@@ -8,9 +8,9 @@ from kafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.errors import CommitRetriable
-from loupe.consumers.kafka_io import Backoff, checksums_in_c
+from loupe.consumers.kafka.io import Backoff, checksums_in_c
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.publisher import Publisher
 from loupe.schemas.errors import ErrorCode
 from tests.fakes import FakeConsumer
 

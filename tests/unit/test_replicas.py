@@ -9,11 +9,11 @@ from kafka.structs import TopicPartition
 
 from loupe.cli.main import main
 from loupe.consumers.errors import ConfigError
-from loupe.consumers.kafka_names import KafkaNames
+from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.service import LoupeService
+from loupe.consumers.service.lifecycle import LoupeService
 from loupe.consumers.settings import Settings, load_settings
-from loupe.consumers.worker import BatchWorker
+from loupe.consumers.workers.batch import BatchWorker
 from tests.fakes import FakeConsumer
 
 P0, P1 = TopicPartition("products", 0), TopicPartition("products", 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loupe.consumers.errors import TopicConfigUnknown
-from loupe.consumers.reply_topics import (
+from loupe.consumers.kafka.reply_topics import (
     DEFAULT_REPLY_TO_PATTERN,
     VERDICT_TTL_S,
     Refusal,

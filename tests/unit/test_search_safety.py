@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-from loupe.consumers.kafka_io import Backoff
-from loupe.consumers.search_service import fit_response
+from loupe.consumers.kafka.io import Backoff
+from loupe.consumers.workers.search import fit_response
 from loupe.schemas.search import HitScores, SearchCompleted, SearchHit, parse_search_response
 
 

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from loupe.consumers import service, signals
 from loupe.consumers.errors import WorkerDied
+from loupe.consumers.service import lifecycle as service
+from loupe.consumers.service import signals
 from loupe.consumers.settings import Settings
 
 

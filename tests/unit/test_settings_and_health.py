@@ -99,7 +99,7 @@ def test_health_endpoints_and_a_taken_port():
 
 
 def test_a_cluster_topology_needs_a_server_and_copies_enough(monkeypatch):
-    from loupe.consumers.index import Topology
+    from loupe.consumers.index.interface import Topology
 
     settings = Settings(
         index_url="http://127.0.0.1:6333",
@@ -127,7 +127,7 @@ def test_a_cluster_topology_needs_a_server_and_copies_enough(monkeypatch):
     [("1.18.3", True), ("1.21.0", True), ("1.17.9", False), ("2.0.0", False), ("dev", False)],
 )
 def test_the_server_versions_loupe_supports(version, supported):
-    from loupe.consumers.index import check_server_version
+    from loupe.consumers.index.interface import check_server_version
 
     problem = check_server_version(version)
     assert (problem is None) == supported

@@ -9,7 +9,8 @@ are idempotent. Once it has caught up (no lag on any partition, and its point co
 the live collection's, see ``counts_agree``), it records the offsets it has applied on the new
 collection's card, marks the old collection retired (kept for a grace period, for
 ``--rollback``), and switches the alias in one step. Running services follow the alias
-(consumers/live_model.py) and hand ingest over from those offsets (consumers/handover.py).
+(consumers/workers/live_model.py) and hand ingest over from those offsets
+(consumers/workers/handover.py).
 
 With encode-once, another instance's reindex (a replica's, with an index of its own) may
 already have published the new collection's vectors topic. A reindex then builds from that
@@ -29,22 +30,22 @@ from dataclasses import dataclass
 
 from kafka.structs import TopicPartition
 
-from loupe.consumers.app import Application, fixed_model
-from loupe.consumers.catalog import Catalog, ModelCard, build_catalog
 from loupe.consumers.errors import ConfigError
-from loupe.consumers.index import Collection
-from loupe.consumers.ingest import IngestWorker
-from loupe.consumers.kafka_admin import KafkaAdmin
-from loupe.consumers.kafka_io import make_consumer
-from loupe.consumers.kafka_leftovers import Leftovers, delete_leftovers, find_leftovers
-from loupe.consumers.kafka_names import KafkaNames
-from loupe.consumers.live_model import LiveModel
+from loupe.consumers.index.catalog import Catalog, ModelCard, build_catalog
+from loupe.consumers.index.interface import Collection
+from loupe.consumers.kafka.admin import KafkaAdmin
+from loupe.consumers.kafka.io import make_consumer
+from loupe.consumers.kafka.leftovers import Leftovers, delete_leftovers, find_leftovers
+from loupe.consumers.kafka.names import KafkaNames
+from loupe.consumers.kafka.products_topics import ProductsTopics
 from loupe.consumers.metrics import HealthServer, ReindexMetrics
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.reindex_lock import REINDEX_SESSION_MS, reindex_lock
-from loupe.consumers.reindex_progress import Progress, ReindexTracker, counts_agree
+from loupe.consumers.service.app import Application, fixed_model
+from loupe.consumers.service.reindex_lock import REINDEX_SESSION_MS, reindex_lock
+from loupe.consumers.service.reindex_progress import Progress, ReindexTracker, counts_agree
+from loupe.consumers.service.signals import install_signal_handlers
 from loupe.consumers.settings import Settings
-from loupe.consumers.signals import install_signal_handlers
+from loupe.consumers.workers.ingest import IngestWorker
+from loupe.consumers.workers.live_model import LiveModel
 from loupe.schemas.errors import LoupeError
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ def reads_vectors(app: Application, target: str) -> tuple[bool, str]:
 
 def kafka_leftovers(settings: Settings, delete: bool) -> Leftovers:
     """The vectors topics and groups of collections this index no longer holds
-    (``consumers/kafka_leftovers.py``), deleted when ``delete``."""
+    (``consumers/kafka/leftovers.py``), deleted when ``delete``."""
     catalog = build_catalog(settings)
     try:
         collections = catalog.collections()

@@ -7,7 +7,7 @@ live, retired); the products-topic offsets up to which it has applied every even
 retired, when it may be dropped. The alias names the live collection. ``Catalog`` is the one
 place that reads and changes them: ``switch`` (a reindex going live, a rollback), ``retire``,
 ``drop_expired``, and the ingest's records of how far each collection got. A handle on one
-collection (``Collection``, consumers/index.py) only holds points.
+collection (``Collection``, consumers/index/interface.py) only holds points.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Literal
 from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import IndexUnavailable
-from loupe.consumers.index import Collection, CollectionStore, collection_name
-from loupe.consumers.products_topics import ProductsTopics
+from loupe.consumers.index.interface import Collection, CollectionStore, collection_name
+from loupe.consumers.kafka.products_topics import ProductsTopics
 from loupe.consumers.settings import Settings
 from loupe.encoders.profile import RECIPE, ModelProfile
 from loupe.schemas.errors import LoupeError
@@ -343,7 +343,7 @@ def build_catalog(settings: Settings) -> Catalog:
     engine under the state directory (``LOUPE_INDEX_ENGINE``). Opens nothing per model."""
     path = settings.resolved_index_path()
     if path is not None and settings.index_engine == "edge":
-        from loupe.consumers.edge_index import EdgeStore
+        from loupe.consumers.index.edge import EdgeStore
 
         older = settings.state_dir / "index" / "meta.json"  # qdrant-client's local mode
         if settings.index_path is None and older.exists() and not path.exists():
@@ -363,7 +363,7 @@ def build_catalog(settings: Settings) -> Catalog:
                 quantization=settings.index_quantization,
             )
         )
-    from loupe.consumers.qdrant_index import QdrantStore
+    from loupe.consumers.index.qdrant import QdrantStore
 
     return Catalog(
         QdrantStore(

@@ -1,7 +1,7 @@
 """Loupe's one door to Kafka's admin API: listing, creating, describing and deleting topics, and
 listing, counting and deleting groups. Every admin client Loupe makes is made here, with the
 deployment's connection and security options; the names it is asked about come from
-``kafka_names``.
+``kafka.names``.
 
 kafka-python's admin answers some failures in-band rather than raising (a topic it cannot
 describe comes back with an error code, a config it will not describe comes back empty): the

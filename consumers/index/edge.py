@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from loupe.consumers.errors import IndexUnavailable
-from loupe.consumers.index import (
+from loupe.consumers.index.interface import (
     DEFAULT_ACORN,
     DEFAULT_HNSW_EF,
     DEFAULT_QUANTIZATION,

@@ -32,15 +32,15 @@ from loupe.consumers.errors import (
     TopicConfigUnknown,
     UnexpectedItemError,
 )
-from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import IndexHit, IndexQuery, ProductPayload
-from loupe.consumers.kafka_io import TRANSIENT_KAFKA, Abandoned, Backoff
-from loupe.consumers.live_model import LiveModel
+from loupe.consumers.index.interface import IndexHit, IndexQuery, ProductPayload
+from loupe.consumers.kafka.io import TRANSIENT_KAFKA, Abandoned, Backoff
+from loupe.consumers.kafka.publisher import Publisher
+from loupe.consumers.kafka.reply_topics import KnownTopics, ReplyGate, ReplyTopics
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.publisher import Publisher
-from loupe.consumers.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
-from loupe.consumers.reply_topics import KnownTopics, ReplyGate, ReplyTopics
-from loupe.consumers.worker import BatchWorker, refused
+from loupe.consumers.workers.batch import BatchWorker, refused
+from loupe.consumers.workers.image_fetch import ImageFetcher
+from loupe.consumers.workers.live_model import LiveModel
+from loupe.consumers.workers.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.encoders.fused import EncodeInput
 from loupe.encoders.images import upright_size
 from loupe.encoders.items import Region

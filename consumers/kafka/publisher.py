@@ -1,5 +1,5 @@
 """What a batch publishes (answers, dead letters), sent with the offsets that produced them, and
-what happens when Kafka does not take them: the failure policy of ``kafka_failures``.
+what happens when Kafka does not take them: the failure policy of ``kafka.failures``.
 
 With a transactional producer the records and the offsets are one Kafka transaction: a
 ``read_committed`` reader sees each batch's records exactly once, whatever crashes, retries,
@@ -28,7 +28,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from loupe.consumers.errors import BatchAborted, CommitRetriable, PublisherFailed
-from loupe.consumers.kafka_failures import Failure, classify, describe, is_refusal
+from loupe.consumers.kafka.failures import Failure, classify, describe, is_refusal
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.schemas.deadletter import Stage, deadletter_headers
 from loupe.schemas.errors import ErrorCode

@@ -1,8 +1,9 @@
 """The application: the one place where Loupe's parts are built from ``Settings``.
 
-``Application`` makes the model, the catalog, the model in use, the publishers and the two
-workers; ``loupe serve`` (``consumers/service.py``), ``loupe reindex`` (``consumers/reindex.py``)
-and the integration tests build them here, so the three run the same wiring. Building is
+``Application`` makes the model, the catalog, the model in use, the publishers and the
+workers; ``loupe serve`` (``consumers/service/lifecycle.py``), ``loupe reindex``
+(``consumers/service/reindex.py``) and the integration tests build them here, so the three run
+the same wiring. Building is
 separate from constructing: ``Application(settings)`` does no I/O; each ``open_*`` or ``*_worker``
 call does its own, when the caller is ready for it.
 """
@@ -15,24 +16,24 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from loupe.consumers.catalog import Catalog, ModelCard, build_catalog
-from loupe.consumers.encode_worker import EncodeWorker
-from loupe.consumers.handover import HandOver
-from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import Collection
-from loupe.consumers.index_writer import IndexWorker
-from loupe.consumers.ingest import IngestWorker
-from loupe.consumers.kafka_io import make_consumer, make_producer, make_transactional_producer
-from loupe.consumers.kafka_names import KafkaNames
-from loupe.consumers.live_model import LiveModel, ModelInUse, open_collection
+from loupe.consumers.index.catalog import Catalog, ModelCard, build_catalog
+from loupe.consumers.index.interface import Collection
+from loupe.consumers.kafka.io import make_consumer, make_producer, make_transactional_producer
+from loupe.consumers.kafka.names import KafkaNames
+from loupe.consumers.kafka.publisher import Publisher
+from loupe.consumers.kafka.reply_topics import ReplyTopics
+from loupe.consumers.kafka.topics import cleanup_policy
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.product_stage import EncodeLock, ProductStage
-from loupe.consumers.publisher import Publisher
-from loupe.consumers.reply_topics import ReplyTopics
-from loupe.consumers.search_service import SearchService
 from loupe.consumers.settings import Settings
-from loupe.consumers.topics import cleanup_policy
-from loupe.consumers.vectors import VectorsOut, ensure_vectors_topic
+from loupe.consumers.workers.encode import EncodeWorker
+from loupe.consumers.workers.handover import HandOver
+from loupe.consumers.workers.image_fetch import ImageFetcher
+from loupe.consumers.workers.index_writer import IndexWorker
+from loupe.consumers.workers.ingest import IngestWorker
+from loupe.consumers.workers.live_model import LiveModel, ModelInUse, open_collection
+from loupe.consumers.workers.product_stage import EncodeLock, ProductStage
+from loupe.consumers.workers.search import SearchService
+from loupe.consumers.workers.vectors import VectorsOut, ensure_vectors_topic
 from loupe.encoders.fused import FusedEncoder
 from loupe.encoders.profile import ModelProfile
 
@@ -177,7 +178,7 @@ class Application:
             vectors_out=vectors_out,
         )
 
-    # --- encode once, index many (consumers/vectors.py) -------------------------------------
+    # --- encode once, index many (consumers/workers/vectors.py) ------------------------
 
     def vectors_topic(self, collection: str) -> tuple[str, int]:
         """``collection``'s vectors topic and its partition count, made if missing; asked of

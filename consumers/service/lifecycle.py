@@ -1,6 +1,6 @@
 """``loupe serve``: the workers and the model follower, run and supervised until stopped.
 
-The parts come from ``Application`` (consumers/app.py); this module runs them: a thread per
+The parts come from ``Application`` (consumers/service/app.py); this module runs them: a thread per
 worker, one following the alias, ``/readyz`` from a ``Readiness``, and a worker's death taking
 the process down for its supervisor to restart.
 """
@@ -14,18 +14,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from loupe.consumers.acls import refusal
-from loupe.consumers.app import Application
-from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import ConfigError, WorkerDied
-from loupe.consumers.kafka_io import answers_metadata, checksums_in_c
-from loupe.consumers.live_model import LiveModel, ModelFollower, ModelInUse
+from loupe.consumers.index.catalog import Catalog
+from loupe.consumers.kafka.acls import refusal
+from loupe.consumers.kafka.io import answers_metadata, checksums_in_c
+from loupe.consumers.kafka.topics import check_topics
 from loupe.consumers.metrics import HealthServer, LoupeMetrics
-from loupe.consumers.search_service import SearchService
+from loupe.consumers.service.app import Application
+from loupe.consumers.service.signals import install_signal_handlers
 from loupe.consumers.settings import Settings
-from loupe.consumers.signals import install_signal_handlers
-from loupe.consumers.topics import check_topics
-from loupe.consumers.worker import BatchWorker
+from loupe.consumers.workers.batch import BatchWorker
+from loupe.consumers.workers.live_model import LiveModel, ModelFollower, ModelInUse
+from loupe.consumers.workers.search import SearchService
 
 log = logging.getLogger(__name__)
 

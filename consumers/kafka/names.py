@@ -29,7 +29,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loupe.consumers.products_topics import MAX_TOPIC_NAME, ProductsTopics
+from loupe.consumers.kafka.products_topics import MAX_TOPIC_NAME, ProductsTopics
 
 if TYPE_CHECKING:
     from loupe.consumers.settings import Settings

@@ -7,7 +7,7 @@ the live collection so a re-index can switch atomically. Point ids derive from
 
 Two engines implement it: Qdrant Edge in this process (``edge_index.py``) and qdrant-client, a
 server or its local mode (``qdrant_index.py``). Each has a store (``CollectionStore``: the
-alias, the collections and their cards, read through ``consumers/catalog.py``) and handles on
+alias, the collections and their cards, read through ``consumers/index/catalog.py``) and handles on
 one collection each (``Collection``: what ingest writes and search reads).
 """
 
@@ -132,7 +132,7 @@ class Collection(Protocol):
 
 class CollectionStore(Protocol):
     """An engine's collections and what lives beside them (the alias, each one's card), in the
-    engine's own terms; ``consumers/catalog.py`` gives them their meaning."""
+    engine's own terms; ``consumers/index/catalog.py`` gives them their meaning."""
 
     alias: str
 

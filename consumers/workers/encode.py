@@ -3,8 +3,8 @@
 It runs the ingest's stage (``product_stage``: parse, fetch, encode, the version rule within a
 batch, dead letters) into another sink: no index, but the collection's vectors topic, whose
 records go out in the transaction that commits the batch's offsets, for the index workers to
-apply (``consumers/vectors.py``). Its group is the collection's encoders' group, shared by every
-instance, so each event is encoded once.
+apply (``consumers/workers/vectors.py``). Its group is the collection's encoders' group,
+shared by every instance, so each event is encoded once.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from typing import Any
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import BatchAborted, CommitRetriable
-from loupe.consumers.live_model import LiveModel, ModelInUse
+from loupe.consumers.index.catalog import Catalog
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.product_stage import ProductStage, StageOutput, event_point_id
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.publisher import Publisher
-from loupe.consumers.vectors import VectorsOut, unplaced_start
-from loupe.consumers.worker import BatchWorker
+from loupe.consumers.workers.batch import BatchWorker
+from loupe.consumers.workers.live_model import LiveModel, ModelInUse
+from loupe.consumers.workers.product_stage import ProductStage, StageOutput, event_point_id
+from loupe.consumers.workers.vectors import VectorsOut, unplaced_start
 
 
 class EncodeWorker(BatchWorker):

@@ -18,7 +18,7 @@ A photo query is encoded whole and in the part where its product is (``encoders/
 lying in a wider scene is then matched by itself, and a photo that is all product keeps its own
 answer (the part of it matches less well than the whole).
 
-The service (``search_service``) and the training's evaluation (``loupe.train.evaluate``) both
+The service (``workers.search``) and the training's evaluation (``loupe.train.evaluate``) both
 rank with these, so the measured numbers are the service's.
 """
 

@@ -1,7 +1,7 @@
 """The model in use: one holder (``LiveModel``) of the encoder and the collection its vectors
 live in, and how a running service follows the alias to another pair (``ModelFollower``).
 
-``loupe reindex`` builds a collection and moves the alias (consumers/reindex.py, through
+``loupe reindex`` builds a collection and moves the alias (consumers/service/reindex.py, through
 ``Catalog.switch``); every ``loupe serve`` instance watches the alias and follows it here,
 loading the model the collection's card names, so that a query is always encoded by the model
 of the collection it searches. The workers adopt a new pair between two batches.
@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import IndexUnavailable
-from loupe.consumers.index import Collection
+from loupe.consumers.index.catalog import Catalog
+from loupe.consumers.index.interface import Collection
 from loupe.encoders.errors import ModelError
 from loupe.encoders.profile import ModelIdentity, ModelProfile
 from loupe.schemas.errors import LoupeError

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loupe.consumers.kafka_names import ENCODE, INDEX, INGEST, REINDEX, SEARCH, KafkaNames
-from loupe.consumers.reply_topics import REPLY_TOPICS_PREFIX
+from loupe.consumers.kafka.names import ENCODE, INDEX, INGEST, REINDEX, SEARCH, KafkaNames
+from loupe.consumers.kafka.reply_topics import REPLY_TOPICS_PREFIX
 from loupe.consumers.settings import Settings
 
 PRINCIPALS = ("ingest", "search", "operator")
 VECTORS_OPERATIONS = ("Create", "Read", "Write", "Describe")
 
 # Prefixed ACLs grant each principal its workers' groups and transactional ids
-# (kafka_names: ``<LOUPE_GROUP_ID>.<worker>...``).
+# (kafka.names: ``<LOUPE_GROUP_ID>.<worker>...``).
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def required_acls(settings: Settings, principal: str) -> list[Acl]:
         ]
     if principal == "operator":
         # ``loupe collections --prune`` deletes the vectors topics and groups of dropped
-        # collections (consumers/kafka_leftovers.py): Delete on both, Describe to list groups.
+        # collections (consumers/kafka/leftovers.py): Delete on both, Describe to list groups.
         return [
             catalog("Create", "Read", "Describe", "DescribeConfigs"),
             _topic(settings.search_requests_topic, "Create", "Describe"),
@@ -151,7 +151,7 @@ def refusal(exc: BaseException, settings: Settings, role: str) -> str | None:
     ``role``: a worker's, a command's (``topics``, ``reindex``), or a ``serve --role``."""
     from kafka.errors import AuthorizationError
 
-    from loupe.consumers.kafka_failures import root_cause
+    from loupe.consumers.kafka.failures import root_cause
 
     cause = root_cause(exc)
     if not isinstance(cause, AuthorizationError):

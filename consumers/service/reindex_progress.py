@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
-from loupe.consumers.catalog import Catalog, offset_key
 from loupe.consumers.errors import ConfigError
-from loupe.consumers.index import Collection
-from loupe.consumers.kafka_io import read_to_end
-from loupe.consumers.products_topics import ProductsTopics
+from loupe.consumers.index.catalog import Catalog, offset_key
+from loupe.consumers.index.interface import Collection
+from loupe.consumers.kafka.io import read_to_end
+from loupe.consumers.kafka.products_topics import ProductsTopics
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def counts_agree(
     """Whether the new collection's ``points`` agree with the live collection's count.
 
     The live service's ingest reports its exact count together with the offsets it had
-    committed (consumers/ingest.py). Each event changes a count by at most one, so the two
+    committed (consumers/workers/ingest.py). Each event changes a count by at most one, so the two
     collections may differ by at most the events one has applied and the other had not (the
     distance between ``applied``, how far into each products partition the new collection
     reaches, and the reported offsets), plus ``allowed``. ``begin``: where each partition

@@ -16,10 +16,10 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers import kafka_eof
 from loupe.consumers.errors import BrokerAuthenticationFailed, BrokerUnreachable
-from loupe.consumers.kafka_admin import KafkaAdmin
-from loupe.consumers.kafka_names import KafkaNames
+from loupe.consumers.kafka import eof as kafka_eof
+from loupe.consumers.kafka.admin import KafkaAdmin
+from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.settings import Settings
 

@@ -22,7 +22,7 @@ from loupe.consumers.errors import (
     IndexCertificateUntrusted,
     IndexUnavailable,
 )
-from loupe.consumers.index import (
+from loupe.consumers.index.interface import (
     DEFAULT_ACORN,
     DEFAULT_HNSW_EF,
     DEFAULT_QUANTIZATION,
@@ -46,7 +46,7 @@ from loupe.schemas.search import SearchFilters
 
 log = logging.getLogger(__name__)
 
-CARD_KEY = "loupe"  # the collection metadata key that holds its card (consumers/catalog.py)
+CARD_KEY = "loupe"  # the collection metadata key that holds its card (consumers/index/catalog.py)
 # The live ingest's point-count report, under a key of its own: Qdrant merges metadata updates
 # key by key, so writing it leaves the card as it is.
 REPORT_KEY = "loupe.report"
@@ -177,7 +177,7 @@ class QdrantStore:
         """A handle on the collection of ``model_version`` (made by its ``ensure_collection``)."""
         return QdrantIndex(model_version=model_version, store=self)
 
-    # --- the catalog's primitives (consumers/catalog.py) ------------------------------------
+    # --- the catalog's primitives (consumers/index/catalog.py) ------------------------------------
 
     def live_collection(self) -> str | None:
         aliases = self.call("get_aliases", self.client.get_aliases).aliases

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from loupe.consumers.kafka_admin import KafkaAdmin
-from loupe.consumers.kafka_names import KafkaNames
+from loupe.consumers.kafka.admin import KafkaAdmin
+from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.settings import Settings
 from loupe.schemas.errors import LoupeError
 

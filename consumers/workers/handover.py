@@ -8,7 +8,7 @@ Replays are idempotent, so resuming early costs time, never correctness.
 
 The ingest also reports its collection's exact point count with the offsets it is exact for, at
 most every ``report_every_s`` and once idle; a reindex compares its own count with it before it
-switches (``consumers/reindex.py``, ``counts_agree``).
+switches (``consumers/service/reindex.py``, ``counts_agree``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from loupe.consumers.catalog import Catalog
 from loupe.consumers.errors import IndexUnavailable
-from loupe.consumers.products_topics import ProductsTopics
+from loupe.consumers.index.catalog import Catalog
+from loupe.consumers.kafka.products_topics import ProductsTopics
 
 log = logging.getLogger(__name__)
 

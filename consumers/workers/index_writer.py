@@ -1,6 +1,6 @@
 """Writing a collection: the version rule against what it holds, upserts and deletes retried
 while the index is away, and the point-count report; shared by the ingest (products in) and
-the index writer (a collection's vectors topic in, ``consumers/vectors.py``).
+the index writer (a collection's vectors topic in, ``consumers/workers/vectors.py``).
 
 The index writer never encodes: it applies what an encoder published, so that every index of a
 deployment (each replica's, a server's) costs one encode per product, and an index that starts
@@ -18,14 +18,14 @@ from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import IndexUnavailable
-from loupe.consumers.handover import HandOver
-from loupe.consumers.index import IndexPoint, point_id
-from loupe.consumers.kafka_io import Backoff
-from loupe.consumers.live_model import LiveModel, ModelInUse
+from loupe.consumers.index.interface import IndexPoint, point_id
+from loupe.consumers.kafka.io import Backoff
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.publisher import Publisher
-from loupe.consumers.worker import BatchWorker
+from loupe.consumers.workers.batch import BatchWorker
+from loupe.consumers.workers.handover import HandOver
+from loupe.consumers.workers.live_model import LiveModel, ModelInUse
 from loupe.encoders.profile import ModelIdentity
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.products import is_stale

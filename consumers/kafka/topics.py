@@ -17,8 +17,8 @@ import logging
 from collections.abc import Iterable
 
 from loupe.consumers.errors import LoupeError
-from loupe.consumers.kafka_admin import COMPACTED, KafkaAdmin, TopicSpec
-from loupe.consumers.kafka_names import KafkaNames
+from loupe.consumers.kafka.admin import COMPACTED, KafkaAdmin, TopicSpec
+from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.settings import Settings
 
 log = logging.getLogger(__name__)

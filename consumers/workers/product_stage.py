@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from loupe.consumers.errors import ImageFetchError, ItemFailed, ModelRejected, UnexpectedItemError
-from loupe.consumers.image_fetch import ImageFetcher
-from loupe.consumers.index import IndexPoint, ProductPayload, point_id
-from loupe.consumers.kafka_io import record_time
+from loupe.consumers.index.interface import IndexPoint, ProductPayload, point_id
+from loupe.consumers.kafka.io import record_time
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.publisher import Publisher
+from loupe.consumers.workers.image_fetch import ImageFetcher
 from loupe.encoders.batching import iter_batch
 from loupe.encoders.fused import Encoded, EncodeInput
 from loupe.encoders.preprocess import compose_product_text

@@ -1,5 +1,5 @@
 """What Kafka keeps of collections the index no longer has: their vectors topics (encode-once)
-and their encoders', index writers' and reindexes' groups (``kafka_names``).
+and their encoders', index writers' and reindexes' groups (``kafka.names``).
 
 A running service drops a retired collection once its grace is over, from its own index. The
 Kafka side is shared (every replica's encoders write one vectors topic, and a replica whose
@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from loupe.consumers.kafka_admin import KafkaAdmin
-from loupe.consumers.kafka_names import ENCODE, INDEX, REINDEX, KafkaNames
-from loupe.consumers.products_topics import MAX_TOPIC_NAME
+from loupe.consumers.kafka.admin import KafkaAdmin
+from loupe.consumers.kafka.names import ENCODE, INDEX, REINDEX, KafkaNames
+from loupe.consumers.kafka.products_topics import MAX_TOPIC_NAME
 
 # A vectors topic name longer than Kafka allows is cut and given a 17-character digest tail
 # (``KafkaNames.vectors_topic``): only its head can be matched against a group's name.

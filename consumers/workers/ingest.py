@@ -17,15 +17,15 @@ from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import BatchAborted, CommitRetriable
-from loupe.consumers.handover import HandOver
-from loupe.consumers.index_writer import WritesIndex
-from loupe.consumers.kafka_io import Backoff
-from loupe.consumers.live_model import LiveModel, ModelInUse
+from loupe.consumers.kafka.io import Backoff
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.product_stage import ProductStage, StageOutput, event_point_id
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.publisher import Publisher
-from loupe.consumers.vectors import VectorsOut
+from loupe.consumers.workers.handover import HandOver
+from loupe.consumers.workers.index_writer import WritesIndex
+from loupe.consumers.workers.live_model import LiveModel, ModelInUse
+from loupe.consumers.workers.product_stage import ProductStage, StageOutput, event_point_id
+from loupe.consumers.workers.vectors import VectorsOut
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class IngestWorker(WritesIndex):
         self.stage.close()
         super().close()
 
-    # --- following the live collection (consumers/handover.py) ---------------------------
+    # --- following the live collection (consumers/workers/handover.py) ---------------------------
 
     def commit_metadata(self) -> str:
         return self.index.collection  # each committed offset names the collection it went to

@@ -23,9 +23,9 @@ from kafka.errors import (
 from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import BatchAborted, CommitRetriable, PublisherFailed
-from loupe.consumers.index import Collection
-from loupe.consumers.kafka_failures import describe, root_cause
-from loupe.consumers.kafka_io import (
+from loupe.consumers.index.interface import Collection
+from loupe.consumers.kafka.failures import describe, root_cause
+from loupe.consumers.kafka.io import (
     TRANSIENT_KAFKA,
     Abandoned,
     Backoff,
@@ -36,10 +36,10 @@ from loupe.consumers.kafka_io import (
     rewind_to_committed,
     update_lag,
 )
-from loupe.consumers.live_model import LiveModel, ModelInUse
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.publisher import Publisher
+from loupe.consumers.workers.live_model import LiveModel, ModelInUse
 
 log = logging.getLogger(__name__)
 

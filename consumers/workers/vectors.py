@@ -2,7 +2,7 @@
 
 Each collection has its own compacted topic, ``<LOUPE_VECTORS_TOPIC>.<collection>`` (record
 format: ``schemas/vectors.py``). Two consumer groups per collection keep the hop exactly once
-(their names: ``kafka_names``):
+(their names: ``kafka.names``):
 
 - the encoders, ``<group>.encode.<collection>``, shared by every instance that serves that
   collection (replicas included), read the products topic and publish each product's vectors
@@ -27,12 +27,12 @@ from collections.abc import Iterable, Mapping
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
-from loupe.consumers.catalog import Catalog
-from loupe.consumers.index import IndexPoint
-from loupe.consumers.kafka_admin import COMPACTED, KafkaAdmin, TopicShape, TopicSpec
-from loupe.consumers.kafka_names import KafkaNames
-from loupe.consumers.products_topics import ProductsTopics
-from loupe.consumers.publisher import Publisher
+from loupe.consumers.index.catalog import Catalog
+from loupe.consumers.index.interface import IndexPoint
+from loupe.consumers.kafka.admin import COMPACTED, KafkaAdmin, TopicShape, TopicSpec
+from loupe.consumers.kafka.names import KafkaNames
+from loupe.consumers.kafka.products_topics import ProductsTopics
+from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.settings import Settings
 from loupe.schemas.vectors import SourcePosition, VectorRecord
 
