@@ -61,10 +61,10 @@ from kafka import KafkaConsumer, KafkaProducer
 from bench.cli import summary
 from bench.harness import loupe_process, serve_env
 from loupe.client import encode_request, search_request
-from loupe.consumers.index.catalog import build_catalog
 from loupe.consumers.index.interface import point_id
 from loupe.consumers.kafka.admin import KafkaAdmin, TopicSpec
 from loupe.consumers.kafka.names import ENCODE, KafkaNames
+from loupe.consumers.service.app import build_catalog
 from loupe.consumers.settings import Settings
 from loupe.consumers.workers.live_model import open_collection
 from loupe.dev.catalog import load_catalog, upserted_event

@@ -36,9 +36,9 @@ from bench.harness import (
     product_event,
     serve_env,
 )
-from loupe.consumers.index.catalog import build_catalog
 from loupe.consumers.index.interface import point_id
 from loupe.consumers.kafka.admin import COMPACTED, KafkaAdmin, TopicSpec
+from loupe.consumers.service.app import build_catalog
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder

@@ -24,7 +24,6 @@ from kafka.structs import TopicPartition
 from loupe.consumers.errors import IndexUnavailable
 from loupe.consumers.index.interface import Collection, CollectionStore, collection_name
 from loupe.consumers.kafka.products_topics import ProductsTopics
-from loupe.consumers.settings import Settings
 from loupe.encoders.profile import RECIPE, ModelProfile
 from loupe.schemas.errors import LoupeError
 
@@ -336,45 +335,3 @@ class Catalog:
             known = dict((self.store.read_report(collection) or {}).get("offsets") or {})
             known.update({offset_key(tp.topic, tp.partition): int(o) for tp, o in offsets.items()})
             self.store.write_report(collection, {"points": points, "offsets": known})
-
-
-def build_catalog(settings: Settings) -> Catalog:
-    """The configured engine's catalog: a Qdrant server (``LOUPE_INDEX_URL``), or an embedded
-    engine under the state directory (``LOUPE_INDEX_ENGINE``). Opens nothing per model."""
-    path = settings.resolved_index_path()
-    if path is not None and settings.index_engine == "edge":
-        from loupe.consumers.index.edge import EdgeStore
-
-        older = settings.state_dir / "index" / "meta.json"  # qdrant-client's local mode
-        if settings.index_path is None and older.exists() and not path.exists():
-            log.warning(
-                "an index of qdrant-client's local mode is in %s, and this index starts empty "
-                "in %s (Qdrant Edge): replay the products topic into it, or set "
-                "LOUPE_INDEX_ENGINE=qdrant-local to keep the old one",
-                older.parent,
-                path,
-            )
-        return Catalog(
-            EdgeStore(
-                path=str(path),
-                prefix=settings.index_prefix,
-                hnsw_ef=settings.index_hnsw_ef,
-                acorn=settings.index_acorn,
-                quantization=settings.index_quantization,
-            )
-        )
-    from loupe.consumers.index.qdrant import QdrantStore
-
-    return Catalog(
-        QdrantStore(
-            path=str(path) if path else None,
-            url=settings.index_url,
-            api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
-            ca=settings.index_ca,
-            prefix=settings.index_prefix,
-            hnsw_ef=settings.index_hnsw_ef,
-            acorn=settings.index_acorn,
-            quantization=settings.index_quantization,
-            topology=settings.index_topology(),
-        )
-    )

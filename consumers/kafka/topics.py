@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable
 
 from loupe.consumers.errors import LoupeError
-from loupe.consumers.kafka.admin import COMPACTED, KafkaAdmin, TopicSpec
+from loupe.consumers.kafka.admin import COMPACTED, KafkaAdmin, TopicShape, TopicSpec
 from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.settings import Settings
 
@@ -92,3 +92,17 @@ def ensure_topics(
     ]
     with KafkaAdmin(settings.kafka_client_config()) as admin:
         return admin.create_missing(specs)
+
+
+def ensure_vectors_topic(settings: Settings, collection: str) -> tuple[str, int]:
+    """Create ``collection``'s vectors topic if it is missing (compacted, with the products
+    topic's partitions and replicas: as durable as it); returns its name and partition count."""
+    topic = KafkaNames.of(settings).vectors_topic(collection)
+    with KafkaAdmin(settings.kafka_client_config()) as admin:
+        shapes = admin.shapes([settings.products_topic, topic])
+        if topic in shapes:
+            return topic, shapes[topic].partitions
+        products = shapes.get(settings.products_topic, TopicShape(1, 1))
+        spec = TopicSpec(topic, products.partitions, products.replication_factor, COMPACTED)
+        admin.create_missing([spec])  # or another instance made it a moment ago, alike
+        return topic, products.partitions

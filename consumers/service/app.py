@@ -16,13 +16,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from loupe.consumers.index.catalog import Catalog, ModelCard, build_catalog
+from loupe.consumers.index.catalog import Catalog, ModelCard
 from loupe.consumers.index.interface import Collection
 from loupe.consumers.kafka.io import make_consumer, make_producer, make_transactional_producer
 from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.kafka.reply_topics import ReplyTopics
-from loupe.consumers.kafka.topics import cleanup_policy
+from loupe.consumers.kafka.topics import cleanup_policy, ensure_vectors_topic
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.settings import Settings
 from loupe.consumers.workers.encode import EncodeWorker
@@ -33,7 +33,7 @@ from loupe.consumers.workers.ingest import IngestWorker
 from loupe.consumers.workers.live_model import LiveModel, ModelInUse, open_collection
 from loupe.consumers.workers.product_stage import EncodeLock, ProductStage
 from loupe.consumers.workers.search import SearchService
-from loupe.consumers.workers.vectors import VectorsOut, ensure_vectors_topic
+from loupe.consumers.workers.vectors import VectorsOut
 from loupe.encoders.fused import FusedEncoder
 from loupe.encoders.profile import ModelProfile
 
@@ -292,3 +292,45 @@ class Application:
 def fixed_model(encoder: FusedEncoder, index: Collection) -> LiveModel:
     """A ``LiveModel`` that never switches (a reindex's, a test's)."""
     return LiveModel(ModelInUse(encoder, index))
+
+
+def build_catalog(settings: Settings) -> Catalog:
+    """The configured engine's catalog: a Qdrant server (``LOUPE_INDEX_URL``), or an embedded
+    engine under the state directory (``LOUPE_INDEX_ENGINE``). Opens nothing per model."""
+    path = settings.resolved_index_path()
+    if path is not None and settings.index_engine == "edge":
+        from loupe.consumers.index.edge import EdgeStore
+
+        older = settings.state_dir / "index" / "meta.json"  # qdrant-client's local mode
+        if settings.index_path is None and older.exists() and not path.exists():
+            log.warning(
+                "an index of qdrant-client's local mode is in %s, and this index starts empty "
+                "in %s (Qdrant Edge): replay the products topic into it, or set "
+                "LOUPE_INDEX_ENGINE=qdrant-local to keep the old one",
+                older.parent,
+                path,
+            )
+        return Catalog(
+            EdgeStore(
+                path=str(path),
+                prefix=settings.index_prefix,
+                hnsw_ef=settings.index_hnsw_ef,
+                acorn=settings.index_acorn,
+                quantization=settings.index_quantization,
+            )
+        )
+    from loupe.consumers.index.qdrant import QdrantStore
+
+    return Catalog(
+        QdrantStore(
+            path=str(path) if path else None,
+            url=settings.index_url,
+            api_key=settings.index_api_key.get_secret_value() if settings.index_api_key else None,
+            ca=settings.index_ca,
+            prefix=settings.index_prefix,
+            hnsw_ef=settings.index_hnsw_ef,
+            acorn=settings.index_acorn,
+            quantization=settings.index_quantization,
+            topology=settings.index_topology(),
+        )
+    )

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import ConfigError
-from loupe.consumers.index.catalog import Catalog, ModelCard, build_catalog
+from loupe.consumers.index.catalog import Catalog, ModelCard
 from loupe.consumers.index.interface import Collection
 from loupe.consumers.kafka.admin import KafkaAdmin
 from loupe.consumers.kafka.io import make_consumer
@@ -39,7 +39,7 @@ from loupe.consumers.kafka.leftovers import Leftovers, delete_leftovers, find_le
 from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.kafka.products_topics import ProductsTopics
 from loupe.consumers.metrics import HealthServer, ReindexMetrics
-from loupe.consumers.service.app import Application, fixed_model
+from loupe.consumers.service.app import Application, build_catalog, fixed_model
 from loupe.consumers.service.reindex_lock import REINDEX_SESSION_MS, reindex_lock
 from loupe.consumers.service.reindex_progress import Progress, ReindexTracker, counts_agree
 from loupe.consumers.service.signals import install_signal_handlers

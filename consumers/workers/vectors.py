@@ -29,11 +29,8 @@ from kafka.structs import TopicPartition
 
 from loupe.consumers.index.catalog import Catalog
 from loupe.consumers.index.interface import IndexPoint
-from loupe.consumers.kafka.admin import COMPACTED, KafkaAdmin, TopicShape, TopicSpec
-from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.kafka.products_topics import ProductsTopics
 from loupe.consumers.kafka.publisher import Publisher
-from loupe.consumers.settings import Settings
 from loupe.schemas.vectors import SourcePosition, VectorRecord
 
 log = logging.getLogger(__name__)
@@ -91,20 +88,6 @@ class VectorsOut:
         # that has read a vectors partition to offset N has applied its source up to a point.
         partition = source.partition % self.partitions
         self.publisher.send(self.topic, record.key(), record.to_json(), [], partition=partition)
-
-
-def ensure_vectors_topic(settings: Settings, collection: str) -> tuple[str, int]:
-    """Create ``collection``'s vectors topic if it is missing (compacted, with the products
-    topic's partitions and replicas: as durable as it); returns its name and partition count."""
-    topic = KafkaNames.of(settings).vectors_topic(collection)
-    with KafkaAdmin(settings.kafka_client_config()) as admin:
-        shapes = admin.shapes([settings.products_topic, topic])
-        if topic in shapes:
-            return topic, shapes[topic].partitions
-        products = shapes.get(settings.products_topic, TopicShape(1, 1))
-        spec = TopicSpec(topic, products.partitions, products.replication_factor, COMPACTED)
-        admin.create_missing([spec])  # or another instance made it a moment ago, alike
-        return topic, products.partitions
 
 
 def unplaced_start(

@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from loupe.consumers.index.catalog import build_catalog
 from loupe.consumers.index.interface import point_id
+from loupe.consumers.service.app import build_catalog
 from loupe.consumers.settings import Settings
 from loupe.consumers.workers.live_model import open_collection
 from loupe.dev.catalog import load_catalog, upserted_event

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import pytest
 from kafka import KafkaProducer
 
-from loupe.consumers.index.catalog import build_catalog
 from loupe.consumers.index.interface import point_id
+from loupe.consumers.service.app import build_catalog
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog
 from loupe.dev.drive import serve_env

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from loupe.consumers.index.catalog import build_catalog
 from loupe.consumers.index.interface import IndexQuery, collection_name, point_id
 from loupe.consumers.kafka.names import KafkaNames
+from loupe.consumers.service.app import build_catalog
 from loupe.consumers.service.reindex_lock import reindex_lock
 from loupe.consumers.settings import Settings
 from loupe.dev.catalog import load_catalog

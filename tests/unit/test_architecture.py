@@ -316,3 +316,16 @@ def test_the_common_modules_read_only_leaf_modules_of_the_parts():
             assert _part(imported) in (None, "common") or imported.startswith(
                 tuple(COMMON_READS)
             ), f"{leaf} imports {imported}"
+
+
+def test_the_parts_that_do_the_work_read_values_not_the_settings():
+    """``Settings`` is read by the wiring (``service/``) and by the Kafka part, whose own
+    section it is; the index and the workers are given what they need (a store, a policy, a
+    topic) and never the whole flat declaration."""
+    readers = sorted(
+        name
+        for name, path in _modules().items()
+        if _part(name) in ("index", "workers")
+        and any(i.startswith("loupe.consumers.settings") for i in _imports(path, False))
+    )
+    assert not readers, readers

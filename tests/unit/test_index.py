@@ -59,7 +59,7 @@ def test_an_unreachable_qdrant_server_is_index_unavailable():
 def test_how_the_graph_is_searched_reaches_every_collection_of_the_index(engine, tmp_path):
     from pydantic import ValidationError
 
-    from loupe.consumers.index.catalog import build_catalog
+    from loupe.consumers.service.app import build_catalog
     from loupe.consumers.settings import Settings
 
     settings = Settings(
