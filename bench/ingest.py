@@ -28,6 +28,7 @@ from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.service.app import fixed_model
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.batch import WorkerBasics
 from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.workers.ingest import IngestWorker
 from loupe.consumers.workers.product_stage import ProductStage
@@ -89,13 +90,11 @@ def main() -> None:
         publisher = Publisher(producer, dlq, metrics)
         products = ProductsTopics(topic)
         indexer = IngestWorker(
+            WorkerBasics(publisher=publisher, live=fixed_model(encoder, index), metrics=metrics),
             consumer=make_consumer(run_settings, "bench-service"),
-            publisher=publisher,
-            live=fixed_model(encoder, index),
             stage=ProductStage(
                 fetcher=fetcher, publisher=publisher, metrics=metrics, source=products
             ),
-            metrics=metrics,
             topic=products,
         )
         indexer.process_once()  # join the group before the clock starts

@@ -42,8 +42,9 @@ from loupe.consumers.index.qdrant import QdrantIndex
 from loupe.consumers.kafka.io import make_consumer, make_producer
 from loupe.consumers.kafka.publisher import Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.service.app import fixed_model
+from loupe.consumers.service.app import SEARCH_POLL_TIMEOUT_MS, fixed_model
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.batch import WorkerBasics
 from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.workers.search import SearchService
 from loupe.dev.catalog import encode_input, load_catalog
@@ -134,11 +135,14 @@ def _start_service(run: Settings, index, encoder, group: str):
     metrics = LoupeMetrics()
     producer = make_producer(run)
     service = SearchService(
+        WorkerBasics(
+            publisher=Publisher(producer, create_topic(bootstrap, "dlq", 1), metrics),
+            live=fixed_model(encoder, index),
+            metrics=metrics,
+            poll_timeout_ms=SEARCH_POLL_TIMEOUT_MS,  # as the service's search worker
+        ),
         consumer=make_consumer(run, group),
-        publisher=Publisher(producer, create_topic(bootstrap, "dlq", 1), metrics),
-        live=fixed_model(encoder, index),
         fetcher=ImageFetcher(FetchPolicy()),
-        metrics=metrics,
         topic=requests_topic,
         response_topic=responses_topic,
     )

@@ -25,6 +25,7 @@ from loupe.consumers.kafka.reply_topics import ReplyTopics
 from loupe.consumers.kafka.topics import cleanup_policy, ensure_vectors_topic
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.batch import WorkerBasics
 from loupe.consumers.workers.encode import EncodeWorker
 from loupe.consumers.workers.handover import HandOver
 from loupe.consumers.workers.image_fetch import ImageFetcher
@@ -40,6 +41,7 @@ from loupe.encoders.profile import ModelProfile
 log = logging.getLogger(__name__)
 
 POINTS_REPORT_INTERVAL_S = 1.0  # the ingest's point-count report on the live collection's card
+SEARCH_POLL_TIMEOUT_MS = 200  # a search's poll waits less: a request is a shopper waiting
 
 
 class Application:
@@ -160,21 +162,17 @@ class Application:
         settings = self.settings
         publisher = publisher or self.publisher("ingest")
         return IngestWorker(
+            self.basics(publisher, live, stop_event),
             consumer=make_consumer(
                 settings, group or self.names.ingest_group(), **consumer_options
             ),
-            publisher=publisher,
-            live=live,
             stage=self.product_stage(publisher, encode_lock),
-            metrics=self.metrics,
             topic=settings.products_topics(),
-            poll_timeout_ms=settings.poll_timeout_ms,
             hand_over=(
                 HandOver(hand_over, settings.products_topics(), POINTS_REPORT_INTERVAL_S)
                 if hand_over is not None
                 else None
             ),
-            stop_event=stop_event,
             vectors_out=vectors_out,
         )
 
@@ -205,16 +203,12 @@ class Application:
         settings = self.settings
         publisher = self.publisher("encode")
         return EncodeWorker(
+            self.basics(publisher, live, stop_event),
             make_consumer=lambda c: make_consumer(settings, self.names.encode_group(c)),
             make_vectors_out=lambda c: self.vectors_out(publisher, c),
             catalog=catalog,
-            publisher=publisher,
-            live=live,
             stage=self.product_stage(publisher, encode_lock),
-            metrics=self.metrics,
             topic=settings.products_topics(),
-            poll_timeout_ms=settings.poll_timeout_ms,
-            stop_event=stop_event,
         )
 
     def index_worker(
@@ -240,18 +234,14 @@ class Application:
             return make_consumer(settings, group_of(collection), **consumer_options), topic
 
         return IndexWorker(
+            self.basics(publisher or self.publisher("index"), live, stop_event),
             make_consumer=consumer_of,
-            publisher=publisher or self.publisher("index"),
-            live=live,
-            metrics=self.metrics,
             products=settings.products_topics(),
-            poll_timeout_ms=settings.poll_timeout_ms,
             hand_over=(
                 HandOver(catalog, settings.products_topics(), POINTS_REPORT_INTERVAL_S)
                 if report_points
                 else None
             ),
-            stop_event=stop_event,
         )
 
     def search_worker(
@@ -260,15 +250,13 @@ class Application:
         """The search-requests consumer, answering from ``live``'s collection."""
         settings = self.settings
         return SearchService(
+            self.basics(self.publisher("search"), live, poll_timeout_ms=SEARCH_POLL_TIMEOUT_MS),
             consumer=make_consumer(
                 settings,
                 self.names.search_group(),
                 max_poll_records=settings.search_max_poll_records,
             ),
-            publisher=self.publisher("search"),
-            live=live,
             fetcher=self.fetcher,
-            metrics=self.metrics,
             topic=settings.search_requests_topic,
             response_topic=settings.search_responses_topic,
             encode_lock=encode_lock,
@@ -281,6 +269,23 @@ class Application:
                 own_prefixes=[self.names.vectors_prefix],
             ),
             cleanup_policy=lambda topic: cleanup_policy(settings, topic),
+        )
+
+    def basics(
+        self,
+        publisher: Publisher,
+        live: LiveModel,
+        stop_event: threading.Event | None = None,
+        poll_timeout_ms: int | None = None,
+    ) -> WorkerBasics:
+        """What every worker's loop is given (``WorkerBasics``): ``publisher``, this
+        application's metrics, the model ``live`` follows, the configured poll timeout."""
+        return WorkerBasics(
+            publisher=publisher,
+            metrics=self.metrics,
+            live=live,
+            poll_timeout_ms=poll_timeout_ms or self.settings.poll_timeout_ms,
+            stop_event=stop_event,
         )
 
     def close_publishers(self) -> None:

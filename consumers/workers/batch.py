@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
@@ -79,29 +80,35 @@ class _Rebalance(ConsumerRebalanceListener):
             self.worker.on_assigned(set(assigned))
 
 
+@dataclass(frozen=True)
+class WorkerBasics:
+    """What every worker's loop is given besides its consumer and topic, the same for all of
+    them: where its records and dead letters go (``publisher``), its ``metrics``, the model it
+    follows (``live``; None for a worker without one, the tests'), how long a poll waits, how a
+    retry backs off, and what stops it (``stop_event``: set to stop, between batches and
+    between a retry's attempts; one of the worker's own unless given, e.g. a reindex's, set by
+    its signal handler)."""
+
+    publisher: Publisher
+    metrics: LoupeMetrics
+    live: LiveModel | None = None
+    poll_timeout_ms: int = 500
+    backoff: Backoff | None = None
+    stop_event: threading.Event | None = None
+
+
 class BatchWorker:
     role = "worker"
 
     def __init__(
-        self,
-        *,
-        consumer: KafkaConsumer,
-        publisher: Publisher,
-        metrics: LoupeMetrics,
-        topic: str | ProductsTopics,
-        poll_timeout_ms: int = 500,
-        backoff: Backoff | None = None,
-        live: LiveModel | None = None,
-        stop_event: threading.Event | None = None,
+        self, basics: WorkerBasics, *, consumer: KafkaConsumer, topic: str | ProductsTopics
     ) -> None:
-        """``stop_event``: set to stop (between batches, and between a retry's attempts); one
-        of the worker's own unless given (a reindex's, set by its signal handler)."""
         self.consumer = consumer
-        self.publisher = publisher
-        self.metrics = metrics
-        self.poll_timeout_ms = poll_timeout_ms
-        self.backoff = backoff or Backoff()
-        self.stop_event = stop_event or threading.Event()
+        self.publisher = basics.publisher
+        self.metrics = basics.metrics
+        self.poll_timeout_ms = basics.poll_timeout_ms
+        self.backoff = basics.backoff or Backoff()
+        self.stop_event = basics.stop_event or threading.Event()
         self.lost: set[TopicPartition] = set()  # revoked while a batch was in flight
         self._committed: dict[TopicPartition, int] = {}
         # What a retry is waiting for (a broker away, Qdrant down), for /readyz; None when not.
@@ -117,8 +124,8 @@ class BatchWorker:
         # The model and collection this worker uses: ``live``'s pair, adopted between batches
         # (a reindex's switch), so that a batch never mixes models. None: a worker without a
         # model (the tests' own).
-        self.live = live
-        self.in_use = live.current() if live is not None else None
+        self.live = basics.live
+        self.in_use = self.live.current() if self.live is not None else None
         self._read(consumer, topic)
 
     def handle(self, records: list[Any]) -> None:

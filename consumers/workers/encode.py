@@ -9,7 +9,6 @@ shared by every instance, so each event is encoded once.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +18,8 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from loupe.consumers.errors import BatchAborted, CommitRetriable
 from loupe.consumers.index.catalog import Catalog
 from loupe.consumers.kafka.products_topics import ProductsTopics
-from loupe.consumers.kafka.publisher import Publisher
-from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.workers.batch import BatchWorker
-from loupe.consumers.workers.live_model import LiveModel, ModelInUse
+from loupe.consumers.workers.batch import BatchWorker, WorkerBasics
+from loupe.consumers.workers.live_model import ModelInUse
 from loupe.consumers.workers.product_stage import ProductStage, StageOutput, event_point_id
 from loupe.consumers.workers.vectors import VectorsOut, unplaced_start
 
@@ -34,30 +31,18 @@ class EncodeWorker(BatchWorker):
 
     def __init__(
         self,
+        basics: WorkerBasics,
         *,
         make_consumer: Callable[[str], KafkaConsumer],
         make_vectors_out: Callable[[str], VectorsOut],
         catalog: Catalog,
-        publisher: Publisher,
-        live: LiveModel,
         stage: ProductStage,
-        metrics: LoupeMetrics,
         topic: ProductsTopics,
-        poll_timeout_ms: int = 500,
-        stop_event: threading.Event | None = None,
     ) -> None:
         """``make_consumer(collection)``: a consumer in that collection's encoders' group;
         ``make_vectors_out(collection)``: its vectors topic (made if missing)."""
-        collection = live.current().collection
-        super().__init__(
-            consumer=make_consumer(collection),
-            publisher=publisher,
-            metrics=metrics,
-            topic=topic,
-            poll_timeout_ms=poll_timeout_ms,
-            live=live,
-            stop_event=stop_event,
-        )
+        collection = basics.live.current().collection
+        super().__init__(basics, consumer=make_consumer(collection), topic=topic)
         self.stage = stage
         self.vectors_out = make_vectors_out(collection)
         self.make_consumer = make_consumer

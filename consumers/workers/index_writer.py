@@ -10,7 +10,6 @@ late catches up at the rate its index takes writes.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,13 +18,10 @@ from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import IndexUnavailable
 from loupe.consumers.index.interface import IndexPoint, point_id
-from loupe.consumers.kafka.io import Backoff
 from loupe.consumers.kafka.products_topics import ProductsTopics
-from loupe.consumers.kafka.publisher import Publisher
-from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.workers.batch import BatchWorker
+from loupe.consumers.workers.batch import BatchWorker, WorkerBasics
 from loupe.consumers.workers.handover import HandOver
-from loupe.consumers.workers.live_model import LiveModel, ModelInUse
+from loupe.consumers.workers.live_model import ModelInUse
 from loupe.encoders.profile import ModelIdentity
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.products import is_stale
@@ -113,31 +109,17 @@ class IndexWorker(WritesIndex):
 
     def __init__(
         self,
+        basics: WorkerBasics,
         *,
         make_consumer: Callable[[str], tuple[KafkaConsumer, str]],
-        publisher: Publisher,
-        live: LiveModel,
-        metrics: LoupeMetrics,
         products: ProductsTopics,
-        poll_timeout_ms: int = 500,
-        backoff: Backoff | None = None,
         hand_over: HandOver | None = None,
-        stop_event: threading.Event | None = None,
     ) -> None:
         """``make_consumer(collection)``: a consumer in that collection's writers' group, and
         the collection's vectors topic (made if missing)."""
         self.make_consumer = make_consumer
-        consumer, topic = make_consumer(live.current().collection)
-        super().__init__(
-            consumer=consumer,
-            publisher=publisher,
-            metrics=metrics,
-            topic=topic,
-            poll_timeout_ms=poll_timeout_ms,
-            backoff=backoff,
-            live=live,
-            stop_event=stop_event,
-        )
+        consumer, topic = make_consumer(basics.live.current().collection)
+        super().__init__(basics, consumer=consumer, topic=topic)
         self.products = products
         self.hand_over = hand_over
         # How far into the products topic the applied records reach: the report's offsets.

@@ -10,20 +10,17 @@ on shutdown mid-retry the batch is abandoned uncommitted and replays idempotentl
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from loupe.consumers.errors import BatchAborted, CommitRetriable
-from loupe.consumers.kafka.io import Backoff
 from loupe.consumers.kafka.products_topics import ProductsTopics
-from loupe.consumers.kafka.publisher import Publisher
-from loupe.consumers.metrics import LoupeMetrics
+from loupe.consumers.workers.batch import WorkerBasics
 from loupe.consumers.workers.handover import HandOver
 from loupe.consumers.workers.index_writer import WritesIndex
-from loupe.consumers.workers.live_model import LiveModel, ModelInUse
+from loupe.consumers.workers.live_model import ModelInUse
 from loupe.consumers.workers.product_stage import ProductStage, StageOutput, event_point_id
 from loupe.consumers.workers.vectors import VectorsOut
 
@@ -38,33 +35,19 @@ class IngestWorker(WritesIndex):
 
     def __init__(
         self,
+        basics: WorkerBasics,
         *,
         consumer: KafkaConsumer,
-        publisher: Publisher,
-        live: LiveModel,
         stage: ProductStage,
-        metrics: LoupeMetrics,
         topic: ProductsTopics,
-        poll_timeout_ms: int = 500,
-        backoff: Backoff | None = None,
         hand_over: HandOver | None = None,
-        stop_event: threading.Event | None = None,
         vectors_out: VectorsOut | None = None,
     ) -> None:
         """``hand_over``: the service's ingest follows switches of the live collection and
         reports its point count (None: a reindex, which writes one collection only).
         ``vectors_out``: also publish what was written to the collection's vectors topic (a
         reindex, with encode-once)."""
-        super().__init__(
-            consumer=consumer,
-            publisher=publisher,
-            metrics=metrics,
-            topic=topic,
-            poll_timeout_ms=poll_timeout_ms,
-            backoff=backoff,
-            live=live,
-            stop_event=stop_event,
-        )
+        super().__init__(basics, consumer=consumer, topic=topic)
         self.stage = stage
         self.hand_over = hand_over
         self.vectors_out = vectors_out

@@ -33,13 +33,10 @@ from loupe.consumers.errors import (
     UnexpectedItemError,
 )
 from loupe.consumers.index.interface import IndexHit, IndexQuery, ProductPayload
-from loupe.consumers.kafka.io import TRANSIENT_KAFKA, Abandoned, Backoff
-from loupe.consumers.kafka.publisher import Publisher
+from loupe.consumers.kafka.io import TRANSIENT_KAFKA, Abandoned
 from loupe.consumers.kafka.reply_topics import KnownTopics, ReplyGate, ReplyTopics
-from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.workers.batch import BatchWorker, refused
+from loupe.consumers.workers.batch import BatchWorker, WorkerBasics, refused
 from loupe.consumers.workers.image_fetch import ImageFetcher
-from loupe.consumers.workers.live_model import LiveModel
 from loupe.consumers.workers.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.encoders.fused import EncodeInput
 from loupe.encoders.images import upright_size
@@ -66,33 +63,21 @@ class SearchService(BatchWorker):
 
     def __init__(
         self,
+        basics: WorkerBasics,
         *,
         consumer: KafkaConsumer,
-        publisher: Publisher,
-        live: LiveModel,
         fetcher: ImageFetcher,
-        metrics: LoupeMetrics,
         topic: str,
         response_topic: str,
         encode_lock: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
-        poll_timeout_ms: int = 200,
         fetch_workers: int = 8,
-        backoff: Backoff | None = None,
         photo_kind_weight: float = 0.0,
         reply_topics: ReplyTopics | None = None,
         cleanup_policy: Callable[[str], str] | None = None,
     ) -> None:
         """``reply_topics``: where a ``reply_to`` may point (by default: only at the response
         topic); ``cleanup_policy``: a topic's ``cleanup.policy`` as the broker reports it."""
-        super().__init__(
-            consumer=consumer,
-            publisher=publisher,
-            metrics=metrics,
-            topic=topic,
-            poll_timeout_ms=poll_timeout_ms,
-            backoff=backoff,
-            live=live,
-        )
+        super().__init__(basics, consumer=consumer, topic=topic)
         self.fetcher = fetcher
         self.response_topic = response_topic
         self.encode_lock = encode_lock

@@ -17,6 +17,7 @@ from loupe.consumers.index.interface import IndexHit
 from loupe.consumers.kafka.reply_topics import DEFAULT_REPLY_TO_PATTERN, ReplyTopics
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.service.app import fixed_model
+from loupe.consumers.workers.batch import WorkerBasics
 from loupe.consumers.workers.live_model import ModelInUse
 from loupe.consumers.workers.search import SearchService
 from loupe.encoders.fused import Encoded
@@ -111,11 +112,9 @@ def _record(offset: int, request_id: str, **body) -> SimpleNamespace:
 def parts():
     publisher, encoder, index = _Publisher(), _Encoder(), _Index(poison_top_k=7)
     service = SearchService(
+        WorkerBasics(publisher=publisher, live=fixed_model(encoder, index), metrics=LoupeMetrics()),
         consumer=FakeConsumer(),
-        publisher=publisher,
-        live=fixed_model(encoder, index),
         fetcher=_Fetcher(),
-        metrics=LoupeMetrics(),
         topic="requests",
         response_topic="responses",
     )
@@ -238,11 +237,11 @@ def _guarded_service(publisher: _Publisher, policies: dict[str, str]) -> SearchS
         "responses", DEFAULT_REPLY_TO_PATTERN, own=["products", "requests", "dlq"]
     )
     return SearchService(
+        WorkerBasics(
+            publisher=publisher, live=fixed_model(_Encoder(), _Index()), metrics=LoupeMetrics()
+        ),
         consumer=FakeConsumer(topics=set(policies) | {"products", "requests", "responses"}),
-        publisher=publisher,
-        live=fixed_model(_Encoder(), _Index()),
         fetcher=_Fetcher(),
-        metrics=LoupeMetrics(),
         topic="requests",
         response_topic="responses",
         reply_topics=topics,

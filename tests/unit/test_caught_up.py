@@ -10,6 +10,7 @@ from kafka.structs import TopicPartition
 from loupe.consumers.kafka.io import read_to_end
 from loupe.consumers.kafka.products_topics import ProductsTopics
 from loupe.consumers.service.reindex_progress import ReindexTracker
+from loupe.consumers.workers.batch import WorkerBasics
 from tests.fakes import FakeConsumer
 
 P0, P1 = TopicPartition("products", 0), TopicPartition("products", 1)
@@ -63,7 +64,9 @@ def test_a_partition_no_longer_read_here_has_no_lag_reported_here():
 
     metrics = LoupeMetrics()
     consumer = FakeConsumer(positions={P0: 4, P1: 3}, ends={P0: 10, P1: 7})
-    worker = _Ingest(consumer=consumer, publisher=None, metrics=metrics, topic="products")
+    worker = _Ingest(
+        WorkerBasics(publisher=None, metrics=metrics), consumer=consumer, topic="products"
+    )
     worker.process_once()
 
     def lag(tp: TopicPartition) -> float | None:

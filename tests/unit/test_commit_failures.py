@@ -23,7 +23,7 @@ from loupe.consumers.kafka.failures import Failure, classify, describe, root_cau
 from loupe.consumers.kafka.io import Backoff
 from loupe.consumers.kafka.publisher import MAX_FATAL_IN_A_ROW, Publisher
 from loupe.consumers.metrics import LoupeMetrics
-from loupe.consumers.workers.batch import BatchWorker
+from loupe.consumers.workers.batch import BatchWorker, WorkerBasics
 from tests.fakes import FakeConsumer
 
 TP = TopicPartition("requests", 0)
@@ -342,8 +342,8 @@ class _Answering(BatchWorker):
 
     role = "search"
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, basics: WorkerBasics, **kwargs) -> None:
+        super().__init__(basics, **kwargs)
         self.handled: list[int] = []
 
     def handle(self, records):
@@ -363,11 +363,13 @@ def test_a_commit_lost_with_its_producer_is_answered_exactly_once(lands):
         producer, "dlq", LoupeMetrics(), transactional=True, make_producer=_Factory(broker)
     )
     worker = _Answering(
+        WorkerBasics(
+            publisher=publisher,
+            metrics=LoupeMetrics(),
+            backoff=Backoff(initial_s=0.001, cap_s=0.002),
+        ),
         consumer=consumer,
-        publisher=publisher,
-        metrics=LoupeMetrics(),
         topic="requests",
-        backoff=Backoff(initial_s=0.001, cap_s=0.002),
     )
     first = worker.process_once()
     assert first == (3 if lands else 0)
@@ -388,11 +390,13 @@ def test_a_topic_the_acls_refuse_stops_the_worker_instead_of_replaying_for_ever(
         producer, "dlq", LoupeMetrics(), transactional=True, make_producer=_Factory(broker)
     )
     worker = _Answering(
+        WorkerBasics(
+            publisher=publisher,
+            metrics=LoupeMetrics(),
+            backoff=Backoff(initial_s=0.001, cap_s=0.002),
+        ),
         consumer=FakeConsumer(records, committed=broker.committed),
-        publisher=publisher,
-        metrics=LoupeMetrics(),
         topic="requests",
-        backoff=Backoff(initial_s=0.001, cap_s=0.002),
     )
     with pytest.raises(PublisherFailed, match=r"TopicAuthorizationFailedError.*grant the ACLs"):
         worker.process_once()

@@ -21,6 +21,7 @@ from loupe.consumers.kafka.products_topics import MAX_TOPIC_NAME, ProductsTopics
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.service.lifecycle import CatchUp
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.batch import WorkerBasics
 from loupe.consumers.workers.encode import EncodeWorker
 from loupe.consumers.workers.handover import HandOver
 from loupe.consumers.workers.index_writer import IndexWorker
@@ -216,10 +217,10 @@ def test_the_index_writer_applies_the_version_rule_and_letters_what_does_not_fit
     publisher = _Publisher()
     metrics = LoupeMetrics()
     writer = IndexWorker(
+        WorkerBasics(
+            publisher=publisher, live=LiveModel(ModelInUse(_Encoder("a"), index)), metrics=metrics
+        ),
         make_consumer=lambda collection: (consumer, "vectors"),
-        publisher=publisher,
-        live=LiveModel(ModelInUse(_Encoder("a"), index)),
-        metrics=metrics,
         products=ProductsTopics("products"),
         hand_over=HandOver(catalog, ProductsTopics("products"), report_every_s=0.0),
     )
@@ -261,10 +262,8 @@ def test_the_index_writer_moves_to_the_new_collections_topic_and_group_on_a_swit
 
     live = LiveModel(ModelInUse(_Encoder("a"), a))
     writer = IndexWorker(
+        WorkerBasics(publisher=_Publisher(), live=live, metrics=LoupeMetrics()),
         make_consumer=make_consumer,
-        publisher=_Publisher(),
-        live=live,
-        metrics=LoupeMetrics(),
         products=ProductsTopics("products"),
     )
     assert writer.topic == "vectors.loupe__a"
@@ -320,18 +319,20 @@ def test_a_new_encoders_group_starts_where_the_reindex_published_up_to(catalog, 
     )
     publisher = _Publisher()
     encoder = EncodeWorker(
+        WorkerBasics(
+            publisher=publisher,
+            live=LiveModel(ModelInUse(_Encoder("b"), b)),
+            metrics=LoupeMetrics(),
+        ),
         make_consumer=lambda collection: consumer,
         make_vectors_out=lambda c: VectorsOut(_Publisher(), f"vectors.{c}", c, 2),
         catalog=catalog,
-        publisher=publisher,
-        live=LiveModel(ModelInUse(_Encoder("b"), b)),
         stage=ProductStage(
             fetcher=None,
             publisher=publisher,
             metrics=LoupeMetrics(),
             source=ProductsTopics("products"),
         ),
-        metrics=LoupeMetrics(),
         topic=ProductsTopics("products"),
     )
     encoder.on_assigned(set(tp))

@@ -22,6 +22,7 @@ from loupe.consumers.service.reindex import Reindex, rollback
 from loupe.consumers.service.reindex_lock import ReindexBusy, reindex_lock
 from loupe.consumers.service.reindex_progress import counts_agree
 from loupe.consumers.settings import Settings
+from loupe.consumers.workers.batch import WorkerBasics
 from loupe.consumers.workers.handover import HandOver
 from loupe.consumers.workers.ingest import IngestWorker
 from loupe.consumers.workers.live_model import (
@@ -334,13 +335,15 @@ def test_the_ingest_resumes_a_partition_from_the_new_collections_offsets(tmp_pat
     )
     publisher = _Publisher()
     indexer = IngestWorker(
+        WorkerBasics(
+            publisher=publisher,
+            live=LiveModel(ModelInUse(FakeEncoder("b"), b)),
+            metrics=LoupeMetrics(),
+        ),
         consumer=consumer,
-        publisher=publisher,
-        live=LiveModel(ModelInUse(FakeEncoder("b"), b)),
         stage=ProductStage(
             fetcher=None, publisher=publisher, metrics=LoupeMetrics(), source=ProductsTopics("t")
         ),
-        metrics=LoupeMetrics(),
         topic=ProductsTopics("t"),
         hand_over=HandOver(catalog, ProductsTopics("t"), report_every_s=1.0),
     )

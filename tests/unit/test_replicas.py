@@ -13,7 +13,7 @@ from loupe.consumers.kafka.names import KafkaNames
 from loupe.consumers.metrics import LoupeMetrics
 from loupe.consumers.service.lifecycle import LoupeService
 from loupe.consumers.settings import Settings, load_settings
-from loupe.consumers.workers.batch import BatchWorker
+from loupe.consumers.workers.batch import BatchWorker, WorkerBasics
 from tests.fakes import FakeConsumer
 
 P0, P1 = TopicPartition("products", 0), TopicPartition("products", 1)
@@ -64,7 +64,9 @@ class _Ingest(BatchWorker):
 
 
 def _worker(consumer) -> BatchWorker:
-    return _Ingest(consumer=consumer, publisher=None, metrics=LoupeMetrics(), topic="products")
+    return _Ingest(
+        WorkerBasics(publisher=None, metrics=LoupeMetrics()), consumer=consumer, topic="products"
+    )
 
 
 def test_a_worker_is_caught_up_only_once_every_partition_is_read_to_its_end():
