@@ -18,7 +18,7 @@ Training's own simulator (``loupe.train.augment``) is never imported by the eval
 versa. Each seed draws other training photos, another held-out fifth of the products (never
 trained on: the products a merchant adds after training) and other evaluation photos; the tables
 give the mean over the seeds and, after ±, the standard deviation. Rankings are exact cosines over
-the views the service stores, ranked as the service ranks them (``consumers/workers/ranking.py``).
+the views the service stores, ranked as the service ranks them (``loupe/ranking.py``).
 
 Text in Chinese (``--languages``): for each text tower, MiniLM and multilingual-e5-small, the
 catalog's products are asked for by their category and sub-category in words (text alone): in

@@ -7,7 +7,7 @@ the photo has the structure it was trained to see (the product's stones, metal a
 on a plain or even textured surface. So a photo query is encoded twice: the whole photo, and the
 square around the maps' strongest response (``REGION_SHARE`` of the model's square input),
 cropped from the same pixels and read at the tower's full input size. The search then answers
-with whichever of the two finds a closer match (``consumers/workers/ranking.py``,
+with whichever of the two finds a closer match (``loupe/ranking.py``,
 ``sharper``), and the answer says which part of the photo matched. docs/training.md ("Photos
 of scenes") has the measurements that chose the share and the rule.
 """

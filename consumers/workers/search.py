@@ -37,7 +37,7 @@ from loupe.consumers.kafka.io import TRANSIENT_KAFKA, Abandoned
 from loupe.consumers.kafka.reply_topics import KnownTopics, ReplyGate, ReplyTopics
 from loupe.consumers.workers.batch import BatchWorker, WorkerBasics, refused
 from loupe.consumers.workers.image_fetch import ImageFetcher
-from loupe.consumers.workers.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
+from loupe.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.encoders.fused import EncodeInput
 from loupe.encoders.images import upright_size
 from loupe.encoders.items import Region

@@ -6,7 +6,7 @@ photo plus a short query text (``photo+text``), and the text alone (``text``). F
 measure is where its own product ranks (recall@1, recall@10); for every kind, how many of the
 top ten share the product's category (category precision@10). A text names a kind of product,
 not one product, so it has no recall. A photo + text query is ranked as the service ranks it:
-the image view's best match first, then the fused view's ranking (``consumers/workers/ranking.py``).
+the image view's best match first, then the fused view's ranking (``loupe/ranking.py``).
 A photo is ranked by the image view, or, given a ``photo_kind_weight``, as the service ranks it
 with ``LOUPE_PHOTO_KIND_WEIGHT`` (the best match first, then its kind: ``ranking.kind_kept``).
 """
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from loupe.consumers.workers.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
+from loupe.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.encoders.fusion import FusionModel
 
 KINDS = ("photo", "photo+text", "text")

@@ -22,13 +22,15 @@ ALLOWED = {
     # The model knows nothing of the wire contract nor of Kafka: it raises its own exceptions
     # (encoders/errors.py), which the consumers map to the contract's error codes.
     "encoders": {"encoders", "locks"},
-    "consumers": {"consumers", "encoders", "schemas"},
+    "consumers": {"consumers", "encoders", "schemas", "ranking"},
     "client": {"client", "consumers", "encoders", "schemas"},
     "progress": {"progress"},
+    # How a search answer is ordered: the service's search and training's evaluation share it.
+    "ranking": {"ranking"},
     "locks": {"locks"},
     # Training never sees the simulators it is judged by (loupe.evaluation imports it, not the
     # other way round).
-    "train": {"train", "progress", "consumers", "encoders", "schemas"},
+    "train": {"train", "progress", "ranking", "consumers", "encoders", "schemas"},
     "evaluation": {"evaluation", "train", "progress", "consumers", "encoders", "schemas"},
     "dev": {"dev", "train", "consumers", "encoders", "schemas", "locks"},
     "demo": {

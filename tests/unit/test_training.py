@@ -332,7 +332,7 @@ def test_retrieval_scores_by_hand_and_in_any_chunking():
 
 
 def test_photo_and_text_ranks_put_the_anchor_first_as_the_service_does():
-    from loupe.consumers.workers.ranking import anchored
+    from loupe.ranking import anchored
     from loupe.train.evaluate import retrieval_scores
 
     rng = np.random.default_rng(3)
@@ -360,7 +360,7 @@ def test_photo_and_text_ranks_put_the_anchor_first_as_the_service_does():
 
 
 def test_kind_kept_keeps_the_best_match_first_then_ranks_by_look_and_its_kind():
-    from loupe.consumers.workers.ranking import kind_kept
+    from loupe.ranking import kind_kept
 
     fused = {"ring": [1.0, 0.0], "ring2": [0.9, 0.1], "chain": [0.0, 1.0], "bare": None}
     image = {"ring": 0.9, "chain": 0.85, "ring2": 0.8, "bare": 0.7}
@@ -387,7 +387,7 @@ def test_kind_kept_keeps_the_best_match_first_then_ranks_by_look_and_its_kind():
 
 
 def test_photos_ranked_by_kind_are_scored_as_the_service_ranks_them():
-    from loupe.consumers.workers.ranking import kind_kept
+    from loupe.ranking import kind_kept
     from loupe.train.evaluate import retrieval_scores
 
     rng = np.random.default_rng(5)
