@@ -178,7 +178,7 @@ class Application:
 
     # --- encode once, index many (consumers/workers/vectors.py) ------------------------
 
-    def vectors_topic(self, collection: str) -> tuple[str, int]:
+    def open_vectors_topic(self, collection: str) -> tuple[str, int]:
         """``collection``'s vectors topic and its partition count, made if missing; asked of
         the broker once per collection (the encoder and the writer both need it)."""
         if collection not in self._vectors_topics:
@@ -187,7 +187,7 @@ class Application:
 
     def vectors_out(self, publisher: Publisher, collection: str) -> VectorsOut:
         """What publishes ``collection``'s vector records with ``publisher``'s batches."""
-        topic, partitions = self.vectors_topic(collection)
+        topic, partitions = self.open_vectors_topic(collection)
         return VectorsOut(publisher, topic, collection, partitions)
 
     def encode_worker(
@@ -230,7 +230,7 @@ class Application:
         group_of = group or self.names.index_group
 
         def consumer_of(collection: str):
-            topic, _ = self.vectors_topic(collection)
+            topic, _ = self.open_vectors_topic(collection)
             return make_consumer(settings, group_of(collection), **consumer_options), topic
 
         return IndexWorker(

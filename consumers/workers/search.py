@@ -37,11 +37,11 @@ from loupe.consumers.kafka.io import TRANSIENT_KAFKA, Abandoned
 from loupe.consumers.kafka.reply_topics import KnownTopics, ReplyGate, ReplyTopics
 from loupe.consumers.workers.batch import BatchWorker, WorkerBasics, refused
 from loupe.consumers.workers.image_fetch import ImageFetcher
-from loupe.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.encoders.fused import EncodeInput
 from loupe.encoders.images import upright_size
 from loupe.encoders.items import Region
 from loupe.encoders.regions import photo_box
+from loupe.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.schemas.common import Price, is_identifier
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.search import (

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from loupe.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 from loupe.encoders.fusion import FusionModel
+from loupe.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
 
 KINDS = ("photo", "photo+text", "text")
 TOP_K = 10
