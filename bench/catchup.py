@@ -16,7 +16,6 @@ and how many products it encoded.
 from __future__ import annotations
 
 import argparse
-import base64
 import re
 import signal
 import tempfile
@@ -25,14 +24,12 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
-from kafka import KafkaProducer
-
 from bench.cli import summary
 from bench.harness import (
     create_service_topics,
     local_broker,
     loupe_process,
-    product_event,
+    publish_products,
     serve_env,
 )
 from loupe.dev.catalog import load_catalog
@@ -50,15 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loupe-catchup-") as tmp, local_broker() as bootstrap:
         work = Path(tmp)
         topics = create_service_topics(bootstrap)
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-        for n in range(args.products):
-            product = catalog[n % len(catalog)]
-            data = base64.b64encode(product.image_path.read_bytes()).decode()
-            value = product_event(
-                product, {"data": data, "media_type": "image/jpeg"}, product_id=f"p{n}"
-            )
-            producer.send(topics["products"], key=f"giva/p{n}".encode(), value=value)
-        producer.close()
+        publish_products(bootstrap, topics["products"], catalog, args.products)
 
         def replica(name: str, encode_once: bool):
             port = free_loopback_port()

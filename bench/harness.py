@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from kafka import KafkaProducer
 
 from loupe.consumers.kafka.admin import KafkaAdmin, TopicSpec
 from loupe.dev.catalog import CatalogProduct, upserted_event
@@ -24,6 +27,7 @@ __all__ = [
     "percentiles",
     "photo_server",
     "product_event",
+    "publish_products",
     "pure_python_crc32c",
     "serve_env",
 ]
@@ -85,3 +89,21 @@ def photo_server(photos: dict[str, bytes]) -> Iterator[str]:
 
 def product_event(product: CatalogProduct, image: dict, product_id: str | None = None) -> bytes:
     return json.dumps(upserted_event(product, image, product_id=product_id)).encode()
+
+
+def inline_photo(product: CatalogProduct) -> dict:
+    """``product``'s catalog photo as an event carries it inline."""
+    data = base64.b64encode(product.image_path.read_bytes()).decode()
+    return {"data": data, "media_type": "image/jpeg"}
+
+
+def publish_products(bootstrap: str, topic: str, catalog: list[CatalogProduct], count: int) -> None:
+    """``count`` products ``p0``, ``p1``, ... of merchant ``giva`` into ``topic``, photos inline,
+    going round ``catalog``."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for n in range(count):
+        value = product_event(
+            catalog[n % len(catalog)], inline_photo(catalog[n % len(catalog)]), f"p{n}"
+        )
+        producer.send(topic, key=f"giva/p{n}".encode(), value=value)
+    producer.close()

@@ -18,7 +18,6 @@ source its first line names, and the points it built. No service runs meanwhile.
 from __future__ import annotations
 
 import argparse
-import base64
 import re
 import subprocess
 import sys
@@ -26,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from kafka import KafkaProducer
-
 from bench.cli import summary
-from bench.harness import create_service_topics, local_broker, product_event, serve_env
+from bench.harness import create_service_topics, local_broker, publish_products, serve_env
 from loupe.dev.catalog import load_catalog
 
 RUNS = (
@@ -52,15 +49,7 @@ def main() -> None:
     ):
         work = Path(tmp)
         topics = create_service_topics(bootstrap)
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-        for n in range(args.products):
-            product = catalog[n % len(catalog)]
-            data = base64.b64encode(product.image_path.read_bytes()).decode()
-            value = product_event(
-                product, {"data": data, "media_type": "image/jpeg"}, product_id=f"p{n}"
-            )
-            producer.send(topics["products"], key=f"giva/p{n}".encode(), value=value)
-        producer.close()
+        publish_products(bootstrap, topics["products"], catalog, args.products)
         rows = []
         for name, flags, how in RUNS:
             env = serve_env(
