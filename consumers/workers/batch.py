@@ -56,10 +56,20 @@ AUTHORIZATION_ERRORS = (TopicAuthorizationFailedError, GroupAuthorizationFailedE
 
 def _subscribe(consumer: KafkaConsumer, topic: str | ProductsTopics, listener) -> str:
     """Subscribe ``consumer`` to a topic or to the products topics (per merchant: a pattern);
-    returns how logs and metrics name what it reads."""
+    returns how logs and metrics name what it reads.
+
+    The topic's partitions are looked up first. kafka-python joins the group on the first poll,
+    often before its metadata names a topic just subscribed to; the leader then assigns nothing
+    ("No partition metadata for topic") and should rejoin once the metadata arrives, but that
+    check races with the assignment: twice in one CI run a lone search worker stayed without
+    partitions until it was stopped (tests/integration/test_monitoring.py, test_reindex.py).
+    With the partitions known before the join, the first assignment is whole."""
     if isinstance(topic, ProductsTopics):
+        if not topic.per_merchant:
+            consumer.partitions_for_topic(topic.base)
         topic.subscribe(consumer, listener)
         return topic.label
+    consumer.partitions_for_topic(topic)
     consumer.subscribe([topic], listener=listener)
     return topic
 
