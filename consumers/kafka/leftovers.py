@@ -16,12 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from loupe.consumers.kafka.admin import KafkaAdmin
-from loupe.consumers.kafka.names import ENCODE, INDEX, REINDEX, KafkaNames
+from loupe.consumers.kafka.names import DIGEST_TAIL, ENCODE, INDEX, REINDEX, KafkaNames
 from loupe.consumers.kafka.products_topics import MAX_TOPIC_NAME
-
-# A vectors topic name longer than Kafka allows is cut and given a 17-character digest tail
-# (``KafkaNames.vectors_topic``): only its head can be matched against a group's name.
-_DIGEST_TAIL = 17
 
 
 @dataclass
@@ -41,11 +37,11 @@ def find_leftovers(
     among ``collections`` (what the index holds: live, building or retired)."""
     known = set(collections)
     ours = f"{index_prefix}__"
+    held = {names.vectors_topic(c) for c in known}
     topics = {
         topic
         for topic in admin.topics()
-        if topic.startswith(names.vectors_prefix + ours)
-        and topic not in {names.vectors_topic(c) for c in known}
+        if topic.startswith(names.vectors_prefix + ours) and topic not in held
     }
     groups: dict[str, str] = {}  # leftover group -> what follows its worker's prefix
     for group in admin.groups():
@@ -92,4 +88,4 @@ def _reads(group_rest: str, topic: str, vectors_prefix: str) -> bool:
     if group_rest == part or group_rest.startswith(part + "."):
         return True
     cut = len(topic) == MAX_TOPIC_NAME
-    return cut and group_rest.startswith(part[:-_DIGEST_TAIL])
+    return cut and group_rest.startswith(part[:-DIGEST_TAIL])  # a cut name: only its head

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 # The workers that name a group or a transactional id.
 INGEST, SEARCH, ENCODE, INDEX, REINDEX = "ingest", "search", "encode", "index", "reindex"
+# A topic name past Kafka's limit is cut and ends in "." and a 16-hex digest of the whole name.
+DIGEST_TAIL = 17
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,8 @@ class KafkaNames:
         name = f"{self.vectors}.{collection}"
         if len(name) <= MAX_TOPIC_NAME:
             return name
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-        return f"{name[: MAX_TOPIC_NAME - 17]}.{digest}"
+        digest = hashlib.sha256(name.encode()).hexdigest()[: DIGEST_TAIL - 1]
+        return f"{name[: MAX_TOPIC_NAME - DIGEST_TAIL]}.{digest}"
 
     @property
     def vectors_prefix(self) -> str:
