@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -123,23 +123,48 @@ class ImagePreprocessor:
     ) -> tuple[torch.Tensor, list[int], dict[int, ItemRejected]]:
         """``(pixels, rows, failures)``: ``pixels[j]`` is ``photos[rows[j]]``, ``(B, 3, S, S)``
         on the device; ``failures`` maps the other rows to why they failed."""
+        return self.batch_keeping(photos, ())[:3]
+
+    def batch_keeping(
+        self, photos: Sequence[Photo], keep: Collection[int]
+    ) -> tuple[torch.Tensor, list[int], dict[int, ItemRejected], dict[int, torch.Tensor]]:
+        """``batch``'s three and ``uprights``: the photos of the rows in ``keep`` as decoded,
+        upright and not yet fitted (``(3, H, W)`` uint8 on the host), where Pillow decoded
+        them. A photo query's region is cut from it (``regions.crop_photo``). A photo decoded
+        on the device is not kept (its region is cut from the pixels): holding full-size
+        photos on the device for a batch is what the decode budget avoids."""
+        uprights: dict[int, torch.Tensor] = {}
         if self.acceleration.batch_jpeg_decode:
             tensors = self._batch_jpeg_decode(photos)
+        elif keep:  # decoded and fitted in the pool as ``one`` is; the upright kept
+            both = list(self._pool.map(self._try_upright_and_fitted, photos))
+            tensors = {i: b if isinstance(b, ItemRejected) else b[1] for i, b in enumerate(both)}
+            uprights = {i: b[0] for i, b in enumerate(both) if i in keep and isinstance(b, tuple)}
         else:
             tensors = dict(enumerate(self._pool.map(self._try_one, photos)))
         rows = [i for i in range(len(photos)) if isinstance(tensors[i], torch.Tensor)]
         failures = {i: t for i, t in tensors.items() if not isinstance(t, torch.Tensor)}
         if not rows:
-            return torch.empty((0, 3, self.side, self.side), device=self.device), [], failures
+            empty = torch.empty((0, 3, self.side, self.side), device=self.device)
+            return empty, [], failures, {}
         stacked = stack_on(  # (B, 3, S, S)
             [tensors[i] for i in rows], self.device, pinned=self.acceleration.pinned_copies
         )
         if self.acceleration.channels_last:
             stacked = stacked.contiguous(memory_format=torch.channels_last)
-        return stacked, rows, failures
+        return stacked, rows, failures, {i: t for i, t in uprights.items() if i in rows}
 
     def _try_one(self, photo: Photo) -> torch.Tensor | ItemRejected:
         return _alone(self.one, photo, "preprocessing")
+
+    def _try_upright_and_fitted(
+        self, photo: Photo
+    ) -> tuple[torch.Tensor, torch.Tensor] | ItemRejected:
+        def both(photo: Photo) -> tuple[torch.Tensor, torch.Tensor]:
+            upright = self.upright(photo)
+            return upright, fit_square(upright, self.side, self.fit)
+
+        return _alone(both, photo, "preprocessing")
 
     def _host_pixels(self, photo: Photo) -> torch.Tensor | ItemRejected:
         """``upright`` for the device to fit with the others (``host_decode_share``)."""

@@ -6,7 +6,9 @@ The image tower already says where the product is: its last feature maps respond
 the photo has the structure it was trained to see (the product's stones, metal and edges), least
 on a plain or even textured surface. So a photo query is encoded twice: the whole photo, and the
 square around the maps' strongest response (``REGION_SHARE`` of the model's square input),
-cropped from the same pixels and read at the tower's full input size. The search then answers
+cut from the photo as it was decoded (``crop_photo``: a phone photo decodes at twice the model's
+side or more, so the part keeps its own detail instead of being the model's pixels enlarged) and
+read at the tower's full input size. The search then answers
 with whichever of the two finds a closer match (``loupe/ranking.py``,
 ``sharper``), and the answer says which part of the photo matched. docs/training.md ("Photos
 of scenes") has the measurements that chose the share and the rule.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from loupe.encoders.images import Fit, fit_square
 
 # The searched square's side as a share of the model's square input (the photo padded to a
 # square): measured on the scenes family against 0.5 and 0.6 (docs/training.md).
@@ -57,6 +61,23 @@ def crop_regions(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
             F.interpolate(part, size=(side, side), mode="bilinear", align_corners=False)
         )  # (1, 3, S, S)
     return torch.cat(crops).contiguous()
+
+
+def crop_photo(
+    upright: torch.Tensor, box: tuple[float, float, float, float], side: int, fit: Fit
+) -> torch.Tensor | None:
+    """The part of a decoded photo (``(3, H, W)`` uint8, upright) that ``box`` (shares of the
+    model's square input, which ``fit`` made of it) covers, fitted to ``(3, side, side)`` as a
+    photo is; None where the box holds no pixel of the photo (it lies in the square's padding).
+    The part keeps the photo's resolution: measured on the scenes family (docs/training.md),
+    6 points of R@1 over the same box cut from the model's pixels and enlarged."""
+    height, width = upright.shape[-2:]
+    left, top, box_w, box_h = photo_box(box, width, height, fit)
+    x0, y0 = round(left * width), round(top * height)
+    x1, y1 = round((left + box_w) * width), round((top + box_h) * height)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return None
+    return fit_square(upright[:, y0:y1, x0:x1], side, fit)
 
 
 def photo_box(

@@ -28,7 +28,7 @@ from loupe.encoders.model import FusedModel
 from loupe.encoders.onnx_tower import OnnxImageTower
 from loupe.encoders.preprocess import ImagePreprocessor, Photo
 from loupe.encoders.profile import MAX_TEXT_CHARS
-from loupe.encoders.regions import crop_regions, region_boxes
+from loupe.encoders.regions import crop_photo, crop_regions, region_boxes
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class PreparedBatch:
     out: list[Encoded]  # one per item; failed items already carry their error
     image_rows: list[int]  # items whose photo is in ``pixels``, in order
     pixels: torch.Tensor | None  # (Bi, 3, S, S) on the device
+    # photo queries' photos as decoded (item index -> (3, H, W) uint8 on the host), where the
+    # preprocessor kept them: their regions are cut from these
+    uprights: dict[int, torch.Tensor]
     text_rows: list[int]  # items whose text is in ``tokens``, in order
     tokens: dict[str, torch.Tensor] | None  # (Bt, T) ids and mask on the device
     ready: torch.cuda.Event | None  # recorded on the stage stream when all of it is there
@@ -168,9 +171,11 @@ class EncoderRuntime:
         with torch.cuda.stream(self._stage_stream) if on_stage else contextlib.nullcontext():
             out = [Encoded() for _ in batch]
             with_image = [i for i, item in enumerate(batch) if item.image is not None]
-            pixels, rows, failures = self.preprocessor.batch(
-                [Photo(batch[i].image, batch[i].media_type) for i in with_image]
+            keep = [j for j, i in enumerate(with_image) if batch[i].query and self.query_regions]
+            pixels, rows, failures, kept = self.preprocessor.batch_keeping(
+                [Photo(batch[i].image, batch[i].media_type) for i in with_image], keep
             )
+            uprights = {with_image[j]: upright for j, upright in kept.items()}
             for j, error in failures.items():
                 out[with_image[j]].error = error
             image_rows = [with_image[j] for j in rows]
@@ -187,9 +192,8 @@ class EncoderRuntime:
             if on_stage:
                 ready = torch.cuda.Event()
                 ready.record(self._stage_stream)
-        return PreparedBatch(
-            batch, out, image_rows, pixels if image_rows else None, text_rows, tokens, ready
-        )
+        pixels = pixels if image_rows else None
+        return PreparedBatch(batch, out, image_rows, pixels, uprights, text_rows, tokens, ready)
 
     def forward(self, prepared: PreparedBatch, towers_only: bool) -> list[Encoded]:
         """The towers and the heads (only the towers with ``towers_only``: what ``loupe
@@ -258,7 +262,8 @@ class EncoderRuntime:
         else:  # eager: a captured graph gives the vectors alone
             vectors, heat = self.model.image_encoder.encode_with_heat(pixels)
         boxes = region_boxes(heat[asked])  # (Bq, 4)
-        return vectors, (asked, boxes, self.image_vectors(crop_regions(pixels[asked], boxes)))
+        parts = _region_pixels(prepared, asked, boxes, self.preprocessor)
+        return vectors, (asked, boxes, self.image_vectors(parts))
 
     def _onnx_graph(self) -> OnnxImageTower | None:
         """The ONNX graph in use, given up once the tower's weights changed (``load_tuned``)."""
@@ -294,6 +299,25 @@ class EncoderRuntime:
         return torch.autocast(
             device_type=self.device.type, dtype=dtype, cache_enabled=not graph_safe
         )
+
+
+def _region_pixels(
+    prepared: PreparedBatch,
+    asked: list[int],
+    boxes: torch.Tensor,
+    preprocessor: ImagePreprocessor,
+) -> torch.Tensor:
+    """``(Bq, 3, S, S)``: each asked row's box cut from its photo as decoded, where the
+    preprocessor kept it, else from its pixels (a photo decoded on the device)."""
+    pixels, side, fit = prepared.pixels, preprocessor.side, preprocessor.fit
+    parts = []
+    for k, (j, box) in enumerate(zip(asked, boxes.tolist(), strict=True)):
+        upright = prepared.uprights.get(prepared.image_rows[j])
+        part = crop_photo(upright, tuple(box), side, fit) if upright is not None else None
+        if part is None:
+            part = crop_regions(pixels[j : j + 1], boxes[k : k + 1])[0]
+        parts.append(part.to(pixels.device, pixels.dtype))
+    return torch.stack(parts)
 
 
 def _attach_regions(

@@ -28,7 +28,7 @@ from loupe.train.source import TrainingProduct
 
 log = logging.getLogger(__name__)
 
-QUERIES_FORMAT = "2"  # bump when a simulator changes: stale cache
+QUERIES_FORMAT = "3"  # bump when a simulator or the query side changes: stale cache
 CHUNK = 32  # photos simulated and encoded together
 
 

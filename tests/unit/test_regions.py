@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from loupe.dev.catalog import load_catalog
+from loupe.encoders.device import Acceleration
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
-from loupe.encoders.regions import crop_regions, photo_box, region_boxes
+from loupe.encoders.preprocess import ImagePreprocessor, Photo
+from loupe.encoders.regions import crop_photo, crop_regions, photo_box, region_boxes
 from loupe.evaluation.scenes import scene_photo
 
 
@@ -32,6 +34,37 @@ def test_a_region_is_cut_from_the_pixels_and_read_at_full_size():
     crop = crop_regions(pixels, torch.tensor([[0.4, 0.2, 0.4, 0.4]]))
     assert crop.shape == (1, 3, 100, 100)
     assert float(crop.min()) == pytest.approx(1.0)
+
+
+def test_a_region_is_cut_from_the_photo_as_decoded_at_its_own_resolution():
+    upright = torch.zeros(3, 200, 400, dtype=torch.uint8)  # a wide photo: padded above, below
+    upright[:, 50:130, 200:280] = 255  # an 80-pixel square: 0.2 of the model's square
+    upright[:, 60:62, 210:270] = 0  # a 2-pixel line: kept at a 100-pixel side, not at 20
+    box = (0.5, 0.25 + 50 / 400, 0.2, 0.2)  # that square, in shares of the model's square
+    part = crop_photo(upright, box, 100, "pad")
+    assert part.shape == (3, 100, 100)
+    assert float(part[:, 20:80, 50].min()) == pytest.approx(1.0)  # the square fills the part
+    assert float(part[:, 13, 20:80].max()) < 0.2, "the thin line survives: read, not enlarged"
+    assert crop_photo(upright, (0.0, 0.0, 0.2, 0.2), 100, "pad") is None, "all padding"
+
+
+def test_the_preprocessor_keeps_the_decoded_photos_it_is_asked_for(tmp_path):
+    plain = Acceleration(
+        amp_dtype=None, channels_last=False, pinned_copies=False, batch_jpeg_decode=False
+    )
+    prep = ImagePreprocessor(side=64, device=torch.device("cpu"), acceleration=plain)
+    catalog = load_catalog()[:2]
+    photos = [Photo(catalog[0].image_path.read_bytes()), Photo(b"not a photo")]
+    photos.append(Photo(catalog[1].image_path.read_bytes()))
+    try:
+        pixels, rows, failures, uprights = prep.batch_keeping(photos, keep=[1, 2])
+        assert rows == [0, 2] and list(failures) == [1]
+        assert list(uprights) == [2], "the failed photo is not kept, nor the one not asked for"
+        assert uprights[2].dtype == torch.uint8 and uprights[2].shape[0] == 3
+        assert min(uprights[2].shape[1:]) > 64, "decoded at more than the model's side"
+        assert torch.equal(pixels, prep.batch(photos)[0]), "the pixels are batch's own"
+    finally:
+        prep.close()
 
 
 @pytest.mark.parametrize(
@@ -76,3 +109,22 @@ def test_a_photo_query_has_a_region_on_either_backend_and_nothing_else_does(enco
         assert off.encode_queries(queries[:1])[0].region is None
     finally:
         off.close()
+
+
+def test_a_photo_querys_region_is_read_from_the_photo_as_decoded(encoders):
+    served, _ = encoders
+    photo = scene_photo(load_catalog()[5].image_path.read_bytes(), 7)
+    (result,) = served.encode_towers([EncodeInput(image=photo, query=True)])
+    runtime = served.runtime
+    upright = runtime.preprocessor.upright(Photo(photo))
+    side, fit = runtime.preprocessor.side, runtime.preprocessor.fit
+    expected = runtime.image_vectors(crop_photo(upright, result.region.box, side, fit)[None])
+    assert float(np.dot(result.region.image, expected[0].numpy())) >= 0.9999
+    enlarged = runtime.image_vectors(
+        crop_regions(
+            runtime.preprocessor.one(Photo(photo))[None], torch.tensor([result.region.box])
+        )
+    )
+    assert float(np.dot(result.region.image, enlarged[0].numpy())) < 0.999, (
+        "not the model's pixels enlarged"
+    )
