@@ -160,7 +160,7 @@ def main() -> None:
             if label == "Loupe":
                 train_s.append(result.seconds)
             for sim in simulators:
-                asked = (queries[sim].photo, queries[sim].text, queries[sim].region)
+                asked = (queries[sim].photo, queries[sim].text, queries[sim].regions)
                 models = {label: result.model}
                 if label == "Loupe":
                     models["untrained"] = encoder.fusion
@@ -218,7 +218,7 @@ def tuned_tower_runs(encoder, settings, products, features, config: TrainConfig)
         cache = settings.state_dir / "train-cache"
         for sim in SIMULATORS:
             asked = shopper_queries(served, products, sim, config.seed, cache_dir=cache)
-            queries = (asked.photo, asked.text, asked.region)
+            queries = (asked.photo, asked.text, asked.regions)
             yield (
                 sim,
                 {

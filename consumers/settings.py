@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from loupe.consumers.errors import ConfigError
 from loupe.consumers.index.interface import (
@@ -34,12 +34,14 @@ from loupe.consumers.kafka.products_topics import ProductsTopics
 from loupe.consumers.kafka.reply_topics import DEFAULT_REPLY_TO_PATTERN
 from loupe.consumers.workers.image_fetch import FetchPolicy
 from loupe.encoders.profile import (
+    MAX_QUERY_REGIONS,
     EncoderBackend,
     Fit,
     JpegDecoderName,
     ModelProfile,
     Pooling,
     Precision,
+    check_region_shares,
 )
 from loupe.schemas.deadletter import DEADLETTER_TOPIC
 from loupe.schemas.products import PRODUCTS_TOPIC
@@ -356,9 +358,15 @@ class Settings(BaseSettings):
     )
     query_regions: bool = Field(
         _MODEL.query_regions,
-        description="a photo query is also encoded in the part where its product is, and "
-        "answered by that part when it matches closer (a product lying in a wider scene; "
-        "docs/training.md, Photos of scenes)",
+        description="a photo query is also encoded in parts around where its product is, and "
+        "answered by the part that matches closest when it matches closer than the whole (a "
+        "product lying in a wider scene; docs/training.md, Photos of scenes)",
+    )
+    query_region_shares: Annotated[tuple[float, ...], NoDecode] = Field(
+        _MODEL.query_region_shares,
+        description="the parts' sides as shares of the photo's square, comma-separated: each is "
+        f"one more pass of the image tower a photo query (fewer: faster, at most "
+        f"{MAX_QUERY_REGIONS}); the default measured best on scenes (docs/training.md)",
     )
     encode_batch_size: int | None = Field(
         _MODEL.batch_size,
@@ -408,6 +416,21 @@ class Settings(BaseSettings):
         _MODEL.allow_download,
         description="let ResNet-50 / BERT-base weights download from their hubs (never by default)",
     )
+
+    @field_validator("query_region_shares", mode="before")
+    @classmethod
+    def _shares_from_a_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return tuple(float(part) for part in value.split(",") if part.strip())
+            except ValueError as exc:
+                raise ValueError(f"comma-separated numbers, e.g. 0.3,0.4; got {value!r}") from exc
+        return value
+
+    @field_validator("query_region_shares")
+    @classmethod
+    def _shares_that_fit(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        return check_region_shares(value)
 
     @field_validator("cuda_graph_max_batch")
     @classmethod

@@ -27,7 +27,7 @@ from loupe.encoders.items import VIEWS, Encoded, EncodeInput, check_inputs
 from loupe.encoders.model import FusedModel, base_version
 from loupe.encoders.onnx_tower import OnnxImageTower, OnnxUnavailable
 from loupe.encoders.preprocess import DEVICE_DECODE_PIXELS, ImagePreprocessor
-from loupe.encoders.profile import ModelProfile
+from loupe.encoders.profile import QUERY_REGION_SHARES, ModelProfile
 from loupe.encoders.runtime import EncoderRuntime, EncodeStream
 from loupe.encoders.text_towers import TextEncoder
 
@@ -58,6 +58,7 @@ class FusedEncoder:
         device_decode_pixels: int = DEVICE_DECODE_PIXELS,
         image_backend: OnnxImageTower | None = None,
         query_regions: bool = True,
+        region_shares: Sequence[float] = QUERY_REGION_SHARES,
     ) -> None:
         """``acceleration``: None for the device's defaults (``Acceleration.for_device``); tests
         switch single CUDA steps on for a CPU run. ``device_decode_pixels`` bounds one batch
@@ -89,6 +90,7 @@ class FusedEncoder:
             batch_size=batch_size,
             image_backend=image_backend,
             query_regions=query_regions,
+            region_shares=region_shares,
         )
 
     # --- what it is ------------------------------------------------------------------------
@@ -174,6 +176,7 @@ class FusedEncoder:
             acceleration=acceleration,
             image_backend=image_backend,
             query_regions=profile.query_regions,
+            region_shares=profile.query_region_shares,
         )
 
     def with_options(
@@ -210,6 +213,7 @@ class FusedEncoder:
             device_decode_pixels=device_decode_pixels or self.preprocessor.device_decode_pixels,
             image_backend=onnx_image,
             query_regions=self.runtime.query_regions,
+            region_shares=self.runtime.region_shares,
         )
 
     def warm_up(self) -> int:

@@ -35,11 +35,12 @@ class Region:
 @dataclass
 class Encoded:
     """Per-view unit vectors that exist for an item, or why it could not be encoded; a photo
-    query also has the ``region`` where its product is, when the encoder looks for one."""
+    query also has the ``regions`` where its product may be, when the encoder looks for them
+    (one per region share, in their order; fewer where a part's vector failed)."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     error: ItemRejected | None = None
-    region: Region | None = None
+    regions: list[Region] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -8,7 +8,7 @@ written once. Importing this module is cheap, so the CLI and the settings can us
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -32,6 +32,25 @@ MIN_IMAGE_SIDE_PX = 8  # smaller is not a photo of anything
 MAX_IMAGE_ASPECT_RATIO = 20.0  # long side / short side: a banner strip is not a product photo
 MAX_TEXT_TOKENS = 128  # titles + key attributes fit; long descriptions are cut, not failed
 MAX_TEXT_CHARS = 4000  # cut before tokenising: the tokenizer's cost grows with the input
+
+
+# The parts of a photo query searched beside the whole (encoders/regions.py): squares of these
+# shares of the model's square input, measured on the scenes and torchvision families against one
+# square of 0.4, two and five (docs/training.md, "Photos of scenes").
+QUERY_REGION_SHARES = (0.3, 0.4, 0.5, 0.6)
+MAX_QUERY_REGIONS = 8  # a bound on the passes of the tower one photo query may cost
+
+
+def check_region_shares(shares: Sequence[float]) -> tuple[float, ...]:
+    """``shares`` as a tuple, each in (0, 1], one to ``MAX_QUERY_REGIONS`` of them (each is one
+    more pass of the tower a photo query); raises ValueError naming what is wrong."""
+    shares = tuple(float(share) for share in shares)
+    if not 1 <= len(shares) <= MAX_QUERY_REGIONS:
+        raise ValueError(f"1 to {MAX_QUERY_REGIONS} region shares, got {len(shares)}")
+    wrong = [share for share in shares if not 0.0 < share <= 1.0]
+    if wrong:
+        raise ValueError(f"region shares must be in (0, 1], got {wrong}")
+    return shares
 
 
 @dataclass(frozen=True)
@@ -58,8 +77,10 @@ class ModelProfile:
     device: str = "auto"  # auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps
     precision: Precision = "auto"  # auto: fp16 autocast on CUDA, fp32 elsewhere
     encoder_backend: EncoderBackend = "auto"  # the image tower's runtime (ENCODER_BACKENDS)
-    # A photo query is also encoded in the part where its product is (encoders/regions.py).
+    # A photo query is also encoded in parts around where its product is (encoders/regions.py):
+    # squares of these shares of the model's square input, each one more pass of the tower.
     query_regions: bool = True
+    query_region_shares: tuple[float, ...] = QUERY_REGION_SHARES
     batch_size: int | None = None  # None: 16 on a CPU (cache-bound, bench/encode.py), 128 on GPU
     # Threads decoding images with Pillow (it releases the GIL). None: 2 on a CPU, whose cores
     # the towers need; one per core, up to 16, where a GPU runs the towers.

@@ -4,14 +4,14 @@ A product photographed lying on a table, a wrist or in a box fills a third to tw
 frame; the rest is a surface the catalog photo never had, and the whole photo's vector hears it.
 The image tower already says where the product is: its last feature maps respond most where
 the photo has the structure it was trained to see (the product's stones, metal and edges), least
-on a plain or even textured surface. So a photo query is encoded twice: the whole photo, and the
-square around the maps' strongest response (``REGION_SHARE`` of the model's square input),
-cut from the photo as it was decoded (``crop_photo``: a phone photo decodes at twice the model's
-side or more, so the part keeps its own detail instead of being the model's pixels enlarged) and
-read at the tower's full input size. The search then answers
-with whichever of the two finds a closer match (``loupe/ranking.py``,
+on a plain or even textured surface. So a photo query is encoded whole and in parts: squares of
+each of the profile's ``query_region_shares`` of the model's square input around the maps'
+strongest response (a small product and a large one), cut from the photo as it was decoded
+(``crop_photo``: a phone photo decodes at twice the model's side or more, so a part keeps its
+own detail instead of being the model's pixels enlarged) and read at the tower's full input
+size. The search then answers with whichever finds the closest match (``loupe/ranking.py``,
 ``sharper``), and the answer says which part of the photo matched. docs/training.md ("Photos
-of scenes") has the measurements that chose the share and the rule.
+of scenes") has the measurements that chose the shares and the rule.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ import torch.nn.functional as F
 
 from loupe.encoders.images import Fit, fit_square
 
-# The searched square's side as a share of the model's square input (the photo padded to a
-# square): measured on the scenes family against 0.5 and 0.6 (docs/training.md).
-REGION_SHARE = 0.4
 GEM_P = 3.0  # the image tower's pooling exponent: the heat weighs cells as the pooling does
 
 
@@ -33,7 +30,7 @@ def heat_of(maps: torch.Tensor) -> torch.Tensor:
     return maps.float().clamp(min=1e-6).pow(GEM_P).mean(dim=1)  # (B, h, w)
 
 
-def region_boxes(heat: torch.Tensor, share: float = REGION_SHARE) -> torch.Tensor:
+def region_boxes(heat: torch.Tensor, share: float) -> torch.Tensor:
     """``(B, h, w)`` heat to ``(B, 4)`` boxes ``(left, top, width, height)`` as shares of the
     square input: a square of side ``share`` centred on the hottest cell, moved inside."""
     if not 0.0 < share <= 1.0:

@@ -27,7 +27,7 @@ from loupe.encoders.items import Encoded, EncodeInput, Region, check_inputs
 from loupe.encoders.model import FusedModel
 from loupe.encoders.onnx_tower import OnnxImageTower
 from loupe.encoders.preprocess import ImagePreprocessor, Photo
-from loupe.encoders.profile import MAX_TEXT_CHARS
+from loupe.encoders.profile import MAX_TEXT_CHARS, QUERY_REGION_SHARES, check_region_shares
 from loupe.encoders.regions import crop_photo, crop_regions, region_boxes
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,11 @@ class EncoderRuntime:
         *,
         batch_size: int,
         image_backend: OnnxImageTower | None = None,
-        query_regions: bool = True,
+        query_regions: bool = True,  # a photo query also encodes parts of it (regions.py)
+        region_shares: Sequence[float] = QUERY_REGION_SHARES,
     ) -> None:
         """``image_backend``: the image tower on ONNX Runtime; used only under a plan it computes
-        the same vectors in (the CPU, fp32: no autocast, no channels-last, no graphs).
-        ``query_regions``: a photo query also encodes the part where its product is."""
+        the same vectors in (the CPU, fp32: no autocast, no channels-last, no graphs)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model = model
@@ -74,6 +74,7 @@ class EncoderRuntime:
         self.acceleration = acceleration
         self.batch_size = batch_size
         self.query_regions = query_regions
+        self.region_shares = check_region_shares(region_shares)
         self.device = model.device
         on_cuda = self.device.type == "cuda"
         self.onnx_image = image_backend
@@ -261,8 +262,7 @@ class EncoderRuntime:
             vectors, heat = onnx.with_heat(pixels)
         else:  # eager: a captured graph gives the vectors alone
             vectors, heat = self.model.image_encoder.encode_with_heat(pixels)
-        boxes = region_boxes(heat[asked])  # (Bq, 4)
-        parts = _region_pixels(prepared, asked, boxes, self.preprocessor)
+        asked, boxes, parts = _parts(prepared, asked, heat, self.region_shares, self.preprocessor)
         return vectors, (asked, boxes, self.image_vectors(parts))
 
     def _onnx_graph(self) -> OnnxImageTower | None:
@@ -301,23 +301,27 @@ class EncoderRuntime:
         )
 
 
-def _region_pixels(
+def _parts(
     prepared: PreparedBatch,
     asked: list[int],
-    boxes: torch.Tensor,
+    heat: torch.Tensor,
+    shares: Sequence[float],
     preprocessor: ImagePreprocessor,
-) -> torch.Tensor:
-    """``(Bq, 3, S, S)``: each asked row's box cut from its photo as decoded, where the
-    preprocessor kept it, else from its pixels (a photo decoded on the device)."""
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The asked rows' parts, share by share: ``(rows, boxes (k Bq, 4), pixels (k Bq, 3, S,
+    S))``, each box around the row's hottest cell (``heat``) cut from its photo as decoded,
+    where the preprocessor kept it, else from its pixels (a photo decoded on the device)."""
+    boxes = torch.cat([region_boxes(heat[asked], share) for share in shares])
+    rows = asked * len(shares)
     pixels, side, fit = prepared.pixels, preprocessor.side, preprocessor.fit
     parts = []
-    for k, (j, box) in enumerate(zip(asked, boxes.tolist(), strict=True)):
+    for k, (j, box) in enumerate(zip(rows, boxes.tolist(), strict=True)):
         upright = prepared.uprights.get(prepared.image_rows[j])
         part = crop_photo(upright, tuple(box), side, fit) if upright is not None else None
         if part is None:
             part = crop_regions(pixels[j : j + 1], boxes[k : k + 1])[0]
         parts.append(part.to(pixels.device, pixels.dtype))
-    return torch.stack(parts)
+    return rows, boxes, torch.stack(parts)
 
 
 def _attach_regions(
@@ -327,11 +331,11 @@ def _attach_regions(
     boxes: torch.Tensor,
     vectors: torch.Tensor,
 ) -> None:
-    """Each photo query's region: ``asked`` rows of the pixels, their boxes and vectors."""
+    """Each photo query's regions: ``asked`` rows of the pixels, their boxes and vectors."""
     array = vectors.float().cpu().numpy()
     for j, box, vector in zip(asked, boxes.tolist(), array, strict=True):
-        if np.isfinite(vector).all():  # else the photo is answered whole
-            out[image_rows[j]].region = Region(tuple(box), vector)
+        if np.isfinite(vector).all():  # else the photo is answered without that part
+            out[image_rows[j]].regions.append(Region(tuple(box), vector))
 
 
 class EncodeStream:

@@ -185,14 +185,14 @@ class SearchService(BatchWorker):
             encoded = self.encoder.encode_queries(items)  # fails items, never the batch
         for query, result in zip(queries, encoded, strict=True):
             if result.ok:
-                query.vectors, query.region = result.vectors, result.region
+                query.vectors, query.regions = result.vectors, result.regions
             else:
                 query.error = ModelRejected(result.error)
 
     def _search(self, queries: list[_Query]) -> None:
         if not queries:
             return
-        # Each query asked with its whole photo, and a photo query with its part too (_Ask).
+        # Each query asked with its whole photo, and a photo query with its parts too (_Ask).
         asks = [_asks(q, self.photo_kind_weight) for q in queries]
         flat = [ask for per_query in asks for ask in per_query]
         lookups = [a.lookup for a in flat if a.searched]
@@ -289,7 +289,7 @@ class _Query:
     image: bytes | None = None
     media_type: str | None = None
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
-    region: Region | None = None  # where in the photo its product is (encoders/regions.py)
+    regions: list[Region] = field(default_factory=list)  # where its product may be in the photo
     hits: list[SearchHit] = field(default_factory=list)
     error: ItemFailed | None = None
 
@@ -300,7 +300,7 @@ class _Query:
 
 @dataclass
 class _Ask:
-    """One way to ask the index for a query's answer: with the whole photo, or with the part
+    """One way to ask the index for a query's answer: with the whole photo, or with a part
     where its product is (``encoders/regions.py``); ``ranking.sharper`` picks the answer."""
 
     lookup: IndexQuery
@@ -318,29 +318,33 @@ class _Ask:
 
 
 def _asks(query: _Query, photo_kind_weight: float) -> list[_Ask]:
-    """The whole photo's ask, then the part's where the encoder found one."""
+    """The whole photo's ask, then one per part where the encoder found them."""
     whole = _Ask(_index_query(query, photo_kind_weight), _anchor_query(query), query.vectors)
-    region = query.region
-    if region is None or whole.lookup.view == "text":
+    if whole.lookup.view == "text":
         return [whole]
-    searched = whole.lookup.view == "image"  # photo + text: only the anchor differs
-    part = _Ask(
-        dataclasses.replace(whole.lookup, vector=region.image) if searched else whole.lookup,
-        None if whole.anchor is None else dataclasses.replace(whole.anchor, vector=region.image),
-        {**query.vectors, "image": region.image},
-        region.box,
-        searched,
-    )
-    return [whole, part]
+    return [whole, *(_part_ask(whole, query.vectors, region) for region in query.regions)]
+
+
+def _part_ask(whole: _Ask, vectors: dict[str, np.ndarray], region: Region) -> _Ask:
+    """``whole``'s ask with the part's image vector: a photo alone searches with it; photo +
+    text only anchors with it (its fused view's ranking is the whole's)."""
+    searched = whole.lookup.view == "image"
+    lookup = dataclasses.replace(whole.lookup, vector=region.image) if searched else whole.lookup
+    anchor = whole.anchor
+    if anchor is not None:
+        anchor = dataclasses.replace(anchor, vector=region.image)
+    return _Ask(lookup, anchor, {**vectors, "image": region.image}, region.box, searched)
 
 
 def _sharpest(asks: list[_Ask]) -> _Ask:
-    """The whole photo's answer, or the part's where ``ranking.sharper`` says so."""
-    whole, part = asks[0], asks[-1]
+    """The whole photo's answer, or its closest part's where ``ranking.sharper`` says so."""
+    whole, parts = asks[0], asks[1:]
     whole_best = whole.best_image_score()
-    if part is whole or whole_best is None:
+    scored = [(score, part) for part in parts if (score := part.best_image_score()) is not None]
+    if whole_best is None or not scored:
         return whole
-    return part if sharper(whole_best, part.best_image_score()) else whole
+    part_best, part = max(scored, key=lambda pair: pair[0])  # the first of equals: the smaller
+    return part if sharper(whole_best, part_best) else whole
 
 
 def _answer(query: _Query, ask: _Ask, photo_kind_weight: float, fit: str) -> None:

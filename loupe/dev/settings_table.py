@@ -31,6 +31,8 @@ def _default(name: str) -> str:
         return str(value).lower()
     if isinstance(value, str) and not value:
         return '""'
+    if isinstance(value, tuple):  # written as its environment variable takes it
+        return f"`{','.join(map(str, value))}`"
     return f"`{value}`"
 
 

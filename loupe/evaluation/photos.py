@@ -2,7 +2,7 @@
 simulator (``simulators``) and the held-back query text, through the frozen towers, cached.
 
 Row ``i`` is product ``i`` of the catalog features (``loupe.train.features``); the trainer's
-``evaluate_splits(..., queries=(photo, text, region))`` ranks them against the catalog as the
+``evaluate_splits(..., queries=(photo, text, regions))`` ranks them against the catalog as the
 service would (a photo by the whole or by the part where its product is: ``ranking.sharper``).
 The seeds come from another hash than training's, so no evaluation photo is a training one
 however the seeds line up.
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from loupe.encoders.fused import EncodeInput, FusedEncoder
-from loupe.encoders.regions import REGION_SHARE
 from loupe.evaluation.simulators import SIMULATORS
 from loupe.progress import progress
 from loupe.train.features import tower_vectors
@@ -38,9 +37,9 @@ class ShopperQueries:
     seed: int
     photo: np.ndarray  # (N, Di) the simulated shopper photos' image vectors
     text: np.ndarray  # (N, Dt) the held-back query template's text vectors
-    # (N, Di) the image vectors of the part of each photo where its product is, as the service
-    # encodes a photo query (``encoders/regions.py``); a photo without one repeats ``photo``
-    region: np.ndarray | None = None
+    # (N, k, Di) the image vectors of the parts of each photo where its product may be, as the
+    # service encodes a photo query (``encoders/regions.py``); a part missing repeats ``photo``
+    regions: np.ndarray | None = None
 
 
 def photo_seed(simulator: str, seed: int, key: str) -> int:
@@ -61,8 +60,10 @@ def shopper_queries(
     if simulator not in SIMULATORS:
         raise ValueError(f"unknown simulator {simulator!r}; known: {', '.join(SIMULATORS)}")
     make = SIMULATORS[simulator]
+    shares = encoder.runtime.region_shares if encoder.runtime.query_regions else ()
 
-    def photos() -> np.ndarray:  # (N, 2, Di): the whole photo's vector, its region's
+    def photos() -> np.ndarray:  # (N, 1 + k, Di): the whole photo's vector, its parts'
+        parts = len(shares)
         vectors = []
         with progress(total=len(products), desc=f"{simulator} photos", unit="product") as bar:
             for start in range(0, len(products), CHUNK):
@@ -70,7 +71,7 @@ def shopper_queries(
                 items = [
                     EncodeInput(
                         image=make(p.image, photo_seed(simulator, seed, p.key), encoder.limits),
-                        query=True,  # as a shopper's photo: with its region
+                        query=True,  # as a shopper's photo: with its parts
                     )
                     for p in chunk
                 ]
@@ -80,7 +81,8 @@ def shopper_queries(
                             f"evaluation queries could not be encoded: {result.error}"
                         )
                     whole = result.vectors["image"]
-                    vectors.append([whole, result.region.image if result.region else whole])
+                    found = [region.image for region in result.regions]
+                    vectors.append([whole, *found, *[whole] * (parts - len(found))])
                 bar.update(len(chunk))
         return np.stack(vectors).astype(np.float16)
 
@@ -92,10 +94,10 @@ def shopper_queries(
             np.float16
         )
 
-    what = f"{simulator}-regions{REGION_SHARE}"
+    what = f"{simulator}-regions{'-'.join(map(str, shares))}"
     photo = _cached(cache_dir, "image", encoder.image_base, what, seed, products, photos)
     text = _cached(cache_dir, "text", encoder.text_base, "queries", seed, products, texts)
-    return ShopperQueries(simulator, seed, photo[:, 0], text, photo[:, 1])
+    return ShopperQueries(simulator, seed, photo[:, 0], text, photo[:, 1:] if shares else None)
 
 
 def _cached(cache_dir, half, base, what, seed, products, compute) -> np.ndarray:

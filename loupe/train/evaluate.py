@@ -139,15 +139,15 @@ def evaluate(
     *,
     anchor: bool = True,
     photo_kind_weight: float = 0.0,
-    region: torch.Tensor | None = None,
+    regions: torch.Tensor | None = None,
 ) -> dict[str, RetrievalScores]:
     """Scores per query kind. Tensors are the frozen towers' vectors, row ``i`` = product ``i``:
     ``catalog_image`` ``(N, Di)``, ``catalog_text`` ``(N, Dt)``, the evaluation ``photo`` ``(N,
     Di)`` and ``query_text`` ``(N, Dt)``. ``anchor`` False ranks photo + text by the fused view
     alone (the ablation). ``photo_kind_weight``: photos ranked as the service ranks them with
-    ``LOUPE_PHOTO_KIND_WEIGHT`` (``ranking.kind_kept``). ``region``: ``(N, Di)``, the part of
-    each photo where its product is; a photo is then answered by the whole or the part, as the
-    service answers it (``ranking.sharper``)."""
+    ``LOUPE_PHOTO_KIND_WEIGHT`` (``ranking.kind_kept``). ``regions``: ``(N, k, Di)``, the parts
+    of each photo where its product may be; a photo is then answered by the whole or its
+    closest part, as the service answers it (``ranking.sharper``)."""
     model.eval()
     catalog_image, catalog_text = catalog_image.float(), catalog_text.float()
     photo, query_text = photo[rows].float(), query_text[rows].float()
@@ -163,8 +163,8 @@ def evaluate(
     }
     asked = {kind: vectors.float().cpu().numpy() for kind, vectors in asked.items()}
     index = {kind: vectors.float().cpu().numpy() for kind, vectors in index.items()}
-    if region is not None:
-        parts = model.image(region[rows].float()).float().cpu().numpy()
+    if regions is not None:
+        parts = model.image(regions[rows].float()).float().cpu().numpy()  # (Q, k, D)
         asked["photo"] = _sharper_of(asked["photo"], parts, index["photo"])
     anchors = _best_matches(asked["photo"], index["photo"]) if anchor else None
     return {
@@ -190,11 +190,14 @@ def scores_from_record(record: dict) -> dict[str, dict[str, RetrievalScores]]:
 
 
 def _sharper_of(whole: np.ndarray, parts: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Each query's whole-photo vector, or its part's where ``ranking.sharper`` says so."""
+    """Each query's whole-photo vector ``(Q, D)``, or its closest part's of ``parts`` ``(Q, k,
+    D)`` where ``ranking.sharper`` says so (the first of equally close parts, as the service)."""
     chosen = whole.copy()
     for j in range(len(whole)):
-        if sharper(float((index @ whole[j]).max()), float((index @ parts[j]).max())):
-            chosen[j] = parts[j]
+        best = (parts[j] @ index.T).max(axis=1)  # (k,)
+        closest = int(best.argmax())
+        if sharper(float((index @ whole[j]).max()), float(best[closest])):
+            chosen[j] = parts[j, closest]
     return chosen
 
 

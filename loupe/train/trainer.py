@@ -110,19 +110,19 @@ class _Tensors:
         self.view_text = t(features.view_text)  # (N, K, Dt)
         self.eval_image = t(features.eval_image)  # (N, Di)
         self.eval_text = t(features.eval_text)  # (N, Dt)
-        self.eval_region: torch.Tensor | None = None  # (N, Di): the photos' product parts
+        self.eval_regions: torch.Tensor | None = None  # (N, k, Di): the photos' parts
 
     def _on_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float16)).to(self.device)
 
     def use_queries(
-        self, photo: np.ndarray, text: np.ndarray, region: np.ndarray | None = None
+        self, photo: np.ndarray, text: np.ndarray, regions: np.ndarray | None = None
     ) -> None:
         """Evaluate with these query vectors, ``(N, Di)`` and ``(N, Dt)``, instead, and the
-        photos' regions ``(N, Di)`` where given."""
-        if region is not None and region.shape != photo.shape:
-            raise ValueError(f"regions {region.shape} do not fit the photos {photo.shape}")
-        self.eval_region = None if region is None else self._on_device(region)
+        photos' parts ``(N, k, Di)`` where given."""
+        if regions is not None and (regions.ndim != 3 or regions.shape[::2] != photo.shape):
+            raise ValueError(f"regions {regions.shape} do not fit the photos {photo.shape}")
+        self.eval_regions = None if regions is None else self._on_device(regions)
         if photo.shape != self.eval_image.shape or text.shape != self.eval_text.shape:
             raise ValueError(
                 f"queries {photo.shape}, {text.shape} do not fit the catalog's "
@@ -318,8 +318,8 @@ def evaluate_splits(
     """``model``'s scores on the seen and held-out products of ``config``'s split, as training
     reports them (``anchor`` False: photo + text ranked by the fused view alone). ``queries``:
     other query photos and texts to ask with, row ``i`` about product ``i`` (the tower vectors
-    of another simulator's photos: ``loupe.evaluation``), and optionally their regions (a photo
-    then answered by the whole or its part, as the service does); default the held-back view.
+    of another simulator's photos: ``loupe.evaluation``), and optionally their parts (a photo
+    then answered by the whole or a part, as the service does); default the held-back view.
     ``photo_kind_weight``: photos ranked as with ``LOUPE_PHOTO_KIND_WEIGHT``."""
     held = held_out_mask(features.keys, config.holdout, config.seed)
     data = _Tensors(features, device or torch.device("cpu"))
@@ -355,7 +355,7 @@ def _scores(
             rows,
             anchor=anchor,
             photo_kind_weight=photo_kind_weight,
-            region=data.eval_region,
+            regions=data.eval_regions,
         )
         for split, rows in splits.items()
         if len(rows)

@@ -24,6 +24,7 @@ from loupe.consumers.workers.image_fetch import FetchPolicy, ImageFetcher
 from loupe.consumers.workers.live_model import ModelInUse
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.fused import FusedEncoder
+from loupe.evaluation.scenes import scene_photo
 from loupe.evaluation.simulators import phone_photo
 from loupe.schemas.deadletter import DeadLetter
 from loupe.schemas.search import CORRELATION_HEADER, parse_search_response
@@ -367,6 +368,8 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn, overfl
     # --- search ---------------------------------------------------------------------------
     photo_of = catalog[4]
     shopper_photo = phone_photo(photo_of.image_path.read_bytes(), seed=7)
+    scene_of = catalog[8]
+    scene = scene_photo(scene_of.image_path.read_bytes(), seed=3)  # on a surface, 30-70% of it
     now = datetime.now(UTC).isoformat()
     reply_topic = topics["responses"]
 
@@ -377,6 +380,11 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn, overfl
         request(
             "r-photo",
             image={"data": base64.b64encode(shopper_photo).decode(), "media_type": "image/jpeg"},
+            top_k=5,
+        ),
+        request(
+            "r-scene",
+            image={"data": base64.b64encode(scene).decode(), "media_type": "image/jpeg"},
             top_k=5,
         ),
         request("r-text", text=f"{catalog[6].title}", top_k=3),
@@ -418,6 +426,13 @@ def test_ingest_search_poison_replay_update_delete(service, catalog, cdn, overfl
     photo = responses["r-photo"]
     assert photo.status == "ok" and photo.hits[0].product_id == photo_of.product_id
     assert photo.hits[0].scores.image == photo.hits[0].score and photo.hits[0].scores.text is None
+    in_scene = responses["r-scene"]
+    assert in_scene.hits[0].product_id == scene_of.product_id
+    where = in_scene.hits[0].region
+    assert where is not None, "answered by a part of the photo, which the hits say"
+    assert all(h.region == where for h in in_scene.hits)
+    assert where.left >= 0 and where.left + where.width <= 1 + 1e-6 and where.width > 0
+    assert where.top >= 0 and where.top + where.height <= 1 + 1e-6 and where.height > 0
     text = responses["r-text"]
     assert text.hits[0].product_id == catalog[6].product_id
     both = responses["r-both"]

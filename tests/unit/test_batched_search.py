@@ -322,15 +322,20 @@ def test_a_refused_write_to_the_default_topic_stops_the_service_naming_the_acl()
 
 
 class _PartEncoder(_Encoder):
-    """A photo whose whole looks like the table (pT), whose part looks like the ring (pR)."""
+    """A photo whose whole looks like the table (pT), whose larger part like nothing in the
+    index, and whose smaller part like the ring (pR)."""
 
     def encode_queries(self, items):
         out = super().encode_queries(items)
         for item, result in zip(items, out, strict=True):
             if item.image is not None:
                 result.vectors["image"] = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
-                part = np.array([0.0, 1.0, 0.0, 0.0], dtype=np.float32)
-                result.region = Region((0.25, 0.5, 0.4, 0.4), part)
+                nothing = np.array([0.0, 0.0, 1.0, 0.0], dtype=np.float32)
+                ring = np.array([0.0, 1.0, 0.0, 0.0], dtype=np.float32)
+                result.regions = [
+                    Region((0.1, 0.2, 0.6, 0.6), nothing),
+                    Region((0.25, 0.5, 0.4, 0.4), ring),
+                ]
         return out
 
 
@@ -377,7 +382,7 @@ def test_a_photo_is_answered_by_the_part_where_its_product_is_when_that_matches_
     )
     answers = _answers(parts.publisher)
     photo_hits = answers["r-photo"].hits
-    assert [h.product_id for h in photo_hits] == ["pR", "pT"], "the part's answer: closer"
+    assert [h.product_id for h in photo_hits] == ["pR", "pT"], "the closest part answers"
     assert photo_hits[0].score == pytest.approx(0.99)
     # The box was found in the 400 x 300 photo padded to a square: its shares of the photo,
     # clipped at the photo's bottom edge.
@@ -387,7 +392,7 @@ def test_a_photo_is_answered_by_the_part_where_its_product_is_when_that_matches_
     assert answers["r-both"].hits[0].product_id == "pR", "the anchor from the part too"
     assert answers["r-text"].hits[0].region is None
     views = [q.view for q in index.queries]
-    assert views.count("image") == 4, "whole and part for the photo, and for the anchor"
+    assert views.count("image") == 6, "whole and parts for the photo, and for the anchor"
 
 
 def test_a_photo_whose_whole_matches_closer_keeps_its_own_answer(parts):

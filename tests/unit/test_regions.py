@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 import torch
 
+from loupe.consumers.errors import ConfigError
+from loupe.consumers.settings import load_settings
 from loupe.dev.catalog import load_catalog
 from loupe.encoders.device import Acceleration
 from loupe.encoders.fused import EncodeInput, FusedEncoder, ModelProfile
 from loupe.encoders.preprocess import ImagePreprocessor, Photo
-from loupe.encoders.regions import crop_photo, crop_regions, photo_box, region_boxes
+from loupe.encoders.profile import QUERY_REGION_SHARES as REGION_SHARES
+from loupe.encoders.regions import (
+    crop_photo,
+    crop_regions,
+    photo_box,
+    region_boxes,
+)
 from loupe.evaluation.scenes import scene_photo
 
 
@@ -95,36 +103,60 @@ def test_a_photo_query_has_a_region_on_either_backend_and_nothing_else_does(enco
     queries = [EncodeInput(image=p) for p in photos] + [EncodeInput(text="a gold ring")]
     ours, theirs = served.encode_queries(queries), reference.encode_queries(queries)
     for a, b in zip(ours[:3], theirs[:3], strict=True):
-        assert a.region is not None and a.region.box == pytest.approx(b.region.box, abs=1e-6)
-        assert float(np.dot(a.region.image, b.region.image)) >= 0.9999
-        assert abs(float(np.linalg.norm(a.region.image)) - 1.0) < 1e-5
-    assert ours[3].region is None
+        assert len(a.regions) == len(b.regions) == len(REGION_SHARES)
+        for part, reference_part, share in zip(a.regions, b.regions, REGION_SHARES, strict=True):
+            assert part.box == pytest.approx(reference_part.box, abs=1e-6)
+            assert part.box[2] == pytest.approx(share), "one square of each share, in order"
+            assert float(np.dot(part.image, reference_part.image)) >= 0.9999
+            assert abs(float(np.linalg.norm(part.image)) - 1.0) < 1e-5
+    assert ours[3].regions == []
     products = served.encode_products(
         [EncodeInput(image=photos[0], text="a product", media_type="image/jpeg")]
     )
-    assert products[0].region is None, "a catalog photo is indexed whole"
+    assert products[0].regions == [], "a catalog photo is indexed whole"
     off = served.with_options()
     off.runtime.query_regions = False
     try:
-        assert off.encode_queries(queries[:1])[0].region is None
+        assert off.encode_queries(queries[:1])[0].regions == []
     finally:
         off.close()
 
 
-def test_a_photo_querys_region_is_read_from_the_photo_as_decoded(encoders):
+def test_a_photo_querys_parts_are_read_from_the_photo_as_decoded(encoders):
     served, _ = encoders
     photo = scene_photo(load_catalog()[5].image_path.read_bytes(), 7)
     (result,) = served.encode_towers([EncodeInput(image=photo, query=True)])
     runtime = served.runtime
     upright = runtime.preprocessor.upright(Photo(photo))
+    pixels = runtime.preprocessor.one(Photo(photo))[None]
     side, fit = runtime.preprocessor.side, runtime.preprocessor.fit
-    expected = runtime.image_vectors(crop_photo(upright, result.region.box, side, fit)[None])
-    assert float(np.dot(result.region.image, expected[0].numpy())) >= 0.9999
-    enlarged = runtime.image_vectors(
-        crop_regions(
-            runtime.preprocessor.one(Photo(photo))[None], torch.tensor([result.region.box])
+    assert len(result.regions) == len(REGION_SHARES)
+    for part in result.regions:
+        expected = runtime.image_vectors(crop_photo(upright, part.box, side, fit)[None])
+        assert float(np.dot(part.image, expected[0].numpy())) >= 0.9999
+        enlarged = runtime.image_vectors(crop_regions(pixels, torch.tensor([part.box])))
+        assert float(np.dot(part.image, enlarged[0].numpy())) < 0.999, (
+            "not the model's pixels enlarged"
         )
-    )
-    assert float(np.dot(result.region.image, enlarged[0].numpy())) < 0.999, (
-        "not the model's pixels enlarged"
-    )
+
+
+def test_the_parts_searched_are_the_profiles_own(encoders, monkeypatch):
+    served, _ = encoders
+    photo = scene_photo(load_catalog()[2].image_path.read_bytes(), 1)
+    one = served.with_options()
+    one.runtime.region_shares = (0.5,)
+    try:
+        (result,) = one.encode_towers([EncodeInput(image=photo, query=True)])
+        assert [part.box[2] for part in result.regions] == pytest.approx([0.5])
+    finally:
+        one.close()
+    monkeypatch.setenv("LOUPE_QUERY_REGION_SHARES", "0.25, 0.5")
+    assert load_settings().model_profile().query_region_shares == (0.25, 0.5)
+    for wrong, message in [
+        ("0.4,1.5", r"in \(0, 1\]"),
+        ("big", "comma-separated"),
+        (",", "1 to 8"),
+    ]:
+        monkeypatch.setenv("LOUPE_QUERY_REGION_SHARES", wrong)
+        with pytest.raises(ConfigError, match=message):
+            load_settings()

@@ -514,3 +514,20 @@ def test_a_progress_line_shows_what_training_moves():
     line = progress_line({"step": 100, "loss": 0.5, "seconds": 12.0, "held_out": held})
     assert "photo R@1 0.900" in line and "photo+text P@10 0.950" in line
     assert "text P@10 -" in line and "(12 s)" in line
+
+
+def test_the_evaluation_answers_a_photo_by_its_closest_part_only_when_that_beats_the_whole():
+    from loupe.train.evaluate import _sharper_of
+
+    index = np.eye(3, dtype=np.float32)  # three products, one axis each
+    whole = np.array([[0.9, 0.1, 0.0], [0.5, 0.5, 0.0]], dtype=np.float32)
+    parts = np.array(  # (queries, parts, D): the second part of the second query is closest
+        [
+            [[0.2, 0.8, 0.0], [0.0, 0.3, 0.7]],  # neither beats the whole's 0.9
+            [[0.0, 0.0, 0.6], [0.0, 0.95, 0.0]],
+        ],
+        dtype=np.float32,
+    )
+    chosen = _sharper_of(whole, parts, index)
+    assert np.array_equal(chosen[0], whole[0])
+    assert np.array_equal(chosen[1], parts[1, 1])
