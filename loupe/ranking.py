@@ -13,8 +13,9 @@ look-alikes of any kind (a pendant's chain next to a chain necklace). ``kind_kep
 their image cosine plus that weight times their fused-view cosine with the best match, the
 photographed product's look and then its kind (docs/training.md, "Limits", measures it).
 
-A photo query is encoded whole and in the part where its product is (``encoders/regions.py``):
-``sharper`` says which of the two answers it, the one whose best match is closer. A product
+A photo query is encoded whole and in parts around where its product is
+(``encoders/regions.py``): ``answering_part`` says which answers it, the closest part where
+``sharper`` says it beats the whole. A product
 lying in a wider scene is then matched by itself, and a photo that is all product keeps its own
 answer (the part of it matches less well than the whole).
 
@@ -83,3 +84,14 @@ def sharper(whole_best: float, region_best: float | None) -> bool:
     """Whether a photo query is answered by its region: its best match is closer than the whole
     photo's best match (``region_best`` None: the photo has no region)."""
     return region_best is not None and region_best > whole_best
+
+
+def answering_part(whole_best: float | None, part_bests: Sequence[float | None]) -> int | None:
+    """Which part of a photo query answers it, by its index in ``part_bests`` (each part's best
+    match score, None where it has none), or None for the whole photo: the part whose best match
+    is closest (the first of equals), where ``sharper`` says it beats the whole's."""
+    scored = [(score, k) for k, score in enumerate(part_bests) if score is not None]
+    if whole_best is None or not scored:
+        return None
+    best, closest = max(scored, key=lambda pair: pair[0])  # max keeps the first of equals
+    return closest if sharper(whole_best, best) else None

@@ -41,7 +41,7 @@ from loupe.encoders.fused import EncodeInput
 from loupe.encoders.images import upright_size
 from loupe.encoders.items import Region
 from loupe.encoders.regions import photo_box
-from loupe.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
+from loupe.ranking import KIND_CANDIDATES, anchored, answering_part, kind_kept
 from loupe.schemas.common import Price, is_identifier
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.search import (
@@ -301,7 +301,7 @@ class _Query:
 @dataclass
 class _Ask:
     """One way to ask the index for a query's answer: with the whole photo, or with a part
-    where its product is (``encoders/regions.py``); ``ranking.sharper`` picks the answer."""
+    where its product is (``encoders/regions.py``); ``ranking.answering_part`` picks."""
 
     lookup: IndexQuery
     anchor: IndexQuery | None  # photo + text: the image view's best match
@@ -312,7 +312,7 @@ class _Ask:
     best: list[IndexHit] | ItemFailed = field(default_factory=list)
 
     def best_image_score(self) -> float | None:
-        """The image view's best match's score, the one ``ranking.sharper`` compares."""
+        """The image view's best match's score, the one ``ranking.answering_part`` compares."""
         found = self.best if self.anchor is not None else self.hits
         return None if isinstance(found, ItemFailed) or not found else found[0].score
 
@@ -337,14 +337,10 @@ def _part_ask(whole: _Ask, vectors: dict[str, np.ndarray], region: Region) -> _A
 
 
 def _sharpest(asks: list[_Ask]) -> _Ask:
-    """The whole photo's answer, or its closest part's where ``ranking.sharper`` says so."""
+    """The whole photo's answer, or a part's where ``ranking.answering_part`` says so."""
     whole, parts = asks[0], asks[1:]
-    whole_best = whole.best_image_score()
-    scored = [(score, part) for part in parts if (score := part.best_image_score()) is not None]
-    if whole_best is None or not scored:
-        return whole
-    part_best, part = max(scored, key=lambda pair: pair[0])  # the first of equals: the smaller
-    return part if sharper(whole_best, part_best) else whole
+    closest = answering_part(whole.best_image_score(), [p.best_image_score() for p in parts])
+    return whole if closest is None else parts[closest]
 
 
 def _answer(query: _Query, ask: _Ask, photo_kind_weight: float, fit: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from loupe.encoders.fusion import FusionModel
-from loupe.ranking import KIND_CANDIDATES, anchored, kind_kept, sharper
+from loupe.ranking import KIND_CANDIDATES, anchored, answering_part, kind_kept
 
 KINDS = ("photo", "photo+text", "text")
 TOP_K = 10
@@ -147,7 +147,7 @@ def evaluate(
     alone (the ablation). ``photo_kind_weight``: photos ranked as the service ranks them with
     ``LOUPE_PHOTO_KIND_WEIGHT`` (``ranking.kind_kept``). ``regions``: ``(N, k, Di)``, the parts
     of each photo where its product may be; a photo is then answered by the whole or its
-    closest part, as the service answers it (``ranking.sharper``)."""
+    closest part, as the service answers it (``ranking.answering_part``)."""
     model.eval()
     catalog_image, catalog_text = catalog_image.float(), catalog_text.float()
     photo, query_text = photo[rows].float(), query_text[rows].float()
@@ -190,13 +190,14 @@ def scores_from_record(record: dict) -> dict[str, dict[str, RetrievalScores]]:
 
 
 def _sharper_of(whole: np.ndarray, parts: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Each query's whole-photo vector ``(Q, D)``, or its closest part's of ``parts`` ``(Q, k,
-    D)`` where ``ranking.sharper`` says so (the first of equally close parts, as the service)."""
+    """Each query's whole-photo vector ``(Q, D)``, or its part's of ``parts`` ``(Q, k, D)``
+    where ``ranking.answering_part`` says so, as the service answers it."""
     chosen = whole.copy()
+    whole_best = (whole @ index.T).max(axis=1)  # (Q,)
+    part_best = (parts @ index.T).max(axis=2)  # (Q, k)
     for j in range(len(whole)):
-        best = (parts[j] @ index.T).max(axis=1)  # (k,)
-        closest = int(best.argmax())
-        if sharper(float((index @ whole[j]).max()), float(best[closest])):
+        closest = answering_part(float(whole_best[j]), part_best[j].tolist())
+        if closest is not None:
             chosen[j] = parts[j, closest]
     return chosen
 

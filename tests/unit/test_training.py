@@ -531,3 +531,13 @@ def test_the_evaluation_answers_a_photo_by_its_closest_part_only_when_that_beats
     chosen = _sharper_of(whole, parts, index)
     assert np.array_equal(chosen[0], whole[0])
     assert np.array_equal(chosen[1], parts[1, 1])
+
+
+def test_a_photo_is_answered_by_its_closest_part_only_where_that_is_sharper_than_the_whole():
+    from loupe.ranking import answering_part
+
+    assert answering_part(0.5, [0.4, 0.7, 0.6]) == 1, "the closest part"
+    assert answering_part(0.5, [0.7, 0.7]) == 0, "the first of equals: the smaller square"
+    assert answering_part(0.8, [0.4, 0.7]) is None, "no part beats the whole"
+    assert answering_part(0.5, [None, 0.6]) == 1, "a part without a match is passed over"
+    assert answering_part(0.5, []) is None and answering_part(None, [0.9]) is None
