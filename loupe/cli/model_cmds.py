@@ -91,7 +91,13 @@ def embed(images: tuple[Path, ...], text: str | None, values: int, as_json: bool
 
 @click.command(
     epilog=settings_epilog(
-        "image_backbone", "text_backbone", "allow_model_download", "device", "encoder_backend"
+        "image_backbone",
+        "text_backbone",
+        "allow_model_download",
+        "device",
+        "encoder_backend",
+        "query_regions",
+        "query_region_shares",
     )
 )
 @global_options
@@ -148,7 +154,22 @@ def models() -> int:
     )
     click.echo(f"\nfusion: {_fusion_summary(config.fusion_checkpoint)}")
     click.echo(f"image tower runs on: {_backend_summary(config)}")
+    click.echo(f"a photo query: {query_parts_summary(config)}")
     return 0
+
+
+def query_parts_summary(config) -> str:
+    """How a photo query is read (LOUPE_QUERY_REGIONS, LOUPE_QUERY_REGION_SHARES), in one line:
+    what each photo query costs in passes of the image tower."""
+    if not config.query_regions:
+        return "the whole photo, one pass of the image tower (LOUPE_QUERY_REGIONS=false)"
+    shares = config.query_region_shares
+    sizes = ", ".join(f"{share:g}" for share in shares)
+    parts = "one part" if len(shares) == 1 else f"{len(shares)} parts"
+    return (
+        f"the whole photo and {parts} around its product ({sizes} of its square), "
+        f"{1 + len(shares)} passes of the image tower (LOUPE_QUERY_REGION_SHARES)"
+    )
 
 
 def _backend_summary(config) -> str:

@@ -233,3 +233,17 @@ def test_an_answer_from_a_part_of_the_photo_says_which_part():
     )
     whole = answer.model_copy(update={"hits": [hit.model_copy(update={"region": None})]})
     assert len(describe_answer(whole)) == 3
+
+
+def test_models_says_how_many_passes_a_photo_query_costs(monkeypatch):
+    from loupe.cli.model_cmds import query_parts_summary
+    from loupe.consumers.settings import Settings
+
+    default = query_parts_summary(Settings())
+    assert "4 parts around its product (0.3, 0.4, 0.5, 0.6 of its square), 5 passes" in default
+    monkeypatch.setenv("LOUPE_QUERY_REGION_SHARES", "0.4")
+    assert "one part around its product (0.4 of its square), 2 passes" in query_parts_summary(
+        Settings()
+    )
+    monkeypatch.setenv("LOUPE_QUERY_REGIONS", "false")
+    assert query_parts_summary(Settings()).startswith("the whole photo, one pass")
