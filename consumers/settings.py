@@ -359,8 +359,8 @@ class Settings(BaseSettings):
     query_regions: bool = Field(
         _MODEL.query_regions,
         description="a photo query is also encoded in parts around where its product is, and "
-        "answered by the part that matches closest when it matches closer than the whole (a "
-        "product lying in a wider scene; docs/training.md, Photos of scenes)",
+        "each product ranked at the part, or the whole, that matches it closest (a product "
+        "lying in a wider scene; docs/training.md, Photos of scenes)",
     )
     query_region_shares: Annotated[tuple[float, ...], NoDecode] = Field(
         _MODEL.query_region_shares,

@@ -9,9 +9,10 @@ each of the profile's ``query_region_shares`` of the model's square input around
 strongest response (a small product and a large one), cut from the photo as it was decoded
 (``crop_photo``: a phone photo decodes at twice the model's side or more, so a part keeps its
 own detail instead of being the model's pixels enlarged) and read at the tower's full input
-size. The search then answers with whichever finds the closest match (``loupe/ranking.py``,
-``sharper``), and the answer says which part of the photo matched. docs/training.md ("Photos
-of scenes") has the measurements that chose the shares and the rule.
+size. The search then ranks each product at its closest part's score, the whole photo's
+included (``loupe/ranking.py``, ``best_of``), and each hit says which part of the photo
+matched. docs/training.md ("Photos of scenes") has the measurements that chose the shares and
+the rule.
 """
 
 from __future__ import annotations

@@ -14,10 +14,9 @@ their image cosine plus that weight times their fused-view cosine with the best 
 photographed product's look and then its kind (docs/training.md, "Limits", measures it).
 
 A photo query is encoded whole and in parts around where its product is
-(``encoders/regions.py``): ``answering_part`` says which answers it, the closest part where
-``sharper`` says it beats the whole. A product
-lying in a wider scene is then matched by itself, and a photo that is all product keeps its own
-answer (the part of it matches less well than the whole).
+(``encoders/regions.py``): ``best_of`` ranks each product at its closest part's score (the whole
+photo being one of them). A product lying in a wider scene is then matched by itself, and a
+photo that is all product keeps its own answer (a part of it matches less well than the whole).
 
 The service (``workers.search``) and the training's evaluation (``loupe.train.evaluate``) both
 rank with these, so the measured numbers are the service's.
@@ -80,18 +79,29 @@ def kind_kept(
     return [candidates[0], *rest][: max(k, 0)]
 
 
-def sharper(whole_best: float, region_best: float | None) -> bool:
-    """Whether a photo query is answered by its region: its best match is closer than the whole
-    photo's best match (``region_best`` None: the photo has no region)."""
-    return region_best is not None and region_best > whole_best
+def best_of(
+    lists: Sequence[Sequence[T]],
+    key: Callable[[T], Hashable],
+    score: Callable[[T], float],
+) -> list[tuple[T, int]]:
+    """The items of several ranked ``lists`` (a photo's whole, then each of its parts), each once
+    at its best ``score``, best first, with the index of the list that scored it so (the first of
+    equals): a product is as close as its closest part. The first item is the one the closest
+    part found, so a photo is answered first by whichever of its parts matches best; the rest
+    are ranked by the same rule, so that the product a part found but the whole ranked low is
+    not left out of the top ten. ``best_scores`` is the same rule on score matrices."""
+    best: dict[Hashable, tuple[T, int]] = {}
+    for source, items in enumerate(lists):
+        for item in items:
+            name = key(item)
+            if name not in best or score(item) > score(best[name][0]):
+                best[name] = (item, source)
+    return sorted(best.values(), key=lambda pair: score(pair[0]), reverse=True)  # stable
 
 
-def answering_part(whole_best: float | None, part_bests: Sequence[float | None]) -> int | None:
-    """Which part of a photo query answers it, by its index in ``part_bests`` (each part's best
-    match score, None where it has none), or None for the whole photo: the part whose best match
-    is closest (the first of equals), where ``sharper`` says it beats the whole's."""
-    scored = [(score, k) for k, score in enumerate(part_bests) if score is not None]
-    if whole_best is None or not scored:
-        return None
-    best, closest = max(scored, key=lambda pair: pair[0])  # max keeps the first of equals
-    return closest if sharper(whole_best, best) else None
+def best_scores(whole: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """``best_of`` on whole score matrices: ``(Q, N)`` scores of each query's whole photo and
+    ``(Q, k, N)`` of its parts to ``(Q, N)``, each product at its closest part's score."""
+    if parts.shape[1] == 0:
+        return whole
+    return np.maximum(whole, parts.max(axis=1))

@@ -41,7 +41,7 @@ from loupe.encoders.fused import EncodeInput
 from loupe.encoders.images import upright_size
 from loupe.encoders.items import Region
 from loupe.encoders.regions import photo_box
-from loupe.ranking import KIND_CANDIDATES, anchored, answering_part, kind_kept
+from loupe.ranking import KIND_CANDIDATES, anchored, best_of, kind_kept
 from loupe.schemas.common import Price, is_identifier
 from loupe.schemas.errors import ErrorCode, InvalidEvent
 from loupe.schemas.search import (
@@ -218,7 +218,7 @@ class SearchService(BatchWorker):
                 ask.hits = next(hits) if ask.searched else per_query[0].hits
                 ask.best = next(bests) if ask.anchor is not None else []
         for query, per_query in zip(queries, asks, strict=True):
-            _answer(query, _sharpest(per_query), self.photo_kind_weight, self.encoder.fit)
+            _answer(query, per_query, self.photo_kind_weight, self.encoder.fit)
 
     def _search_one(self, lookup: IndexQuery) -> list[IndexHit]:
         return self._retry(
@@ -301,7 +301,7 @@ class _Query:
 @dataclass
 class _Ask:
     """One way to ask the index for a query's answer: with the whole photo, or with a part
-    where its product is (``encoders/regions.py``); ``ranking.answering_part`` picks."""
+    where its product is (``encoders/regions.py``); ``ranking.best_of`` merges them."""
 
     lookup: IndexQuery
     anchor: IndexQuery | None  # photo + text: the image view's best match
@@ -310,11 +310,6 @@ class _Ask:
     searched: bool = True  # False: the part's answer shares the whole's lookup (photo + text)
     hits: list[IndexHit] | ItemFailed = field(default_factory=list)
     best: list[IndexHit] | ItemFailed = field(default_factory=list)
-
-    def best_image_score(self) -> float | None:
-        """The image view's best match's score, the one ``ranking.answering_part`` compares."""
-        found = self.best if self.anchor is not None else self.hits
-        return None if isinstance(found, ItemFailed) or not found else found[0].score
 
 
 def _asks(query: _Query, photo_kind_weight: float) -> list[_Ask]:
@@ -336,34 +331,44 @@ def _part_ask(whole: _Ask, vectors: dict[str, np.ndarray], region: Region) -> _A
     return _Ask(lookup, anchor, {**vectors, "image": region.image}, region.box, searched)
 
 
-def _sharpest(asks: list[_Ask]) -> _Ask:
-    """The whole photo's answer, or a part's where ``ranking.answering_part`` says so."""
-    whole, parts = asks[0], asks[1:]
-    closest = answering_part(whole.best_image_score(), [p.best_image_score() for p in parts])
-    return whole if closest is None else parts[closest]
-
-
-def _answer(query: _Query, ask: _Ask, photo_kind_weight: float, fit: str) -> None:
-    """``query``'s hits from ``ask``'s results, ranked as ``ranking.py`` says; answered by a
-    part of the photo (``fit`` made the model's square of it), they say which part."""
-    lookup, anchor, hits, best = ask.lookup, ask.anchor, ask.hits, ask.best
-    failed = next((r for r in (hits, best) if isinstance(r, ItemFailed)), None)
+def _answer(query: _Query, asks: list[_Ask], photo_kind_weight: float, fit: str) -> None:
+    """``query``'s hits from its asks' results, ranked as ``ranking.py`` says: each product at
+    its closest part's score, the whole photo being one (``ranking.best_of``); a hit found by a
+    part of the photo (``fit`` made the model's square of it) says which part."""
+    results = [r for a in asks for r in (a.hits, a.best)]
+    failed = next((r for r in results if isinstance(r, ItemFailed)), None)
     if failed is not None:
         query.error = failed
         return
+    whole = asks[0]
+    lookup, anchor = whole.lookup, whole.anchor
+    regions: dict[int, PhotoRegion | None] = {}  # each part's, read from the photo once
+
+    def hit(found: IndexHit, view: str, ask: _Ask) -> SearchHit:
+        if id(ask) not in regions:
+            regions[id(ask)] = _photo_region(query.image, ask.box, fit) if ask.box else None
+        return _hit(found, view, ask.vectors, regions[id(ask)])
+
+    def point(found: IndexHit) -> str:
+        return found.id
+
+    searched = [a for a in asks if a.searched]  # photo + text: the whole's fused ranking alone
+    merged = best_of([a.hits for a in searched], key=point, score=lambda h: h.score)
     if _keeps_kind(lookup, photo_kind_weight):
-        hits = kind_kept(
-            hits,
+        merged = kind_kept(
+            merged,
             query.request.top_k,
             photo_kind_weight,
-            score=lambda h: h.score,
-            fused=lambda h: h.vectors.get("fused"),
+            score=lambda pair: pair[0].score,
+            fused=lambda pair: pair[0].vectors.get("fused"),
         )
-    region = _photo_region(query.image, ask.box, fit) if ask.box is not None else None
-    ranked = [_hit(h, lookup.view, ask.vectors, region) for h in hits]
+    top_k = query.request.top_k
+    ranked = [hit(found, lookup.view, searched[source]) for found, source in merged[:top_k]]
     first = None
-    if best:
-        first = _hit(best[0], anchor.view, ask.vectors, region)
+    bests = best_of([a.best for a in asks], key=point, score=lambda h: h.score)
+    if anchor is not None and bests:
+        found, source = bests[0]
+        first = hit(found, anchor.view, asks[source])
         score = getattr(first.scores, lookup.view)
         if score is not None:  # scored in the view the query used, as the others
             first = first.model_copy(update={"score": score})

@@ -3,8 +3,8 @@ simulator (``simulators``) and the held-back query text, through the frozen towe
 
 Row ``i`` is product ``i`` of the catalog features (``loupe.train.features``); the trainer's
 ``evaluate_splits(..., queries=(photo, text, regions))`` ranks them against the catalog as the
-service would (a photo by the whole or by a part around where its product is:
-``ranking.answering_part``).
+service would (a photo by the whole and by parts around where its product is, each product at
+its closest part: ``ranking.best_of``).
 The seeds come from another hash than training's, so no evaluation photo is a training one
 however the seeds line up.
 """

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from loupe.encoders.fusion import FusionModel
-from loupe.ranking import KIND_CANDIDATES, anchored, answering_part, kind_kept
+from loupe.ranking import KIND_CANDIDATES, anchored, best_scores, kind_kept
 
 KINDS = ("photo", "photo+text", "text")
 TOP_K = 10
@@ -45,6 +45,7 @@ def retrieval_scores(
     rows: np.ndarray,
     anchors: np.ndarray | None = None,
     kind: tuple[float, np.ndarray] | None = None,
+    parts: np.ndarray | None = None,
     chunk: int = 256,
 ) -> RetrievalScores:
     """``queries`` ``(Q, D)``, query ``j`` about product ``rows[j]``, against ``index``
@@ -52,13 +53,19 @@ def retrieval_scores(
     not fit). ``recall`` False for text queries. ``anchors[j]``: the product ranked first
     whatever the scores (a photo + text query's image view best match). ``kind``: ``(weight,
     fused)``, the products' fused-view vectors ``(N, Df)``: the top ten re-ranked after the best
-    match by ``ranking.kind_kept``, as the service ranks a photo alone."""
+    match by ``ranking.kind_kept``, as the service ranks a photo alone. ``parts``: ``(Q, k, D)``,
+    the parts of each query's photo; each product then scores its closest part's score
+    (``ranking.best_scores``), as the service ranks a photo."""
     if kind is not None and kind[0] > 0:
-        return _kind_kept_scores(queries, index, kind, categories=categories, rows=rows)
+        return _kind_kept_scores(
+            queries, index, kind, categories=categories, rows=rows, parts=parts
+        )
+    if parts is not None:  # a chunk's part scores are k times its whole's
+        chunk = max(1, chunk // (1 + parts.shape[1]))
     ranks, precisions = [], []
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]  # the products asked for
-        scores = queries[start : start + chunk] @ index.T  # (q, N)
+        scores = _scores(queries, parts, index, start, start + chunk)  # (q, N)
         first = None if anchors is None else anchors[start : start + chunk]
         if recall:
             own = scores[np.arange(len(part)), part][:, None]  # (q, 1)
@@ -95,13 +102,14 @@ def _kind_kept_scores(
     *,
     categories: np.ndarray | None,
     rows: np.ndarray,
+    parts: np.ndarray | None = None,
 ) -> RetrievalScores:
     """``retrieval_scores`` of photos ranked by ``ranking.kind_kept`` over the image view's top
     ``KIND_CANDIDATES``, a query at a time (the service's ranking, item by item)."""
     weight, fused = kind
     ranks, precisions = [], []
     for j, product in enumerate(rows):
-        scores = index @ queries[j]  # (N,)
+        scores = _scores(queries, parts, index, j, j + 1)[0]  # (N,)
         n = min(KIND_CANDIDATES, len(scores))
         candidates = np.argpartition(-scores, n - 1)[:n]
         candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
@@ -146,8 +154,8 @@ def evaluate(
     Di)`` and ``query_text`` ``(N, Dt)``. ``anchor`` False ranks photo + text by the fused view
     alone (the ablation). ``photo_kind_weight``: photos ranked as the service ranks them with
     ``LOUPE_PHOTO_KIND_WEIGHT`` (``ranking.kind_kept``). ``regions``: ``(N, k, Di)``, the parts
-    of each photo where its product may be; a photo is then answered by the whole or its
-    closest part, as the service answers it (``ranking.answering_part``)."""
+    of each photo where its product may be; each product then scores its closest part's score,
+    the whole photo's included, as the service ranks it (``ranking.best_of``)."""
     model.eval()
     catalog_image, catalog_text = catalog_image.float(), catalog_text.float()
     photo, query_text = photo[rows].float(), query_text[rows].float()
@@ -163,10 +171,10 @@ def evaluate(
     }
     asked = {kind: vectors.float().cpu().numpy() for kind, vectors in asked.items()}
     index = {kind: vectors.float().cpu().numpy() for kind, vectors in index.items()}
+    parts = None
     if regions is not None:
         parts = model.image(regions[rows].float()).float().cpu().numpy()  # (Q, k, D)
-        asked["photo"] = _sharper_of(asked["photo"], parts, index["photo"])
-    anchors = _best_matches(asked["photo"], index["photo"]) if anchor else None
+    anchors = _best_matches(asked["photo"], parts, index["photo"]) if anchor else None
     return {
         kind: retrieval_scores(
             asked[kind],
@@ -176,6 +184,7 @@ def evaluate(
             rows=rows,
             anchors=anchors if kind == "photo+text" else None,
             kind=(photo_kind_weight, index["photo+text"]) if kind == "photo" else None,
+            parts=parts if kind == "photo" else None,
         )
         for kind in KINDS
     }
@@ -189,25 +198,29 @@ def scores_from_record(record: dict) -> dict[str, dict[str, RetrievalScores]]:
     }
 
 
-def _sharper_of(whole: np.ndarray, parts: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Each query's whole-photo vector ``(Q, D)``, or its part's of ``parts`` ``(Q, k, D)``
-    where ``ranking.answering_part`` says so, as the service answers it."""
-    chosen = whole.copy()
-    whole_best = (whole @ index.T).max(axis=1)  # (Q,)
-    part_best = (parts @ index.T).max(axis=2)  # (Q, k)
-    for j in range(len(whole)):
-        closest = answering_part(float(whole_best[j]), part_best[j].tolist())
-        if closest is not None:
-            chosen[j] = parts[j, closest]
-    return chosen
+def _scores(
+    queries: np.ndarray, parts: np.ndarray | None, index: np.ndarray, start: int, stop: int
+) -> np.ndarray:
+    """``(q, N)`` scores of queries ``start:stop``: their whole photos' or, given their
+    ``parts``, each product's closest part's (``ranking.best_scores``)."""
+    scores = queries[start:stop] @ index.T
+    if parts is None:
+        return scores
+    return best_scores(scores, parts[start:stop] @ index.T)
 
 
-def _best_matches(queries: np.ndarray, index: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """The index row each query scores highest, ``chunk`` queries at a time."""
+def _best_matches(
+    queries: np.ndarray, parts: np.ndarray | None, index: np.ndarray, chunk: int = 64
+) -> np.ndarray:
+    """The index row each query (with its ``parts``, if any) scores highest, ``chunk`` queries
+    at a time."""
     if not len(queries):
         return np.empty(0, dtype=np.int64)
     return np.concatenate(
-        [(queries[i : i + chunk] @ index.T).argmax(axis=1) for i in range(0, len(queries), chunk)]
+        [
+            _scores(queries, parts, index, i, i + chunk).argmax(axis=1)
+            for i in range(0, len(queries), chunk)
+        ]
     )
 
 

@@ -389,6 +389,8 @@ def test_a_photo_is_answered_by_the_part_where_its_product_is_when_that_matches_
     region = photo_hits[0].region
     assert (region.left, region.width) == pytest.approx((0.25, 0.4))
     assert (region.top, region.height) == pytest.approx(((0.5 - 0.125) / 0.75, 0.5))
+    assert photo_hits[1].score == pytest.approx(0.8), "the next at its closest part: the whole"
+    assert photo_hits[1].region is None
     assert answers["r-both"].hits[0].product_id == "pR", "the anchor from the part too"
     assert answers["r-text"].hits[0].region is None
     views = [q.view for q in index.queries]
@@ -402,4 +404,8 @@ def test_a_photo_whose_whole_matches_closer_keeps_its_own_answer(parts):
     parts.service.handle([_record(0, "r-photo", image=_square_photo(), top_k=2)])
     hits = _answers(parts.publisher)["r-photo"].hits
     assert [h.product_id for h in hits] == ["pT", "pR"]
-    assert all(h.region is None for h in hits)
+    assert hits[0].region is None, "the whole photo found the first"
+    # The second is ranked at its closest part's score (the first part, 0.8; the whole: 0.0),
+    # and says where it matched.
+    assert hits[1].score == pytest.approx(0.8)
+    assert (hits[1].region.left, hits[1].region.width) == pytest.approx((0.1, 0.6))

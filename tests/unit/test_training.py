@@ -19,6 +19,7 @@ from PIL import Image
 from loupe.encoders.fused import Encoded
 from loupe.encoders.fusion import FusionConfig, FusionModel, fusion_digest
 from loupe.encoders.images import DecodeLimits
+from loupe.ranking import best_of, best_scores
 from loupe.train.config import TrainConfig
 from loupe.train.features import CatalogFeatures, extract_features
 from loupe.train.objective import info_nce, neighbourhood_kl
@@ -516,28 +517,43 @@ def test_a_progress_line_shows_what_training_moves():
     assert "text P@10 -" in line and "(12 s)" in line
 
 
-def test_the_evaluation_answers_a_photo_by_its_closest_part_only_when_that_beats_the_whole():
-    from loupe.train.evaluate import _sharper_of
+def test_the_evaluation_ranks_each_product_at_its_closest_part_as_the_service_does():
+    from loupe.train.evaluate import retrieval_scores
 
     index = np.eye(3, dtype=np.float32)  # three products, one axis each
-    whole = np.array([[0.9, 0.1, 0.0], [0.5, 0.5, 0.0]], dtype=np.float32)
-    parts = np.array(  # (queries, parts, D): the second part of the second query is closest
+    whole = np.array([[0.9, 0.1, 0.0], [0.5, 0.4, 0.0]], dtype=np.float32)
+    parts = np.array(  # (queries, parts, D)
         [
-            [[0.2, 0.8, 0.0], [0.0, 0.3, 0.7]],  # neither beats the whole's 0.9
-            [[0.0, 0.0, 0.6], [0.0, 0.95, 0.0]],
+            [[0.2, 0.8, 0.0], [0.0, 0.3, 0.7]],  # no part beats the whole's 0.9 on product 0
+            [[0.0, 0.0, 0.6], [0.0, 0.95, 0.0]],  # the second part finds product 1
         ],
         dtype=np.float32,
     )
-    chosen = _sharper_of(whole, parts, index)
-    assert np.array_equal(chosen[0], whole[0])
-    assert np.array_equal(chosen[1], parts[1, 1])
+    rows = np.array([0, 1])
+    seen = retrieval_scores(whole, index, recall=True, categories=None, rows=rows)
+    assert seen.recall_at_1 == 0.5, "the whole photo alone misses the second"
+    merged = retrieval_scores(whole, index, recall=True, categories=None, rows=rows, parts=parts)
+    assert merged.recall_at_1 == 1.0
+    # The same rule, item by item, as the service applies it to each part's hits.
+    for j in range(2):
+        lists = [sorted(enumerate(v @ index.T), key=lambda h: -h[1]) for v in [whole[j], *parts[j]]]
+        found = best_of(lists, key=lambda h: h[0], score=lambda h: float(h[1]))
+        expected = best_scores(whole[j : j + 1] @ index.T, parts[j : j + 1] @ index.T)[0]
+        assert [h[0] for h, _ in found] == list(np.argsort(-expected, kind="stable"))
+        assert [float(h[1]) for h, _ in found] == pytest.approx(sorted(expected, reverse=True))
 
 
-def test_a_photo_is_answered_by_its_closest_part_only_where_that_is_sharper_than_the_whole():
-    from loupe.ranking import answering_part
-
-    assert answering_part(0.5, [0.4, 0.7, 0.6]) == 1, "the closest part"
-    assert answering_part(0.5, [0.7, 0.7]) == 0, "the first of equals: the smaller square"
-    assert answering_part(0.8, [0.4, 0.7]) is None, "no part beats the whole"
-    assert answering_part(0.5, [None, 0.6]) == 1, "a part without a match is passed over"
-    assert answering_part(0.5, []) is None and answering_part(None, [0.9]) is None
+def test_a_product_is_as_close_as_the_closest_part_that_found_it():
+    hits = {  # (product, score) lists: the whole photo's, then two parts'
+        "whole": [("ring", 0.6), ("band", 0.5), ("chain", 0.2)],
+        "small": [("stud", 0.7), ("ring", 0.65)],
+        "large": [("band", 0.55), ("ring", 0.65)],
+    }
+    found = best_of(list(hits.values()), key=lambda h: h[0], score=lambda h: h[1])
+    assert [(h[0], source) for h, source in found] == [
+        ("stud", 1),
+        ("ring", 1),  # 0.65 twice: the first list that scored it so
+        ("band", 2),
+        ("chain", 0),
+    ]
+    assert best_of([[], []], key=lambda h: h, score=float) == []
