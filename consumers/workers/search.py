@@ -342,12 +342,15 @@ def _answer(query: _Query, asks: list[_Ask], photo_kind_weight: float, fit: str)
         return
     whole = asks[0]
     lookup, anchor = whole.lookup, whole.anchor
-    regions: dict[int, PhotoRegion | None] = {}  # each part's, read from the photo once
+    upright: list[tuple[int, int] | None] = []  # the photo's size, from its header, read once
 
     def hit(found: IndexHit, view: str, ask: _Ask) -> SearchHit:
-        if id(ask) not in regions:
-            regions[id(ask)] = _photo_region(query.image, ask.box, fit) if ask.box else None
-        return _hit(found, view, ask.vectors, regions[id(ask)])
+        region = None
+        if ask.box is not None:  # found by a part: say where it is in the photo
+            if not upright:
+                upright.append(upright_size(query.image))
+            region = _photo_region(upright[0], ask.box, fit)
+        return _hit(found, view, ask.vectors, region)
 
     def point(found: IndexHit) -> str:
         return found.id
@@ -419,11 +422,10 @@ def _lookup(query: _Query, view: str, top_k: int) -> IndexQuery:
 
 
 def _photo_region(
-    photo: bytes, box: tuple[float, float, float, float], fit: str
+    size: tuple[int, int] | None, box: tuple[float, float, float, float], fit: str
 ) -> PhotoRegion | None:
-    """``box`` (shares of the model's square) in shares of the upright photo; None where its
-    header cannot be read again."""
-    size = upright_size(photo)
+    """``box`` (shares of the model's square) in shares of the upright photo of ``size``; None
+    where the photo's header could not be read again (``size`` None)."""
     if size is None:
         return None
     left, top, width, height = photo_box(box, *size, fit)
